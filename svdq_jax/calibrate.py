@@ -1,0 +1,177 @@
+"""Calibration: run the user's forward pass and collect, per linear layer, what the
+transforms need: the per-input-channel absmax over all tokens and a bounded uniform sample
+of input tokens (for the output-error searches).
+
+The model is not edited. Flax Linen ``nn.Dense`` calls are seen through
+``flax.linen.intercept_methods``. Flax NNX has no method interception, so for NNX the
+``nnx.Linear`` call is wrapped for the duration of ``calibrate`` and each Linear of the
+given model is tagged with its path (a static attribute, so tags survive ``nnx.jit``);
+both are removed afterwards. Inputs reach the host through ``jax.debug.callback``, so the
+forward pass may be jitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass
+class LayerStats:
+  """Calibration statistics of one linear layer's input.
+
+  absmax: f32 [K], max |x_j| over every calibration token.
+  samples: f32 [S, K], S <= max_samples tokens drawn uniformly without replacement.
+  num_tokens: tokens seen.
+  """
+
+  absmax: np.ndarray
+  samples: np.ndarray
+  num_tokens: int
+
+  @classmethod
+  def from_inputs(cls, x, max_samples: int | None = None, seed: int = 0) -> "LayerStats":
+    """Statistics of inputs x [..., K] given directly (no forward pass)."""
+    acc = _Accumulator(max_samples or int(np.prod(np.shape(x)[:-1])), seed)
+    acc.add(np.asarray(x))
+    return acc.stats()
+
+  def validate(self, name: str, k: int) -> None:
+    """Raises ValueError naming the layer if the stats do not fit K or are not finite."""
+    if self.absmax.shape != (k,) or self.samples.ndim != 2 or self.samples.shape[1] != k:
+      raise ValueError(
+          f"layer {name}: calibration statistics have absmax {self.absmax.shape} and "
+          f"samples {self.samples.shape}, but the layer's input has K={k} channels")
+    if not (np.isfinite(self.absmax).all() and np.isfinite(self.samples).all()):
+      raise ValueError(f"layer {name}: calibration statistics contain NaN or Inf")
+    if self.samples.shape[0] == 0:
+      raise ValueError(f"layer {name}: calibration statistics hold no tokens")
+
+
+class _Accumulator:
+  """Running absmax and a uniform reservoir sample (keep the rows with the largest random
+  keys) of one layer's input tokens. Memory: max_samples x K f32."""
+
+  def __init__(self, max_samples: int, seed: int):
+    self.max_samples = max_samples
+    self.seed = seed
+    self.calls = 0
+    self.num_tokens = 0
+    self.absmax = None
+    self.samples = None
+    self.keys = None
+    self.nonfinite = False
+
+  def add(self, x: np.ndarray) -> None:
+    x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+    if not np.isfinite(x).all():
+      self.nonfinite = True
+      return
+    # Seeded by call count only, so layers fed the same inputs keep the same samples
+    # (``quantize`` uses that to find layers sharing an input).
+    rng = np.random.default_rng([self.seed, self.calls])
+    self.calls += 1
+    self.num_tokens += x.shape[0]
+    amax = np.abs(x).max(axis=0)
+    self.absmax = amax if self.absmax is None else np.maximum(self.absmax, amax)
+    keys = rng.random(x.shape[0])
+    if self.samples is not None:
+      x = np.concatenate([self.samples, x])
+      keys = np.concatenate([self.keys, keys])
+    if x.shape[0] > self.max_samples:
+      keep = np.sort(np.argpartition(-keys, self.max_samples - 1)[:self.max_samples])
+      x, keys = x[keep], keys[keep]
+    self.samples, self.keys = x, keys
+
+  def stats(self) -> LayerStats:
+    return LayerStats(self.absmax, self.samples, self.num_tokens)
+
+
+_NNX_TAG = "_svdq_calibration_path"
+
+
+@contextlib.contextmanager
+def _intercept_nnx(model, record):
+  """Wraps nnx.Linear.__call__ and tags model's Linears with their paths."""
+  tagged = []
+  if model is not None:
+    for path, node in nnx.iter_graph(model):
+      if isinstance(node, nnx.Linear):
+        setattr(node, _NNX_TAG, "/".join(str(p) for p in path))
+        tagged.append(node)
+  original = nnx.Linear.__call__
+
+  def call(self, x, *args, **kwargs):
+    path = getattr(self, _NNX_TAG, None)
+    if path is not None:
+      record(path, x)
+    return original(self, x, *args, **kwargs)
+
+  nnx.Linear.__call__ = call
+  try:
+    yield
+  finally:
+    nnx.Linear.__call__ = original
+    for node in tagged:
+      delattr(node, _NNX_TAG)
+
+
+def _linen_interceptor(record):
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      record("/".join(context.module.path), args[0])
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
+def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None = None,
+              max_samples: int = 256, seed: int = 0, progress: bool = True
+              ) -> dict[str, LayerStats]:
+  """Runs ``forward(batch)`` for every batch and collects each linear layer's input stats.
+
+  Args:
+    forward: calls the model on one batch (may be jitted). Linen ``nn.Dense`` layers are
+      seen inside any ``module.apply``; NNX ``nnx.Linear`` layers of ``model``.
+    batches: iterable of whatever ``forward`` takes.
+    model: the NNX model whose Linears to watch (not needed for Linen).
+    max_samples: tokens kept per layer for the output-error searches (memory is
+      max_samples x K x 4 bytes per layer).
+    seed: seed of the token sampling.
+    progress: show a progress bar.
+
+  Returns:
+    {module path: LayerStats}, paths as in ``svdq_jax.quantize`` (e.g. "blocks/0/attn/q").
+
+  Raises:
+    ValueError: if a layer's input holds NaN or Inf (naming the layers and the batch), or
+      if no linear layer was called.
+  """
+  if max_samples < 1:
+    raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+  accumulators: dict[str, _Accumulator] = {}
+
+  def host_record(path, x):
+    acc = accumulators.setdefault(path, _Accumulator(max_samples, seed))
+    acc.add(x)
+
+  def record(path, x):
+    jax.debug.callback(lambda v: host_record(path, v), x)
+
+  with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
+    for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
+      jax.block_until_ready(forward(batch))
+      jax.effects_barrier()
+      bad = sorted(p for p, a in accumulators.items() if a.nonfinite)
+      if bad:
+        raise ValueError(f"calibration batch {i}: NaN or Inf in the input of layers {bad}")
+  if not accumulators:
+    raise ValueError("calibration saw no linear layer call: is forward running the model "
+                     "(and, for NNX, was the model passed as model=)?")
+  return {p: a.stats() for p, a in accumulators.items()}

@@ -1,0 +1,140 @@
+"""Quantization configuration: which layers, by which method, in which format.
+
+A ``QuantConfig`` is an ordered tuple of ``Rule``s. Each linear kernel in a parameter tree
+has a module path such as ``"double_blocks/3/img_attn/qkv"`` ('/'-joined keys, without the
+trailing ``kernel`` and without a leading ``params`` collection name). The first rule whose
+``pattern`` matches the path (``re.fullmatch``) decides how the layer is quantized; layers no
+rule matches stay as they are. A rule that matches no layer is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a quantization method does to one linear layer.
+
+  Attributes:
+    weight_format: format of the stored weight residual.
+    act_format: format of the run-time activations; None keeps them 16-bit (weight-only).
+    smooth: migrate activation outliers into the weights with a searched per-layer alpha.
+    lowrank: keep a 16-bit low-rank branch of the smoothed weight (rank from the rule).
+  """
+
+  weight_format: str
+  act_format: str | None
+  smooth: bool
+  lowrank: bool
+
+  @property
+  def needs_calibration(self) -> bool:
+    return self.smooth or self.lowrank
+
+
+def method_spec(method: str, fmt: str, act_unsigned: bool) -> Method:
+  """Resolves a method name and a 4-bit format name into a ``Method``."""
+  if fmt not in ("int4", "nvfp4"):
+    raise ValueError(f"format must be 'int4' or 'nvfp4', got {fmt!r}")
+  act4 = "uint4" if (act_unsigned and fmt == "int4") else fmt
+  if act_unsigned and fmt != "int4":
+    raise ValueError("act_unsigned is only defined for the int4 format")
+  table = {
+      "svdquant": Method(fmt, act4, smooth=True, lowrank=True),
+      "smoothquant": Method(fmt, act4, smooth=True, lowrank=False),
+      "rtn": Method(fmt, act4, smooth=False, lowrank=False),
+      "w4a16": Method(fmt, None, smooth=False, lowrank=False),
+      "w8a8": Method("int8", "int8", smooth=True, lowrank=False),
+  }
+  if method not in table:
+    raise ValueError(f"unknown method {method!r}; known methods: {sorted(table) + ['skip']}")
+  return table[method]
+
+
+METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w8a8", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How the layers whose module path fully matches ``pattern`` are quantized.
+
+  Attributes:
+    pattern: regular expression, matched with ``re.fullmatch`` against the module path.
+    method: one of METHODS; 'skip' keeps the matched layers 16-bit.
+    fmt: 'int4' (groups of 64) or 'nvfp4' (groups of 16) for the 4-bit methods.
+    rank: rank of the low-rank branch (svdquant only).
+    act_unsigned: quantize activations as unsigned INT4 [0, 15] (non-negative inputs).
+    alpha: fixed smoothing migration strength; None searches ``QuantConfig.alpha_grid``.
+  """
+
+  pattern: str
+  method: str = "svdquant"
+  fmt: str = "int4"
+  rank: int = 32
+  act_unsigned: bool = False
+  alpha: float | None = None
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from None
+    if self.method not in METHODS:
+      raise ValueError(
+          f"rule {self.pattern!r}: unknown method {self.method!r}; known methods: {METHODS}")
+    if self.method != "skip":
+      method_spec(self.method, self.fmt, self.act_unsigned)
+    if self.rank < 0:
+      raise ValueError(f"rule {self.pattern!r}: rank must be >= 0, got {self.rank}")
+    if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"rule {self.pattern!r}: alpha must be in [0, 1], got {self.alpha}")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+  @property
+  def spec(self) -> Method:
+    return method_spec(self.method, self.fmt, self.act_unsigned)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Rules plus the search settings shared by all layers.
+
+  Attributes:
+    rules: ordered rules; the first match wins.
+    alpha_grid: number of alpha values searched, alpha = i / alpha_grid for i < alpha_grid.
+    lowrank_iters: maximum refinement iterations of the low-rank branch.
+    lowrank_patience: stop refining after this many iterations without a lower error.
+    share_lowrank: decompose layers that receive the same input (q, k, v) together with
+      one smoothing factor and one down projection.
+    svd_oversample, svd_power_iters: randomized truncated-SVD accuracy settings.
+    seed: seed of the randomized SVD.
+  """
+
+  rules: tuple[Rule, ...]
+  alpha_grid: int = 20
+  lowrank_iters: int = 100
+  lowrank_patience: int = 1
+  share_lowrank: bool = True
+  svd_oversample: int = 16
+  svd_power_iters: int = 4
+  seed: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+    if not self.rules:
+      raise ValueError("QuantConfig needs at least one rule")
+    if self.alpha_grid < 1 or self.lowrank_iters < 1 or self.lowrank_patience < 1:
+      raise ValueError("alpha_grid, lowrank_iters and lowrank_patience must be >= 1")
+
+  def rule_for(self, path: str) -> Rule | None:
+    return next((r for r in self.rules if r.matches(path)), None)
+
+
+def preset(method: str, fmt: str = "int4", rank: int = 32, pattern: str = ".*",
+           **kwargs) -> QuantConfig:
+  """A one-rule config: ``preset('svdquant', 'nvfp4', rank=16)``, ``preset('w8a8')``..."""
+  return QuantConfig(rules=(Rule(pattern, method=method, fmt=fmt, rank=rank),), **kwargs)

@@ -1,0 +1,255 @@
+"""Number formats: quantize, dequantize, pack.
+
+Every format here represents a real value as ``q * step * scale`` where ``q`` is a small
+integer held in int8, ``step`` is a per-format constant (1 for the integer formats, 1/2 for
+NVFP4) and ``scale`` is one number per group of ``group_size`` consecutive elements along
+the last axis (the reduction axis K of a matmul). Keeping ``q`` integral is what lets every
+4-bit format run exactly on int8 tensor cores: INT4 values are in [-8, 7], unsigned INT4 in
+[0, 15], and NVFP4 (E2M1) values times two are integers in [-12, 12].
+
+Formats:
+  * ``int4``:  signed, scale = absmax / 7, values clipped to [-8, 7], groups of 64.
+  * ``uint4``: unsigned, for non-negative inputs, scale = max / 15, values in [0, 15],
+    groups of 64; negative inputs clip to 0.
+  * ``nvfp4``: FP4 E2M1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with sign, groups of 16, group
+    scales in FP8 E4M3, optionally times one per-tensor f32 scale (used for weights so that
+    the group scales stay inside the E4M3 range).
+  * ``int8``:  signed, scale = absmax / 127, one group over the whole last axis (per output
+    channel for weights, per token for activations). Not packed.
+
+Packing (4-bit formats): two values per uint8 along the last axis; the element at even
+index ``2j`` goes into the low nibble of byte ``j`` and the element at ``2j + 1`` into the
+high nibble. Nibble codes: two's complement for ``int4``, plain binary for ``uint4``, and
+for ``nvfp4`` the E2M1 bit pattern (bit 3 = sign, bits 0-2 = index into the magnitudes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+FP8_E4M3_MAX = 448.0
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """A quantization format.
+
+  Attributes:
+    name: registry name.
+    bits: bits per value in storage (4 values are packed two per byte).
+    group_size: elements per scale along the last axis; None means one group over the
+      whole axis.
+    qmin, qmax: the integer range of ``q``.
+    step: value of one integer unit of ``q`` before scaling (1 or 1/2).
+    scale_dtype: dtype of stored weight scales (activation scales are always f32).
+  """
+
+  name: str
+  bits: int
+  group_size: int | None
+  qmin: int
+  qmax: int
+  step: float
+  scale_dtype: jnp.dtype
+
+  @property
+  def max_value(self) -> float:
+    """Largest representable magnitude before scaling (7, 15, 6, 127)."""
+    return self.qmax * self.step
+
+  @property
+  def packed(self) -> bool:
+    return self.bits == 4
+
+  def groups(self, k: int) -> int:
+    """Number of scale groups along an axis of length ``k``."""
+    return 1 if self.group_size is None else k // self.group_size
+
+  def group_len(self, k: int) -> int:
+    return k if self.group_size is None else self.group_size
+
+
+INT4 = Format("int4", 4, 64, -8, 7, 1.0, jnp.bfloat16)
+UINT4 = Format("uint4", 4, 64, 0, 15, 1.0, jnp.bfloat16)
+NVFP4 = Format("nvfp4", 4, 16, -12, 12, 0.5, jnp.float8_e4m3fn)
+INT8 = Format("int8", 8, None, -127, 127, 1.0, jnp.float32)
+
+FORMATS = {f.name: f for f in (INT4, UINT4, NVFP4, INT8)}
+
+
+def get_format(name: str | Format) -> Format:
+  if isinstance(name, Format):
+    return name
+  try:
+    return FORMATS[name]
+  except KeyError:
+    raise ValueError(f"unknown format {name!r}; known formats: {sorted(FORMATS)}") from None
+
+
+class Quantized(NamedTuple):
+  """A quantized tensor, unpacked.
+
+  q: int8 [..., K], integer values in [fmt.qmin, fmt.qmax].
+  scale: [..., K // group] group scales (fmt.scale_dtype for weights, f32 for activations).
+  tensor_scale: f32 scalar, or [..., 1] (one per row), multiplying the group scales of
+    its row (1 except NVFP4 weights).
+  """
+
+  q: jnp.ndarray
+  scale: jnp.ndarray
+  tensor_scale: jnp.ndarray
+
+
+def check_groups(k: int, fmt: Format, what: str = "tensor") -> None:
+  """Raises ValueError naming ``what`` when K does not split into the format's groups."""
+  g = fmt.group_len(k)
+  if k % g or (fmt.packed and k % 2):
+    raise ValueError(
+        f"{what}: K={k} is not a multiple of the {fmt.name} group size {g}")
+
+
+def _grouped(x: jnp.ndarray, fmt: Format) -> jnp.ndarray:
+  """[..., K] -> [..., K // g, g]."""
+  k = x.shape[-1]
+  check_groups(k, fmt)
+  g = fmt.group_len(k)
+  return x.reshape(*x.shape[:-1], k // g, g)
+
+
+def _round_e2m1_units(y: jnp.ndarray) -> jnp.ndarray:
+  """|value| (f32, >= 0) -> nearest E2M1 magnitude in units of 1/2, ties to even code.
+
+  The E2M1 grid has spacing 1/2 below 2, 1 in [2, 4) and 2 in [4, 6]; within each
+  binade, round-half-to-even on the grid index is exactly jnp.round on the scaled value.
+  """
+  y = jnp.minimum(y, 6.0)
+  units = jnp.where(y < 2.0, jnp.round(y * 2.0),
+                    jnp.where(y < 4.0, 2.0 * jnp.round(y), 4.0 * jnp.round(y * 0.5)))
+  return units
+
+
+def _per_group(ts: jnp.ndarray) -> jnp.ndarray:
+  """Tensor scale (scalar or [..., 1] per row) -> broadcastable to [..., G, g]."""
+  ts = jnp.asarray(ts, jnp.float32)
+  return ts[..., None] if ts.ndim else ts
+
+
+def _safe_div(x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+  return x / jnp.where(s == 0, 1.0, s)
+
+
+def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
+             tensor_scale: jnp.ndarray | None = None) -> Quantized:
+  """Quantizes ``x`` [..., K] along its last axis in groups.
+
+  Args:
+    x: values, any float dtype (computed in f32).
+    fmt: format or its name.
+    scale_dtype: dtype the group scales are rounded to before ``q`` is computed (so
+      ``q * step * scale`` is what dequantization returns); default f32.
+    tensor_scale: f32 scalar or [..., 1] per row that the group scales are taken
+      relative to (NVFP4 weights, so group scales fit FP8 E4M3).
+
+  Returns:
+    Quantized(q int8 [..., K], scale [..., K // g], tensor_scale f32).
+  """
+  fmt = get_format(fmt)
+  scale_dtype = jnp.float32 if scale_dtype is None else scale_dtype
+  xg = _grouped(jnp.asarray(x, jnp.float32), fmt)
+  ts = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+  if fmt.qmin == 0:
+    amax = jnp.max(jnp.maximum(xg, 0.0), axis=-1, keepdims=True)
+  else:
+    amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+  scale = _safe_div(amax / fmt.max_value, _per_group(ts))
+  if scale_dtype == jnp.float8_e4m3fn:
+    scale = jnp.minimum(scale, FP8_E4M3_MAX)
+  scale = scale.astype(scale_dtype)
+  y = _safe_div(xg, scale.astype(jnp.float32) * _per_group(ts))
+  if fmt.name == "nvfp4":
+    q = jnp.sign(y) * _round_e2m1_units(jnp.abs(y))
+  else:
+    q = jnp.clip(jnp.round(y), fmt.qmin, fmt.qmax)
+  q = q.astype(jnp.int8).reshape(x.shape)
+  return Quantized(q, scale[..., 0], ts)
+
+
+def dequantize(qt: Quantized, fmt: str | Format) -> jnp.ndarray:
+  """Quantized -> f32 [..., K]: ``q * step * scale * tensor_scale``."""
+  fmt = get_format(fmt)
+  qg = _grouped(qt.q.astype(jnp.float32), fmt)
+  s = qt.scale.astype(jnp.float32)[..., None] * _per_group(qt.tensor_scale)
+  return (qg * fmt.step * s).reshape(qt.q.shape)
+
+
+def fake_quantize(x: jnp.ndarray, fmt: str | Format, **kwargs) -> jnp.ndarray:
+  """dequantize(quantize(x)): the value the format represents, in f32."""
+  return dequantize(quantize(x, fmt, **kwargs), fmt)
+
+
+def nvfp4_channel_scale(x: jnp.ndarray) -> jnp.ndarray:
+  """f32 [..., 1]: per-row scale mapping the row's largest NVFP4 group scale onto 448."""
+  amax = jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)), axis=-1, keepdims=True)
+  return jnp.where(amax > 0, amax / (6.0 * FP8_E4M3_MAX), 1.0)
+
+
+def quantize_weight(w: jnp.ndarray, fmt: str | Format) -> Quantized:
+  """Quantizes a weight stored [N, K] (K-major) as it is kept in a layer.
+
+  Group scales are rounded to the format's scale dtype; NVFP4 scales are relative to a
+  per-output-channel f32 scale (``tensor_scale`` [N, 1]).
+  """
+  fmt = get_format(fmt)
+  ts = nvfp4_channel_scale(w) if fmt.name == "nvfp4" else None
+  return quantize(w, fmt, scale_dtype=fmt.scale_dtype, tensor_scale=ts)
+
+
+# q (in units of 1/2) -> E2M1 magnitude index, for |q| in {0, 1, 2, 3, 4, 6, 8, 12}.
+_E2M1_UNITS = np.array([int(2 * m) for m in E2M1_MAGNITUDES], np.int8)
+_UNITS_TO_INDEX = np.zeros(13, np.uint8)
+_UNITS_TO_INDEX[_E2M1_UNITS] = np.arange(8, dtype=np.uint8)
+
+
+def to_codes(q: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
+  """Integer values int8 -> 4-bit codes uint8 in [0, 15] (see the module docstring)."""
+  fmt = get_format(fmt)
+  if fmt.name == "nvfp4":
+    mag = jnp.asarray(_UNITS_TO_INDEX)[jnp.abs(q.astype(jnp.int32))]
+    return jnp.where(q < 0, mag | 8, mag).astype(jnp.uint8)
+  return (q.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+
+
+def from_codes(codes: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
+  """4-bit codes uint8 [0, 15] -> integer values int8."""
+  fmt = get_format(fmt)
+  c = codes.astype(jnp.int32)
+  if fmt.name == "nvfp4":
+    mag = jnp.asarray(_E2M1_UNITS.astype(np.int32))[c & 7]
+    return jnp.where(c & 8, -mag, mag).astype(jnp.int8)
+  if fmt.qmin < 0:
+    c = jnp.where(c >= 8, c - 16, c)  # two's complement nibble
+  return c.astype(jnp.int8)
+
+
+def pack(q: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
+  """int8 [..., K] -> uint8 [..., K // 2]: element 2j in the low nibble of byte j."""
+  fmt = get_format(fmt)
+  if not fmt.packed:
+    raise ValueError(f"format {fmt.name} is not packed")
+  if q.shape[-1] % 2:
+    raise ValueError(f"cannot pack an odd last axis of length {q.shape[-1]}")
+  codes = to_codes(q, fmt)
+  lo, hi = codes[..., 0::2], codes[..., 1::2]
+  return (lo | (hi << 4)).astype(jnp.uint8)
+
+
+def unpack(packed: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
+  """uint8 [..., K // 2] -> int8 [..., K], inverse of ``pack``."""
+  lo = from_codes(packed & 0xF, fmt)
+  hi = from_codes(packed >> 4, fmt)
+  return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

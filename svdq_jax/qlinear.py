@@ -1,0 +1,153 @@
+"""The quantized linear layer: one pytree, and its pure-jnp reference ``apply``.
+
+``apply`` defines the numerics the Pallas kernels reproduce: activations are smoothed
+(divided by lambda) in f32, quantized per token and per K-group, multiplied with the
+quantized weight as exact integer products per group, and each group's int32 partial sum
+is scaled by both group scales and accumulated in f32 in K order. The low-rank branch runs
+in f32 on the smoothed activations; the bias is added last.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from svdq_jax import formats
+
+
+@struct.dataclass
+class QuantizedLinear:
+  """A linear layer ``y = x W + b`` with W [K, N] stored quantized.
+
+  Data (pytree leaves; a None field is absent):
+    qweight: uint8 [N, K // 2] packed 4-bit codes (see ``formats``), or int8 [N, K].
+    wscale: [N, K // G] weight group scales, in the weight format's scale dtype.
+    wcscale: f32 [N] per-output-channel scale multiplying ``wscale`` (NVFP4 only).
+    smooth: f32 [K] smoothing factors lambda; activations are divided by them.
+    lora_down: [K, r] low-rank down projection (16-bit), applied to x / lambda.
+    lora_up: [r, N] low-rank up projection (16-bit).
+    bias: [N] or None.
+  Static:
+    weight_format: name of the weight format ('int4', 'nvfp4', 'int8').
+    act_format: name of the activation format ('int4', 'uint4', 'nvfp4', 'int8'), or
+      None for 16-bit activations (weight-only quantization).
+  """
+
+  qweight: jax.Array
+  wscale: jax.Array
+  wcscale: jax.Array | None = None
+  smooth: jax.Array | None = None
+  lora_down: jax.Array | None = None
+  lora_up: jax.Array | None = None
+  bias: jax.Array | None = None
+  weight_format: str = struct.field(pytree_node=False, default="int4")
+  act_format: str | None = struct.field(pytree_node=False, default="int4")
+
+  @property
+  def in_features(self) -> int:
+    k = self.qweight.shape[-1]
+    return 2 * k if formats.get_format(self.weight_format).packed else k
+
+  @property
+  def out_features(self) -> int:
+    return self.qweight.shape[0]
+
+  @property
+  def rank(self) -> int:
+    return 0 if self.lora_down is None else self.lora_down.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of every array held (weights, scales, smoothing, low-rank, bias)."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+  def weight(self) -> formats.Quantized:
+    """The stored weight residual, unpacked: q int8 [N, K], scales, channel scales."""
+    fmt = formats.get_format(self.weight_format)
+    q = formats.unpack(self.qweight, fmt) if fmt.packed else self.qweight
+    ts = jnp.float32(1.0) if self.wcscale is None else self.wcscale[:, None]
+    return formats.Quantized(q, self.wscale, ts)
+
+  def dequantized_weight(self) -> jax.Array:
+    """f32 [K, N]: the effective weight ``diag(1/lambda) (Q(R) + L_down L_up)``."""
+    w = formats.dequantize(self.weight(), self.weight_format).T
+    if self.lora_down is not None:
+      w = w + self.lora_down.astype(jnp.float32) @ self.lora_up.astype(jnp.float32)
+    if self.smooth is not None:
+      w = w / self.smooth[:, None]
+    return w
+
+  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    return apply(self, x, bias)
+
+
+def group_scaled_matmul(qa: formats.Quantized, qw: formats.Quantized,
+                        group_size: int) -> jax.Array:
+  """Block-scaled integer matmul, the arithmetic of the W4A4 GEMM kernel.
+
+  Args:
+    qa: activations, q int8 [M, K], scale f32 [M, G], tensor_scale scalar.
+    qw: weights, q int8 [N, K], scale [N, G], tensor_scale scalar or [N, 1].
+    group_size: K // G.
+
+  Returns:
+    f32 [M, N]: sum over groups g in K order of
+    ``f32(int32 dot(qa[:, g], qw[:, g])) * sa[:, g] * sw[:, g]``, times the tensor scales.
+  """
+  m, k = qa.q.shape
+  n = qw.q.shape[0]
+  n_groups = k // group_size
+  sa = qa.scale.astype(jnp.float32)
+  sw = qw.scale.astype(jnp.float32)
+
+  def body(g, acc):
+    start = g * group_size
+    a = jax.lax.dynamic_slice_in_dim(qa.q, start, group_size, axis=1)
+    w = jax.lax.dynamic_slice_in_dim(qw.q, start, group_size, axis=1)
+    part = jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+    sa_g = jax.lax.dynamic_index_in_dim(sa, g, axis=1)           # [M, 1]
+    sw_g = jax.lax.dynamic_index_in_dim(sw, g, axis=1, keepdims=False)  # [N]
+    return acc + part.astype(jnp.float32) * sa_g * sw_g[None, :]
+
+  acc = jax.lax.fori_loop(0, n_groups, body, jnp.zeros((m, n), jnp.float32))
+  wts = jnp.asarray(qw.tensor_scale, jnp.float32)
+  wts = wts.reshape(1, -1) if wts.ndim else wts
+  return acc * (qa.tensor_scale * wts)
+
+
+def _hi(a, b):
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """Reference forward pass. x [..., K] -> [..., N] in x's dtype.
+
+  ``bias`` (optional, [N]) is added like ``layer.bias``; pass it when the bias lives
+  outside the layer (a Flax module's own ``bias`` parameter). Giving both is an error.
+  """
+  k, n = layer.in_features, layer.out_features
+  if x.shape[-1] != k:
+    raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got {x.shape}")
+  if bias is not None and layer.bias is not None:
+    raise ValueError("bias given twice: the layer already holds one")
+  bias = layer.bias if bias is None else bias
+  lead = x.shape[:-1]
+  xf = x.reshape(-1, k).astype(jnp.float32)
+  if layer.smooth is not None:
+    xf = xf / layer.smooth
+  wfmt = formats.get_format(layer.weight_format)
+  qw = layer.weight()
+  if layer.act_format is None:
+    y = _hi(xf, formats.dequantize(qw, wfmt).T)
+  else:
+    afmt = formats.get_format(layer.act_format)
+    qa = formats.quantize(xf, afmt)
+    y = group_scaled_matmul(qa, qw, wfmt.group_len(k)) * (afmt.step * wfmt.step)
+  if layer.lora_down is not None:
+    down = _hi(xf, layer.lora_down.astype(jnp.float32))
+    y = y + _hi(down, layer.lora_up.astype(jnp.float32))
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype).reshape(*lead, n)

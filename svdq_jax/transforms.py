@@ -1,0 +1,180 @@
+"""Per-layer transforms: smoothing, low-rank decomposition, residual quantization.
+
+Everything is computed in f32. Weights are [K, N] (Flax's kernel layout); quantized
+weights are stored transposed, [N, K], so that groups run along K.
+
+For a group of layers sharing one input X (one layer, or q/k/v of an attention), with
+weights concatenated along N:
+  1. smoothing: lambda = absmax(X)^alpha / absmax_rows(W)^(1 - alpha), alpha searched on a
+     grid by the output error ||X W - Y_hat||^2 on calibration tokens, with quantization
+     (and the low-rank branch, when used) in the loop;
+  2. low-rank: W_hat = lambda W ~ L_down L_up + R, refined by alternating
+     L = SVD_r(W_hat - Q) and Q = quant(W_hat - L), keeping the best output error and
+     stopping once it stops falling;
+  3. the residual R is quantized per output channel in groups along K.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdq_jax import formats
+from svdq_jax.config import Method, QuantConfig
+from svdq_jax.lowrank import truncated_svd
+from svdq_jax.qlinear import QuantizedLinear
+
+LOWRANK_DTYPE = jnp.bfloat16
+_EPS = 1e-5
+
+
+def _hi(a, b):
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def smooth_factors(x_absmax: jax.Array, w_absmax: jax.Array, alpha) -> jax.Array:
+  """lambda [K] = max|X_j|^alpha / max|W_j|^(1 - alpha), both clamped away from zero."""
+  x = jnp.maximum(jnp.asarray(x_absmax, jnp.float32), _EPS)
+  w = jnp.maximum(jnp.asarray(w_absmax, jnp.float32), _EPS)
+  return x ** alpha / w ** (1.0 - alpha)
+
+
+def fake_quantize_weight(w: jax.Array, fmt: str) -> jax.Array:
+  """[K, N] -> [K, N]: the value the stored weight represents after quantization."""
+  return formats.dequantize(formats.quantize_weight(w.T, fmt), fmt).T
+
+
+class Candidate(NamedTuple):
+  """One decomposition of a smoothed weight and its output error on calibration tokens."""
+
+  error: jax.Array     # f32 scalar, sum of squared output errors
+  down: jax.Array      # f32 [K, r], values rounded to LOWRANK_DTYPE
+  up: jax.Array        # f32 [r, N], values rounded to LOWRANK_DTYPE
+  residual: jax.Array  # f32 [K, N], the quantized residual, dequantized
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
+                                              "oversample", "power_iters"))
+def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_format,
+             oversample=16, power_iters=4) -> Candidate:
+  """L = SVD_r(W_hat - Q_prev), R = quant(W_hat - L), and the output error they give.
+
+  Args:
+    w_hat: f32 [K, N] smoothed weight. x_hat: f32 [S, K] smoothed calibration inputs.
+    y_ref: f32 [S, N] reference outputs X W. q_prev: f32 [K, N] previous quantized residual.
+    key: PRNG key of the randomized SVD.
+  """
+  k, n = w_hat.shape
+  if rank:
+    down, up = truncated_svd(w_hat - q_prev, rank, key, oversample=oversample,
+                             power_iters=power_iters)
+    down = down.astype(LOWRANK_DTYPE).astype(jnp.float32)
+    up = up.astype(LOWRANK_DTYPE).astype(jnp.float32)
+    residual = fake_quantize_weight(w_hat - _hi(down, up), weight_format)
+  else:
+    down, up = jnp.zeros((k, 0), jnp.float32), jnp.zeros((0, n), jnp.float32)
+    residual = fake_quantize_weight(w_hat, weight_format)
+  xq = x_hat if act_format is None else formats.fake_quantize(x_hat, act_format)
+  y = _hi(xq, residual) + _hi(_hi(x_hat, down), up)
+  return Candidate(jnp.sum(jnp.square(y - y_ref)), down, up, residual)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
+                                              "oversample", "power_iters"))
+def alpha_errors(w, x, y_ref, x_absmax, alphas, key, **static) -> jax.Array:
+  """f32 [len(alphas)]: output error of a single decomposition at each alpha."""
+  w_absmax = jnp.max(jnp.abs(w), axis=1)
+  zeros = jnp.zeros_like(w)
+
+  def one(alpha):
+    lam = smooth_factors(x_absmax, w_absmax, alpha)
+    return evaluate(lam[:, None] * w, x / lam, y_ref, zeros, key, **static).error
+
+  return jax.lax.map(one, alphas)
+
+
+class LayerReport(NamedTuple):
+  """What the transform chose for one group of layers."""
+
+  alpha: float | None
+  iterations: int
+  error: float  # relative output error ||Y - Y_hat|| / ||Y|| on calibration tokens
+
+
+def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: float | None,
+                   config: QuantConfig, key: jax.Array, x_absmax=None, samples=None
+                   ) -> tuple[list[QuantizedLinear], LayerReport]:
+  """Quantizes layers that share one input.
+
+  Args:
+    weights: kernels [K, N_i] (any float dtype), concatenated along N internally.
+    method: what to do (formats, smoothing, low-rank).
+    rank: low-rank branch rank (ignored unless method.lowrank).
+    alpha: fixed smoothing strength, or None to search ``config.alpha_grid``.
+    x_absmax: f32 [K] per-channel absmax of the input over calibration tokens.
+    samples: f32 [S, K] calibration input tokens (needed when method.needs_calibration).
+
+  Returns:
+    One QuantizedLinear per weight (bias None) and a report.
+  """
+  w = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights], axis=1)
+  rank = rank if method.lowrank else 0
+  static = dict(rank=rank, weight_format=method.weight_format, act_format=method.act_format,
+                oversample=config.svd_oversample, power_iters=config.svd_power_iters)
+  lam = None
+  best_alpha = None
+  iterations = 0
+  rel_error = float("nan")
+  if method.needs_calibration:
+    x = jnp.asarray(samples, jnp.float32)
+    y_ref = _hi(x, w)
+    if method.smooth:
+      x_absmax = jnp.asarray(x_absmax, jnp.float32)
+      if alpha is None:
+        grid = jnp.arange(config.alpha_grid, dtype=jnp.float32) / config.alpha_grid
+        errs = alpha_errors(w, x, y_ref, x_absmax, grid, key, **static)
+        best_alpha = float(grid[int(jnp.argmin(errs))])
+      else:
+        best_alpha = float(alpha)
+      lam = smooth_factors(x_absmax, jnp.max(jnp.abs(w), axis=1), best_alpha)
+      w_hat, x_hat = lam[:, None] * w, x / lam
+    else:
+      w_hat, x_hat = w, x
+    best, q_prev, stale = None, jnp.zeros_like(w_hat), 0
+    for iterations in range(1, (config.lowrank_iters if rank else 1) + 1):
+      cand = evaluate(w_hat, x_hat, y_ref, q_prev, key, **static)
+      if best is None or float(cand.error) < float(best.error):
+        best, stale = cand, 0
+      else:
+        stale += 1
+        if stale >= config.lowrank_patience:
+          break
+      q_prev = cand.residual
+    down, up = best.down, best.up
+    rel_error = float(jnp.sqrt(best.error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
+  else:
+    w_hat = w
+    down = up = jnp.zeros((w.shape[0], 0), jnp.float32)
+
+  qt = formats.quantize_weight((w_hat - _hi(down, up)).T if rank else w_hat.T,
+                               method.weight_format)
+  fmt = formats.get_format(method.weight_format)
+  layers, start = [], 0
+  for part in weights:
+    stop = start + part.shape[1]
+    q = qt.q[start:stop]
+    layers.append(QuantizedLinear(
+        qweight=formats.pack(q, fmt) if fmt.packed else q,
+        wscale=qt.scale[start:stop],
+        wcscale=qt.tensor_scale[start:stop, 0] if fmt.name == "nvfp4" else None,
+        smooth=lam,
+        lora_down=down.astype(LOWRANK_DTYPE) if rank else None,
+        lora_up=up[:, start:stop].astype(LOWRANK_DTYPE) if rank else None,
+        weight_format=method.weight_format,
+        act_format=method.act_format))
+    start = stop
+  return layers, LayerReport(best_alpha, iterations, rel_error)

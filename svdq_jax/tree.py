@@ -1,0 +1,149 @@
+"""``quantize``: the functional transform over a Flax parameter tree.
+
+Works on any pytree whose linear layers hold a 2-D ``kernel`` [K, N] leaf: a plain nested
+dict of Linen params and an ``nnx.State`` alike. Each selected kernel is replaced by a
+``QuantizedLinear`` (bias left where it is); every other leaf passes through untouched and
+the tree keeps its type and structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from svdq_jax import formats
+from svdq_jax.calibrate import LayerStats
+from svdq_jax.config import QuantConfig, Rule
+from svdq_jax.transforms import LayerReport, quantize_group
+
+
+def _key_name(key) -> str | None:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return None if key.name in ("value", "raw_value") else key.name  # nnx.Variable
+  return str(getattr(key, "key", key))
+
+
+def module_path(key_path) -> tuple[str, str]:
+  """A leaf's key path -> (module path, leaf name), dropping a leading 'params'."""
+  names = [n for n in (_key_name(k) for k in key_path) if n is not None]
+  if names and names[0] == "params":
+    names = names[1:]
+  return "/".join(names[:-1]), names[-1] if names else ""
+
+
+def find_kernels(params) -> dict[str, jax.Array]:
+  """{module path: kernel [K, N]} for every 2-D leaf named 'kernel'."""
+  found = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path, name = module_path(key_path)
+    if name == "kernel" and np.ndim(leaf) == 2:
+      found[path] = leaf
+  return found
+
+
+@dataclasses.dataclass
+class _Job:
+  paths: list[str]
+  rule: Rule
+
+
+def _fingerprint(stats: LayerStats) -> str:
+  h = hashlib.sha1(stats.absmax.tobytes())
+  h.update(stats.samples.tobytes())
+  return h.hexdigest()
+
+
+def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
+          config: QuantConfig) -> list[_Job]:
+  """Assigns rules to layers, validates, and groups layers that share an input."""
+  selected: dict[str, Rule] = {}
+  hits = {r: 0 for r in config.rules}
+  for path in kernels:
+    rule = config.rule_for(path)
+    if rule is not None:
+      hits[rule] += 1
+      if rule.method != "skip":
+        selected[path] = rule
+  empty = [r.pattern for r, n in hits.items() if n == 0]
+  if empty:
+    shown = ", ".join(list(kernels)[:20]) + (" ..." if len(kernels) > 20 else "")
+    raise ValueError(f"rules select no layer: {empty}; linear layers in the tree: {shown}")
+  for path, rule in selected.items():
+    k, n = kernels[path].shape
+    spec = rule.spec
+    for fmt_name in (spec.weight_format, spec.act_format):
+      if fmt_name is not None:
+        formats.check_groups(k, formats.get_format(fmt_name), f"layer {path}")
+    if spec.lowrank and rule.rank > min(k, n):
+      raise ValueError(f"layer {path}: rank {rule.rank} exceeds min(K, N) = {min(k, n)} "
+                       f"of its kernel [{k}, {n}]")
+    if spec.needs_calibration:
+      stats = None if calib is None else calib.get(path)
+      if stats is None:
+        raise ValueError(
+            f"layer {path}: method {rule.method!r} needs calibration statistics, but the "
+            f"calibration data has none for this path (it has {len(calib or {})} layers)")
+      stats.validate(f"layer {path}", k)
+  # Layers with identical input statistics and the same rule got the same input.
+  groups: dict[tuple, list[str]] = {}
+  for path, rule in selected.items():
+    share = config.share_lowrank and rule.spec.needs_calibration
+    key = (id(rule), _fingerprint(calib[path])) if share else (path,)
+    groups.setdefault(key, []).append(path)
+  return [_Job(paths, selected[paths[0]]) for paths in groups.values()]
+
+
+def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig, *,
+             report: dict | None = None, progress: bool = True):
+  """Returns a copy of ``params`` with every selected linear kernel quantized.
+
+  Args:
+    params: Flax parameter tree (nested dict, with or without a top 'params' level, or an
+      ``nnx.State``). Linear kernels are 2-D leaves named 'kernel', shaped [K, N].
+    calib: {module path: LayerStats} from ``calibrate`` (may be None when every selected
+      method works without data: 'rtn', 'w4a16').
+    config: the rules and search settings.
+    report: if a dict is given, it is filled with {module path: LayerReport}.
+    progress: show a progress bar over layers.
+
+  Returns:
+    A tree of the same type and structure, selected kernels replaced by QuantizedLinear.
+  """
+  kernels = find_kernels(params)
+  if not kernels:
+    raise ValueError("no linear layer found: the tree has no 2-D leaf named 'kernel'")
+  jobs = _plan(kernels, calib, config)
+  replaced: dict[str, object] = {}
+  key = jax.random.key(config.seed)
+  bar = tqdm(total=sum(len(j.paths) for j in jobs), desc="quantizing", disable=not progress)
+  for i, job in enumerate(jobs):
+    stats = calib[job.paths[0]] if job.rule.spec.needs_calibration else None
+    layers, rep = quantize_group(
+        [kernels[p] for p in job.paths], job.rule.spec, job.rule.rank, job.rule.alpha, config,
+        jax.random.fold_in(key, i),
+        x_absmax=None if stats is None else stats.absmax,
+        samples=None if stats is None else stats.samples)
+    for path, layer in zip(job.paths, layers):
+      replaced[path] = layer
+      if report is not None:
+        report[path] = rep
+    bar.update(len(job.paths))
+  bar.close()
+
+  def swap(key_path, leaf):
+    path, name = module_path(key_path)
+    return replaced.get(path, leaf) if name == "kernel" else leaf
+
+  return jax.tree_util.tree_map_with_path(swap, params)
+
+
+__all__ = ["quantize", "find_kernels", "module_path", "LayerReport"]
