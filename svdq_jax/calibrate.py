@@ -4,9 +4,10 @@ of input tokens (for the output-error searches).
 
 The model is not edited. Flax Linen ``nn.Dense`` calls are seen through
 ``flax.linen.intercept_methods``. Flax NNX has no method interception, so for NNX the
-``nnx.Linear`` call is wrapped for the duration of ``calibrate`` and each Linear of the
-given model is tagged with its path (a static attribute, so tags survive ``nnx.jit``);
-both are removed afterwards. Inputs reach the host through ``jax.debug.callback``, so the
+``__call__`` of the classes of the model's linear modules (any module holding a 2-D
+``kernel`` Param: ``nnx.Linear``, ``svdq_jax.layers.Linear``, ...) is wrapped for the
+duration of ``calibrate`` and each such module is tagged with its path (a static
+attribute, so tags survive ``nnx.jit``); both are undone afterwards. Inputs reach the host through ``jax.debug.callback``, so the
 forward pass may be jitted.
 """
 
@@ -97,28 +98,51 @@ class _Accumulator:
 _NNX_TAG = "_svdq_calibration_path"
 
 
+def is_nnx_linear(node) -> bool:
+  """An NNX module holding a 2-D ``kernel`` parameter (nnx.Linear and look-alikes)."""
+  kernel = getattr(node, "kernel", None)
+  return (isinstance(node, nnx.Module) and isinstance(kernel, nnx.Param)
+          and getattr(kernel.get_value(), "ndim", 0) == 2)
+
+
 @contextlib.contextmanager
 def _intercept_nnx(model, record):
-  """Wraps nnx.Linear.__call__ and tags model's Linears with their paths."""
-  tagged = []
+  """Tags the model's linear modules with their paths and wraps their classes' __call__.
+
+  The first positional argument of the call is recorded as the layer's input. A wrapped
+  subclass calling a wrapped base ``__call__`` records once.
+  """
+  tagged, classes = [], {}
   if model is not None:
     for path, node in nnx.iter_graph(model):
-      if isinstance(node, nnx.Linear):
+      if is_nnx_linear(node):
         setattr(node, _NNX_TAG, "/".join(str(p) for p in path))
         tagged.append(node)
-  original = nnx.Linear.__call__
+        for cls in type(node).__mro__:
+          if "__call__" in vars(cls) and cls not in classes:
+            classes[cls] = vars(cls)["__call__"]
+  active: set[int] = set()
 
-  def call(self, x, *args, **kwargs):
-    path = getattr(self, _NNX_TAG, None)
-    if path is not None:
+  def wrap(original):
+    def call(self, x, *args, **kwargs):
+      path = getattr(self, _NNX_TAG, None)
+      if path is None or id(self) in active:
+        return original(self, x, *args, **kwargs)
       record(path, x)
-    return original(self, x, *args, **kwargs)
+      active.add(id(self))
+      try:
+        return original(self, x, *args, **kwargs)
+      finally:
+        active.discard(id(self))
+    return call
 
-  nnx.Linear.__call__ = call
+  for cls, original in classes.items():
+    setattr(cls, "__call__", wrap(original))
   try:
     yield
   finally:
-    nnx.Linear.__call__ = original
+    for cls, original in classes.items():
+      setattr(cls, "__call__", original)
     for node in tagged:
       delattr(node, _NNX_TAG)
 
@@ -138,9 +162,9 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
 
   Args:
     forward: calls the model on one batch (may be jitted). Linen ``nn.Dense`` layers are
-      seen inside any ``module.apply``; NNX ``nnx.Linear`` layers of ``model``.
+      seen inside any ``module.apply``; for NNX, the linear modules of ``model``.
     batches: iterable of whatever ``forward`` takes.
-    model: the NNX model whose Linears to watch (not needed for Linen).
+    model: the NNX model whose linear modules to watch (not needed for Linen).
     max_samples: tokens kept per layer for the output-error searches (memory is
       max_samples x K x 4 bytes per layer).
     seed: seed of the token sampling.

@@ -20,7 +20,8 @@ class Method:
   Attributes:
     weight_format: format of the stored weight residual.
     act_format: format of the run-time activations; None keeps them 16-bit (weight-only).
-    smooth: migrate activation outliers into the weights with a searched per-layer alpha.
+    smooth: migrate activation outliers into the weights with a searched per-layer alpha
+      (for weight-only formats this is an AWQ-style activation-aware scale search).
     lowrank: keep a 16-bit low-rank branch of the smoothed weight (rank from the rule).
   """
 
@@ -45,7 +46,8 @@ def method_spec(method: str, fmt: str, act_unsigned: bool) -> Method:
       "svdquant": Method(fmt, act4, smooth=True, lowrank=True),
       "smoothquant": Method(fmt, act4, smooth=True, lowrank=False),
       "rtn": Method(fmt, act4, smooth=False, lowrank=False),
-      "w4a16": Method(fmt, None, smooth=False, lowrank=False),
+      "w4a16": Method(fmt, None, smooth=True, lowrank=False),      # AWQ-style scales
+      "w4a16_rtn": Method(fmt, None, smooth=False, lowrank=False),  # data-free
       "w8a8": Method("int8", "int8", smooth=True, lowrank=False),
   }
   if method not in table:
@@ -53,7 +55,7 @@ def method_spec(method: str, fmt: str, act_unsigned: bool) -> Method:
   return table[method]
 
 
-METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w8a8", "skip")
+METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w4a16_rtn", "w8a8", "skip")
 
 
 @dataclasses.dataclass(frozen=True)

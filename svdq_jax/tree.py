@@ -110,7 +110,7 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
     params: Flax parameter tree (nested dict, with or without a top 'params' level, or an
       ``nnx.State``). Linear kernels are 2-D leaves named 'kernel', shaped [K, N].
     calib: {module path: LayerStats} from ``calibrate`` (may be None when every selected
-      method works without data: 'rtn', 'w4a16').
+      method works without data: 'rtn', 'w4a16_rtn').
     config: the rules and search settings.
     report: if a dict is given, it is filled with {module path: LayerReport}.
     progress: show a progress bar over layers.

@@ -1,0 +1,33 @@
+"""The one linear dispatch: a float kernel or a QuantizedLinear, same call.
+
+Models call ``dense`` (or use ``Linear``) for every linear layer, so a parameter tree
+returned by ``svdq_jax.quantize`` runs in the same model code, jitted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from svdq_jax.qlinear import QuantizedLinear, apply
+
+
+def dense(x: jax.Array, kernel, bias: jax.Array | None = None) -> jax.Array:
+  """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear.
+
+  Float kernels compute in the promoted dtype of x and kernel; quantized ones return
+  x's dtype.
+  """
+  if isinstance(kernel, QuantizedLinear):
+    return apply(kernel, x, bias)
+  y = jnp.matmul(x, kernel)
+  return y if bias is None else y + bias
+
+
+class Linear(nnx.Linear):
+  """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bias = None if self.bias is None else self.bias.get_value()
+    return dense(x, self.kernel.get_value(), bias)

@@ -1,0 +1,118 @@
+"""Calibration through Flax interception, Linen and NNX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from svdq_jax import LayerStats, calibrate
+from svdq_jax.layers import Linear
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(32, name="fc1")(x)
+    return nn.Dense(8, name="fc2")(nn.relu(h))
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.q = nnx.Linear(16, 16, rngs=rngs)
+    self.k = Linear(16, 16, rngs=rngs)
+    self.out = Linear(16, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.gelu(self.q(x) + self.k(x)))
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.blocks = nnx.List([Block(rngs), Block(rngs)])
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = b(x)
+    return x
+
+
+def _batches(k, n=3, tokens=(2, 10), seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.standard_normal((*tokens, k)), jnp.float32) for _ in range(n)]
+
+
+def test_linen_paths_absmax_and_samples():
+  model = LinenNet()
+  batches = _batches(16)
+  params = model.init(jax.random.key(0), batches[0])
+  stats = calibrate(jax.jit(lambda b: model.apply(params, b)), batches, max_samples=25,
+                    progress=False)
+  assert set(stats) == {"fc1", "fc2"}
+  allx = np.concatenate([np.asarray(b).reshape(-1, 16) for b in batches])
+  np.testing.assert_array_equal(stats["fc1"].absmax, np.abs(allx).max(0))
+  assert stats["fc1"].num_tokens == 60
+  s = stats["fc1"].samples
+  assert s.shape == (25, 16)
+  # every sampled row is a real input token, each at most once
+  rows = {r.tobytes() for r in allx}
+  assert all(r.tobytes() in rows for r in s) and len({r.tobytes() for r in s}) == 25
+  h = jax.nn.relu(allx @ np.asarray(params["params"]["fc1"]["kernel"])
+                  + np.asarray(params["params"]["fc1"]["bias"]))
+  np.testing.assert_allclose(stats["fc2"].absmax, np.abs(h).max(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_paths_with_and_without_jit(jit):
+  model = NnxNet(nnx.Rngs(0))
+  fwd = nnx.jit(lambda m, b: m(b)) if jit else (lambda m, b: m(b))
+  batches = _batches(16)
+  before = np.asarray(fwd(model, batches[0]))
+  stats = calibrate(lambda b: fwd(model, b), batches, model=model, progress=False)
+  assert set(stats) == {f"blocks/{i}/{n}" for i in (0, 1) for n in ("q", "k", "out")}
+  # q and k see the same input: identical statistics
+  for i in (0, 1):
+    np.testing.assert_array_equal(stats[f"blocks/{i}/q"].samples, stats[f"blocks/{i}/k"].samples)
+  allx = np.concatenate([np.asarray(b).reshape(-1, 16) for b in batches])
+  np.testing.assert_array_equal(stats["blocks/0/q"].absmax, np.abs(allx).max(0))
+  # the model is left as it was: no tags, original __call__
+  assert not any(hasattr(m, "_svdq_calibration_path") for _, m in nnx.iter_graph(model))
+  assert nnx.Linear.__call__.__qualname__ == "Linear.__call__"
+  np.testing.assert_array_equal(np.asarray(fwd(model, batches[0])), before)
+
+
+def test_sampling_is_deterministic_and_bounded():
+  model = LinenNet()
+  batches = _batches(16, n=5)
+  params = model.init(jax.random.key(0), batches[0])
+  a = calibrate(lambda b: model.apply(params, b), batches, max_samples=7, progress=False)
+  b = calibrate(lambda b: model.apply(params, b), batches, max_samples=7, progress=False)
+  np.testing.assert_array_equal(a["fc1"].samples, b["fc1"].samples)
+  assert a["fc2"].samples.shape == (7, 32)
+
+
+def test_nan_in_calibration_names_layer_and_batch():
+  model = LinenNet()
+  batches = _batches(16)
+  batches[1] = batches[1].at[0, 3, 5].set(jnp.nan)
+  params = model.init(jax.random.key(0), batches[0])
+  with pytest.raises(ValueError, match=r"batch 1: NaN or Inf in the input of layers \['fc1', 'fc2'\]"):
+    calibrate(lambda b: model.apply(params, b), batches, progress=False)
+
+
+def test_no_linear_called_is_an_error():
+  with pytest.raises(ValueError, match="saw no linear layer"):
+    calibrate(lambda b: b * 2, _batches(4), progress=False)
+
+
+def test_from_inputs_and_validate():
+  x = np.random.default_rng(0).standard_normal((4, 8, 16)).astype(np.float32)
+  st = LayerStats.from_inputs(x)
+  assert st.samples.shape == (32, 16) and st.num_tokens == 32
+  st.validate("l", 16)
+  with pytest.raises(ValueError, match="layer l: .* K=12"):
+    st.validate("l", 12)
+  st.samples[0, 0] = np.inf
+  with pytest.raises(ValueError, match="layer l: calibration statistics contain NaN or Inf"):
+    st.validate("l", 16)

@@ -1,0 +1,23 @@
+"""The built-in example (the README's main job) on a reduced setting."""
+
+import json
+
+from svdq_jax import cli, example
+
+
+def test_example_table_orders_methods(tmp_path):
+  assert cli.main(["example", "--k", "256", "--n", "256", "--calib-tokens", "512",
+                   "--eval-tokens", "256", "--max-samples", "256", "--quiet",
+                   "--out", str(tmp_path)]) == 0
+  md = (tmp_path / "layer_error.md").read_text()
+  assert "SVDQuant W4A4 INT4 r32" in md and "SmoothQuant W4A4 (INT4)" in md
+  rows = {r["name"]: r for r in json.loads((tmp_path / "layer_error.json").read_text())["rows"]}
+  assert set(rows) == {"BF16 (reference)"} | set(example.default_methods())
+  svd = rows["SVDQuant W4A4 INT4 r32"]["sqnr_db"]
+  assert svd > rows["SmoothQuant W4A4 (INT4)"]["sqnr_db"] + 6.0
+  assert rows["SmoothQuant W4A4 (INT4)"]["sqnr_db"] > rows["RTN W4A4 (INT4)"]["sqnr_db"]
+  for fmt in ("INT4", "NVFP4"):  # a larger rank never hurts on this layer
+    s = [rows[f"SVDQuant W4A4 {fmt} r{r}"]["sqnr_db"] for r in (16, 32, 64)]
+    assert s[0] < s[1] < s[2]
+  # 4-bit weights: about a quarter of bf16 plus scales and the low-rank branch
+  assert rows["RTN W4A4 (INT4)"]["weight_bytes"] < 0.3 * rows["BF16 (reference)"]["weight_bytes"]
