@@ -58,6 +58,8 @@ class Row:
   sqnr_db: float
   weight_bytes: int
   seconds: float
+  alpha: float | None = None
+  iterations: int = 0
 
 
 def default_methods() -> dict[str, Rule]:
@@ -105,12 +107,16 @@ def layer_error_table(k: int = 3072, n: int = 3072, *, calib_tokens: int = 1024,
   rows = [Row("BF16 (reference)", 0.0, float("inf"), bf16_bytes, 0.0)]
   for name, rule in methods.items():
     t0 = time.perf_counter()
-    qparams = quantize(params, calib, QuantConfig(rules=(rule,)), progress=False)
+    report = {}
+    qparams = quantize(params, calib, QuantConfig(rules=(rule,)), report=report,
+                       progress=False)
     qmodel = nnx.merge(graph, qparams)
     seconds = time.perf_counter() - t0
     y = fwd(qmodel, x_eval)
     rel, sqnr = error_metrics(y_ref, y)
-    rows.append(Row(name, rel, sqnr, qmodel.proj.kernel.get_value().nbytes, seconds))
+    rep = report["proj"]
+    rows.append(Row(name, rel, sqnr, qmodel.proj.kernel.get_value().nbytes, seconds,
+                    rep.alpha, rep.iterations))
   return rows
 
 
@@ -119,10 +125,11 @@ def format_table(rows: list[Row]) -> str:
   base = {r.name: r.sqnr_db for r in rows}
   ref_sq = max(base.get("SmoothQuant W4A4 (INT4)", -np.inf), base.get("RTN W4A4 (INT4)", -np.inf))
   lines = ["| method | rel. Frobenius error | SQNR (dB) | vs best W4A4 baseline | "
-           "weight bytes | quantize time (s) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+           "weight bytes | alpha | low-rank iterations | quantize time (s) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
     gain = "" if not np.isfinite(r.sqnr_db) or not np.isfinite(ref_sq) else f"{r.sqnr_db - ref_sq:+.2f} dB"
+    alpha = "" if r.alpha is None else f"{r.alpha:.2f}"
     lines.append(f"| {r.name} | {r.rel_error:.4f} | {r.sqnr_db:.2f} | {gain} | "
-                 f"{r.weight_bytes:,} | {r.seconds:.1f} |")
+                 f"{r.weight_bytes:,} | {alpha} | {r.iterations or ''} | {r.seconds:.1f} |")
   return "\n".join(lines)
