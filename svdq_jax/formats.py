@@ -17,9 +17,12 @@ Formats:
   * ``int8``:  signed, scale = absmax / 127, one group over the whole last axis (per output
     channel for weights, per token for activations). Not packed.
 
-Packing (4-bit formats): two values per uint8 along the last axis; the element at even
-index ``2j`` goes into the low nibble of byte ``j`` and the element at ``2j + 1`` into the
-high nibble. Nibble codes: two's complement for ``int4``, plain binary for ``uint4``, and
+Packing (4-bit formats): two values per uint8 along the last axis, in blocks of
+``PACK_BLOCK`` = 64 elements (32 bytes): within a block, element ``j`` (j < 32) goes into the
+low nibble of byte ``j`` and element ``32 + j`` into its high nibble. Each half-block is then
+a contiguous run of K, so a kernel unpacks a tile into two contiguous int8 tiles without
+any interleaving (one INT4 group = one block; one NVFP4 group = half of a half-block).
+K must be a multiple of 64 for packed formats. Nibble codes: two's complement for ``int4``, plain binary for ``uint4``, and
 for ``nvfp4`` the E2M1 bit pattern (bit 3 = sign, bits 0-2 = index into the magnitudes).
 """
 
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FP8_E4M3_MAX = 448.0
+PACK_BLOCK = 64
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -105,18 +109,22 @@ class Quantized(NamedTuple):
   tensor_scale: jnp.ndarray
 
 
-def check_groups(k: int, fmt: Format, what: str = "tensor") -> None:
-  """Raises ValueError naming ``what`` when K does not split into the format's groups."""
+def check_groups(k: int, fmt: Format, what: str = "tensor", *, storage: bool = True) -> None:
+  """Raises ValueError naming ``what`` when K does not split into the format's groups
+  (and, with ``storage``, into whole packing blocks for 4-bit formats)."""
   g = fmt.group_len(k)
-  if k % g or (fmt.packed and k % 2):
+  if k % g:
     raise ValueError(
         f"{what}: K={k} is not a multiple of the {fmt.name} group size {g}")
+  if storage and fmt.packed and k % PACK_BLOCK:
+    raise ValueError(
+        f"{what}: K={k} is not a multiple of the 4-bit packing block {PACK_BLOCK}")
 
 
 def _grouped(x: jnp.ndarray, fmt: Format) -> jnp.ndarray:
   """[..., K] -> [..., K // g, g]."""
   k = x.shape[-1]
-  check_groups(k, fmt)
+  check_groups(k, fmt, storage=False)
   g = fmt.group_len(k)
   return x.reshape(*x.shape[:-1], k // g, g)
 
@@ -237,19 +245,22 @@ def from_codes(codes: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
 
 
 def pack(q: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
-  """int8 [..., K] -> uint8 [..., K // 2]: element 2j in the low nibble of byte j."""
+  """int8 [..., K] -> uint8 [..., K // 2] in the block layout of the module docstring."""
   fmt = get_format(fmt)
   if not fmt.packed:
     raise ValueError(f"format {fmt.name} is not packed")
-  if q.shape[-1] % 2:
-    raise ValueError(f"cannot pack an odd last axis of length {q.shape[-1]}")
-  codes = to_codes(q, fmt)
-  lo, hi = codes[..., 0::2], codes[..., 1::2]
-  return (lo | (hi << 4)).astype(jnp.uint8)
+  *lead, k = q.shape
+  if k % PACK_BLOCK:
+    raise ValueError(f"cannot pack a last axis of {k}: not a multiple of {PACK_BLOCK}")
+  codes = to_codes(q, fmt).reshape(*lead, k // PACK_BLOCK, 2, PACK_BLOCK // 2)
+  lo, hi = codes[..., 0, :], codes[..., 1, :]
+  return (lo | (hi << 4)).astype(jnp.uint8).reshape(*lead, k // 2)
 
 
 def unpack(packed: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
   """uint8 [..., K // 2] -> int8 [..., K], inverse of ``pack``."""
-  lo = from_codes(packed & 0xF, fmt)
-  hi = from_codes(packed >> 4, fmt)
-  return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+  *lead, kb = packed.shape
+  blocks = packed.reshape(*lead, kb // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
+  lo = from_codes(blocks & 0xF, fmt)
+  hi = from_codes(blocks >> 4, fmt)
+  return jnp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kb)

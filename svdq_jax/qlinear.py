@@ -4,7 +4,8 @@
 (divided by lambda) in f32, quantized per token and per K-group, multiplied with the
 quantized weight as exact integer products per group, and each group's int32 partial sum
 is scaled by both group scales and accumulated in f32 in K order. The low-rank branch runs
-in f32 on the smoothed activations; the bias is added last.
+on the smoothed activations with bf16 operands and f32 accumulation (the tensor-core
+precision the kernels use); the bias is added last, in f32.
 """
 
 from __future__ import annotations
@@ -117,8 +118,26 @@ def group_scaled_matmul(qa: formats.Quantized, qw: formats.Quantized,
   return acc * (qa.tensor_scale * wts)
 
 
+LOWRANK_DTYPE = jnp.bfloat16
+
+
 def _hi(a, b):
   return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _bf16_dot(a, b):
+  return jnp.matmul(a.astype(LOWRANK_DTYPE), b.astype(LOWRANK_DTYPE),
+                    preferred_element_type=jnp.float32)
+
+
+def lowrank_down(x_hat: jax.Array, down: jax.Array) -> jax.Array:
+  """f32 [M, r] = x_hat [M, K] @ down [K, r], bf16 operands, f32 accumulation."""
+  return _bf16_dot(x_hat, down)
+
+
+def lowrank_up(lr: jax.Array, up: jax.Array) -> jax.Array:
+  """f32 [M, N] = lr [M, r] @ up [r, N], bf16 operands, f32 accumulation."""
+  return _bf16_dot(lr, up)
 
 
 def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -146,8 +165,7 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
     qa = formats.quantize(xf, afmt)
     y = group_scaled_matmul(qa, qw, wfmt.group_len(k)) * (afmt.step * wfmt.step)
   if layer.lora_down is not None:
-    down = _hi(xf, layer.lora_down.astype(jnp.float32))
-    y = y + _hi(down, layer.lora_up.astype(jnp.float32))
+    y = y + lowrank_up(lowrank_down(xf, layer.lora_down), layer.lora_up)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype).reshape(*lead, n)

@@ -21,14 +21,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from svdq_jax import formats
 from svdq_jax.config import Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
-from svdq_jax.qlinear import QuantizedLinear
-
-LOWRANK_DTYPE = jnp.bfloat16
+from svdq_jax.qlinear import LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up
 _EPS = 1e-5
 
 
@@ -79,7 +76,7 @@ def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_forma
     down, up = jnp.zeros((k, 0), jnp.float32), jnp.zeros((0, n), jnp.float32)
     residual = fake_quantize_weight(w_hat, weight_format)
   xq = x_hat if act_format is None else formats.fake_quantize(x_hat, act_format)
-  y = _hi(xq, residual) + _hi(_hi(x_hat, down), up)
+  y = _hi(xq, residual) + lowrank_up(lowrank_down(x_hat, down), up)
   return Candidate(jnp.sum(jnp.square(y - y_ref)), down, up, residual)
 
 

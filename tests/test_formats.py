@@ -122,17 +122,24 @@ def test_pack_unpack_every_code(name):
   else:
     values = np.arange(fmt.qmin, fmt.qmax + 1, dtype=np.int8)
   q = np.stack(np.meshgrid(values, values, indexing="ij"), -1).reshape(1, -1)
+  q = np.concatenate([q, np.zeros((1, -q.shape[1] % 64), np.int8)], axis=1)
   packed = formats.pack(jnp.asarray(q), fmt)
   assert packed.dtype == jnp.uint8 and packed.shape == (1, q.shape[1] // 2)
   np.testing.assert_array_equal(np.asarray(formats.unpack(packed, fmt)), q)
 
 
-def test_nibble_order_low_nibble_is_even_index():
-  q = jnp.array([[1, -2, 7, 0]], jnp.int8)
-  packed = np.asarray(formats.pack(q, "int4"))
-  assert packed.tolist() == [[0x01 | (0xE << 4), 0x07]]
-  nv = formats.pack(jnp.array([[1, -12]], jnp.int8), "nvfp4")  # 0.5 -> 0b0001, -6 -> 0b1111
-  assert np.asarray(nv).tolist() == [[0x01 | (0xF << 4)]]
+def test_nibble_order_split_halves_of_each_64_block():
+  q = np.zeros((1, 128), np.int8)
+  q[0, 0], q[0, 32], q[0, 31], q[0, 63], q[0, 64], q[0, 96] = 1, -2, 7, -8, 3, 5
+  packed = np.asarray(formats.pack(jnp.asarray(q), "int4"))
+  assert packed.shape == (1, 64)
+  assert packed[0, 0] == 0x01 | (0xE << 4)   # element 0 low, element 32 high
+  assert packed[0, 31] == 0x07 | (0x8 << 4)  # element 31 low, element 63 high
+  assert packed[0, 32] == 0x03 | (0x5 << 4)  # next block: elements 64 and 96
+  assert not np.delete(packed[0], [0, 31, 32]).any()
+  nv = np.zeros((1, 64), np.int8)
+  nv[0, 0], nv[0, 32] = 1, -12  # 0.5 -> 0b0001, -6 -> 0b1111
+  assert np.asarray(formats.pack(jnp.asarray(nv), "nvfp4"))[0, 0] == 0x01 | (0xF << 4)
 
 
 def test_zero_groups_quantize_to_zero():
@@ -148,6 +155,8 @@ def test_bad_inputs():
     formats.quantize(np.ones((2, 96), np.float32), "int4")
   with pytest.raises(ValueError, match="unknown format 'int3'"):
     formats.get_format("int3")
+  with pytest.raises(ValueError, match="K=48 is not a multiple of the 4-bit packing block 64"):
+    formats.check_groups(48, formats.NVFP4)
   with pytest.raises(ValueError, match="not packed"):
     formats.pack(jnp.zeros((1, 4), jnp.int8), "int8")
 

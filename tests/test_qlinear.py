@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -47,10 +48,10 @@ def _numpy_forward(layer, x):
     sa = np.asarray(qa.scale, np.float64)
     part = np.einsum("mgk,ngk->mng", a_q.reshape(len(a_q), -1, g), w_q.reshape(len(w_q), -1, g))
     y = np.einsum("mng,mg,ng->mn", part, sa, sw) * wf.step * af.step
-  if layer.lora_down is not None:
-    down = np.asarray(layer.lora_down.astype(jnp.float32), np.float64)
-    up = np.asarray(layer.lora_up.astype(jnp.float32), np.float64)
-    y = y + (xh @ down) @ up
+  if layer.lora_down is not None:  # bf16 operands, exact accumulation
+    bf = lambda v: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    lr = bf(xh) @ bf(layer.lora_down.astype(jnp.float32))
+    y = y + bf(lr) @ bf(layer.lora_up.astype(jnp.float32))
   if layer.bias is not None:
     y = y + np.asarray(layer.bias, np.float64)
   return y
@@ -81,7 +82,7 @@ def test_group_scaled_matmul_integer_partials_are_exact():
 
 
 def test_weight_only_equals_dequantized_weight():
-  layer = _layer(act=None, bias=False)
+  layer = _layer(act=None, bias=False, r=0)  # the low-rank branch runs on bf16 operands
   x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 128)), jnp.float32)
   np.testing.assert_allclose(np.asarray(apply(layer, x)),
                              np.asarray(x @ layer.dequantized_weight()), rtol=1e-5, atol=1e-5)
