@@ -10,6 +10,8 @@ precision the kernels use); the bias is added last, in f32.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -140,17 +142,60 @@ def lowrank_up(lr: jax.Array, up: jax.Array) -> jax.Array:
   return _bf16_dot(lr, up)
 
 
+BACKENDS = ("auto", "reference", "pallas", "interpret")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+  """Chooses how ``apply`` runs quantized layers (read when a function is traced):
+
+  'auto': the Pallas kernels on GPU for the formats they support, the jnp reference
+  otherwise; 'reference': always the jnp reference; 'pallas': always the kernels (an error
+  for unsupported formats); 'interpret': the kernels in Pallas interpret mode (CPU checks).
+  """
+  global _backend
+  if name not in BACKENDS:
+    raise ValueError(f"unknown backend {name!r}; known: {BACKENDS}")
+  _backend = name
+
+
+@contextlib.contextmanager
+def backend(name: str):
+  """Context manager form of ``set_backend``."""
+  previous = _backend
+  set_backend(name)
+  try:
+    yield
+  finally:
+    set_backend(previous)
+
+
 def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-  """Reference forward pass. x [..., K] -> [..., N] in x's dtype.
+  """Forward pass. x [..., K] -> [..., N] in x's dtype, on the backend ``set_backend`` chose.
 
   ``bias`` (optional, [N]) is added like ``layer.bias``; pass it when the bias lives
   outside the layer (a Flax module's own ``bias`` parameter). Giving both is an error.
   """
-  k, n = layer.in_features, layer.out_features
+  k = layer.in_features
   if x.shape[-1] != k:
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got {x.shape}")
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
+  if _backend == "reference":
+    return reference_apply(layer, x, bias)
+  from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
+  supported = w4a4.supports(layer.weight_format, layer.act_format)
+  if _backend == "auto":
+    if supported and jax.default_backend() == "gpu":
+      return w4a4.w4a4_linear(layer, x, bias)
+    return reference_apply(layer, x, bias)
+  return w4a4.w4a4_linear(layer, x, bias, interpret=_backend == "interpret")
+
+
+def reference_apply(layer: QuantizedLinear, x: jax.Array,
+                    bias: jax.Array | None = None) -> jax.Array:
+  """The pure-jnp forward pass, the semantics every kernel reproduces (see ``apply``)."""
+  k, n = layer.in_features, layer.out_features
   bias = layer.bias if bias is None else bias
   lead = x.shape[:-1]
   xf = x.reshape(-1, k).astype(jnp.float32)

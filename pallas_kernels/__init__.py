@@ -1,0 +1,12 @@
+"""Pallas GPU kernels for the quantized linear (installed as ``svdq_jax.pallas_kernels``).
+
+``w4a4``: the activation kernel (smooth, 4-bit quantize, pack, low-rank down projection in
+one pass over X) and the block-scaled W4A4 GEMM on int8 tensor cores with the low-rank up
+projection and bias in its epilogue. Each has a pure-jnp reference with the same
+semantics in ``svdq_jax.qlinear`` / ``svdq_jax.formats``.
+"""
+
+from svdq_jax.pallas_kernels.w4a4 import (SUPPORTED_ACT_FORMATS, quantize_act, w4a4_gemm,
+                                          w4a4_linear)
+
+__all__ = ["SUPPORTED_ACT_FORMATS", "quantize_act", "w4a4_gemm", "w4a4_linear"]

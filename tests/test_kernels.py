@@ -1,0 +1,101 @@
+"""Pallas W4A4 kernels in interpret mode against the jnp reference (small shapes)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import formats, qlinear
+from svdq_jax.pallas_kernels import w4a4
+from svdq_jax.qlinear import QuantizedLinear, group_scaled_matmul, lowrank_down
+
+
+def _inputs(m, k, r, seed=0, unsigned=False):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], (m, k)) * 2.0
+  x = x.at[:, 5].multiply(40.0)  # an outlier channel
+  if unsigned:
+    x = jnp.abs(x)
+  smooth = jax.random.uniform(keys[1], (k,), minval=0.5, maxval=2.0)
+  down = (jax.random.normal(keys[2], (k, r)) * 0.1).astype(jnp.bfloat16) if r else None
+  return x.astype(jnp.bfloat16), smooth, down
+
+
+@pytest.mark.parametrize("act,m,r,smoothed", [("int4", 37, 8, True), ("uint4", 16, 32, True),
+                                              ("int4", 20, 0, False)])
+def test_activation_kernel_bit_exact(act, m, r, smoothed):
+  x, smooth, down = _inputs(m, 192, r, unsigned=act == "uint4")
+  smooth = smooth if smoothed else None
+  q, s, lr = w4a4.quantize_act(x, smooth, down, act_format=act, block_m=16, interpret=True)
+  xh = x.astype(jnp.float32) if smooth is None else x.astype(jnp.float32) / smooth
+  ref = formats.quantize(xh, act)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(formats.pack(ref.q, act)))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(ref.scale))
+  if r:
+    want = lowrank_down(xh, down)
+    np.testing.assert_allclose(np.asarray(lr), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+  else:
+    assert lr is None
+
+
+def _layer(k, n, r, seed=1, act="int4", smooth=None, down=None, bias=True):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  qw = formats.quantize_weight(jax.random.normal(keys[0], (n, k)) * 0.05, "int4")
+  return QuantizedLinear(
+      qweight=formats.pack(qw.q, "int4"), wscale=qw.scale, smooth=smooth, lora_down=down,
+      lora_up=(jax.random.normal(keys[1], (r, n)) * 0.1).astype(jnp.bfloat16) if r else None,
+      bias=jax.random.normal(keys[2], (n,)) if bias else None,
+      weight_format="int4", act_format=act)
+
+
+@pytest.mark.parametrize("act", ["int4", "uint4"])
+def test_gemm_integer_part_matches_reference(act):
+  m, k, n = 33, 128, 64
+  x, smooth, _ = _inputs(m, k, 0, seed=2, unsigned=act == "uint4")
+  layer = _layer(k, n, 0, act=act, bias=False)
+  q, s, _ = w4a4.quantize_act(x, None, None, act_format=act, block_m=16, interpret=True)
+  y = w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, act_format=act,
+                     out_dtype=jnp.float32, block_m=16, block_n=32, interpret=True)
+  qa = formats.Quantized(formats.unpack(q, act), s, jnp.float32(1.0))
+  ref = group_scaled_matmul(qa, layer.weight(), 64)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(ref).max()))
+
+
+def test_fused_linear_matches_reference_apply_ragged_m():
+  m, k, n, r = 45, 192, 64, 16
+  x, smooth, down = _inputs(m, k, r, seed=3)
+  layer = _layer(k, n, r, smooth=smooth, down=down)
+  with qlinear.backend("interpret"):
+    y = jax.jit(qlinear.apply)(layer, x.reshape(5, 9, k).astype(jnp.float32))
+  ref = qlinear.reference_apply(layer, x.reshape(5, 9, k).astype(jnp.float32))
+  assert y.shape == (5, 9, n) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(ref).max()))
+  with qlinear.backend("interpret"):
+    y16 = qlinear.apply(layer, x)  # bf16 in, bf16 out
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(ref).reshape(m, n),
+                             rtol=1e-2, atol=1e-2 * float(jnp.abs(ref).max()))
+
+
+def test_backend_switch_and_errors():
+  layer = _layer(128, 64, 0)
+  x = jnp.ones((4, 128), jnp.float32)
+  with qlinear.backend("reference"):
+    np.testing.assert_array_equal(np.asarray(qlinear.apply(layer, x)),
+                                  np.asarray(qlinear.reference_apply(layer, x)))
+  with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    qlinear.set_backend("cuda")
+  nv = formats.quantize_weight(jnp.ones((64, 128)), "nvfp4")
+  nv_layer = QuantizedLinear(qweight=formats.pack(nv.q, "nvfp4"), wscale=nv.scale,
+                             wcscale=nv.tensor_scale[:, 0], weight_format="nvfp4",
+                             act_format="nvfp4")
+  with qlinear.backend("interpret"), pytest.raises(ValueError, match="no W4A4 kernel for weights 'nvfp4'"):
+    qlinear.apply(nv_layer, x)
+  with pytest.raises(ValueError, match="K to be a multiple of 64, got K=96"):
+    w4a4.quantize_act(jnp.ones((4, 96)), None, None, interpret=True)
+  q, s, _ = w4a4.quantize_act(x, None, None, interpret=True)
+  with pytest.raises(ValueError, match="N=64 is not a multiple of block_n=48"):
+    w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, block_n=48, interpret=True)
