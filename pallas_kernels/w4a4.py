@@ -46,14 +46,41 @@ def _unpack(b: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
   return (b & 0xF).astype(jnp.int8), (b >> 4).astype(jnp.int8)
 
 
-def _quantize_half(v: jax.Array, scale: jax.Array, signed: bool) -> jax.Array:
+def _asm(instruction: str, *args: jax.Array) -> jax.Array:
+  """One f32 PTX instruction applied elementwise: ``instruction $0, $1, ...;``."""
+  args = jnp.broadcast_arrays(*args)
+  operands = ", ".join(f"${i}" for i in range(len(args) + 1))
+  return plgpu.elementwise_inline_asm(
+      f"{instruction} {operands};", args=list(args),
+      constraints=",".join(["=f"] + ["f"] * len(args)), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])[0]
+
+
+def _div(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+  """Correctly rounded f32 a / b, as XLA divides (Triton lowers ``/`` to the approximate
+  div.full.f32, which would make codes differ from the reference near rounding ties)."""
+  if interpret:
+    return a / b
+  return _asm("div.rn.f32", a, b)
+
+
+def _round_half_even(v: jax.Array, interpret: bool) -> jax.Array:
+  """jnp.round (to nearest, ties to even); the Triton lowering has no round primitive."""
+  if interpret:
+    return jnp.round(v)
+  return _asm("cvt.rni.f32.f32", v)
+
+
+def _quantize_half(v: jax.Array, scale: jax.Array, signed: bool, interpret: bool) -> jax.Array:
   """f32 [R, 32], scale f32 [R] -> 4-bit codes uint8 [R, 32] (same rounding as formats)."""
-  q = jnp.round(v / jnp.where(scale == 0, 1.0, scale)[:, None])
+  q = _round_half_even(_div(v, jnp.where(scale == 0, 1.0, scale)[:, None], interpret),
+                       interpret)
   q = jnp.clip(q, -8, 7) if signed else jnp.clip(q, 0, 15)
   return (q.astype(jnp.int32) & 0xF).astype(jnp.uint8)
 
 
-def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed, has_lr):
+def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed, has_lr,
+                interpret):
   bm, k = x_ref.shape
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
@@ -64,15 +91,16 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed,
     lo = plgpu.load(x_ref.at[:, lo_cols], mask=row_ok, other=0).astype(jnp.float32)
     hi = plgpu.load(x_ref.at[:, hi_cols], mask=row_ok, other=0).astype(jnp.float32)
     if smooth_ref is not None:
-      lo = lo / smooth_ref[lo_cols][None, :]
-      hi = hi / smooth_ref[hi_cols][None, :]
+      lo = _div(lo, smooth_ref[lo_cols][None, :], interpret)
+      hi = _div(hi, smooth_ref[hi_cols][None, :], interpret)
     if signed:
       amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
     else:
       amax = jnp.maximum(jnp.max(jnp.maximum(lo, 0.0), axis=1),
                          jnp.max(jnp.maximum(hi, 0.0), axis=1))
-    scale = amax / qmax
-    packed = _quantize_half(lo, scale, signed) | (_quantize_half(hi, scale, signed) << 4)
+    scale = _div(amax, jnp.full_like(amax, qmax), interpret)
+    packed = (_quantize_half(lo, scale, signed, interpret)
+              | (_quantize_half(hi, scale, signed, interpret) << 4))
     plgpu.store(q_ref.at[:, pl.ds(g * HALF, HALF)], packed, mask=row_ok)
     plgpu.store(s_ref.at[:, g], scale, mask=row_ok[:, 0])
     if has_lr:
@@ -131,7 +159,8 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   out_shape = [jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
                jax.ShapeDtypeStruct((m, k // GROUP), jnp.float32),
                jax.ShapeDtypeStruct((m, max(rp, 1)), jnp.float32)]
-  kernel = functools.partial(_act_kernel, m=m, signed=act_format == "int4", has_lr=r > 0)
+  kernel = functools.partial(_act_kernel, m=m, signed=act_format == "int4", has_lr=r > 0,
+                             interpret=interpret)
   args = [x] + [a for a in (smooth, down_p) if a is not None]
   specs = [row_block(k)] + [whole(a) for a in (smooth, down_p) if a is not None]
 

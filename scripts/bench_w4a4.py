@@ -1,0 +1,207 @@
+"""Checks and times the W4A4 Pallas kernels against XLA baselines (issue 4).
+
+One run: for each FLUX.1 linear shape at M tokens,
+  1. correctness of the fused kernels against the jnp reference (activation codes and
+     scales bit-exact fraction, output relative error),
+  2. timings: XLA bf16 x @ w (the baseline), XLA int8 dot_general with K-major operands
+     (the ceiling), the unfused jnp reference path, the fused kernels (activation kernel +
+     GEMM), the GEMM alone, the GEMM without the low-rank branch, the activation kernel,
+  3. weight memory of bf16 vs the quantized layer.
+Prints a table last; writes bench.md / bench.json under --out.
+
+    python scripts/bench_w4a4.py --out $OUT            # on the GPU
+    python scripts/bench_w4a4.py --smoke               # tiny shapes, interpret mode, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdq_jax import formats, qlinear
+from svdq_jax.pallas_kernels import w4a4
+from svdq_jax.qlinear import QuantizedLinear
+
+FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
+    (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
+    (256, 128, 8, 3), (64, 256, 8, 3),
+]
+
+
+def bench(fn, *args, reps=10, rounds=5) -> float:
+  """Median seconds per call: ``reps`` back-to-back launches per round, synchronized."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times)
+
+
+def make_layer(k, n, rank, key):
+  ks = jax.random.split(key, 5)
+  w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
+  qw = formats.quantize_weight(w, "int4")
+  return QuantizedLinear(
+      qweight=formats.pack(qw.q, "int4"), wscale=qw.scale,
+      smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
+      lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
+      lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),
+      bias=(jax.random.normal(ks[4], (n,)) * 0.1).astype(jnp.bfloat16),
+      weight_format="int4", act_format="int4")
+
+
+def activations(m, k, key):
+  x = jax.random.normal(key, (m, k), jnp.float32)
+  x = x.at[:, :8].multiply(50.0)  # outlier channels
+  return x.astype(jnp.bfloat16)
+
+
+def check(layer, x, interpret):
+  """Kernel vs reference on the same inputs."""
+  xh = x.astype(jnp.float32) / layer.smooth
+  ref_q = formats.quantize(xh, "int4")
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+  codes_equal = float(jnp.mean(q == formats.pack(ref_q.q, "int4")))
+  scales_equal = float(jnp.mean(s == ref_q.scale))
+  y = w4a4.w4a4_linear(layer, x.astype(jnp.float32), interpret=interpret)
+  with qlinear.backend("reference"):
+    y_ref = jax.jit(qlinear.apply)(layer, x.astype(jnp.float32))
+  rel = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
+  return dict(codes_equal=codes_equal, scales_equal=scales_equal, rel_err=rel,
+              finite=bool(jnp.isfinite(y).all()))
+
+
+def flops(m, k, n):
+  return 2.0 * m * k * n
+
+
+def run_shape(m, k, n, rank, cfg, key, interpret, full):
+  layer = make_layer(k, n, rank, key)
+  x = activations(m, k, jax.random.fold_in(key, 1))
+  w_bf16 = jax.random.normal(jax.random.fold_in(key, 2), (k, n), jnp.bfloat16)
+  a8 = jax.random.randint(jax.random.fold_in(key, 3), (m, k), -8, 8, jnp.int8)
+  w8 = jax.random.randint(jax.random.fold_in(key, 4), (n, k), -8, 8, jnp.int8)
+  bm, bn, nw, ns = cfg
+  gemm_kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, interpret=interpret)
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+
+  fns = {
+      "xla_bf16": (jax.jit(lambda a, b: a @ b), (x, w_bf16)),
+      "xla_int8": (jax.jit(lambda a, b: jax.lax.dot_general(
+          a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), (a8, w8)),
+      "fused": (jax.jit(functools.partial(_fused, gemm_kw=gemm_kw)), (layer, x)),
+      "gemm": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
+               (q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias)),
+      "gemm_no_lowrank": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
+                          (q, s, layer.qweight, layer.wscale)),
+      "act_kernel": (jax.jit(lambda *a: w4a4.quantize_act(*a, interpret=interpret)),
+                     (x, layer.smooth, layer.lora_down)),
+  }
+  if full:
+    fns["unfused_jnp"] = (jax.jit(qlinear.reference_apply), (layer, x))
+  times = {name: bench(f, *a) for name, (f, a) in fns.items()}
+  return layer, x, times
+
+
+def _fused(layer, x, gemm_kw):
+  interpret = gemm_kw["interpret"]
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+  return w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias,
+                        **gemm_kw)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--m", type=int, default=4608)
+  p.add_argument("--rank", type=int, default=32)
+  p.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+  p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+  args = p.parse_args()
+  interpret = args.smoke
+  m = 40 if args.smoke else args.m
+  shapes = [(128, 128), (256, 128)] if args.smoke else FLUX_SHAPES
+  configs = [(16, 64, 4, 2)] if args.smoke else GEMM_CONFIGS
+  key = jax.random.key(0)
+  os.makedirs(args.out, exist_ok=True)
+  log = open(os.path.join(args.out, "bench.log"), "w")
+
+  def say(*a):
+    line = " ".join(str(v) for v in a)
+    print(line, flush=True)
+    log.write(line + "\n")
+
+  say(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+      f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
+  # 1. GEMM tile configs on the second shape (3072 -> 12288)
+  k0, n0 = shapes[1]
+  cfg_times = {}
+  for cfg in configs:
+    try:
+      layer = make_layer(k0, n0, args.rank, key)
+      x = activations(m, k0, key)
+      q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+      bm, bn, nw, ns = cfg
+      f = jax.jit(lambda *a: w4a4.w4a4_gemm(*a, block_m=bm, block_n=bn, num_warps=nw,
+                                            num_stages=ns, interpret=interpret))
+      cfg_times[cfg] = bench(f, q, s, layer.qweight, layer.wscale, lr, layer.lora_up,
+                             layer.bias)
+      say(f"gemm config {cfg}: {cfg_times[cfg] * 1e3:.3f} ms "
+          f"({flops(m, k0, n0) / cfg_times[cfg] / 1e12:.0f} TOP/s)")
+    except Exception as e:  # a config the compiler rejects (shared memory, registers)
+      say(f"gemm config {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+  best = min(cfg_times, key=cfg_times.get)
+  say(f"best gemm config: {best}")
+
+  rows = []
+  for i, (k, n) in enumerate(shapes):
+    layer, x, t = run_shape(m, k, n, args.rank, best, jax.random.fold_in(key, i), interpret,
+                            full=not args.smoke)
+    chk = check(layer, x[:min(m, 1000)], interpret)
+    bf16_bytes = k * n * 2
+    q_bytes = layer.nbytes
+    row = dict(m=m, k=k, n=n, times_ms={a: b * 1e3 for a, b in t.items()}, check=chk,
+               bf16_weight_bytes=bf16_bytes, quantized_weight_bytes=q_bytes)
+    rows.append(row)
+    say(json.dumps(row))
+
+  header = ("| K -> N | bf16 ms | int8 ceiling ms | fused ms | speed-up vs bf16 | gemm ms | "
+            "gemm no-LR ms | LR overhead | act kernel ms | unfused jnp ms | "
+            "fused TOP/s | weights vs bf16 | rel err | codes exact |")
+  lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    t = r["times_ms"]
+    lines.append(
+        f"| {r['k']} -> {r['n']} | {t['xla_bf16']:.3f} | {t['xla_int8']:.3f} | "
+        f"{t['fused']:.3f} | {t['xla_bf16'] / t['fused']:.2f}x | {t['gemm']:.3f} | "
+        f"{t['gemm_no_lowrank']:.3f} | {t['gemm'] / t['gemm_no_lowrank'] - 1:+.1%} | "
+        f"{t['act_kernel']:.3f} | {t.get('unfused_jnp', float('nan')):.3f} | "
+        f"{flops(r['m'], r['k'], r['n']) / t['fused'] / 1e9:.0f} | "
+        f"{r['quantized_weight_bytes'] / r['bf16_weight_bytes']:.3f} | "
+        f"{r['check']['rel_err']:.1e} | {r['check']['codes_equal']:.4f} |")
+  table = "\n".join(lines)
+  with open(os.path.join(args.out, "bench.json"), "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "m": m, "rank": args.rank,
+               "gemm_configs_ms": {str(c): v * 1e3 for c, v in cfg_times.items()},
+               "best_gemm_config": best, "rows": rows}, f, indent=1)
+  with open(os.path.join(args.out, "bench.md"), "w") as f:
+    f.write(f"M = {m}, rank {args.rank}, GEMM config {best} (block_m, block_n, warps, "
+            f"stages), device {jax.devices()[0].device_kind}\n\n{table}\n")
+  say(table)
+
+
+if __name__ == "__main__":
+  main()
