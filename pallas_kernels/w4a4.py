@@ -23,6 +23,7 @@ NVFP4 layers use the jnp reference for now.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -180,13 +181,13 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
 
 
 def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, *, m,
-                 act_signed):
+                 act_signed, groups_per_step):
   bm, kh = a_ref.shape
   bn = w_ref.shape[0]
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
 
-  def body(g, acc):
+  def group(g, acc):
     cols = pl.ds(g * HALF, HALF)
     a_lo, a_hi = _unpack(plgpu.load(a_ref.at[:, cols], mask=row_ok, other=0), act_signed)
     w_lo, w_hi = _unpack(w_ref[:, cols], True)
@@ -195,7 +196,13 @@ def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, 
     sw = sw_ref[:, g].astype(jnp.float32)
     return acc + part.astype(jnp.float32) * sa[:, None] * sw[None, :]
 
-  acc = jax.lax.fori_loop(0, kh // HALF, body, jnp.zeros((bm, bn), jnp.float32))
+  def step(i, acc):  # several groups per loop iteration, in K order
+    for j in range(groups_per_step):
+      acc = group(i * groups_per_step + j, acc)
+    return acc
+
+  acc = jax.lax.fori_loop(0, kh // HALF // groups_per_step, step,
+                          jnp.zeros((bm, bn), jnp.float32))
   if lr_ref is not None:
     lr = plgpu.load(lr_ref, mask=row_ok, other=0.0).astype(jnp.bfloat16)
     acc += plgpu.dot(lr, up_ref[...])
@@ -205,17 +212,21 @@ def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("act_format", "out_dtype", "block_m", "block_n",
-                                              "num_warps", "num_stages", "interpret"))
+                                              "num_warps", "num_stages", "groups_per_step",
+                                              "interpret"))
 def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None, *,
-              act_format: str = "int4", out_dtype=jnp.bfloat16, block_m: int = 128,
-              block_n: int = 128, num_warps: int = 8, num_stages: int = 3,
-              interpret: bool = False):
+              act_format: str = "int4", out_dtype=jnp.bfloat16, block_m: int = 64,
+              block_n: int = 128, num_warps: int = 4, num_stages: int = 4,
+              groups_per_step: int = 1, interpret: bool = False):
   """GEMM kernel: Y = dequant(A) dequant(W)^T + bf16(lr) @ up + bias.
 
   Args:
     a_packed: uint8 [M, K/2]; a_scale: f32 [M, K/64] (from ``quantize_act``).
     w_packed: uint8 [N, K/2] INT4; w_scale: [N, K/64] (bf16).
     lr: f32 [M, r] or None; up: [r, N] or None; bias: [N] or None.
+    block_m, block_n, num_warps, num_stages: tiling (defaults: the fastest measured on the
+      H100, docs/benchmarks/); groups_per_step: K-groups per loop iteration (reduced to a
+      divisor of the group count).
 
   Returns:
     [M, N] in out_dtype, equal to ``qlinear.apply``'s arithmetic up to f32 rounding order.
@@ -230,6 +241,7 @@ def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None,
   if n % block_n:
     raise ValueError(f"N={n} is not a multiple of block_n={block_n}")
   groups = 2 * kh // GROUP
+  groups_per_step = math.gcd(groups_per_step, groups)
   grid = (pl.cdiv(m, block_m), n // block_n)
   rows = lambda cols: pl.BlockSpec((block_m, cols), lambda i, j: (i, 0))
   cols_of_n = lambda r: pl.BlockSpec((r, block_n), lambda i, j: (0, j))
@@ -250,7 +262,7 @@ def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None,
     bias_ref = next(it) if bias is not None else None
     o_ref, = it
     _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, m=m,
-                 act_signed=act_format == "int4")
+                 act_signed=act_format == "int4", groups_per_step=groups_per_step)
 
   return pl.pallas_call(
       wrapped, grid=grid, in_specs=specs,

@@ -25,17 +25,21 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import w4a4
 from svdq_jax.qlinear import QuantizedLinear
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
-GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
-    (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-    (256, 128, 8, 3), (64, 256, 8, 3),
+GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, groups_per_step)
+    (64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 128, 4, 3, 2),
+    (64, 64, 4, 4, 2), (128, 128, 8, 4, 2), (128, 64, 4, 4, 2), (32, 128, 4, 4, 2),
 ]
+
+
+ACT_CONFIGS = [(64, 4), (32, 4), (16, 4), (16, 2), (16, 1), (32, 2)]  # (block_m, num_warps)
 
 
 def bench(fn, *args, reps=10, rounds=5) -> float:
@@ -85,30 +89,37 @@ def check(layer, x, interpret):
               finite=bool(jnp.isfinite(y).all()))
 
 
+def config_kwargs(cfg, interpret):
+  bm, bn, nw, ns, gps = cfg
+  return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, groups_per_step=gps,
+              interpret=interpret)
+
+
 def flops(m, k, n):
   return 2.0 * m * k * n
 
 
-def run_shape(m, k, n, rank, cfg, key, interpret, full):
+def run_shape(m, k, n, rank, cfg, act_cfg, key, interpret, full):
   layer = make_layer(k, n, rank, key)
   x = activations(m, k, jax.random.fold_in(key, 1))
   w_bf16 = jax.random.normal(jax.random.fold_in(key, 2), (k, n), jnp.bfloat16)
   a8 = jax.random.randint(jax.random.fold_in(key, 3), (m, k), -8, 8, jnp.int8)
   w8 = jax.random.randint(jax.random.fold_in(key, 4), (n, k), -8, 8, jnp.int8)
-  bm, bn, nw, ns = cfg
-  gemm_kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, interpret=interpret)
-  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+  gemm_kw = config_kwargs(cfg, interpret)
+  act_kw = dict(block_m=act_cfg[0], num_warps=act_cfg[1], interpret=interpret)
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, **act_kw)
 
   fns = {
       "xla_bf16": (jax.jit(lambda a, b: a @ b), (x, w_bf16)),
       "xla_int8": (jax.jit(lambda a, b: jax.lax.dot_general(
           a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), (a8, w8)),
-      "fused": (jax.jit(functools.partial(_fused, gemm_kw=gemm_kw)), (layer, x)),
+      "fused": (jax.jit(functools.partial(_fused, gemm_kw=gemm_kw, act_kw=act_kw)),
+                (layer, x)),
       "gemm": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
                (q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias)),
       "gemm_no_lowrank": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
                           (q, s, layer.qweight, layer.wscale)),
-      "act_kernel": (jax.jit(lambda *a: w4a4.quantize_act(*a, interpret=interpret)),
+      "act_kernel": (jax.jit(lambda *a: w4a4.quantize_act(*a, **act_kw)),
                      (x, layer.smooth, layer.lora_down)),
   }
   if full:
@@ -117,9 +128,47 @@ def run_shape(m, k, n, rank, cfg, key, interpret, full):
   return layer, x, times
 
 
-def _fused(layer, x, gemm_kw):
-  interpret = gemm_kw["interpret"]
-  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
+def _diag_kernel(a_ref, w_ref, o_ref, *, mode, gps):
+  """Time-attribution variants of the GEMM loop (numerically not the W4A4 product):
+  'int_only': unpack + two int8 dots per group, int32 accumulation, no per-group scaling;
+  'no_unpack': the packed bytes used as int8 directly, one K=32 dot per group;
+  'int8_k64': a plain int8 matmul over the bytes, K=64 per step (the loop's MMA ceiling)."""
+  bm, kh = a_ref.shape
+  width = 64 if mode == "int8_k64" else w4a4.HALF
+
+  def one(g, acc):
+    a, w = a_ref[:, pl.ds(g * width, width)], w_ref[:, pl.ds(g * width, width)]
+    if mode == "int_only":
+      (a_lo, a_hi), (w_lo, w_hi) = w4a4._unpack(a, True), w4a4._unpack(w, True)
+      return acc + plgpu.dot(a_lo, w_lo, trans_b=True) + plgpu.dot(a_hi, w_hi, trans_b=True)
+    return acc + plgpu.dot(a.astype(jnp.int8), w.astype(jnp.int8), trans_b=True)
+
+  def step(i, acc):
+    for j in range(gps):
+      acc = one(i * gps + j, acc)
+    return acc
+
+  acc = jax.lax.fori_loop(0, kh // width // gps, step,
+                          jnp.zeros((bm, w_ref.shape[0]), jnp.int32))
+  o_ref[...] = acc.astype(jnp.float32).astype(o_ref.dtype)
+
+
+def diagnostic(mode, a_packed, w_packed, cfg, interpret):
+  bm, bn, nw, ns, gps = cfg
+  m, kh = a_packed.shape
+  n = w_packed.shape[0]
+  return pl.pallas_call(
+      functools.partial(_diag_kernel, mode=mode, gps=gps), grid=(m // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, kh), lambda i, j: (i, 0)),
+                pl.BlockSpec((bn, kh), lambda i, j: (j, 0))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+      compiler_params=plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+      interpret=interpret)(a_packed, w_packed)
+
+
+def _fused(layer, x, gemm_kw, act_kw):
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, **act_kw)
   return w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias,
                         **gemm_kw)
 
@@ -134,7 +183,7 @@ def main():
   interpret = args.smoke
   m = 40 if args.smoke else args.m
   shapes = [(128, 128), (256, 128)] if args.smoke else FLUX_SHAPES
-  configs = [(16, 64, 4, 2)] if args.smoke else GEMM_CONFIGS
+  configs = [(16, 64, 4, 2, 2)] if args.smoke else GEMM_CONFIGS
   key = jax.random.key(0)
   os.makedirs(args.out, exist_ok=True)
   log = open(os.path.join(args.out, "bench.log"), "w")
@@ -154,9 +203,8 @@ def main():
       layer = make_layer(k0, n0, args.rank, key)
       x = activations(m, k0, key)
       q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
-      bm, bn, nw, ns = cfg
-      f = jax.jit(lambda *a: w4a4.w4a4_gemm(*a, block_m=bm, block_n=bn, num_warps=nw,
-                                            num_stages=ns, interpret=interpret))
+      kw = config_kwargs(cfg, interpret)
+      f = jax.jit(lambda *a, kw=kw: w4a4.w4a4_gemm(*a, **kw))
       cfg_times[cfg] = bench(f, q, s, layer.qweight, layer.wscale, lr, layer.lora_up,
                              layer.bias)
       say(f"gemm config {cfg}: {cfg_times[cfg] * 1e3:.3f} ms "
@@ -165,11 +213,36 @@ def main():
       say(f"gemm config {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
   best = min(cfg_times, key=cfg_times.get)
   say(f"best gemm config: {best}")
+  diag_ms = {"full W4A4 gemm": cfg_times[best] * 1e3}
+  layer = make_layer(k0, n0, args.rank, key)
+  q, _, _ = w4a4.quantize_act(activations(m, k0, key), None, None, interpret=interpret)
+  for mode in ("int_only", "no_unpack", "int8_k64"):
+    try:
+      f = jax.jit(functools.partial(diagnostic, mode, cfg=best, interpret=interpret))
+      diag_ms[mode] = bench(f, q, layer.qweight) * 1e3
+    except Exception as e:
+      say(f"diagnostic {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
+  for mode, ms in diag_ms.items():
+    say(f"diagnostic {mode} ({k0} -> {n0}): {ms:.3f} ms")
+
+  act_times = {}
+  layer = make_layer(k0, n0, args.rank, key)
+  x = activations(m, k0, key)
+  for bm, nw in ([(16, 4)] if args.smoke else ACT_CONFIGS):
+    try:
+      f = jax.jit(lambda *a, bm=bm, nw=nw: w4a4.quantize_act(
+          *a, block_m=bm, num_warps=nw, interpret=interpret))
+      act_times[(bm, nw)] = bench(f, x, layer.smooth, layer.lora_down)
+      say(f"act config {(bm, nw)}: {act_times[(bm, nw)] * 1e3:.3f} ms")
+    except Exception as e:
+      say(f"act config {(bm, nw)}: failed: {type(e).__name__}: {str(e)[:200]}")
+  best_act = min(act_times, key=act_times.get)
+  say(f"best act config: {best_act}")
 
   rows = []
   for i, (k, n) in enumerate(shapes):
-    layer, x, t = run_shape(m, k, n, args.rank, best, jax.random.fold_in(key, i), interpret,
-                            full=not args.smoke)
+    layer, x, t = run_shape(m, k, n, args.rank, best, best_act, jax.random.fold_in(key, i),
+                            interpret, full=not args.smoke)
     chk = check(layer, x[:min(m, 1000)], interpret)
     bf16_bytes = k * n * 2
     q_bytes = layer.nbytes
@@ -196,10 +269,15 @@ def main():
   with open(os.path.join(args.out, "bench.json"), "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "m": m, "rank": args.rank,
                "gemm_configs_ms": {str(c): v * 1e3 for c, v in cfg_times.items()},
-               "best_gemm_config": best, "rows": rows}, f, indent=1)
+               "best_gemm_config": best, "diagnostics_ms": diag_ms,
+               "act_configs_ms": {str(c): v * 1e3 for c, v in act_times.items()},
+               "best_act_config": best_act, "rows": rows}, f,
+              indent=1)
   with open(os.path.join(args.out, "bench.md"), "w") as f:
     f.write(f"M = {m}, rank {args.rank}, GEMM config {best} (block_m, block_n, warps, "
-            f"stages), device {jax.devices()[0].device_kind}\n\n{table}\n")
+            f"stages, groups per step), activation kernel config {best_act} (block_m, "
+            f"warps), device {jax.devices()[0].device_kind}\n\n{table}\n\n"
+            + "\n".join(f"- diagnostic {k}: {v:.3f} ms" for k, v in diag_ms.items()) + "\n")
   say(table)
 
 
