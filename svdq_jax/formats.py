@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -84,6 +85,11 @@ NVFP4 = Format("nvfp4", 4, 16, -12, 12, 0.5, jnp.float8_e4m3fn)
 INT8 = Format("int8", 8, None, -127, 127, 1.0, jnp.float32)
 
 FORMATS = {f.name: f for f in (INT4, UINT4, NVFP4, INT8)}
+
+
+def matmul_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """a @ b at full f32 precision on every backend (no bf16/tf32 passes)."""
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def get_format(name: str | Format) -> Format:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from svdq_jax.formats import matmul_f32
 
-def _hi(a, b):
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def truncated_svd(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 16,
@@ -32,10 +31,10 @@ def truncated_svd(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 
     u, s, vt = jnp.linalg.svd(a, full_matrices=False)
   else:
     omega = jax.random.normal(key, (n, width), jnp.float32)
-    q, _ = jnp.linalg.qr(_hi(a, omega))
+    q, _ = jnp.linalg.qr(matmul_f32(a, omega))
     for _ in range(power_iters):
-      z, _ = jnp.linalg.qr(_hi(a.T, q))
-      q, _ = jnp.linalg.qr(_hi(a, z))
-    ub, s, vt = jnp.linalg.svd(_hi(q.T, a), full_matrices=False)
-    u = _hi(q, ub)
+      z, _ = jnp.linalg.qr(matmul_f32(a.T, q))
+      q, _ = jnp.linalg.qr(matmul_f32(a, z))
+    ub, s, vt = jnp.linalg.svd(matmul_f32(q.T, a), full_matrices=False)
+    u = matmul_f32(q, ub)
   return u[:, :rank] * s[:rank], vt[:rank]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from svdq_jax import formats
+from svdq_jax.formats import matmul_f32
 
 
 @struct.dataclass
@@ -123,9 +124,6 @@ def group_scaled_matmul(qa: formats.Quantized, qw: formats.Quantized,
 LOWRANK_DTYPE = jnp.bfloat16
 
 
-def _hi(a, b):
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-
 
 def _bf16_dot(a, b):
   return jnp.matmul(a.astype(LOWRANK_DTYPE), b.astype(LOWRANK_DTYPE),
@@ -204,7 +202,7 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
   wfmt = formats.get_format(layer.weight_format)
   qw = layer.weight()
   if layer.act_format is None:
-    y = _hi(xf, formats.dequantize(qw, wfmt).T)
+    y = matmul_f32(xf, formats.dequantize(qw, wfmt).T)
   else:
     afmt = formats.get_format(layer.act_format)
     qa = formats.quantize(xf, afmt)

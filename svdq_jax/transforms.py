@@ -23,14 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from svdq_jax import formats
+from svdq_jax.formats import matmul_f32
 from svdq_jax.config import Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
 from svdq_jax.qlinear import LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up
 _EPS = 1e-5
 
-
-def _hi(a, b):
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def smooth_factors(x_absmax: jax.Array, w_absmax: jax.Array, alpha) -> jax.Array:
@@ -71,12 +69,12 @@ def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_forma
                              power_iters=power_iters)
     down = down.astype(LOWRANK_DTYPE).astype(jnp.float32)
     up = up.astype(LOWRANK_DTYPE).astype(jnp.float32)
-    residual = fake_quantize_weight(w_hat - _hi(down, up), weight_format)
+    residual = fake_quantize_weight(w_hat - matmul_f32(down, up), weight_format)
   else:
     down, up = jnp.zeros((k, 0), jnp.float32), jnp.zeros((0, n), jnp.float32)
     residual = fake_quantize_weight(w_hat, weight_format)
   xq = x_hat if act_format is None else formats.fake_quantize(x_hat, act_format)
-  y = _hi(xq, residual) + lowrank_up(lowrank_down(x_hat, down), up)
+  y = matmul_f32(xq, residual) + lowrank_up(lowrank_down(x_hat, down), up)
   return Candidate(jnp.sum(jnp.square(y - y_ref)), down, up, residual)
 
 
@@ -128,7 +126,7 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
   rel_error = float("nan")
   if method.needs_calibration:
     x = jnp.asarray(samples, jnp.float32)
-    y_ref = _hi(x, w)
+    y_ref = matmul_f32(x, w)
     if method.smooth:
       x_absmax = jnp.asarray(x_absmax, jnp.float32)
       if alpha is None:
@@ -157,7 +155,7 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     w_hat = w
     down = up = jnp.zeros((w.shape[0], 0), jnp.float32)
 
-  qt = formats.quantize_weight((w_hat - _hi(down, up)).T if rank else w_hat.T,
+  qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
                                method.weight_format)
   fmt = formats.get_format(method.weight_format)
   layers, start = [], 0
