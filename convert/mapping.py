@@ -1,0 +1,153 @@
+"""Name and layout mapping from PyTorch FLUX state dicts to the ``models.flux`` tree.
+
+Two namings exist: BFL (``double_blocks.N.img_attn.qkv.weight``, fused qkv) and diffusers
+``FluxTransformer2DModel`` (``transformer_blocks.N.attn.to_q.weight``, split q/k/v). Torch
+Linear weights are [out, in]; Flax kernels are [in, out]. Fused layers concatenate their
+diffusers parts along the output axis. diffusers' final AdaLayerNormContinuous emits
+(scale, shift) where BFL emits (shift, scale): those halves are swapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from svdq_jax.models.flux import FluxConfig
+
+Tensors = Mapping[str, np.ndarray]
+
+
+def _linear(dst: str, *srcs: str, swap_halves: bool = False):
+  """One Flax linear from one or more torch linears (concatenated along out)."""
+  return dst, srcs, swap_halves
+
+
+def _bfl_rules(cfg: FluxConfig):
+  rules = [_linear("img_in", "img_in"), _linear("txt_in", "txt_in"),
+           _linear("time_in/in_layer", "time_in.in_layer"),
+           _linear("time_in/out_layer", "time_in.out_layer"),
+           _linear("vector_in/in_layer", "vector_in.in_layer"),
+           _linear("vector_in/out_layer", "vector_in.out_layer"),
+           _linear("final_layer/adaLN_modulation", "final_layer.adaLN_modulation.1"),
+           _linear("final_layer/linear", "final_layer.linear")]
+  if cfg.guidance_embed:
+    rules += [_linear("guidance_in/in_layer", "guidance_in.in_layer"),
+              _linear("guidance_in/out_layer", "guidance_in.out_layer")]
+  norms = []
+  for i in range(cfg.depth):
+    for s in ("img", "txt"):
+      p, d = f"double_blocks.{i}.{s}", f"double_blocks/{i}/{s}"
+      rules += [_linear(f"{d}_mod/lin", f"{p}_mod.lin"),
+                _linear(f"{d}_attn/qkv", f"{p}_attn.qkv"),
+                _linear(f"{d}_attn/proj", f"{p}_attn.proj"),
+                _linear(f"{d}_mlp/fc1", f"{p}_mlp.0"), _linear(f"{d}_mlp/fc2", f"{p}_mlp.2")]
+      norms += [(f"{d}_attn/norm/{n}_norm/scale", f"{p}_attn.norm.{n}_norm.scale")
+                for n in ("query", "key")]
+  for i in range(cfg.depth_single_blocks):
+    p, d = f"single_blocks.{i}", f"single_blocks/{i}"
+    rules += [_linear(f"{d}/modulation/lin", f"{p}.modulation.lin"),
+              _linear(f"{d}/linear1", f"{p}.linear1"), _linear(f"{d}/linear2", f"{p}.linear2")]
+    norms += [(f"{d}/norm/{n}_norm/scale", f"{p}.norm.{n}_norm.scale") for n in ("query", "key")]
+  return rules, norms
+
+
+def _diffusers_rules(cfg: FluxConfig):
+  t = "time_text_embed"
+  rules = [_linear("img_in", "x_embedder"), _linear("txt_in", "context_embedder"),
+           _linear("time_in/in_layer", f"{t}.timestep_embedder.linear_1"),
+           _linear("time_in/out_layer", f"{t}.timestep_embedder.linear_2"),
+           _linear("vector_in/in_layer", f"{t}.text_embedder.linear_1"),
+           _linear("vector_in/out_layer", f"{t}.text_embedder.linear_2"),
+           _linear("final_layer/adaLN_modulation", "norm_out.linear", swap_halves=True),
+           _linear("final_layer/linear", "proj_out")]
+  if cfg.guidance_embed:
+    rules += [_linear("guidance_in/in_layer", f"{t}.guidance_embedder.linear_1"),
+              _linear("guidance_in/out_layer", f"{t}.guidance_embedder.linear_2")]
+  norms = []
+  for i in range(cfg.depth):
+    p, d = f"transformer_blocks.{i}", f"double_blocks/{i}"
+    rules += [
+        _linear(f"{d}/img_mod/lin", f"{p}.norm1.linear"),
+        _linear(f"{d}/txt_mod/lin", f"{p}.norm1_context.linear"),
+        _linear(f"{d}/img_attn/qkv", *(f"{p}.attn.to_{x}" for x in "qkv")),
+        _linear(f"{d}/txt_attn/qkv", *(f"{p}.attn.add_{x}_proj" for x in "qkv")),
+        _linear(f"{d}/img_attn/proj", f"{p}.attn.to_out.0"),
+        _linear(f"{d}/txt_attn/proj", f"{p}.attn.to_add_out"),
+        _linear(f"{d}/img_mlp/fc1", f"{p}.ff.net.0.proj"),
+        _linear(f"{d}/img_mlp/fc2", f"{p}.ff.net.2"),
+        _linear(f"{d}/txt_mlp/fc1", f"{p}.ff_context.net.0.proj"),
+        _linear(f"{d}/txt_mlp/fc2", f"{p}.ff_context.net.2")]
+    norms += [(f"{d}/img_attn/norm/query_norm/scale", f"{p}.attn.norm_q.weight"),
+              (f"{d}/img_attn/norm/key_norm/scale", f"{p}.attn.norm_k.weight"),
+              (f"{d}/txt_attn/norm/query_norm/scale", f"{p}.attn.norm_added_q.weight"),
+              (f"{d}/txt_attn/norm/key_norm/scale", f"{p}.attn.norm_added_k.weight")]
+  for i in range(cfg.depth_single_blocks):
+    p, d = f"single_transformer_blocks.{i}", f"single_blocks/{i}"
+    rules += [_linear(f"{d}/modulation/lin", f"{p}.norm.linear"),
+              _linear(f"{d}/linear1", *(f"{p}.attn.to_{x}" for x in "qkv"), f"{p}.proj_mlp"),
+              _linear(f"{d}/linear2", f"{p}.proj_out")]
+    norms += [(f"{d}/norm/query_norm/scale", f"{p}.attn.norm_q.weight"),
+              (f"{d}/norm/key_norm/scale", f"{p}.attn.norm_k.weight")]
+  return rules, norms
+
+
+NAMINGS: dict[str, Callable] = {"bfl": _bfl_rules, "diffusers": _diffusers_rules}
+
+
+def detect_naming(keys) -> str:
+  """'bfl' or 'diffusers' from a checkpoint's tensor names."""
+  keys = set(keys)
+  if any(k.startswith("double_blocks.") for k in keys):
+    return "bfl"
+  if any(k.startswith("transformer_blocks.") for k in keys):
+    return "diffusers"
+  raise ValueError("unknown FLUX checkpoint naming: expected 'double_blocks.*' (BFL) or "
+                   f"'transformer_blocks.*' (diffusers) keys; got e.g. {sorted(keys)[:5]}")
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(int(p) if p.isdigit() else p, {})
+  tree[leaf] = value
+
+
+def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,
+                           naming: str | None = None) -> dict:
+  """Builds the nested parameter dict of ``models.flux.Flux`` from torch tensors.
+
+  Args:
+    get: tensor name -> array (lets callers stream tensors from disk one at a time).
+    keys: every tensor name in the checkpoint.
+    cfg: the model config the checkpoint must match.
+    naming: 'bfl', 'diffusers', or None to detect it.
+
+  Returns:
+    {'img_in': {'kernel': [K, N], 'bias': [N]}, 'double_blocks': {0: {...}}, ...}, dtypes
+    kept as stored.
+
+  Raises:
+    ValueError: listing missing and unexpected tensor names.
+  """
+  keys = set(keys)
+  naming = naming or detect_naming(keys)
+  rules, norms = NAMINGS[naming](cfg)
+  wanted = {f"{s}.{p}" for _, srcs, _ in rules for s in srcs for p in ("weight", "bias")}
+  wanted |= {src for _, src in norms}
+  missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
+  if missing or unexpected:
+    raise ValueError(f"{naming} FLUX checkpoint does not match the config: "
+                     f"missing {len(missing)} tensors {missing[:20]}, "
+                     f"unexpected {len(unexpected)} tensors {unexpected[:20]}")
+  tree: dict = {}
+  for dst, srcs, swap in rules:
+    w = np.concatenate([get(f"{s}.weight") for s in srcs], axis=0)   # torch [out, in]
+    b = np.concatenate([get(f"{s}.bias") for s in srcs], axis=0)
+    if swap:
+      w, b = (np.concatenate(np.split(a, 2, axis=0)[::-1], axis=0) for a in (w, b))
+    _set(tree, f"{dst}/kernel", np.ascontiguousarray(w.T))
+    _set(tree, f"{dst}/bias", b)
+  for dst, src in norms:
+    _set(tree, dst, get(src))
+  return tree

@@ -1,0 +1,261 @@
+"""FLUX.1 transformer in Flax NNX (BFL layout: fused qkv, single-block linear1/linear2).
+
+Every linear layer is ``svdq_jax.layers.Linear``: its kernel may be a float [K, N] array or a
+``QuantizedLinear`` from ``svdq_jax.quantize``, so a quantized parameter tree runs in this code.
+Shapes: B batch, L_img image tokens (2x2 latent patches), L_txt text tokens, h hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from svdq_jax.layers import Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+  in_channels: int = 64           # 16 latent channels x 2x2 patch
+  out_channels: int = 64
+  vec_in_dim: int = 768           # CLIP pooled
+  context_in_dim: int = 4096      # T5 token embeddings
+  hidden_size: int = 3072
+  mlp_ratio: float = 4.0
+  num_heads: int = 24
+  depth: int = 19                 # double-stream blocks
+  depth_single_blocks: int = 38
+  axes_dim: tuple[int, ...] = (16, 56, 56)
+  theta: int = 10_000
+  guidance_embed: bool = True     # dev: True, schnell: False
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.hidden_size * self.mlp_ratio)
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+    if sum(self.axes_dim) != self.head_dim:
+      raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+
+
+FLUX_DEV = FluxConfig()
+FLUX_SCHNELL = FluxConfig(guidance_embed=False)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of t [B] (scaled by 1000) -> f32 [B, dim] as [cos, sin]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope(ids: jax.Array, axes_dim: tuple[int, ...], theta: int) -> tuple[jax.Array, jax.Array]:
+  """Position ids [L, n_axes] -> (cos, sin) f32 [L, head_dim // 2], one frequency per pair."""
+  cos, sin = [], []
+  for i, d in enumerate(axes_dim):
+    freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = ids[:, i].astype(jnp.float32)[:, None] * freqs[None]
+    cos.append(jnp.cos(angles))
+    sin.append(jnp.sin(angles))
+  return jnp.concatenate(cos, -1), jnp.concatenate(sin, -1)
+
+
+def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates consecutive pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the position angles."""
+  cos, sin = (p[None, :, None, :] for p in pe)
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  re, im = xf[..., 0], xf[..., 1]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters, computed in f32."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class MLPEmbedder(nnx.Module):
+  def __init__(self, in_dim: int, hidden: int, rngs: nnx.Rngs):
+    self.in_layer = Linear(in_dim, hidden, rngs=rngs)
+    self.out_layer = Linear(hidden, hidden, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class QKNorm(nnx.Module):
+  def __init__(self, head_dim: int):
+    self.query_norm = RMSNorm(head_dim)
+    self.key_norm = RMSNorm(head_dim)
+
+
+def attention(q, k, v, pe):
+  """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v."""
+  q, k = apply_rope(q, pe), apply_rope(k, pe)
+  out = jax.nn.dot_product_attention(q, k, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def split_heads(x, num_heads):
+  """[B, L, 3h] -> three [B, L, H, D]."""
+  q, k, v = jnp.split(x, 3, axis=-1)
+  return tuple(t.reshape(*t.shape[:2], num_heads, -1) for t in (q, k, v))
+
+
+class Modulation(nnx.Module):
+  """SiLU(vec) -> chunks of (shift, scale, gate), one set (single) or two (double)."""
+
+  def __init__(self, hidden: int, sets: int, rngs: nnx.Rngs):
+    self.lin = Linear(hidden, 3 * sets * hidden, rngs=rngs)
+    self.sets = sets
+
+  def __call__(self, vec):
+    out = self.lin(jax.nn.silu(vec))[:, None, :]
+    return jnp.split(out, 3 * self.sets, axis=-1)
+
+
+class StreamAttention(nnx.Module):
+  """The attention projections of one stream of a double block."""
+
+  def __init__(self, hidden: int, head_dim: int, rngs: nnx.Rngs):
+    self.qkv = Linear(hidden, 3 * hidden, rngs=rngs)
+    self.norm = QKNorm(head_dim)
+    self.proj = Linear(hidden, hidden, rngs=rngs)
+
+
+class StreamMLP(nnx.Module):
+  def __init__(self, hidden: int, mlp_dim: int, rngs: nnx.Rngs):
+    self.fc1 = Linear(hidden, mlp_dim, rngs=rngs)
+    self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class DoubleStreamBlock(nnx.Module):
+  """Image and text streams with their own weights, joint attention over [txt, img]."""
+
+  def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
+    h = cfg.hidden_size
+    self.num_heads = cfg.num_heads
+    self.img_mod = Modulation(h, 2, rngs)
+    self.img_attn = StreamAttention(h, cfg.head_dim, rngs)
+    self.img_mlp = StreamMLP(h, cfg.mlp_dim, rngs)
+    self.txt_mod = Modulation(h, 2, rngs)
+    self.txt_attn = StreamAttention(h, cfg.head_dim, rngs)
+    self.txt_mlp = StreamMLP(h, cfg.mlp_dim, rngs)
+
+  def _qkv(self, x, mod, attn):
+    shift, scale = mod[0], mod[1]
+    q, k, v = split_heads(attn.qkv((1 + scale) * layer_norm(x) + shift), self.num_heads)
+    return attn.norm.query_norm(q), attn.norm.key_norm(k), v
+
+  def __call__(self, img, txt, vec, pe):
+    img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+    iq, ik, iv = self._qkv(img, img_mod, self.img_attn)
+    tq, tk, tv = self._qkv(txt, txt_mod, self.txt_attn)
+    joint = attention(*(jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv))), pe)
+    txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
+    img = img + img_mod[2] * self.img_attn.proj(img_out)
+    img = img + img_mod[5] * self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3])
+    txt = txt + txt_mod[2] * self.txt_attn.proj(txt_out)
+    txt = txt + txt_mod[5] * self.txt_mlp((1 + txt_mod[4]) * layer_norm(txt) + txt_mod[3])
+    return img, txt
+
+
+class SingleStreamBlock(nnx.Module):
+  """One stream over [txt, img]: attention and MLP side by side (linear1 -> qkv | mlp)."""
+
+  def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
+    h = cfg.hidden_size
+    self.num_heads, self.hidden = cfg.num_heads, h
+    self.modulation = Modulation(h, 1, rngs)
+    self.linear1 = Linear(h, 3 * h + cfg.mlp_dim, rngs=rngs)
+    self.linear2 = Linear(h + cfg.mlp_dim, h, rngs=rngs)
+    self.norm = QKNorm(cfg.head_dim)
+
+  def __call__(self, x, vec, pe):
+    shift, scale, gate = self.modulation(vec)
+    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift)
+    qkv, mlp = qkv_mlp[..., :3 * self.hidden], qkv_mlp[..., 3 * self.hidden:]
+    q, k, v = split_heads(qkv, self.num_heads)
+    attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
+    out = self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1))
+    return x + gate * out
+
+
+class LastLayer(nnx.Module):
+  def __init__(self, hidden: int, out_dim: int, rngs: nnx.Rngs):
+    self.adaLN_modulation = Linear(hidden, 2 * hidden, rngs=rngs)
+    self.linear = Linear(hidden, out_dim, rngs=rngs)
+
+  def __call__(self, x, vec):
+    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(vec))[:, None, :], 2, axis=-1)
+    return self.linear((1 + scale) * layer_norm(x) + shift)
+
+
+class Flux(nnx.Module):
+  """The FLUX.1 transformer: predicts the flow velocity of packed image latents."""
+
+  def __init__(self, cfg: FluxConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h = cfg.hidden_size
+    self.img_in = Linear(cfg.in_channels, h, rngs=rngs)
+    self.time_in = MLPEmbedder(256, h, rngs)
+    self.vector_in = MLPEmbedder(cfg.vec_in_dim, h, rngs)
+    self.guidance_in = MLPEmbedder(256, h, rngs) if cfg.guidance_embed else None
+    self.txt_in = Linear(cfg.context_in_dim, h, rngs=rngs)
+    self.double_blocks = nnx.List([DoubleStreamBlock(cfg, rngs) for _ in range(cfg.depth)])
+    self.single_blocks = nnx.List(
+        [SingleStreamBlock(cfg, rngs) for _ in range(cfg.depth_single_blocks)])
+    self.final_layer = LastLayer(h, cfg.out_channels, rngs)
+
+  def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+    """
+    Args:
+      img: [B, L_img, in_channels] packed latents. img_ids: [L_img, 3] positions.
+      txt: [B, L_txt, context_in_dim] T5 embeddings. txt_ids: [L_txt, 3] (zeros).
+      timesteps: [B] in [0, 1]. y: [B, vec_in_dim] CLIP pooled. guidance: [B] (dev only).
+    Returns:
+      [B, L_img, out_channels].
+    """
+    cfg = self.cfg
+    img = self.img_in(img)
+    vec = self.time_in(timestep_embedding(timesteps, 256).astype(img.dtype))
+    if cfg.guidance_embed:
+      if guidance is None:
+        raise ValueError("this FLUX config embeds guidance (dev): pass guidance=[B] values")
+      vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(img.dtype))
+    vec = vec + self.vector_in(y)
+    txt = self.txt_in(txt)
+    pe = rope(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dim, cfg.theta)
+    for block in self.double_blocks:
+      img, txt = block(img, txt, vec, pe)
+    x = jnp.concatenate([txt, img], axis=1)
+    for block in self.single_blocks:
+      x = block(x, vec, pe)
+    return self.final_layer(x[:, txt.shape[1]:], vec)
