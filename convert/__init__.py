@@ -1,5 +1,8 @@
 """PyTorch FLUX checkpoints (BFL or diffusers naming) into Flax trees (``svdq_jax.convert``)."""
 
-from svdq_jax.convert.mapping import detect_naming, flux_params_from_torch
+from svdq_jax.convert.checkpoint import SafetensorsSource, restore_tree, save_tree
+from svdq_jax.convert.convert import convert, load_flux
+from svdq_jax.convert.mapping import detect_naming, flux_params_from_torch, infer_config
 
-__all__ = ["detect_naming", "flux_params_from_torch"]
+__all__ = ["SafetensorsSource", "convert", "detect_naming", "flux_params_from_torch",
+           "infer_config", "load_flux", "restore_tree", "save_tree"]

@@ -151,3 +151,52 @@ def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConf
   for dst, src in norms:
     _set(tree, dst, get(src))
   return tree
+
+
+_SHAPE_KEYS = {  # what to read each config field from, per naming
+    "bfl": dict(embed="img_in.weight", txt="txt_in.weight", vec="vector_in.in_layer.weight",
+                out="final_layer.linear.weight", guidance="guidance_in.in_layer.weight",
+                double=r"double_blocks.", single=r"single_blocks.",
+                qnorm="{b}.norm.query_norm.scale", linear2="single_blocks.0.linear2.weight"),
+    "diffusers": dict(embed="x_embedder.weight", txt="context_embedder.weight",
+                      vec="time_text_embed.text_embedder.linear_1.weight",
+                      out="proj_out.weight",
+                      guidance="time_text_embed.guidance_embedder.linear_1.weight",
+                      double="transformer_blocks.", single="single_transformer_blocks.",
+                      qnorm="{b}.attn.norm_q.weight",
+                      linear2="single_transformer_blocks.0.proj_out.weight"),
+}
+
+
+def infer_config(keys, shape: Callable[[str], tuple], naming: str | None = None,
+                 axes_dim: tuple[int, ...] | None = None) -> FluxConfig:
+  """The FluxConfig a checkpoint holds, from its tensor names and shapes.
+
+  ``axes_dim`` (RoPE split of the head dim) is not stored in checkpoints: FLUX.1's
+  (16, 56, 56) is assumed for head dim 128; other head dims must pass it.
+  """
+  keys = set(keys)
+  naming = naming or detect_naming(keys)
+  k = _SHAPE_KEYS[naming]
+  need = [k["embed"], k["txt"], k["vec"], k["out"]]
+  absent = [n for n in need if n not in keys]
+  if absent:
+    raise ValueError(f"{naming} FLUX checkpoint lacks {absent}: cannot infer its config")
+
+  def count(prefix):
+    return len({n[len(prefix):].split(".")[0] for n in keys if n.startswith(prefix)})
+
+  depth, single = count(k["double"]), count(k["single"])
+  hidden, in_ch = shape(k["embed"])
+  block = (f"{k['double']}0" if depth else f"{k['single']}0").rstrip(".")
+  head_dim = shape(k["qnorm"].format(b=block))[0]
+  mlp_dim = (shape(k["linear2"])[1] - hidden) if single else 4 * hidden
+  if axes_dim is None:
+    if head_dim != 128:
+      raise ValueError(f"head dim {head_dim}: pass axes_dim (FLUX.1's (16, 56, 56) needs 128)")
+    axes_dim = (16, 56, 56)
+  return FluxConfig(in_channels=in_ch, out_channels=shape(k["out"])[0],
+                    vec_in_dim=shape(k["vec"])[1], context_in_dim=shape(k["txt"])[1],
+                    hidden_size=hidden, mlp_ratio=mlp_dim / hidden, num_heads=hidden // head_dim,
+                    depth=depth, depth_single_blocks=single, axes_dim=tuple(axes_dim),
+                    guidance_embed=k["guidance"] in keys)

@@ -30,6 +30,21 @@ def _example(args) -> int:
   return 0
 
 
+def _convert(args) -> int:
+  from svdq_jax.convert import convert
+
+  axes = tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
+  try:
+    cfg = convert(args.src, args.dst, naming=args.naming, axes_dim=axes,
+                  overwrite=args.overwrite, progress=not args.quiet)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"svdq-jax convert: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.dst}: FLUX depth {cfg.depth}+{cfg.depth_single_blocks}, hidden "
+        f"{cfg.hidden_size}, guidance {'yes' if cfg.guidance_embed else 'no'}")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="svdq-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +60,19 @@ def main(argv=None) -> int:
   ex.add_argument("--out", default="out/example", help="folder for the table files ('' for none)")
   ex.add_argument("--quiet", action="store_true", help="no progress bars")
   ex.set_defaults(func=_example)
+  cv = sub.add_parser("convert", help="convert a PyTorch FLUX transformer checkpoint "
+                      "(.safetensors, sharded .index.json, or a folder; BFL or diffusers "
+                      "naming) into an orbax checkpoint")
+  cv.add_argument("src")
+  cv.add_argument("dst")
+  cv.add_argument("--naming", choices=["bfl", "diffusers"], default=None,
+                  help="tensor naming (default: detected)")
+  cv.add_argument("--axes-dim", default=None,
+                  help="RoPE axes split of the head dim, e.g. 16,56,56 (FLUX.1, the default "
+                       "for head dim 128)")
+  cv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  cv.add_argument("--quiet", action="store_true", help="no progress bar")
+  cv.set_defaults(func=_convert)
   args = parser.parse_args(argv)
   return args.func(args)
 

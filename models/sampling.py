@@ -1,0 +1,119 @@
+"""FLUX rectified-flow sampling: latent packing, position ids, shifted schedule, Euler loop.
+
+Latents are [B, 16, H/8, W/8] (AE space); the transformer sees them packed into 2x2 patches,
+[B, (H/16)(W/16), 64], with position ids (0, row, col). Text tokens have zero ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+AE_SHIFT, AE_SCALE = 0.1159, 0.3611  # z = (z - shift) * scale between AE and transformer
+
+
+def pack_latents(z: jax.Array) -> jax.Array:
+  """[B, C, H, W] -> [B, (H/2)(W/2), C*4], each token a 2x2 patch (c, ph, pw order)."""
+  b, c, h, w = z.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"latent height and width must be even, got {h}x{w}")
+  z = z.reshape(b, c, h // 2, 2, w // 2, 2)
+  return z.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Inverse of pack_latents for latents of height x width: -> [B, C, height, width]."""
+  b, _, d = x.shape
+  c = d // 4
+  x = x.reshape(b, height // 2, width // 2, c, 2, 2)
+  return x.transpose(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def image_ids(height: int, width: int) -> jax.Array:
+  """Position ids [(height/2)(width/2), 3] = (0, row, col) of the packed latent tokens."""
+  rows, cols = jnp.meshgrid(jnp.arange(height // 2), jnp.arange(width // 2), indexing="ij")
+  return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
+
+
+def time_shift(mu: float, t: np.ndarray) -> np.ndarray:
+  """t' = e^mu / (e^mu + (1/t - 1)); t = 0 stays 0."""
+  with np.errstate(divide="ignore"):
+    return np.where(t > 0, math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)), 0.0)
+
+
+def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True,
+             base_shift: float = 0.5, max_shift: float = 1.15) -> np.ndarray:
+  """f32 [num_steps + 1] sigmas from 1 to 0; dev shifts them by a mu linear in the image
+  token count, from (256 tokens, base_shift) to (4096 tokens, max_shift); schnell does not."""
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  t = np.linspace(1.0, 0.0, num_steps + 1)
+  if shift:
+    slope = (max_shift - base_shift) / (4096 - 256)
+    t = time_shift(base_shift + slope * (image_seq_len - 256), t)
+  return t.astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "progress"))
+def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progress=False):
+  model = nnx.merge(graph, state)
+  batch = img.shape[0]
+
+  def step(i, x):
+    t, t_next = sigmas[i], sigmas[i + 1]
+    v = model(x, img_ids, txt, txt_ids, jnp.full((batch,), t, x.dtype), y, guidance)
+    if progress:
+      jax.debug.callback(_tick, i)
+    return x + (t_next - t).astype(x.dtype) * v
+
+  return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)
+
+
+# The progress bar lives at module level: a jitted callback cannot close over a new bar per
+# call (the traced function, and what it closes over, is cached).
+_bar = None
+
+
+def _tick(i):
+  if _bar is not None:
+    _bar.update(1)
+
+
+def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,
+           y: jax.Array, sigmas, guidance: float | None = None, progress: bool = False
+           ) -> jax.Array:
+  """Euler integration of the flow from noise (sigma 1) to a clean latent (sigma 0).
+
+  Args:
+    model: ``models.flux.Flux`` (float or quantized parameters).
+    noise: [B, 16, h, w] Gaussian latents (h, w = image size / 8).
+    txt, txt_ids, y: text conditioning (T5 embeddings [B, L, 4096], zeros [L, 3], CLIP
+      pooled [B, 768]).
+    sigmas: [steps + 1] from ``schedule``.
+    guidance: guidance scale for dev models (distilled: one pass, no CFG); None for schnell.
+    progress: show a progress bar over steps.
+
+  Returns:
+    [B, 16, h, w] latents (unpacked, in transformer space; see AE_SHIFT / AE_SCALE).
+  """
+  global _bar
+  b, _, h, w = noise.shape
+  g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
+  graph, state = nnx.split(model)
+  _bar = tqdm(total=len(sigmas) - 1, desc="sampling") if progress else None
+  try:
+    x = _euler(graph, state, pack_latents(noise), image_ids(h, w), txt, txt_ids, y,
+               jnp.asarray(sigmas, jnp.float32), g, progress=progress)
+    x = jax.block_until_ready(x)
+    jax.effects_barrier()
+  finally:
+    if _bar is not None:
+      _bar.close()
+    _bar = None
+  return unpack_latents(x, h, w)
