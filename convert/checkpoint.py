@@ -43,23 +43,19 @@ class SafetensorsSource(contextlib.AbstractContextManager):
     else:
       self._shard_of = None
       self._single = path
-    self._files = {}
-    try:
-      for shard in self.shards():
-        handle = safe_open(str(shard), framework="np")
-        self._files[shard] = handle
-    except SafetensorError as e:
-      self.close()
-      raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
-    except FileNotFoundError:
-      self.close()
-      raise FileNotFoundError(f"shard listed in the index is missing: {shard}") from None
+    # Shapes are read once; tensors are read with the file opened (memory-mapped) only for
+    # the read, so no page of the checkpoint stays resident after its tensor is copied.
+    self._shapes = {}
+    for shard in self.shards():
+      with self._open(shard) as f:
+        for name in f.keys():
+          self._shapes[name] = tuple(f.get_slice(name).get_shape())
     if self._shard_of is None:
-      self._shard_of = {k: path for k in self._files[path].keys()}
+      self._shard_of = {k: path for k in self._shapes}
     else:
-      for name, shard in self._shard_of.items():
-        if name not in self._files[shard].keys():
-          raise ValueError(f"{shard}: the index lists tensor {name!r}, the shard lacks it")
+      lacking = sorted(set(self._shard_of) - set(self._shapes))
+      if lacking:
+        raise ValueError(f"{path}: the index lists tensors no shard holds: {lacking[:20]}")
 
   def shards(self) -> list[pathlib.Path]:
     return sorted(set(self._shard_of.values())) if self._shard_of else [self._single]
@@ -67,21 +63,30 @@ class SafetensorsSource(contextlib.AbstractContextManager):
   def keys(self) -> list[str]:
     return sorted(self._shard_of)
 
+  @staticmethod
+  def _open(shard: pathlib.Path):
+    if not shard.exists():
+      raise FileNotFoundError(f"checkpoint shard is missing: {shard}")
+    try:
+      return safe_open(str(shard), framework="np")
+    except SafetensorError as e:
+      raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
+
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._files[self._shard_of[name]].get_slice(name).get_shape())
+    return self._shapes[name]
 
   def get(self, name: str) -> np.ndarray:
+    """The tensor ``name`` as a numpy array in its stored dtype (bf16 via ml_dtypes)."""
+    shard = self._shard_of[name]
     try:
-      return self._files[self._shard_of[name]].get_tensor(name)
+      with self._open(shard) as f:
+        return f.get_tensor(name)
     except SafetensorError as e:
-      raise ValueError(f"{self._shard_of[name]}: cannot read tensor {name!r} "
+      raise ValueError(f"{shard}: cannot read tensor {name!r} "
                        f"(truncated or corrupt file?): {e}") from None
 
-  def close(self) -> None:
-    self._files.clear()
-
   def __exit__(self, *exc) -> None:
-    self.close()
+    return None
 
 
 @contextlib.contextmanager
@@ -108,10 +113,12 @@ def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
               extra: dict[str, str] | None = None) -> None:
   """Saves a pytree (float params or a quantized tree) as an orbax checkpoint at ``dst``,
   with ``extra`` text files beside it; all or nothing."""
+  # Synchronous, at most 1 GB being written at a time: the host copy orbax makes of each
+  # array while writing stays small next to the tree itself.
+  handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
   with atomic_directory(dst, overwrite) as tmp:
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(tmp / "params", tree)
-      ckpt.wait_until_finished()
+    with ocp.Checkpointer(handler) as ckpt:
+      ckpt.save(tmp / "params", args=ocp.args.StandardSave(tree))
     for name, text in (extra or {}).items():
       (tmp / name).write_text(text)
 

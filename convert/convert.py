@@ -41,7 +41,9 @@ def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bo
   """Converts a BFL- or diffusers-format FLUX transformer checkpoint into ``dst``.
 
   ``dst`` gets ``params`` (orbax, dtypes as stored) and ``config.json``. Nothing is left at
-  ``dst`` if anything fails; an existing ``dst`` is refused unless ``overwrite``.
+  ``dst`` if anything fails; an existing ``dst`` is refused unless ``overwrite``. Tensors
+  are read one at a time: peak host memory is about the output tree plus one layer plus
+  orbax's write buffer (docs/convert.md has a measurement).
   """
   dst = pathlib.Path(dst)
   if dst.exists() and not overwrite:
@@ -56,8 +58,11 @@ def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bo
       bar.update(1)
       return source.get(name)
 
+    # Host (CPU) jax arrays: orbax writes them without another full copy of the tree.
+    cpu = jax.devices("cpu")[0]
     try:
-      tree = flux_params_from_torch(get, keys, cfg, naming)
+      tree = flux_params_from_torch(get, keys, cfg, naming,
+                                    put=lambda x: jax.device_put(x, cpu))
     finally:
       bar.close()
   check_shapes(tree, cfg)

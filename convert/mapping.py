@@ -114,7 +114,8 @@ def _set(tree: dict, path: str, value) -> None:
 
 
 def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,
-                           naming: str | None = None) -> dict:
+                           naming: str | None = None,
+                           put: Callable[[np.ndarray], object] = lambda x: x) -> dict:
   """Builds the nested parameter dict of ``models.flux.Flux`` from torch tensors.
 
   Args:
@@ -122,6 +123,8 @@ def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConf
     keys: every tensor name in the checkpoint.
     cfg: the model config the checkpoint must match.
     naming: 'bfl', 'diffusers', or None to detect it.
+    put: applied to each finished parameter (e.g. ``jax.device_put``), so that the numpy
+      temporaries of one layer are freed before the next is read.
 
   Returns:
     {'img_in': {'kernel': [K, N], 'bias': [N]}, 'double_blocks': {0: {...}}, ...}, dtypes
@@ -146,24 +149,27 @@ def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConf
     b = np.concatenate([get(f"{s}.bias") for s in srcs], axis=0)
     if swap:
       w, b = (np.concatenate(np.split(a, 2, axis=0)[::-1], axis=0) for a in (w, b))
-    _set(tree, f"{dst}/kernel", np.ascontiguousarray(w.T))
-    _set(tree, f"{dst}/bias", b)
+    _set(tree, f"{dst}/kernel", put(np.ascontiguousarray(w.T)))
+    _set(tree, f"{dst}/bias", put(b))
   for dst, src in norms:
-    _set(tree, dst, get(src))
+    _set(tree, dst, put(get(src)))
   return tree
 
 
 _SHAPE_KEYS = {  # what to read each config field from, per naming
     "bfl": dict(embed="img_in.weight", txt="txt_in.weight", vec="vector_in.in_layer.weight",
                 out="final_layer.linear.weight", guidance="guidance_in.in_layer.weight",
-                double=r"double_blocks.", single=r"single_blocks.",
-                qnorm="{b}.norm.query_norm.scale", linear2="single_blocks.0.linear2.weight"),
+                double="double_blocks.", single="single_blocks.",
+                qnorm_double="double_blocks.0.img_attn.norm.query_norm.scale",
+                qnorm_single="single_blocks.0.norm.query_norm.scale",
+                linear2="single_blocks.0.linear2.weight"),
     "diffusers": dict(embed="x_embedder.weight", txt="context_embedder.weight",
                       vec="time_text_embed.text_embedder.linear_1.weight",
                       out="proj_out.weight",
                       guidance="time_text_embed.guidance_embedder.linear_1.weight",
                       double="transformer_blocks.", single="single_transformer_blocks.",
-                      qnorm="{b}.attn.norm_q.weight",
+                      qnorm_double="transformer_blocks.0.attn.norm_q.weight",
+                      qnorm_single="single_transformer_blocks.0.attn.norm_q.weight",
                       linear2="single_transformer_blocks.0.proj_out.weight"),
 }
 
@@ -188,8 +194,7 @@ def infer_config(keys, shape: Callable[[str], tuple], naming: str | None = None,
 
   depth, single = count(k["double"]), count(k["single"])
   hidden, in_ch = shape(k["embed"])
-  block = (f"{k['double']}0" if depth else f"{k['single']}0").rstrip(".")
-  head_dim = shape(k["qnorm"].format(b=block))[0]
+  head_dim = shape(k["qnorm_double"] if depth else k["qnorm_single"])[0]
   mlp_dim = (shape(k["linear2"])[1] - hidden) if single else 4 * hidden
   if axes_dim is None:
     if head_dim != 128:

@@ -1,7 +1,6 @@
 """Checkpoint conversion: safetensors (single, sharded, bf16) -> orbax -> model; bad input."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,8 @@ import svdq_jax
 from svdq_jax import cli
 from svdq_jax.convert import convert, load_flux, restore_tree, save_tree
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+from flux_helpers import GOLDEN, bfl_checkpoint, load_model
+
 DEV = GOLDEN / "flux_dev_tiny.safetensors"
 AXES = (8, 12, 12)
 
@@ -31,6 +31,15 @@ def test_convert_then_load_matches_diffusers(tmp_path):
   cfg = convert(DEV, tmp_path / "ckpt", axes_dim=AXES, progress=False)
   assert cfg.depth == 2 and cfg.depth_single_blocks == 2 and cfg.guidance_embed
   assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["hidden_size"] == 64
+  out, ref = _run(load_flux(tmp_path / "ckpt"), "flux_dev_tiny")
+  assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_bfl_checkpoint_converts_to_the_same_model(tmp_path):
+  model, _, _, _ = load_model("flux_dev_tiny")
+  save_file(bfl_checkpoint(nnx.to_pure_dict(nnx.state(model))), tmp_path / "bfl.safetensors")
+  cfg = convert(tmp_path / "bfl.safetensors", tmp_path / "ckpt", axes_dim=AXES, progress=False)
+  assert cfg.depth == 2 and cfg.guidance_embed
   out, ref = _run(load_flux(tmp_path / "ckpt"), "flux_dev_tiny")
   assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
 
