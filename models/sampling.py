@@ -41,6 +41,13 @@ def image_ids(height: int, width: int) -> jax.Array:
   return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
 
 
+def initial_noise(seed: int, batch: int, height: int, width: int) -> jax.Array:
+  """Gaussian latents [batch, 16, 2*ceil(height/16), 2*ceil(width/16)] for an image of
+  height x width pixels, determined by ``seed``."""
+  shape = (batch, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
 def time_shift(mu: float, t: np.ndarray) -> np.ndarray:
   """t' = e^mu / (e^mu + (1/t - 1)); t = 0 stays 0."""
   with np.errstate(divide="ignore"):
@@ -103,7 +110,10 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
     [B, 16, h, w] latents (unpacked, in transformer space; see AE_SHIFT / AE_SCALE).
   """
   global _bar
-  b, _, h, w = noise.shape
+  b, c, h, w = noise.shape
+  if 4 * c != model.cfg.in_channels:
+    raise ValueError(f"noise has {c} latent channels; the model takes {model.cfg.in_channels}"
+                     f" features per token = 4 x {model.cfg.in_channels // 4} channels")
   g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
   graph, state = nnx.split(model)
   _bar = tqdm(total=len(sigmas) - 1, desc="sampling") if progress else None

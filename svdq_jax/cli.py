@@ -45,6 +45,38 @@ def _convert(args) -> int:
   return 0
 
 
+def _sample(args) -> int:
+  import jax.numpy as jnp
+  import numpy as np
+
+  from svdq_jax.convert import load_flux
+  from svdq_jax.models import sampling
+
+  try:
+    model = load_flux(args.checkpoint)
+    cond = np.load(args.text)
+    txt, y = jnp.asarray(cond["t5"]), jnp.asarray(cond["clip_pooled"])
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    print(f"svdq-jax sample: error: {e}", file=sys.stderr)
+    return 2
+  if txt.ndim != 3 or y.ndim != 2 or txt.shape[0] != y.shape[0]:
+    print(f"svdq-jax sample: error: expected t5 [B, L, D] and clip_pooled [B, D], got "
+          f"{txt.shape} and {y.shape}", file=sys.stderr)
+    return 2
+  cfg = model.cfg
+  noise = sampling.initial_noise(args.seed, txt.shape[0], args.height, args.width)
+  steps = args.steps or (28 if cfg.guidance_embed else 4)
+  sigmas = sampling.schedule(steps, (noise.shape[2] // 2) * (noise.shape[3] // 2),
+                             shift=cfg.guidance_embed)
+  latents = sampling.sample(model, noise, txt, jnp.zeros((txt.shape[1], 3)), y, sigmas,
+                            guidance=args.guidance if cfg.guidance_embed else None,
+                            progress=not args.quiet)
+  np.save(args.out, np.asarray(latents))
+  print(f"wrote {args.out}: latents {latents.shape} (transformer space; decode with the "
+        f"FLUX VAE after z / {sampling.AE_SCALE} + {sampling.AE_SHIFT})")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="svdq-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +105,18 @@ def main(argv=None) -> int:
   cv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   cv.add_argument("--quiet", action="store_true", help="no progress bar")
   cv.set_defaults(func=_convert)
+  sm = sub.add_parser("sample", help="sample latents from a converted FLUX checkpoint with "
+                      "precomputed text embeddings (jitted Euler loop)")
+  sm.add_argument("checkpoint", help="folder written by `svdq-jax convert`")
+  sm.add_argument("text", help=".npz with t5 [B, L, 4096] and clip_pooled [B, 768]")
+  sm.add_argument("--out", default="latents.npy")
+  sm.add_argument("--height", type=int, default=1024)
+  sm.add_argument("--width", type=int, default=1024)
+  sm.add_argument("--steps", type=int, default=None, help="default 28 (dev) / 4 (schnell)")
+  sm.add_argument("--guidance", type=float, default=3.5, help="dev only")
+  sm.add_argument("--seed", type=int, default=0)
+  sm.add_argument("--quiet", action="store_true")
+  sm.set_defaults(func=_sample)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -14,6 +14,8 @@ import svdq_jax
 from svdq_jax import cli
 from svdq_jax.convert import convert, load_flux, restore_tree, save_tree
 
+from svdq_jax.models.flux import Flux, FluxConfig
+
 from flux_helpers import GOLDEN, bfl_checkpoint, load_model
 
 DEV = GOLDEN / "flux_dev_tiny.safetensors"
@@ -124,3 +126,28 @@ def test_quantized_tree_orbax_round_trip(tmp_path):
 def load_flux_from_golden(tmp_path):
   convert(DEV, tmp_path / "base", axes_dim=AXES, progress=False)
   return load_flux(tmp_path / "base")
+
+
+def test_cli_sample_is_deterministic(tmp_path, capsys):
+  cfg = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=32,
+                   hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=AXES)
+  state = nnx.to_pure_dict(nnx.state(Flux(cfg, nnx.Rngs(0))))
+  save_file(bfl_checkpoint(state), tmp_path / "model.safetensors")
+  convert(tmp_path / "model.safetensors", tmp_path / "ckpt", axes_dim=AXES, progress=False)
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "text.npz", t5=rng.standard_normal((1, 5, 32)).astype(np.float32),
+           clip_pooled=rng.standard_normal((1, 24)).astype(np.float32))
+  outs = []
+  for name in ("a.npy", "b.npy"):
+    assert cli.main(["sample", str(tmp_path / "ckpt"), str(tmp_path / "text.npz"), "--out",
+                     str(tmp_path / name), "--height", "64", "--width", "48", "--steps", "2",
+                     "--seed", "7"]) == 0
+    outs.append(np.load(tmp_path / name))
+  assert outs[0].shape == (1, 16, 8, 6) and np.isfinite(outs[0]).all()
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert cli.main(["sample", str(tmp_path / "missing"), str(tmp_path / "text.npz")]) == 2
+  with pytest.raises(ValueError, match="noise has 16 latent channels; the model takes 16"):
+    from svdq_jax.models import sampling
+    sampling.sample(load_flux_from_golden(tmp_path / "g"), jnp.zeros((1, 16, 4, 4)),
+                    jnp.zeros((1, 5, 32)), jnp.zeros((5, 3)), jnp.zeros((1, 24)),
+                    sampling.schedule(1, 4), guidance=3.5)
