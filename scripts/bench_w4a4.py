@@ -20,8 +20,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import w4a4
 from svdq_jax.qlinear import QuantizedLinear
+from svdq_jax.timing import median_seconds
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, groups_per_step)
@@ -42,17 +41,6 @@ GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, groups_per_step)
 ACT_CONFIGS = [(64, 4), (32, 4), (16, 4), (16, 2), (16, 1), (32, 2)]  # (block_m, num_warps)
 
 
-def bench(fn, *args, reps=10, rounds=5) -> float:
-  """Median seconds per call: ``reps`` back-to-back launches per round, synchronized."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
 
 
 def make_layer(k, n, rank, key):
@@ -124,7 +112,7 @@ def run_shape(m, k, n, rank, cfg, act_cfg, key, interpret, full):
   }
   if full:
     fns["unfused_jnp"] = (jax.jit(qlinear.reference_apply), (layer, x))
-  times = {name: bench(f, *a) for name, (f, a) in fns.items()}
+  times = {name: median_seconds(f, *a) for name, (f, a) in fns.items()}
   return layer, x, times
 
 
@@ -205,8 +193,8 @@ def main():
       q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
       kw = config_kwargs(cfg, interpret)
       f = jax.jit(lambda *a, kw=kw: w4a4.w4a4_gemm(*a, **kw))
-      cfg_times[cfg] = bench(f, q, s, layer.qweight, layer.wscale, lr, layer.lora_up,
-                             layer.bias)
+      cfg_times[cfg] = median_seconds(f, q, s, layer.qweight, layer.wscale, lr,
+                                      layer.lora_up, layer.bias)
       say(f"gemm config {cfg}: {cfg_times[cfg] * 1e3:.3f} ms "
           f"({flops(m, k0, n0) / cfg_times[cfg] / 1e12:.0f} TOP/s)")
     except Exception as e:  # a config the compiler rejects (shared memory, registers)
@@ -219,7 +207,7 @@ def main():
   for mode in ("int_only", "no_unpack", "int8_k64"):
     try:
       f = jax.jit(functools.partial(diagnostic, mode, cfg=best, interpret=interpret))
-      diag_ms[mode] = bench(f, q, layer.qweight) * 1e3
+      diag_ms[mode] = median_seconds(f, q, layer.qweight) * 1e3
     except Exception as e:
       say(f"diagnostic {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
   for mode, ms in diag_ms.items():
@@ -232,7 +220,7 @@ def main():
     try:
       f = jax.jit(lambda *a, bm=bm, nw=nw: w4a4.quantize_act(
           *a, block_m=bm, num_warps=nw, interpret=interpret))
-      act_times[(bm, nw)] = bench(f, x, layer.smooth, layer.lora_down)
+      act_times[(bm, nw)] = median_seconds(f, x, layer.smooth, layer.lora_down)
       say(f"act config {(bm, nw)}: {act_times[(bm, nw)] * 1e3:.3f} ms")
     except Exception as e:
       say(f"act config {(bm, nw)}: failed: {type(e).__name__}: {str(e)[:200]}")

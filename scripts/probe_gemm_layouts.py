@@ -11,13 +11,12 @@ per group ('scaled' variants also apply a per-group f32 rescale like the real ke
 """
 
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from svdq_jax.timing import median_seconds
 
 
 def unpack(b):
@@ -80,16 +79,6 @@ def call(variant, scaled, a, sa, w, sw, bm, bn, nw, ns):
       compiler_params=plgpu.CompilerParams(num_warps=nw, num_stages=ns))(a, sa, w, sw)
 
 
-def bench(f, *args, reps=10, rounds=5):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = f(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / reps)
-  return statistics.median(ts)
 
 
 def main():
@@ -107,16 +96,18 @@ def main():
   configs = [(64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 256, 8, 3),
              (128, 256, 8, 3)]
   rows = []
-  xla = bench(jax.jit(lambda x, y: x @ y), jax.random.normal(ks[0], (m, k), jnp.bfloat16),
-              jax.random.normal(ks[1], (k, n), jnp.bfloat16))
+  xla = median_seconds(jax.jit(lambda x, y: x @ y),
+                       jax.random.normal(ks[0], (m, k), jnp.bfloat16),
+                       jax.random.normal(ks[1], (k, n), jnp.bfloat16))
   print(f"xla bf16: {xla * 1e3:.3f} ms", flush=True)
   for variant, (a, w) in operands.items():
     for scaled in (False, True):
       best = None
       for cfg in configs:
         try:
-          t = bench(jax.jit(functools.partial(call, variant, scaled, bm=cfg[0], bn=cfg[1],
-                                              nw=cfg[2], ns=cfg[3])), a, sa, w, sw)
+          f = jax.jit(functools.partial(call, variant, scaled, bm=cfg[0], bn=cfg[1],
+                                        nw=cfg[2], ns=cfg[3]))
+          t = median_seconds(f, a, sa, w, sw)
         except Exception as e:
           print(f"{variant} scaled={scaled} {cfg}: failed {type(e).__name__}: {str(e)[:150]}")
           continue

@@ -11,14 +11,13 @@ XLA bf16 and XLA int8, prints a table last.
 """
 
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+from svdq_jax.timing import median_seconds
 
 GROUP = 64
 
@@ -126,16 +125,6 @@ def reference(a, b, sa_t, sw_t):
   return jnp.einsum("gmn,gm,gn->mn", part.astype(jnp.float32), sa_t, sw_t)
 
 
-def bench(f, *args, reps=10, rounds=5):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = f(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / reps)
-  return statistics.median(ts)
 
 
 def main():
@@ -162,8 +151,8 @@ def main():
     sw = jax.random.uniform(ks[3], (k // GROUP, n), minval=0.5, maxval=2.0)
     x16 = jax.random.normal(ks[4], (m, k), jnp.bfloat16)
     w16 = jax.random.normal(ks[5], (k, n), jnp.bfloat16)
-    t_bf16 = bench(jax.jit(lambda p, q: p @ q), x16, w16)
-    t_int8 = bench(jax.jit(lambda p, q: lax.dot_general(
+    t_bf16 = median_seconds(jax.jit(lambda p, q: p @ q), x16, w16)
+    t_int8 = median_seconds(jax.jit(lambda p, q: lax.dot_general(
         p, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, b)
     rows.append((n, "xla bf16", t_bf16, ""))
     rows.append((n, "xla int8", t_int8, ""))
@@ -173,7 +162,7 @@ def main():
         try:
           f = jax.jit(functools.partial(scaled_int8_matmul, tile_m=tile_m, tile_n=tile_n,
                                         steps=steps, scaled=scaled, gps=gps))
-          t = bench(f, a, b, sa, sw)
+          t = median_seconds(f, a, b, sa, sw)
           rows.append((n, f"mosaic scaled={scaled} tile=({tile_m}, 2x{tile_n}) steps={steps}"
                        f" groups/step={gps}", t, f"{t_bf16 / t:.2f}x"))
           print(rows[-1], flush=True)

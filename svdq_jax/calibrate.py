@@ -6,9 +6,9 @@ The model is not edited. Flax Linen ``nn.Dense`` calls are seen through
 ``flax.linen.intercept_methods``. Flax NNX has no method interception, so for NNX the
 ``__call__`` of the classes of the model's linear modules (any module holding a 2-D
 ``kernel`` Param: ``nnx.Linear``, ``svdq_jax.layers.Linear``, ...) is wrapped for the
-duration of ``calibrate`` and each such module is tagged with its path (a static
-attribute, so tags survive ``nnx.jit``); both are undone afterwards. Inputs reach the host through ``jax.debug.callback``, so the
-forward pass may be jitted.
+duration of ``calibrate`` and each such module is tagged with its path (a static attribute,
+so tags survive ``nnx.jit``); both are undone afterwards. Inputs reach the host through
+``jax.debug.callback``, so the forward pass may be jitted.
 """
 
 from __future__ import annotations

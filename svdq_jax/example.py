@@ -128,7 +128,8 @@ def format_table(rows: list[Row]) -> str:
            "weight bytes | alpha | low-rank iterations | quantize time (s) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
-    gain = "" if not np.isfinite(r.sqnr_db) or not np.isfinite(ref_sq) else f"{r.sqnr_db - ref_sq:+.2f} dB"
+    finite = np.isfinite(r.sqnr_db) and np.isfinite(ref_sq)
+    gain = f"{r.sqnr_db - ref_sq:+.2f} dB" if finite else ""
     alpha = "" if r.alpha is None else f"{r.alpha:.2f}"
     lines.append(f"| {r.name} | {r.rel_error:.4f} | {r.sqnr_db:.2f} | {gain} | "
                  f"{r.weight_bytes:,} | {alpha} | {r.iterations or ''} | {r.seconds:.1f} |")

@@ -18,12 +18,13 @@ Formats:
     channel for weights, per token for activations). Not packed.
 
 Packing (4-bit formats): two values per uint8 along the last axis, in blocks of
-``PACK_BLOCK`` = 64 elements (32 bytes): within a block, element ``j`` (j < 32) goes into the
-low nibble of byte ``j`` and element ``32 + j`` into its high nibble. Each half-block is then
-a contiguous run of K, so a kernel unpacks a tile into two contiguous int8 tiles without
-any interleaving (one INT4 group = one block; one NVFP4 group = half of a half-block).
-K must be a multiple of 64 for packed formats. Nibble codes: two's complement for ``int4``, plain binary for ``uint4``, and
-for ``nvfp4`` the E2M1 bit pattern (bit 3 = sign, bits 0-2 = index into the magnitudes).
+``PACK_BLOCK`` = 64 elements (32 bytes): within a block, element ``j`` (j < 32) goes into
+the low nibble of byte ``j`` and element ``32 + j`` into its high nibble. Each half-block is
+then a contiguous run of K, so a kernel unpacks a tile into two contiguous int8 tiles
+without any interleaving (one INT4 group = one block; one NVFP4 group = half of a
+half-block). K must be a multiple of 64 for packed formats. Nibble codes: two's complement for
+``int4``, plain binary for ``uint4``, and for ``nvfp4`` the E2M1 bit pattern (bit 3 = sign,
+bits 0-2 = index into the magnitudes).
 """
 
 from __future__ import annotations
