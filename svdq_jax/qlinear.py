@@ -77,7 +77,7 @@ class QuantizedLinear:
     """f32 [K, N]: the effective weight ``diag(1/lambda) (Q(R) + L_down L_up)``."""
     w = formats.dequantize(self.weight(), self.weight_format).T
     if self.lora_down is not None:
-      w = w + self.lora_down.astype(jnp.float32) @ self.lora_up.astype(jnp.float32)
+      w = w + matmul_f32(self.lora_down.astype(jnp.float32), self.lora_up.astype(jnp.float32))
     if self.smooth is not None:
       w = w / self.smooth[:, None]
     return w

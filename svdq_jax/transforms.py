@@ -151,9 +151,8 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       q_prev = cand.residual
     down, up = best.down, best.up
     rel_error = float(jnp.sqrt(best.error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
-  else:
+  else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
     w_hat = w
-    down = up = jnp.zeros((w.shape[0], 0), jnp.float32)
 
   qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
                                method.weight_format)
