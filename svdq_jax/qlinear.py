@@ -5,7 +5,8 @@
 quantized weight as exact integer products per group, and each group's int32 partial sum
 is scaled by both group scales and accumulated in f32 in K order. The low-rank branch runs
 on the smoothed activations with bf16 operands and f32 accumulation (the tensor-core
-precision the kernels use); the bias is added last, in f32.
+precision the kernels use); the bias is added last, in f32. Weight-only layers (W4A16)
+dequantize the weight to the input's dtype and multiply with f32 accumulation.
 """
 
 from __future__ import annotations
@@ -201,8 +202,10 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
     xf = xf / layer.smooth
   wfmt = formats.get_format(layer.weight_format)
   qw = layer.weight()
-  if layer.act_format is None:
-    y = matmul_f32(xf, formats.dequantize(qw, wfmt).T)
+  if layer.act_format is None:  # weight-only: dequantize to the input's dtype, f32 accumulation
+    w = formats.dequantize(qw, wfmt).T.astype(x.dtype)
+    y = jnp.matmul(xf.astype(x.dtype), w, preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST)
   else:
     afmt = formats.get_format(layer.act_format)
     qa = formats.quantize(xf, afmt)
