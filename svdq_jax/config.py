@@ -110,8 +110,8 @@ class QuantConfig:
     alpha_grid: number of alpha values searched, alpha = i / alpha_grid for i < alpha_grid.
     lowrank_iters: maximum refinement iterations of the low-rank branch.
     lowrank_patience: stop refining after this many iterations without a lower error.
-    share_lowrank: decompose layers that receive the same input (q, k, v) together with
-      one smoothing factor and one down projection.
+    share_lowrank: decompose sibling low-rank layers that receive the same input (q, k, v
+      of one attention) together, with one smoothing factor and one down projection.
     svd_oversample, svd_power_iters: randomized truncated-SVD accuracy settings.
     seed: seed of the randomized SVD.
   """

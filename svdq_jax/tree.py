@@ -93,11 +93,14 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
             f"layer {path}: method {rule.method!r} needs calibration statistics, but the "
             f"calibration data has none for this path (it has {len(calib or {})} layers)")
       stats.validate(f"layer {path}", k)
-  # Layers with identical input statistics and the same rule got the same input.
+  # Siblings (same parent module) with the same low-rank rule and identical input statistics
+  # got the same input (q, k, v of one attention): one shared decomposition. Layers elsewhere
+  # that see the same input (every modulation linear reads SiLU(vec)) stay separate.
   groups: dict[tuple, list[str]] = {}
   for path, rule in selected.items():
-    share = config.share_lowrank and rule.spec.needs_calibration
-    key = (id(rule), _fingerprint(calib[path])) if share else (path,)
+    share = config.share_lowrank and rule.spec.lowrank
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    key = (id(rule), parent, _fingerprint(calib[path])) if share else (path,)
     groups.setdefault(key, []).append(path)
   return [_Job(paths, selected[paths[0]]) for paths in groups.values()]
 

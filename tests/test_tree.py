@@ -151,3 +151,26 @@ def test_error_missing_or_bad_calibration():
 def test_error_tree_without_kernels():
   with pytest.raises(ValueError, match="no linear layer found"):
     svdq_jax.quantize({"w": jnp.ones(3)}, None, preset("rtn"), progress=False)
+
+
+def test_same_input_in_different_modules_is_not_shared():
+  class Two(nnx.Module):
+    def __init__(self, rngs):
+      self.a = Attn(64, rngs)
+      self.b = Attn(64, rngs)
+      self.mod_a = Linear(64, 64, rngs=rngs)
+      self.mod_b = Linear(64, 64, rngs=rngs)
+
+    def __call__(self, x):
+      return self.a(x) + self.b(x) + self.mod_a(x) + self.mod_b(x)
+
+  model = Two(nnx.Rngs(0))
+  x = outlier_activations(jax.random.key(0), 32, 64, outlier_channels=2)[None]
+  calib = svdq_jax.calibrate(lambda b: model(b), [x], model=model, progress=False)
+  report = {}
+  svdq_jax.quantize(nnx.state(model), calib, QuantConfig(
+      rules=(Rule(r"mod_.*", "w4a16"), Rule(r".*", "svdquant", rank=8)), **FAST),
+      report=report, progress=False)
+  assert report["a/q"] is report["a/k"] is report["a/v"]   # siblings, same input: shared
+  assert report["a/q"] is not report["b/q"]                # same input, other attention
+  assert report["mod_a"] is not report["mod_b"]            # weight-only: never shared
