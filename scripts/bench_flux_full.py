@@ -35,6 +35,12 @@ SVDQUANT_FLUX = QuantConfig(rules=(
 ))
 
 
+W4A16_FLUX = QuantConfig(rules=(
+    Rule(r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*", "skip"),
+    Rule(r".*", "w4a16_rtn", "int4"),
+))
+
+
 def random_model(cfg, seed=0) -> Flux:
   """Flux with N(0, 1/fan_in) bf16 kernels, zero biases, unit norm scales, built leaf by leaf
   on the device (no f32 copy of the model)."""
@@ -123,9 +129,10 @@ def main():
 
   if "step" in stages:
     qmodel = nnx.merge(graph, qstate)
+    w4a16 = nnx.merge(graph, svdq_jax.quantize(state, None, W4A16_FLUX, progress=False))
     step = nnx.jit(lambda m, *a: m(*a[:6], guidance=a[6]))
     x = inputs(cfg, args.resolution)
-    for name, m in (("bf16", model), ("svdquant_int4", qmodel)):
+    for name, m in (("bf16", model), ("svdquant_int4", qmodel), ("w4a16", w4a16)):
       t0 = time.perf_counter()
       jax.block_until_ready(step(m, *x))
       compile_s = time.perf_counter() - t0
