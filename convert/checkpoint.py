@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from safetensors import SafetensorError, safe_open
 
 
-class SafetensorsSource(contextlib.AbstractContextManager):
+class SafetensorsSource:
   """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
   def __init__(self, path: str | os.PathLike):
@@ -85,9 +85,6 @@ class SafetensorsSource(contextlib.AbstractContextManager):
       raise ValueError(f"{shard}: cannot read tensor {name!r} "
                        f"(truncated or corrupt file?): {e}") from None
 
-  def __exit__(self, *exc) -> None:
-    return None
-
 
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
@@ -124,7 +121,7 @@ def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
 
 
 def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def restore_tree(src: str | os.PathLike, like):

@@ -27,7 +27,7 @@ def check_shapes(tree: dict, cfg: FluxConfig) -> None:
   want = dict(jax.tree_util.tree_flatten_with_path(expected_shapes(cfg))[0])
   bad = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     if path not in want:
       bad.append(f"{name}: not a parameter of the model")
     elif tuple(np.shape(leaf)) != tuple(want[path].shape):
@@ -48,23 +48,22 @@ def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bo
   dst = pathlib.Path(dst)
   if dst.exists() and not overwrite:
     raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
-  with SafetensorsSource(src) as source:
-    keys = source.keys()
-    naming = naming or detect_naming(keys)
-    cfg = infer_config(keys, source.shape, naming, axes_dim)
-    bar = tqdm(total=len(keys), desc="converting", unit="tensor", disable=not progress)
+  source = SafetensorsSource(src)
+  keys = source.keys()
+  naming = naming or detect_naming(keys)
+  cfg = infer_config(keys, source.shape, naming, axes_dim)
+  bar = tqdm(total=len(keys), desc="converting", unit="tensor", disable=not progress)
 
-    def get(name):
-      bar.update(1)
-      return source.get(name)
+  def get(name):
+    bar.update(1)
+    return source.get(name)
 
-    # Host (CPU) jax arrays: orbax writes them without another full copy of the tree.
-    cpu = jax.devices("cpu")[0]
-    try:
-      tree = flux_params_from_torch(get, keys, cfg, naming,
-                                    put=lambda x: jax.device_put(x, cpu))
-    finally:
-      bar.close()
+  # Host (CPU) jax arrays: orbax writes them without another full copy of the tree.
+  cpu = jax.devices("cpu")[0]
+  try:
+    tree = flux_params_from_torch(get, keys, cfg, naming, put=lambda x: jax.device_put(x, cpu))
+  finally:
+    bar.close()
   check_shapes(tree, cfg)
   save_tree(dst, tree, overwrite, extra={"config.json": json.dumps(dataclasses.asdict(cfg))})
   return cfg

@@ -9,13 +9,11 @@ diffusers parts along the output axis. diffusers' final AdaLayerNormContinuous e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 
 from svdq_jax.models.flux import FluxConfig
-
-Tensors = Mapping[str, np.ndarray]
 
 
 def _linear(dst: str, *srcs: str, swap_halves: bool = False):

@@ -51,7 +51,7 @@ def bfl_checkpoint(state: dict) -> dict:
   """A BFL-named torch-layout state dict of a pure Flux parameter dict."""
   bfl = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    path = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    path = jax.tree_util.keystr(key_path, simple=True, separator="/")
     module, leaf_name = path.rsplit("/", 1)
     if leaf_name == "kernel":
       bfl[_bfl_name(module) + ".weight"] = np.ascontiguousarray(np.asarray(leaf).T)
