@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
 
 
@@ -259,3 +260,19 @@ class Flux(nnx.Module):
     for block in self.single_blocks:
       x = block(x, vec, pe)
     return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+EMBEDDERS = r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*"
+MODULATION = r".*(_mod|modulation)/lin"
+
+
+def quant_config(method: str, fmt: str = "int4", rank: int = 32, **search) -> QuantConfig:
+  """FLUX layers as SVDQuant treats them: embedders and the final layer stay 16-bit; with a
+  method that quantizes activations, the modulation linears (their input is one vector per
+  image, so activation quantization saves nothing) are W4A16 with AWQ-style scales; every
+  other linear (attention, MLP) gets ``method``. ``search`` goes to QuantConfig."""
+  rules = [Rule(EMBEDDERS, "skip")]
+  if method_spec(method, fmt, False).act_format is not None:
+    rules.append(Rule(MODULATION, "w4a16", fmt))
+  rules.append(Rule(".*", method, fmt, rank=rank))
+  return QuantConfig(rules=tuple(rules), **search)

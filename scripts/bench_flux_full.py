@@ -23,22 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 import svdq_jax
-from svdq_jax import QuantConfig, Rule
 from svdq_jax.models import sampling
-from svdq_jax.models.flux import FLUX_DEV, Flux
+from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config
 from svdq_jax.timing import median_seconds
 
-SVDQUANT_FLUX = QuantConfig(rules=(
-    Rule(r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*", "skip"),
-    Rule(r".*(_mod|modulation)/lin", "w4a16"),
-    Rule(r".*", "svdquant", "int4", rank=32),
-))
-
-
-W4A16_FLUX = QuantConfig(rules=(
-    Rule(r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*", "skip"),
-    Rule(r".*", "w4a16_rtn", "int4"),
-))
+SVDQUANT_FLUX = quant_config("svdquant", "int4", rank=32)
+W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
 
 def random_model(cfg, seed=0) -> Flux:
