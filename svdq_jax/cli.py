@@ -77,6 +77,28 @@ def _sample(args) -> int:
   return 0
 
 
+def _demo(args) -> int:
+  from svdq_jax.demo import report, run
+
+  prompts = list(args.prompt) if args.prompt else list(run.PROMPTS)
+  methods = args.methods.split(",")
+  search = {"alpha_grid": args.alpha_grid} if args.alpha_grid else None
+  try:
+    results, outliers, rows = run.run(prompts, args.seeds, args.steps, methods, args.rank,
+                                      weights=args.weights, search=search,
+                                      progress=not args.quiet)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"svdq-jax demo: error: {e}", file=sys.stderr)
+    return 2
+  setting = {"prompts": len(prompts), "seeds": list(args.seeds), "steps": args.steps,
+             "rank": args.rank, "methods": methods, "alpha_grid": args.alpha_grid or 20}
+  print(report.table(results))
+  print(report.outlier_summary(outliers))
+  paths = report.write(args.out, results, outliers, rows, setting)
+  print("wrote " + ", ".join(paths))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="svdq-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +139,25 @@ def main(argv=None) -> int:
   sm.add_argument("--seed", type=int, default=0)
   sm.add_argument("--quiet", action="store_true")
   sm.set_defaults(func=_sample)
+  from svdq_jax.demo.run import METHODS
+  dm = sub.add_parser("demo", help="quantize the built-in text-to-image model (a small FLUX) "
+                      "with SVDQuant and the baselines, sample the same prompts with each, and "
+                      "write an image grid and a PSNR/SSIM table")
+  dm.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+  dm.add_argument("--prompt", action="append", default=None,
+                  help="a prompt (repeatable; default: 8 built-in prompts); words from: "
+                       "colours, circle/square/triangle, above/below/left of/right of, 'on a "
+                       "<colour> background'")
+  dm.add_argument("--seeds", type=int, nargs="+", default=[0])
+  dm.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+  dm.add_argument("--methods", default=",".join(METHODS),
+                  help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+  dm.add_argument("--rank", type=int, default=16, help="SVDQuant low-rank branch rank")
+  dm.add_argument("--alpha-grid", type=int, default=None,
+                  help="smoothing strengths searched per layer (default 20)")
+  dm.add_argument("--weights", default=None, help="model file (default: the built-in one)")
+  dm.add_argument("--quiet", action="store_true", help="no progress bars")
+  dm.set_defaults(func=_demo)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -1,0 +1,182 @@
+"""The demo: the built-in model at 16 bits and quantized by SVDQuant and the baselines, the
+same prompts and seeds through each, images and quality numbers side by side.
+
+Pipeline: load the bf16 model -> calibrate its transformer on built-in calibration captions
+(noised training-distribution images at the sampler's timesteps) -> for each method,
+quantize the transformer (``models.flux.quant_config``: attention/MLP get the method,
+modulation W4A16, embedders 16-bit) and sample -> PSNR/SSIM of every image against the
+16-bit image of the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import svdq_jax
+from svdq_jax.calibrate import LayerStats
+from svdq_jax.demo import model as demo_model
+from svdq_jax.demo import shapes
+from svdq_jax.models import flux, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  label: str
+  method: str | None     # None: the 16-bit model itself
+  fmt: str = "int4"
+
+
+METHODS = {
+    "bf16": Method("16-bit (bf16)", None),
+    "svdquant-int4": Method("SVDQuant INT4", "svdquant", "int4"),
+    "svdquant-nvfp4": Method("SVDQuant NVFP4", "svdquant", "nvfp4"),
+    "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
+    "rtn": Method("RTN W4A4", "rtn", "int4"),
+    "w4a16": Method("W4A16 (AWQ-style)", "w4a16", "int4"),
+}
+
+PROMPTS = (
+    "a red circle above a blue square on a gray background",
+    "a yellow triangle on a black background",
+    "a green square left of a white circle on a blue background",
+    "an orange circle right of a purple triangle on a white background",
+    "a blue triangle below a red circle on a yellow background",
+    "a white square on a gray background",
+    "a black circle left of a green triangle on a white background",
+    "a purple square above an orange square on a gray background",
+)
+
+
+@dataclasses.dataclass
+class Result:
+  """One method's row: quality against the 16-bit images, cost, and its images."""
+
+  key: str
+  label: str
+  psnr_db: float
+  ssim: float
+  weight_bytes: int          # the transformer's parameters (all of them)
+  quantize_seconds: float
+  sample_seconds: float
+  images: np.ndarray = dataclasses.field(repr=False)   # u8 [B, 32, 32, 3]
+
+
+def to_uint8(x: jax.Array) -> np.ndarray:
+  """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+  x = np.asarray(jnp.clip((x.astype(jnp.float32) + 1) * 127.5, 0, 255) + 0.5)
+  return x.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def quality(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+  """Mean PSNR (dB) and SSIM of uint8 images [B, H, W, 3] against the reference images.
+  Identical images count as 100 dB (PSNR is unbounded there)."""
+  a, b = (jnp.asarray(x, jnp.float32) / 255.0 for x in (images, reference))
+  psnr = jnp.minimum(dm_pix.psnr(a, b), 100.0)
+  return float(psnr.mean()), float(dm_pix.ssim(a, b).mean())
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
+def calibration_batches(num_batches: int, batch: int, steps: int, seed: int = 1234):
+  """Calibration inputs of the transformer: captions of random scenes (not the demo's
+  prompts), and their images noised to timesteps of the sampling schedule, cycling through
+  the schedule. Yields (ids, x_t packed [B, 256, 12], t [B])."""
+  rng = np.random.default_rng(seed)
+  sigmas = sampling.schedule(steps, (shapes.IMAGE_SIZE // 2) ** 2)[:-1]
+  for i in range(num_batches):
+    scenes = shapes.random_scenes(rng, batch)
+    ids = shapes.tokenize([shapes.caption(scenes, j) for j in range(batch)])
+    x0 = sampling.pack_latents(shapes.render(scenes))
+    t = jnp.asarray(sigmas[(i * batch + np.arange(batch)) % len(sigmas)])
+    noise = jax.random.normal(jax.random.key(seed + i), x0.shape)
+    yield ids, t[:, None, None] * noise + (1 - t[:, None, None]) * x0, t
+
+
+def outlier_table(calib: dict[str, LayerStats]) -> list[tuple[str, float, float]]:
+  """(layer, max/median channel absmax, max |x|) for each layer whose activations the W4A4
+  methods quantize (attention and MLP linears): how heavy-tailed its input channels are."""
+  w4a4 = flux.quant_config("svdquant")
+  rows = []
+  for path, s in sorted(calib.items()):
+    if w4a4.rule_for(path).method != "svdquant":
+      continue
+    med = float(np.median(s.absmax))
+    rows.append((path, float(s.absmax.max()) / max(med, 1e-12), float(s.absmax.max())))
+  return rows
+
+
+def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), rank: int = 16,
+        calib_batches: int = 8, calib_batch: int = 16, weights: str | None = None,
+        search: dict | None = None, progress: bool = True):
+  """Runs the demo. Returns (results [Result, first 'bf16'], outlier rows, row labels).
+
+  Images are ordered prompt-major: row i is prompt i // len(seeds), seed i % len(seeds).
+  The default rank 16 is 1/12 of this model's hidden size (FLUX.1: rank 32 of 3072); the
+  branch then costs about as much memory, relative to the 4-bit weights, as on FLUX.1.
+  ``search`` overrides QuantConfig search settings (alpha_grid, lowrank_iters, ...).
+  """
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+  if not prompts or not seeds:
+    raise ValueError("need at least one prompt and one seed")
+  shapes.tokenize(list(prompts))   # reject unknown words before any work
+  methods = ["bf16"] + [m for m in methods if m != "bf16"]
+  model = demo_model.load(weights or demo_model.WEIGHTS)
+  rows = [(p, s) for p in prompts for s in seeds]
+  txt, y = model.encode([p for p, _ in rows])
+  txt, y = txt.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+  txt_ids = jnp.zeros((txt.shape[1], 3))
+  noise = jnp.concatenate([jax.random.normal(jax.random.key(s), (1, 3, shapes.IMAGE_SIZE,
+                                                                 shapes.IMAGE_SIZE))
+                           for _, s in rows])
+  sigmas = sampling.schedule(steps, (shapes.IMAGE_SIZE // 2) ** 2)
+  graph, state = nnx.split(model.flux)
+
+  calib = None
+  if any(METHODS[m].method not in (None, "rtn") for m in methods):
+    img_ids = sampling.image_ids(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+
+    @jax.jit
+    def forward(batch):
+      ids, xt, t = batch
+      t_txt, t_y = model.text(ids)
+      return model.flux(xt.astype(jnp.bfloat16), img_ids, t_txt.astype(jnp.bfloat16),
+                        jnp.zeros((ids.shape[1], 3)), t.astype(jnp.bfloat16),
+                        t_y.astype(jnp.bfloat16))
+
+    calib = svdq_jax.calibrate(forward, calibration_batches(calib_batches, calib_batch, steps),
+                               model=model.flux, progress=progress)
+
+  results: list[Result] = []
+  for key in methods:
+    m = METHODS[key]
+    start = time.perf_counter()
+    if m.method is None:
+      qstate = state
+    else:
+      config = flux.quant_config(m.method, m.fmt, rank=rank, **(search or {}))
+      qstate = svdq_jax.quantize(state, calib, config, progress=progress)
+      jax.block_until_ready(qstate)
+    quantize_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    out = sampling.sample(nnx.merge(graph, qstate), noise, txt, txt_ids, y, sigmas)
+    images = to_uint8(out)
+    sample_seconds = time.perf_counter() - start
+    ref = results[0].images if results else images
+    psnr, ssim = quality(images, ref)
+    results.append(Result(key, m.label, psnr, ssim, tree_bytes(qstate), quantize_seconds,
+                          sample_seconds, images))
+    if progress and m.method is not None:
+      print(f"{m.label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
+  outliers = outlier_table(calib) if calib else []
+  return results, outliers, [f"{p} (seed {s})" for p, s in rows]
