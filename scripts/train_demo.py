@@ -1,7 +1,10 @@
 """Trains the built-in demo model (svdq_jax/demo) and writes its weights and loss log.
 
-The committed weights came from (on the H100 device machine, see docs/demo/training.md):
-  python3 scripts/train_demo.py --out svdq_jax/demo/weights/demo_flux.safetensors
+The committed weights came from this run on an H100 (2026-11-22, 438.5 s, docs/demo/README.md):
+  python3 scripts/train_demo.py --out demo_flux.safetensors --steps 60000 --max-minutes 7.3
+which stopped at the time limit after 18100 steps; to redo it without the time limit:
+  python3 scripts/train_demo.py --out svdq_jax/demo/weights/demo_flux.safetensors --steps 18100
+(about 8 minutes on an H100; days on a 2-core CPU).
 """
 
 import argparse
