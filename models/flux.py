@@ -114,10 +114,23 @@ class QKNorm(nnx.Module):
     self.key_norm = RMSNorm(head_dim)
 
 
+_attention_implementation: str | None = None
+
+
+def set_attention_implementation(name: str | None) -> None:
+  """Chooses ``jax.nn.dot_product_attention``'s implementation for models traced from now
+  on: None (JAX's default, XLA), 'xla', or 'cudnn' (fused flash attention on NVIDIA GPUs,
+  bf16/fp16 inputs)."""
+  global _attention_implementation
+  if name not in (None, "xla", "cudnn"):
+    raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {name!r}")
+  _attention_implementation = name
+
+
 def attention(q, k, v, pe):
   """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v."""
   q, k = apply_rope(q, pe), apply_rope(k, pe)
-  out = jax.nn.dot_product_attention(q, k, v)
+  out = jax.nn.dot_product_attention(q, k, v, implementation=_attention_implementation)
   return out.reshape(*out.shape[:2], -1)
 
 

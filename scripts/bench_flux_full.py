@@ -5,9 +5,13 @@ weight values). Stages:
   memory:   bytes of the transformer's parameters, bf16 vs SVDQuant INT4 r32 (W4A4 attention
             and MLP linears, W4A16 modulation linears, embedders and final layer 16-bit);
   quantize: wall time of calibrate (random inputs) + svdq_jax.quantize on the GPU;
-  step:     one jitted denoising step, bf16 vs SVDQuant (Pallas kernels) at --resolution.
+  step:     per model in --models, one at a time (only one quantized copy resident): one
+            jitted denoising step (batch 1) at each --resolutions, its XLA memory plan, a full
+            --loop-steps jitted sampling loop at the first resolution, and with --profile the
+            device time per kernel category of one step.
 
     python3 scripts/bench_flux_full.py --out $OUT [--blocks 19,38] [--stages memory,quantize,step]
+        [--models bf16,w4a16,svdquant] [--resolutions 1024,512] [--profile]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 
 import jax
@@ -24,8 +29,8 @@ from flax import nnx
 
 import svdq_jax
 from svdq_jax.models import sampling
-from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config
-from svdq_jax.timing import median_seconds
+from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config, set_attention_implementation
+from svdq_jax.timing import device_kernel_seconds, median_seconds
 
 SVDQUANT_FLUX = quant_config("svdquant", "int4", rank=32)
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
@@ -68,40 +73,119 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
           jnp.full((batch,), 3.5, jnp.bfloat16))
 
 
+KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
+    ("W4A4 activation kernel", r"svdq_quantize_act"),
+    ("W4A4 GEMM kernel", r"svdq_w4a4_gemm"),
+    ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
+    ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
+    ("memory copies", r"(?i)memcpy|memset"),
+    ("other fusions (norms, RoPE, modulation, softmax, dequantize, ...)", r".*"),
+)
+
+
+def kernel_profile(fn, *args) -> dict:
+  """{category: ms per call}, plus the 12 most expensive kernels by name."""
+  times = device_kernel_seconds(fn, *args, calls=3)
+  cats: dict[str, float] = {}
+  for name, sec in times.items():
+    cat = next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, name))
+    cats[cat] = cats.get(cat, 0.0) + sec * 1e3
+  top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+  return {"categories_ms": cats, "total_ms": sum(cats.values()),
+          "top_kernels_ms": {k[:120]: v * 1e3 for k, v in top}}
+
+
+def measure(name, graph, state, cfg, args, result):
+  """Step times, memory plan, sampling loop and (optionally) profile of one model."""
+  step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
+  r = result.setdefault("models", {}).setdefault(name, {})
+  r["weight_bytes"] = tree_bytes(state)
+  compiled_first = None
+  for res in args.resolutions:
+    x = inputs(cfg, res)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, *x).compile()
+    r[f"step{res}_compile_s"] = round(time.perf_counter() - t0, 1)
+    compiled_first = compiled_first or compiled
+    mem = compiled.memory_analysis()
+    r[f"step{res}_temp_bytes"] = int(mem.temp_size_in_bytes)
+    r[f"step{res}_ms"] = median_seconds(compiled, state, *x, reps=3, rounds=3) * 1e3
+    print(json.dumps({name: r}), flush=True)
+  res = args.resolutions[0]
+  if args.loop_steps:
+    x = inputs(cfg, res)
+    noise = sampling.initial_noise(0, 1, res, res).astype(jnp.bfloat16)
+    sigmas = sampling.schedule(args.loop_steps, x[0].shape[1])
+    model = nnx.merge(graph, state)
+    t0 = time.perf_counter()
+    sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
+    r[f"loop{res}_{args.loop_steps}steps_s"] = round(time.perf_counter() - t0, 3)
+    r[f"loop{res}_first_call_s"] = round(first, 1)
+    stats = jax.devices()[0].memory_stats() or {}
+    r["bytes_in_use_after_loop"] = stats.get("bytes_in_use")
+    r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
+    print(json.dumps({name: r}), flush=True)
+  if args.profile:
+    r[f"profile{res}"] = kernel_profile(compiled_first, state, *inputs(cfg, res))
+    print(json.dumps({name: r[f"profile{res}"]}), flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/flux_full"))
   ap.add_argument("--blocks", default="19,38", help="double,single blocks (FLUX.1: 19,38)")
   ap.add_argument("--stages", default="memory,quantize,step")
-  ap.add_argument("--resolution", type=int, default=1024)
+  ap.add_argument("--models", default="bf16,w4a16,svdquant",
+                  help="models timed by the step stage, in this order, one resident at a time")
+  ap.add_argument("--resolutions", default="1024,512",
+                  type=lambda v: [int(r) for r in v.split(",")])
+  ap.add_argument("--loop-steps", type=int, default=28, help="0: no sampling loop")
+  ap.add_argument("--profile", action="store_true", help="per-kernel device time of one step")
+  ap.add_argument("--attention", choices=["xla", "cudnn"], default="cudnn")
   ap.add_argument("--calib-resolution", type=int, default=256)
   ap.add_argument("--calib-batches", type=int, default=2)
   ap.add_argument("--fast-search", action="store_true",
                   help="one alpha and one low-rank iteration per layer: the same tensors (so "
-                       "the same memory) in a fraction of the time; quantize_s is then not the "
-                       "method's time")
+                       "the same memory and speed) in a fraction of the time; quantize_s is "
+                       "then not the method's time")
   args = ap.parse_args()
   stages = set(args.stages.split(","))
+  models = args.models.split(",") if "step" in stages else []
   depth, single = (int(v) for v in args.blocks.split(","))
   cfg = FLUX_DEV.__class__(**{**FLUX_DEV.__dict__, "depth": depth,
                               "depth_single_blocks": single})
+  set_attention_implementation(args.attention)
   os.makedirs(args.out, exist_ok=True)
-  result = dict(device=jax.devices()[0].device_kind, blocks=[depth, single])
+  result = dict(device=jax.devices()[0].device_kind, blocks=[depth, single],
+                attention=args.attention)
 
   t0 = time.perf_counter()
   model = random_model(cfg)
   jax.block_until_ready(nnx.state(model))
   result["init_s"] = round(time.perf_counter() - t0, 1)
   graph, state = nnx.split(model)
+  del model
   result["bf16_bytes"] = tree_bytes(state)
   print(json.dumps(result), flush=True)
 
-  if stages & {"quantize", "memory", "step"}:
+  if "bf16" in models:
+    measure("bf16", graph, state, cfg, args, result)
+  if "w4a16" in models:
+    w4a16 = svdq_jax.quantize(state, None, W4A16_FLUX, progress=False)
+    measure("w4a16", graph, w4a16, cfg, args, result)
+    del w4a16
+
+  if stages & {"quantize", "memory"} or "svdquant" in models:
     t0 = time.perf_counter()
     batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
                for i in range(args.calib_batches)]
+    model = nnx.merge(graph, state)
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
                                max_samples=256)
+    del model
     t1 = time.perf_counter()
     report = {}
     config = SVDQUANT_FLUX
@@ -115,22 +199,9 @@ def main():
                   quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
                   mean_rel_error=sum(r.error for r in report.values()) / len(report))
     print(json.dumps(result), flush=True)
-    del calib
-
-  if "step" in stages:
-    qmodel = nnx.merge(graph, qstate)
-    w4a16 = nnx.merge(graph, svdq_jax.quantize(state, None, W4A16_FLUX, progress=False))
-    step = nnx.jit(lambda m, *a: m(*a[:6], guidance=a[6]))
-    x = inputs(cfg, args.resolution)
-    for name, m in (("bf16", model), ("svdquant_int4", qmodel), ("w4a16", w4a16)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(m, *x))
-      compile_s = time.perf_counter() - t0
-      result[f"step_{name}_ms"] = median_seconds(step, m, *x, reps=3, rounds=3) * 1e3
-      result[f"step_{name}_compile_s"] = round(compile_s, 1)
-      print(json.dumps(result), flush=True)
-    stats = jax.devices()[0].memory_stats() or {}
-    result["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+    del calib, state, batches   # only the quantized model stays resident
+    if "svdquant" in models:
+      measure("svdquant_int4", graph, qstate, cfg, args, result)
 
   with open(os.path.join(args.out, "flux_full.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import glob
+import os
 import statistics
+import tempfile
 import time
 
 import jax
+from jax.profiler import ProfileData
 
 
 def median_seconds(fn, *args, reps: int = 10, rounds: int = 5) -> float:
@@ -20,3 +25,27 @@ def median_seconds(fn, *args, reps: int = 10, rounds: int = 5) -> float:
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
+
+
+def device_kernel_seconds(fn, *args, calls: int = 3) -> dict[str, float]:
+  """Seconds per call of ``fn(*args)`` spent in each device kernel, by kernel name, from a
+  ``jax.profiler`` trace of ``calls`` calls (after one warm-up call). Empty on a CPU."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(files[0])
+  totals: dict[str, float] = collections.defaultdict(float)
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
+      if not line.name.startswith("Stream"):
+        continue
+      for event in line.events:
+        totals[event.name] += event.duration_ns * 1e-9 / calls
+  return dict(totals)
