@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -36,6 +37,11 @@ SVDQUANT_FLUX = quant_config("svdquant", "int4", rank=32)
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _random_kernel(key, shape):
+  return (jax.random.normal(key, shape, jnp.float32) / jnp.sqrt(shape[0])).astype(jnp.bfloat16)
+
+
 def random_model(cfg, seed=0) -> Flux:
   """Flux with N(0, 1/fan_in) bf16 kernels, zero biases, unit norm scales, built leaf by leaf
   on the device (no f32 copy of the model)."""
@@ -46,9 +52,7 @@ def random_model(cfg, seed=0) -> Flux:
   def init(path, s):
     name = str(getattr(path[-1], "key", path[-1]))
     if name == "kernel":
-      return jax.jit(lambda k: (jax.random.normal(k, s.shape, jnp.float32)
-                                / jnp.sqrt(s.shape[0])).astype(jnp.bfloat16))(
-                                    jax.random.fold_in(key, next(counter)))
+      return _random_kernel(jax.random.fold_in(key, next(counter)), tuple(s.shape))
     if name == "scale":
       return jnp.ones(s.shape, jnp.bfloat16)
     return jnp.zeros(s.shape, jnp.bfloat16)
