@@ -68,3 +68,30 @@ def test_quantized_flux_runs_jitted():
   assert out.shape == ref.shape and np.isfinite(out).all()
   rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
   assert 0 < rel < 0.5, rel
+
+
+def test_quant_config_follows_the_method_layout():
+  from svdq_jax.models.flux import quant_config
+  cfg = quant_config("svdquant", "nvfp4", rank=16)
+  assert cfg.rule_for("img_in").method == "skip"
+  assert cfg.rule_for("final_layer/linear").method == "skip"
+  mod = cfg.rule_for("double_blocks/3/img_mod/lin")
+  assert (mod.method, mod.fmt) == ("w4a16", "nvfp4")
+  assert cfg.rule_for("single_blocks/0/modulation/lin").method == "w4a16"
+  qkv = cfg.rule_for("double_blocks/3/img_attn/qkv")
+  assert (qkv.method, qkv.fmt, qkv.rank) == ("svdquant", "nvfp4", 16)
+  assert quant_config("w4a16_rtn").rule_for("double_blocks/0/txt_mod/lin").method == "w4a16_rtn"
+
+
+def test_attention_implementation_switch():
+  from svdq_jax.models import flux
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 8, 2, 16))
+  pe = flux.rope(jnp.zeros((8, 3)), (4, 6, 6), 10_000)
+  default = flux.attention(q, k, v, pe)
+  try:
+    flux.set_attention_implementation("xla")
+    np.testing.assert_array_equal(flux.attention(q, k, v, pe), default)
+    with pytest.raises(ValueError, match="flash"):
+      flux.set_attention_implementation("flash")
+  finally:
+    flux.set_attention_implementation(None)
