@@ -134,13 +134,15 @@ def _check_k(k: int) -> None:
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "num_warps",
                                               "num_stages", "interpret"))
 def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
-                 act_format: str = "int4", block_m: int = 64, num_warps: int = 4,
+                 act_format: str = "int4", block_m: int = 16, num_warps: int = 4,
                  num_stages: int = 2, interpret: bool = False):
   """Activation kernel: one pass over x.
 
   Args:
     x: [M, K] (bf16 or f32). smooth: f32 [K] or None. down: bf16 [K, r] or None.
     act_format: 'int4' or 'uint4'.
+    block_m, num_warps, num_stages: tiling; the default 16 rows x 4 warps was the fastest
+      measured on the H100 (docs/benchmarks/2026-11-22-w4a4-h100-v2.json, act_configs_ms).
 
   Returns:
     (packed uint8 [M, K/2], scales f32 [M, K/64], lr f32 [M, r] or None): identical to
