@@ -3,11 +3,11 @@
 Hopper has no 4-bit MMA, but INT4 values [-8, 7] (and unsigned [0, 15]) are exact in int8,
 so the W4A4 product runs exactly on int8 tensor cores:
 
-  activation kernel, one pass over X [M, K] (bf16):
+  activation kernel, one pass over X [M, K] (bf16), one program per (row block, K chunk):
       x_hat = X / lambda                                    (f32)
       per row and 64-group:  s = absmax / 7,  q = clip(round(x_hat / s), -8, 7)
       packed [M, K/2] uint8, scales [M, K/64] f32
-      lr = x_hat @ L_down  [M, r]                           (bf16 operands, f32 acc)
+      lr = sum over chunks of x_hat[:, chunk] @ L_down[chunk]  [M, r]  (bf16 operands, f32)
   GEMM kernel, per (BM x BN) output tile, over K one 64-group at a time:
       unpack the two nibble halves of A and W tiles to int8 (see ``formats``: a 64-block's
       low nibbles hold its first 32 elements, the high nibbles the last 32, so each half
@@ -82,7 +82,9 @@ def _quantize_half(v: jax.Array, scale: jax.Array, signed: bool, interpret: bool
 
 def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed, has_lr,
                 interpret):
-  bm, k = x_ref.shape
+  """One (row block, K chunk) program: quantizes and packs the chunk's groups and writes
+  the chunk's partial low-rank product x_hat[:, chunk] @ L_down[chunk]."""
+  bm, kc = x_ref.shape
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
   qmax = 7.0 if signed else 15.0
@@ -109,10 +111,15 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed,
       lr += plgpu.dot(hi.astype(jnp.bfloat16), down_ref[hi_cols, :])
     return lr
 
-  lr = jax.lax.fori_loop(0, k // GROUP, body,
+  lr = jax.lax.fori_loop(0, kc // GROUP, body,
                          jnp.zeros((bm, lr_ref.shape[1] if has_lr else 1), jnp.float32))
   if has_lr:
     plgpu.store(lr_ref, lr, mask=row_ok)
+
+
+def _groups_per_program(groups: int, target: int) -> int:
+  """The largest divisor of ``groups`` not above ``target`` (K chunk size, in groups)."""
+  return max(d for d in range(1, min(groups, max(target, 1)) + 1) if groups % d == 0)
 
 
 def _pad_rank(a: jax.Array, axis: int) -> jax.Array:
@@ -132,22 +139,26 @@ def _check_k(k: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "num_warps",
-                                              "num_stages", "interpret"))
+                                              "num_stages", "groups_per_program", "interpret"))
 def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
                  act_format: str = "int4", block_m: int = 16, num_warps: int = 4,
-                 num_stages: int = 2, interpret: bool = False):
+                 num_stages: int = 2, groups_per_program: int = 16, interpret: bool = False):
   """Activation kernel: one pass over x.
+
+  The grid is (row blocks, K chunks of ``groups_per_program`` 64-groups, reduced to a
+  divisor of K/64): each program quantizes its chunk and writes its partial low-rank product;
+  the partials (f32 [M, chunks, r], a few % of x's bytes) are summed afterwards.
 
   Args:
     x: [M, K] (bf16 or f32). smooth: f32 [K] or None. down: bf16 [K, r] or None.
     act_format: 'int4' or 'uint4'.
-    block_m, num_warps, num_stages: tiling; the default 16 rows x 4 warps was the fastest
-      measured on the H100 (docs/benchmarks/2026-11-22-w4a4-h100-v2.json, act_configs_ms).
+    block_m, num_warps, num_stages, groups_per_program: tiling; the defaults were the
+      fastest measured on the H100 (docs/benchmarks/).
 
   Returns:
     (packed uint8 [M, K/2], scales f32 [M, K/64], lr f32 [M, r] or None): identical to
-    ``formats.pack(formats.quantize(x / smooth, act_format))`` and
-    ``qlinear.lowrank_down(x / smooth, down)``.
+    ``formats.pack(formats.quantize(x / smooth, act_format))`` and, up to f32 summation
+    order, ``qlinear.lowrank_down(x / smooth, down)``.
   """
   if act_format not in SUPPORTED_ACT_FORMATS:
     raise ValueError(f"activation kernel supports {SUPPORTED_ACT_FORMATS}, got {act_format!r}")
@@ -156,16 +167,22 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   r = 0 if down is None else down.shape[1]
   down_p = None if down is None else _pad_rank(down.astype(jnp.bfloat16), 1)
   rp = 0 if down_p is None else down_p.shape[1]
-  grid = (pl.cdiv(m, block_m),)
-  row_block = lambda cols: pl.BlockSpec((block_m, cols), lambda i: (i, 0))
-  whole = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
+  gpp = _groups_per_program(k // GROUP, groups_per_program)
+  chunks = k // GROUP // gpp
+  lr_cols = max(rp, 1)
+  grid = (pl.cdiv(m, block_m), chunks)
+  tile = lambda cols: pl.BlockSpec((block_m, cols), lambda i, j: (i, j))
+  in_specs = [tile(gpp * GROUP)]
+  if smooth is not None:
+    in_specs.append(pl.BlockSpec((gpp * GROUP,), lambda i, j: (j,)))
+  if down_p is not None:
+    in_specs.append(pl.BlockSpec((gpp * GROUP, rp), lambda i, j: (j, 0)))
   out_shape = [jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
                jax.ShapeDtypeStruct((m, k // GROUP), jnp.float32),
-               jax.ShapeDtypeStruct((m, max(rp, 1)), jnp.float32)]
+               jax.ShapeDtypeStruct((m, chunks * lr_cols), jnp.float32)]
   kernel = functools.partial(_act_kernel, m=m, signed=act_format == "int4", has_lr=r > 0,
                              interpret=interpret)
   args = [x] + [a for a in (smooth, down_p) if a is not None]
-  specs = [row_block(k)] + [whole(a) for a in (smooth, down_p) if a is not None]
 
   def wrapped(x_ref, *refs):
     it = iter(refs)
@@ -175,11 +192,13 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
     kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref)
 
   q, s, lr = pl.pallas_call(
-      wrapped, grid=grid, in_specs=specs, out_shape=out_shape,
-      out_specs=[row_block(k // 2), row_block(k // GROUP), row_block(max(rp, 1))],
+      wrapped, grid=grid, in_specs=in_specs, out_shape=out_shape,
+      out_specs=[tile(gpp * HALF), tile(gpp), tile(lr_cols)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="svdq_quantize_act")(*args)
-  return q, s, (lr[:, :r] if r else None)
+  if not r:
+    return q, s, None
+  return q, s, lr.reshape(m, chunks, rp).sum(axis=1)[:, :r]
 
 
 def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, *, m,

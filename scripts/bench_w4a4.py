@@ -161,12 +161,47 @@ def _fused(layer, x, gemm_kw, act_kw):
                         **gemm_kw)
 
 
+ACT_SWEEP = [  # (block_m, num_warps, groups_per_program); 10**6: the whole K in one program
+    (16, 4, 10**6), (16, 4, 16), (16, 4, 8), (16, 4, 4), (32, 4, 16), (32, 4, 8),
+    (64, 4, 16), (16, 2, 16), (32, 8, 16)]
+
+
+def act_sweep(m, rank, key, interpret, say) -> dict:
+  """Times activation-kernel configs at FLUX's input widths; checks that every config's codes
+  and scales equal the single-chunk kernel's exactly and its low-rank output within f32
+  summation order. Returns {K: {config: ms}}."""
+  out = {}
+  for k in ((128, 256) if interpret else (3072, 12288, 15360)):
+    layer = make_layer(k, 128, rank, key)
+    x = activations(m, k, jax.random.fold_in(key, k))
+    base = None
+    out[k] = {}
+    for bm, nw, gpp in ([(16, 4, 10**6), (16, 4, 1)] if interpret else ACT_SWEEP):
+      kw = dict(block_m=bm, num_warps=nw, groups_per_program=gpp, interpret=interpret)
+      f = jax.jit(lambda *a, kw=kw: w4a4.quantize_act(*a, **kw))
+      try:
+        q, sc, lr = f(x, layer.smooth, layer.lora_down)
+        base = base or (q, sc, lr)
+        exact = bool((q == base[0]).all() and (sc == base[1]).all())
+        lr_err = float(jnp.abs(lr - base[2]).max() / jnp.abs(base[2]).max())
+        ms = median_seconds(f, x, layer.smooth, layer.lora_down) * 1e3
+        gbs = (m * k * 2 + m * k // 2 + m * k // 16) / ms / 1e6
+        out[k][str((bm, nw, gpp))] = ms
+        say(f"act K={k} {(bm, nw, gpp)}: {ms:.3f} ms, {gbs:.0f} GB/s, codes+scales exact "
+            f"{exact}, lr rel diff {lr_err:.1e}")
+      except Exception as e:  # a config the compiler rejects
+        say(f"act K={k} {(bm, nw, gpp)}: failed: {type(e).__name__}: {str(e)[:200]}")
+  return out
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--m", type=int, default=4608)
   p.add_argument("--rank", type=int, default=32)
   p.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
   p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+  p.add_argument("--act-only", action="store_true",
+                 help="only the activation-kernel config sweep (act_sweep.json)")
   args = p.parse_args()
   interpret = args.smoke
   m = 40 if args.smoke else args.m
@@ -183,6 +218,12 @@ def main():
 
   say(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
       f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
+  if args.act_only:
+    sweep = act_sweep(m, args.rank, key, interpret, say)
+    with open(os.path.join(args.out, "act_sweep.json"), "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "m": m, "rank": args.rank,
+                 "ms": sweep}, f, indent=1)
+    return
   # 1. GEMM tile configs on the second shape (3072 -> 12288)
   k0, n0 = shapes[1]
   cfg_times = {}

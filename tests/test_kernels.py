@@ -21,12 +21,14 @@ def _inputs(m, k, r, seed=0, unsigned=False):
   return x.astype(jnp.bfloat16), smooth, down
 
 
-@pytest.mark.parametrize("act,m,r,smoothed", [("int4", 37, 8, True), ("uint4", 16, 32, True),
-                                              ("int4", 20, 0, False)])
-def test_activation_kernel_bit_exact(act, m, r, smoothed):
+@pytest.mark.parametrize("act,m,r,smoothed,chunk", [
+    ("int4", 37, 8, True, 16), ("uint4", 16, 32, True, 16), ("int4", 20, 0, False, 16),
+    ("int4", 37, 8, True, 1), ("uint4", 33, 32, True, 2)])  # chunk 1/2: K split over programs
+def test_activation_kernel_bit_exact(act, m, r, smoothed, chunk):
   x, smooth, down = _inputs(m, 192, r, unsigned=act == "uint4")
   smooth = smooth if smoothed else None
-  q, s, lr = w4a4.quantize_act(x, smooth, down, act_format=act, block_m=16, interpret=True)
+  q, s, lr = w4a4.quantize_act(x, smooth, down, act_format=act, block_m=16,
+                               groups_per_program=chunk, interpret=True)
   xh = x.astype(jnp.float32) if smooth is None else x.astype(jnp.float32) / smooth
   ref = formats.quantize(xh, act)
   np.testing.assert_array_equal(np.asarray(q), np.asarray(formats.pack(ref.q, act)))
