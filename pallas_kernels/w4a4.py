@@ -141,8 +141,8 @@ def _check_k(k: int) -> None:
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "num_warps",
                                               "num_stages", "groups_per_program", "interpret"))
 def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
-                 act_format: str = "int4", block_m: int = 16, num_warps: int = 4,
-                 num_stages: int = 2, groups_per_program: int = 16, interpret: bool = False):
+                 act_format: str = "int4", block_m: int = 32, num_warps: int = 4,
+                 num_stages: int = 2, groups_per_program: int = 8, interpret: bool = False):
   """Activation kernel: one pass over x.
 
   The grid is (row blocks, K chunks of ``groups_per_program`` 64-groups, reduced to a
@@ -153,7 +153,7 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
     x: [M, K] (bf16 or f32). smooth: f32 [K] or None. down: bf16 [K, r] or None.
     act_format: 'int4' or 'uint4'.
     block_m, num_warps, num_stages, groups_per_program: tiling; the defaults were the
-      fastest measured on the H100 (docs/benchmarks/).
+      fastest measured on the H100 (docs/benchmarks/2026-11-22-act-kernel-sweep-h100.log).
 
   Returns:
     (packed uint8 [M, K/2], scales f32 [M, K/64], lr f32 [M, r] or None): identical to

@@ -38,7 +38,7 @@ GEMM_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, groups_per_step)
 ]
 
 
-ACT_CONFIGS = [(64, 4), (32, 4), (16, 4), (16, 2), (16, 1), (32, 2)]  # (block_m, num_warps)
+ACT_CONFIGS = [(32, 4), (16, 4), (16, 2), (64, 4)]  # (block_m, num_warps), 8 groups per program
 
 
 
