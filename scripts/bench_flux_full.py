@@ -32,6 +32,7 @@ import svdq_jax
 from svdq_jax.models import sampling
 from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config, set_attention_implementation
 from svdq_jax.timing import device_kernel_seconds, median_seconds
+from svdq_jax.tree import tree_bytes
 
 SVDQUANT_FLUX = quant_config("svdquant", "int4", rank=32)
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
@@ -60,10 +61,6 @@ def random_model(cfg, seed=0) -> Flux:
   state = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(abstract))
   nnx.replace_by_pure_dict(abstract, state)
   return nnx.merge(graph, abstract)
-
-
-def tree_bytes(tree) -> int:
-  return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
 def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):

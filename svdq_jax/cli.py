@@ -139,7 +139,7 @@ def main(argv=None) -> int:
   sm.add_argument("--seed", type=int, default=0)
   sm.add_argument("--quiet", action="store_true")
   sm.set_defaults(func=_sample)
-  from svdq_jax.demo.run import METHODS
+  from svdq_jax.demo.methods import METHODS
   dm = sub.add_parser("demo", help="quantize the built-in text-to-image model (a small FLUX) "
                       "with SVDQuant and the baselines, sample the same prompts with each, and "
                       "write an image grid and a PSNR/SSIM table")

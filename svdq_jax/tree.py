@@ -149,4 +149,9 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
   return jax.tree_util.tree_map_with_path(swap, params)
 
 
-__all__ = ["quantize", "find_kernels", "module_path", "LayerReport"]
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of a tree (float or quantized parameters)."""
+  return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
+__all__ = ["quantize", "find_kernels", "module_path", "tree_bytes", "LayerReport"]

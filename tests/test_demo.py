@@ -53,7 +53,7 @@ def test_random_scenes_keep_their_captions_true():
   assert (sign * delta >= s.size[two].sum(1)).all()     # the shapes never touch
   assert (s.color[:, 0] != s.color[:, 1]).all()
   assert (s.color != s.background[:, None]).all()
-  ids = shapes.tokenize([shapes.caption(s, i) for i in range(len(s))])
+  ids = shapes.tokenize(shapes.captions(s))
   assert ids.shape == (500, shapes.MAX_TOKENS) and ids.max() < len(shapes.VOCAB)
 
 

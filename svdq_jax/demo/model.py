@@ -78,9 +78,14 @@ class DemoModel(nnx.Module):
     return self.text(jnp.asarray(shapes.tokenize(prompts)))
 
 
+def _key(prefix: str, path) -> str:
+  """File key of a parameter: prefix + its tree path joined by dots."""
+  return prefix + ".".join(str(getattr(k, "key", k)) for k in path)
+
+
 def _flat(module: nnx.Module, prefix: str) -> dict[str, jax.Array]:
   flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))[0]
-  return {prefix + ".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+  return {_key(prefix, path): leaf for path, leaf in flat}
 
 
 def save(model: DemoModel, path: str, dtype=jnp.bfloat16) -> None:
@@ -125,8 +130,7 @@ def load(path: str = WEIGHTS, dtype=jnp.bfloat16) -> DemoModel:
     state = nnx.state(module, nnx.Param)
     pure = nnx.to_pure_dict(state)
     pure = jax.tree_util.tree_map_with_path(
-        lambda p, _: jnp.asarray(tensors[prefix + ".".join(str(getattr(k, "key", k)) for k in p)],
-                                 dtype), pure)
+        lambda p, _: jnp.asarray(tensors[_key(prefix, p)], dtype), pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(module, state)
   return model

@@ -23,24 +23,10 @@ import svdq_jax
 from svdq_jax.calibrate import LayerStats
 from svdq_jax.demo import model as demo_model
 from svdq_jax.demo import shapes
+from svdq_jax.demo.methods import METHODS
 from svdq_jax.models import flux, sampling
+from svdq_jax.tree import tree_bytes
 
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  label: str
-  method: str | None     # None: the 16-bit model itself
-  fmt: str = "int4"
-
-
-METHODS = {
-    "bf16": Method("16-bit (bf16)", None),
-    "svdquant-int4": Method("SVDQuant INT4", "svdquant", "int4"),
-    "svdquant-nvfp4": Method("SVDQuant NVFP4", "svdquant", "nvfp4"),
-    "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
-    "rtn": Method("RTN W4A4", "rtn", "int4"),
-    "w4a16": Method("W4A16 (AWQ-style)", "w4a16", "int4"),
-}
 
 PROMPTS = (
     "a red circle above a blue square on a gray background",
@@ -82,19 +68,15 @@ def quality(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
   return float(psnr.mean()), float(dm_pix.ssim(a, b).mean())
 
 
-def tree_bytes(tree) -> int:
-  return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
-
-
 def calibration_batches(num_batches: int, batch: int, steps: int, seed: int = 1234):
   """Calibration inputs of the transformer: captions of random scenes (not the demo's
   prompts), and their images noised to timesteps of the sampling schedule, cycling through
   the schedule. Yields (ids, x_t packed [B, 256, 12], t [B])."""
   rng = np.random.default_rng(seed)
-  sigmas = sampling.schedule(steps, (shapes.IMAGE_SIZE // 2) ** 2)[:-1]
+  sigmas = sampling.schedule(steps, shapes.IMAGE_TOKENS)[:-1]
   for i in range(num_batches):
     scenes = shapes.random_scenes(rng, batch)
-    ids = shapes.tokenize([shapes.caption(scenes, j) for j in range(batch)])
+    ids = shapes.tokenize(shapes.captions(scenes))
     x0 = sampling.pack_latents(shapes.render(scenes))
     t = jnp.asarray(sigmas[(i * batch + np.arange(batch)) % len(sigmas)])
     noise = jax.random.normal(jax.random.key(seed + i), x0.shape)
@@ -139,7 +121,7 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
   noise = jnp.concatenate([jax.random.normal(jax.random.key(s), (1, 3, shapes.IMAGE_SIZE,
                                                                  shapes.IMAGE_SIZE))
                            for _, s in rows])
-  sigmas = sampling.schedule(steps, (shapes.IMAGE_SIZE // 2) ** 2)
+  sigmas = sampling.schedule(steps, shapes.IMAGE_TOKENS)
   graph, state = nnx.split(model.flux)
 
   calib = None

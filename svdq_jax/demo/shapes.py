@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMAGE_SIZE = 32
+IMAGE_TOKENS = (IMAGE_SIZE // 2) ** 2   # 2x2 patches
 SUPERSAMPLE = 4
 MAX_TOKENS = 12   # "a red circle left of a blue square on a gray background"
 
@@ -102,6 +103,11 @@ def caption(scenes: Scenes, i: int) -> str:
   if scenes.count[i] == 2:
     text += f" {RELATIONS[scenes.relation[i]]} {obj(1)}"
   return text + f" on a {list(COLORS)[scenes.background[i]]} background"
+
+
+def captions(scenes: Scenes) -> list[str]:
+  """The captions of all scenes."""
+  return [caption(scenes, i) for i in range(len(scenes))]
 
 
 def tokenize(texts: list[str]) -> np.ndarray:

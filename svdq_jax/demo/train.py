@@ -68,7 +68,7 @@ def train(out: str, *, steps: int = 20_000, batch: int = 128, lr: float = 3e-4,
   bar = tqdm(range(steps), desc="training", disable=not progress)
   for i in bar:
     scenes = shapes.random_scenes(rng, batch)
-    ids = shapes.tokenize([shapes.caption(scenes, j) for j in range(batch)])
+    ids = shapes.tokenize(shapes.captions(scenes))
     params, opt_state, ema, loss = step(params, opt_state, ema, ids, shapes.draw_args(scenes),
                                         jax.random.fold_in(key, i))
     losses.append(loss)
