@@ -1,0 +1,131 @@
+"""Checks and times the Mosaic GPU W4A4 GEMM (pallas_kernels/w4a4_hopper.py) on the H100.
+
+One run: correctness against the jnp reference at FLUX shapes (ragged M too, with and
+without the low-rank branch and bias), then, at M tokens for the FLUX.1 linear shapes,
+XLA bf16 ``x @ w`` (the baseline), XLA int8 with K-major operands (the ceiling), and the
+GEMM in several variants. Prints a table last; writes hopper.md / hopper.json to --out.
+
+    python3 scripts/bench_w4a4_hopper.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from svdq_jax import formats
+from svdq_jax.pallas_kernels import w4a4_hopper as hop
+from svdq_jax.timing import median_seconds
+
+FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+VARIANTS = {  # name: kwargs of w4a4_gemm_t
+    "magic t128x2x64 s4": dict(),
+    "convert t128x2x64 s4": dict(rescale="convert"),
+    "magic t128x2x64 s6": dict(steps=6),
+    "magic t192x2x64 s4": dict(tile_m=192),
+    "magic t256x2x64 s3": dict(tile_m=256, steps=3),
+    "magic t128x2x128 s4": dict(tile_n=128),
+}
+
+
+def operands(m, k, n, rank, key, bias=True):
+  ks = jax.random.split(key, 7)
+  a_q = jax.random.randint(ks[0], (m, k), -8, 8, jnp.int8)
+  w_packed = formats.pack(jax.random.randint(ks[1], (n, k), -8, 8, jnp.int8), "int4")
+  sa = jax.random.uniform(ks[2], (k // 64, m), minval=0.01, maxval=0.1)
+  sw = jax.random.uniform(ks[3], (k // 64, n), minval=0.01, maxval=0.1)
+  sw = sw.astype(jnp.bfloat16).astype(jnp.float32)
+  lr = (jax.random.normal(ks[4], (m, rank)) * 0.1).astype(jnp.bfloat16) if rank else None
+  up = (jax.random.normal(ks[5], (n, rank)) * 0.1).astype(jnp.bfloat16) if rank else None
+  b = jax.random.normal(ks[6], (n,)) * 0.1 if bias else None
+  return a_q, sa, w_packed, sw, lr, up, b
+
+
+def rel_err(y, ref):
+  return float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+def check(key):
+  rows = []
+  for m, k, n, rank, bias in [(4608, 3072, 3072, 32, True), (4096 + 333, 3072, 3072, 32, True),
+                              (4608, 15360, 3072, 0, False), (77, 3072, 12288, 32, True)]:
+    args = operands(m, k, n, rank, key, bias)
+    ref = hop.reference(*args)
+    for name in ("magic t128x2x64 s4", "convert t128x2x64 s4"):
+      y = jnp.full((m, n), jnp.nan, jnp.bfloat16)  # poisoned, then overwritten
+      y = jax.jit(functools.partial(hop.w4a4_gemm_t, **VARIANTS[name]))(*args)
+      finite = bool(jnp.isfinite(y).all())
+      rows.append((f"{m}x{k}x{n} r{rank} bias={bias}", name, rel_err(y, ref), finite))
+      print("check", rows[-1], flush=True)
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default=None)
+  p.add_argument("--m", type=int, default=4608)
+  p.add_argument("--rank", type=int, default=32)
+  args = p.parse_args()
+  key = jax.random.key(0)
+  checks = check(key)
+  rows = []
+  for k, n in FLUX_SHAPES:
+    m = args.m
+    kx, kw = jax.random.split(jax.random.fold_in(key, k * n))
+    x16 = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w16 = jax.random.normal(kw, (k, n), jnp.bfloat16)
+    t16 = median_seconds(jax.jit(lambda a, b: a @ b), x16, w16)
+    a8 = jax.random.randint(kx, (m, k), -8, 8, jnp.int8)
+    b8 = jax.random.randint(kw, (n, k), -8, 8, jnp.int8)
+    t8 = median_seconds(jax.jit(lambda a, b: lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a8, b8)
+    del x16, w16, b8
+    rows.append(dict(k=k, n=n, variant="xla bf16", ms=t16 * 1e3, vs_bf16=1.0))
+    rows.append(dict(k=k, n=n, variant="xla int8", ms=t8 * 1e3, vs_bf16=t16 / t8))
+    ops = operands(m, k, n, args.rank, kw)
+    for name, kwargs in VARIANTS.items():
+      for lowrank in (True, False):
+        if not lowrank and not name.startswith("magic t128x2x64 s4"):
+          continue
+        call_args = ops if lowrank else ops[:4] + (None, None, ops[6])
+        label = name + ("" if lowrank else " no-lowrank")
+        try:
+          f = jax.jit(functools.partial(hop.w4a4_gemm_t, **kwargs))
+          t = median_seconds(f, *call_args)
+          rows.append(dict(k=k, n=n, variant=label, ms=t * 1e3, vs_bf16=t16 / t))
+        except Exception as e:  # a variant that does not compile is reported, not fatal
+          rows.append(dict(k=k, n=n, variant=label, ms=float("nan"), vs_bf16=0.0,
+                           error=f"{type(e).__name__}: {str(e)[:200]}"))
+          traceback.print_exc(limit=2)
+        print(rows[-1], flush=True)
+    del ops
+
+  device = jax.devices()[0].device_kind
+  lines = [f"W4A4 GEMM (Mosaic GPU) vs XLA, M={args.m}, rank {args.rank}, {device}, "
+           f"{datetime.date.today()}", "",
+           "| check | variant | rel. err vs jnp | all finite |", "| --- | --- | ---: | --- |"]
+  lines += [f"| {c} | {v} | {e:.2e} | {f} |" for c, v, e, f in checks]
+  lines += ["", "| K -> N | variant | ms | vs XLA bf16 |", "| --- | --- | ---: | ---: |"]
+  lines += [f"| {r['k']} -> {r['n']} | {r['variant']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x |"
+            for r in rows]
+  text = "\n".join(lines)
+  print("\n" + text)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hopper.md"), "w") as f:
+      f.write(text + "\n")
+    with open(os.path.join(args.out, "hopper.json"), "w") as f:
+      json.dump(dict(device=device, m=args.m, rank=args.rank, checks=checks, rows=rows), f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  main()
