@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats
+from svdq_jax.pallas_kernels import w4a4_hopper
 
 GROUP = formats.PACK_BLOCK   # 64: one INT4 group = one packing block
 HALF = GROUP // 2            # 32 bytes per group and row
@@ -298,6 +299,26 @@ def supports(weight_format: str, act_format: str | None) -> bool:
   return weight_format == "int4" and act_format in SUPPORTED_ACT_FORMATS
 
 
+GEMM_KERNELS = ("auto", "triton", "hopper")
+_gemm_kernel = "auto"
+
+
+def set_gemm_kernel(name: str) -> None:
+  """Which GEMM kernel ``w4a4_linear`` uses: 'hopper' (Mosaic GPU, wgmma; Hopper GPUs),
+  'triton', or 'auto' (hopper on a Hopper GPU where the shape allows, else triton)."""
+  global _gemm_kernel
+  if name not in GEMM_KERNELS:
+    raise ValueError(f"GEMM kernel must be one of {GEMM_KERNELS}, got {name!r}")
+  _gemm_kernel = name
+
+
+def hopper_gemm(m: int, k: int, n: int, interpret: bool) -> bool:
+  """Whether ``w4a4_linear`` runs this problem's GEMM on the Hopper kernel."""
+  if _gemm_kernel == "triton" or not w4a4_hopper.supports(m, k, n):
+    return False
+  return _gemm_kernel == "hopper" or (not interpret and w4a4_hopper.on_hopper())
+
+
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                 interpret: bool = False) -> jax.Array:
   """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype)."""
@@ -308,6 +329,9 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   bias = layer.bias if bias is None else bias
   q, s, lr = quantize_act(x.reshape(-1, k), layer.smooth, layer.lora_down,
                           act_format=layer.act_format, interpret=interpret)
-  y = w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
-                act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
+  gemm = w4a4_gemm
+  if hopper_gemm(q.shape[0], k, layer.out_features, interpret):
+    gemm = w4a4_hopper.gemm_packed
+  y = gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
+           act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
   return y.reshape(*lead, layer.out_features)

@@ -6,27 +6,29 @@ Y[m, n] = sum_g s_a[m, g] s_w[n, g] (q_a[m, g, :] . q_w[n, g, :])
 over 64-groups g, with the 4-bit values exact in int8. The tensor cores see the transposed
 problem, Y^T = W A^T, so that the packed weights can be the register operand of wgmma:
 
-  one memory warpgroup streams, per 64-group, the activation codes (int8 [TM, 64]), the
-  packed weights (uint8 [2 TN, 32]) and both scale rows into shared memory (TMA, several
-  stages deep);
-  two compute warpgroups, each owning TN weight rows:
+  one memory warpgroup streams, per pipeline step of ``groups_per_step`` 64-groups, the
+  activation codes (int8 [TM, 64 g]), the packed weights (uint8 [2 TN, 32 g]) and both
+  scale rows into shared memory (TMA, several steps deep);
+  two compute warpgroups, each owning TN weight rows, per pair of groups:
       w = packed weights -> registers;  lo = w << 4,  hi = w & 0xF0  (int8: 16 x nibble)
-      part = C + [lo | hi] . A^T                           (wgmma s8 -> s32, C below)
-      total += ((f32 bits of part) - C) * (s_w[n] / 16) * s_a[m]    (f32, exact / 16)
+      part_j = [lo | hi]_j . A_j^T            (wgmma s8 -> s32, both groups issued at once)
+      total += f32(part_j) * (s_w[n, j] / 16) * s_a[m, j]   (the /16 is exact; group 0's
+                                                            rescale overlaps group 1's MMA)
   epilogue: total += up^T . bf16(lr)^T (one bf16 wgmma) + bias; stored transposed to Y.
 
-The int32 -> f32 conversion is the inner loop's most frequent op. Instead of ``cvt`` (a
-conversion at a quarter of the FMA rate on Hopper), the accumulator starts at the bits of
-C = 1.5 * 2**23: for |part| < 2**22 (here |16 dot| <= 2**16) the s32 sum's bits are exactly the float C + part, and
-subtracting C is exact. Pass ``rescale="convert"`` to use ``astype`` instead.
+Measured on the H100 (docs/benchmarks/): starting the s32 accumulator at the bits of
+1.5 * 2**23 so that int -> float is a bit cast and one exact subtraction was no faster than
+``cvt``, so the plain conversion stays.
 
 Ragged M is handled by the TMA unit (out-of-bounds reads give zeros, out-of-bounds writes are
-dropped). K must be a multiple of 64 and N of 2 * tile_n.
+dropped) down to a multiple of 8 rows; other M are padded to one (a copy of the activations).
+K must be a multiple of 64 and N of 2 * tile_n.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +40,11 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from svdq_jax import formats
+
 GROUP = 64
 HALF = GROUP // 2
-MAGIC = 1.5 * 2.0 ** 23          # float C with bits 0x4B400000
-MAGIC_BITS = 0x4B400000
-RESCALES = ("magic", "convert")
+ROW_ALIGN = 8                    # rows of a TMA tile
 
 
 def _unpack16(w: jax.Array, interpret: bool) -> jax.Array:
@@ -110,11 +112,11 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n: int) -> None:
     raise ValueError(f"N={n} is not a multiple of {2 * tile_n} (2 warpgroups x tile_n)")
 
 
-@functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "rescale",
+@functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "groups_per_step",
                                               "num_sms", "interpret"))
 def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None, *,
-                tile_m: int = 128, tile_n: int = 64, steps: int = 4,
-                rescale: str = "magic", num_sms: int | None = None, interpret: bool = False):
+                tile_m: int = 128, tile_n: int = 64, steps: int = 4, groups_per_step: int = 2,
+                num_sms: int | None = None, interpret: bool = False):
   """The W4A4 GEMM with Hopper-native operand layouts.
 
   Args:
@@ -126,14 +128,20 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     lr: bf16 [M, r] low-rank activations or None; up_t: bf16 [N, r] (``L_up`` transposed),
       r a multiple of 16; bias: f32 [N] or None.
     tile_m: tokens per output tile; tile_n: weight rows per compute warpgroup; steps:
-      pipeline depth (64-groups in flight).
+      pipeline depth; groups_per_step: 64-groups per pipeline step (reduced to a divisor
+      of K/64).
 
   Returns:
     bf16 [M, N].
   """
-  if rescale not in RESCALES:
-    raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
   check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n)
+  if a_q.shape[0] % ROW_ALIGN:  # TMA tiles need 8-row multiples; a tile's tail rows are
+    pad = -a_q.shape[0] % ROW_ALIGN  # masked by the TMA unit, only this remainder is copied
+    y = w4a4_gemm_t(jnp.pad(a_q, ((0, pad), (0, 0))), jnp.pad(a_scale_t, ((0, 0), (0, pad))),
+                    w_packed, w_scale_t, None if lr is None else jnp.pad(lr, ((0, pad), (0, 0))),
+                    up_t, bias, tile_m=tile_m, tile_n=tile_n, steps=steps,
+                    groups_per_step=groups_per_step, num_sms=num_sms, interpret=interpret)
+    return y[:a_q.shape[0]]
   m, k = a_q.shape
   n = w_packed.shape[0]
   has_lr, has_bias = lr is not None, bias is not None
@@ -142,10 +150,13 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     raise ValueError(f"low-rank branch needs lr [M, r] and up_t [N, r] with r a multiple of "
                      f"16, got {lr.shape} and {None if up_t is None else up_t.shape}")
   cta_n = 2 * tile_n
-  steps = min(steps, k // GROUP)  # a pipeline deeper than the K loop deadlocks
+  gps = math.gcd(groups_per_step, k // GROUP)
+  steps = min(steps, k // GROUP // gps)  # a pipeline deeper than the K loop deadlocks
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
-  if num_sms is None:
-    num_sms = jax.devices()[0].core_count if not interpret else 2
+  if interpret:  # GPU interpret mode hangs when a program loops over several tiles
+    num_sms = m_iters * n_iters
+  elif num_sms is None:  # a persistent grid: one program per SM, looping over output tiles
+    num_sms = jax.devices()[0].core_count
   w_packed = lax.bitcast_convert_type(w_packed, jnp.int8)
   w_scale_t = w_scale_t.astype(jnp.float32) / 16  # the MMA sees 16 x the nibbles; exact
 
@@ -158,15 +169,14 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
 
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k // GROUP,), memory_registers=40,
+          body, grid=(k // GROUP // gps,), memory_registers=40,
           in_specs=[
-              plgpu.BlockSpec((tile_m, GROUP), lambda g: (0, g), transforms=_swizzled(GROUP, jnp.int8),
-                              memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((cta_n, HALF), lambda g: (0, g),
-                              transforms=_swizzled(HALF, jnp.int8),
-                              memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((1, tile_m), lambda g: (g, 0), memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((1, cta_n), lambda g: (g, 0), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((tile_m, gps * GROUP), lambda g: (0, g),
+                              transforms=_swizzled(GROUP, jnp.int8), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, gps * HALF), lambda g: (0, g),
+                              transforms=_swizzled(HALF, jnp.int8), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((gps, tile_m), lambda g: (g, 0), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((gps, cta_n), lambda g: (g, 0), memory_space=plgpu.SMEM),
           ],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
           compute_context=context)
@@ -214,29 +224,38 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
           plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
 
         def body(_, a_smem, w_smem, sa_smem, sw_smem, total):
-          w16 = _unpack16(plgpu.load(w_smem.at[rows], layout=plgpu.Layout.WGMMA_8BIT),
-                          interpret)
+          """One pipeline step: ``gps`` 64-groups, wgmma'd in pairs so that the first
+          group's rescale overlaps the second group's MMAs."""
+          def rescaled(j, part):
+            sw = plgpu.load(sw_smem.at[j, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+            sa = plgpu.load(sa_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(0))
+            return (part.astype(jnp.float32) * lax.broadcast_in_dim(sw, part.shape, [0])
+                    * lax.broadcast_in_dim(sa, part.shape, [1]))
 
-          def mma(acc):
-            if interpret:  # interpret mode takes wgmma operands from refs only
-              w16_smem[wg] = w16
-              plgpu.wgmma(acc, w16_smem.at[wg], a_smem.transpose((1, 0)))
-            else:
-              plgpu.wgmma(acc, w16, a_smem.transpose((1, 0)))
+          def pair(groups, total):
+            w16 = [_unpack16(plgpu.load(w_smem.at[rows, pl.ds(j * HALF, HALF)],
+                                        layout=plgpu.Layout.WGMMA_8BIT), interpret)
+                   for j in groups]
 
-          sw = plgpu.load(sw_smem.at[0, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-          sa = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(0))
-          sw = lax.broadcast_in_dim(sw, total.shape, [0])
-          sa = lax.broadcast_in_dim(sa, total.shape, [1])
-          if rescale == "magic":
-            init = plgpu.layout_cast(jnp.full(total.shape, MAGIC_BITS, jnp.int32),
-                                     plgpu.Layout.WGMMA)
-            part = _wgmma_onto(init, mma, interpret)
-            part = lax.bitcast_convert_type(part, jnp.float32) - MAGIC
-          else:
-            zero = plgpu.layout_cast(jnp.zeros(total.shape, jnp.int32), plgpu.Layout.WGMMA)
-            part = _wgmma_onto(zero, mma, interpret).astype(jnp.float32)
-          return total + part * sw * sa
+            def run(*accs):
+              for i, (j, acc) in enumerate(zip(groups, accs)):
+                a_t = a_smem.at[:, pl.ds(j * GROUP, GROUP)].transpose((1, 0))
+                if interpret:  # interpret mode takes wgmma operands from refs only
+                  w16_smem[wg, i] = w16[i]
+                  plgpu.wgmma(acc, w16_smem.at[wg, i], a_t)
+                else:
+                  plgpu.wgmma(acc, w16[i], a_t)
+              out = total
+              for i, (j, acc) in enumerate(zip(groups, accs)):
+                plgpu.wgmma_wait(len(groups) - 1 - i)
+                out = out + rescaled(j, acc[...])
+              return out
+
+            return pl.run_scoped(run, *[plgpu.ACC(total.shape, jnp.int32)] * len(groups))
+
+          for start in range(0, gps, 2):
+            total = pair(range(start, min(start + 2, gps)), total)
+          return total
 
         pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice],
                                 sa_gmem.at[:, m_slice], sw_gmem.at[:, n_slice],
@@ -263,7 +282,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, tile_n), jnp.float32),
           plgpu.Barrier(num_barriers=6),
-      ] + ([plgpu.SMEM((2, tile_n, GROUP), jnp.int8)] if interpret else []),
+      ] + ([plgpu.SMEM((2, 2, tile_n, GROUP), jnp.int8)] if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -272,7 +291,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
 
 def reference(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None):
   """jnp semantics of ``w4a4_gemm_t`` (f32 result, before the bf16 output rounding)."""
-  from svdq_jax import formats  # the packing layout's one definition
   m, k = a_q.shape
   w = formats.unpack(w_packed, "int4")
   g = k // GROUP
@@ -286,3 +304,31 @@ def reference(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y
+
+
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) \
+      .startswith("9")
+
+
+def supports(m: int, k: int, n: int, tile_n: int = 64) -> bool:
+  """Whether ``w4a4_gemm_t`` takes this problem (else use the Triton GEMM)."""
+  del m
+  return k % GROUP == 0 and n % (2 * tile_n) == 0
+
+
+def gemm_packed(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None, *,
+                act_format: str = "int4", out_dtype=jnp.bfloat16, interpret: bool = False):
+  """``w4a4.w4a4_gemm``'s contract (packed activations, [M, K/64] scales, ``L_up`` [r, N])
+  on the Hopper kernel: the activation codes are unpacked to int8 and the small operands
+  transposed by XLA around the call."""
+  a_q = formats.unpack(a_packed, act_format)
+  if lr is not None:
+    pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
+    lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
+    up = jnp.pad(up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
+  y = w4a4_gemm_t(a_q, a_scale.T, w_packed, w_scale.astype(jnp.float32).T, lr, up,
+                  None if bias is None else bias.astype(jnp.float32), interpret=interpret)
+  return y.astype(out_dtype)

@@ -26,14 +26,15 @@ from svdq_jax.pallas_kernels import w4a4_hopper as hop
 from svdq_jax.timing import median_seconds
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
-VARIANTS = {  # name: kwargs of w4a4_gemm_t
-    "magic t128x2x64 s4": dict(),
-    "convert t128x2x64 s4": dict(rescale="convert"),
-    "magic t128x2x64 s6": dict(steps=6),
-    "magic t192x2x64 s4": dict(tile_m=192),
-    "magic t256x2x64 s3": dict(tile_m=256, steps=3),
-    "magic t128x2x128 s4": dict(tile_n=128),
+VARIANTS = {  # name: kwargs of w4a4_gemm_t (tile_m x 2 warpgroups x tile_n)
+    "t128x2x64 g2 s4": dict(),
+    "t128x2x64 g1 s4": dict(groups_per_step=1),
+    "t128x2x64 g2 s3": dict(steps=3),
+    "t128x2x64 g2 s6": dict(steps=6),
+    "t128x2x64 g4 s2": dict(groups_per_step=4, steps=2),
+    "t64x2x64 g2 s4": dict(tile_m=64),
 }
+DEFAULT = "t128x2x64 g2 s4"
 
 
 def operands(m, k, n, rank, key, bias=True):
@@ -59,7 +60,7 @@ def check(key):
                               (4608, 15360, 3072, 0, False), (77, 3072, 12288, 32, True)]:
     args = operands(m, k, n, rank, key, bias)
     ref = hop.reference(*args)
-    for name in ("magic t128x2x64 s4", "convert t128x2x64 s4"):
+    for name in (DEFAULT, "t128x2x64 g1 s4", "t128x2x64 g4 s2"):
       y = jnp.full((m, n), jnp.nan, jnp.bfloat16)  # poisoned, then overwritten
       y = jax.jit(functools.partial(hop.w4a4_gemm_t, **VARIANTS[name]))(*args)
       finite = bool(jnp.isfinite(y).all())
@@ -93,7 +94,7 @@ def main():
     ops = operands(m, k, n, args.rank, kw)
     for name, kwargs in VARIANTS.items():
       for lowrank in (True, False):
-        if not lowrank and not name.startswith("magic t128x2x64 s4"):
+        if not lowrank and name != DEFAULT:
           continue
         call_args = ops if lowrank else ops[:4] + (None, None, ops[6])
         label = name + ("" if lowrank else " no-lowrank")
