@@ -300,23 +300,23 @@ def supports(weight_format: str, act_format: str | None) -> bool:
 
 
 GEMM_KERNELS = ("auto", "triton", "hopper")
-_gemm_kernel = "auto"
+_gemm_choice = "auto"
 
 
 def set_gemm_kernel(name: str) -> None:
   """Which GEMM kernel ``w4a4_linear`` uses: 'hopper' (Mosaic GPU, wgmma; Hopper GPUs),
   'triton', or 'auto' (hopper on a Hopper GPU where the shape allows, else triton)."""
-  global _gemm_kernel
+  global _gemm_choice
   if name not in GEMM_KERNELS:
     raise ValueError(f"GEMM kernel must be one of {GEMM_KERNELS}, got {name!r}")
-  _gemm_kernel = name
+  _gemm_choice = name
 
 
 def hopper_gemm(m: int, k: int, n: int, interpret: bool) -> bool:
   """Whether ``w4a4_linear`` runs this problem's GEMM on the Hopper kernel."""
-  if _gemm_kernel == "triton" or not w4a4_hopper.supports(m, k, n):
+  if _gemm_choice == "triton" or not w4a4_hopper.supports(m, k, n):
     return False
-  return _gemm_kernel == "hopper" or (not interpret and w4a4_hopper.on_hopper())
+  return _gemm_choice == "hopper" or (not interpret and w4a4_hopper.on_hopper())
 
 
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
