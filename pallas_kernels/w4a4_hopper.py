@@ -45,36 +45,60 @@ from svdq_jax import formats
 GROUP = 64
 HALF = GROUP // 2
 ROW_ALIGN = 8                    # rows of a TMA tile
+MMA_TYPES = ("s8", "e4m3")
+RESCALES = ("convert", "magic", "unscaled")
+MAGIC = 1.5 * 2.0 ** 23          # the float with bits MAGIC_BITS: adding an int32 n < 2**22
+MAGIC_BITS = 0x4B400000          # to these bits gives the float MAGIC + n
 
 
-def _unpack16(w: jax.Array, interpret: bool) -> jax.Array:
-  """int8 [R, 32] packed nibbles -> int8 [R, 64]: 16 x (low nibbles | high nibbles), exact.
+def _unpack_weights(w: jax.Array, mma: str, interpret: bool) -> jax.Array:
+  """int8 [R, 32] packed INT4 nibbles -> [R, 64] MMA operand (low nibbles | high nibbles).
 
-  The high nibble already sits in the high bits (``w & 0xF0``), the low one moves there with
-  a 4-bit left shift; the factor 16 is divided out of the weight scales. Mosaic GPU has no
-  8-bit shifts, so on the GPU both run on each thread's 32-bit registers of 4 packed bytes,
-  and the two halves are joined along K in the wgmma register layout (a 16-column tile axis).
+  mma='s8': int8 16 x n, exact. The high nibble already sits in the high bits (``w & 0xF0``),
+  the low one moves there with a 4-bit left shift; the 16 is divided out of the weight scales.
+  mma='e4m3': float8_e4m3fn bytes n + 8 (offset binary: the nibble with its top bit flipped),
+  whose e4m3 value is (n + 8) * 2**-9 exactly (bytes 0..15 are the subnormals and the first
+  binade, evenly spaced); the 2**-9 goes into the weight scales and the offset 8 into a
+  per-token correction (``w4a4_gemm_t``).
+
+  Mosaic GPU has no 8-bit shifts, so on the GPU both run on each thread's 32-bit registers
+  of 4 packed bytes, and the two halves are joined along K in the wgmma register layout
+  (a 16-column tile axis).
   """
+  dtype = jnp.int8 if mma == "s8" else jnp.float8_e4m3fn
   if interpret:
-    return jnp.concatenate([lax.shift_left(w, jnp.int8(4)),
-                            lax.bitwise_and(w, jnp.int8(-16))], axis=1)
+    u = lax.bitcast_convert_type(w, jnp.uint8)
+    if mma == "s8":
+      lo, hi = u << 4, u & 0xF0
+    else:
+      lo, hi = (u & 0xF) ^ 8, (u >> 4) ^ 8
+    return lax.bitcast_convert_type(jnp.concatenate([lo, hi], axis=1), dtype)
   layout = plgpu.Layout.WGMMA_8BIT
   rows, half = w.shape
+  i32 = lambda v: v - 2**32 if v >= 2**31 else v
 
   @plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
-      (rows, 2 * half), jnp.int8, layout=layout))
+      (rows, 2 * half), dtype, layout=layout))
   def unpack(_, frag):
-    i32 = ir.IntegerType.get_signless(32)
-    high_bits = mgpu.c(0xF0F0F0F0 - 2**32, i32)
+    t32 = ir.IntegerType.get_signless(32)
+    const = lambda v: mgpu.c(i32(v), t32)
     lo, hi = np.empty_like(frag.registers), np.empty_like(frag.registers)
     for idx, reg in np.ndenumerate(frag.registers):
-      word = mgpu.utils.bitcast(reg, i32)
-      lo[idx] = mgpu.utils.bitcast(arith.andi(arith.shli(word, mgpu.c(4, i32)), high_bits),
-                                   reg.type)
-      hi[idx] = mgpu.utils.bitcast(arith.andi(word, high_bits), reg.type)
+      word = mgpu.utils.bitcast(reg, t32)
+      if mma == "s8":
+        lo_w = arith.andi(arith.shli(word, const(4)), const(0xF0F0F0F0))
+        hi_w = arith.andi(word, const(0xF0F0F0F0))
+        out_t = reg.type
+      else:
+        lo_w = arith.xori(arith.andi(word, const(0x0F0F0F0F)), const(0x08080808))
+        hi_w = arith.xori(arith.andi(arith.shrui(word, const(4)), const(0x0F0F0F0F)),
+                          const(0x08080808))
+        out_t = ir.VectorType.get(ir.VectorType(reg.type).shape, ir.Float8E4M3FNType.get())
+      lo[idx] = mgpu.utils.bitcast(lo_w, out_t)
+      hi[idx] = mgpu.utils.bitcast(hi_w, out_t)
     # axis 1 of the register array runs over 16-column tiles
     return mgpu.FragmentedArray(_registers=np.concatenate([lo, hi], axis=1),
-                                _layout=frag.layout, _is_signed=True)
+                                _layout=frag.layout, _is_signed=True if mma == "s8" else None)
 
   return unpack(w)
 
@@ -113,34 +137,51 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "groups_per_step",
-                                              "num_sms", "interpret"))
-def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None, *,
+                                              "mma", "rescale", "out_dtype", "num_sms",
+                                              "interpret"))
+def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None,
+                a_group_sum_t=None, *,
                 tile_m: int = 128, tile_n: int = 64, steps: int = 4, groups_per_step: int = 2,
+                mma: str = "s8", rescale: str = "convert", out_dtype=jnp.bfloat16,
                 num_sms: int | None = None, interpret: bool = False):
   """The W4A4 GEMM with Hopper-native operand layouts.
 
   Args:
-    a_q: int8 [M, K] activation codes (INT4 [-8, 7] or UINT4 [0, 15] values).
+    a_q: [M, K] activation codes (INT4 [-8, 7] or UINT4 [0, 15] values), int8, or for
+      mma='e4m3' int8 or float8_e4m3fn (the same values, converted once upstream).
     a_scale_t: f32 [K/64, M] activation group scales.
     w_packed: uint8 [N, K/2] INT4 weights, packed as in ``formats.pack``.
-    w_scale_t: f32 [K/64, N] weight group scales (bf16 values: the exact rescale needs at
-      most 22 significant bits).
+    w_scale_t: f32 [K/64, N] weight group scales.
     lr: bf16 [M, r] low-rank activations or None; up_t: bf16 [N, r] (``L_up`` transposed),
       r a multiple of 16; bias: f32 [N] or None.
     tile_m: tokens per output tile; tile_n: weight rows per compute warpgroup; steps:
       pipeline depth; groups_per_step: 64-groups per pipeline step (reduced to a divisor
       of K/64).
+    mma: 's8' (int8 MMA, int32 partials) or 'e4m3' (fp8 MMA, f32 partials: no int -> float
+      conversion; the weights enter offset by +8 and sum(a) over the group corrects it).
+    rescale: for mma='s8', how int32 partials become f32: 'convert' (cvt) or 'magic' (the
+      accumulator starts at the bits of 1.5 * 2**23, so a bit cast and one exact
+      subtraction); 'unscaled' adds the raw bits unscaled, a timing-only diagnostic of the
+      rescale's cost (wrong results).
+    a_group_sum_t: for mma='e4m3', f32 [K/64, M] sums of each group's activation codes
+      (computed here from a_q if None).
+    out_dtype: bf16 or f32.
 
   Returns:
-    bf16 [M, N].
+    [M, N] in out_dtype.
   """
   check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n)
+  if mma not in MMA_TYPES or rescale not in RESCALES:
+    raise ValueError(f"mma must be one of {MMA_TYPES} and rescale one of {RESCALES}, got "
+                     f"{mma!r} and {rescale!r}")
   if a_q.shape[0] % ROW_ALIGN:  # TMA tiles need 8-row multiples; a tile's tail rows are
     pad = -a_q.shape[0] % ROW_ALIGN  # masked by the TMA unit, only this remainder is copied
     y = w4a4_gemm_t(jnp.pad(a_q, ((0, pad), (0, 0))), jnp.pad(a_scale_t, ((0, 0), (0, pad))),
                     w_packed, w_scale_t, None if lr is None else jnp.pad(lr, ((0, pad), (0, 0))),
-                    up_t, bias, tile_m=tile_m, tile_n=tile_n, steps=steps,
-                    groups_per_step=groups_per_step, num_sms=num_sms, interpret=interpret)
+                    up_t, bias, None if a_group_sum_t is None
+                    else jnp.pad(a_group_sum_t, ((0, 0), (0, pad))), tile_m=tile_m, tile_n=tile_n, steps=steps,
+                    groups_per_step=groups_per_step, mma=mma, rescale=rescale,
+                    out_dtype=out_dtype, num_sms=num_sms, interpret=interpret)
     return y[:a_q.shape[0]]
   m, k = a_q.shape
   n = w_packed.shape[0]
@@ -149,6 +190,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   if has_lr and (rank % 16 or up_t.shape != (n, rank)):
     raise ValueError(f"low-rank branch needs lr [M, r] and up_t [N, r] with r a multiple of "
                      f"16, got {lr.shape} and {None if up_t is None else up_t.shape}")
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
   cta_n = 2 * tile_n
   gps = math.gcd(groups_per_step, k // GROUP)
   steps = min(steps, k // GROUP // gps)  # a pipeline deeper than the K loop deadlocks
@@ -158,10 +202,30 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   elif num_sms is None:  # a persistent grid: one program per SM, looping over output tiles
     num_sms = jax.devices()[0].core_count
   w_packed = lax.bitcast_convert_type(w_packed, jnp.int8)
-  w_scale_t = w_scale_t.astype(jnp.float32) / 16  # the MMA sees 16 x the nibbles; exact
+  scale_ins = [a_scale_t]
+  if mma == "s8":
+    w_scale_t = w_scale_t.astype(jnp.float32) / 16  # the MMA sees 16 x the nibbles; exact
+    acc_dtype = jnp.int32
+  else:
+    # sum_k a (n + 8) 2**-9 = 2**-9 (a . n) + 2**-6 sum(a): per (token, group), the
+    # correction -2**-6 s_a sum(a) turns s_a (the MMA's f32) into 2**-9 s_a (a . n)
+    if a_group_sum_t is None:
+      a_group_sum_t = group_sums_t(a_q)
+    scale_ins.append(-a_scale_t * a_group_sum_t * 2.0 ** -6)
+    a_q = a_q.astype(jnp.float8_e4m3fn)
+    w_scale_t = w_scale_t.astype(jnp.float32) * 2.0 ** 9  # exact
+    acc_dtype = jnp.float32
 
-  def kernel(a_gmem, sa_gmem, w_gmem, sw_gmem, *refs):
+  def acc_init(shape):
+    if rescale == "magic" and mma == "s8":
+      value = jnp.full(shape, MAGIC_BITS, jnp.int32)
+    else:
+      value = jnp.zeros(shape, acc_dtype)
+    return plgpu.layout_cast(value, plgpu.Layout.WGMMA)
+
+  def kernel(a_gmem, w_gmem, sw_gmem, *refs):
     it = iter(refs)
+    sa_gmems = [next(it) for _ in scale_ins]
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
     out_gmem, out_smem, lr_smem, up_smem, bias_smem, barriers, *w16_smem = it
@@ -172,20 +236,20 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
           body, grid=(k // GROUP // gps,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, gps * GROUP), lambda g: (0, g),
-                              transforms=_swizzled(GROUP, jnp.int8), memory_space=plgpu.SMEM),
+                              transforms=_swizzled(GROUP, a_q.dtype), memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, gps * HALF), lambda g: (0, g),
                               transforms=_swizzled(HALF, jnp.int8), memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((gps, tile_m), lambda g: (g, 0), memory_space=plgpu.SMEM),
               plgpu.BlockSpec((gps, cta_n), lambda g: (g, 0), memory_space=plgpu.SMEM),
-          ],
+          ] + [plgpu.BlockSpec((gps, tile_m), lambda g: (g, 0), memory_space=plgpu.SMEM)
+               for _ in scale_ins],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
           compute_context=context)
 
     ignore = lambda *_, **__: None
+    gmems = (a_gmem, w_gmem, sw_gmem, *sa_gmems)
 
     @functools.partial(
-        pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(a_gmem, w_gmem, sa_gmem, sw_gmem),
+        pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*gmems),
         collective_axes="wg")
     def _scope(allocs):
       wg = lax.axis_index("wg")
@@ -219,74 +283,102 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
             b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
             total = total + lax.broadcast_in_dim(b, total.shape, [0])
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem.at[wg].transpose((1, 0))[...] = total.astype(jnp.bfloat16)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
+          if transposed_out:
+            out_smem[wg] = total
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[n_slice, m_slice].at[rows])
+          else:
+            out_smem.at[wg].transpose((1, 0))[...] = total.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                    out_gmem.at[m_slice, n_slice].at[:, rows])
 
-        def body(_, a_smem, w_smem, sa_smem, sw_smem, total):
-          """One pipeline step: ``gps`` 64-groups, wgmma'd in pairs so that the first
-          group's rescale overlaps the second group's MMAs."""
+        def body(_, a_smem, w_smem, sw_smem, *rest):
+          """One pipeline step of ``gps`` 64-groups. Two accumulators take turns: group
+          j's rescale runs while group j + 1's MMAs are in flight."""
+          *sa_smems, total = rest
+
+          def row(ref, j, axis):  # a scale row, broadcast over the [tile_n, tile_m] tile
+            v = plgpu.load(ref.at[j, rows] if axis == 0 else ref.at[j],
+                           layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+            return lax.broadcast_in_dim(v, total.shape, [axis])
+
           def rescaled(j, part):
-            sw = plgpu.load(sw_smem.at[j, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-            sa = plgpu.load(sa_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(0))
-            return (part.astype(jnp.float32) * lax.broadcast_in_dim(sw, part.shape, [0])
-                    * lax.broadcast_in_dim(sa, part.shape, [1]))
+            sw, sa = row(sw_smem, j, 0), row(sa_smems[0], j, 1)
+            if mma == "e4m3":
+              return (part * sa + row(sa_smems[1], j, 1)) * sw
+            if rescale == "unscaled":
+              return lax.bitcast_convert_type(part, jnp.float32)
+            if rescale == "magic":
+              return (lax.bitcast_convert_type(part, jnp.float32) - MAGIC) * sw * sa
+            return part.astype(jnp.float32) * sw * sa
 
-          def pair(groups, total):
-            w16 = [_unpack16(plgpu.load(w_smem.at[rows, pl.ds(j * HALF, HALF)],
-                                        layout=plgpu.Layout.WGMMA_8BIT), interpret)
-                   for j in groups]
+          def issue(j, i, acc):
+            w = _unpack_weights(plgpu.load(w_smem.at[rows, pl.ds(j * HALF, HALF)],
+                                           layout=plgpu.Layout.WGMMA_8BIT), mma, interpret)
+            a_t = a_smem.at[:, pl.ds(j * GROUP, GROUP)].transpose((1, 0))
+            if interpret:  # interpret mode takes wgmma operands from refs only
+              w16_smem[wg, i] = w
+              w = w16_smem.at[wg, i]
+            plgpu.wgmma(acc, w, a_t)
 
-            def run(*accs):
-              for i, (j, acc) in enumerate(zip(groups, accs)):
-                a_t = a_smem.at[:, pl.ds(j * GROUP, GROUP)].transpose((1, 0))
-                if interpret:  # interpret mode takes wgmma operands from refs only
-                  w16_smem[wg, i] = w16[i]
-                  plgpu.wgmma(acc, w16_smem.at[wg, i], a_t)
-                else:
-                  plgpu.wgmma(acc, w16[i], a_t)
-              out = total
-              for i, (j, acc) in enumerate(zip(groups, accs)):
-                plgpu.wgmma_wait(len(groups) - 1 - i)
-                out = out + rescaled(j, acc[...])
-              return out
+          def run(*accs):
+            out = total
+            for j in range(min(2, gps)):
+              if rescale == "magic" and mma == "s8":
+                accs[j][...] = acc_init(total.shape)
+              issue(j, j, accs[j])
+            for j in range(gps):
+              acc = accs[j % 2]
+              part = plgpu.wgmma_accumulator_load(acc, wait_n=1 if j + 1 < gps else 0)
+              out = out + rescaled(j, part)
+              if j + 2 < gps:
+                acc[...] = acc_init(total.shape)
+                issue(j + 2, j % 2, acc)
+            return out
 
-            return pl.run_scoped(run, *[plgpu.ACC(total.shape, jnp.int32)] * len(groups))
-
-          for start in range(0, gps, 2):
-            total = pair(range(start, min(start + 2, gps)), total)
-          return total
+          return pl.run_scoped(run, *[plgpu.ACC(total.shape, acc_dtype)] * min(2, gps))
 
         pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice],
-                                sa_gmem.at[:, m_slice], sw_gmem.at[:, n_slice],
-                                allocations=allocs)
+                                sw_gmem.at[:, n_slice],
+                                *[g.at[:, m_slice] for g in sa_gmems], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  args = [a_q, a_scale_t, w_packed, w_scale_t]
+  args = [a_q, w_packed, w_scale_t, *scale_ins]
   if has_lr:
     args += [lr, up_t]
   if has_bias:
     args.append(bias)
   lr_rows = tile_m if has_lr else 8
   lr_cols = rank if has_lr else 64
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), grid=(num_sms,),
-      grid_names=("sm",), num_threads=3, thread_name="wg",
+  # Mosaic GPU stores 16-bit WGMMA tiles transposed but not 32-bit ones: f32 results leave
+  # as Y^T and XLA transposes them (a checking path, not the fast one)
+  transposed_out = out_dtype == jnp.dtype(jnp.float32)
+  out_tile = (tile_n, tile_m) if transposed_out else (tile_m, tile_n)
+  y = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((n, m) if transposed_out else (m, n), out_dtype),
+      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
       scratch_types=[
-          plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16,
-                     transforms=_swizzled(tile_n, jnp.bfloat16)),
+          plgpu.SMEM((2, *out_tile), out_dtype, transforms=_swizzled(out_tile[1], out_dtype)),
           plgpu.SMEM((2, lr_rows, lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, tile_n if has_lr else 8, lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, tile_n), jnp.float32),
           plgpu.Barrier(num_barriers=6),
-      ] + ([plgpu.SMEM((2, 2, tile_n, GROUP), jnp.int8)] if interpret else []),
+      ] + ([plgpu.SMEM((2, 2, tile_n, GROUP), a_q.dtype)] if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       )(*args)
+  return y.T if transposed_out else y
+
+
+def group_sums_t(a_q: jax.Array) -> jax.Array:
+  """[M, K] activation codes -> f32 [K/64, M] per-group sums (exact)."""
+  m, k = a_q.shape
+  return a_q.astype(jnp.float32).reshape(m, k // GROUP, GROUP).sum(-1).T
 
 
 def reference(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None):

@@ -26,15 +26,17 @@ from svdq_jax.pallas_kernels import w4a4_hopper as hop
 from svdq_jax.timing import median_seconds
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
-VARIANTS = {  # name: kwargs of w4a4_gemm_t (tile_m x 2 warpgroups x tile_n)
-    "t128x2x64 g2 s4": dict(),
-    "t128x2x64 g1 s4": dict(groups_per_step=1),
-    "t128x2x64 g2 s3": dict(steps=3),
-    "t128x2x64 g2 s6": dict(steps=6),
-    "t128x2x64 g4 s2": dict(groups_per_step=4, steps=2),
-    "t64x2x64 g2 s4": dict(tile_m=64),
+VARIANTS = {  # name: kwargs of w4a4_gemm_t (tiles: 128 tokens x 2 warpgroups x 64 rows)
+    "s8 convert g2 s4": dict(),
+    "s8 magic g2 s4": dict(rescale="magic"),
+    "s8 unscaled g2 s4 (diagnostic)": dict(rescale="unscaled"),
+    "s8 convert g4 s3": dict(groups_per_step=4, steps=3),
+    "e4m3 g2 s4": dict(mma="e4m3"),
+    "e4m3 g4 s3": dict(mma="e4m3", groups_per_step=4, steps=3),
+    "e4m3 g2 s6": dict(mma="e4m3", steps=6),
+    "e4m3 g1 s6": dict(mma="e4m3", groups_per_step=1, steps=6),
 }
-DEFAULT = "t128x2x64 g2 s4"
+DEFAULT = "s8 convert g2 s4"
 
 
 def operands(m, k, n, rank, key, bias=True):
@@ -54,18 +56,44 @@ def rel_err(y, ref):
   return float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
 
 
+def exact_check(key, m=1024, k=3072, n=3072):
+  """Unit scales, no low-rank or bias, f32 output: the result must equal the integer GEMM
+  bit for bit (sums stay below 2**24), for both MMA types and activation code ranges."""
+  rows = []
+  ka, kw = jax.random.split(key)
+  w = jax.random.randint(kw, (n, k), -8, 8, jnp.int8)
+  extreme_w = jnp.where(w < 0, -8, 7).astype(jnp.int8)
+  cases = {"int4 codes": (jax.random.randint(ka, (m, k), -8, 8, jnp.int8), w),
+           "uint4 codes": (jax.random.randint(ka, (m, k), 0, 16, jnp.int8), w),
+           "uint4 15 x {-8, 7}": (jnp.full((m, k), 15, jnp.int8), extreme_w)}
+  ones_a, ones_w = jnp.ones((k // 64, m)), jnp.ones((k // 64, n))
+  for case, (a_q, w_q) in cases.items():
+    exact = lax.dot_general(a_q, w_q, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32).astype(jnp.float32)
+    for mma in hop.MMA_TYPES:
+      y = hop.w4a4_gemm_t(a_q, ones_a, formats.pack(w_q, "int4"), ones_w, mma=mma,
+                          out_dtype=jnp.float32)
+      mismatches = int(jnp.sum(y != exact))
+      rows.append((f"{m}x{k}x{n} {case}, unit scales, f32 out", mma, mismatches))
+      print("exact", rows[-1], flush=True)
+  return rows
+
+
 def check(key):
   rows = []
   for m, k, n, rank, bias in [(4608, 3072, 3072, 32, True), (4096 + 333, 3072, 3072, 32, True),
                               (4608, 15360, 3072, 0, False), (77, 3072, 12288, 32, True)]:
     args = operands(m, k, n, rank, key, bias)
     ref = hop.reference(*args)
-    for name in (DEFAULT, "t128x2x64 g1 s4", "t128x2x64 g4 s2"):
-      y = jnp.full((m, n), jnp.nan, jnp.bfloat16)  # poisoned, then overwritten
+    for name in (DEFAULT, "s8 magic g2 s4", "s8 convert g4 s3", "e4m3 g2 s4", "e4m3 g4 s3"):
       y = jax.jit(functools.partial(hop.w4a4_gemm_t, **VARIANTS[name]))(*args)
       finite = bool(jnp.isfinite(y).all())
       rows.append((f"{m}x{k}x{n} r{rank} bias={bias}", name, rel_err(y, ref), finite))
       print("check", rows[-1], flush=True)
+    y = hop.w4a4_gemm_t(*args, mma="e4m3", out_dtype=jnp.float32)
+    rows.append((f"{m}x{k}x{n} r{rank} bias={bias}", "e4m3 g2 s4, f32 out", rel_err(y, ref),
+                 bool(jnp.isfinite(y).all())))
+    print("check", rows[-1], flush=True)
   return rows
 
 
@@ -76,6 +104,7 @@ def main():
   p.add_argument("--rank", type=int, default=32)
   args = p.parse_args()
   key = jax.random.key(0)
+  exact = exact_check(key)
   checks = check(key)
   rows = []
   for k, n in FLUX_SHAPES:
@@ -92,11 +121,14 @@ def main():
     rows.append(dict(k=k, n=n, variant="xla bf16", ms=t16 * 1e3, vs_bf16=1.0))
     rows.append(dict(k=k, n=n, variant="xla int8", ms=t8 * 1e3, vs_bf16=t16 / t8))
     ops = operands(m, k, n, args.rank, kw)
+    # what the activation kernel hands the e4m3 GEMM: fp8 codes and their group sums
+    ops_e4m3 = (ops[0].astype(jnp.float8_e4m3fn),) + ops[1:] + (hop.group_sums_t(ops[0]),)
     for name, kwargs in VARIANTS.items():
       for lowrank in (True, False):
-        if not lowrank and name != DEFAULT:
+        if not lowrank and name not in (DEFAULT, "e4m3 g2 s4"):
           continue
-        call_args = ops if lowrank else ops[:4] + (None, None, ops[6])
+        full = ops_e4m3 if kwargs.get("mma") == "e4m3" else ops
+        call_args = full if lowrank else full[:4] + (None, None) + full[6:]
         label = name + ("" if lowrank else " no-lowrank")
         try:
           f = jax.jit(functools.partial(hop.w4a4_gemm_t, **kwargs))
@@ -107,13 +139,16 @@ def main():
                            error=f"{type(e).__name__}: {str(e)[:200]}"))
           traceback.print_exc(limit=2)
         print(rows[-1], flush=True)
-    del ops
+    del ops, ops_e4m3
 
   device = jax.devices()[0].device_kind
   lines = [f"W4A4 GEMM (Mosaic GPU) vs XLA, M={args.m}, rank {args.rank}, {device}, "
            f"{datetime.date.today()}", "",
            "| check | variant | rel. err vs jnp | all finite |", "| --- | --- | ---: | --- |"]
   lines += [f"| {c} | {v} | {e:.2e} | {f} |" for c, v, e, f in checks]
+  lines += ["", "| exactness | MMA | elements differing from the integer GEMM |",
+            "| --- | --- | ---: |"]
+  lines += [f"| {c} | {v} | {d} |" for c, v, d in exact]
   lines += ["", "| K -> N | variant | ms | vs XLA bf16 |", "| --- | --- | ---: | ---: |"]
   lines += [f"| {r['k']} -> {r['n']} | {r['variant']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x |"
             for r in rows]
@@ -124,7 +159,8 @@ def main():
     with open(os.path.join(args.out, "hopper.md"), "w") as f:
       f.write(text + "\n")
     with open(os.path.join(args.out, "hopper.json"), "w") as f:
-      json.dump(dict(device=device, m=args.m, rank=args.rank, checks=checks, rows=rows), f,
+      json.dump(dict(device=device, m=args.m, rank=args.rank, checks=checks, exact=exact,
+                     rows=rows), f,
                 indent=1)
 
 
