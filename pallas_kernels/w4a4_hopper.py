@@ -174,8 +174,11 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   if mma not in MMA_TYPES or rescale not in RESCALES:
     raise ValueError(f"mma must be one of {MMA_TYPES} and rescale one of {RESCALES}, got "
                      f"{mma!r} and {rescale!r}")
-  if a_q.shape[0] % ROW_ALIGN:  # TMA tiles need 8-row multiples; a tile's tail rows are
-    pad = -a_q.shape[0] % ROW_ALIGN  # masked by the TMA unit, only this remainder is copied
+  # TMA tiles need 8-row multiples (32 for the f32 Y^T store, tokens being its minor
+  # dimension); a tile's tail rows are masked by the TMA unit, only this remainder is copied
+  row_align = 32 if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else ROW_ALIGN
+  if a_q.shape[0] % row_align:
+    pad = -a_q.shape[0] % row_align
     y = w4a4_gemm_t(jnp.pad(a_q, ((0, pad), (0, 0))), jnp.pad(a_scale_t, ((0, 0), (0, pad))),
                     w_packed, w_scale_t, None if lr is None else jnp.pad(lr, ((0, pad), (0, 0))),
                     up_t, bias, None if a_group_sum_t is None
