@@ -9,16 +9,19 @@ problem, Y^T = W A^T, so that the packed weights can be the register operand of 
   one memory warpgroup streams, per pipeline step of ``groups_per_step`` 64-groups, the
   activation codes (int8 [TM, 64 g]), the packed weights (uint8 [2 TN, 32 g]) and both
   scale rows into shared memory (TMA, several steps deep);
-  two compute warpgroups, each owning TN weight rows, per pair of groups:
+  two compute warpgroups, each owning TN weight rows, per group j, two accumulators
+  taking turns (group j's rescale runs while group j + 1's MMAs are in flight):
       w = packed weights -> registers;  lo = w << 4,  hi = w & 0xF0  (int8: 16 x nibble)
-      part_j = [lo | hi]_j . A_j^T            (wgmma s8 -> s32, both groups issued at once)
-      total += f32(part_j) * (s_w[n, j] / 16) * s_a[m, j]   (the /16 is exact; group 0's
-                                                            rescale overlaps group 1's MMA)
+      part_j = [lo | hi]_j . A_j^T                               (wgmma s8 -> s32)
+      total += f32(part_j) * (s_w[n, j] / 16) * s_a[m, j]        (the /16 is exact)
   epilogue: total += up^T . bf16(lr)^T (one bf16 wgmma) + bias; stored transposed to Y.
 
-Measured on the H100 (docs/benchmarks/): starting the s32 accumulator at the bits of
-1.5 * 2**23 so that int -> float is a bit cast and one exact subtraction was no faster than
-``cvt``, so the plain conversion stays.
+mma='e4m3' runs the same integers exactly on the fp8 tensor cores instead (f32 partials, no
+conversion; see ``_unpack_weights`` and ``w4a4_gemm_t``). Measured on the H100
+(docs/benchmarks/2026-11-23-w4a4-hopper-variants-h100.md) it is exact but no faster than
+s8 (0.58-0.65x vs 0.63-0.68x of XLA bf16), nor was an s32 accumulator started at the bits of
+1.5 * 2**23 (int -> float as a bit cast and one subtraction; 0.57-0.61x). Without any
+rescale the same pipeline reaches 1.01-1.09x: the rescale costs a third of the time.
 
 Ragged M is handled by the TMA unit (out-of-bounds reads give zeros, out-of-bounds writes are
 dropped) down to a multiple of 8 rows; other M are padded to one (a copy of the activations).
@@ -46,9 +49,7 @@ GROUP = 64
 HALF = GROUP // 2
 ROW_ALIGN = 8                    # rows of a TMA tile
 MMA_TYPES = ("s8", "e4m3")
-RESCALES = ("convert", "magic", "unscaled")
-MAGIC = 1.5 * 2.0 ** 23          # the float with bits MAGIC_BITS: adding an int32 n < 2**22
-MAGIC_BITS = 0x4B400000          # to these bits gives the float MAGIC + n
+RESCALES = ("convert", "unscaled")
 
 
 def _unpack_weights(w: jax.Array, mma: str, interpret: bool) -> jax.Array:
@@ -159,9 +160,8 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
       of K/64).
     mma: 's8' (int8 MMA, int32 partials) or 'e4m3' (fp8 MMA, f32 partials: no int -> float
       conversion; the weights enter offset by +8 and sum(a) over the group corrects it).
-    rescale: for mma='s8', how int32 partials become f32: 'convert' (cvt) or 'magic' (the
-      accumulator starts at the bits of 1.5 * 2**23, so a bit cast and one exact
-      subtraction); 'unscaled' adds the raw bits unscaled, a timing-only diagnostic of the
+    rescale: 'convert' (int32 partials -> f32, times both scales, added to the total), or
+      'unscaled', which adds the raw bits of the partials: a timing-only diagnostic of the
       rescale's cost (wrong results).
     a_group_sum_t: for mma='e4m3', f32 [K/64, M] sums of each group's activation codes
       (computed here from a_q if None).
@@ -219,12 +219,8 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     w_scale_t = w_scale_t.astype(jnp.float32) * 2.0 ** 9  # exact
     acc_dtype = jnp.float32
 
-  def acc_init(shape):
-    if rescale == "magic" and mma == "s8":
-      value = jnp.full(shape, MAGIC_BITS, jnp.int32)
-    else:
-      value = jnp.zeros(shape, acc_dtype)
-    return plgpu.layout_cast(value, plgpu.Layout.WGMMA)
+  def acc_zero(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, acc_dtype), plgpu.Layout.WGMMA)
 
   def kernel(a_gmem, w_gmem, sw_gmem, *refs):
     it = iter(refs)
@@ -312,8 +308,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
               return (part * sa + row(sa_smems[1], j, 1)) * sw
             if rescale == "unscaled":
               return lax.bitcast_convert_type(part, jnp.float32)
-            if rescale == "magic":
-              return (lax.bitcast_convert_type(part, jnp.float32) - MAGIC) * sw * sa
             return part.astype(jnp.float32) * sw * sa
 
           def issue(j, i, acc):
@@ -328,15 +322,13 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
           def run(*accs):
             out = total
             for j in range(min(2, gps)):
-              if rescale == "magic" and mma == "s8":
-                accs[j][...] = acc_init(total.shape)
               issue(j, j, accs[j])
             for j in range(gps):
               acc = accs[j % 2]
               part = plgpu.wgmma_accumulator_load(acc, wait_n=1 if j + 1 < gps else 0)
               out = out + rescaled(j, part)
               if j + 2 < gps:
-                acc[...] = acc_init(total.shape)
+                acc[...] = acc_zero(total.shape)
                 issue(j + 2, j % 2, acc)
             return out
 

@@ -40,6 +40,36 @@ def test_reference_is_group_scaled_matmul():
                              np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def test_weight_operand_encodings_are_exact():
+  """Every packed nibble pair becomes 16 x n in int8 and (n + 8) * 2**-9 in e4m3."""
+  codes = jnp.array(np.indices((16, 16)).reshape(2, -1).T - 8, jnp.int8)   # all pairs
+  w = jnp.tile(codes.reshape(-1), 64 * 4 // codes.size + 1)[:4 * 64].reshape(4, 64)
+  packed = jax.lax.bitcast_convert_type(formats.pack(w, "int4"), jnp.int8)
+  s8 = hop._unpack_weights(packed, "s8", interpret=True)
+  assert s8.dtype == jnp.int8
+  np.testing.assert_array_equal(np.asarray(s8, np.int32), 16 * np.asarray(w, np.int32))
+  e4m3 = hop._unpack_weights(packed, "e4m3", interpret=True)
+  assert e4m3.dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(np.asarray(e4m3.astype(jnp.float32)) * 2 ** 9,
+                                np.asarray(w, np.float32) + 8)
+
+
+def test_e4m3_offset_correction_recovers_the_int_product():
+  """The e4m3 path's algebra: s_a (a . (n + 8) 2**-9) - 2**-6 s_a sum(a) = 2**-9 s_a (a . n)."""
+  a_q, sa, w_packed, sw, *_ = _operands(8, 128, 128, 0, False, unsigned=True)
+  w = formats.unpack(w_packed, "int4").astype(jnp.float32)
+  a = a_q.astype(jnp.float32)
+  y = 0
+  for g in range(2):
+    cols = slice(64 * g, 64 * (g + 1))
+    part = a[:, cols] @ ((w[:, cols] + 8) * 2.0 ** -9).T            # what the MMA returns
+    corr = -sa[g] * hop.group_sums_t(a_q)[g] * 2.0 ** -6
+    y = y + (part * sa[g][:, None] + corr[:, None]) * (sw[g] * 2.0 ** 9)[None, :]
+  want = hop.reference(a_q, sa, w_packed, sw)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_kernel_choice_and_errors():
   assert not w4a4.hopper_gemm(40, 128, 128, interpret=True)  # auto: Triton off the GPU
   assert not hop.supports(40, 128, 64)                        # N not a multiple of 128
@@ -55,3 +85,7 @@ def test_kernel_choice_and_errors():
   with pytest.raises(ValueError, match="r a multiple of 16"):
     hop.w4a4_gemm_t(a_q, sa, w_packed, sw, jnp.ones((16, 8), jnp.bfloat16),
                     jnp.ones((128, 8), jnp.bfloat16), interpret=True)
+  with pytest.raises(ValueError, match="mma must be one of"):
+    hop.w4a4_gemm_t(a_q, sa, w_packed, sw, mma="int4", interpret=True)
+  with pytest.raises(ValueError, match="out_dtype must be bfloat16 or float32"):
+    hop.w4a4_gemm_t(a_q, sa, w_packed, sw, out_dtype=jnp.float16, interpret=True)
