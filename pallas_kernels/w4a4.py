@@ -74,17 +74,22 @@ def _round_half_even(v: jax.Array, interpret: bool) -> jax.Array:
 
 
 def _quantize_half(v: jax.Array, scale: jax.Array, signed: bool, interpret: bool) -> jax.Array:
-  """f32 [R, 32], scale f32 [R] -> 4-bit codes uint8 [R, 32] (same rounding as formats)."""
+  """f32 [R, 32], scale f32 [R] -> 4-bit codes int32 [R, 32] (same rounding as formats)."""
   q = _round_half_even(_div(v, jnp.where(scale == 0, 1.0, scale)[:, None], interpret),
                        interpret)
   q = jnp.clip(q, -8, 7) if signed else jnp.clip(q, 0, 15)
-  return (q.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+  return q.astype(jnp.int32)
+
+
+def _nibbles(q: jax.Array) -> jax.Array:
+  return (q & 0xF).astype(jnp.uint8)
 
 
 def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed, has_lr,
-                interpret):
-  """One (row block, K chunk) program: quantizes and packs the chunk's groups and writes
-  the chunk's partial low-rank product x_hat[:, chunk] @ L_down[chunk]."""
+                codes, interpret):
+  """One (row block, K chunk) program: quantizes the chunk's groups (packed, or as int8
+  codes with transposed scales when ``codes``) and writes the chunk's partial low-rank
+  product x_hat[:, chunk] @ L_down[chunk]."""
   bm, kc = x_ref.shape
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
@@ -103,10 +108,16 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed,
       amax = jnp.maximum(jnp.max(jnp.maximum(lo, 0.0), axis=1),
                          jnp.max(jnp.maximum(hi, 0.0), axis=1))
     scale = _div(amax, jnp.full_like(amax, qmax), interpret)
-    packed = (_quantize_half(lo, scale, signed, interpret)
-              | (_quantize_half(hi, scale, signed, interpret) << 4))
-    plgpu.store(q_ref.at[:, pl.ds(g * HALF, HALF)], packed, mask=row_ok)
-    plgpu.store(s_ref.at[:, g], scale, mask=row_ok[:, 0])
+    q_lo = _quantize_half(lo, scale, signed, interpret)
+    q_hi = _quantize_half(hi, scale, signed, interpret)
+    if codes:
+      plgpu.store(q_ref.at[:, lo_cols], q_lo.astype(jnp.int8), mask=row_ok)
+      plgpu.store(q_ref.at[:, hi_cols], q_hi.astype(jnp.int8), mask=row_ok)
+      plgpu.store(s_ref.at[g], scale, mask=row_ok[:, 0])
+    else:
+      plgpu.store(q_ref.at[:, pl.ds(g * HALF, HALF)], _nibbles(q_lo) | (_nibbles(q_hi) << 4),
+                  mask=row_ok)
+      plgpu.store(s_ref.at[:, g], scale, mask=row_ok[:, 0])
     if has_lr:
       lr += plgpu.dot(lo.astype(jnp.bfloat16), down_ref[lo_cols, :])
       lr += plgpu.dot(hi.astype(jnp.bfloat16), down_ref[hi_cols, :])
@@ -139,11 +150,12 @@ def _check_k(k: int) -> None:
     raise ValueError(f"W4A4 kernels need K to be a multiple of {GROUP}, got K={k}")
 
 
-@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "num_warps",
+@functools.partial(jax.jit, static_argnames=("act_format", "codes", "block_m", "num_warps",
                                               "num_stages", "groups_per_program", "interpret"))
 def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
-                 act_format: str = "int4", block_m: int = 32, num_warps: int = 4,
-                 num_stages: int = 2, groups_per_program: int = 8, interpret: bool = False):
+                 act_format: str = "int4", codes: bool = False, block_m: int = 32,
+                 num_warps: int = 4, num_stages: int = 2, groups_per_program: int = 8,
+                 interpret: bool = False):
   """Activation kernel: one pass over x.
 
   The grid is (row blocks, K chunks of ``groups_per_program`` 64-groups, reduced to a
@@ -153,13 +165,16 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   Args:
     x: [M, K] (bf16 or f32). smooth: f32 [K] or None. down: bf16 [K, r] or None.
     act_format: 'int4' or 'uint4'.
+    codes: instead of packed codes and [M, K/64] scales, return int8 codes [M, K] and f32
+      scales [K/64, M]: the operands of the Hopper GEMM (``w4a4_hopper.w4a4_gemm_t``).
     block_m, num_warps, num_stages, groups_per_program: tiling; the defaults were the
       fastest measured on the H100 (docs/benchmarks/2026-11-22-act-kernel-sweep-h100.log).
 
   Returns:
     (packed uint8 [M, K/2], scales f32 [M, K/64], lr f32 [M, r] or None): identical to
     ``formats.pack(formats.quantize(x / smooth, act_format))`` and, up to f32 summation
-    order, ``qlinear.lowrank_down(x / smooth, down)``.
+    order, ``qlinear.lowrank_down(x / smooth, down)``. With ``codes``: (int8 [M, K],
+    f32 [K/64, M], lr), the same codes unpacked and the scales transposed.
   """
   if act_format not in SUPPORTED_ACT_FORMATS:
     raise ValueError(f"activation kernel supports {SUPPORTED_ACT_FORMATS}, got {act_format!r}")
@@ -178,11 +193,18 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
     in_specs.append(pl.BlockSpec((gpp * GROUP,), lambda i, j: (j,)))
   if down_p is not None:
     in_specs.append(pl.BlockSpec((gpp * GROUP, rp), lambda i, j: (j, 0)))
-  out_shape = [jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
-               jax.ShapeDtypeStruct((m, k // GROUP), jnp.float32),
-               jax.ShapeDtypeStruct((m, chunks * lr_cols), jnp.float32)]
+  if codes:
+    out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8),
+                 jax.ShapeDtypeStruct((k // GROUP, m), jnp.float32)]
+    out_specs = [tile(gpp * GROUP), pl.BlockSpec((gpp, block_m), lambda i, j: (j, i))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
+                 jax.ShapeDtypeStruct((m, k // GROUP), jnp.float32)]
+    out_specs = [tile(gpp * HALF), tile(gpp)]
+  out_shape.append(jax.ShapeDtypeStruct((m, chunks * lr_cols), jnp.float32))
+  out_specs.append(tile(lr_cols))
   kernel = functools.partial(_act_kernel, m=m, signed=act_format == "int4", has_lr=r > 0,
-                             interpret=interpret)
+                             codes=codes, interpret=interpret)
   args = [x] + [a for a in (smooth, down_p) if a is not None]
 
   def wrapped(x_ref, *refs):
@@ -194,7 +216,7 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
 
   q, s, lr = pl.pallas_call(
       wrapped, grid=grid, in_specs=in_specs, out_shape=out_shape,
-      out_specs=[tile(gpp * HALF), tile(gpp), tile(lr_cols)],
+      out_specs=out_specs,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="svdq_quantize_act")(*args)
   if not r:
@@ -327,11 +349,15 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                      f"{layer.act_format!r}; supported: int4 weights, {SUPPORTED_ACT_FORMATS}")
   lead, k = x.shape[:-1], x.shape[-1]
   bias = layer.bias if bias is None else bias
-  q, s, lr = quantize_act(x.reshape(-1, k), layer.smooth, layer.lora_down,
-                          act_format=layer.act_format, interpret=interpret)
-  gemm = w4a4_gemm
-  if hopper_gemm(q.shape[0], k, layer.out_features, interpret):
-    gemm = w4a4_hopper.gemm_packed
-  y = gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
-           act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
+  x2 = x.reshape(-1, k)
+  if hopper_gemm(x2.shape[0], k, layer.out_features, interpret):
+    q, s_t, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
+                              codes=True, interpret=interpret)
+    y = w4a4_hopper.gemm(q, s_t, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
+                         out_dtype=x.dtype, interpret=interpret)
+  else:
+    q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
+                            interpret=interpret)
+    y = w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
+                  act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
   return y.reshape(*lead, layer.out_features)

@@ -406,16 +406,15 @@ def supports(m: int, k: int, n: int, tile_n: int = 64) -> bool:
   return k % GROUP == 0 and n % (2 * tile_n) == 0
 
 
-def gemm_packed(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None, *,
-                act_format: str = "int4", out_dtype=jnp.bfloat16, interpret: bool = False):
-  """``w4a4.w4a4_gemm``'s contract (packed activations, [M, K/64] scales, ``L_up`` [r, N])
-  on the Hopper kernel: the activation codes are unpacked to int8 and the small operands
-  transposed by XLA around the call."""
-  a_q = formats.unpack(a_packed, act_format)
+def gemm(a_q, a_scale_t, w_packed, w_scale, lr=None, up=None, bias=None, *,
+         out_dtype=jnp.bfloat16, interpret: bool = False):
+  """``w4a4_gemm_t`` on a QuantizedLinear's weights (scales [N, K/64], ``L_up`` [r, N]),
+  which XLA transposes around the call; activations as the activation kernel gives them
+  with ``codes=True`` (int8 [M, K], f32 [K/64, M]). -> [M, N] in out_dtype."""
   if lr is not None:
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
-  y = w4a4_gemm_t(a_q, a_scale.T, w_packed, w_scale.astype(jnp.float32).T, lr, up,
+  y = w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale.astype(jnp.float32).T, lr, up,
                   None if bias is None else bias.astype(jnp.float32), interpret=interpret)
   return y.astype(out_dtype)

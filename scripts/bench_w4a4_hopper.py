@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from svdq_jax import formats
-from svdq_jax.pallas_kernels import w4a4_hopper as hop
+from svdq_jax import formats, qlinear
+from svdq_jax.pallas_kernels import w4a4, w4a4_hopper as hop
 from svdq_jax.timing import median_seconds
+
+from bench_w4a4 import activations, make_layer
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 VARIANTS = {  # name: kwargs of w4a4_gemm_t (tiles: 128 tokens x 2 warpgroups x 64 rows)
@@ -96,12 +98,39 @@ def check(key):
   return rows
 
 
+def fused_linear_rows(m, k, n, rank, key, t16):
+  """The whole quantized linear as the model runs it (``w4a4.w4a4_linear``: activation
+  kernel writing int8 codes + transposed scales, then the Hopper GEMM), its parts, and the
+  unfused jnp path; with the output's relative error against the jnp reference."""
+  layer = make_layer(k, n, rank, key)
+  x = activations(m, k, jax.random.fold_in(key, 1))
+  fused = jax.jit(w4a4.w4a4_linear)
+  with qlinear.backend("reference"):
+    y_ref = jax.jit(qlinear.apply)(layer, x.astype(jnp.float32))
+  err = rel_err(fused(layer, x), y_ref)
+  act = jax.jit(functools.partial(w4a4.quantize_act, codes=True))
+  timed = {"fused linear (act kernel + GEMM)": (fused, (layer, x)),
+           "act kernel (codes)": (act, (x, layer.smooth, layer.lora_down)),
+           "unfused jnp": (jax.jit(qlinear.reference_apply), (layer, x))}
+  rows = []
+  for label, (f, f_args) in timed.items():
+    t = median_seconds(f, *f_args)
+    rows.append(dict(k=k, n=n, variant=label, ms=t * 1e3, vs_bf16=t16 / t))
+    if label.startswith("fused"):
+      rows[-1]["rel_err"] = err
+    print(rows[-1], flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=None)
   p.add_argument("--m", type=int, default=4608)
   p.add_argument("--rank", type=int, default=32)
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help="comma-separated GEMM variants to time (names of VARIANTS)")
   args = p.parse_args()
+  variants = {name: VARIANTS[name] for name in args.variants.split(",")}
   key = jax.random.key(0)
   exact = exact_check(key)
   checks = check(key)
@@ -122,7 +151,8 @@ def main():
     ops = operands(m, k, n, args.rank, kw)
     # what the activation kernel hands the e4m3 GEMM: fp8 codes and their group sums
     ops_e4m3 = (ops[0].astype(jnp.float8_e4m3fn),) + ops[1:] + (hop.group_sums_t(ops[0]),)
-    for name, kwargs in VARIANTS.items():
+    rows += fused_linear_rows(m, k, n, args.rank, kw, t16)
+    for name, kwargs in variants.items():
       for lowrank in (True, False):
         if not lowrank and name not in (DEFAULT, "e4m3 g2 s4"):
           continue
@@ -149,8 +179,9 @@ def main():
             "| --- | --- | ---: |"]
   lines += [f"| {c} | {v} | {d} |" for c, v, d in exact]
   lines += ["", "| K -> N | variant | ms | vs XLA bf16 |", "| --- | --- | ---: | ---: |"]
-  lines += [f"| {r['k']} -> {r['n']} | {r['variant']} | {r['ms']:.3f} | {r['vs_bf16']:.2f}x |"
-            for r in rows]
+  lines += [f"| {r['k']} -> {r['n']} | {r['variant']}"
+            + (f" (rel. err {r['rel_err']:.1e})" if "rel_err" in r else "")
+            + f" | {r['ms']:.3f} | {r['vs_bf16']:.2f}x |" for r in rows]
   text = "\n".join(lines)
   print("\n" + text)
   if args.out:

@@ -33,6 +33,14 @@ def test_activation_kernel_bit_exact(act, m, r, smoothed, chunk):
   ref = formats.quantize(xh, act)
   np.testing.assert_array_equal(np.asarray(q), np.asarray(formats.pack(ref.q, act)))
   np.testing.assert_array_equal(np.asarray(s), np.asarray(ref.scale))
+  # the Hopper GEMM's layout: the same codes as int8 [M, K], scales [K/64, M]
+  codes, s_t, lr_c = w4a4.quantize_act(x, smooth, down, act_format=act, codes=True,
+                                       block_m=16, groups_per_program=chunk, interpret=True)
+  assert codes.dtype == jnp.int8 and codes.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(ref.q))
+  np.testing.assert_array_equal(np.asarray(s_t), np.asarray(ref.scale).T)
+  if r:
+    np.testing.assert_array_equal(np.asarray(lr_c), np.asarray(lr))
   if r:
     want = lowrank_down(xh, down)
     np.testing.assert_allclose(np.asarray(lr), np.asarray(want), rtol=1e-5,
