@@ -76,7 +76,7 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
-    ("W4A4 GEMM kernel", r"svdq_w4a4_gemm"),
+    ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
     ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
     ("memory copies", r"(?i)memcpy|memset"),
