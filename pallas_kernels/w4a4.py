@@ -350,14 +350,14 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   lead, k = x.shape[:-1], x.shape[-1]
   bias = layer.bias if bias is None else bias
   x2 = x.reshape(-1, k)
-  if hopper_gemm(x2.shape[0], k, layer.out_features, interpret):
-    q, s_t, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
-                              codes=True, interpret=interpret)
-    y = w4a4_hopper.gemm(q, s_t, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
+  hopper = hopper_gemm(x2.shape[0], k, layer.out_features, interpret)
+  # the Hopper GEMM takes int8 codes and transposed scales (``codes``), Triton packed ones
+  q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
+                          codes=hopper, interpret=interpret)
+  if hopper:
+    y = w4a4_hopper.gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
                          out_dtype=x.dtype, interpret=interpret)
   else:
-    q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
-                            interpret=interpret)
     y = w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
                   act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
   return y.reshape(*lead, layer.out_features)

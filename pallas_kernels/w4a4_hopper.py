@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import formats
 
-GROUP = 64
+GROUP = formats.PACK_BLOCK       # 64: one INT4 group = one packing block
 HALF = GROUP // 2
 ROW_ALIGN = 8                    # rows of a TMA tile
 MMA_TYPES = ("s8", "e4m3")
@@ -104,6 +104,11 @@ def _unpack_weights(w: jax.Array, mma: str, interpret: bool) -> jax.Array:
   return unpack(w)
 
 
+def _wgmma_zeros(shape, dtype) -> jax.Array:
+  """A zero tile in the wgmma accumulator layout."""
+  return plgpu.layout_cast(jnp.zeros(shape, dtype), plgpu.Layout.WGMMA)
+
+
 def _wgmma_onto(init: jax.Array, issue, interpret: bool) -> jax.Array:
   """``init`` + the products that ``issue(acc_ref)`` queues with wgmma (awaited)."""
   if interpret:  # GPU interpret mode has no pl.run_state; wgmma adds, so add init after
@@ -160,9 +165,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
       of K/64).
     mma: 's8' (int8 MMA, int32 partials) or 'e4m3' (fp8 MMA, f32 partials: no int -> float
       conversion; the weights enter offset by +8 and sum(a) over the group corrects it).
-    rescale: 'convert' (int32 partials -> f32, times both scales, added to the total), or
-      'unscaled', which adds the raw bits of the partials: a timing-only diagnostic of the
-      rescale's cost (wrong results).
+    rescale: for mma='s8': 'convert' (int32 partials -> f32, times both scales, added to
+      the total), or 'unscaled', which adds the raw bits of the partials: a timing-only
+      diagnostic of the rescale's cost (wrong results).
     a_group_sum_t: for mma='e4m3', f32 [K/64, M] sums of each group's activation codes
       (computed here from a_q if None).
     out_dtype: bf16 or f32.
@@ -219,9 +224,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     w_scale_t = w_scale_t.astype(jnp.float32) * 2.0 ** 9  # exact
     acc_dtype = jnp.float32
 
-  def acc_zero(shape):
-    return plgpu.layout_cast(jnp.zeros(shape, acc_dtype), plgpu.Layout.WGMMA)
-
   def kernel(a_gmem, w_gmem, sw_gmem, *refs):
     it = iter(refs)
     sa_gmems = [next(it) for _ in scale_ins]
@@ -268,9 +270,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
           if has_bias:
             plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice].at[rows], bias_smem.at[wg],
                                     barriers.at[3 * wg + 2])
-          zero = plgpu.layout_cast(jnp.zeros((tile_n, tile_m), jnp.float32),
-                                   plgpu.Layout.WGMMA)
-          total = eval_pipeline(zero)
+          total = eval_pipeline(_wgmma_zeros((tile_n, tile_m), jnp.float32))
           if has_lr:
             plgpu.barrier_wait(barriers.at[3 * wg])
             plgpu.barrier_wait(barriers.at[3 * wg + 1])
@@ -328,7 +328,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
               part = plgpu.wgmma_accumulator_load(acc, wait_n=1 if j + 1 < gps else 0)
               out = out + rescaled(j, part)
               if j + 2 < gps:
-                acc[...] = acc_zero(total.shape)
+                acc[...] = _wgmma_zeros(total.shape, acc_dtype)
                 issue(j + 2, j % 2, acc)
             return out
 
