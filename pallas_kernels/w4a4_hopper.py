@@ -127,7 +127,7 @@ def _swizzled(cols: int, dtype) -> tuple:
   return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n: int) -> None:
+def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, cta_n: int) -> None:
   m, k = a_q.shape
   n = w_packed.shape[0]
   if k % GROUP:
@@ -138,17 +138,17 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n: int) -> None:
   if a_scale_t.shape != (k // GROUP, m) or w_scale_t.shape != (k // GROUP, n):
     raise ValueError(f"scales must be [K/64, M] and [K/64, N], got {a_scale_t.shape} and "
                      f"{w_scale_t.shape}")
-  if n % (2 * tile_n):
-    raise ValueError(f"N={n} is not a multiple of {2 * tile_n} (2 warpgroups x tile_n)")
+  if n % cta_n:
+    raise ValueError(f"N={n} is not a multiple of {cta_n} (compute warpgroups x tile_n)")
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "groups_per_step",
-                                              "mma", "rescale", "out_dtype", "num_sms",
-                                              "interpret"))
+                                              "accs", "compute_wgs", "mma", "rescale",
+                                              "out_dtype", "num_sms", "interpret"))
 def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None,
                 a_group_sum_t=None, *,
                 tile_m: int = 128, tile_n: int = 64, steps: int = 4, groups_per_step: int = 2,
-                mma: str = "s8", rescale: str = "convert", out_dtype=jnp.bfloat16,
+                accs: int = 2, compute_wgs: int = 2, mma: str = "s8", rescale: str = "convert", out_dtype=jnp.bfloat16,
                 num_sms: int | None = None, interpret: bool = False):
   """The W4A4 GEMM with Hopper-native operand layouts.
 
@@ -162,7 +162,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
       r a multiple of 16; bias: f32 [N] or None.
     tile_m: tokens per output tile; tile_n: weight rows per compute warpgroup; steps:
       pipeline depth; groups_per_step: 64-groups per pipeline step (reduced to a divisor
-      of K/64).
+      of K/64); accs: accumulators in rotation per compute warpgroup (up to accs - 1
+      groups' MMAs run while one group is rescaled); compute_wgs: compute warpgroups, each
+      owning tile_n weight rows of the output tile.
     mma: 's8' (int8 MMA, int32 partials) or 'e4m3' (fp8 MMA, f32 partials: no int -> float
       conversion; the weights enter offset by +8 and sum(a) over the group corrects it).
     rescale: for mma='s8': 'convert' (int32 partials -> f32, times both scales, added to
@@ -175,7 +177,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   Returns:
     [M, N] in out_dtype.
   """
-  check_shapes(a_q, a_scale_t, w_packed, w_scale_t, tile_n)
+  check_shapes(a_q, a_scale_t, w_packed, w_scale_t, compute_wgs * tile_n)
   if mma not in MMA_TYPES or rescale not in RESCALES:
     raise ValueError(f"mma must be one of {MMA_TYPES} and rescale one of {RESCALES}, got "
                      f"{mma!r} and {rescale!r}")
@@ -188,7 +190,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
                     w_packed, w_scale_t, None if lr is None else jnp.pad(lr, ((0, pad), (0, 0))),
                     up_t, bias, None if a_group_sum_t is None
                     else jnp.pad(a_group_sum_t, ((0, 0), (0, pad))), tile_m=tile_m, tile_n=tile_n, steps=steps,
-                    groups_per_step=groups_per_step, mma=mma, rescale=rescale,
+                    groups_per_step=groups_per_step, accs=accs, compute_wgs=compute_wgs, mma=mma, rescale=rescale,
                     out_dtype=out_dtype, num_sms=num_sms, interpret=interpret)
     return y[:a_q.shape[0]]
   m, k = a_q.shape
@@ -201,8 +203,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   out_dtype = jnp.dtype(out_dtype)
   if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
-  cta_n = 2 * tile_n
+  cta_n = compute_wgs * tile_n
   gps = math.gcd(groups_per_step, k // GROUP)
+  n_acc = min(accs, gps)
   steps = min(steps, k // GROUP // gps)  # a pipeline deeper than the K loop deadlocks
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
   if interpret:  # GPU interpret mode hangs when a program loops over several tiles
@@ -243,7 +246,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
               plgpu.BlockSpec((gps, cta_n), lambda g: (g, 0), memory_space=plgpu.SMEM),
           ] + [plgpu.BlockSpec((gps, tile_m), lambda g: (g, 0), memory_space=plgpu.SMEM)
                for _ in scale_ins],
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+          wg_axis="wg", num_compute_wgs=compute_wgs, max_concurrent_steps=steps,
           compute_context=context)
 
     ignore = lambda *_, **__: None
@@ -293,8 +296,8 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
                                     out_gmem.at[m_slice, n_slice].at[:, rows])
 
         def body(_, a_smem, w_smem, sw_smem, *rest):
-          """One pipeline step of ``gps`` 64-groups. Two accumulators take turns: group
-          j's rescale runs while group j + 1's MMAs are in flight."""
+          """One pipeline step of ``gps`` 64-groups. ``n_acc`` accumulators take turns:
+          group j is rescaled while the MMAs of groups j + 1 .. j + n_acc - 1 run."""
           *sa_smems, total = rest
 
           def row(ref, j, axis):  # a scale row, broadcast over the [tile_n, tile_m] tile
@@ -310,29 +313,29 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
               return lax.bitcast_convert_type(part, jnp.float32)
             return part.astype(jnp.float32) * sw * sa
 
-          def issue(j, i, acc):
+          def issue(j, acc):
             w = _unpack_weights(plgpu.load(w_smem.at[rows, pl.ds(j * HALF, HALF)],
                                            layout=plgpu.Layout.WGMMA_8BIT), mma, interpret)
             a_t = a_smem.at[:, pl.ds(j * GROUP, GROUP)].transpose((1, 0))
             if interpret:  # interpret mode takes wgmma operands from refs only
-              w16_smem[wg, i] = w
-              w = w16_smem.at[wg, i]
+              w16_smem[wg, j % n_acc] = w
+              w = w16_smem.at[wg, j % n_acc]
             plgpu.wgmma(acc, w, a_t)
 
-          def run(*accs):
+          def run(*acc_refs):
             out = total
-            for j in range(min(2, gps)):
-              issue(j, j, accs[j])
+            for j in range(n_acc):
+              issue(j, acc_refs[j])
             for j in range(gps):
-              acc = accs[j % 2]
-              part = plgpu.wgmma_accumulator_load(acc, wait_n=1 if j + 1 < gps else 0)
-              out = out + rescaled(j, part)
-              if j + 2 < gps:
+              acc = acc_refs[j % n_acc]
+              in_flight = min(j + n_acc, gps) - j - 1  # groups issued after j
+              out = out + rescaled(j, plgpu.wgmma_accumulator_load(acc, wait_n=in_flight))
+              if j + n_acc < gps:
                 acc[...] = _wgmma_zeros(total.shape, acc_dtype)
-                issue(j + 2, j % 2, acc)
+                issue(j + n_acc, acc)
             return out
 
-          return pl.run_scoped(run, *[plgpu.ACC(total.shape, acc_dtype)] * min(2, gps))
+          return pl.run_scoped(run, *[plgpu.ACC(total.shape, acc_dtype)] * n_acc)
 
         pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice],
                                 sw_gmem.at[:, n_slice],
@@ -340,6 +343,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  # the name shows up in profiles and in MOSAIC_GPU_DUMP_* files
+  kernel.__name__ = (f"w4a4_{mma}_{rescale}_m{tile_m}n{tile_n}w{compute_wgs}a{n_acc}g{gps}"
+                     f"s{steps}")
   args = [a_q, w_packed, w_scale_t, *scale_ins]
   if has_lr:
     args += [lr, up_t]
@@ -353,16 +359,17 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   out_tile = (tile_n, tile_m) if transposed_out else (tile_m, tile_n)
   y = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((n, m) if transposed_out else (m, n), out_dtype),
-      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(num_sms,), grid_names=("sm",), num_threads=compute_wgs + 1, thread_name="wg",
       scratch_types=[
-          plgpu.SMEM((2, *out_tile), out_dtype, transforms=_swizzled(out_tile[1], out_dtype)),
-          plgpu.SMEM((2, lr_rows, lr_cols), jnp.bfloat16,
+          plgpu.SMEM((compute_wgs, *out_tile), out_dtype,
+                     transforms=_swizzled(out_tile[1], out_dtype)),
+          plgpu.SMEM((compute_wgs, lr_rows, lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, tile_n if has_lr else 8, lr_cols), jnp.bfloat16,
+          plgpu.SMEM((compute_wgs, tile_n if has_lr else 8, lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, tile_n), jnp.float32),
-          plgpu.Barrier(num_barriers=6),
-      ] + ([plgpu.SMEM((2, 2, tile_n, GROUP), a_q.dtype)] if interpret else []),
+          plgpu.SMEM((compute_wgs, tile_n), jnp.float32),
+          plgpu.Barrier(num_barriers=3 * compute_wgs),
+      ] + ([plgpu.SMEM((compute_wgs, n_acc, tile_n, GROUP), a_q.dtype)] if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,

@@ -28,16 +28,29 @@ from svdq_jax.timing import median_seconds
 from bench_w4a4 import activations, make_layer
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
-VARIANTS = {  # name: kwargs of w4a4_gemm_t (tiles: 128 tokens x 2 warpgroups x 64 rows)
-    "s8 convert g2 s4": dict(),
-    "s8 unscaled g2 s4 (diagnostic)": dict(rescale="unscaled"),
-    "s8 convert g4 s3": dict(groups_per_step=4, steps=3),
-    "e4m3 g2 s4": dict(mma="e4m3"),
-    "e4m3 g4 s3": dict(mma="e4m3", groups_per_step=4, steps=3),
-    "e4m3 g2 s6": dict(mma="e4m3", steps=6),
-    "e4m3 g1 s6": dict(mma="e4m3", groups_per_step=1, steps=6),
-}
-DEFAULT = "s8 convert g2 s4"
+VARIANTS = [  # see variant_kwargs
+    "s8 g2 s4", "s8 unscaled g2 s4", "s8 a1 g2 s4", "s8 m64 g2 s4", "s8 m64 a3 g3 s4",
+    "s8 m64 w3 g2 s4", "e4m3 g2 s4", "e4m3 m64 a3 g3 s4",
+]
+DEFAULT = "s8 g2 s4"
+TOKENS = {"g": "groups_per_step", "s": "steps", "m": "tile_m", "a": "accs", "w": "compute_wgs"}
+
+
+def variant_kwargs(name: str) -> dict:
+  """'e4m3 m64 a3 g3 s4' -> kwargs of ``w4a4_gemm_t``: the MMA type (s8 | e4m3), 'unscaled'
+  (the timing-only rescale diagnostic), then g<groups per step>, s<pipeline steps>,
+  m<tokens per tile>, a<accumulators in rotation>, w<compute warpgroups>."""
+  kwargs = {}
+  for token in name.split():
+    if token in hop.MMA_TYPES:
+      kwargs["mma"] = token
+    elif token == "unscaled":
+      kwargs["rescale"] = token
+    elif token[0] in TOKENS and token[1:].isdigit():
+      kwargs[TOKENS[token[0]]] = int(token[1:])
+    else:
+      raise ValueError(f"unknown token {token!r} in variant {name!r}")
+  return kwargs
 
 
 def operands(m, k, n, rank, key, bias=True):
@@ -80,14 +93,16 @@ def exact_check(key, m=1024, k=3072, n=3072):
   return rows
 
 
-def check(key):
+def check(key, variants):
   rows = []
   for m, k, n, rank, bias in [(4608, 3072, 3072, 32, True), (4096 + 333, 3072, 3072, 32, True),
                               (4608, 15360, 3072, 0, False), (77, 3072, 12288, 32, True)]:
     args = operands(m, k, n, rank, key, bias)
     ref = hop.reference(*args)
-    for name in (DEFAULT, "s8 convert g4 s3", "e4m3 g2 s4", "e4m3 g4 s3"):
-      y = jax.jit(functools.partial(hop.w4a4_gemm_t, **VARIANTS[name]))(*args)
+    for name in variants:
+      if "unscaled" in name:
+        continue
+      y = jax.jit(functools.partial(hop.w4a4_gemm_t, **variant_kwargs(name)))(*args)
       finite = bool(jnp.isfinite(y).all())
       rows.append((f"{m}x{k}x{n} r{rank} bias={bias}", name, rel_err(y, ref), finite))
       print("check", rows[-1], flush=True)
@@ -128,14 +143,19 @@ def main():
   p.add_argument("--m", type=int, default=4608)
   p.add_argument("--rank", type=int, default=32)
   p.add_argument("--variants", default=",".join(VARIANTS),
-                 help="comma-separated GEMM variants to time (names of VARIANTS)")
+                 help="comma-separated GEMM variants to time (see variant_kwargs)")
+  p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in FLUX_SHAPES),
+                 help="comma-separated KxN linear shapes to time")
+  p.add_argument("--no-fused", action="store_true",
+                 help="skip the whole-linear rows (activation kernel + GEMM, unfused jnp)")
   args = p.parse_args()
-  variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+  variants = {name: variant_kwargs(name) for name in args.variants.split(",")}
+  shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
   key = jax.random.key(0)
   exact = exact_check(key)
-  checks = check(key)
+  checks = check(key, variants)
   rows = []
-  for k, n in FLUX_SHAPES:
+  for k, n in shapes:
     m = args.m
     kx, kw = jax.random.split(jax.random.fold_in(key, k * n))
     x16 = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -151,10 +171,11 @@ def main():
     ops = operands(m, k, n, args.rank, kw)
     # what the activation kernel hands the e4m3 GEMM: fp8 codes and their group sums
     ops_e4m3 = (ops[0].astype(jnp.float8_e4m3fn),) + ops[1:] + (hop.group_sums_t(ops[0]),)
-    rows += fused_linear_rows(m, k, n, args.rank, kw, t16)
+    if not args.no_fused:
+      rows += fused_linear_rows(m, k, n, args.rank, kw, t16)
     for name, kwargs in variants.items():
       for lowrank in (True, False):
-        if not lowrank and name not in (DEFAULT, "e4m3 g2 s4"):
+        if not lowrank and name != DEFAULT:
           continue
         full = ops_e4m3 if kwargs.get("mma") == "e4m3" else ops
         call_args = full if lowrank else full[:4] + (None, None) + full[6:]
