@@ -7,9 +7,9 @@ over 64-groups g, with the 4-bit values exact in int8. The tensor cores see the 
 problem, Y^T = W A^T, so that the packed weights can be the register operand of wgmma:
 
   one memory warpgroup streams, per pipeline step of ``groups_per_step`` 64-groups, the
-  activation codes (int8 [TM, 64 g]), the packed weights (uint8 [2 TN, 32 g]) and both
+  activation codes (int8 [TM, 64 g]), the packed weights (uint8 [W TN, 32 g]) and both
   scale rows into shared memory (TMA, several steps deep);
-  two compute warpgroups, each owning TN weight rows, per group j, two accumulators
+  W compute warpgroups, each owning TN weight rows, per group j, ``accs`` accumulators
   taking turns (group j's rescale runs while group j + 1's MMAs are in flight):
       w = packed weights -> registers;  lo = w << 4,  hi = w & 0xF0  (int8: 16 x nibble)
       part_j = [lo | hi]_j . A_j^T                               (wgmma s8 -> s32)
@@ -23,9 +23,16 @@ s8 (0.58-0.65x vs 0.63-0.68x of XLA bf16), nor was an s32 accumulator started at
 1.5 * 2**23 (int -> float as a bit cast and one subtraction; 0.57-0.61x). Without any
 rescale the same pipeline reaches 1.01-1.09x: the rescale costs a third of the time.
 
+What bounds it (ncu, 2026-11-23, docs/benchmarks/README.md): the rescale is ~4 instructions
+per output element and 64-group (zero the accumulator, convert, multiply, fused add), i.e.
+per 64 int8 MACs. At the int8 tensor-core rate that needs 1.5x the SM's whole instruction
+issue rate, so the kernel is issue-bound (52% of issue slots used, tensor pipe 24% busy),
+not MMA-bound; deeper accumulator rotations, smaller tiles and a third warpgroup move it by
+0-7%.
+
 Ragged M is handled by the TMA unit (out-of-bounds reads give zeros, out-of-bounds writes are
 dropped) down to a multiple of 8 rows; other M are padded to one (a copy of the activations).
-K must be a multiple of 64 and N of 2 * tile_n.
+K must be a multiple of 64 and N of W * tile_n.
 """
 
 from __future__ import annotations
@@ -178,6 +185,9 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     [M, N] in out_dtype.
   """
   check_shapes(a_q, a_scale_t, w_packed, w_scale_t, compute_wgs * tile_n)
+  if accs < 1 or compute_wgs not in (1, 2, 3):
+    raise ValueError(f"accs must be >= 1 and compute_wgs 1, 2 or 3 (registers), got {accs} "
+                     f"and {compute_wgs}")
   if mma not in MMA_TYPES or rescale not in RESCALES:
     raise ValueError(f"mma must be one of {MMA_TYPES} and rescale one of {RESCALES}, got "
                      f"{mma!r} and {rescale!r}")
@@ -407,10 +417,24 @@ def on_hopper() -> bool:
       .startswith("9")
 
 
-def supports(m: int, k: int, n: int, tile_n: int = 64) -> bool:
+# Output tilings of the library path, fastest first (H100, docs/benchmarks/2026-11-23-hopper-
+# tilings-h100.md): 3 compute warpgroups x 64 weight rows x 64 tokens was 0-7% faster than
+# 2 x 64 rows x 128 tokens at every FLUX shape; the latter covers N that 192 does not divide.
+TILINGS = (dict(tile_m=64, tile_n=64, compute_wgs=3), dict(tile_m=128, tile_n=64, compute_wgs=2))
+
+
+def tiling(n: int) -> dict | None:
+  """The ``w4a4_gemm_t`` tile arguments for N output features, or None if none fits."""
+  for t in TILINGS:
+    if n % (t["tile_n"] * t["compute_wgs"]) == 0:
+      return t
+  return None
+
+
+def supports(m: int, k: int, n: int) -> bool:
   """Whether ``w4a4_gemm_t`` takes this problem (else use the Triton GEMM)."""
   del m
-  return k % GROUP == 0 and n % (2 * tile_n) == 0
+  return k % GROUP == 0 and tiling(n) is not None
 
 
 def gemm(a_q, a_scale_t, w_packed, w_scale, lr=None, up=None, bias=None, *,
@@ -423,5 +447,6 @@ def gemm(a_q, a_scale_t, w_packed, w_scale, lr=None, up=None, bias=None, *,
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
   y = w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale.astype(jnp.float32).T, lr, up,
-                  None if bias is None else bias.astype(jnp.float32), interpret=interpret)
+                  None if bias is None else bias.astype(jnp.float32), interpret=interpret,
+                  **tiling(w_packed.shape[0]))
   return y.astype(out_dtype)

@@ -73,6 +73,7 @@ def test_e4m3_offset_correction_recovers_the_int_product():
 def test_kernel_choice_and_errors():
   assert not w4a4.hopper_gemm(40, 128, 128, interpret=True)  # auto: Triton off the GPU
   assert not hop.supports(40, 128, 64)                        # N not a multiple of 128
+  assert hop.tiling(3072)["compute_wgs"] == 3 and hop.tiling(128)["compute_wgs"] == 2
   with pytest.raises(ValueError, match="GEMM kernel must be one of"):
     w4a4.set_gemm_kernel("cutlass")
   a_q, sa, w_packed, sw, *_ = _operands(16, 128, 128, 0, False)
@@ -80,6 +81,10 @@ def test_kernel_choice_and_errors():
     hop.w4a4_gemm_t(a_q[:, :96], sa, w_packed, sw, interpret=True)
   with pytest.raises(ValueError, match=r"N=128 is not a multiple of 256"):
     hop.w4a4_gemm_t(a_q, sa, w_packed, sw, tile_n=128, interpret=True)
+  with pytest.raises(ValueError, match=r"N=128 is not a multiple of 192"):
+    hop.w4a4_gemm_t(a_q, sa, w_packed, sw, compute_wgs=3, interpret=True)
+  with pytest.raises(ValueError, match="accs must be >= 1"):
+    hop.w4a4_gemm_t(a_q, sa, w_packed, sw, accs=0, interpret=True)
   with pytest.raises(ValueError, match=r"expected \[N, K/2\]"):
     hop.w4a4_gemm_t(a_q, sa, w_packed[:, :32], sw, interpret=True)
   with pytest.raises(ValueError, match="r a multiple of 16"):
