@@ -25,10 +25,10 @@ rescale the same pipeline reaches 1.01-1.09x: the rescale costs a third of the t
 
 What bounds it (ncu, 2026-11-23, docs/benchmarks/README.md): the rescale is ~4 instructions
 per output element and 64-group (zero the accumulator, convert, multiply, fused add), i.e.
-per 64 int8 MACs. At the int8 tensor-core rate that needs 1.5x the SM's whole instruction
-issue rate, so the kernel is issue-bound (52% of issue slots used, tensor pipe 24% busy),
-not MMA-bound; deeper accumulator rotations, smaller tiles and a third warpgroup move it by
-0-7%.
+per 64 int8 MACs. At the int8 tensor-core rate that needs 2x the SM's whole instruction
+issue rate (1.5x at 3 instructions), so the kernel is issue-bound (52% of issue slots used,
+tensor pipe 24% busy), not MMA-bound; deeper accumulator rotations, smaller tiles and a third
+warpgroup move it by 0-7%.
 
 Ragged M is handled by the TMA unit (out-of-bounds reads give zeros, out-of-bounds writes are
 dropped) down to a multiple of 8 rows; other M are padded to one (a copy of the activations).
@@ -155,8 +155,8 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, cta_n: int) -> None:
 def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None,
                 a_group_sum_t=None, *,
                 tile_m: int = 128, tile_n: int = 64, steps: int = 4, groups_per_step: int = 2,
-                accs: int = 2, compute_wgs: int = 2, mma: str = "s8", rescale: str = "convert", out_dtype=jnp.bfloat16,
-                num_sms: int | None = None, interpret: bool = False):
+                accs: int = 2, compute_wgs: int = 2, mma: str = "s8", rescale: str = "convert",
+                out_dtype=jnp.bfloat16, num_sms: int | None = None, interpret: bool = False):
   """The W4A4 GEMM with Hopper-native operand layouts.
 
   Args:
@@ -418,8 +418,9 @@ def on_hopper() -> bool:
 
 
 # Output tilings of the library path, fastest first (H100, docs/benchmarks/2026-11-23-hopper-
-# tilings-h100.md): 3 compute warpgroups x 64 weight rows x 64 tokens was 0-7% faster than
-# 2 x 64 rows x 128 tokens at every FLUX shape; the latter covers N that 192 does not divide.
+# tilings-h100.md): 3 compute warpgroups x 64 weight rows x 64 tokens was 4-7% faster than
+# 2 x 64 rows x 128 tokens at four FLUX shapes, and 0-1% at 3072 -> 21504 (two runs); the
+# latter covers N that 192 does not divide.
 TILINGS = (dict(tile_m=64, tile_n=64, compute_wgs=3), dict(tile_m=128, tile_n=64, compute_wgs=2))
 
 

@@ -16,7 +16,7 @@ import jax
 
 from svdq_jax.pallas_kernels import w4a4_hopper as hop
 
-from bench_w4a4_hopper import operands, variant_kwargs
+from bench_w4a4_hopper import e4m3_operands, operands, variant_kwargs
 
 
 def main():
@@ -29,9 +29,7 @@ def main():
   ops = operands(m, k, n, args.rank, jax.random.key(0))
   for name in args.variants.split(","):
     kwargs = variant_kwargs(name)
-    call = ops
-    if kwargs.get("mma") == "e4m3":
-      call = (ops[0].astype("float8_e4m3fn"),) + ops[1:] + (hop.group_sums_t(ops[0]),)
+    call = e4m3_operands(ops) if kwargs.get("mma") == "e4m3" else ops
     y = jax.jit(functools.partial(hop.w4a4_gemm_t, **kwargs))(*call)
     print(name, float(y[0, 0]), flush=True)
 

@@ -41,7 +41,6 @@ def test_activation_kernel_bit_exact(act, m, r, smoothed, chunk):
   np.testing.assert_array_equal(np.asarray(s_t), np.asarray(ref.scale).T)
   if r:
     np.testing.assert_array_equal(np.asarray(lr_c), np.asarray(lr))
-  if r:
     want = lowrank_down(xh, down)
     np.testing.assert_allclose(np.asarray(lr), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(want).max()))
