@@ -180,6 +180,11 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     a_group_sum_t: for mma='e4m3', f32 [K/64, M] sums of each group's activation codes
       (computed here from a_q if None).
     out_dtype: bf16 or f32.
+    num_sms: programs of the persistent grid (default: the GPU's SMs; in interpret mode one
+      per output tile).
+    interpret: run in Pallas' GPU interpret mode (CPU). Each warpgroup becomes a host thread
+      whose callbacks wait in XLA's CPU thread pool: with fewer pool threads than
+      compute_wgs + 1 it deadlocks; set PJRT_NPROC (e.g. 8) before jax starts.
 
   Returns:
     [M, N] in out_dtype.
@@ -215,13 +220,13 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
   cta_n = compute_wgs * tile_n
   gps = math.gcd(groups_per_step, k // GROUP)
-  n_acc = min(accs, gps)
+  # GPU interpret mode cannot store into a wgmma accumulator (jax 0.11.2), so there every
+  # group of a step gets its own accumulator instead of reusing one in rotation
+  n_acc = gps if interpret else min(accs, gps)
   steps = min(steps, k // GROUP // gps)  # a pipeline deeper than the K loop deadlocks
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
-  if interpret:  # GPU interpret mode hangs when a program loops over several tiles
-    num_sms = m_iters * n_iters
-  elif num_sms is None:  # a persistent grid: one program per SM, looping over output tiles
-    num_sms = jax.devices()[0].core_count
+  if num_sms is None:  # a persistent grid: one program per SM, looping over output tiles
+    num_sms = m_iters * n_iters if interpret else jax.devices()[0].core_count
   w_packed = lax.bitcast_convert_type(w_packed, jnp.int8)
   scale_ins = [a_scale_t]
   if mma == "s8":
@@ -447,7 +452,10 @@ def gemm(a_q, a_scale_t, w_packed, w_scale, lr=None, up=None, bias=None, *,
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
+  # f32 callers get the f32 result (a slower store); everything else is rounded once, to bf16
+  f32 = jnp.dtype(out_dtype) == jnp.dtype(jnp.float32)
   y = w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale.astype(jnp.float32).T, lr, up,
-                  None if bias is None else bias.astype(jnp.float32), interpret=interpret,
+                  None if bias is None else bias.astype(jnp.float32),
+                  out_dtype=jnp.float32 if f32 else jnp.bfloat16, interpret=interpret,
                   **tiling(w_packed.shape[0]))
   return y.astype(out_dtype)

@@ -1,3 +1,11 @@
+import os
+
+# The Mosaic GPU interpreter runs each warpgroup of a kernel as its own XLA computation on a
+# host thread, and their host callbacks block on each other's barriers inside XLA's CPU
+# thread pool. A pool smaller than the warpgroups (jax sizes it to the cores: 2 on CI)
+# deadlocks, so give it room before jax creates its CPU client.
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
+
 import jax
 
 # CPU tests compare against float64 references; keep jax's default f32 but make every

@@ -1,9 +1,9 @@
-"""The Mosaic GPU W4A4 GEMM (Hopper): its reference semantics, kernel choice and errors.
+"""The Mosaic GPU W4A4 GEMM (Hopper) in GPU interpret mode against its jnp reference, its
+weight operand encodings, kernel choice and errors.
 
-The kernel's numerics are checked on the H100 by scripts/bench_w4a4_hopper.py (FLUX shapes,
-ragged M). Runs in GPU interpret mode passed once here (one output tile per program) but hang
-intermittently (jax 0.11.2's interpreter; also with several tiles per program), so they are
-not part of CI yet: see issue 4's notes.
+Interpret mode needs XLA's CPU thread pool to be larger than the kernel's warpgroups
+(tests/conftest.py sets PJRT_NPROC); at FLUX shapes the same checks run on the H100 in
+scripts/bench_w4a4_hopper.py.
 """
 
 import jax
@@ -94,3 +94,72 @@ def test_kernel_choice_and_errors():
     hop.w4a4_gemm_t(a_q, sa, w_packed, sw, mma="int4", interpret=True)
   with pytest.raises(ValueError, match="out_dtype must be bfloat16 or float32"):
     hop.w4a4_gemm_t(a_q, sa, w_packed, sw, out_dtype=jnp.float16, interpret=True)
+
+
+# one output tile per program, or (num_sms) several; ragged M (40: TMA-masked tail rows,
+# 77: padded to 8 rows); both tilings of the library; both MMA types; low-rank and bias
+INTERPRET_CASES = {
+    "3wg-64x64": (64, 128, 192, 0, False, dict(tile_m=64, tile_n=64, compute_wgs=3)),
+    "2wg-128x64-lowrank-bias-ragged": (40, 256, 128, 32, True,
+                                       dict(tile_m=128, tile_n=64, compute_wgs=2)),
+    "e4m3-uint4-padded-m": (77, 256, 192, 16, True,
+                            dict(tile_m=64, tile_n=64, compute_wgs=3, mma="e4m3")),
+    "tiles-per-program": (136, 256, 128, 0, False,
+                          dict(tile_m=64, tile_n=64, compute_wgs=2, num_sms=2,
+                               groups_per_step=4, steps=2)),
+}
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_kernel_matches_reference_in_interpret_mode(case):
+  m, k, n, rank, bias, kw = INTERPRET_CASES[case]
+  ops = _operands(m, k, n, rank, bias, unsigned=kw.get("mma") == "e4m3")
+  ref = np.asarray(hop.reference(*ops))
+  scale = float(np.abs(ref).max())
+  y32 = hop.w4a4_gemm_t(*ops, out_dtype=jnp.float32, interpret=True, **kw)
+  assert y32.shape == (m, n) and y32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y32), ref, rtol=1e-6, atol=1e-6 * scale)
+  y16 = hop.w4a4_gemm_t(*ops, interpret=True, **kw)
+  assert y16.dtype == jnp.bfloat16
+  # bf16 output rounding: within one bf16 ulp of the f32 reference
+  np.testing.assert_allclose(np.asarray(y16, np.float32), ref, rtol=2 ** -8, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("mma", hop.MMA_TYPES)
+def test_kernel_is_exact_on_integers_in_interpret_mode(mma):
+  """Unit scales, codes at the range ends: the f32 result is the integer GEMM, bit for bit."""
+  m, k, n = 64, 256, 128
+  keys = jax.random.split(jax.random.key(5), 2)
+  lo = 0 if mma == "e4m3" else -8          # the e4m3 path is also checked with UINT4 codes
+  a_q = jnp.where(jax.random.bernoulli(keys[0], 0.5, (m, k)), lo + 15, lo).astype(jnp.int8)
+  w = jnp.where(jax.random.bernoulli(keys[1], 0.5, (n, k)), 7, -8).astype(jnp.int8)
+  ones = lambda rows: jnp.ones((k // 64, rows), jnp.float32)
+  y = hop.w4a4_gemm_t(a_q, ones(m), formats.pack(w, "int4"), ones(n), mma=mma, tile_m=64,
+                      out_dtype=jnp.float32, interpret=True)
+  want = np.asarray(a_q, np.int64) @ np.asarray(w, np.int64).T
+  assert np.abs(want).max() < 2 ** 24      # exact in f32
+  np.testing.assert_array_equal(np.asarray(y), want.astype(np.float32))
+
+
+def test_fused_linear_on_the_hopper_path_in_interpret_mode():
+  """``w4a4_linear`` with the Hopper GEMM forced: activation kernel codes -> Mosaic GEMM."""
+  m, k, n, r = 45, 192, 192, 16
+  keys = jax.random.split(jax.random.key(7), 5)
+  x = (jax.random.normal(keys[0], (m, k)) * 2.0).at[:, 5].multiply(40.0).astype(jnp.bfloat16)
+  qw = formats.quantize_weight(jax.random.normal(keys[1], (n, k)) * 0.05, "int4")
+  layer = qlinear.QuantizedLinear(
+      qweight=formats.pack(qw.q, "int4"), wscale=qw.scale,
+      smooth=jax.random.uniform(keys[2], (k,), minval=0.5, maxval=2.0),
+      lora_down=(jax.random.normal(keys[3], (k, r)) * 0.1).astype(jnp.bfloat16),
+      lora_up=(jax.random.normal(keys[4], (r, n)) * 0.1).astype(jnp.bfloat16),
+      bias=jnp.linspace(-1, 1, n), weight_format="int4", act_format="int4")
+  ref = np.asarray(qlinear.reference_apply(layer, x.astype(jnp.float32)))
+  assert w4a4.hopper_gemm(m, k, n, interpret=True) is False
+  w4a4.set_gemm_kernel("hopper")
+  try:
+    assert w4a4.hopper_gemm(m, k, n, interpret=True)
+    y = w4a4.w4a4_linear(layer, x.astype(jnp.float32), layer.bias, interpret=True)
+  finally:
+    w4a4.set_gemm_kernel("auto")
+  assert y.shape == (m, n) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
