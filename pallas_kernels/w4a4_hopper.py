@@ -38,7 +38,6 @@ K must be a multiple of 64 and N of W * tile_n.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import jax
@@ -112,74 +111,6 @@ def _unpack_weights(w: jax.Array, mma: str, interpret: bool) -> jax.Array:
   return unpack(w)
 
 
-def _wgmma_fresh(w: jax.Array, a, acc_dtype) -> jax.Array:
-  """W [R, 64] (registers, WGMMA_8BIT) . A^T (A: smem ref [T, 64]) as a *new* accumulator
-  [R, T] (s32 for int8, f32 for e4m3): issued and committed, still in flight (store it into
-  a ``plgpu.ACC`` and read it with ``plgpu.wgmma_accumulator_load``).
-
-  The group's first k-step runs with wgmma's scale-d = 0 (D = A B), so no zeroed registers
-  are needed; Mosaic GPU's own wgmma always accumulates (scale-d = 1), which costs one
-  instruction per output element and group to zero the accumulator first.
-  """
-  rows, n = w.shape[0], a.shape[0]
-  int8 = jnp.dtype(w.dtype) == jnp.dtype(jnp.int8)
-  swizzle = plgpu.find_swizzle(GROUP * 8)
-
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType(_swizzled(GROUP, a.dtype))),
-      return_type=plgpu.ShapeDtypeStruct((rows, n), acc_dtype, layout=plgpu.Layout.WGMMA))
-  def fresh(_, a_frag, a_ref):
-    from jax._src.lib.mlir.dialects import llvm
-    from jax.experimental.mosaic.gpu import fragmented_array as fa, mma_utils
-    mgpu_wgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")  # the module
-
-    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    acc_el = i32 if int8 else ir.F32Type.get()
-    reg_ty = ir.VectorType.get((1,), acc_el)
-    a_frag = mgpu_wgmma.wgmma_fence(a_frag)     # the unpacked weights are ready
-    # a_ref is tiled [T/8, 1, 8, 64]; the descriptor wants B = A^T as [K, N] tiles
-    b_ref = mgpu.utils.memref_transpose(a_ref, (1, 0, 3, 2))
-    (desc, k_stride), _, _ = mma_utils.create_descriptor(
-        b_ref, swizzle=swizzle, large_tile=(GROUP, GROUP), group_size=(GROUP, n),
-        logical_k_major=True)
-    k_stride = k_stride[1][0]
-    layout = fa.WGMMA_LAYOUT_ACC_32BIT
-    reg_shape = layout.registers_shape((rows, n))
-    n_regs = math.prod(reg_shape)
-    operands = "{" + ",".join(f"${i}" for i in range(n_regs)) + "}"
-    ptx_type = "s32.s8.s8" if int8 else "f32.e4m3.e4m3"
-    scales = "" if int8 else ", 1, 1"           # fp8: scale-a, scale-b immediates
-    k_instr = 32
-    regs = None
-    for i in range(GROUP // k_instr):
-      a_regs = [mgpu.utils.bitcast(r, i32)
-                for r in a_frag[:, i * k_instr:(i + 1) * k_instr].registers.flat]
-      if i:
-        desc = llvm.add(desc, mgpu.c(k_stride >> 4, i64),
-                        overflow_flags=llvm.IntegerOverflowFlags.none)
-      first = regs is None
-      ins = [] if first else list(regs)
-      base = n_regs + len(ins)
-      a_ops = "{" + ",".join(f"${base + j}" for j in range(4)) + "}"
-      ptx = (f"{{ .reg .pred p; setp.ne.b32 p, {0 if first else 1}, 0; "
-             f"wgmma.mma_async.sync.aligned.m64n{n}k{k_instr}.{ptx_type} {operands}, {a_ops}, "
-             f"${base + 4}, p{scales}; }}")
-      acc_c = "r" if int8 else "f"
-      constraints = ",".join([f"={acc_c}"] * n_regs + [str(j) for j in range(len(ins))]
-                             + ["r"] * 4 + ["l"])
-      struct = llvm.inline_asm(llvm.StructType.get_literal([reg_ty] * n_regs),
-                               [*ins, *a_regs, desc], ptx, constraints, asm_dialect=0,
-                               has_side_effects=True)
-      regs = [llvm.extractvalue(reg_ty, struct, [j]) for j in range(n_regs)]
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "wgmma.commit_group.sync.aligned;", "",
-                    has_side_effects=True)
-    out = mgpu.FragmentedArray(_registers=np.array(regs, dtype=object).reshape(reg_shape),
-                               _layout=layout, _is_signed=True if int8 else None)
-    return out.to_layout(fa.WGMMA_LAYOUT)
-
-  return fresh(w, a)
-
-
 def _wgmma_zeros(shape, dtype) -> jax.Array:
   """A zero tile in the wgmma accumulator layout."""
   return plgpu.layout_cast(jnp.zeros(shape, dtype), plgpu.Layout.WGMMA)
@@ -220,13 +151,11 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, cta_n: int) -> None:
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "groups_per_step",
                                               "accs", "compute_wgs", "mma", "rescale",
-                                              "fresh_acc",
                                               "out_dtype", "num_sms", "interpret"))
 def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None,
                 a_group_sum_t=None, *,
                 tile_m: int = 128, tile_n: int = 64, steps: int = 4, groups_per_step: int = 2,
                 accs: int = 2, compute_wgs: int = 2, mma: str = "s8", rescale: str = "convert",
-                fresh_acc: bool = False,
                 out_dtype=jnp.bfloat16, num_sms: int | None = None, interpret: bool = False):
   """The W4A4 GEMM with Hopper-native operand layouts.
 
@@ -248,9 +177,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
     rescale: for mma='s8': 'convert' (int32 partials -> f32, times both scales, added to
       the total), or 'unscaled', which adds the raw bits of the partials: a timing-only
       diagnostic of the rescale's cost (wrong results).
-    fresh_acc: each group's first MMA writes its accumulator (wgmma scale-d = 0,
-      ``_wgmma_fresh``) instead of adding onto zeroed registers (GPU only; interpret mode
-      always zeroes).
     a_group_sum_t: for mma='e4m3', f32 [K/64, M] sums of each group's activation codes
       (computed here from a_q if None).
     out_dtype: bf16 or f32.
@@ -280,7 +206,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
                     up_t, bias, None if a_group_sum_t is None
                     else jnp.pad(a_group_sum_t, ((0, 0), (0, pad))), tile_m=tile_m, tile_n=tile_n, steps=steps,
                     groups_per_step=groups_per_step, accs=accs, compute_wgs=compute_wgs, mma=mma, rescale=rescale,
-                    fresh_acc=fresh_acc,
                     out_dtype=out_dtype, num_sms=num_sms, interpret=interpret)
     return y[:a_q.shape[0]]
   m, k = a_q.shape
@@ -294,7 +219,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
   cta_n = compute_wgs * tile_n
-  fresh = fresh_acc and not interpret
   gps = math.gcd(groups_per_step, k // GROUP)
   # GPU interpret mode cannot store into a wgmma accumulator (jax 0.11.2), so there every
   # group of a step gets its own accumulator instead of reusing one in rotation
@@ -411,10 +335,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
             if interpret:  # interpret mode takes wgmma operands from refs only
               w16_smem[wg, j % n_acc] = w
               w = w16_smem.at[wg, j % n_acc]
-            if fresh:
-              acc[...] = _wgmma_fresh(w, a_smem.at[:, pl.ds(j * GROUP, GROUP)], acc_dtype)
-            else:
-              plgpu.wgmma(acc, w, a_t)
+            plgpu.wgmma(acc, w, a_t)
 
           def run(*acc_refs):
             out = total
@@ -425,8 +346,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
               in_flight = min(j + n_acc, gps) - j - 1  # groups issued after j
               out = out + rescaled(j, plgpu.wgmma_accumulator_load(acc, wait_n=in_flight))
               if j + n_acc < gps:
-                if not fresh:
-                  acc[...] = _wgmma_zeros(total.shape, acc_dtype)
+                acc[...] = _wgmma_zeros(total.shape, acc_dtype)
                 issue(j + n_acc, acc)
             return out
 
@@ -440,7 +360,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
 
   # the name shows up in profiles and in MOSAIC_GPU_DUMP_* files
   kernel.__name__ = (f"w4a4_{mma}_{rescale}_m{tile_m}n{tile_n}w{compute_wgs}a{n_acc}g{gps}"
-                     f"s{steps}" + ("_fresh" if fresh else ""))
+                     f"s{steps}")
   args = [a_q, w_packed, w_scale_t, *scale_ins]
   if has_lr:
     args += [lr, up_t]

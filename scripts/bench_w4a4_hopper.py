@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import os
 import traceback
@@ -38,7 +37,7 @@ TOKENS = {"g": "groups_per_step", "s": "steps", "m": "tile_m", "a": "accs", "w":
 
 def variant_kwargs(name: str) -> dict:
   """'e4m3 m64 a3 g3 s4' -> kwargs of ``w4a4_gemm_t``: the MMA type (s8 | e4m3), 'unscaled'
-  (the timing-only rescale diagnostic), 'fresh' (wgmma scale-d = 0: no accumulator zeroing), then g<groups per step>, s<pipeline steps>,
+  (the timing-only rescale diagnostic), then g<groups per step>, s<pipeline steps>,
   m<tokens per tile>, a<accumulators in rotation>, w<compute warpgroups>."""
   kwargs = {}
   for token in name.split():
@@ -46,8 +45,6 @@ def variant_kwargs(name: str) -> dict:
       kwargs["mma"] = token
     elif token == "unscaled":
       kwargs["rescale"] = token
-    elif token == "fresh":
-      kwargs["fresh_acc"] = True
     elif token[0] in TOKENS and token[1:].isdigit():
       kwargs[TOKENS[token[0]]] = int(token[1:])
     else:
@@ -92,12 +89,11 @@ def exact_check(key, m=1024, k=3072, n=3072):
   for case, (a_q, w_q) in cases.items():
     exact = lax.dot_general(a_q, w_q, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.int32).astype(jnp.float32)
-    for mma, fresh in itertools.product(hop.MMA_TYPES, (False, True)):
+    for mma in hop.MMA_TYPES:
       y = hop.w4a4_gemm_t(a_q, ones_a, formats.pack(w_q, "int4"), ones_w, mma=mma,
-                          fresh_acc=fresh, out_dtype=jnp.float32)
+                          out_dtype=jnp.float32)
       mismatches = int(jnp.sum(y != exact))
-      rows.append((f"{m}x{k}x{n} {case}, unit scales, f32 out", mma + " fresh" * fresh,
-                   mismatches))
+      rows.append((f"{m}x{k}x{n} {case}, unit scales, f32 out", mma, mismatches))
       print("exact", rows[-1], flush=True)
   return rows
 
