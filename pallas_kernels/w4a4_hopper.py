@@ -23,12 +23,14 @@ s8 (0.58-0.65x vs 0.63-0.68x of XLA bf16), nor was an s32 accumulator started at
 1.5 * 2**23 (int -> float as a bit cast and one subtraction; 0.57-0.61x). Without any
 rescale the same pipeline reaches 1.01-1.09x: the rescale costs a third of the time.
 
-What bounds it (ncu, 2026-11-23, docs/benchmarks/README.md): the rescale is ~4 instructions
-per output element and 64-group (zero the accumulator, convert, multiply, fused add), i.e.
-per 64 int8 MACs. At the int8 tensor-core rate that needs 2x the SM's whole instruction
-issue rate (1.5x at 3 instructions), so the kernel is issue-bound (52% of issue slots used,
-tensor pipe 24% busy), not MMA-bound; deeper accumulator rotations, smaller tiles and a third
-warpgroup move it by 0-7%.
+What bounds it (ncu, 2026-11-23, docs/benchmarks/README.md): instruction issue. At the
+library tiling (3 compute warpgroups x 64 x 64) one output element and 64-group (64 int8 MACs)
+costs ~5.2 warp-instructions per 32 elements: one FMUL (s_a s_w), one FFMA (into the total),
+one int -> float conversion, and ~2.2 of loads, broadcasts and moves around them; 69% of issue
+slots are used. At the int8 tensor rate even 3 instructions would need 1.5x the SM's issue
+rate. Starting each group's MMA with wgmma's scale-d = 0 (no zeroed accumulator; tried in
+commit e506fc9 with an own wgmma emitter) changed neither the instruction count nor the time:
+the zeroing was not costing instructions.
 
 Ragged M is handled by the TMA unit (out-of-bounds reads give zeros, out-of-bounds writes are
 dropped) down to a multiple of 8 rows; other M are padded to one (a copy of the activations).
