@@ -198,19 +198,6 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   if mma not in MMA_TYPES or rescale not in RESCALES:
     raise ValueError(f"mma must be one of {MMA_TYPES} and rescale one of {RESCALES}, got "
                      f"{mma!r} and {rescale!r}")
-  # TMA tiles need 8-row multiples (32 for the f32 Y^T store, tokens being its minor
-  # dimension); a tile's tail rows are masked by the TMA unit, only this remainder is copied
-  row_align = 32 if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else ROW_ALIGN
-  if a_q.shape[0] % row_align:
-    pad = -a_q.shape[0] % row_align
-    y = w4a4_gemm_t(jnp.pad(a_q, ((0, pad), (0, 0))), jnp.pad(a_scale_t, ((0, 0), (0, pad))),
-                    w_packed, w_scale_t, None if lr is None else jnp.pad(lr, ((0, pad), (0, 0))),
-                    up_t, bias, None if a_group_sum_t is None
-                    else jnp.pad(a_group_sum_t, ((0, 0), (0, pad))), tile_m=tile_m, tile_n=tile_n, steps=steps,
-                    groups_per_step=groups_per_step, accs=accs, compute_wgs=compute_wgs, mma=mma, rescale=rescale,
-                    out_dtype=out_dtype, num_sms=num_sms, interpret=interpret)
-    return y[:a_q.shape[0]]
-  m, k = a_q.shape
   n = w_packed.shape[0]
   has_lr, has_bias = lr is not None, bias is not None
   rank = lr.shape[1] if has_lr else 0
@@ -220,6 +207,16 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   out_dtype = jnp.dtype(out_dtype)
   if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+  # TMA tiles need 8-row multiples (32 for the f32 Y^T store, tokens being its minor
+  # dimension); a tile's tail rows are masked by the TMA unit, only this remainder is copied
+  m_out = a_q.shape[0]
+  pad = -m_out % (32 if out_dtype == jnp.float32 else ROW_ALIGN)
+  if pad:
+    pad_rows = lambda v, axis: None if v is None else jnp.pad(
+        v, [(0, pad) if i == axis else (0, 0) for i in range(v.ndim)])
+    a_q, lr = pad_rows(a_q, 0), pad_rows(lr, 0)
+    a_scale_t, a_group_sum_t = pad_rows(a_scale_t, 1), pad_rows(a_group_sum_t, 1)
+  m, k = a_q.shape
   cta_n = compute_wgs * tile_n
   gps = math.gcd(groups_per_step, k // GROUP)
   # GPU interpret mode cannot store into a wgmma accumulator (jax 0.11.2), so there every
@@ -391,7 +388,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       )(*args)
-  return y.T if transposed_out else y
+  return (y.T if transposed_out else y)[:m_out]
 
 
 def group_sums_t(a_q: jax.Array) -> jax.Array:
