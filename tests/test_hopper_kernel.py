@@ -140,26 +140,3 @@ def test_kernel_is_exact_on_integers_in_interpret_mode(mma):
   assert np.abs(want).max() < 2 ** 24      # exact in f32
   np.testing.assert_array_equal(np.asarray(y), want.astype(np.float32))
 
-
-def test_fused_linear_on_the_hopper_path_in_interpret_mode():
-  """``w4a4_linear`` with the Hopper GEMM forced: activation kernel codes -> Mosaic GEMM."""
-  m, k, n, r = 45, 192, 192, 16
-  keys = jax.random.split(jax.random.key(7), 5)
-  x = (jax.random.normal(keys[0], (m, k)) * 2.0).at[:, 5].multiply(40.0).astype(jnp.bfloat16)
-  qw = formats.quantize_weight(jax.random.normal(keys[1], (n, k)) * 0.05, "int4")
-  layer = qlinear.QuantizedLinear(
-      qweight=formats.pack(qw.q, "int4"), wscale=qw.scale,
-      smooth=jax.random.uniform(keys[2], (k,), minval=0.5, maxval=2.0),
-      lora_down=(jax.random.normal(keys[3], (k, r)) * 0.1).astype(jnp.bfloat16),
-      lora_up=(jax.random.normal(keys[4], (r, n)) * 0.1).astype(jnp.bfloat16),
-      bias=jnp.linspace(-1, 1, n), weight_format="int4", act_format="int4")
-  ref = np.asarray(qlinear.reference_apply(layer, x.astype(jnp.float32)))
-  assert w4a4.hopper_gemm(m, k, n, interpret=True) is False
-  w4a4.set_gemm_kernel("hopper")
-  try:
-    assert w4a4.hopper_gemm(m, k, n, interpret=True)
-    y = w4a4.w4a4_linear(layer, x.astype(jnp.float32), layer.bias, interpret=True)
-  finally:
-    w4a4.set_gemm_kernel("auto")
-  assert y.shape == (m, n) and y.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))

@@ -72,18 +72,25 @@ def test_gemm_integer_part_matches_reference(act):
                              atol=1e-6 * float(jnp.abs(ref).max()))
 
 
-def test_fused_linear_matches_reference_apply_ragged_m():
-  m, k, n, r = 45, 192, 64, 16
+@pytest.mark.parametrize("gemm,n", [("triton", 64), ("hopper", 192)])  # Hopper: N % 128
+def test_fused_linear_matches_reference_apply_ragged_m(gemm, n):
+  """The whole layer on the kernels: activation kernel, then the Triton GEMM or (forced)
+  the Mosaic GPU one, which takes the activation kernel's int8 codes layout."""
+  m, k, r = 45, 192, 16
   x, smooth, down = _inputs(m, k, r, seed=3)
   layer = _layer(k, n, r, smooth=smooth, down=down)
-  with qlinear.backend("interpret"):
-    y = jax.jit(qlinear.apply)(layer, x.reshape(5, 9, k).astype(jnp.float32))
+  w4a4.set_gemm_kernel(gemm)
+  try:
+    assert w4a4.hopper_gemm(m, k, n, interpret=True) == (gemm == "hopper")
+    with qlinear.backend("interpret"):
+      y = jax.jit(qlinear.apply)(layer, x.reshape(5, 9, k).astype(jnp.float32))
+      y16 = qlinear.apply(layer, x)  # bf16 in, bf16 out
+  finally:
+    w4a4.set_gemm_kernel("auto")
   ref = qlinear.reference_apply(layer, x.reshape(5, 9, k).astype(jnp.float32))
   assert y.shape == (5, 9, n) and y.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5,
                              atol=1e-5 * float(jnp.abs(ref).max()))
-  with qlinear.backend("interpret"):
-    y16 = qlinear.apply(layer, x)  # bf16 in, bf16 out
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(ref).reshape(m, n),
                              rtol=1e-2, atol=1e-2 * float(jnp.abs(ref).max()))
