@@ -1,4 +1,4 @@
-"""Fused W4A4 linear on int8 tensor cores (Pallas, Triton backend).
+"""Fused W4A4 linear on tensor cores (Pallas, Triton backend).
 
 Hopper has no 4-bit MMA, but INT4 values [-8, 7] (and unsigned [0, 15]) are exact in int8,
 so the W4A4 product runs exactly on int8 tensor cores:
@@ -15,9 +15,19 @@ so the W4A4 product runs exactly on int8 tensor cores:
       acc += f32(int32 dot) * s_a[m, g] * s_w[n, g]
       epilogue: acc += bf16(lr) @ L_up + bias, stored in the output dtype.
 
+NVFP4 (E2M1 values, groups of 16, f32 activation scales, E4M3 weight scales times a
+per-channel f32 scale) takes the same two passes with 16-groups: a 64-block's low nibbles
+hold groups 0 and 1, its high nibbles groups 2 and 3. The int8 MMA's K step is 32, two
+NVFP4 groups with different scales, so the GEMM runs each 16-group as a bf16 MMA with the
+weight scale folded into the weights: an E2M1 value (2 significant bits) times an E4M3
+scale (4) is exact in bf16, so each group's partial sum_k a_k (w_k s_w) = s_w (a . w) is
+exact in f32, and only the activation scale is applied per group:
+      acc += dot(bf16(2 a), bf16(2 w * s_w[n, g])) * s_a[m, g]
+      epilogue: acc * s_channel[n] / 4, then the low-rank branch and bias as above.
+
 Ragged M is handled inside the kernels with row masks (no padding copies). K must be a
-multiple of 64 and N of ``block_n``. Formats: INT4 weights with INT4 or UINT4 activations;
-NVFP4 layers use the jnp reference for now.
+multiple of 64 and N of ``block_n``. Formats: INT4 weights with INT4 or UINT4 activations,
+NVFP4 weights with NVFP4 activations.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from svdq_jax.pallas_kernels import w4a4_hopper
 
 GROUP = formats.PACK_BLOCK   # 64: one INT4 group = one packing block
 HALF = GROUP // 2            # 32 bytes per group and row
-SUPPORTED_ACT_FORMATS = ("int4", "uint4")
+SUPPORTED_ACT_FORMATS = ("int4", "uint4", "nvfp4")
 _MIN_DOT = 16                # smallest dot dimension Triton accepts
 
 
@@ -73,54 +83,91 @@ def _round_half_even(v: jax.Array, interpret: bool) -> jax.Array:
   return _asm("cvt.rni.f32.f32", v)
 
 
-def _quantize_half(v: jax.Array, scale: jax.Array, signed: bool, interpret: bool) -> jax.Array:
-  """f32 [R, 32], scale f32 [R] -> 4-bit codes int32 [R, 32] (same rounding as formats)."""
-  q = _round_half_even(_div(v, jnp.where(scale == 0, 1.0, scale)[:, None], interpret),
-                       interpret)
+def _scaled(v: jax.Array, scale: jax.Array, interpret: bool) -> jax.Array:
+  """v / scale per row (f32 [R, C], scale f32 [R]), a zero scale dividing by 1."""
+  return _div(v, jnp.where(scale == 0, 1.0, scale)[:, None], interpret)
+
+
+def _int_codes(v: jax.Array, scale: jax.Array, signed: bool, interpret: bool) -> jax.Array:
+  """INT4 / UINT4: f32 [R, C] -> values int32 [R, C] (same rounding as ``formats``)."""
+  q = _round_half_even(_scaled(v, scale, interpret), interpret)
   q = jnp.clip(q, -8, 7) if signed else jnp.clip(q, 0, 15)
   return q.astype(jnp.int32)
+
+
+def _e2m1_codes(v: jax.Array, scale: jax.Array, interpret: bool) -> jax.Array:
+  """NVFP4: f32 [R, C] -> E2M1 nibble codes int32 [R, C] (``formats.quantize`` then
+  ``formats.to_codes``): the magnitude rounds to the E2M1 grid with ties to the even code,
+  bit 3 is the sign of a nonzero value."""
+  y = _scaled(v, scale, interpret)
+  a = jnp.minimum(jnp.abs(y), 6.0)
+  rnd = lambda t: _round_half_even(t, interpret)
+  units = jnp.where(a < 2.0, rnd(a * 2.0),  # in halves: 0, 1, 2, 3, 4, 6, 8, 12
+                    jnp.where(a < 4.0, 2.0 * rnd(a), 4.0 * rnd(a * 0.5))).astype(jnp.int32)
+  index = jnp.where(units <= 4, units, jnp.where(units == 6, 5, jnp.where(units == 8, 6, 7)))
+  return index | jnp.where((y < 0) & (units > 0), 8, 0)
+
+
+def _e2m1_values(codes: jax.Array) -> jax.Array:
+  """E2M1 nibble codes [R, C] (any int dtype, 0..15) -> values in halves, f32 [R, C]."""
+  c = codes.astype(jnp.int32)
+  index = c & 7
+  units = jnp.where(index <= 4, index, jnp.where(index == 5, 6, jnp.where(index == 6, 8, 12)))
+  return jnp.where((c & 8) != 0, -units, units).astype(jnp.float32)
 
 
 def _nibbles(q: jax.Array) -> jax.Array:
   return (q & 0xF).astype(jnp.uint8)
 
 
-def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, signed, has_lr,
+def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_format, has_lr,
                 codes, interpret):
   """One (row block, K chunk) program: quantizes the chunk's groups (packed, or as int8
   codes with transposed scales when ``codes``) and writes the chunk's partial low-rank
-  product x_hat[:, chunk] @ L_down[chunk]."""
+  product x_hat[:, chunk] @ L_down[chunk].
+
+  Each 64-block is read as ``parts`` column slices: two halves for INT4 / UINT4 (one group),
+  four quarters for NVFP4 (a group each). Part i and part i + parts/2 share the bytes of
+  the packed block (low and high nibbles)."""
   bm, kc = x_ref.shape
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
-  qmax = 7.0 if signed else 15.0
+  nvfp4 = act_format == "nvfp4"
+  parts = 4 if nvfp4 else 2
+  width = GROUP // parts
+  qmax = {"int4": 7.0, "uint4": 15.0, "nvfp4": 6.0}[act_format]
+
+  def absmax(v):
+    return jnp.max(jnp.maximum(v, 0.0) if act_format == "uint4" else jnp.abs(v), axis=1)
 
   def body(g, lr):
-    lo_cols, hi_cols = pl.ds(g * GROUP, HALF), pl.ds(g * GROUP + HALF, HALF)
-    lo = plgpu.load(x_ref.at[:, lo_cols], mask=row_ok, other=0).astype(jnp.float32)
-    hi = plgpu.load(x_ref.at[:, hi_cols], mask=row_ok, other=0).astype(jnp.float32)
+    cols = [pl.ds(g * GROUP + i * width, width) for i in range(parts)]
+    xs = [plgpu.load(x_ref.at[:, c], mask=row_ok, other=0).astype(jnp.float32) for c in cols]
     if smooth_ref is not None:
-      lo = _div(lo, smooth_ref[lo_cols][None, :], interpret)
-      hi = _div(hi, smooth_ref[hi_cols][None, :], interpret)
-    if signed:
-      amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
+      xs = [_div(v, smooth_ref[c][None, :], interpret) for v, c in zip(xs, cols)]
+    if nvfp4:
+      scales = [_div(absmax(v), jnp.full((bm,), qmax), interpret) for v in xs]
+      qs = [_e2m1_codes(v, s, interpret) for v, s in zip(xs, scales)]
     else:
-      amax = jnp.maximum(jnp.max(jnp.maximum(lo, 0.0), axis=1),
-                         jnp.max(jnp.maximum(hi, 0.0), axis=1))
-    scale = _div(amax, jnp.full_like(amax, qmax), interpret)
-    q_lo = _quantize_half(lo, scale, signed, interpret)
-    q_hi = _quantize_half(hi, scale, signed, interpret)
-    if codes:
-      plgpu.store(q_ref.at[:, lo_cols], q_lo.astype(jnp.int8), mask=row_ok)
-      plgpu.store(q_ref.at[:, hi_cols], q_hi.astype(jnp.int8), mask=row_ok)
-      plgpu.store(s_ref.at[g], scale, mask=row_ok[:, 0])
-    else:
-      plgpu.store(q_ref.at[:, pl.ds(g * HALF, HALF)], _nibbles(q_lo) | (_nibbles(q_hi) << 4),
-                  mask=row_ok)
-      plgpu.store(s_ref.at[:, g], scale, mask=row_ok[:, 0])
+      amax = jnp.maximum(absmax(xs[0]), absmax(xs[1]))
+      scales = [_div(amax, jnp.full_like(amax, qmax), interpret)]
+      qs = [_int_codes(v, scales[0], act_format == "int4", interpret) for v in xs]
+    n_groups = len(scales)
+    for j, scale in enumerate(scales):
+      if codes:
+        plgpu.store(s_ref.at[g * n_groups + j], scale, mask=row_ok[:, 0])
+      else:
+        plgpu.store(s_ref.at[:, g * n_groups + j], scale, mask=row_ok[:, 0])
+    for i in range(parts // 2):
+      if codes:
+        for c, q in ((cols[i], qs[i]), (cols[i + parts // 2], qs[i + parts // 2])):
+          plgpu.store(q_ref.at[:, c], q.astype(jnp.int8), mask=row_ok)
+      else:
+        packed = _nibbles(qs[i]) | (_nibbles(qs[i + parts // 2]) << 4)
+        plgpu.store(q_ref.at[:, pl.ds(g * HALF + i * width, width)], packed, mask=row_ok)
     if has_lr:
-      lr += plgpu.dot(lo.astype(jnp.bfloat16), down_ref[lo_cols, :])
-      lr += plgpu.dot(hi.astype(jnp.bfloat16), down_ref[hi_cols, :])
+      for v, c in zip(xs, cols):
+        lr += plgpu.dot(v.astype(jnp.bfloat16), down_ref[c, :])
     return lr
 
   lr = jax.lax.fori_loop(0, kc // GROUP, body,
@@ -164,22 +211,33 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
 
   Args:
     x: [M, K] (bf16 or f32). smooth: f32 [K] or None. down: bf16 [K, r] or None.
-    act_format: 'int4' or 'uint4'.
-    codes: instead of packed codes and [M, K/64] scales, return int8 codes [M, K] and f32
-      scales [K/64, M]: the operands of the Hopper GEMM (``w4a4_hopper.w4a4_gemm_t``).
+    act_format: 'int4', 'uint4' (64-groups) or 'nvfp4' (16-groups; G = K/16 below).
+    codes: instead of packed codes and [M, G] scales, return int8 codes [M, K] and f32
+      scales [G, M]: the operands of the Hopper GEMM (``w4a4_hopper.w4a4_gemm_t``; INT4
+      and UINT4 only).
     block_m, num_warps, num_stages, groups_per_program: tiling; the defaults were the
       fastest measured on the H100 (docs/benchmarks/2026-11-22-act-kernel-sweep-h100.log).
 
   Returns:
-    (packed uint8 [M, K/2], scales f32 [M, K/64], lr f32 [M, r] or None): identical to
+    (packed uint8 [M, K/2], scales f32 [M, G], lr f32 [M, r] or None): identical to
     ``formats.pack(formats.quantize(x / smooth, act_format))`` and, up to f32 summation
     order, ``qlinear.lowrank_down(x / smooth, down)``. With ``codes``: (int8 [M, K],
-    f32 [K/64, M], lr), the same codes unpacked and the scales transposed.
+    f32 [G, M], lr), the same codes unpacked and the scales transposed.
   """
   if act_format not in SUPPORTED_ACT_FORMATS:
     raise ValueError(f"activation kernel supports {SUPPORTED_ACT_FORMATS}, got {act_format!r}")
+  if codes and act_format == "nvfp4":
+    raise ValueError("codes=True is the Hopper INT4 GEMM's operand layout; nvfp4 activations "
+                     "come packed")
+  if x.ndim != 2:
+    raise ValueError(f"activation kernel takes x [M, K], got shape {x.shape}")
   m, k = x.shape
   _check_k(k)
+  if smooth is not None and smooth.shape != (k,):
+    raise ValueError(f"smooth must be [K] = [{k}], got {smooth.shape}")
+  if down is not None and (down.ndim != 2 or down.shape[0] != k):
+    raise ValueError(f"down must be [K, r] with K = {k}, got {down.shape}")
+  per_block = GROUP // formats.get_format(act_format).group_size  # scale groups per 64
   r = 0 if down is None else down.shape[1]
   down_p = None if down is None else _pad_rank(down.astype(jnp.bfloat16), 1)
   rp = 0 if down_p is None else down_p.shape[1]
@@ -199,11 +257,11 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
     out_specs = [tile(gpp * GROUP), pl.BlockSpec((gpp, block_m), lambda i, j: (j, i))]
   else:
     out_shape = [jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
-                 jax.ShapeDtypeStruct((m, k // GROUP), jnp.float32)]
-    out_specs = [tile(gpp * HALF), tile(gpp)]
+                 jax.ShapeDtypeStruct((m, k // GROUP * per_block), jnp.float32)]
+    out_specs = [tile(gpp * HALF), tile(gpp * per_block)]
   out_shape.append(jax.ShapeDtypeStruct((m, chunks * lr_cols), jnp.float32))
   out_specs.append(tile(lr_cols))
-  kernel = functools.partial(_act_kernel, m=m, signed=act_format == "int4", has_lr=r > 0,
+  kernel = functools.partial(_act_kernel, m=m, act_format=act_format, has_lr=r > 0,
                              codes=codes, interpret=interpret)
   args = [x] + [a for a in (smooth, down_p) if a is not None]
 
@@ -224,29 +282,48 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   return q, s, lr.reshape(m, chunks, rp).sum(axis=1)[:, :r]
 
 
-def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, *, m,
-                 act_signed, groups_per_step):
+def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, wc_ref, lr_ref, up_ref, bias_ref, o_ref, *, m,
+                 act_format, groups_per_step):
   bm, kh = a_ref.shape
   bn = w_ref.shape[0]
   rows = pl.program_id(0) * bm + jnp.arange(bm)
   row_ok = (rows < m)[:, None]
 
-  def group(g, acc):
+  def int4_block(g, acc):  # one 64-block = one group
     cols = pl.ds(g * HALF, HALF)
-    a_lo, a_hi = _unpack(plgpu.load(a_ref.at[:, cols], mask=row_ok, other=0), act_signed)
+    a_lo, a_hi = _unpack(plgpu.load(a_ref.at[:, cols], mask=row_ok, other=0),
+                         act_format == "int4")
     w_lo, w_hi = _unpack(w_ref[:, cols], True)
     part = plgpu.dot(a_lo, w_lo, trans_b=True) + plgpu.dot(a_hi, w_hi, trans_b=True)
     sa = plgpu.load(sa_ref.at[:, g], mask=row_ok[:, 0], other=0.0)
     sw = sw_ref[:, g].astype(jnp.float32)
     return acc + part.astype(jnp.float32) * sa[:, None] * sw[None, :]
 
-  def step(i, acc):  # several groups per loop iteration, in K order
+  def nvfp4_block(g, acc):  # one 64-block = four 16-groups, in K order
+    quarter = HALF // 2
+    for i in range(4):  # bytes [16 (i % 2), + 16) hold group i in their low (i < 2) or high nibbles
+      cols = pl.ds(g * HALF + (i % 2) * quarter, quarter)
+      shift = 0 if i < 2 else 4
+      a = _e2m1_values(plgpu.load(a_ref.at[:, cols], mask=row_ok, other=0) >> shift)
+      w = _e2m1_values(w_ref[:, cols] >> shift)
+      sw = sw_ref[:, 4 * g + i].astype(jnp.float32)
+      part = plgpu.dot(a.astype(jnp.bfloat16), (w * sw[:, None]).astype(jnp.bfloat16),
+                       trans_b=True)  # exact: see the module docstring
+      sa = plgpu.load(sa_ref.at[:, 4 * g + i], mask=row_ok[:, 0], other=0.0)
+      acc = acc + part * sa[:, None]
+    return acc
+
+  block = nvfp4_block if act_format == "nvfp4" else int4_block
+
+  def step(i, acc):  # several 64-blocks per loop iteration, in K order
     for j in range(groups_per_step):
-      acc = group(i * groups_per_step + j, acc)
+      acc = block(i * groups_per_step + j, acc)
     return acc
 
   acc = jax.lax.fori_loop(0, kh // HALF // groups_per_step, step,
                           jnp.zeros((bm, bn), jnp.float32))
+  if wc_ref is not None:  # NVFP4: the per-channel scale and the two 1/2 steps
+    acc = acc * (wc_ref[...] * 0.25)[None, :]
   if lr_ref is not None:
     lr = plgpu.load(lr_ref, mask=row_ok, other=0.0).astype(jnp.bfloat16)
     acc += plgpu.dot(lr, up_ref[...])
@@ -259,54 +336,73 @@ def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, 
                                               "num_warps", "num_stages", "groups_per_step",
                                               "interpret"))
 def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None, *,
-              act_format: str = "int4", out_dtype=jnp.bfloat16, block_m: int = 64,
-              block_n: int = 128, num_warps: int = 4, num_stages: int = 4,
+              w_channel_scale=None, act_format: str = "int4", out_dtype=jnp.bfloat16,
+              block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 4,
               groups_per_step: int = 1, interpret: bool = False):
   """GEMM kernel: Y = dequant(A) dequant(W)^T + bf16(lr) @ up + bias.
 
   Args:
-    a_packed: uint8 [M, K/2]; a_scale: f32 [M, K/64] (from ``quantize_act``).
-    w_packed: uint8 [N, K/2] INT4; w_scale: [N, K/64] (bf16).
+    a_packed: uint8 [M, K/2]; a_scale: f32 [M, G] (from ``quantize_act``), G = K/64 for
+      act_format 'int4' / 'uint4' (INT4 weights), K/16 for 'nvfp4' (NVFP4 weights).
+    w_packed: uint8 [N, K/2]; w_scale: [N, G] (bf16 for INT4, float8_e4m3fn for NVFP4).
     lr: f32 [M, r] or None; up: [r, N] or None; bias: [N] or None.
+    w_channel_scale: f32 [N], NVFP4's per-channel weight scale (required for it).
     block_m, block_n, num_warps, num_stages: tiling (defaults: the fastest measured on the
-      H100, docs/benchmarks/); groups_per_step: K-groups per loop iteration (reduced to a
-      divisor of the group count).
+      H100, docs/benchmarks/); groups_per_step: 64-blocks per loop iteration (reduced to a
+      divisor of their count).
 
   Returns:
     [M, N] in out_dtype, equal to ``qlinear.apply``'s arithmetic up to f32 rounding order.
   """
+  if act_format not in SUPPORTED_ACT_FORMATS:
+    raise ValueError(f"GEMM kernel supports activations {SUPPORTED_ACT_FORMATS}, got "
+                     f"{act_format!r}")
   m, kh = a_packed.shape
   n = w_packed.shape[0]
   _check_k(2 * kh)
   if w_packed.shape[1] != kh:
     raise ValueError(f"weights [N, K/2] = {w_packed.shape} do not match activations "
                      f"[M, K/2] = {a_packed.shape}")
+  groups = 2 * kh // formats.get_format(act_format).group_size
+  if a_scale.shape != (m, groups) or w_scale.shape != (n, groups):
+    raise ValueError(f"{act_format} scales must be [M, {groups}] and [N, {groups}], got "
+                     f"{a_scale.shape} and {w_scale.shape}")
+  nvfp4 = act_format == "nvfp4"
+  if nvfp4 != (w_channel_scale is not None):
+    raise ValueError("w_channel_scale [N] is required for nvfp4 and only for it")
   block_n = min(block_n, n)
   if n % block_n:
     raise ValueError(f"N={n} is not a multiple of block_n={block_n}")
-  groups = 2 * kh // GROUP
-  groups_per_step = math.gcd(groups_per_step, groups)
+  blocks = 2 * kh // GROUP
+  groups_per_step = math.gcd(groups_per_step, blocks)
   grid = (pl.cdiv(m, block_m), n // block_n)
   rows = lambda cols: pl.BlockSpec((block_m, cols), lambda i, j: (i, 0))
   cols_of_n = lambda r: pl.BlockSpec((r, block_n), lambda i, j: (0, j))
   n_rows = lambda cols: pl.BlockSpec((block_n, cols), lambda i, j: (j, 0))
+  n_vector = pl.BlockSpec((block_n,), lambda i, j: (j,))
+  if nvfp4:  # E4M3 -> f32 here: exact, and the kernel then reads one dtype everywhere
+    w_scale = w_scale.astype(jnp.float32)
   args = [a_packed, a_scale, w_packed, w_scale]
   specs = [rows(kh), rows(groups), n_rows(kh), n_rows(groups)]
+  if nvfp4:
+    args.append(w_channel_scale.astype(jnp.float32))
+    specs.append(n_vector)
   if lr is not None:
     lr_p, up_p = _pad_rank(lr, 1), _pad_rank(up.astype(jnp.bfloat16), 0)
     args += [lr_p, up_p]
     specs += [rows(lr_p.shape[1]), cols_of_n(up_p.shape[0])]
   if bias is not None:
     args.append(bias)
-    specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
+    specs.append(n_vector)
 
   def wrapped(a_ref, sa_ref, w_ref, sw_ref, *refs):
     it = iter(refs)
+    wc_ref = next(it) if nvfp4 else None
     lr_ref, up_ref = (next(it), next(it)) if lr is not None else (None, None)
     bias_ref = next(it) if bias is not None else None
     o_ref, = it
-    _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, lr_ref, up_ref, bias_ref, o_ref, m=m,
-                 act_signed=act_format == "int4", groups_per_step=groups_per_step)
+    _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, wc_ref, lr_ref, up_ref, bias_ref, o_ref, m=m,
+                 act_format=act_format, groups_per_step=groups_per_step)
 
   return pl.pallas_call(
       wrapped, grid=grid, in_specs=specs,
@@ -316,9 +412,24 @@ def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, lr=None, up=None, bias=None,
       interpret=interpret, name="svdq_w4a4_gemm")(*args)
 
 
+def _block_n(n: int, largest: int = 128) -> int:
+  """The Triton GEMM's output-feature tile for N: the largest power of two up to
+  ``largest`` (the measured default) that divides N, at least 16 (Triton's smallest dot)."""
+  block = largest
+  while n % block and block > _MIN_DOT:
+    block //= 2
+  if n % block:
+    raise ValueError(f"W4A4 kernels need N to be a multiple of {_MIN_DOT}, got N={n}")
+  return block
+
+
+# (weight format, activation formats) pairs the kernels run
+KERNEL_FORMATS = {"int4": ("int4", "uint4"), "nvfp4": ("nvfp4",)}
+
+
 def supports(weight_format: str, act_format: str | None) -> bool:
   """Whether a layer with these formats runs on the kernels."""
-  return weight_format == "int4" and act_format in SUPPORTED_ACT_FORMATS
+  return act_format in KERNEL_FORMATS.get(weight_format, ())
 
 
 GEMM_KERNELS = ("auto", "triton", "hopper")
@@ -326,17 +437,19 @@ _gemm_choice = "auto"
 
 
 def set_gemm_kernel(name: str) -> None:
-  """Which GEMM kernel ``w4a4_linear`` uses: 'hopper' (Mosaic GPU, wgmma; Hopper GPUs),
-  'triton', or 'auto' (hopper on a Hopper GPU where the shape allows, else triton)."""
+  """Which GEMM kernel ``w4a4_linear`` uses for INT4 layers: 'hopper' (Mosaic GPU, wgmma;
+  Hopper GPUs), 'triton', or 'auto' (hopper on a Hopper GPU where the shape allows, else
+  triton). NVFP4 layers always use the Triton GEMM."""
   global _gemm_choice
   if name not in GEMM_KERNELS:
     raise ValueError(f"GEMM kernel must be one of {GEMM_KERNELS}, got {name!r}")
   _gemm_choice = name
 
 
-def hopper_gemm(m: int, k: int, n: int, interpret: bool) -> bool:
+def hopper_gemm(m: int, k: int, n: int, interpret: bool, weight_format: str = "int4") -> bool:
   """Whether ``w4a4_linear`` runs this problem's GEMM on the Hopper kernel."""
-  if _gemm_choice == "triton" or not w4a4_hopper.supports(m, k, n):
+  if (_gemm_choice == "triton" or weight_format != "int4"
+      or not w4a4_hopper.supports(m, k, n)):
     return False
   return _gemm_choice == "hopper" or (not interpret and w4a4_hopper.on_hopper())
 
@@ -346,11 +459,12 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype)."""
   if not supports(layer.weight_format, layer.act_format):
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
-                     f"{layer.act_format!r}; supported: int4 weights, {SUPPORTED_ACT_FORMATS}")
+                     f"{layer.act_format!r}; supported (weights: activations): "
+                     f"{KERNEL_FORMATS}")
   lead, k = x.shape[:-1], x.shape[-1]
   bias = layer.bias if bias is None else bias
   x2 = x.reshape(-1, k)
-  hopper = hopper_gemm(x2.shape[0], k, layer.out_features, interpret)
+  hopper = hopper_gemm(x2.shape[0], k, layer.out_features, interpret, layer.weight_format)
   # the Hopper GEMM takes int8 codes and transposed scales (``codes``), Triton packed ones
   q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
                           codes=hopper, interpret=interpret)
@@ -359,5 +473,6 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                          out_dtype=x.dtype, interpret=interpret)
   else:
     y = w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
-                  act_format=layer.act_format, out_dtype=x.dtype, interpret=interpret)
+                  w_channel_scale=layer.wcscale, act_format=layer.act_format,
+                  out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret)
   return y.reshape(*lead, layer.out_features)
