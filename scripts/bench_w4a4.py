@@ -10,6 +10,7 @@ One run: for each FLUX.1 linear shape at M tokens,
 Prints a table last; writes bench.md / bench.json under --out.
 
     python scripts/bench_w4a4.py --out $OUT            # on the GPU
+    python scripts/bench_w4a4.py --out $OUT --fmt nvfp4   # NVFP4 layers (Triton kernels)
     python scripts/bench_w4a4.py --smoke               # tiny shapes, interpret mode, CPU
 """
 
@@ -43,17 +44,19 @@ ACT_CONFIGS = [(32, 4), (16, 4), (16, 2), (64, 4)]  # (block_m, num_warps), 8 gr
 
 
 
-def make_layer(k, n, rank, key):
+def make_layer(k, n, rank, key, fmt="int4"):
+  """A random SVDQuant layer in ``fmt`` ('int4' or 'nvfp4', weights and activations)."""
   ks = jax.random.split(key, 5)
   w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
-  qw = formats.quantize_weight(w, "int4")
+  qw = formats.quantize_weight(w, fmt)
   return QuantizedLinear(
-      qweight=formats.pack(qw.q, "int4"), wscale=qw.scale,
+      qweight=formats.pack(qw.q, fmt), wscale=qw.scale,
+      wcscale=qw.tensor_scale[:, 0] if fmt == "nvfp4" else None,
       smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
       lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
       lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),
       bias=(jax.random.normal(ks[4], (n,)) * 0.1).astype(jnp.bfloat16),
-      weight_format="int4", act_format="int4")
+      weight_format=fmt, act_format=fmt)
 
 
 def activations(m, k, key):
@@ -64,10 +67,12 @@ def activations(m, k, key):
 
 def check(layer, x, interpret):
   """Kernel vs reference on the same inputs."""
+  fmt = layer.act_format
   xh = x.astype(jnp.float32) / layer.smooth
-  ref_q = formats.quantize(xh, "int4")
-  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
-  codes_equal = float(jnp.mean(q == formats.pack(ref_q.q, "int4")))
+  ref_q = formats.quantize(xh, fmt)
+  q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, act_format=fmt,
+                               interpret=interpret)
+  codes_equal = float(jnp.mean(q == formats.pack(ref_q.q, fmt)))
   scales_equal = float(jnp.mean(s == ref_q.scale))
   y = w4a4.w4a4_linear(layer, x.astype(jnp.float32), interpret=interpret)
   with qlinear.backend("reference"):
@@ -87,14 +92,21 @@ def flops(m, k, n):
   return 2.0 * m * k * n
 
 
-def run_shape(m, k, n, rank, cfg, act_cfg, key, interpret, full):
-  layer = make_layer(k, n, rank, key)
+def gemm(layer, q, s, lr=None, *, with_lr=True, **kw):
+  """The GEMM kernel on a layer's weights (with or without the low-rank branch and bias)."""
+  return w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, lr if with_lr else None,
+                        layer.lora_up if with_lr else None, layer.bias if with_lr else None,
+                        w_channel_scale=layer.wcscale, act_format=layer.act_format, **kw)
+
+
+def run_shape(m, k, n, rank, cfg, act_cfg, key, interpret, full, fmt="int4"):
+  layer = make_layer(k, n, rank, key, fmt)
   x = activations(m, k, jax.random.fold_in(key, 1))
   w_bf16 = jax.random.normal(jax.random.fold_in(key, 2), (k, n), jnp.bfloat16)
   a8 = jax.random.randint(jax.random.fold_in(key, 3), (m, k), -8, 8, jnp.int8)
   w8 = jax.random.randint(jax.random.fold_in(key, 4), (n, k), -8, 8, jnp.int8)
   gemm_kw = config_kwargs(cfg, interpret)
-  act_kw = dict(block_m=act_cfg[0], num_warps=act_cfg[1], interpret=interpret)
+  act_kw = dict(block_m=act_cfg[0], num_warps=act_cfg[1], act_format=fmt, interpret=interpret)
   q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, **act_kw)
 
   fns = {
@@ -103,10 +115,9 @@ def run_shape(m, k, n, rank, cfg, act_cfg, key, interpret, full):
           a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), (a8, w8)),
       "fused": (jax.jit(functools.partial(_fused, gemm_kw=gemm_kw, act_kw=act_kw)),
                 (layer, x)),
-      "gemm": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
-               (q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias)),
-      "gemm_no_lowrank": (jax.jit(lambda *a: w4a4.w4a4_gemm(*a, **gemm_kw)),
-                          (q, s, layer.qweight, layer.wscale)),
+      "gemm": (jax.jit(functools.partial(gemm, **gemm_kw)), (layer, q, s, lr)),
+      "gemm_no_lowrank": (jax.jit(functools.partial(gemm, with_lr=False, **gemm_kw)),
+                          (layer, q, s)),
       "act_kernel": (jax.jit(lambda *a: w4a4.quantize_act(*a, **act_kw)),
                      (x, layer.smooth, layer.lora_down)),
   }
@@ -157,8 +168,7 @@ def diagnostic(mode, a_packed, w_packed, cfg, interpret):
 
 def _fused(layer, x, gemm_kw, act_kw):
   q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, **act_kw)
-  return w4a4.w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, layer.bias,
-                        **gemm_kw)
+  return gemm(layer, q, s, lr, **gemm_kw)
 
 
 ACT_SWEEP = [  # (block_m, num_warps, groups_per_program); 10**6: the whole K in one program
@@ -202,7 +212,11 @@ def main():
   p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
   p.add_argument("--act-only", action="store_true",
                  help="only the activation-kernel config sweep (act_sweep.json)")
+  p.add_argument("--fmt", default="int4", choices=("int4", "nvfp4"),
+                 help="layer format (weights and activations); nvfp4 skips the INT4-only "
+                      "loop diagnostics")
   args = p.parse_args()
+  fmt = args.fmt
   interpret = args.smoke
   m = 40 if args.smoke else args.m
   shapes = [(128, 128), (256, 128)] if args.smoke else FLUX_SHAPES
@@ -229,13 +243,12 @@ def main():
   cfg_times = {}
   for cfg in configs:
     try:
-      layer = make_layer(k0, n0, args.rank, key)
+      layer = make_layer(k0, n0, args.rank, key, fmt)
       x = activations(m, k0, key)
-      q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, interpret=interpret)
-      kw = config_kwargs(cfg, interpret)
-      f = jax.jit(lambda *a, kw=kw: w4a4.w4a4_gemm(*a, **kw))
-      cfg_times[cfg] = median_seconds(f, q, s, layer.qweight, layer.wscale, lr,
-                                      layer.lora_up, layer.bias)
+      q, s, lr = w4a4.quantize_act(x, layer.smooth, layer.lora_down, act_format=fmt,
+                                   interpret=interpret)
+      f = jax.jit(functools.partial(gemm, **config_kwargs(cfg, interpret)))
+      cfg_times[cfg] = median_seconds(f, layer, q, s, lr)
       say(f"gemm config {cfg}: {cfg_times[cfg] * 1e3:.3f} ms "
           f"({flops(m, k0, n0) / cfg_times[cfg] / 1e12:.0f} TOP/s)")
     except Exception as e:  # a config the compiler rejects (shared memory, registers)
@@ -245,7 +258,7 @@ def main():
   diag_ms = {"full W4A4 gemm": cfg_times[best] * 1e3}
   layer = make_layer(k0, n0, args.rank, key)
   q, _, _ = w4a4.quantize_act(activations(m, k0, key), None, None, interpret=interpret)
-  for mode in ("int_only", "no_unpack", "int8_k64"):
+  for mode in ("int_only", "no_unpack", "int8_k64") if fmt == "int4" else ():
     try:
       f = jax.jit(functools.partial(diagnostic, mode, cfg=best, interpret=interpret))
       diag_ms[mode] = median_seconds(f, q, layer.qweight) * 1e3
@@ -255,12 +268,12 @@ def main():
     say(f"diagnostic {mode} ({k0} -> {n0}): {ms:.3f} ms")
 
   act_times = {}
-  layer = make_layer(k0, n0, args.rank, key)
+  layer = make_layer(k0, n0, args.rank, key, fmt)
   x = activations(m, k0, key)
   for bm, nw in ([(16, 4)] if args.smoke else ACT_CONFIGS):
     try:
       f = jax.jit(lambda *a, bm=bm, nw=nw: w4a4.quantize_act(
-          *a, block_m=bm, num_warps=nw, interpret=interpret))
+          *a, block_m=bm, num_warps=nw, act_format=fmt, interpret=interpret))
       act_times[(bm, nw)] = median_seconds(f, x, layer.smooth, layer.lora_down)
       say(f"act config {(bm, nw)}: {act_times[(bm, nw)] * 1e3:.3f} ms")
     except Exception as e:
@@ -271,7 +284,7 @@ def main():
   rows = []
   for i, (k, n) in enumerate(shapes):
     layer, x, t = run_shape(m, k, n, args.rank, best, best_act, jax.random.fold_in(key, i),
-                            interpret, full=not args.smoke)
+                            interpret, full=not args.smoke, fmt=fmt)
     chk = check(layer, x[:min(m, 1000)], interpret)
     bf16_bytes = k * n * 2
     q_bytes = layer.nbytes
@@ -296,14 +309,14 @@ def main():
         f"{r['check']['rel_err']:.1e} | {r['check']['codes_equal']:.4f} |")
   table = "\n".join(lines)
   with open(os.path.join(args.out, "bench.json"), "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "m": m, "rank": args.rank,
-               "gemm_configs_ms": {str(c): v * 1e3 for c, v in cfg_times.items()},
+    json.dump({"device": jax.devices()[0].device_kind, "format": fmt, "m": m,
+               "rank": args.rank, "gemm_configs_ms": {str(c): v * 1e3 for c, v in cfg_times.items()},
                "best_gemm_config": best, "diagnostics_ms": diag_ms,
                "act_configs_ms": {str(c): v * 1e3 for c, v in act_times.items()},
                "best_act_config": best_act, "rows": rows}, f,
               indent=1)
   with open(os.path.join(args.out, "bench.md"), "w") as f:
-    f.write(f"M = {m}, rank {args.rank}, GEMM config {best} (block_m, block_n, warps, "
+    f.write(f"{fmt}, M = {m}, rank {args.rank}, GEMM config {best} (block_m, block_n, warps, "
             f"stages, groups per step), activation kernel config {best_act} (block_m, "
             f"warps), device {jax.devices()[0].device_kind}\n\n{table}\n\n"
             + "\n".join(f"- diagnostic {k}: {v:.3f} ms" for k, v in diag_ms.items()) + "\n")
