@@ -423,6 +423,15 @@ def _block_n(n: int, largest: int = 128) -> int:
   return block
 
 
+# The Triton GEMM's tiling per weight format, the fastest of the configs swept on the H100
+# at 4608 x 3072 -> 12288 (INT4: docs/benchmarks/2026-11-22-w4a4-h100-v3.md; NVFP4, where
+# 128 x 128 with 8 warps was 9% faster than INT4's 64 x 128 with 4:
+# docs/benchmarks/2026-11-23-w4a4-nvfp4-triton-h100.log)
+TRITON_GEMM_TILING = {
+    "int4": dict(block_m=64, num_warps=4, num_stages=4, groups_per_step=1),
+    "nvfp4": dict(block_m=128, num_warps=8, num_stages=4, groups_per_step=2),
+}
+
 # (weight format, activation formats) pairs the kernels run
 KERNEL_FORMATS = {"int4": ("int4", "uint4"), "nvfp4": ("nvfp4",)}
 
@@ -474,5 +483,6 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   else:
     y = w4a4_gemm(q, s, layer.qweight, layer.wscale, lr, layer.lora_up, bias,
                   w_channel_scale=layer.wcscale, act_format=layer.act_format,
-                  out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret)
+                  out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret,
+                  **TRITON_GEMM_TILING[layer.weight_format])
   return y.reshape(*lead, layer.out_features)
