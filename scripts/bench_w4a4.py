@@ -212,6 +212,9 @@ def main():
   p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
   p.add_argument("--act-only", action="store_true",
                  help="only the activation-kernel config sweep (act_sweep.json)")
+  p.add_argument("--configs", default=None,
+                 help="GEMM tile configs to sweep instead of GEMM_CONFIGS, e.g. "
+                      "'128,128,8,4,2;64,128,4,4,1' (block_m,block_n,warps,stages,groups/step)")
   p.add_argument("--fmt", default="int4", choices=("int4", "nvfp4"),
                  help="layer format (weights and activations); nvfp4 skips the INT4-only "
                       "loop diagnostics")
@@ -221,6 +224,8 @@ def main():
   m = 40 if args.smoke else args.m
   shapes = [(128, 128), (256, 128)] if args.smoke else FLUX_SHAPES
   configs = [(16, 64, 4, 2, 2)] if args.smoke else GEMM_CONFIGS
+  if args.configs:
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
   key = jax.random.key(0)
   os.makedirs(args.out, exist_ok=True)
   log = open(os.path.join(args.out, "bench.log"), "w")
