@@ -158,11 +158,11 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_for
         plgpu.store(s_ref.at[g * n_groups + j], scale, mask=row_ok[:, 0])
       else:
         plgpu.store(s_ref.at[:, g * n_groups + j], scale, mask=row_ok[:, 0])
-    for i in range(parts // 2):
-      if codes:
-        for c, q in ((cols[i], qs[i]), (cols[i + parts // 2], qs[i + parts // 2])):
-          plgpu.store(q_ref.at[:, c], q.astype(jnp.int8), mask=row_ok)
-      else:
+    if codes:
+      for c, q in zip(cols, qs):
+        plgpu.store(q_ref.at[:, c], q.astype(jnp.int8), mask=row_ok)
+    else:
+      for i in range(parts // 2):
         packed = _nibbles(qs[i]) | (_nibbles(qs[i + parts // 2]) << 4)
         plgpu.store(q_ref.at[:, pl.ds(g * HALF + i * width, width)], packed, mask=row_ok)
     if has_lr:
