@@ -100,10 +100,9 @@ def _e2m1_codes(v: jax.Array, scale: jax.Array, interpret: bool) -> jax.Array:
   ``formats.to_codes``): the magnitude rounds to the E2M1 grid with ties to the even code,
   bit 3 is the sign of a nonzero value."""
   y = _scaled(v, scale, interpret)
-  a = jnp.minimum(jnp.abs(y), 6.0)
-  rnd = lambda t: _round_half_even(t, interpret)
-  units = jnp.where(a < 2.0, rnd(a * 2.0),  # in halves: 0, 1, 2, 3, 4, 6, 8, 12
-                    jnp.where(a < 4.0, 2.0 * rnd(a), 4.0 * rnd(a * 0.5))).astype(jnp.int32)
+  units = formats.round_e2m1_units(  # in halves: 0, 1, 2, 3, 4, 6, 8, 12
+      jnp.abs(y), lambda t: _round_half_even(t, interpret)).astype(jnp.int32)
+  # formats' table lookups (to_codes, from_codes) as selects: Triton has no gather
   index = jnp.where(units <= 4, units, jnp.where(units == 6, 5, jnp.where(units == 8, 6, 7)))
   return index | jnp.where((y < 0) & (units > 0), 8, 0)
 
@@ -140,17 +139,19 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_for
   def absmax(v):
     return jnp.max(jnp.maximum(v, 0.0) if act_format == "uint4" else jnp.abs(v), axis=1)
 
+  def scale_of(amax):  # as formats: amax / qmax, correctly rounded
+    return _div(amax, jnp.full_like(amax, qmax), interpret)
+
   def body(g, lr):
     cols = [pl.ds(g * GROUP + i * width, width) for i in range(parts)]
     xs = [plgpu.load(x_ref.at[:, c], mask=row_ok, other=0).astype(jnp.float32) for c in cols]
     if smooth_ref is not None:
       xs = [_div(v, smooth_ref[c][None, :], interpret) for v, c in zip(xs, cols)]
     if nvfp4:
-      scales = [_div(absmax(v), jnp.full((bm,), qmax), interpret) for v in xs]
+      scales = [scale_of(absmax(v)) for v in xs]
       qs = [_e2m1_codes(v, s, interpret) for v, s in zip(xs, scales)]
     else:
-      amax = jnp.maximum(absmax(xs[0]), absmax(xs[1]))
-      scales = [_div(amax, jnp.full_like(amax, qmax), interpret)]
+      scales = [scale_of(jnp.maximum(absmax(xs[0]), absmax(xs[1])))]
       qs = [_int_codes(v, scales[0], act_format == "int4", interpret) for v in xs]
     n_groups = len(scales)
     for j, scale in enumerate(scales):
@@ -301,7 +302,7 @@ def _gemm_kernel(a_ref, sa_ref, w_ref, sw_ref, wc_ref, lr_ref, up_ref, bias_ref,
 
   def nvfp4_block(g, acc):  # one 64-block = four 16-groups, in K order
     quarter = HALF // 2
-    for i in range(4):  # bytes [16 (i % 2), + 16) hold group i in their low (i < 2) or high nibbles
+    for i in range(4):  # group i: bytes [16 (i % 2), + 16), low nibbles if i < 2, else high
       cols = pl.ds(g * HALF + (i % 2) * quarter, quarter)
       shift = 0 if i < 2 else 4
       a = _e2m1_values(plgpu.load(a_ref.at[:, cols], mask=row_ok, other=0) >> shift)

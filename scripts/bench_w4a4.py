@@ -261,14 +261,15 @@ def main():
   best = min(cfg_times, key=cfg_times.get)
   say(f"best gemm config: {best}")
   diag_ms = {"full W4A4 gemm": cfg_times[best] * 1e3}
-  layer = make_layer(k0, n0, args.rank, key)
-  q, _, _ = w4a4.quantize_act(activations(m, k0, key), None, None, interpret=interpret)
-  for mode in ("int_only", "no_unpack", "int8_k64") if fmt == "int4" else ():
-    try:
-      f = jax.jit(functools.partial(diagnostic, mode, cfg=best, interpret=interpret))
-      diag_ms[mode] = median_seconds(f, q, layer.qweight) * 1e3
-    except Exception as e:
-      say(f"diagnostic {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
+  if fmt == "int4":  # the diagnostics time INT4's unpack and int8 dots
+    layer = make_layer(k0, n0, args.rank, key)
+    q, _, _ = w4a4.quantize_act(activations(m, k0, key), None, None, interpret=interpret)
+    for mode in ("int_only", "no_unpack", "int8_k64"):
+      try:
+        f = jax.jit(functools.partial(diagnostic, mode, cfg=best, interpret=interpret))
+        diag_ms[mode] = median_seconds(f, q, layer.qweight) * 1e3
+      except Exception as e:
+        say(f"diagnostic {mode}: failed: {type(e).__name__}: {str(e)[:200]}")
   for mode, ms in diag_ms.items():
     say(f"diagnostic {mode} ({k0} -> {n0}): {ms:.3f} ms")
 

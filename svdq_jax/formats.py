@@ -136,15 +136,17 @@ def _grouped(x: jnp.ndarray, fmt: Format) -> jnp.ndarray:
   return x.reshape(*x.shape[:-1], k // g, g)
 
 
-def _round_e2m1_units(y: jnp.ndarray) -> jnp.ndarray:
+def round_e2m1_units(y: jnp.ndarray, round_half_even=jnp.round) -> jnp.ndarray:
   """|value| (f32, >= 0) -> nearest E2M1 magnitude in units of 1/2, ties to even code.
 
   The E2M1 grid has spacing 1/2 below 2, 1 in [2, 4) and 2 in [4, 6]; within each
   binade, round-half-to-even on the grid index is exactly jnp.round on the scaled value.
+  ``round_half_even`` replaces jnp.round where it cannot lower (inside a Triton kernel).
   """
   y = jnp.minimum(y, 6.0)
-  units = jnp.where(y < 2.0, jnp.round(y * 2.0),
-                    jnp.where(y < 4.0, 2.0 * jnp.round(y), 4.0 * jnp.round(y * 0.5)))
+  units = jnp.where(y < 2.0, round_half_even(y * 2.0),
+                    jnp.where(y < 4.0, 2.0 * round_half_even(y),
+                              4.0 * round_half_even(y * 0.5)))
   return units
 
 
@@ -187,7 +189,7 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   scale = scale.astype(scale_dtype)
   y = _safe_div(xg, scale.astype(jnp.float32) * _per_group(ts))
   if fmt.name == "nvfp4":
-    q = jnp.sign(y) * _round_e2m1_units(jnp.abs(y))
+    q = jnp.sign(y) * round_e2m1_units(jnp.abs(y))
   else:
     q = jnp.clip(jnp.round(y), fmt.qmin, fmt.qmax)
   q = q.astype(jnp.int8).reshape(x.shape)
