@@ -35,13 +35,22 @@ class Method:
     return self.smooth or self.lowrank
 
 
-def method_spec(method: str, fmt: str, act_unsigned: bool) -> Method:
-  """Resolves a method name and a 4-bit format name into a ``Method``."""
-  if fmt not in ("int4", "nvfp4"):
-    raise ValueError(f"format must be 'int4' or 'nvfp4', got {fmt!r}")
-  act4 = "uint4" if (act_unsigned and fmt == "int4") else fmt
-  if act_unsigned and fmt != "int4":
-    raise ValueError("act_unsigned is only defined for the int4 format")
+WEIGHT_FORMATS = ("int4", "nvfp4", "int4_2l")
+ACT_FORMATS = ("int4", "uint4", "nvfp4", "int4_2l", "int8")
+
+
+def method_spec(method: str, fmt: str, act_unsigned: bool, act_fmt: str | None = None
+                ) -> Method:
+  """Resolves a method name, a 4-bit weight format and an activation format into a
+  ``Method``. ``act_fmt`` None keeps activations in the weight format (UINT4 for int4 with
+  ``act_unsigned``); 'int8' with ``fmt='int4_2l'`` is W4A8, the Hopper fast path."""
+  if fmt not in WEIGHT_FORMATS:
+    raise ValueError(f"format must be one of {WEIGHT_FORMATS}, got {fmt!r}")
+  if act_fmt is not None and act_fmt not in ACT_FORMATS:
+    raise ValueError(f"activation format must be one of {ACT_FORMATS} or None, got {act_fmt!r}")
+  if act_unsigned and (fmt != "int4" or act_fmt not in (None, "int4", "uint4")):
+    raise ValueError("act_unsigned is only defined for int4 weights with int4 activations")
+  act4 = act_fmt or ("uint4" if act_unsigned else fmt)
   table = {
       "svdquant": Method(fmt, act4, smooth=True, lowrank=True),
       "smoothquant": Method(fmt, act4, smooth=True, lowrank=False),
@@ -65,7 +74,11 @@ class Rule:
   Attributes:
     pattern: regular expression, matched with ``re.fullmatch`` against the module path.
     method: one of METHODS; 'skip' keeps the matched layers 16-bit.
-    fmt: 'int4' (groups of 64) or 'nvfp4' (groups of 16) for the 4-bit methods.
+    fmt: weight format of the 4-bit methods: 'int4' (groups of 64), 'nvfp4' (groups of 16)
+      or 'int4_2l' (two-level: row scale x 4-bit multiplier per 64-group; ``formats``).
+    act_fmt: activation format of the W4A4 methods; None (default) uses ``fmt`` itself.
+      'int8' (per-token) with ``fmt='int4_2l'`` is W4A8, the fastest on Hopper; 'int4_2l'
+      with it is two-level W4A4. Ignored by the weight-only methods and w8a8.
     rank: rank of the low-rank branch (svdquant only).
     act_unsigned: quantize activations as unsigned INT4 [0, 15] (non-negative inputs).
     alpha: fixed smoothing migration strength; None searches ``QuantConfig.alpha_grid``.
@@ -77,6 +90,7 @@ class Rule:
   rank: int = 32
   act_unsigned: bool = False
   alpha: float | None = None
+  act_fmt: str | None = None
 
   def __post_init__(self):
     try:
@@ -87,7 +101,7 @@ class Rule:
       raise ValueError(
           f"rule {self.pattern!r}: unknown method {self.method!r}; known methods: {METHODS}")
     if self.method != "skip":
-      method_spec(self.method, self.fmt, self.act_unsigned)
+      method_spec(self.method, self.fmt, self.act_unsigned, self.act_fmt)
     if self.rank < 0:
       raise ValueError(f"rule {self.pattern!r}: rank must be >= 0, got {self.rank}")
     if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -98,7 +112,7 @@ class Rule:
 
   @property
   def spec(self) -> Method:
-    return method_spec(self.method, self.fmt, self.act_unsigned)
+    return method_spec(self.method, self.fmt, self.act_unsigned, self.act_fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +151,8 @@ class QuantConfig:
 
 
 def preset(method: str, fmt: str = "int4", rank: int = 32, pattern: str = ".*",
-           **kwargs) -> QuantConfig:
-  """A one-rule config: ``preset('svdquant', 'nvfp4', rank=16)``, ``preset('w8a8')``..."""
-  return QuantConfig(rules=(Rule(pattern, method=method, fmt=fmt, rank=rank),), **kwargs)
+           act_fmt: str | None = None, **kwargs) -> QuantConfig:
+  """A one-rule config: ``preset('svdquant', 'nvfp4', rank=16)``, ``preset('w8a8')``,
+  ``preset('svdquant', 'int4_2l', act_fmt='int8')`` (W4A8)..."""
+  return QuantConfig(rules=(Rule(pattern, method=method, fmt=fmt, rank=rank,
+                                 act_fmt=act_fmt),), **kwargs)

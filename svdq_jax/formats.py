@@ -16,6 +16,21 @@ Formats:
     the group scales stay inside the E4M3 range).
   * ``int8``:  signed, scale = absmax / 127, one group over the whole last axis (per output
     channel for weights, per token for activations). Not packed.
+  * ``int4_2l``: two-level INT4, whose scales leave a matmul's K loop. Per row (an output
+    channel of a weight [N, K], a token of activations [M, K]) one f32 ``unit`` and per
+    64-group an integer multiplier ``m`` in 1..16:
+        unit = rowmax|x| / 112                  (112 = 7 * 16; an all-zero row: unit 1)
+        m_g  = clip(ceil(max_g|x| / (7 * unit)), 1, 16)
+        q    = clip(round(x / (unit * m_g)), -8, 7)       (round half to even)
+    value = unit * m_g * q. ``m * q`` is an int8 in [-128, 112], so a product of two
+    row-scaled operands is one exact int32 dot over all of K times ``unit_a * unit_w``. In
+    ``Quantized`` the multipliers are the group ``scale`` (f32 integers) and the units the
+    ``tensor_scale`` [..., 1]. Stored weights: codes packed as ``int4``, multipliers
+    ``m - 1`` packed two 4-bit values per byte along the groups (``pack_multipliers``).
+
+NaN: a row holding a NaN quantizes to codes 0 (multipliers 1) with a NaN scale, so whatever
+it multiplies comes out NaN, as in a float matmul (``int4_2l`` and ``int8``; the grouped
+formats give NaN scales to the groups holding the NaN).
 
 Packing (4-bit formats): two values per uint8 along the last axis, in blocks of
 ``PACK_BLOCK`` = 64 elements (32 bytes): within a block, element ``j`` (j < 32) goes into
@@ -62,6 +77,7 @@ class Format:
   qmax: int
   step: float
   scale_dtype: jnp.dtype
+  two_level: bool = False
 
   @property
   def max_value(self) -> float:
@@ -84,8 +100,13 @@ INT4 = Format("int4", 4, 64, -8, 7, 1.0, jnp.bfloat16)
 UINT4 = Format("uint4", 4, 64, 0, 15, 1.0, jnp.bfloat16)
 NVFP4 = Format("nvfp4", 4, 16, -12, 12, 0.5, jnp.float8_e4m3fn)
 INT8 = Format("int8", 8, None, -127, 127, 1.0, jnp.float32)
+INT4_2L = Format("int4_2l", 4, 64, -8, 7, 1.0, jnp.float32, two_level=True)
+MULT_MAX = 16  # largest int4_2l multiplier: -8 * 16 = -128 is still an int8
 
-FORMATS = {f.name: f for f in (INT4, UINT4, NVFP4, INT8)}
+FORMATS = {f.name: f for f in (INT4, UINT4, NVFP4, INT8, INT4_2L)}
+# Formats whose scale is one number per row: products of two of them are one int32 dot over
+# K (the Hopper fast path); int4_2l's group multipliers live inside its int8 values
+ROW_SCALED = ("int8", "int4_2l")
 
 
 def matmul_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -176,6 +197,8 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
     Quantized(q int8 [..., K], scale [..., K // g], tensor_scale f32).
   """
   fmt = get_format(fmt)
+  if fmt.two_level:
+    return quantize_two_level(x)
   scale_dtype = jnp.float32 if scale_dtype is None else scale_dtype
   xg = _grouped(jnp.asarray(x, jnp.float32), fmt)
   ts = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
@@ -192,8 +215,53 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
     q = jnp.sign(y) * round_e2m1_units(jnp.abs(y))
   else:
     q = jnp.clip(jnp.round(y), fmt.qmin, fmt.qmax)
-  q = q.astype(jnp.int8).reshape(x.shape)
+  q = jnp.where(jnp.isnan(q), 0, q).astype(jnp.int8).reshape(x.shape)
   return Quantized(q, scale[..., 0], ts)
+
+
+def two_level_unit(rowmax: jnp.ndarray) -> jnp.ndarray:
+  """int4_2l row unit from the row's absmax (f32, any shape): max / 112, 1 for 0."""
+  return jnp.where(rowmax == 0, 1.0, rowmax / (7.0 * MULT_MAX))
+
+
+def two_level_codes(x: jnp.ndarray, unit: jnp.ndarray, gmax: jnp.ndarray
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """int4_2l multipliers and codes of one 64-group per row.
+
+  Args: x f32 [..., g] (one group), unit f32 [..., 1], gmax f32 [..., 1] its absmax.
+  Returns: (m f32 [..., 1] integers in 1..16, q f32 [..., g] integers in [-8, 7]); a NaN
+  anywhere in the row (unit NaN) gives m 1 and q 0.
+  """
+  m = jnp.clip(jnp.ceil(gmax / (7.0 * unit)), 1.0, float(MULT_MAX))
+  m = jnp.where(jnp.isnan(m), 1.0, m)
+  q = jnp.clip(jnp.round(x / (unit * m)), -8.0, 7.0)
+  return m, jnp.where(jnp.isnan(q), 0.0, q)
+
+
+def quantize_two_level(x: jnp.ndarray) -> Quantized:
+  """int4_2l (module docstring): x [..., K] -> Quantized(q int8 [..., K], multipliers
+  f32 [..., K/64], units f32 [..., 1])."""
+  xg = _grouped(jnp.asarray(x, jnp.float32), INT4_2L)
+  gmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)   # [..., G, 1]
+  rowmax = jnp.max(gmax, axis=-2, keepdims=True)       # [..., 1, 1]
+  unit = two_level_unit(rowmax)
+  m, q = two_level_codes(xg, unit, gmax)
+  return Quantized(q.astype(jnp.int8).reshape(x.shape), m[..., 0], unit[..., 0])
+
+
+def row_scaled(qt: Quantized, fmt: str | Format) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """A row-scaled operand (``ROW_SCALED``) as the int8 GEMM takes it.
+
+  Returns (int8 [..., K]: q for int8, m * q for int4_2l; f32 [...]: the row scale), so
+  the value is ``values * scale[..., None]``.
+  """
+  fmt = get_format(fmt)
+  if fmt.name not in ROW_SCALED:
+    raise ValueError(f"format {fmt.name} is not row-scaled; row-scaled: {ROW_SCALED}")
+  if fmt.two_level:
+    qg = _grouped(qt.q.astype(jnp.int32), fmt) * qt.scale.astype(jnp.int32)[..., None]
+    return qg.reshape(qt.q.shape).astype(jnp.int8), qt.tensor_scale[..., 0]
+  return qt.q, qt.scale[..., 0].astype(jnp.float32) * qt.tensor_scale
 
 
 def dequantize(qt: Quantized, fmt: str | Format) -> jnp.ndarray:
@@ -222,6 +290,8 @@ def quantize_weight(w: jnp.ndarray, fmt: str | Format) -> Quantized:
   per-output-channel f32 scale (``tensor_scale`` [N, 1]).
   """
   fmt = get_format(fmt)
+  if fmt.two_level:
+    return quantize_two_level(w)
   ts = nvfp4_channel_scale(w) if fmt.name == "nvfp4" else None
   return quantize(w, fmt, scale_dtype=fmt.scale_dtype, tensor_scale=ts)
 
@@ -273,3 +343,21 @@ def unpack(packed: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
   lo = from_codes(blocks & 0xF, fmt)
   hi = from_codes(blocks >> 4, fmt)
   return jnp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kb)
+
+
+def pack_multipliers(m: jnp.ndarray) -> jnp.ndarray:
+  """int4_2l multipliers (integers 1..16, any dtype) [..., G] -> uint8 [..., ceil(G/2)]:
+  ``m - 1`` of group 2i in the low nibble of byte i, of group 2i + 1 in its high nibble (an
+  odd G leaves the last high nibble 0)."""
+  c = (m.astype(jnp.int32) - 1).astype(jnp.uint8)
+  if c.shape[-1] % 2:
+    c = jnp.concatenate([c, jnp.zeros((*c.shape[:-1], 1), jnp.uint8)], axis=-1)
+  return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_multipliers(packed: jnp.ndarray, groups: int) -> jnp.ndarray:
+  """uint8 [..., ceil(G/2)] -> int32 multipliers [..., G] in 1..16, inverse of
+  ``pack_multipliers``."""
+  lo, hi = packed & 0xF, packed >> 4
+  m = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)[..., :groups]
+  return m.astype(jnp.int32) + 1

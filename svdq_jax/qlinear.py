@@ -27,15 +27,17 @@ class QuantizedLinear:
 
   Data (pytree leaves; a None field is absent):
     qweight: uint8 [N, K // 2] packed 4-bit codes (see ``formats``), or int8 [N, K].
-    wscale: [N, K // G] weight group scales, in the weight format's scale dtype.
-    wcscale: f32 [N] per-output-channel scale multiplying ``wscale`` (NVFP4 only).
+    wscale: [N, K // G] weight group scales, in the weight format's scale dtype; for
+      ``int4_2l`` the multipliers, uint8 [N, ceil(K / 128)] (``formats.pack_multipliers``).
+    wcscale: f32 [N] per-output-channel scale multiplying ``wscale`` (NVFP4, and the row
+      units of ``int4_2l``).
     smooth: f32 [K] smoothing factors lambda; activations are divided by them.
     lora_down: [K, r] low-rank down projection (16-bit), applied to x / lambda.
     lora_up: [r, N] low-rank up projection (16-bit).
     bias: [N] or None.
   Static:
-    weight_format: name of the weight format ('int4', 'nvfp4', 'int8').
-    act_format: name of the activation format ('int4', 'uint4', 'nvfp4', 'int8'), or
+    weight_format: name of the weight format ('int4', 'nvfp4', 'int4_2l', 'int8').
+    act_format: name of the activation format ('int4', 'uint4', 'nvfp4', 'int4_2l', 'int8'), or
       None for 16-bit activations (weight-only quantization).
   """
 
@@ -72,7 +74,10 @@ class QuantizedLinear:
     fmt = formats.get_format(self.weight_format)
     q = formats.unpack(self.qweight, fmt) if fmt.packed else self.qweight
     ts = jnp.float32(1.0) if self.wcscale is None else self.wcscale[:, None]
-    return formats.Quantized(q, self.wscale, ts)
+    scale = self.wscale
+    if fmt.two_level:
+      scale = formats.unpack_multipliers(scale, fmt.groups(q.shape[-1])).astype(jnp.float32)
+    return formats.Quantized(q, scale, ts)
 
   def dequantized_weight(self) -> jax.Array:
     """f32 [K, N]: the effective weight ``diag(1/lambda) (Q(R) + L_down L_up)``."""
@@ -120,6 +125,43 @@ def group_scaled_matmul(qa: formats.Quantized, qw: formats.Quantized,
   wts = jnp.asarray(qw.tensor_scale, jnp.float32)
   wts = wts.reshape(1, -1) if wts.ndim else wts
   return acc * (qa.tensor_scale * wts)
+
+
+def row_scaled_matmul(a: jax.Array, sa: jax.Array, w: jax.Array, sw: jax.Array) -> jax.Array:
+  """The arithmetic of the Hopper int8 GEMM: one exact int32 dot over all of K, scaled once.
+
+  a: int8 [M, K], sa: f32 [M], w: int8 [N, K], sw: f32 [N] -> f32 [M, N] =
+  ``(f32(a . w) * sa[m]) * sw[n]``.
+  """
+  acc = jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  return acc.astype(jnp.float32) * sa[:, None] * sw[None, :]
+
+
+def _at_groups(qt: formats.Quantized, fmt: formats.Format, group: int) -> formats.Quantized:
+  """``qt`` with its scales (tensor scale folded in) repeated to groups of ``group``."""
+  k = qt.q.shape[-1]
+  s = qt.scale.astype(jnp.float32) * jnp.asarray(qt.tensor_scale, jnp.float32)
+  s = jnp.repeat(s, fmt.group_len(k) // group, axis=-1)
+  return formats.Quantized(qt.q, s, jnp.float32(1.0))
+
+
+def quantized_matmul(qa: formats.Quantized, afmt: formats.Format, qw: formats.Quantized,
+                     wfmt: formats.Format) -> jax.Array:
+  """f32 [M, N]: quantized activations [M, K] times quantized weights [N, K]^T, exact
+  integer products. Two row-scaled formats (``formats.ROW_SCALED``) take one int32 dot over
+  K (``row_scaled_matmul``); otherwise per group, at the finer of the two group sizes
+  (``group_scaled_matmul``)."""
+  k = qa.q.shape[-1]
+  if afmt.name in formats.ROW_SCALED and wfmt.name in formats.ROW_SCALED:
+    a, sa = formats.row_scaled(qa, afmt)
+    w, sw = formats.row_scaled(qw, wfmt)
+    return row_scaled_matmul(a, sa, w, sw)
+  step = afmt.step * wfmt.step
+  ga, gw = afmt.group_len(k), wfmt.group_len(k)
+  if ga == gw and not (afmt.two_level or wfmt.two_level):
+    return group_scaled_matmul(qa, qw, gw) * step
+  g = min(ga, gw)
+  return group_scaled_matmul(_at_groups(qa, afmt, g), _at_groups(qw, wfmt, g), g) * step
 
 
 LOWRANK_DTYPE = jnp.bfloat16
@@ -208,8 +250,7 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
                    precision=jax.lax.Precision.HIGHEST)
   else:
     afmt = formats.get_format(layer.act_format)
-    qa = formats.quantize(xf, afmt)
-    y = group_scaled_matmul(qa, qw, wfmt.group_len(k)) * (afmt.step * wfmt.step)
+    y = quantized_matmul(formats.quantize(xf, afmt), afmt, qw, wfmt)
   if layer.lora_down is not None:
     y = y + lowrank_up(lowrank_down(xf, layer.lora_down), layer.lora_up)
   if bias is not None:

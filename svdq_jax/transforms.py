@@ -163,8 +163,10 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     q = qt.q[start:stop]
     layers.append(QuantizedLinear(
         qweight=formats.pack(q, fmt) if fmt.packed else q,
-        wscale=qt.scale[start:stop],
-        wcscale=qt.tensor_scale[start:stop, 0] if fmt.name == "nvfp4" else None,
+        wscale=(formats.pack_multipliers(qt.scale[start:stop]) if fmt.two_level
+                else qt.scale[start:stop]),
+        wcscale=(qt.tensor_scale[start:stop, 0] if fmt.name == "nvfp4" or fmt.two_level
+                 else None),
         smooth=lam,
         lora_down=down.astype(LOWRANK_DTYPE) if rank else None,
         lora_up=up[:, start:stop].astype(LOWRANK_DTYPE) if rank else None,
