@@ -433,13 +433,20 @@ TRITON_GEMM_TILING = {
     "nvfp4": dict(block_m=128, num_warps=8, num_stages=4, groups_per_step=2),
 }
 
-# (weight format, activation formats) pairs the kernels run
-KERNEL_FORMATS = {"int4": ("int4", "uint4"), "nvfp4": ("nvfp4",)}
+# (weight format, activation formats) pairs the kernels run; the row-scaled pairs run on
+# the Hopper int8 GEMM only (``int8_hopper``)
+KERNEL_FORMATS = {"int4": ("int4", "uint4"), "nvfp4": ("nvfp4",),
+                  "int4_2l": ("int8", "int4_2l"), "int8": ("int8",)}
 
 
 def supports(weight_format: str, act_format: str | None) -> bool:
   """Whether a layer with these formats runs on the kernels."""
   return act_format in KERNEL_FORMATS.get(weight_format, ())
+
+
+def row_scaled(weight_format: str) -> bool:
+  """Whether a layer's GEMM is the row-scaled int8 one (``int8_hopper``)."""
+  return weight_format in formats.ROW_SCALED
 
 
 GEMM_KERNELS = ("auto", "triton", "hopper")
@@ -474,6 +481,9 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   lead, k = x.shape[:-1], x.shape[-1]
   bias = layer.bias if bias is None else bias
   x2 = x.reshape(-1, k)
+  if row_scaled(layer.weight_format):
+    y = row_scaled_linear(layer, x2, bias, interpret=interpret)
+    return y.reshape(*lead, layer.out_features)
   hopper = hopper_gemm(x2.shape[0], k, layer.out_features, interpret, layer.weight_format)
   # the Hopper GEMM takes int8 codes and transposed scales (``codes``), Triton packed ones
   q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
@@ -487,3 +497,48 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                   out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret,
                   **TRITON_GEMM_TILING[layer.weight_format])
   return y.reshape(*lead, layer.out_features)
+
+
+ACT_KERNELS = ("pallas", "xla")
+_act_choice = "pallas"
+
+
+def set_act_kernel(name: str) -> None:
+  """How row-scaled layers quantize activations: 'pallas' (``act_rowscaled.quantize_rows``)
+  or 'xla' (its jnp definition, left to XLA's fusions)."""
+  global _act_choice
+  if name not in ACT_KERNELS:
+    raise ValueError(f"activation kernel must be one of {ACT_KERNELS}, got {name!r}")
+  _act_choice = name
+
+
+def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
+                      interpret: bool = False) -> jax.Array:
+  """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
+
+  x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), the
+  weights expanded from 4 bits to int8 (``int8_hopper.expand_weight``), one int8 GEMM with
+  the scales, the low-rank up projection and the bias in its epilogue.
+  """
+  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
+  n = layer.out_features
+  if not int8_hopper.supports(x.shape[1], n):
+    raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 64 == 0, got K={x.shape[1]}, "
+                     f"N={n}")
+  if _act_choice == "pallas":
+    a, sa, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down,
+                                            act_format=layer.act_format, interpret=interpret)
+  else:
+    a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, layer.act_format)
+  w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
+                                    layer.weight_format)
+  up = None
+  if lr is not None:
+    pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
+    lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
+    up = jnp.pad(layer.lora_up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
+  f32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+  y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, None if bias is None else bias,
+                            out_dtype=jnp.float32 if f32 else jnp.bfloat16,
+                            interpret=interpret, **int8_hopper.tiling(n))
+  return y.astype(x.dtype)

@@ -177,6 +177,14 @@ def _per_group(ts: jnp.ndarray) -> jnp.ndarray:
   return ts[..., None] if ts.ndim else ts
 
 
+def _absmax(x: jnp.ndarray, axis: int, unsigned: bool = False) -> jnp.ndarray:
+  """max |x| (max(x, 0) if ``unsigned``) over ``axis``, kept; NaN where any element is NaN
+  (XLA's vectorized max reductions may drop NaN, so it is made explicit)."""
+  v = jnp.maximum(x, 0.0) if unsigned else jnp.abs(x)
+  amax = jnp.max(v, axis=axis, keepdims=True)
+  return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=True), jnp.nan, amax)
+
+
 def _safe_div(x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
   return x / jnp.where(s == 0, 1.0, s)
 
@@ -202,10 +210,7 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   scale_dtype = jnp.float32 if scale_dtype is None else scale_dtype
   xg = _grouped(jnp.asarray(x, jnp.float32), fmt)
   ts = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-  if fmt.qmin == 0:
-    amax = jnp.max(jnp.maximum(xg, 0.0), axis=-1, keepdims=True)
-  else:
-    amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+  amax = _absmax(xg, -1, unsigned=fmt.qmin == 0)
   scale = _safe_div(amax / fmt.max_value, _per_group(ts))
   if scale_dtype == jnp.float8_e4m3fn:
     scale = jnp.minimum(scale, FP8_E4M3_MAX)
@@ -242,8 +247,8 @@ def quantize_two_level(x: jnp.ndarray) -> Quantized:
   """int4_2l (module docstring): x [..., K] -> Quantized(q int8 [..., K], multipliers
   f32 [..., K/64], units f32 [..., 1])."""
   xg = _grouped(jnp.asarray(x, jnp.float32), INT4_2L)
-  gmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)   # [..., G, 1]
-  rowmax = jnp.max(gmax, axis=-2, keepdims=True)       # [..., 1, 1]
+  gmax = _absmax(xg, -1)                                    # [..., G, 1]
+  rowmax = _absmax(gmax, -2)                                # [..., 1, 1]
   unit = two_level_unit(rowmax)
   m, q = two_level_codes(xg, unit, gmax)
   return Quantized(q.astype(jnp.int8).reshape(x.shape), m[..., 0], unit[..., 0])

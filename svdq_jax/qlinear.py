@@ -227,7 +227,11 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
-    if supported and jax.default_backend() == "gpu":
+    on_gpu = jax.default_backend() == "gpu"
+    if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
+      from svdq_jax.pallas_kernels.w4a4_hopper import on_hopper
+      on_gpu = on_gpu and on_hopper()
+    if supported and on_gpu:
       return w4a4.w4a4_linear(layer, x, bias)
     return reference_apply(layer, x, bias)
   return w4a4.w4a4_linear(layer, x, bias, interpret=_backend == "interpret")

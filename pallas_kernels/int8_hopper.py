@@ -1,0 +1,279 @@
+"""Row-scaled int8 GEMM on Hopper (Pallas, Mosaic GPU: TMA, wgmma s8, warp specialization).
+
+The GEMM of the Hopper-native SVDQuant formats (``formats.ROW_SCALED``): W4A8 (``int4_2l``
+weights, per-token ``int8`` activations) and two-level W4A4 (``int4_2l`` both sides). Both
+operands are int8 with one f32 scale per row, so the whole K reduction is one exact int32
+accumulation and the scales are applied once, in the epilogue:
+
+  Y[m, n] = (f32(sum_k a[m, k] w[n, k]) * s_a[m]) * s_w[n] + bf16(lr[m]) . up[:, n] + bias[n]
+
+Structure (the jax Hopper matmul example's): one memory warpgroup streams [CTA_M, tile_k]
+activation and [CTA_N, tile_k] weight tiles into shared memory with TMA, ``steps`` deep; two
+compute warpgroups each own a [tile_m, tile_n] int32 accumulator and issue wgmma with both
+operands in shared memory (both K-major, as 8-bit wgmma requires). The epilogue converts
+once, scales by the token and channel scales, adds the low-rank up projection with one bf16
+wgmma (lr [tile_m, r] times up^T [r, tile_n]) and the bias, and stores the tile with TMA.
+The grid is persistent (one program per SM looping over output tiles).
+
+Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``expand_weight`` turns
+them into the int8 products ``m * q`` right before the call (an XLA fusion, N K / 2 bytes
+read and N K written: a few % of the GEMM at FLUX shapes).
+
+Ragged M: the TMA unit zero-fills out-of-bounds reads and drops out-of-bounds writes; M is
+padded to a multiple of 8 rows (a TMA row tile) only when it is not one already.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from svdq_jax import formats
+from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper
+
+WG_DIMS = ("m", "n")
+
+
+def expand_weight(qweight: jax.Array, wscale: jax.Array, wcscale: jax.Array,
+                  weight_format: str) -> tuple[jax.Array, jax.Array]:
+  """A row-scaled QuantizedLinear weight as the GEMM's operand.
+
+  Args: the layer's fields (``int4_2l``: packed codes uint8 [N, K/2], packed multipliers
+    uint8 [N, ceil(K/128)], units f32 [N]; ``int8``: int8 [N, K], scales [N, 1]).
+  Returns: (int8 [N, K] = m * q, f32 [N] row scales).
+  """
+  fmt = formats.get_format(weight_format)
+  if fmt.two_level:
+    q = formats.unpack(qweight, fmt)
+    m = formats.unpack_multipliers(wscale, fmt.groups(q.shape[-1]))
+    qt = formats.Quantized(q, m, wcscale[:, None])
+  else:
+    qt = formats.Quantized(qweight, wscale, jnp.float32(1.0))
+  return formats.row_scaled(qt, fmt)
+
+
+def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
+  m, k = a.shape
+  n = w.shape[0]
+  if a.dtype != jnp.int8 or w.dtype != jnp.int8:
+    raise ValueError(f"int8 GEMM takes int8 operands, got {a.dtype} and {w.dtype}")
+  if w.shape != (n, k):
+    raise ValueError(f"weights {w.shape} do not match activations [M, K] = {a.shape}: "
+                     f"expected [N, {k}]")
+  if sa.shape != (m,) or sw.shape != (n,):
+    raise ValueError(f"row scales must be [M] = [{m}] and [N] = [{n}], got {sa.shape} and "
+                     f"{sw.shape}")
+  if (lr is None) != (up_t is None):
+    raise ValueError("the low-rank branch needs both lr [M, r] and up_t [N, r]")
+  if lr is not None and (lr.shape[0] != m or up_t.shape != (n, lr.shape[1])):
+    raise ValueError(f"low-rank operands must be lr [M, r] and up_t [N, r], got {lr.shape} "
+                     f"and {up_t.shape}")
+  if bias is not None and bias.shape != (n,):
+    raise ValueError(f"bias must be [N] = [{n}], got {bias.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
+    "out_dtype", "num_sms", "interpret"))
+def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
+              tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
+              grid_minor: str = "n", grid_tile_width: int = 1, out_dtype=jnp.bfloat16,
+              num_sms: int | None = None, interpret: bool = False):
+  """Y = (a . w^T) * s_a s_w + lr . up_t^T + bias, on int8 tensor cores.
+
+  Args:
+    a: int8 [M, K] activation values (per-token int8, or int4_2l's m * q).
+    sa: f32 [M] token scales. w: int8 [N, K] weight values. sw: f32 [N] channel scales.
+    lr: bf16 [M, r] low-rank activations and up_t: bf16 [N, r] (``L_up`` transposed), r a
+      multiple of 16, or both None. bias: f32 [N] or None.
+    tile_m, tile_n: each compute warpgroup's output tile; wg_dim: the axis along which the
+      two compute warpgroups split the CTA tile ('m': CTA tile [2 tile_m, tile_n]).
+    tile_k: K per pipeline step; steps: pipeline depth. grid_minor, grid_tile_width: the
+      order of output tiles over the persistent grid (``plgpu.planar_snake``).
+    out_dtype: bf16 or f32. num_sms: programs (default: the GPU's SMs; interpret: tiles).
+    interpret: Pallas' GPU interpret mode (CPU; needs PJRT_NPROC >= 4, tests/conftest.py).
+
+  Returns:
+    [M, N] in out_dtype. K must be a multiple of tile_k (reduced to 64 when it is not),
+    N of the CTA tile's N.
+  """
+  check_shapes(a, sa, w, sw, lr, up_t, bias)
+  if wg_dim not in WG_DIMS or grid_minor not in WG_DIMS:
+    raise ValueError(f"wg_dim and grid_minor must be one of {WG_DIMS}")
+  m_out, k = a.shape
+  n = w.shape[0]
+  cta_m = tile_m * (2 if wg_dim == "m" else 1)
+  cta_n = tile_n * (2 if wg_dim == "n" else 1)
+  if k % tile_k:
+    tile_k = 64
+  if k % tile_k:
+    raise ValueError(f"int8 GEMM needs K to be a multiple of 64, got K={k}")
+  if n % cta_n:
+    raise ValueError(f"N={n} is not a multiple of the CTA tile's {cta_n} columns")
+  has_lr, has_bias = lr is not None, bias is not None
+  rank = lr.shape[1] if has_lr else 0
+  if rank % 16:
+    raise ValueError(f"low-rank rank must be a multiple of 16 (wgmma's K step), got {rank}")
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+  pad = -m_out % ROW_ALIGN
+  if pad:
+    a = jnp.pad(a, ((0, pad), (0, 0)))
+    lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
+  m = a.shape[0]
+  m_iters, n_iters = pl.cdiv(m, cta_m), n // cta_n
+  # the token scales are read per tile with a 1-D copy: pad them to whole tiles
+  sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * cta_m - m_out))
+  sw = sw.astype(jnp.float32)
+  if num_sms is None:
+    num_sms = m_iters * n_iters if interpret else jax.devices()[0].core_count
+  k_iters = k // tile_k
+  steps = min(steps, k_iters)
+
+  def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, *refs):
+    it = iter(refs)
+    lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
+    bias_gmem = next(it) if has_bias else None
+    out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers = it
+
+    def pipeline(body, context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_iters,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM),
+          ],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+          compute_context=context)
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(pl.run_scoped,
+                       allocs=pipeline(ignore, ignore).get_allocations(a_gmem, w_gmem),
+                       collective_axes="wg")
+    def _scope(allocs):
+      wg = lax.axis_index("wg")
+      wg_m = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else pl.ds(0, tile_m)
+      wg_n = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else pl.ds(0, tile_n)
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tiles(info):
+        (lin,) = info.index
+        m_idx, n_idx = plgpu.planar_snake(
+            lin, (m_iters, n_iters),
+            1 if grid_minor == "n" else 0,
+            grid_tile_width)
+        m_slice = pl.ds(m_idx * cta_m, cta_m)
+        n_slice = pl.ds(n_idx * cta_n, cta_n)
+
+        def context(eval_pipeline):  # the compute warpgroups only
+          bar = lambda i: barriers.at[5 * wg + i]
+          # the epilogue's operands arrive while the K loop runs
+          plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice].at[wg_m], sa_smem.at[wg], bar(0))
+          plgpu.copy_gmem_to_smem(sw_gmem.at[n_slice].at[wg_n], sw_smem.at[wg], bar(1))
+          if has_lr:
+            plgpu.copy_gmem_to_smem(lr_gmem.at[m_slice].at[wg_m], lr_smem.at[wg], bar(2))
+            plgpu.copy_gmem_to_smem(up_gmem.at[n_slice].at[wg_n], up_smem.at[wg], bar(3))
+          if has_bias:
+            plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice].at[wg_n], bias_smem.at[wg], bar(4))
+
+          def accumulate(acc):
+            eval_pipeline(acc)
+            return acc[...]
+
+          acc = pl.run_scoped(accumulate, plgpu.ACC((tile_m, tile_n), jnp.int32))
+          plgpu.barrier_wait(bar(0))
+          plgpu.barrier_wait(bar(1))
+          s_a = plgpu.load(sa_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+          s_w = plgpu.load(sw_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+          total = (acc.astype(jnp.float32) * lax.broadcast_in_dim(s_a, acc.shape, [0])
+                   * lax.broadcast_in_dim(s_w, acc.shape, [1]))
+          if has_lr:
+            plgpu.barrier_wait(bar(2))
+            plgpu.barrier_wait(bar(3))
+            total = _wgmma_onto(total, lambda acc_ref: plgpu.wgmma(
+                acc_ref, lr_smem.at[wg], up_smem.at[wg].transpose((1, 0))), interpret)
+          if has_bias:
+            plgpu.barrier_wait(bar(4))
+            b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+            total = total + lax.broadcast_in_dim(b, total.shape, [1])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg] = total.astype(out_dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[wg_m, wg_n])
+
+        def body(_, a_smem, w_smem, acc):
+          plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc
+
+        pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice], allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel.__name__ = f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}"
+  args = [a, w, sa, sw]
+  if has_lr:
+    args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
+  if has_bias:
+    args.append(bias.astype(jnp.float32))
+  lr_cols = rank if has_lr else 64
+  lr_rows = lambda rows: rows if has_lr else 8
+  y = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      scratch_types=[
+          plgpu.SMEM((2, tile_m, tile_n), out_dtype, transforms=_swizzled(tile_n, out_dtype)),
+          plgpu.SMEM((2, tile_m), jnp.float32),
+          plgpu.SMEM((2, tile_n), jnp.float32),
+          plgpu.SMEM((2, lr_rows(tile_m), lr_cols), jnp.bfloat16,
+                     transforms=_swizzled(lr_cols, jnp.bfloat16)),
+          plgpu.SMEM((2, lr_rows(tile_n), lr_cols), jnp.bfloat16,
+                     transforms=_swizzled(lr_cols, jnp.bfloat16)),
+          plgpu.SMEM((2, tile_n), jnp.float32),
+          plgpu.Barrier(num_barriers=10),
+      ],
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*args)
+  return y[:m_out]
+
+
+def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
+  """jnp semantics of ``int8_gemm`` (f32, before the output rounding)."""
+  from svdq_jax.qlinear import lowrank_up, row_scaled_matmul
+  y = row_scaled_matmul(a, sa, w, sw)
+  if lr is not None:
+    y = y + lowrank_up(lr, up_t.T)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y
+
+
+# Output tilings of the library path, first that fits N wins (placeholder order until the
+# H200 sweep in docs/benchmarks decides)
+TILINGS = (dict(tile_m=128, tile_n=128, wg_dim="m"), dict(tile_m=128, tile_n=64, wg_dim="m"))
+
+
+def tiling(n: int) -> dict | None:
+  for t in TILINGS:
+    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)) == 0:
+      return t
+  return None
+
+
+def supports(k: int, n: int) -> bool:
+  """Whether ``int8_gemm`` takes this problem at the library tiling."""
+  return k % 64 == 0 and tiling(n) is not None
+
+
+__all__ = ["int8_gemm", "expand_weight", "reference", "supports", "tiling", "on_hopper"]
