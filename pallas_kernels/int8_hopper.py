@@ -261,7 +261,8 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
 
 # Output tilings of the library path, first that fits N wins (placeholder order until the
 # H200 sweep in docs/benchmarks decides)
-TILINGS = (dict(tile_m=128, tile_n=128, wg_dim="m"), dict(tile_m=128, tile_n=64, wg_dim="m"))
+TILINGS = (dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
+           dict(tile_m=128, tile_n=64, tile_k=64, steps=4, wg_dim="m"))
 
 
 def tiling(n: int) -> dict | None:

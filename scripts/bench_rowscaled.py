@@ -1,0 +1,256 @@
+"""Checks and times the Hopper-native SVDQuant linears (W4A8, two-level W4A4) on the GPU.
+
+One run, for each FLUX.1 linear shape at M tokens:
+  checks   the activation kernel against ``formats`` (codes and scales bit-exact, both row
+           formats), the int8 GEMM against its jnp reference, the fused layer against
+           ``qlinear.reference_apply``;
+  timings  copy (x + 1, bf16: the activation kernel's bandwidth yardstick), XLA bf16
+           ``x @ w + b`` (the baseline), XLA's int8 GEMM alone (K-major, int32 out: the
+           ceiling), the int8 GEMM kernel in each --variants tiling (no low-rank), the best
+           one with low-rank + bias, the weight expansion, the activation kernel (Pallas and
+           XLA), and the fused layers through the public API (``qlinear.apply``): W4A8 and
+           two-level W4A4 with each activation path, and today's exact INT4 W4A4.
+Prints a table last; writes rowscaled.md / rowscaled.json to --out and, with --summary,
+rewrites the "linear" part of that docs/benchmarks/summary.json.
+
+    python3 scripts/bench_rowscaled.py --out $OUT [--m 4608] [--extra-m 1024,16384]
+    python3 scripts/bench_rowscaled.py --interpret --m 40 --shapes 256x128   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdq_jax import formats, qlinear
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
+from svdq_jax.qlinear import QuantizedLinear
+from svdq_jax.timing import median_seconds
+
+FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+VARIANTS = ["m128 n128 k64 s4 wm", "m128 n128 k128 s2 wm", "m128 n128 k64 s4 wn",
+            "m64 n256 k64 s4 wm", "m128 n128 k64 s4 wm t8", "m128 n64 k128 s3 wm"]
+TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width"}
+
+
+def variant_kwargs(name: str) -> dict:
+  """'m128 n128 k64 s4 wm t8' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split)."""
+  kw = {}
+  for tok in name.split():
+    if tok in ("wm", "wn"):
+      kw["wg_dim"] = tok[1]
+    elif tok in ("gm", "gn"):
+      kw["grid_minor"] = tok[1]
+    elif tok[0] in TOKENS and tok[1:].isdigit():
+      kw[TOKENS[tok[0]]] = int(tok[1:])
+    else:
+      raise ValueError(f"unknown token {tok!r} in {name!r}")
+  return kw
+
+
+def make_layer(k, n, rank, key, wfmt="int4_2l", afmt="int8"):
+  """A random SVDQuant layer (weights ~ N(0, 0.02^2), random smoothing and low-rank)."""
+  ks = jax.random.split(key, 5)
+  w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
+  fmt = formats.get_format(wfmt)
+  qw = formats.quantize_weight(w, fmt)
+  return QuantizedLinear(
+      qweight=formats.pack(qw.q, fmt),
+      wscale=formats.pack_multipliers(qw.scale) if fmt.two_level else qw.scale,
+      wcscale=qw.tensor_scale[:, 0] if (fmt.two_level or wfmt == "nvfp4") else None,
+      smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
+      lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
+      lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),
+      bias=(jax.random.normal(ks[4], (n,)) * 0.1).astype(jnp.bfloat16),
+      weight_format=wfmt, act_format=afmt)
+
+
+def activations(m, k, key):
+  x = jax.random.normal(key, (m, k), jnp.float32)
+  x = x.at[:, :8].multiply(50.0)  # outlier channels
+  return x.astype(jnp.bfloat16)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def checks(layer, x, interpret):
+  """Bit-exact activation codes/scales, GEMM and fused-layer errors. Raises on failure."""
+  out = {}
+  for afmt in formats.ROW_SCALED:
+    a, s, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down, act_format=afmt,
+                                           interpret=interpret)
+    ra, rs, rlr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, afmt)
+    if not (bool((a == ra).all()) and np.array_equal(np.asarray(s), np.asarray(rs))):
+      raise AssertionError(f"{afmt} activation codes/scales differ from formats: "
+                           f"{int((a != ra).sum())} codes")
+    out[f"act_{afmt}_lr_rel"] = rel(lr, rlr)
+  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
+  w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
+                                    layer.weight_format)
+  up = layer.lora_up.T
+  lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -lr.shape[1] % 16)))
+  up16 = jnp.pad(up, ((0, 0), (0, -up.shape[1] % 16)))
+  y = int8_hopper.int8_gemm(a, sa, w, sw, lr16, up16, layer.bias.astype(jnp.float32),
+                            out_dtype=jnp.float32, interpret=interpret,
+                            **int8_hopper.tiling(w.shape[0]))
+  out["gemm_f32_rel"] = rel(y, int8_hopper.reference(a, sa, w, sw, lr16, up16, layer.bias))
+  if out["gemm_f32_rel"] > 1e-5:
+    raise AssertionError(f"int8 GEMM differs from its reference: {out['gemm_f32_rel']}")
+  for afmt in formats.ROW_SCALED:
+    lay = layer.replace(act_format=afmt)
+    ref = qlinear.reference_apply(lay, x)
+    with qlinear.backend("interpret" if interpret else "pallas"):
+      got = qlinear.apply(lay, x)
+    out[f"fused_{afmt}_rel"] = rel(got, ref)
+    if out[f"fused_{afmt}_rel"] > 2e-2:
+      raise AssertionError(f"fused {afmt} layer differs from reference: {out}")
+  return out
+
+
+def run_shape(m, k, n, rank, variants, key, interpret, full):
+  res = dict(M=m, K=k, N=n, rank=rank)
+  kx, kw, kl = jax.random.split(key, 3)
+  x = activations(m, k, kx)
+  wf = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+  b = jnp.zeros((n,), jnp.bfloat16)
+  layer = make_layer(k, n, rank, kl)
+  t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
+                                   rounds=1 if interpret else 5) * 1e3
+  if full:
+    res["checks"] = checks(layer, x, interpret)
+  res["bf16_ms"] = t(jax.jit(lambda x, w, b: x @ w + b), x, wf, b)
+  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
+  w8, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale, "int4_2l")
+  if not interpret:
+    res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
+        a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
+  gemm = {}
+  for v in variants:
+    try:
+      f = jax.jit(lambda a, sa, w, sw, v=v: int8_hopper.int8_gemm(
+          a, sa, w, sw, interpret=interpret, **variant_kwargs(v)))
+      gemm[v] = t(f, a, sa, w8, sw)
+    except Exception as e:  # a tiling that does not fit (shared memory) is reported
+      gemm[v] = None
+      print(f"variant {v!r} at {k}x{n}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+  res["gemm_ms"] = gemm
+  best = min((v for v in gemm if gemm[v] is not None), key=gemm.get)
+  res["best_variant"] = best
+  if full:
+    res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
+    up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
+    lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16)))
+    res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
+        *ops, interpret=interpret, **variant_kwargs(best))),
+        a, sa, w8, sw, lr16, up16, layer.bias.astype(jnp.float32))
+    res["expand_ms"] = t(jax.jit(lambda q, s, c: int8_hopper.expand_weight(q, s, c, "int4_2l")),
+                         layer.qweight, layer.wscale, layer.wcscale)
+    for afmt in formats.ROW_SCALED:
+      res[f"act_{afmt}_pallas_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.quantize_rows(
+          x, s, d, act_format=f, interpret=interpret)), x, layer.smooth, layer.lora_down)
+      res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
+          x, s, d, f)), x, layer.smooth, layer.lora_down)
+  saved = int8_hopper.TILINGS
+  int8_hopper.TILINGS = (variant_kwargs(best),) + saved
+  backend = "interpret" if interpret else "pallas"
+  fused = {}
+  try:
+    for afmt in formats.ROW_SCALED if full else ("int8",):
+      for act in w4a4.ACT_KERNELS:
+        w4a4.set_act_kernel(act)
+        lay = layer.replace(act_format=afmt)
+        with qlinear.backend(backend):
+          fused[f"int4_2l/{afmt} act={act}"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)),
+                                                  lay, x)
+    if full:
+      exact = make_layer(k, n, rank, kl, "int4", "int4")
+      with qlinear.backend(backend):
+        fused["int4/int4 (exact, today)"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)), exact, x)
+  finally:
+    int8_hopper.TILINGS = saved
+    w4a4.set_act_kernel("pallas")
+  res["fused_ms"] = fused
+  return res
+
+
+def table(results) -> str:
+  lines = ["| M | K -> N | bf16 ms | XLA int8 | best GEMM (variant) | GEMM+lr+bias | act int8 "
+           "pallas / xla | expand | fused W4A8 (pallas act / xla act) | fused 2L W4A4 | "
+           "exact INT4 today |", "|" + " --- |" * 11]
+  for r in results:
+    bf = r["bf16_ms"]
+    sp = lambda v: "-" if v is None else f"{v:.3f} ({bf / v:.2f}x)"
+    f = r["fused_ms"]
+    lines.append(
+        f"| {r['M']} | {r['K']} -> {r['N']} | {bf:.3f} | {sp(r.get('xla_int8_ms'))} | "
+        f"{sp(r['gemm_ms'][r['best_variant']])} `{r['best_variant']}` | "
+        f"{sp(r.get('gemm_lr_bias_ms'))} | {r.get('act_int8_pallas_ms', 0):.3f} / "
+        f"{r.get('act_int8_xla_ms', 0):.3f} | {r.get('expand_ms', 0):.3f} | "
+        f"{sp(f.get('int4_2l/int8 act=pallas'))} / {sp(f.get('int4_2l/int8 act=xla'))} | "
+        f"{sp(f.get('int4_2l/int4_2l act=pallas'))} / {sp(f.get('int4_2l/int4_2l act=xla'))} | "
+        f"{sp(f.get('int4/int4 (exact, today)'))} |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "out/rowscaled"))
+  ap.add_argument("--m", type=int, default=4608)
+  ap.add_argument("--extra-m", default="1024,16384", help="token counts timed with fewer rows")
+  ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in FLUX_SHAPES))
+  ap.add_argument("--variants", default=";".join(VARIANTS))
+  ap.add_argument("--rank", type=int, default=32)
+  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--summary", default="", help="path of summary.json to update")
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+  variants = args.variants.split(";")
+  key = jax.random.key(0)
+  results = []
+  runs = [(args.m, s, True) for s in shapes]
+  runs += [(int(m), s, False) for m in args.extra_m.split(",") if m for s in shapes]
+  best = {}  # extra token counts time only the tiling that won at --m
+  for m, (k, n), full in runs:
+    try:
+      r = run_shape(m, k, n, args.rank, variants if full else [best.get((k, n), variants[0])],
+                    key, args.interpret, full)
+    except Exception:
+      traceback.print_exc()
+      continue
+    best.setdefault((k, n), r["best_variant"])
+    results.append(r)
+    print(json.dumps(r), flush=True)
+  meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
+              jax=jax.__version__)
+  with open(os.path.join(args.out, "rowscaled.json"), "w") as f:
+    json.dump(dict(meta, results=results), f, indent=1)
+  md = table(results)
+  with open(os.path.join(args.out, "rowscaled.md"), "w") as f:
+    f.write(f"{meta}\n\n{md}\n")
+  if args.summary:
+    summary = json.load(open(args.summary)) if os.path.exists(args.summary) else {}
+    summary.update(device=meta["device"], date=meta["date"], linear=[
+        dict(K=r["K"], N=r["N"], M=r["M"], format="int4_2l/int8", bf16_ms=r["bf16_ms"],
+             fused_ms=min(v for key_, v in r["fused_ms"].items() if key_.startswith(
+                 "int4_2l/int8") and v is not None),
+             speedup=r["bf16_ms"] / min(v for key_, v in r["fused_ms"].items()
+                                        if key_.startswith("int4_2l/int8") and v is not None))
+        for r in results])
+    with open(args.summary, "w") as f:
+      json.dump(summary, f, indent=1)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
