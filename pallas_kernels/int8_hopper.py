@@ -79,10 +79,11 @@ def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
-    "out_dtype", "num_sms", "interpret"))
+    "delay_release", "out_dtype", "num_sms", "interpret"))
 def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
-              grid_minor: str = "n", grid_tile_width: int = 1, out_dtype=jnp.bfloat16,
+              grid_minor: str = "n", grid_tile_width: int = 1, delay_release: int = 0,
+              out_dtype=jnp.bfloat16,
               num_sms: int | None = None, interpret: bool = False):
   """Y = (a . w^T) * s_a s_w + lr . up_t^T + bias, on int8 tensor cores.
 
@@ -95,6 +96,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       two compute warpgroups split the CTA tile ('m': CTA tile [2 tile_m, tile_n]).
     tile_k: K per pipeline step; steps: pipeline depth. grid_minor, grid_tile_width: the
       order of output tiles over the persistent grid (``plgpu.planar_snake``).
+    delay_release: wgmma groups left in flight at the end of a pipeline step (0 or 1; with
+      1 a step's shared-memory tiles are released one step later).
     out_dtype: bf16 or f32. num_sms: programs (default: the GPU's SMs; interpret: tiles).
     interpret: Pallas' GPU interpret mode (CPU; needs PJRT_NPROC >= 4, tests/conftest.py).
 
@@ -147,9 +150,11 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
-                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM,
+                              delay_release=delay_release),
               plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
-                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM,
+                              delay_release=delay_release),
           ],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
           compute_context=context)
@@ -187,6 +192,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
 
           def accumulate(acc):
             eval_pipeline(acc)
+            plgpu.wgmma_wait(0)
             return acc[...]
 
           acc = pl.run_scoped(accumulate, plgpu.ACC((tile_m, tile_n), jnp.int32))
@@ -212,14 +218,14 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
 
         def body(_, a_smem, w_smem, acc):
           plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(delay_release)
           return acc
 
         pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}"
+  kernel.__name__ = f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}d{delay_release}"
   args = [a, w, sa, sw]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]

@@ -500,7 +500,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
 
 
 ACT_KERNELS = ("pallas", "xla")
-_act_choice = "pallas"
+_act_choice = "xla"  # measured faster on the H200 (docs/benchmarks, 2026-11-29)
 
 
 def set_act_kernel(name: str) -> None:
