@@ -279,13 +279,15 @@ EMBEDDERS = r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*"
 MODULATION = r".*(_mod|modulation)/lin"
 
 
-def quant_config(method: str, fmt: str = "int4", rank: int = 32, **search) -> QuantConfig:
+def quant_config(method: str, fmt: str = "int4", rank: int = 32, act_fmt: str | None = None,
+                 **search) -> QuantConfig:
   """FLUX layers as SVDQuant treats them: embedders and the final layer stay 16-bit; with a
   method that quantizes activations, the modulation linears (their input is one vector per
   image, so activation quantization saves nothing) are W4A16 with AWQ-style scales; every
-  other linear (attention, MLP) gets ``method``. ``search`` goes to QuantConfig."""
+  other linear (attention, MLP) gets ``method`` (with activations in ``act_fmt``, None: the
+  weight format). ``search`` goes to QuantConfig."""
   rules = [Rule(EMBEDDERS, "skip")]
-  if method_spec(method, fmt, False).act_format is not None:
+  if method_spec(method, fmt, False, act_fmt).act_format is not None:
     rules.append(Rule(MODULATION, "w4a16", fmt))
-  rules.append(Rule(".*", method, fmt, rank=rank))
+  rules.append(Rule(".*", method, fmt, rank=rank, act_fmt=act_fmt))
   return QuantConfig(rules=tuple(rules), **search)

@@ -530,8 +530,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                                             act_format=layer.act_format, interpret=interpret)
   else:
     a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, layer.act_format)
-  w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
-                                    layer.weight_format)
+  k = x.shape[1]
+  if layer.weight_format == "int4_2l" and k % 128 == 0:  # one Pallas pass, not XLA's
+    w = act_rowscaled.expand_two_level(layer.qweight, layer.wscale, interpret=interpret)
+    sw = layer.wcscale
+  else:
+    w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
+                                      layer.weight_format)
   up = None
   if lr is not None:
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16

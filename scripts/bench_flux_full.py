@@ -34,7 +34,6 @@ from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config, set_attention_imp
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import tree_bytes
 
-SVDQUANT_FLUX = quant_config("svdquant", "int4", rank=32)
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
 
@@ -76,6 +75,7 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
+    ("int4_2l weight expansion", r"svdq_expand"),
     ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
     ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
@@ -152,6 +152,9 @@ def main():
                   help="one alpha and one low-rank iteration per layer: the same tensors (so "
                        "the same memory and speed) in a fraction of the time; quantize_s is "
                        "then not the method's time")
+  ap.add_argument("--svdq-format", default="int4",
+                  help="weights[/activations] of the svdquant model: int4, nvfp4, "
+                       "int4_2l/int8 (W4A8), int4_2l/int4_2l")
   args = ap.parse_args()
   stages = set(args.stages.split(","))
   models = args.models.split(",") if "step" in stages else []
@@ -189,7 +192,9 @@ def main():
     del model
     t1 = time.perf_counter()
     report = {}
-    config = SVDQUANT_FLUX
+    wfmt, _, afmt = args.svdq_format.partition("/")
+    config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None)
+    result["svdq_format"] = args.svdq_format
     if args.fast_search:
       config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
     qstate = svdq_jax.quantize(state, calib, config, report=report)
@@ -202,7 +207,8 @@ def main():
     print(json.dumps(result), flush=True)
     del calib, state, batches   # only the quantized model stays resident
     if "svdquant" in models:
-      measure("svdquant_int4", graph, qstate, cfg, args, result)
+      measure("svdquant_" + args.svdq_format.replace("/", "_"), graph, qstate, cfg, args,
+              result)
 
   with open(os.path.join(args.out, "flux_full.json"), "w") as f:
     json.dump(result, f, indent=1)
