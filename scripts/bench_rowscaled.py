@@ -91,12 +91,13 @@ def checks(layer, x, interpret):
     a, s, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down, act_format=afmt,
                                            interpret=interpret)
     ra, rs, rlr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, afmt)
-    if not (bool((a == ra).all()) and np.array_equal(np.asarray(s), np.asarray(rs))):
-      bad = np.flatnonzero(np.asarray(s) != np.asarray(rs))
-      raise AssertionError(
-          f"{afmt} activation codes/scales differ from formats: {int((a != ra).sum())} codes, "
-          f"{bad.size} scales, e.g. kernel {np.asarray(s)[bad[:3]].tolist()} vs "
-          f"{np.asarray(rs)[bad[:3]].tolist()}")
+    bad = np.flatnonzero(np.asarray(s) != np.asarray(rs))
+    # recorded, not raised: the GEMM and layer checks below must still run
+    out[f"act_{afmt}_code_mismatches"] = int((a != ra).sum())
+    out[f"act_{afmt}_scale_mismatches"] = int(bad.size)
+    if bad.size:
+      out[f"act_{afmt}_scale_examples"] = [np.asarray(s)[bad[:3]].tolist(),
+                                           np.asarray(rs)[bad[:3]].tolist()]
     out[f"act_{afmt}_lr_rel"] = rel(lr, rlr)
   a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
   w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
@@ -225,6 +226,7 @@ def main():
   ap.add_argument("--rank", type=int, default=32)
   ap.add_argument("--interpret", action="store_true")
   ap.add_argument("--summary", default="", help="path of summary.json to update")
+  ap.add_argument("--checks-only", action="store_true", help="the checks at --m, no timings")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -233,6 +235,16 @@ def main():
   results = []
   runs = [(args.m, s, True) for s in shapes]
   runs += [(int(m), s, False) for m in args.extra_m.split(",") if m for s in shapes]
+  if args.checks_only:
+    for k, n in shapes:
+      layer = make_layer(k, n, args.rank, key)
+      r = dict(M=args.m, K=k, N=n, checks=checks(layer, activations(args.m, k, key),
+                                                 args.interpret))
+      print(json.dumps(r), flush=True)
+      results.append(r)
+    with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    return
   best = {}  # extra token counts time only the tiling that won at --m
   for m, (k, n), full in runs:
     try:
