@@ -265,22 +265,28 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
   return y
 
 
-# Output tilings of the library path, first that fits N wins (placeholder order until the
-# H200 sweep in docs/benchmarks decides)
+# Output tilings of the library path, first that fits N wins. H200, M = 4608, the five FLUX
+# shapes (docs/benchmarks/2026-11-29-rowscaled-h200.md): 64 x 256 per warpgroup with one
+# wgmma in flight was 1-3% faster at N >= 12288 and 3072 -> 3072, 128 x 128 2-3% faster at
+# K >= 12288 (within run-to-run noise of each other); both fit shared memory with the
+# low-rank operands at 4 steps of 64, a bf16 output tile, not an f32 one.
 TILINGS = (dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
            dict(tile_m=128, tile_n=64, tile_k=64, steps=4, wg_dim="m"))
+F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 output tile
 
 
-def tiling(n: int) -> dict | None:
-  for t in TILINGS:
+def tiling(n: int, out_dtype=jnp.bfloat16) -> dict | None:
+  """The ``int8_gemm`` tile arguments for N output features, or None if none fits."""
+  tilings = (F32_TILING,) if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else TILINGS
+  for t in tilings:
     if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)) == 0:
       return t
   return None
 
 
-def supports(k: int, n: int) -> bool:
+def supports(k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
   """Whether ``int8_gemm`` takes this problem at the library tiling."""
-  return k % 64 == 0 and tiling(n) is not None
+  return k % 64 == 0 and tiling(n, out_dtype) is not None
 
 
 __all__ = ["int8_gemm", "expand_weight", "reference", "supports", "tiling", "on_hopper"]

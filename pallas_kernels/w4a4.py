@@ -522,9 +522,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
   n = layer.out_features
-  if not int8_hopper.supports(x.shape[1], n):
-    raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 64 == 0, got K={x.shape[1]}, "
-                     f"N={n}")
+  f32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+  if not int8_hopper.supports(x.shape[1], n, jnp.float32 if f32 else jnp.bfloat16):
+    raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
+                     f"outputs), got K={x.shape[1]}, N={n}")
   if _act_choice == "pallas":
     a, sa, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down,
                                             act_format=layer.act_format, interpret=interpret)
@@ -542,8 +543,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(layer.lora_up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
-  f32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
   y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, None if bias is None else bias,
                             out_dtype=jnp.float32 if f32 else jnp.bfloat16,
-                            interpret=interpret, **int8_hopper.tiling(n))
+                            interpret=interpret,
+                            **int8_hopper.tiling(n, jnp.float32 if f32 else jnp.bfloat16))
   return y.astype(x.dtype)

@@ -107,7 +107,7 @@ def checks(layer, x, interpret):
   up16 = jnp.pad(up, ((0, 0), (0, -up.shape[1] % 16)))
   y = int8_hopper.int8_gemm(a, sa, w, sw, lr16, up16, layer.bias.astype(jnp.float32),
                             out_dtype=jnp.float32, interpret=interpret,
-                            **int8_hopper.tiling(w.shape[0]))
+                            **int8_hopper.tiling(w.shape[0], jnp.float32))
   out["gemm_f32_rel"] = rel(y, int8_hopper.reference(a, sa, w, sw, lr16, up16, layer.bias))
   if out["gemm_f32_rel"] > 1e-5:
     raise AssertionError(f"int8 GEMM differs from its reference: {out['gemm_f32_rel']}")

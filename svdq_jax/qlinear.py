@@ -229,8 +229,9 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
   if _backend == "auto":
     on_gpu = jax.default_backend() == "gpu"
     if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
-      from svdq_jax.pallas_kernels.w4a4_hopper import on_hopper
-      on_gpu = on_gpu and on_hopper()
+      from svdq_jax.pallas_kernels import int8_hopper
+      on_gpu = on_gpu and int8_hopper.on_hopper() and int8_hopper.supports(
+          k, layer.out_features, jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
       return w4a4.w4a4_linear(layer, x, bias)
     return reference_apply(layer, x, bias)
