@@ -5,8 +5,8 @@ chunks of ``chunk`` columns: the first pass finds each token's absmax of x_hat =
 the second quantizes (the second read mostly hits L2) and accumulates the low-rank down
 projection x_hat @ L_down on the tensor cores. Per token:
 
-  int8:    s = absmax / 127,  a = clip(round(x_hat / s), -127, 127)
-  int4_2l: s = unit = absmax / 112 (1 for an all-zero token), per 64-group
+  int8:    s = absmax * f32(1/127),  a = clip(round(x_hat / s), -127, 127)
+  int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
            m = clip(ceil(gmax / (7 unit)), 1, 16),  q = clip(round(x_hat / (unit m)), -8, 7),
            a = m q
 
@@ -54,10 +54,9 @@ def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format,
   amax, nan = jax.lax.fori_loop(0, n_chunks, row_stats, (zeros, zeros))
   is_nan = nan > 0
   if act_format == "int8":
-    scale = _div(amax, jnp.full_like(amax, 127.0), interpret)
+    scale = amax * formats.INV_127
   else:
-    unit = _div(amax, jnp.full_like(amax, 7.0 * formats.MULT_MAX), interpret)
-    scale = jnp.where(amax == 0, 1.0, unit)
+    scale = jnp.where(amax == 0, 1.0, amax * formats.INV_112)
   plgpu.store(s_ref, jnp.where(is_nan, jnp.nan, scale), mask=row_ok[:, 0])
   div_by = jnp.where(scale == 0, 1.0, scale)[:, None]
 

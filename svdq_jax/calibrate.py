@@ -39,9 +39,13 @@ class LayerStats:
 
   @classmethod
   def from_inputs(cls, x, max_samples: int | None = None, seed: int = 0) -> "LayerStats":
-    """Statistics of inputs x [..., K] given directly (no forward pass)."""
+    """Statistics of inputs x [..., K] given directly (no forward pass).
+
+    Raises ValueError if x holds NaN or Inf (as ``calibrate`` does)."""
     acc = _Accumulator(max_samples or int(np.prod(np.shape(x)[:-1])), seed)
     acc.add(np.asarray(x))
+    if acc.nonfinite:
+      raise ValueError("calibration inputs contain NaN or Inf")
     return acc.stats()
 
   def validate(self, name: str, k: int) -> None:

@@ -14,12 +14,12 @@ Formats:
   * ``nvfp4``: FP4 E2M1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with sign, groups of 16, group
     scales in FP8 E4M3, optionally times one per-tensor f32 scale (used for weights so that
     the group scales stay inside the E4M3 range).
-  * ``int8``:  signed, scale = absmax / 127, one group over the whole last axis (per output
+  * ``int8``:  signed, scale = absmax * f32(1/127), one group over the whole last axis (per output
     channel for weights, per token for activations). Not packed.
   * ``int4_2l``: two-level INT4, whose scales leave a matmul's K loop. Per row (an output
     channel of a weight [N, K], a token of activations [M, K]) one f32 ``unit`` and per
     64-group an integer multiplier ``m`` in 1..16:
-        unit = rowmax|x| / 112                  (112 = 7 * 16; an all-zero row: unit 1)
+        unit = rowmax|x| * f32(1/112)           (112 = 7 * 16; an all-zero row: unit 1)
         m_g  = clip(ceil(max_g|x| / (7 * unit)), 1, 16)
         q    = clip(round(x / (unit * m_g)), -8, 7)       (round half to even)
     value = unit * m_g * q. ``m * q`` is an int8 in [-128, 112], so a product of two
@@ -211,7 +211,9 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   xg = _grouped(jnp.asarray(x, jnp.float32), fmt)
   ts = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
   amax = _absmax(xg, -1, unsigned=fmt.qmin == 0)
-  scale = _safe_div(amax / fmt.max_value, _per_group(ts))
+  # int8 is row-scaled (see INV_127); the group formats keep amax / max_value
+  scale = amax * INV_127 if fmt.name == "int8" else amax / fmt.max_value
+  scale = _safe_div(scale, _per_group(ts))
   if scale_dtype == jnp.float8_e4m3fn:
     scale = jnp.minimum(scale, FP8_E4M3_MAX)
   scale = scale.astype(scale_dtype)
@@ -224,9 +226,16 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   return Quantized(q, scale[..., 0], ts)
 
 
+# The row scales multiply by an f32 reciprocal instead of dividing by a constant: XLA
+# rewrites x / c into x * (1 / c) anyway (not correctly rounded), so writing the product
+# keeps every backend and kernel bit-identical.
+INV_112 = np.float32(1.0 / (7 * MULT_MAX))
+INV_127 = np.float32(1.0 / 127)
+
+
 def two_level_unit(rowmax: jnp.ndarray) -> jnp.ndarray:
-  """int4_2l row unit from the row's absmax (f32, any shape): max / 112, 1 for 0."""
-  return jnp.where(rowmax == 0, 1.0, rowmax / (7.0 * MULT_MAX))
+  """int4_2l row unit from the row's absmax (f32, any shape): max * f32(1/112), 1 for 0."""
+  return jnp.where(rowmax == 0, 1.0, rowmax * INV_112)
 
 
 def two_level_codes(x: jnp.ndarray, unit: jnp.ndarray, gmax: jnp.ndarray

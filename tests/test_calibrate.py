@@ -116,3 +116,11 @@ def test_from_inputs_and_validate():
   st.samples[0, 0] = np.inf
   with pytest.raises(ValueError, match="layer l: calibration statistics contain NaN or Inf"):
     st.validate("l", 16)
+
+
+def test_from_inputs_rejects_nan():
+  import numpy as np
+  import pytest
+  from svdq_jax.calibrate import LayerStats
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    LayerStats.from_inputs(np.full((4, 8), np.nan, np.float32))

@@ -1,0 +1,178 @@
+"""Hopper-native formats (int4_2l, per-token int8) and their kernels: the formats' exact
+definition, the reference numerics, the activation kernel and weight expansion (bit-exact in
+interpret mode), the int8 GEMM (GPU interpret mode; integer part exact) and the fused layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import formats, qlinear, transforms
+from svdq_jax.config import QuantConfig, Rule, method_spec, preset
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
+
+
+def _x(m, k, seed=0):
+  x = jax.random.normal(jax.random.key(seed), (m, k)) * jnp.linspace(0.05, 6.0, k)
+  return x.at[:, 3].multiply(40.0)
+
+
+def test_int4_2l_definition():
+  """unit = rowmax * f32(1/112), m = clip(ceil(gmax / 7 unit), 1, 16), q = round(x / unit m)."""
+  x = np.asarray(_x(6, 256), np.float32)
+  qt = formats.quantize(x, "int4_2l")
+  g = x.reshape(6, 4, 64)
+  unit = np.abs(x).max(1) * np.float32(1 / 112)
+  gmax = np.abs(g).max(2)
+  m = np.clip(np.ceil(gmax / (np.float32(7) * unit[:, None])), 1, 16)
+  q = np.clip(np.round(g / (unit[:, None, None] * m[..., None])), -8, 7)
+  np.testing.assert_array_equal(np.asarray(qt.tensor_scale[:, 0]), unit)
+  np.testing.assert_array_equal(np.asarray(qt.scale), m)
+  np.testing.assert_array_equal(np.asarray(qt.q), q.reshape(6, 256))
+  a, s = formats.row_scaled(qt, "int4_2l")
+  assert a.dtype == jnp.int8 and int(jnp.abs(a.astype(jnp.int32)).max()) <= 128
+  np.testing.assert_allclose(np.asarray(a, np.float32) * np.asarray(s)[:, None],
+                             np.asarray(formats.dequantize(qt, "int4_2l")), rtol=1e-6)
+
+
+def test_int4_2l_zero_rows_groups_and_nan():
+  x = _x(4, 192).at[1].set(0.0).at[2, 64:128].set(0.0).at[3, 5].set(jnp.nan)
+  qt = formats.quantize(x, "int4_2l")
+  assert float(qt.tensor_scale[1, 0]) == 1.0 and not qt.q[1].any()      # zero row: unit 1
+  assert float(qt.scale[2, 1]) == 1.0 and not qt.q[2, 64:128].any()     # zero group: m 1
+  assert np.isnan(float(qt.tensor_scale[3, 0])) and not qt.q[3].any()   # NaN row
+  assert (np.asarray(qt.scale[3]) == 1).all()
+  q8 = formats.quantize(x, "int8")
+  assert np.isnan(float(q8.scale[3, 0])) and not q8.q[3].any()
+  y = qlinear.row_scaled_matmul(*formats.row_scaled(q8, "int8"),
+                                *formats.row_scaled(formats.quantize(_x(8, 192), "int4_2l"),
+                                                    "int4_2l"))
+  assert np.isnan(np.asarray(y[3])).all() and np.isfinite(np.asarray(y[:3])).all()
+
+
+def test_multiplier_packing_roundtrip():
+  m = jax.random.randint(jax.random.key(0), (5, 7), 1, 17)
+  packed = formats.pack_multipliers(m)
+  assert packed.shape == (5, 4) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(formats.unpack_multipliers(packed, 7)), np.asarray(m))
+
+
+def test_method_spec_act_fmt():
+  assert method_spec("svdquant", "int4_2l", False, "int8").act_format == "int8"
+  assert method_spec("svdquant", "int4_2l", False).act_format == "int4_2l"
+  assert method_spec("w4a16", "int4_2l", False, "int8").act_format is None
+  assert preset("svdquant", "int4_2l", act_fmt="int8").rules[0].act_fmt == "int8"
+  with pytest.raises(ValueError, match="activation format"):
+    Rule(".*", "svdquant", "int4_2l", act_fmt="fp8")
+  with pytest.raises(ValueError, match="act_unsigned"):
+    Rule(".*", "svdquant", "int4_2l", act_unsigned=True)
+
+
+@pytest.mark.parametrize("wfmt,afmt", [("int4_2l", "int8"), ("int4_2l", "int4_2l"),
+                                       ("int4", "int8"), ("nvfp4", "int8")])
+def test_svdquant_on_new_formats_beats_rtn(wfmt, afmt):
+  """The recipe runs unchanged on the new formats and its search helps as it should."""
+  x, w = _x(128, 256), jax.random.normal(jax.random.key(1), (256, 128))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=5, lowrank_iters=3)
+  errs = {}
+  for method in ("svdquant", "rtn"):
+    (layer,), _ = transforms.quantize_group([w], method_spec(method, wfmt, False, afmt), 16,
+                                            None, cfg, jax.random.key(0),
+                                            jnp.abs(x).max(0), x)
+    assert (layer.weight_format, layer.act_format) == (wfmt, afmt)
+    y = qlinear.reference_apply(layer, x)
+    errs[method] = float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
+  # observed at this seed: 0.57-0.68 of RTN's error (int4_2l W4A8, 2L W4A4, INT4 and NVFP4
+  # weights with int8 activations); 0.75 leaves room for other seeds
+  assert errs["svdquant"] < 0.75 * errs["rtn"], errs
+
+
+def test_reference_row_scaled_is_one_int32_dot():
+  """W4A8: the reference equals (int32 a.w) * s_a * s_w on the stored integers."""
+  x, w = _x(16, 256), jax.random.normal(jax.random.key(1), (256, 64))
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
+      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  a, sa = formats.row_scaled(formats.quantize(x, "int8"), "int8")
+  w8, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale, "int4_2l")
+  acc = np.asarray(a, np.int64) @ np.asarray(w8, np.int64).T
+  want = (acc.astype(np.float32) * np.asarray(sa)[:, None]) * np.asarray(sw)[None, :]
+  np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(layer, x)), want)
+
+
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
+def test_activation_kernel_bit_exact(afmt):
+  x = _x(40, 384).at[3].set(0.0).at[5, 7].set(jnp.nan).at[6, 64:128].set(0.0)
+  x = x.astype(jnp.bfloat16)
+  smooth = jax.random.uniform(jax.random.key(1), (384,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (384, 20)).astype(jnp.bfloat16)
+  a, s, lr = act_rowscaled.quantize_rows(x, smooth, down, act_format=afmt, chunk=128,
+                                         interpret=True)
+  ra, rs, rlr = act_rowscaled.reference(x, smooth, down, afmt)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(ra))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))   # NaN row included
+  np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
+
+
+def test_weight_expansion_bit_exact():
+  w = _x(64, 512)
+  qt = formats.quantize_weight(w, "int4_2l")
+  qp, mp = formats.pack(qt.q, "int4_2l"), formats.pack_multipliers(qt.scale)
+  want, _ = int8_hopper.expand_weight(qp, mp, qt.tensor_scale[:, 0], "int4_2l")
+  got = act_rowscaled.expand_two_level(qp, mp, chunk=256, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="K % 128"):
+    act_rowscaled.expand_two_level(qp[:, :160], mp[:, :3], interpret=True)
+
+
+@pytest.mark.parametrize("wg_dim", ["m", "n"])
+def test_int8_gemm_integer_part_exact(wg_dim):
+  """Unit scales: the f32 output is the exact int32 sum (|acc| < 2**24); ragged M."""
+  m, k, n = 200, 256, 256
+  ks = jax.random.split(jax.random.key(0), 2)
+  a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
+  w = jax.random.randint(ks[1], (n, k), -128, 113, jnp.int8)
+  y = int8_hopper.int8_gemm(a, jnp.ones((m,)), w, jnp.ones((n,)), out_dtype=jnp.float32,
+                            tile_m=64, tile_n=64, wg_dim=wg_dim, interpret=True)
+  want = np.asarray(a, np.int64) @ np.asarray(w, np.int64).T
+  np.testing.assert_array_equal(np.asarray(y, np.int64), want)
+
+
+def test_int8_gemm_epilogue():
+  m, k, n, r = 72, 128, 128, 16
+  ks = jax.random.split(jax.random.key(1), 7)
+  a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
+  w = jax.random.randint(ks[1], (n, k), -128, 113, jnp.int8)
+  sa, sw = jax.random.uniform(ks[2], (m,)), jax.random.uniform(ks[3], (n,))
+  lr = jax.random.normal(ks[4], (m, r), jnp.bfloat16)
+  up = jax.random.normal(ks[5], (n, r), jnp.bfloat16)
+  b = jax.random.normal(ks[6], (n,))
+  y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, b, out_dtype=jnp.float32, tile_m=64,
+                            tile_n=64, interpret=True)
+  want = int8_hopper.reference(a, sa, w, sw, lr, up, b)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(want).max()))
+  with pytest.raises(ValueError, match="row scales"):
+    int8_hopper.int8_gemm(a, sa[:5], w, sw, interpret=True)
+  with pytest.raises(ValueError, match="int8 operands"):
+    int8_hopper.int8_gemm(a.astype(jnp.int32), sa, w, sw, interpret=True)
+
+
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
+def test_fused_layer_matches_reference(afmt):
+  x, w = _x(72, 256), jax.random.normal(jax.random.key(1), (256, 128))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg, jax.random.key(0),
+      jnp.abs(x).max(0), x)
+  bias = jax.random.normal(jax.random.key(3), (128,))
+  want = qlinear.reference_apply(layer, x, bias)
+  for act in w4a4.ACT_KERNELS:
+    w4a4.set_act_kernel(act)
+    try:
+      with qlinear.backend("interpret"):
+        got = qlinear.apply(layer, x, bias)
+    finally:
+      w4a4.set_act_kernel("xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
