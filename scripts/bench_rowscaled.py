@@ -37,6 +37,21 @@ from svdq_jax.timing import median_seconds
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
 VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"]
+# activation kernel (block_m, chunk, num_warps) and expansion (block_n, chunk, num_warps)
+ACT_SWEEP = ["16,512,8", "32,256,8", "16,1024,8"]
+EXPAND_SWEEP = ["32,1024,4", "128,512,8", "64,1024,8"]
+
+
+def _act_kwargs(cfg):
+  bm, chunk, warps = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, chunk=chunk, num_warps=warps)
+
+
+def _expand_kwargs(cfg):
+  bn, chunk, warps = (int(v) for v in cfg.split(","))
+  return dict(block_n=bn, chunk=chunk, num_warps=warps)
+
+
 TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width",
           "d": "delay_release"}
 
@@ -169,6 +184,13 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
     if not bool((act_rowscaled.expand_two_level(layer.qweight, layer.wscale,
                                                 interpret=interpret) == w8).all()):
       res["checks"]["expand"] = "FAILED: Pallas expansion differs from expand_weight"
+    for cfg in ACT_SWEEP:
+      res[f"act_int8_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, c=cfg: act_rowscaled.quantize_rows(
+          x, s, d, act_format="int8", interpret=interpret, **_act_kwargs(c))),
+          x, layer.smooth, layer.lora_down)
+    for cfg in EXPAND_SWEEP:
+      res[f"expand_{cfg}_ms"] = t(jax.jit(lambda q, s, c=cfg: act_rowscaled.expand_two_level(
+          q, s, interpret=interpret, **_expand_kwargs(c))), layer.qweight, layer.wscale)
     for afmt in formats.ROW_SCALED:
       res[f"act_{afmt}_pallas_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.quantize_rows(
           x, s, d, act_format=f, interpret=interpret)), x, layer.smooth, layer.lora_down)
