@@ -1,16 +1,18 @@
 """Activation quantization for the row-scaled formats (Pallas, Triton backend).
 
 One program per block of ``block_m`` tokens reads its rows of X [M, K] (bf16) twice, in
-chunks of ``chunk`` columns: the first pass finds each token's absmax of x_hat = X / lambda,
+chunks of ``chunk`` columns: the first pass finds each token's absmax of x_hat = X * (1 /
+lambda) (the f32 reciprocal, computed once by XLA: XLA itself rewrites X / lambda into this
+product, so writing it keeps kernel and reference bit-identical on every backend),
 the second quantizes (the second read mostly hits L2) and accumulates the low-rank down
 projection x_hat @ L_down on the tensor cores. Per token:
 
-  int8:    s = absmax * f32(1/127),  a = clip(round(x_hat / s), -127, 127)
+  int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
-           m = clip(ceil(gmax / (7 unit)), 1, 16),  q = clip(round(x_hat / (unit m)), -8, 7),
-           a = m q
+           m = clip(ceil(gmax * (1 / (7 unit))), 1, 16),
+           q = clip(round(x_hat * (1 / (unit m))), -8, 7),   a = m q
 
-exactly as ``formats.quantize`` (correctly rounded divisions, ties to even); a token holding
+exactly as ``formats.quantize`` (correctly rounded reciprocals, ties to even); a token holding
 a NaN gets codes 0 and a NaN scale. Outputs are the operands of ``int8_hopper.int8_gemm``.
 """
 
@@ -29,6 +31,11 @@ from svdq_jax.pallas_kernels.w4a4 import GROUP, _check_k, _div, _pad_rank, _roun
 ACT_FORMATS = formats.ROW_SCALED
 
 
+def inverse_smooth(smooth: jax.Array) -> jax.Array:
+  """f32 [K] 1 / lambda, the factor x_hat = x * (1 / lambda) uses (``qlinear.smoothed``)."""
+  return 1.0 / smooth.astype(jnp.float32)
+
+
 def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format, chunk,
             interpret):
   bm, k = x_ref.shape
@@ -39,8 +46,8 @@ def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format,
   def x_hat(start, width):
     cols = pl.ds(start, width)
     v = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0).astype(jnp.float32)
-    if smooth_ref is not None:
-      v = _div(v, smooth_ref[cols][None, :], interpret)
+    if smooth_ref is not None:  # holds 1 / lambda
+      v = v * smooth_ref[cols][None, :]
     return v
 
   def row_stats(c, carry):
@@ -60,13 +67,14 @@ def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format,
   plgpu.store(s_ref, jnp.where(is_nan, jnp.nan, scale), mask=row_ok[:, 0])
   div_by = jnp.where(scale == 0, 1.0, scale)[:, None]
 
-  def codes(v):
+  def codes(v):  # the products of formats.quantize, reciprocals correctly rounded
+    recip = lambda t: _div(jnp.ones_like(t), t, interpret)
     if act_format == "int8":
-      return jnp.clip(_round_half_even(_div(v, div_by, interpret), interpret), -127.0, 127.0)
+      return jnp.clip(_round_half_even(v * recip(div_by), interpret), -127.0, 127.0)
     unit = div_by  # int4_2l: v is one 64-group
     gmax = jnp.max(jnp.abs(v), axis=1, keepdims=True)
-    mult = jnp.clip(jnp.ceil(_div(gmax, 7.0 * unit, interpret)), 1.0, float(formats.MULT_MAX))
-    q = jnp.clip(_round_half_even(_div(v, unit * mult, interpret), interpret), -8.0, 7.0)
+    mult = jnp.clip(jnp.ceil(gmax * recip(7.0 * unit)), 1.0, float(formats.MULT_MAX))
+    q = jnp.clip(_round_half_even(v * recip(unit * mult), interpret), -8.0, 7.0)
     return q * mult
 
   # int8 takes a chunk at a time, int4_2l one 64-group (its multiplier's span) at a time
@@ -128,7 +136,7 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   args = [x]
   if smooth is not None:
     in_specs.append(pl.BlockSpec((k,), lambda i: (0,)))
-    args.append(smooth.astype(jnp.float32))
+    args.append(inverse_smooth(smooth))
   if down_p is not None:
     in_specs.append(pl.BlockSpec((k, rp), lambda i: (0, 0)))
     args.append(down_p)
@@ -156,7 +164,7 @@ def reference(x, smooth, down, act_format: str):
   from svdq_jax.qlinear import lowrank_down
   xf = x.astype(jnp.float32)
   if smooth is not None:
-    xf = xf / smooth
+    xf = xf * inverse_smooth(smooth)
   a, s = formats.row_scaled(formats.quantize(xf, act_format), act_format)
   return a, s, (None if down is None else lowrank_down(xf, down))
 

@@ -14,14 +14,16 @@ Formats:
   * ``nvfp4``: FP4 E2M1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with sign, groups of 16, group
     scales in FP8 E4M3, optionally times one per-tensor f32 scale (used for weights so that
     the group scales stay inside the E4M3 range).
-  * ``int8``:  signed, scale = absmax * f32(1/127), one group over the whole last axis (per output
-    channel for weights, per token for activations). Not packed.
+  * ``int8``:  signed, scale = absmax * f32(1/127), q = clip(round(x * (1 / scale)), -127,
+    127), one group over the whole last axis (per output channel for weights, per token for
+    activations). Not packed.
   * ``int4_2l``: two-level INT4, whose scales leave a matmul's K loop. Per row (an output
     channel of a weight [N, K], a token of activations [M, K]) one f32 ``unit`` and per
     64-group an integer multiplier ``m`` in 1..16:
         unit = rowmax|x| * f32(1/112)           (112 = 7 * 16; an all-zero row: unit 1)
-        m_g  = clip(ceil(max_g|x| / (7 * unit)), 1, 16)
-        q    = clip(round(x / (unit * m_g)), -8, 7)       (round half to even)
+        m_g  = clip(ceil(max_g|x| * (1 / (7 unit))), 1, 16)
+        q    = clip(round(x * (1 / (unit m_g))), -8, 7)   (round half to even)
+    (every 1 / . an f32 reciprocal, correctly rounded; see INV_112).
     value = unit * m_g * q. ``m * q`` is an int8 in [-128, 112], so a product of two
     row-scaled operands is one exact int32 dot over all of K times ``unit_a * unit_w``. In
     ``Quantized`` the multipliers are the group ``scale`` (f32 integers) and the units the
@@ -217,7 +219,10 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   if scale_dtype == jnp.float8_e4m3fn:
     scale = jnp.minimum(scale, FP8_E4M3_MAX)
   scale = scale.astype(scale_dtype)
-  y = _safe_div(xg, scale.astype(jnp.float32) * _per_group(ts))
+  if fmt.name == "int8":  # times the reciprocal, see INV_127
+    y = xg * reciprocal(scale.astype(jnp.float32) * _per_group(ts))
+  else:
+    y = _safe_div(xg, scale.astype(jnp.float32) * _per_group(ts))
   if fmt.name == "nvfp4":
     q = jnp.sign(y) * round_e2m1_units(jnp.abs(y))
   else:
@@ -226,11 +231,17 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   return Quantized(q, scale[..., 0], ts)
 
 
-# The row scales multiply by an f32 reciprocal instead of dividing by a constant: XLA
-# rewrites x / c into x * (1 / c) anyway (not correctly rounded), so writing the product
-# keeps every backend and kernel bit-identical.
+# The row-scaled formats multiply by f32 reciprocals instead of dividing: XLA rewrites a
+# division by a constant or by a broadcast vector into a product with the (correctly
+# rounded) reciprocal, on some backends and shapes and not others, so the formats are
+# defined by the products themselves and every backend and kernel computes them alike.
 INV_112 = np.float32(1.0 / (7 * MULT_MAX))
 INV_127 = np.float32(1.0 / 127)
+
+
+def reciprocal(s: jnp.ndarray) -> jnp.ndarray:
+  """f32 1 / s, correctly rounded, with 1 for s == 0."""
+  return 1.0 / jnp.where(s == 0, 1.0, s)
 
 
 def two_level_unit(rowmax: jnp.ndarray) -> jnp.ndarray:
@@ -246,9 +257,9 @@ def two_level_codes(x: jnp.ndarray, unit: jnp.ndarray, gmax: jnp.ndarray
   Returns: (m f32 [..., 1] integers in 1..16, q f32 [..., g] integers in [-8, 7]); a NaN
   anywhere in the row (unit NaN) gives m 1 and q 0.
   """
-  m = jnp.clip(jnp.ceil(gmax / (7.0 * unit)), 1.0, float(MULT_MAX))
+  m = jnp.clip(jnp.ceil(gmax * reciprocal(7.0 * unit)), 1.0, float(MULT_MAX))
   m = jnp.where(jnp.isnan(m), 1.0, m)
-  q = jnp.clip(jnp.round(x / (unit * m)), -8.0, 7.0)
+  q = jnp.clip(jnp.round(x * reciprocal(unit * m)), -8.0, 7.0)
   return m, jnp.where(jnp.isnan(q), 0.0, q)
 
 

@@ -1,7 +1,7 @@
 """The quantized linear layer: one pytree, and its pure-jnp reference ``apply``.
 
 ``apply`` defines the numerics the Pallas kernels reproduce: activations are smoothed
-(divided by lambda) in f32, quantized per token and per K-group, multiplied with the
+(times the f32 reciprocal of lambda, ``smoothed``) in f32, quantized per token and per K-group, multiplied with the
 quantized weight as exact integer products per group, and each group's int32 partial sum
 is scaled by both group scales and accumulated in f32 in K order. The low-rank branch runs
 on the smoothed activations with bf16 operands and f32 accumulation (the tensor-core
@@ -238,6 +238,13 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
   return w4a4.w4a4_linear(layer, x, bias, interpret=_backend == "interpret")
 
 
+def smoothed(x: jax.Array, smooth: jax.Array) -> jax.Array:
+  """x_hat = x * (1 / lambda): f32 [..., K]. Written as the product with the f32 reciprocal
+  because XLA rewrites a division by a broadcast vector into exactly this on every backend;
+  kernels that divide instead (div.rn) differ from it by an ulp in some elements."""
+  return x.astype(jnp.float32) * (1.0 / smooth.astype(jnp.float32))
+
+
 def reference_apply(layer: QuantizedLinear, x: jax.Array,
                     bias: jax.Array | None = None) -> jax.Array:
   """The pure-jnp forward pass, the semantics every kernel reproduces (see ``apply``)."""
@@ -246,7 +253,7 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
   lead = x.shape[:-1]
   xf = x.reshape(-1, k).astype(jnp.float32)
   if layer.smooth is not None:
-    xf = xf / layer.smooth
+    xf = smoothed(xf, layer.smooth)
   wfmt = formats.get_format(layer.weight_format)
   qw = layer.weight()
   if layer.act_format is None:  # weight-only: dequantize to the input's dtype, f32 accumulation

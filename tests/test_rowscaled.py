@@ -18,14 +18,16 @@ def _x(m, k, seed=0):
 
 
 def test_int4_2l_definition():
-  """unit = rowmax * f32(1/112), m = clip(ceil(gmax / 7 unit), 1, 16), q = round(x / unit m)."""
+  """unit = rowmax * f32(1/112), m = clip(ceil(gmax * (1 / 7 unit)), 1, 16),
+  q = round(x * (1 / unit m)), every reciprocal correctly rounded f32."""
   x = np.asarray(_x(6, 256), np.float32)
   qt = formats.quantize(x, "int4_2l")
   g = x.reshape(6, 4, 64)
   unit = np.abs(x).max(1) * np.float32(1 / 112)
   gmax = np.abs(g).max(2)
-  m = np.clip(np.ceil(gmax / (np.float32(7) * unit[:, None])), 1, 16)
-  q = np.clip(np.round(g / (unit[:, None, None] * m[..., None])), -8, 7)
+  one = np.float32(1)
+  m = np.clip(np.ceil(gmax * (one / (np.float32(7) * unit[:, None]))), 1, 16).astype(np.float32)
+  q = np.clip(np.round(g * (one / (unit[:, None, None] * m[..., None]))), -8, 7)
   np.testing.assert_array_equal(np.asarray(qt.tensor_scale[:, 0]), unit)
   np.testing.assert_array_equal(np.asarray(qt.scale), m)
   np.testing.assert_array_equal(np.asarray(qt.q), q.reshape(6, 256))

@@ -127,7 +127,7 @@ def test_error_rank_too_large():
 def test_error_unknown_method_and_format():
   with pytest.raises(ValueError, match="unknown method 'gptq'"):
     Rule(".*", "gptq")
-  with pytest.raises(ValueError, match="format must be 'int4' or 'nvfp4'"):
+  with pytest.raises(ValueError, match=r"format must be one of \('int4', 'nvfp4', 'int4_2l'\)"):
     Rule(".*", "rtn", "int2")
 
 
