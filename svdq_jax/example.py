@@ -71,6 +71,10 @@ def default_methods() -> dict[str, Rule]:
   for fmt in ("int4", "nvfp4"):
     for r in (16, 32, 64):
       rows[f"SVDQuant W4A4 {fmt.upper()} r{r}"] = Rule(".*", "svdquant", fmt, rank=r)
+  # the Hopper-native formats (scales out of the K loop), at the default rank
+  rows["SVDQuant W4A8 (int4_2l / int8) r32"] = Rule(".*", "svdquant", "int4_2l", rank=32,
+                                                   act_fmt="int8")
+  rows["SVDQuant two-level W4A4 (int4_2l) r32"] = Rule(".*", "svdquant", "int4_2l", rank=32)
   rows["W4A16 (INT4, RTN)"] = Rule(".*", "w4a16_rtn", "int4")
   rows["W4A16 (INT4, AWQ-style scales)"] = Rule(".*", "w4a16", "int4")
   rows["W8A8 (SmoothQuant)"] = Rule(".*", "w8a8")

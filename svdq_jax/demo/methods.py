@@ -11,12 +11,15 @@ class Method:
   label: str
   method: str | None     # None: the 16-bit model itself
   fmt: str = "int4"
+  act_fmt: str | None = None  # None: activations in the weight format
 
 
 METHODS = {
     "bf16": Method("16-bit (bf16)", None),
     "svdquant-int4": Method("SVDQuant INT4", "svdquant", "int4"),
     "svdquant-nvfp4": Method("SVDQuant NVFP4", "svdquant", "nvfp4"),
+    "svdquant-w4a8": Method("SVDQuant W4A8 (int4_2l / int8)", "svdquant", "int4_2l", "int8"),
+    "svdquant-2l": Method("SVDQuant two-level W4A4 (int4_2l)", "svdquant", "int4_2l"),
     "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
     "rtn": Method("RTN W4A4", "rtn", "int4"),
     "w4a16": Method("W4A16 (AWQ-style)", "w4a16", "int4"),

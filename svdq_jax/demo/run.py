@@ -146,7 +146,8 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
     if m.method is None:
       qstate = state
     else:
-      config = flux.quant_config(m.method, m.fmt, rank=rank, **(search or {}))
+      config = flux.quant_config(m.method, m.fmt, rank=rank, act_fmt=m.act_fmt,
+                                 **(search or {}))
       qstate = svdq_jax.quantize(state, calib, config, progress=progress)
       jax.block_until_ready(qstate)
     quantize_seconds = time.perf_counter() - start
