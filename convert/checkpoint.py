@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -19,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import SafetensorError, safe_open
+
+log = logging.getLogger(__name__)
 
 
 class SafetensorsSource:
@@ -86,16 +89,40 @@ class SafetensorsSource:
                        f"(truncated or corrupt file?): {e}") from None
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def _sweep_stale(dst: pathlib.Path) -> None:
+  """Removes temporary siblings of ``dst`` left by killed runs (their process is gone; names
+  without a process id come from older versions and are removed too)."""
+  for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
+    pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+    if pid.isdigit() and len(pid) < 8 and _pid_alive(int(pid)):
+      continue  # a conversion into the same destination is running
+    log.warning("removing %s, left by an interrupted run", tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
   """Yields a temporary sibling folder that becomes ``dst`` only if the block succeeds.
 
-  Refuses an existing ``dst`` unless ``overwrite``; on any error nothing is left behind.
+  Refuses an existing ``dst`` unless ``overwrite``; on any error, Ctrl-C included, nothing is
+  left behind. A run killed outright (SIGKILL, the OOM killer) leaves its temporary folder,
+  ``.<dst>.tmp-<pid>-<hex>``: the next run into the same ``dst`` removes it.
   """
   dst = pathlib.Path(dst).absolute()
   if dst.exists() and not overwrite:
     raise FileExistsError(f"destination exists: {dst} (pass overwrite=True / --overwrite)")
-  tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+  _sweep_stale(dst)
+  tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
     yield tmp
     if dst.exists():
@@ -106,26 +133,94 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
       shutil.rmtree(tmp)
 
 
-def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
-              extra: dict[str, str] | None = None) -> None:
-  """Saves a pytree (float params or a quantized tree) as an orbax checkpoint at ``dst``,
-  with ``extra`` text files beside it; all or nothing."""
-  # Synchronous, at most 1 GB being written at a time: the host copy orbax makes of each
-  # array while writing stays small next to the tree itself.
+GROUPS_FILE = "groups.json"
+
+
+def tree_groups(tree: dict) -> Iterator[tuple[str, dict]]:
+  """Splits a nested dict into checkpoint groups, each nested from the root: one per
+  top-level key, and one per element of a top-level block list (a dict with int keys), so
+  ``{'double_blocks': {0: ..., 1: ...}, 'img_in': ...}`` gives 'double_blocks/0',
+  'double_blocks/1', 'img_in'."""
+  for key, value in tree.items():
+    if isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+      for i, sub in value.items():
+        yield f"{key}/{i}", {key: {i: sub}}
+    else:
+      yield str(key), {key: value}
+
+
+def _group_dir(params: pathlib.Path, group: str) -> pathlib.Path:
+  return params / group.replace("/", ".")
+
+
+def save_groups(dst: str | os.PathLike, groups, overwrite: bool = False,
+                extra: dict[str, str] | None = None) -> None:
+  """Saves ``(name, tree)`` groups, one orbax checkpoint each under ``dst/params``, as they
+  come: host memory holds one group at a time (with ``flux_param_groups``, one block). All or
+  nothing, as ``atomic_directory``."""
+  # Synchronous, at most 1 GB being written at a time
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
   with atomic_directory(dst, overwrite) as tmp:
+    params = tmp / "params"
+    params.mkdir(parents=True)
+    names = []
     with ocp.Checkpointer(handler) as ckpt:
-      ckpt.save(tmp / "params", args=ocp.args.StandardSave(tree))
+      for name, tree in groups:
+        ckpt.save(_group_dir(params, name), args=ocp.args.StandardSave(tree))
+        names.append(name)
+        del tree
+    (params / GROUPS_FILE).write_text(json.dumps(names))
     for name, text in (extra or {}).items():
       (tmp / name).write_text(text)
+
+
+def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
+              extra: dict[str, str] | None = None) -> None:
+  """Saves a nested dict (float params or a quantized tree) as an orbax checkpoint at
+  ``dst``, one group (``tree_groups``) at a time, with ``extra`` text files beside it; all or
+  nothing."""
+  if not isinstance(tree, dict):
+    raise TypeError(f"save_tree takes a nested dict (e.g. nnx.to_pure_dict(state)), got "
+                    f"{type(tree).__name__}")
+  save_groups(dst, tree_groups(tree), overwrite, extra)
 
 
 def _path_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def restore_tree(src: str | os.PathLike, like):
-  """Restores a tree saved by ``save_tree`` or ``convert``.
+def _subtree(like: dict, group: str) -> dict:
+  """The part of ``like`` that the group ``'double_blocks/3'`` (or ``'img_in'``) holds."""
+  top, *rest = group.split("/")
+  if top not in like:
+    raise ValueError(f"the checkpoint holds group {group!r}, which the model does not have")
+  if not rest:
+    return {top: like[top]}
+  block = next((k for k in like[top] if str(k) == rest[0]), None)
+  if block is None:
+    raise ValueError(f"the checkpoint holds group {group!r}, which the model does not have")
+  return {top: {block: like[top][block]}}
+
+
+def _restore_item(ckpt, path: pathlib.Path, like, src, device):
+  stored = {_path_name(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(ckpt.metadata(path).item_metadata)[0]}
+  sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+
+  def abstract(p, x):
+    meta = stored.get(_path_name(p))
+    if meta is None:
+      raise ValueError(f"{src}: the checkpoint has no {_path_name(p)!r}")
+    if tuple(meta.shape) != tuple(np.shape(x)):
+      raise ValueError(f"{src}: {_path_name(p)} is {tuple(meta.shape)} in the checkpoint, "
+                       f"{tuple(np.shape(x))} in the model")
+    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
+
+  return ckpt.restore(path, jax.tree_util.tree_map_with_path(abstract, like))
+
+
+def restore_tree(src: str | os.PathLike, like, device=None):
+  """Restores a tree saved by ``save_tree`` or ``convert``, one group at a time.
 
   Args:
     src: the checkpoint folder.
@@ -133,21 +228,19 @@ def restore_tree(src: str | os.PathLike, like):
       ``nnx.to_pure_dict(nnx.state(nnx.eval_shape(...)))``; needed for int keys and for
       custom nodes such as QuantizedLinear. Arrays come back in the dtypes they were saved
       in (bf16 stays bf16), whatever ``like`` says.
+    device: a jax device to restore onto (each group goes there before the next is read, so
+      host memory holds about one group); None: orbax's default placement.
   """
+  from svdq_jax.convert.mapping import merge_trees
   path = pathlib.Path(src).absolute() / "params"
   if not path.exists():
     raise FileNotFoundError(f"no svdq-jax orbax checkpoint at {src}")
   with ocp.StandardCheckpointer() as ckpt:
-    stored = {_path_name(p): m for p, m in
-              jax.tree_util.tree_flatten_with_path(ckpt.metadata(path).item_metadata)[0]}
-
-    def abstract(p, x):
-      meta = stored.get(_path_name(p))
-      if meta is None:
-        raise ValueError(f"{src}: the checkpoint has no {_path_name(p)!r}")
-      if tuple(meta.shape) != tuple(np.shape(x)):
-        raise ValueError(f"{src}: {_path_name(p)} is {tuple(meta.shape)} in the checkpoint, "
-                         f"{tuple(np.shape(x))} in the model")
-      return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
-
-    return ckpt.restore(path, jax.tree_util.tree_map_with_path(abstract, like))
+    if not (path / GROUPS_FILE).exists():  # one item: checkpoints written before 2026-11-29
+      return _restore_item(ckpt, path, like, src, device)
+    groups = json.loads((path / GROUPS_FILE).read_text())
+    absent = sorted(set(name for name, _ in tree_groups(like)) - set(groups))
+    if absent:
+      raise ValueError(f"{src}: the checkpoint has no {absent[:20]}")
+    return merge_trees(_restore_item(ckpt, _group_dir(path, g), _subtree(like, g), src, device)
+                       for g in groups)

@@ -11,8 +11,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from svdq_jax.convert.checkpoint import SafetensorsSource, restore_tree, save_tree
-from svdq_jax.convert.mapping import detect_naming, flux_params_from_torch, infer_config
+from svdq_jax.convert.checkpoint import SafetensorsSource, restore_tree, save_groups
+from svdq_jax.convert.mapping import (detect_naming, flux_param_groups, infer_config,
+                                      merge_trees)
 from svdq_jax.models.flux import Flux, FluxConfig
 
 
@@ -22,9 +23,11 @@ def expected_shapes(cfg: FluxConfig) -> dict:
   return nnx.to_pure_dict(nnx.state(abstract))
 
 
-def check_shapes(tree: dict, cfg: FluxConfig) -> None:
-  """Raises ValueError naming every parameter whose shape differs from the config's."""
-  want = dict(jax.tree_util.tree_flatten_with_path(expected_shapes(cfg))[0])
+def check_shapes(tree: dict, cfg: FluxConfig, want: dict | None = None) -> None:
+  """Raises ValueError naming every parameter whose shape differs from the config's (``tree``
+  may be one group of the model; ``want``: ``expected_shapes(cfg)`` flattened, if at hand)."""
+  if want is None:
+    want = dict(jax.tree_util.tree_flatten_with_path(expected_shapes(cfg))[0])
   bad = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     name = jax.tree_util.keystr(path, simple=True, separator="/")
@@ -36,48 +39,79 @@ def check_shapes(tree: dict, cfg: FluxConfig) -> None:
     raise ValueError("checkpoint shapes do not match the FLUX config:\n  " + "\n  ".join(bad))
 
 
+def _checked_groups(source: SafetensorsSource, naming, axes_dim, put, progress: bool):
+  """(config, iterator of checked (group, tree)) for a safetensors FLUX checkpoint."""
+  keys = source.keys()
+  naming = naming or detect_naming(keys)
+  cfg = infer_config(keys, source.shape, naming, axes_dim)
+  want = dict(jax.tree_util.tree_flatten_with_path(expected_shapes(cfg))[0])
+
+  def groups():
+    with tqdm(total=len(keys), desc="converting", unit="tensor", disable=not progress) as bar:
+      def get(name):
+        bar.update(1)
+        return source.get(name)
+
+      for group, tree in flux_param_groups(get, keys, cfg, naming, put=put):
+        check_shapes(tree, cfg, want)
+        yield group, tree
+
+  return cfg, groups()
+
+
 def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bool = False,
             progress: bool = True) -> FluxConfig:
   """Converts a BFL- or diffusers-format FLUX transformer checkpoint into ``dst``.
 
-  ``dst`` gets ``params`` (orbax, dtypes as stored) and ``config.json``. Nothing is left at
-  ``dst`` if anything fails; an existing ``dst`` is refused unless ``overwrite``. Tensors
-  are read one at a time: peak host memory is about the output tree plus one layer plus
-  orbax's write buffer (docs/convert.md has a measurement).
+  ``dst`` gets ``params`` (orbax, one checkpoint per block, dtypes as stored) and
+  ``config.json``. Each block is read, converted, checked and written before the next is
+  read: peak host memory is about one block plus orbax's write buffer, whatever the model's
+  size (docs/convert.md). Nothing is left at ``dst`` if anything fails (Ctrl-C included); an
+  existing ``dst`` is refused unless ``overwrite``; a run killed outright leaves a hidden
+  temporary folder that the next run into ``dst`` removes.
   """
   dst = pathlib.Path(dst)
   if dst.exists() and not overwrite:
     raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
   source = SafetensorsSource(src)
-  keys = source.keys()
-  naming = naming or detect_naming(keys)
-  cfg = infer_config(keys, source.shape, naming, axes_dim)
-  bar = tqdm(total=len(keys), desc="converting", unit="tensor", disable=not progress)
-
-  def get(name):
-    bar.update(1)
-    return source.get(name)
-
-  # Host (CPU) jax arrays: orbax writes them without another full copy of the tree.
+  # Host (CPU) jax arrays: orbax writes them without another copy
   cpu = jax.devices("cpu")[0]
-  try:
-    tree = flux_params_from_torch(get, keys, cfg, naming, put=lambda x: jax.device_put(x, cpu))
-  finally:
-    bar.close()
-  check_shapes(tree, cfg)
-  save_tree(dst, tree, overwrite, extra={"config.json": json.dumps(dataclasses.asdict(cfg))})
+  cfg, groups = _checked_groups(source, naming, axes_dim, lambda x: jax.device_put(x, cpu),
+                                progress)
+  save_groups(dst, groups, overwrite,
+              extra={"config.json": json.dumps(dataclasses.asdict(cfg))})
   return cfg
 
 
-def load_flux(path) -> Flux:
-  """A Flux model with the parameters of a converted checkpoint."""
+def _transformer_source(path: pathlib.Path) -> pathlib.Path:
+  """A diffusers pipeline folder's transformer/ subfolder, or ``path`` itself."""
+  sub = path / "transformer"
+  return sub if path.is_dir() and sub.is_dir() else path
+
+
+def load_flux(path, *, device=None, naming: str | None = None, axes_dim=None,
+              progress: bool = False) -> Flux:
+  """A Flux model from a converted checkpoint (``svdq-jax convert``'s folder) or straight
+  from the PyTorch safetensors (one file, a sharded ``.index.json``, a folder holding either,
+  or a diffusers pipeline folder with ``transformer/``).
+
+  Parameters go to ``device`` (default: the first jax device) one block at a time (fused
+  q/k/v built on the host per block), so host memory holds about one block, not the model.
+  ``naming`` and ``axes_dim`` apply to safetensors sources (as for ``convert``).
+  """
   path = pathlib.Path(path)
+  device = device or jax.devices()[0]
   cfg_file = path / "config.json"
-  if not cfg_file.exists():
-    raise FileNotFoundError(f"{path}: not a converted FLUX checkpoint (no config.json)")
-  raw = json.loads(cfg_file.read_text())
-  cfg = FluxConfig(**{**raw, "axes_dim": tuple(raw["axes_dim"])})
-  graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
-  tree = restore_tree(path, like=nnx.to_pure_dict(state))
+  if path.is_dir() and cfg_file.exists() and (path / "params").exists():
+    raw = json.loads(cfg_file.read_text())
+    cfg = FluxConfig(**{**raw, "axes_dim": tuple(raw["axes_dim"])})
+    graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
+    tree = restore_tree(path, like=nnx.to_pure_dict(state), device=device)
+  else:
+    source = SafetensorsSource(_transformer_source(path))
+    cfg, groups = _checked_groups(source, naming, axes_dim,
+                                  lambda x: jax.device_put(x, device), progress)
+    tree = merge_trees(tree for _, tree in groups)
+    graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, tree)
   return nnx.merge(graph, state)

@@ -9,7 +9,7 @@ diffusers parts along the output axis. diffusers' final AdaLayerNormContinuous e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -111,6 +111,68 @@ def _set(tree: dict, path: str, value) -> None:
   tree[leaf] = value
 
 
+def group_of(path: str) -> str:
+  """The checkpoint group a parameter path belongs to: 'double_blocks/3', 'single_blocks/0',
+  or its top-level module ('img_in', 'final_layer', ...). Conversion, saving and loading go
+  one group at a time, so host memory holds one block, never the model."""
+  parts = path.split("/")
+  return "/".join(parts[:2]) if parts[0] in ("double_blocks", "single_blocks") else parts[0]
+
+
+def flux_param_groups(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,
+                      naming: str | None = None,
+                      put: Callable[[np.ndarray], object] = lambda x: x
+                      ) -> Iterator[tuple[str, dict]]:
+  """Yields ``(group, tree)`` per checkpoint group (``group_of``), each tree nested from the
+  root (``{'double_blocks': {3: {...}}}``), converting only that group's tensors.
+
+  Arguments as ``flux_params_from_torch``; the name check runs before the first group.
+  """
+  keys = set(keys)
+  naming = naming or detect_naming(keys)
+  rules, norms = NAMINGS[naming](cfg)
+  wanted = {f"{s}.{p}" for _, srcs, _ in rules for s in srcs for p in ("weight", "bias")}
+  wanted |= {src for _, src in norms}
+  missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
+  if missing or unexpected:
+    raise ValueError(f"{naming} FLUX checkpoint does not match the config: "
+                     f"missing {len(missing)} tensors {missing[:20]}, "
+                     f"unexpected {len(unexpected)} tensors {unexpected[:20]}")
+  groups: dict[str, tuple[list, list]] = {}
+  for rule in rules:
+    groups.setdefault(group_of(rule[0]), ([], []))[0].append(rule)
+  for norm in norms:
+    groups.setdefault(group_of(norm[0]), ([], []))[1].append(norm)
+  for group, (group_rules, group_norms) in groups.items():
+    tree: dict = {}
+    for dst, srcs, swap in group_rules:
+      w = np.concatenate([get(f"{s}.weight") for s in srcs], axis=0)   # torch [out, in]
+      b = np.concatenate([get(f"{s}.bias") for s in srcs], axis=0)
+      if swap:
+        w, b = (np.concatenate(np.split(a, 2, axis=0)[::-1], axis=0) for a in (w, b))
+      _set(tree, f"{dst}/kernel", put(np.ascontiguousarray(w.T)))
+      _set(tree, f"{dst}/bias", put(b))
+    for dst, src in group_norms:
+      _set(tree, dst, put(get(src)))
+    yield group, tree
+
+
+def merge_trees(trees) -> dict:
+  """Deep-merges nested dicts with disjoint leaves (the groups of one model)."""
+  out: dict = {}
+
+  def into(dst, src):
+    for k, v in src.items():
+      if isinstance(v, dict):
+        into(dst.setdefault(k, {}), v)
+      else:
+        dst[k] = v
+
+  for t in trees:
+    into(out, t)
+  return out
+
+
 def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,
                            naming: str | None = None,
                            put: Callable[[np.ndarray], object] = lambda x: x) -> dict:
@@ -131,27 +193,7 @@ def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConf
   Raises:
     ValueError: listing missing and unexpected tensor names.
   """
-  keys = set(keys)
-  naming = naming or detect_naming(keys)
-  rules, norms = NAMINGS[naming](cfg)
-  wanted = {f"{s}.{p}" for _, srcs, _ in rules for s in srcs for p in ("weight", "bias")}
-  wanted |= {src for _, src in norms}
-  missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
-  if missing or unexpected:
-    raise ValueError(f"{naming} FLUX checkpoint does not match the config: "
-                     f"missing {len(missing)} tensors {missing[:20]}, "
-                     f"unexpected {len(unexpected)} tensors {unexpected[:20]}")
-  tree: dict = {}
-  for dst, srcs, swap in rules:
-    w = np.concatenate([get(f"{s}.weight") for s in srcs], axis=0)   # torch [out, in]
-    b = np.concatenate([get(f"{s}.bias") for s in srcs], axis=0)
-    if swap:
-      w, b = (np.concatenate(np.split(a, 2, axis=0)[::-1], axis=0) for a in (w, b))
-    _set(tree, f"{dst}/kernel", put(np.ascontiguousarray(w.T)))
-    _set(tree, f"{dst}/bias", put(b))
-  for dst, src in norms:
-    _set(tree, dst, put(get(src)))
-  return tree
+  return merge_trees(t for _, t in flux_param_groups(get, keys, cfg, naming, put))
 
 
 _SHAPE_KEYS = {  # what to read each config field from, per naming
