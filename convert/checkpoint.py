@@ -8,6 +8,7 @@ a time, so converting holds the output tree plus the tensor in hand, not the inp
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -136,6 +137,19 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
 GROUPS_FILE = "groups.json"
 
 
+def release_freed_memory() -> None:
+  """Hands memory that was freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+  Writing block after block, glibc keeps the freed buffers of earlier blocks in its heaps
+  (orbax writes from several threads): measured on FLUX.1-dev-sized blocks, RSS crept from
+  1.4 to 2.3 GiB over 8 blocks without this and stays at ~1.0 GiB between blocks with it
+  (docs/convert.md)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def tree_groups(tree: dict) -> Iterator[tuple[str, dict]]:
   """Splits a nested dict into checkpoint groups, each nested from the root: one per
   top-level key, and one per element of a top-level block list (a dict with int keys), so
@@ -169,6 +183,7 @@ def save_groups(dst: str | os.PathLike, groups, overwrite: bool = False,
         ckpt.save(_group_dir(params, name), args=ocp.args.StandardSave(tree))
         names.append(name)
         del tree
+        release_freed_memory()
     (params / GROUPS_FILE).write_text(json.dumps(names))
     for name, text in (extra or {}).items():
       (tmp / name).write_text(text)
