@@ -20,12 +20,15 @@ import time
 
 from svdq_jax.convert.synthetic import flux_shapes, write_checkpoint
 
+# Peak RSS is the child's VmHWM: getrusage's ru_maxrss survives execve on Linux, so a child
+# forked from this (multi-GB) writer would report the writer's RSS at fork time instead.
 CHILD = """
-import resource, sys, time, jax
+import sys, time, jax
 t0 = time.perf_counter()
 {body}
 jax.block_until_ready(jax.tree_util.tree_leaves(out))
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+print(time.perf_counter() - t0, int(hwm) * 1024)
 """
 CONVERT = ("from svdq_jax.convert import convert\n"
            "out = convert(sys.argv[1], sys.argv[2], progress=False) and []")
@@ -51,13 +54,22 @@ def main():
   ap.add_argument("--work", default="/tmp/convert_bench")
   ap.add_argument("--load", action="store_true", help="also time load_flux (orbax, safetensors)")
   ap.add_argument("--keep", action="store_true", help="keep the files in --work")
+  ap.add_argument("--sync", action="store_true",
+                  help="flush the written source to disk (os.sync) before converting")
+  ap.add_argument("--reuse", action="store_true",
+                  help="keep a source already in --work (same --double/--single/--shards)")
   args = ap.parse_args()
-  shutil.rmtree(args.work, ignore_errors=True)
-  os.makedirs(args.work)
   shapes = flux_shapes(args.double, args.single)
   src = os.path.join(args.work, "src" if args.shards > 1 else "flux.safetensors")
+  if not (args.reuse and os.path.exists(src)):
+    shutil.rmtree(args.work, ignore_errors=True)
+  shutil.rmtree(os.path.join(args.work, "out"), ignore_errors=True)
+  os.makedirs(args.work, exist_ok=True)
   t0 = time.perf_counter()
-  total = write_checkpoint(src, shapes, shards=args.shards)
+  total = (2 * sum(__import__("math").prod(s) for s in shapes.values()) if os.path.exists(src)
+           else write_checkpoint(src, shapes, shards=args.shards))
+  if args.sync:
+    os.sync()
   write_s = time.perf_counter() - t0
   dst = os.path.join(args.work, "out")
   wall, peak = child(CONVERT, src, dst)
