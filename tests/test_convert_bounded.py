@@ -147,3 +147,15 @@ def test_restore_names_missing_blocks(tmp_path):
       json.dumps([g for g in groups if g != "single_blocks/1"]))
   with pytest.raises(ValueError, match=r"has no \['single_blocks/1'\]"):
     load_flux(tmp_path / "ckpt")
+
+
+def test_single_item_checkpoints_of_earlier_versions_still_restore(tmp_path):
+  import orbax.checkpoint as ocp
+  from svdq_jax.convert import restore_tree
+  tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+          "blocks": {0: {"b": np.ones(4, np.float32)}}}
+  with ocp.StandardCheckpointer() as ckpt:  # the 2026-11-22 layout: params/ is one item
+    ckpt.save(tmp_path / "old" / "params", tree)
+  back = restore_tree(tmp_path / "old", like=tree)
+  np.testing.assert_array_equal(np.asarray(back["a"]["kernel"]), tree["a"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(back["blocks"][0]["b"]), tree["blocks"][0]["b"])
