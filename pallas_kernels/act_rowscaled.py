@@ -26,7 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats
-from svdq_jax.pallas_kernels.w4a4 import GROUP, _check_k, _div, _pad_rank, _round_half_even
+from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_even,
+                                           check_act_inputs)
 
 ACT_FORMATS = formats.ROW_SCALED
 
@@ -117,14 +118,7 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   """
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  if x.ndim != 2:
-    raise ValueError(f"activation kernel takes x [M, K], got shape {x.shape}")
-  m, k = x.shape
-  _check_k(k)
-  if smooth is not None and smooth.shape != (k,):
-    raise ValueError(f"smooth must be [K] = [{k}], got {smooth.shape}")
-  if down is not None and (down.ndim != 2 or down.shape[0] != k):
-    raise ValueError(f"down must be [K, r] with K = {k}, got {down.shape}")
+  m, k = check_act_inputs(x, smooth, down)
   while k % chunk:
     chunk //= 2
   chunk = max(chunk, GROUP)

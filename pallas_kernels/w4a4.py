@@ -198,6 +198,19 @@ def _check_k(k: int) -> None:
     raise ValueError(f"W4A4 kernels need K to be a multiple of {GROUP}, got K={k}")
 
 
+def check_act_inputs(x: jax.Array, smooth, down) -> tuple[int, int]:
+  """(M, K) of an activation kernel's x [M, K], after checking smooth [K] and down [K, r]."""
+  if x.ndim != 2:
+    raise ValueError(f"activation kernel takes x [M, K], got shape {x.shape}")
+  m, k = x.shape
+  _check_k(k)
+  if smooth is not None and smooth.shape != (k,):
+    raise ValueError(f"smooth must be [K] = [{k}], got {smooth.shape}")
+  if down is not None and (down.ndim != 2 or down.shape[0] != k):
+    raise ValueError(f"down must be [K, r] with K = {k}, got {down.shape}")
+  return m, k
+
+
 @functools.partial(jax.jit, static_argnames=("act_format", "codes", "block_m", "num_warps",
                                               "num_stages", "groups_per_program", "interpret"))
 def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
@@ -230,14 +243,7 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   if codes and act_format == "nvfp4":
     raise ValueError("codes=True is the Hopper INT4 GEMM's operand layout; nvfp4 activations "
                      "come packed")
-  if x.ndim != 2:
-    raise ValueError(f"activation kernel takes x [M, K], got shape {x.shape}")
-  m, k = x.shape
-  _check_k(k)
-  if smooth is not None and smooth.shape != (k,):
-    raise ValueError(f"smooth must be [K] = [{k}], got {smooth.shape}")
-  if down is not None and (down.ndim != 2 or down.shape[0] != k):
-    raise ValueError(f"down must be [K, r] with K = {k}, got {down.shape}")
+  m, k = check_act_inputs(x, smooth, down)
   per_block = GROUP // formats.get_format(act_format).group_size  # scale groups per 64
   r = 0 if down is None else down.shape[1]
   down_p = None if down is None else _pad_rank(down.astype(jnp.bfloat16), 1)

@@ -31,8 +31,9 @@ import numpy as np
 
 from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
-from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import median_seconds
+
+from bench_w4a4 import activations, make_layer
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
@@ -69,29 +70,6 @@ def variant_kwargs(name: str) -> dict:
     else:
       raise ValueError(f"unknown token {tok!r} in {name!r}")
   return kw
-
-
-def make_layer(k, n, rank, key, wfmt="int4_2l", afmt="int8"):
-  """A random SVDQuant layer (weights ~ N(0, 0.02^2), random smoothing and low-rank)."""
-  ks = jax.random.split(key, 5)
-  w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
-  fmt = formats.get_format(wfmt)
-  qw = formats.quantize_weight(w, fmt)
-  return QuantizedLinear(
-      qweight=formats.pack(qw.q, fmt),
-      wscale=formats.pack_multipliers(qw.scale) if fmt.two_level else qw.scale,
-      wcscale=qw.tensor_scale[:, 0] if (fmt.two_level or wfmt == "nvfp4") else None,
-      smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
-      lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
-      lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),
-      bias=(jax.random.normal(ks[4], (n,)) * 0.1).astype(jnp.bfloat16),
-      weight_format=wfmt, act_format=afmt)
-
-
-def activations(m, k, key):
-  x = jax.random.normal(key, (m, k), jnp.float32)
-  x = x.at[:, :8].multiply(50.0)  # outlier channels
-  return x.astype(jnp.bfloat16)
 
 
 def rel(a, b):
@@ -143,7 +121,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   x = activations(m, k, kx)
   wf = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
   b = jnp.zeros((n,), jnp.bfloat16)
-  layer = make_layer(k, n, rank, kl)
+  layer = make_layer(k, n, rank, kl, "int4_2l", "int8")
   t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
                                    rounds=1 if interpret else 5) * 1e3
   if full:
@@ -259,7 +237,7 @@ def main():
   runs += [(int(m), s, False) for m in args.extra_m.split(",") if m for s in shapes]
   if args.checks_only:
     for k, n in shapes:
-      layer = make_layer(k, n, args.rank, key)
+      layer = make_layer(k, n, args.rank, key, "int4_2l", "int8")
       r = dict(M=args.m, K=k, N=n, checks=checks(layer, activations(args.m, k, key),
                                                  args.interpret))
       print(json.dumps(r), flush=True)

@@ -44,19 +44,22 @@ ACT_CONFIGS = [(32, 4), (16, 4), (16, 2), (64, 4)]  # (block_m, num_warps), 8 gr
 
 
 
-def make_layer(k, n, rank, key, fmt="int4"):
-  """A random SVDQuant layer in ``fmt`` ('int4' or 'nvfp4', weights and activations)."""
+def make_layer(k, n, rank, key, fmt="int4", act_fmt=None):
+  """A random SVDQuant layer: weights in ``fmt`` ('int4', 'nvfp4', 'int4_2l'), activations in
+  ``act_fmt`` (default: ``fmt``); weights ~ N(0, 0.02^2), random smoothing and low-rank."""
   ks = jax.random.split(key, 5)
   w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
-  qw = formats.quantize_weight(w, fmt)
+  wf = formats.get_format(fmt)
+  qw = formats.quantize_weight(w, wf)
   return QuantizedLinear(
-      qweight=formats.pack(qw.q, fmt), wscale=qw.scale,
-      wcscale=qw.tensor_scale[:, 0] if fmt == "nvfp4" else None,
+      qweight=formats.pack(qw.q, wf),
+      wscale=formats.pack_multipliers(qw.scale) if wf.two_level else qw.scale,
+      wcscale=qw.tensor_scale[:, 0] if (wf.two_level or fmt == "nvfp4") else None,
       smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
       lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
       lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),
       bias=(jax.random.normal(ks[4], (n,)) * 0.1).astype(jnp.bfloat16),
-      weight_format=fmt, act_format=fmt)
+      weight_format=fmt, act_format=act_fmt or fmt)
 
 
 def activations(m, k, key):
