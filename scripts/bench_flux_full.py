@@ -152,6 +152,8 @@ def main():
                   help="one alpha and one low-rank iteration per layer: the same tensors (so "
                        "the same memory and speed) in a fraction of the time; quantize_s is "
                        "then not the method's time")
+  ap.add_argument("--summary", default="",
+                  help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
                   help="weights[/activations] of the svdquant model: int4, nvfp4, "
                        "int4_2l/int8 (W4A8), int4_2l/int4_2l")
@@ -212,7 +214,29 @@ def main():
 
   with open(os.path.join(args.out, "flux_full.json"), "w") as f:
     json.dump(result, f, indent=1)
+  if args.summary:
+    write_summary(args.summary, result, args.svdq_format, args.resolutions[0])
   print(json.dumps(result, indent=1))
+
+
+def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
+  """Updates the "flux_dev_step" part of docs/benchmarks/summary.json from this run (needs
+  the bf16 and svdquant models timed in it)."""
+  models = result.get("models", {})
+  bf16 = models.get("bf16", {}).get(f"step{res}_ms")
+  quant = models.get("svdquant_" + svdq_format.replace("/", "_"), {})
+  if bf16 is None or f"step{res}_ms" not in quant:
+    print("summary not written: the run lacks the bf16 or the svdquant step time")
+    return
+  wfmt, _, afmt = svdq_format.partition("/")
+  summary = json.load(open(path)) if os.path.exists(path) else {}
+  summary["flux_dev_step"] = dict(
+      resolution=res, format=f"{wfmt}/{afmt or wfmt}", bf16_ms=bf16,
+      quantized_ms=quant[f"step{res}_ms"], speedup=bf16 / quant[f"step{res}_ms"],
+      weight_bytes=quant["weight_bytes"], device=result["device"],
+      date=time.strftime("%Y-%m-%d"))
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
