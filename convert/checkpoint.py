@@ -200,6 +200,22 @@ def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
   save_groups(dst, tree_groups(tree), overwrite, extra)
 
 
+def merge_trees(trees) -> dict:
+  """Deep-merges nested dicts with disjoint leaves (the groups of one model)."""
+  out: dict = {}
+
+  def into(dst, src):
+    for k, v in src.items():
+      if isinstance(v, dict):
+        into(dst.setdefault(k, {}), v)
+      else:
+        dst[k] = v
+
+  for t in trees:
+    into(out, t)
+  return out
+
+
 def _path_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -246,7 +262,6 @@ def restore_tree(src: str | os.PathLike, like, device=None):
     device: a jax device to restore onto (each group goes there before the next is read, so
       host memory holds about one group); None: orbax's default placement.
   """
-  from svdq_jax.convert.mapping import merge_trees
   path = pathlib.Path(src).absolute() / "params"
   if not path.exists():
     raise FileNotFoundError(f"no svdq-jax orbax checkpoint at {src}")

@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from svdq_jax.convert.checkpoint import SafetensorsSource, restore_tree, save_groups
-from svdq_jax.convert.mapping import (detect_naming, flux_param_groups, infer_config,
-                                      merge_trees)
+from svdq_jax.convert.checkpoint import (SafetensorsSource, merge_trees, restore_tree,
+                                        save_groups)
+from svdq_jax.convert.mapping import detect_naming, flux_param_groups, infer_config
 from svdq_jax.models.flux import Flux, FluxConfig
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from svdq_jax.convert.checkpoint import merge_trees
 from svdq_jax.models.flux import FluxConfig
 
 
@@ -155,22 +156,6 @@ def flux_param_groups(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,
     for dst, src in group_norms:
       _set(tree, dst, put(get(src)))
     yield group, tree
-
-
-def merge_trees(trees) -> dict:
-  """Deep-merges nested dicts with disjoint leaves (the groups of one model)."""
-  out: dict = {}
-
-  def into(dst, src):
-    for k, v in src.items():
-      if isinstance(v, dict):
-        into(dst.setdefault(k, {}), v)
-      else:
-        dst[k] = v
-
-  for t in trees:
-    into(out, t)
-  return out
 
 
 def flux_params_from_torch(get: Callable[[str], np.ndarray], keys, cfg: FluxConfig,

@@ -26,15 +26,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats
+from svdq_jax.qlinear import inverse_smooth, lowrank_down, smoothed
 from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_even,
                                            check_act_inputs)
 
 ACT_FORMATS = formats.ROW_SCALED
-
-
-def inverse_smooth(smooth: jax.Array) -> jax.Array:
-  """f32 [K] 1 / lambda, the factor x_hat = x * (1 / lambda) uses (``qlinear.smoothed``)."""
-  return 1.0 / smooth.astype(jnp.float32)
 
 
 def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format, chunk,
@@ -113,8 +109,9 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
 
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
-    ``formats.row_scaled(formats.quantize(x / smooth, act_format), act_format)`` and, up to
-    f32 summation order, ``qlinear.lowrank_down(x / smooth, down)``.
+    ``formats.row_scaled(formats.quantize(x_hat, act_format), act_format)`` and, up to
+    f32 summation order, ``qlinear.lowrank_down(x_hat, down)``, x_hat =
+    ``qlinear.smoothed(x, smooth)``.
   """
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
@@ -155,10 +152,7 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
 
 def reference(x, smooth, down, act_format: str):
   """The jnp definition of ``quantize_rows`` (XLA fuses it: also the 'xla' activation path)."""
-  from svdq_jax.qlinear import lowrank_down
-  xf = x.astype(jnp.float32)
-  if smooth is not None:
-    xf = xf * inverse_smooth(smooth)
+  xf = x.astype(jnp.float32) if smooth is None else smoothed(x, smooth)
   a, s = formats.row_scaled(formats.quantize(xf, act_format), act_format)
   return a, s, (None if down is None else lowrank_down(xf, down))
 
@@ -183,7 +177,7 @@ def expand_two_level(qweight: jax.Array, mult: jax.Array, *, block_n: int = 64,
 
   Args: qweight uint8 [N, K/2] packed codes, mult uint8 [N, K/128] packed multipliers
     (``formats.pack_multipliers``); K a multiple of 128 (chunk reduced to a divisor of K).
-  Returns: int8 [N, K], equal to ``formats.row_scaled`` of the unpacked weight.
+  Returns: int8 [N, K], equal to ``QuantizedLinear.row_scaled_weight()[0]``.
   """
   n, kh = qweight.shape
   k = 2 * kh

@@ -15,9 +15,10 @@ once, scales by the token and channel scales, adds the low-rank up projection wi
 wgmma (lr [tile_m, r] times up^T [r, tile_n]) and the bias, and stores the tile with TMA.
 The grid is persistent (one program per SM looping over output tiles).
 
-Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``expand_weight`` turns
-them into the int8 products ``m * q`` right before the call (an XLA fusion, N K / 2 bytes
-read and N K written: a few % of the GEMM at FLUX shapes).
+Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``act_rowscaled.
+expand_two_level`` turns them into the int8 products ``m * q`` right before the call (one
+Pallas pass, N K / 2 bytes read and N K written: 0.04-0.05 ms at the FLUX shapes on the H200,
+8-17% of the GEMM's time; docs/benchmarks).
 
 Ragged M: the TMA unit zero-fills out-of-bounds reads and drops out-of-bounds writes; M is
 padded to a multiple of 8 rows (a TMA row tile) only when it is not one already.
@@ -33,28 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from svdq_jax import formats
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper
 
 WG_DIMS = ("m", "n")
-
-
-def expand_weight(qweight: jax.Array, wscale: jax.Array, wcscale: jax.Array,
-                  weight_format: str) -> tuple[jax.Array, jax.Array]:
-  """A row-scaled QuantizedLinear weight as the GEMM's operand.
-
-  Args: the layer's fields (``int4_2l``: packed codes uint8 [N, K/2], packed multipliers
-    uint8 [N, ceil(K/128)], units f32 [N]; ``int8``: int8 [N, K], scales [N, 1]).
-  Returns: (int8 [N, K] = m * q, f32 [N] row scales).
-  """
-  fmt = formats.get_format(weight_format)
-  if fmt.two_level:
-    q = formats.unpack(qweight, fmt)
-    m = formats.unpack_multipliers(wscale, fmt.groups(q.shape[-1]))
-    qt = formats.Quantized(q, m, wcscale[:, None])
-  else:
-    qt = formats.Quantized(qweight, wscale, jnp.float32(1.0))
-  return formats.row_scaled(qt, fmt)
 
 
 def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
@@ -289,4 +271,4 @@ def supports(k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
   return k % 64 == 0 and tiling(n, out_dtype) is not None
 
 
-__all__ = ["int8_gemm", "expand_weight", "reference", "supports", "tiling", "on_hopper"]
+__all__ = ["int8_gemm", "reference", "supports", "tiling", "on_hopper"]

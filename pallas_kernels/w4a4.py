@@ -523,13 +523,14 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), the
-  weights expanded from 4 bits to int8 (``int8_hopper.expand_weight``), one int8 GEMM with
+  weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``), one int8 GEMM with
   the scales, the low-rank up projection and the bias in its epilogue.
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
   n = layer.out_features
-  f32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
-  if not int8_hopper.supports(x.shape[1], n, jnp.float32 if f32 else jnp.bfloat16):
+  # f32 callers get the f32 result; everything else is rounded once, to bf16
+  out_dtype = jnp.float32 if jnp.dtype(x.dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
+  if not int8_hopper.supports(x.shape[1], n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={x.shape[1]}, N={n}")
   if _act_choice == "pallas":
@@ -542,15 +543,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     w = act_rowscaled.expand_two_level(layer.qweight, layer.wscale, interpret=interpret)
     sw = layer.wcscale
   else:
-    w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
-                                      layer.weight_format)
+    w, sw = layer.row_scaled_weight()
   up = None
   if lr is not None:
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(layer.lora_up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
   y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, None if bias is None else bias,
-                            out_dtype=jnp.float32 if f32 else jnp.bfloat16,
-                            interpret=interpret,
-                            **int8_hopper.tiling(n, jnp.float32 if f32 else jnp.bfloat16))
+                            out_dtype=out_dtype, interpret=interpret,
+                            **int8_hopper.tiling(n, out_dtype))
   return y.astype(x.dtype)

@@ -93,8 +93,7 @@ def checks(layer, x, interpret):
                                            np.asarray(rs)[bad[:3]].tolist()]
     out[f"act_{afmt}_lr_rel"] = rel(lr, rlr)
   a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
-  w, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale,
-                                    layer.weight_format)
+  w, sw = layer.row_scaled_weight()
   up = layer.lora_up.T
   lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -lr.shape[1] % 16)))
   up16 = jnp.pad(up, ((0, 0), (0, -up.shape[1] % 16)))
@@ -132,7 +131,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
       print(f"CHECK FAILED at {m}x{k}x{n}: {e}", flush=True)
   res["bf16_ms"] = t(jax.jit(lambda x, w, b: x @ w + b), x, wf, b)
   a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
-  w8, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale, "int4_2l")
+  w8, sw = layer.row_scaled_weight()
   if not interpret:
     res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
         a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
@@ -155,13 +154,12 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
     res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
         *ops, interpret=interpret, **variant_kwargs(best))),
         a, sa, w8, sw, lr16, up16, layer.bias.astype(jnp.float32))
-    res["expand_xla_ms"] = t(jax.jit(lambda q, s, c: int8_hopper.expand_weight(
-        q, s, c, "int4_2l")), layer.qweight, layer.wscale, layer.wcscale)
+    res["expand_xla_ms"] = t(jax.jit(lambda l: l.row_scaled_weight()), layer)
     res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
         q, s, interpret=interpret)), layer.qweight, layer.wscale)
     if not bool((act_rowscaled.expand_two_level(layer.qweight, layer.wscale,
                                                 interpret=interpret) == w8).all()):
-      res["checks"]["expand"] = "FAILED: Pallas expansion differs from expand_weight"
+      res["checks"]["expand"] = "FAILED: Pallas expansion differs from row_scaled_weight"
     for cfg in ACT_SWEEP:
       res[f"act_int8_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, c=cfg: act_rowscaled.quantize_rows(
           x, s, d, act_format="int8", interpret=interpret, **_act_kwargs(c))),

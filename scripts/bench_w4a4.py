@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import w4a4
-from svdq_jax.qlinear import QuantizedLinear
+from svdq_jax.qlinear import QuantizedLinear, stored_weight
 from svdq_jax.timing import median_seconds
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
@@ -49,12 +49,8 @@ def make_layer(k, n, rank, key, fmt="int4", act_fmt=None):
   ``act_fmt`` (default: ``fmt``); weights ~ N(0, 0.02^2), random smoothing and low-rank."""
   ks = jax.random.split(key, 5)
   w = jax.random.normal(ks[0], (n, k), jnp.float32) * 0.02
-  wf = formats.get_format(fmt)
-  qw = formats.quantize_weight(w, wf)
   return QuantizedLinear(
-      qweight=formats.pack(qw.q, wf),
-      wscale=formats.pack_multipliers(qw.scale) if wf.two_level else qw.scale,
-      wcscale=qw.tensor_scale[:, 0] if (wf.two_level or fmt == "nvfp4") else None,
+      **stored_weight(formats.quantize_weight(w, fmt), fmt),
       smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0),
       lora_down=(jax.random.normal(ks[2], (k, rank)) * 0.1).astype(jnp.bfloat16),
       lora_up=(jax.random.normal(ks[3], (rank, n)) * 0.1).astype(jnp.bfloat16),

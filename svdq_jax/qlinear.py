@@ -79,6 +79,11 @@ class QuantizedLinear:
       scale = formats.unpack_multipliers(scale, fmt.groups(q.shape[-1])).astype(jnp.float32)
     return formats.Quantized(q, scale, ts)
 
+  def row_scaled_weight(self) -> tuple[jax.Array, jax.Array]:
+    """A row-scaled weight (``formats.ROW_SCALED``) as the int8 GEMM's operand: int8 [N, K]
+    (``m * q`` for int4_2l) and f32 [N] row scales."""
+    return formats.row_scaled(self.weight(), self.weight_format)
+
   def dequantized_weight(self) -> jax.Array:
     """f32 [K, N]: the effective weight ``diag(1/lambda) (Q(R) + L_down L_up)``."""
     w = formats.dequantize(self.weight(), self.weight_format).T
@@ -90,6 +95,17 @@ class QuantizedLinear:
 
   def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     return apply(self, x, bias)
+
+
+def stored_weight(qt: formats.Quantized, fmt: str | formats.Format) -> dict:
+  """The ``QuantizedLinear`` fields (``qweight``, ``wscale``, ``wcscale``) holding a weight
+  [N, K] from ``formats.quantize_weight``; the inverse of ``QuantizedLinear.weight``. Every
+  field is indexed by output channel first, so a slice of rows is a slice of each."""
+  fmt = formats.get_format(fmt)
+  return dict(
+      qweight=formats.pack(qt.q, fmt) if fmt.packed else qt.q,
+      wscale=formats.pack_multipliers(qt.scale) if fmt.two_level else qt.scale,
+      wcscale=qt.tensor_scale[:, 0] if fmt.name == "nvfp4" or fmt.two_level else None)
 
 
 def group_scaled_matmul(qa: formats.Quantized, qw: formats.Quantized,
@@ -238,11 +254,16 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
   return w4a4.w4a4_linear(layer, x, bias, interpret=_backend == "interpret")
 
 
+def inverse_smooth(smooth: jax.Array) -> jax.Array:
+  """f32 [K] 1 / lambda, the factor ``smoothed`` multiplies by (kernels take it as input)."""
+  return 1.0 / smooth.astype(jnp.float32)
+
+
 def smoothed(x: jax.Array, smooth: jax.Array) -> jax.Array:
   """x_hat = x * (1 / lambda): f32 [..., K]. Written as the product with the f32 reciprocal
   because XLA rewrites a division by a broadcast vector into exactly this on every backend;
   kernels that divide instead (div.rn) differ from it by an ulp in some elements."""
-  return x.astype(jnp.float32) * (1.0 / smooth.astype(jnp.float32))
+  return x.astype(jnp.float32) * inverse_smooth(smooth)
 
 
 def reference_apply(layer: QuantizedLinear, x: jax.Array,

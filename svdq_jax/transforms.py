@@ -26,7 +26,8 @@ from svdq_jax import formats
 from svdq_jax.formats import matmul_f32
 from svdq_jax.config import Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
-from svdq_jax.qlinear import LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up
+from svdq_jax.qlinear import (LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up,
+                              stored_weight)
 _EPS = 1e-5
 
 
@@ -156,17 +157,12 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
 
   qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
                                method.weight_format)
-  fmt = formats.get_format(method.weight_format)
+  stored = stored_weight(qt, method.weight_format)
   layers, start = [], 0
   for part in weights:
     stop = start + part.shape[1]
-    q = qt.q[start:stop]
     layers.append(QuantizedLinear(
-        qweight=formats.pack(q, fmt) if fmt.packed else q,
-        wscale=(formats.pack_multipliers(qt.scale[start:stop]) if fmt.two_level
-                else qt.scale[start:stop]),
-        wcscale=(qt.tensor_scale[start:stop, 0] if fmt.name == "nvfp4" or fmt.two_level
-                 else None),
+        **{f: None if v is None else v[start:stop] for f, v in stored.items()},
         smooth=lam,
         lora_down=down.astype(LOWRANK_DTYPE) if rank else None,
         lora_up=up[:, start:stop].astype(LOWRANK_DTYPE) if rank else None,

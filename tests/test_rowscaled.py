@@ -96,7 +96,7 @@ def test_reference_row_scaled_is_one_int32_dot():
       [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
       QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
   a, sa = formats.row_scaled(formats.quantize(x, "int8"), "int8")
-  w8, sw = int8_hopper.expand_weight(layer.qweight, layer.wscale, layer.wcscale, "int4_2l")
+  w8, sw = layer.row_scaled_weight()
   acc = np.asarray(a, np.int64) @ np.asarray(w8, np.int64).T
   want = (acc.astype(np.float32) * np.asarray(sa)[:, None]) * np.asarray(sw)[None, :]
   np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(layer, x)), want)
@@ -120,7 +120,7 @@ def test_weight_expansion_bit_exact():
   w = _x(64, 512)
   qt = formats.quantize_weight(w, "int4_2l")
   qp, mp = formats.pack(qt.q, "int4_2l"), formats.pack_multipliers(qt.scale)
-  want, _ = int8_hopper.expand_weight(qp, mp, qt.tensor_scale[:, 0], "int4_2l")
+  want, _ = formats.row_scaled(qt, "int4_2l")
   got = act_rowscaled.expand_two_level(qp, mp, chunk=256, interpret=True)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match="K % 128"):
