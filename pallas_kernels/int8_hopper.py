@@ -17,8 +17,8 @@ The grid is persistent (one program per SM looping over output tiles).
 
 Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``act_rowscaled.
 expand_two_level`` turns them into the int8 products ``m * q`` right before the call (one
-Pallas pass, N K / 2 bytes read and N K written: 0.04-0.05 ms at the FLUX shapes on the H200,
-8-17% of the GEMM's time; docs/benchmarks).
+Pallas pass, N K / 2 bytes read and N K written: 0.038-0.052 ms at the FLUX shapes on the
+H200, 11-17% of the GEMM's time, 45% at 3072 -> 3072; docs/benchmarks).
 
 Ragged M: the TMA unit zero-fills out-of-bounds reads and drops out-of-bounds writes; M is
 padded to a multiple of 8 rows (a TMA row tile) only when it is not one already.
