@@ -84,14 +84,14 @@ KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first matc
 )
 
 
-def kernel_profile(fn, *args) -> dict:
-  """{category: ms per call}, plus the 12 most expensive kernels by name."""
+def kernel_profile(fn, *args, top: int = 12) -> dict:
+  """{category: ms per call}, plus the ``top`` most expensive kernels by name."""
   times = device_kernel_seconds(fn, *args, calls=3)
   cats: dict[str, float] = {}
   for name, sec in times.items():
     cat = next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, name))
     cats[cat] = cats.get(cat, 0.0) + sec * 1e3
-  top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+  top = sorted(times.items(), key=lambda kv: -kv[1])[:top]
   return {"categories_ms": cats, "total_ms": sum(cats.values()),
           "top_kernels_ms": {k[:120]: v * 1e3 for k, v in top}}
 
@@ -130,7 +130,11 @@ def measure(name, graph, state, cfg, args, result):
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
     print(json.dumps({name: r}), flush=True)
   if args.profile:
-    r[f"profile{res}"] = kernel_profile(compiled_first, state, *inputs(cfg, res))
+    r[f"profile{res}"] = kernel_profile(compiled_first, state, *inputs(cfg, res),
+                                        top=1000 if args.dump_hlo else 12)
+    if args.dump_hlo:  # to map fusion names in the profile to what they compute
+      with open(os.path.join(args.out, f"{name}_step{res}_hlo.txt"), "w") as f:
+        f.write(compiled_first.as_text())
     print(json.dumps({name: r[f"profile{res}"]}), flush=True)
 
 
@@ -145,6 +149,9 @@ def main():
                   type=lambda v: [int(r) for r in v.split(",")])
   ap.add_argument("--loop-steps", type=int, default=28, help="0: no sampling loop")
   ap.add_argument("--profile", action="store_true", help="per-kernel device time of one step")
+  ap.add_argument("--dump-hlo", action="store_true",
+                  help="with --profile: every kernel's time, and the step's optimized HLO "
+                       "(<model>_step<res>_hlo.txt in --out)")
   ap.add_argument("--attention", choices=["xla", "cudnn"], default="cudnn")
   ap.add_argument("--calib-resolution", type=int, default=256)
   ap.add_argument("--calib-batches", type=int, default=2)

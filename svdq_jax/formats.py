@@ -240,8 +240,24 @@ INV_127 = np.float32(1.0 / 127)
 
 
 def reciprocal(s: jnp.ndarray) -> jnp.ndarray:
-  """f32 1 / s, correctly rounded, with 1 for s == 0."""
-  return 1.0 / jnp.where(s == 0, 1.0, s)
+  """f32 1 / s, correctly rounded on every backend, with 1 for s == 0.
+
+  An f32 divide is not correctly rounded on NVIDIA GPUs: XLA emits the approximate
+  ``div.full.f32`` (openxla/xla#37181). Measured on an H200 (2026-12-01), that moved ~1 in
+  10^7 activation codes off the kernels' ``div.rn.f32`` at products within an ulp of a tie.
+  So the quotient is taken in f64 and rounded once to f32, which is the correctly rounded f32
+  quotient (53 >= 2 * 24 + 2 bits). The numerator is 1 + 2^-52, not 1: with an exact-in-f32
+  numerator LLVM narrows ``fptrunc(fdiv(1.0, fpext(s)))`` back to an f32 divide inside XLA's
+  fusions (measured: the jitted quotient still differed, the op-by-op one did not); 1/s lies
+  at least 2^-49 (relative) from every f32 rounding midpoint, so the 2^-52 never changes the
+  result. The operands are per-row / per-group scales: the f64 work is small.
+  """
+  s = jnp.where(s == 0, 1.0, s).astype(jnp.float32)
+  with jax.enable_x64(True):
+    return (_ONE_PLUS / s.astype(jnp.float64)).astype(jnp.float32)
+
+
+_ONE_PLUS = np.float64(1.0 + 2.0 ** -52)
 
 
 def two_level_unit(rowmax: jnp.ndarray) -> jnp.ndarray:

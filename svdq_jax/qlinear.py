@@ -256,7 +256,7 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
 
 def inverse_smooth(smooth: jax.Array) -> jax.Array:
   """f32 [K] 1 / lambda, the factor ``smoothed`` multiplies by (kernels take it as input)."""
-  return 1.0 / smooth.astype(jnp.float32)
+  return formats.reciprocal(smooth)
 
 
 def smoothed(x: jax.Array, smooth: jax.Array) -> jax.Array:

@@ -165,3 +165,18 @@ def test_quantize_is_jittable():
   x = _x((4, 128))
   f = jax.jit(lambda v: formats.fake_quantize(v, "int4"))
   np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(formats.fake_quantize(x, "int4")))
+
+
+def test_reciprocal_is_the_correctly_rounded_f32_quotient():
+  """formats.reciprocal (f64 quotient with a 1 + 2^-52 numerator, see its docstring) equals
+  IEEE f32 division over every exponent, at powers of two and 0 (-> 1), eager and jitted."""
+  rng = np.random.default_rng(0)
+  s = (rng.uniform(1, 2, 200_000) * 2.0 ** rng.integers(-60, 60, 200_000)).astype(np.float32)
+  s = np.concatenate([s, -s[:1000], 2.0 ** np.arange(-60, 61, dtype=np.float32),
+                      np.nextafter(np.float32(1), np.float32(2)) * np.ones(1, np.float32),
+                      np.zeros(1, np.float32)])
+  want = np.float32(1) / np.where(s == 0, np.float32(1), s)
+  for fn in (formats.reciprocal, jax.jit(formats.reciprocal)):
+    got = np.asarray(fn(jnp.asarray(s)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
