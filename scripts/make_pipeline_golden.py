@@ -1,0 +1,154 @@
+"""Writes golden files for the pipeline components' parity tests (issue 15).
+
+Needs torch, diffusers and transformers (torch's CPU wheel exists here for Python 3.11 only),
+which CI does not have; the tests read the committed files:
+
+    python3.11 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 diffusers \
+        transformers safetensors numpy sentencepiece tokenizers protobuf
+    /tmp/torchenv/bin/python scripts/make_pipeline_golden.py tests/golden
+
+Per component, small random configs with every parameter perturbed (so a wrong mapping of a
+norm or bias shows): <name>.safetensors holds the f32 weights in the reference's naming
+(and ``vae_tiny_bfl.safetensors`` the same VAE in BFL ``ae.safetensors`` naming, checked here
+against diffusers' own LDM converter); <name>_io.npz the config, inputs and outputs.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                  layers_per_block=1, norm_num_groups=8, scaling_factor=0.3611,
+                  shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> dict:
+  """Every parameter replaced by random values (norm weights around 1), f32, contiguous."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5)
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(noise if p.ndim > 1 else 0.1 * torch.randn(p.shape, generator=g))
+  return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def ldm_vae_names(sd: dict, n_blocks: int) -> dict:
+  """diffusers AutoencoderKL state dict -> BFL / LDM ``ae.safetensors`` names (attention
+  projections as 1x1 convs)."""
+  out = {}
+  for k, v in sd.items():
+    n = k
+    for a, b in [("down_blocks.", "down."), ("mid_block.resnets.0", "mid.block_1"),
+                 ("mid_block.resnets.1", "mid.block_2"), ("mid_block.attentions.0", "mid.attn_1"),
+                 ("resnets.", "block."), ("downsamplers.0", "downsample"),
+                 ("upsamplers.0", "upsample"), ("conv_shortcut", "nin_shortcut"),
+                 ("conv_norm_out", "norm_out"), ("group_norm", "norm"), ("to_q", "q"),
+                 ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
+      n = n.replace(a, b)
+    if n.startswith("decoder.up_blocks."):
+      i = int(n.split(".")[2])
+      n = f"decoder.up.{n_blocks - 1 - i}." + ".".join(n.split(".")[3:])
+    if ".attn_1." in n and n.endswith("weight") and v.ndim == 2:
+      v = v[:, :, None, None]
+    out[n] = v.contiguous()
+  return out
+
+
+def vae(out_dir: str) -> None:
+  torch.manual_seed(0)
+  model = AutoencoderKL(**VAE_CONFIG).eval()
+  sd = perturbed(model, seed=1)
+  bfl = ldm_vae_names(sd, len(VAE_CONFIG["block_out_channels"]))
+  back = convert_ldm_vae_checkpoint(bfl, dict(model.config))
+  assert set(back) == set(sd), sorted(set(back) ^ set(sd))[:10]
+  for k in sd:
+    assert torch.equal(back[k].reshape(sd[k].shape), sd[k]), k
+  g = torch.Generator().manual_seed(2)
+  image = torch.rand(2, 3, 24, 32, generator=g) * 2 - 1
+  latents = torch.randn(2, 4, 6, 8, generator=g)
+  with torch.no_grad():
+    moments = model.encoder(image)
+    decoded = model.decode(latents).sample
+  save_file(sd, os.path.join(out_dir, "vae_tiny.safetensors"))
+  save_file(bfl, os.path.join(out_dir, "vae_tiny_bfl.safetensors"))
+  nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+  np.savez(os.path.join(out_dir, "vae_tiny_io.npz"), config=json.dumps(VAE_CONFIG),
+           image=nhwc(image), moments=nhwc(moments), latents=nhwc(latents),
+           decoded=nhwc(decoded))
+
+
+# Two CLIP poolings: eos_token_id 2 (original CLIP configs, FLUX's: the largest id is the end
+# of text) and an explicit id (its first occurrence).
+CLIP_CONFIGS = {
+    "clip_tiny": dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0, pad_token_id=1,
+                      hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "clip_tiny_eos": dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                          eos_token_id=97, bos_token_id=0, pad_token_id=1, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+}
+T5_CONFIG = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                 relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                 dropout_rate=0.0)
+
+
+def clip(out_dir: str) -> None:
+  for i, (name, config) in enumerate(CLIP_CONFIGS.items()):
+    torch.manual_seed(10 + i)
+    model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    sd = perturbed(model, seed=11 + i)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    g = torch.Generator().manual_seed(12 + i)
+    ids = torch.randint(3, 90, (3, 77), generator=g)
+    eos = 98 if config["eos_token_id"] == 2 else config["eos_token_id"]
+    for row, end in enumerate((5, 40, 76)):   # end of text, then padding with it
+      ids[row, end:] = eos
+    ids[2, 10] = eos   # a second end-of-text early in row 2
+    with torch.no_grad():
+      out = model(input_ids=ids)
+    save_file(sd, os.path.join(out_dir, f"{name}.safetensors"))
+    np.savez(os.path.join(out_dir, f"{name}_io.npz"), config=json.dumps(config),
+             ids=ids.numpy(), hidden=out.last_hidden_state.numpy(),
+             pooled=out.pooler_output.numpy())
+
+
+def t5(out_dir: str) -> None:
+  torch.manual_seed(20)
+  model = T5EncoderModel(T5Config(**T5_CONFIG)).eval()
+  sd = perturbed(model, seed=21)
+  # as save_pretrained writes it: the tied copy of the embedding is not stored
+  sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+  g = torch.Generator().manual_seed(22)
+  ids = torch.randint(0, 99, (2, 160), generator=g)   # past max_distance: every bucket
+  mask = torch.ones(2, 160, dtype=torch.long)
+  mask[1, 100:] = 0
+  with torch.no_grad():
+    hidden = model(input_ids=ids).last_hidden_state
+    masked = model(input_ids=ids, attention_mask=mask).last_hidden_state
+  save_file(sd, os.path.join(out_dir, "t5_tiny.safetensors"))
+  np.savez(os.path.join(out_dir, "t5_tiny_io.npz"), config=json.dumps(T5_CONFIG),
+           ids=ids.numpy(), mask=mask.numpy(), hidden=hidden.numpy(), masked=masked.numpy())
+
+
+def main(out_dir):
+  os.makedirs(out_dir, exist_ok=True)
+  vae(out_dir)
+  clip(out_dir)
+  t5(out_dir)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden")
