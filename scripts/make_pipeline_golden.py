@@ -5,7 +5,10 @@ which CI does not have; the tests read the committed files:
 
     python3.11 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 diffusers \
         transformers safetensors numpy sentencepiece tokenizers protobuf
-    /tmp/torchenv/bin/python scripts/make_pipeline_golden.py tests/golden
+    /tmp/torchenv/bin/pip download --no-deps -d /tmp/oc open_clip_torch && \
+        unzip -o /tmp/oc/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' -d /tmp/oc
+    /tmp/torchenv/bin/python scripts/make_pipeline_golden.py tests/golden \
+        /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
 
 Per component, small random configs with every parameter perturbed (so a wrong mapping of a
 norm or bias shows): <name>.safetensors holds the f32 weights in the reference's naming
@@ -143,12 +146,78 @@ def t5(out_dir: str) -> None:
            ids=ids.numpy(), mask=mask.numpy(), hidden=hidden.numpy(), masked=masked.numpy())
 
 
-def main(out_dir):
+PROMPTS = ["", "a photo of a cat", "  leading   and trailing  spaces  ",
+           "ÜNÎCÖDÉ café naïve façade", "日本語のテキスト 🎨🐱 emoji", "tabs\tand\nnew\r\nlines",
+           "text <|endoftext|> in the middle </s> too", "It's John's dog, isn't it? 12345 $%^&*()",
+           "MiXeD CaSe WORDS", "a red circle above a blue square " * 40]
+
+
+def clip_tokenizer(out_dir: str, bpe_gz: str, n_merges: int = 4000) -> None:
+  """CLIP's own BPE merges (open_clip's bpe_simple_vocab_16e6.txt.gz), the first
+  ``n_merges`` of them, as vocab.json + merges.txt (vocabulary built as CLIP builds it:
+  bytes, bytes + </w>, merges, then the two specials); ids from transformers' CLIPTokenizer
+  as FluxPipeline calls it (padding to 77, truncation)."""
+  import gzip
+  from transformers import CLIPTokenizer
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1:n_merges + 1]
+  chars = list(bytes_to_unicode().values())
+  vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  folder = os.path.join(out_dir, "clip_tokenizer")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  tok = CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"),
+                      merges=os.path.join(folder, "merges.txt"))
+  ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+  np.savez(os.path.join(out_dir, "clip_tokenizer_ids.npz"), prompts=np.array(PROMPTS),
+           ids=np.array(ids, np.int32))
+
+
+def t5_tokenizer(out_dir: str) -> None:
+  """A small SentencePiece unigram model trained here (T5's special ids: pad 0, </s> 1,
+  unk 2), the tokenizer.json transformers builds from it, and the ids of transformers'
+  T5Tokenizer as FluxPipeline calls it (padding to max_length, truncation)."""
+  import io
+  import sentencepiece as spm
+  from transformers import T5Tokenizer
+  rng = np.random.default_rng(0)
+  words = ("a red green blue circle square triangle above below left of right on the gray "
+           "white black background photo cat dog painting style bright dark small large "
+           "city river mountain at night under sky").split()
+  letters = list("abcdefghijklmnopqrstuvwxyzéü0123456789,.'")
+  words += ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(300)]
+  corpus = [" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(3000)] + PROMPTS
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model,
+                                 vocab_size=200, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                 unk_id=2, bos_id=-1, character_coverage=1.0)
+  folder = os.path.join(out_dir, "t5_tokenizer")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "spiece.model"), "wb") as f:
+    f.write(model.getvalue())
+  tok = T5Tokenizer.from_pretrained(folder)
+  tok.save_pretrained(folder)
+  for extra in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    if os.path.exists(os.path.join(folder, extra)):
+      os.remove(os.path.join(folder, extra))
+  ids = tok(PROMPTS, padding="max_length", max_length=64, truncation=True).input_ids
+  np.savez(os.path.join(out_dir, "t5_tokenizer_ids.npz"), prompts=np.array(PROMPTS),
+           ids=np.array(ids, np.int32))
+
+
+def main(out_dir, bpe_gz=None):
   os.makedirs(out_dir, exist_ok=True)
   vae(out_dir)
   clip(out_dir)
   t5(out_dir)
+  t5_tokenizer(out_dir)
+  if bpe_gz:
+    clip_tokenizer(out_dir, bpe_gz)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden")
+  main(*sys.argv[1:])
