@@ -108,7 +108,12 @@ def load_flux(path, *, device=None, naming: str | None = None, axes_dim=None,
     graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
     tree = restore_tree(path, like=nnx.to_pure_dict(state), device=device)
   else:
-    source = SafetensorsSource(_transformer_source(path))
+    src = _transformer_source(path)
+    diffusers_cfg = src / "config.json"
+    if axes_dim is None and src.is_dir() and diffusers_cfg.exists():
+      # diffusers' transformer/config.json records the RoPE split the weights cannot tell
+      axes_dim = json.loads(diffusers_cfg.read_text()).get("axes_dims_rope")
+    source = SafetensorsSource(src)
     cfg, groups = _checked_groups(source, naming, axes_dim,
                                   lambda x: jax.device_put(x, device), progress)
     tree = merge_trees(tree for _, tree in groups)

@@ -41,10 +41,11 @@ def image_ids(height: int, width: int) -> jax.Array:
   return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
 
 
-def initial_noise(seed: int, batch: int, height: int, width: int) -> jax.Array:
-  """Gaussian latents [batch, 16, 2*ceil(height/16), 2*ceil(width/16)] for an image of
-  height x width pixels, determined by ``seed``."""
-  shape = (batch, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+def initial_noise(seed: int, batch: int, height: int, width: int, channels: int = 16
+                  ) -> jax.Array:
+  """Gaussian latents [batch, channels, 2*ceil(height/16), 2*ceil(width/16)] for an image of
+  height x width pixels (FLUX's VAE: 8 pixels per latent), determined by ``seed``."""
+  shape = (batch, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 

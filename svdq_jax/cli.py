@@ -77,6 +77,53 @@ def _sample(args) -> int:
   return 0
 
 
+def _prompts(args) -> list[str]:
+  """The prompt argument, or the non-empty lines of --batch-file."""
+  if args.batch_file:
+    with open(args.batch_file, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+      raise ValueError(f"{args.batch_file} holds no prompts")
+    return prompts
+  if args.prompt is None:
+    raise ValueError("give a prompt or --batch-file")
+  return [args.prompt]
+
+
+def _generate(args) -> int:
+  import pathlib
+  import tempfile
+
+  from tqdm.auto import tqdm
+
+  from svdq_jax.models.pipeline import FluxPipeline, save_png
+
+  try:
+    prompts = _prompts(args)
+    pipe = FluxPipeline.load(args.pipeline, t5_max_length=args.t5_max_length)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = range(0, len(prompts), args.batch_size)
+    for start in tqdm(batches, desc="images", disable=args.quiet or len(batches) == 1):
+      images = pipe(prompts[start:start + args.batch_size], steps=args.steps,
+                    guidance=args.guidance, seed=args.seed, height=args.height,
+                    width=args.width, progress=not args.quiet)
+      for i, image in enumerate(images, start):
+        # written under a temporary name and renamed: no half-written PNG under its name
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", delete=False) as tmp:
+          try:
+            save_png(image, tmp.name)
+            os.replace(tmp.name, out / f"{i:04d}.png")
+          except BaseException:
+            os.unlink(tmp.name)
+            raise
+  except (ValueError, FileNotFoundError) as e:
+    print(f"svdq-jax generate: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {len(prompts)} image(s) to {args.out}")
+  return 0
+
+
 def _demo(args) -> int:
   from svdq_jax.demo import report, run
 
@@ -158,6 +205,23 @@ def main(argv=None) -> int:
   dm.add_argument("--weights", default=None, help="model file (default: the built-in one)")
   dm.add_argument("--quiet", action="store_true", help="no progress bars")
   dm.set_defaults(func=_demo)
+  gn = sub.add_parser("generate", help="text to image with a FLUX.1 pipeline folder "
+                      "(diffusers layout): PNGs with the prompt and settings in their metadata")
+  gn.add_argument("pipeline", help="FLUX.1 pipeline folder (model_index.json, transformer/, "
+                  "text_encoder/, text_encoder_2/, vae/, tokenizer/, tokenizer_2/)")
+  gn.add_argument("prompt", nargs="?", default=None)
+  gn.add_argument("--batch-file", default=None, help="one prompt per line (instead of PROMPT)")
+  gn.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ...")
+  gn.add_argument("--steps", type=int, default=None, help="default: 28 dev, 4 schnell")
+  gn.add_argument("--guidance", type=float, default=3.5, help="dev only (default 3.5)")
+  gn.add_argument("--seed", type=int, default=0)
+  gn.add_argument("--height", type=int, default=1024)
+  gn.add_argument("--width", type=int, default=1024)
+  gn.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call")
+  gn.add_argument("--t5-max-length", type=int, default=None,
+                  help="T5 tokens (default: 512 dev, 256 schnell)")
+  gn.add_argument("--quiet", action="store_true", help="no progress bars")
+  gn.set_defaults(func=_generate)
   args = parser.parse_args(argv)
   return args.func(args)
 
