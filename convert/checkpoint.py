@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -198,6 +199,41 @@ def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
     raise TypeError(f"save_tree takes a nested dict (e.g. nnx.to_pure_dict(state)), got "
                     f"{type(tree).__name__}")
   save_groups(dst, tree_groups(tree), overwrite, extra)
+
+
+def tree_spec(tree) -> dict:
+  """JSON-able structure of a nested dict of arrays and ``QuantizedLinear`` nodes (shapes,
+  formats, absent fields): what ``like_from_spec`` needs to rebuild ``restore_tree``'s
+  ``like`` without the data."""
+  from svdq_jax.qlinear import QuantizedLinear
+
+  def spec(node):
+    if isinstance(node, dict):
+      return {"dict": {str(k): spec(v) for k, v in node.items()}}
+    if isinstance(node, QuantizedLinear):
+      fields = {f.name: None if getattr(node, f.name) is None
+                else list(np.shape(getattr(node, f.name)))
+                for f in dataclasses.fields(node) if f.metadata.get("pytree_node", True)}
+      return {"quantized": fields, "weight_format": node.weight_format,
+              "act_format": node.act_format}
+    return {"shape": list(np.shape(node))}
+
+  return spec(tree)
+
+
+def like_from_spec(spec: dict):
+  """The abstract tree (ShapeDtypeStructs, QuantizedLinear nodes) ``tree_spec`` describes;
+  keys made of digits become ints (block indices), as in the model's pure dicts."""
+  from svdq_jax.qlinear import QuantizedLinear
+
+  if "dict" in spec:
+    return {int(k) if k.isdigit() else k: like_from_spec(v) for k, v in spec["dict"].items()}
+  if "quantized" in spec:
+    fields = {k: None if v is None else jax.ShapeDtypeStruct(tuple(v), np.float32)
+              for k, v in spec["quantized"].items()}
+    return QuantizedLinear(**fields, weight_format=spec["weight_format"],
+                           act_format=spec["act_format"])
+  return jax.ShapeDtypeStruct(tuple(spec["shape"]), np.float32)
 
 
 def merge_trees(trees) -> dict:

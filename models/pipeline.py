@@ -91,13 +91,8 @@ class FluxPipeline:
     return _encode(self.clip, self.t5, jnp.asarray(self.clip_tokenizer(prompts)),
                    jnp.asarray(self.t5_tokenizer(prompts)))
 
-  def __call__(self, prompts: str | Sequence[str], *, steps: int | None = None,
-               guidance: float = 3.5, seed: int = 0, height: int = 1024, width: int = 1024,
-               progress: bool = True) -> list[Image.Image]:
-    """Images (PIL, RGB, height x width) for the prompts, with ``seed`` the same noise for a
-    prompt whatever the batch. ``steps`` defaults to 28 for dev and 4 for schnell;
-    ``guidance`` applies to dev (guidance-distilled) models only. Each image carries the
-    prompt and settings as PNG text metadata (``image.info``)."""
+  def _prepare(self, prompts, steps, guidance, seed, height, width):
+    """(sampling arguments, settings) for ``sampling.sample`` / ``trajectory_inputs``."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
       raise ValueError("no prompts")
@@ -114,13 +109,52 @@ class FluxPipeline:
                                                     width * 8 // down, channels=c)
                              for _ in prompts])
     sigmas = sampling.schedule(steps, (height // m) * (width // m), shift=dev)
-    latents = sampling.sample(self.transformer, noise.astype(txt.dtype), txt,
-                              jnp.zeros((txt.shape[1], 3), jnp.float32), y, sigmas,
-                              guidance=guidance if dev else None, progress=progress)
-    pixels = np.asarray(_decode(self.vae, jnp.transpose(latents, (0, 2, 3, 1))))
+    args = (noise.astype(txt.dtype), txt, jnp.zeros((txt.shape[1], 3), jnp.float32), y,
+            sigmas, guidance if dev else None)
     settings = dict(steps=steps, guidance=guidance if dev else None, seed=seed,
                     height=height, width=width)
+    return prompts, args, settings
+
+  def __call__(self, prompts: str | Sequence[str], *, steps: int | None = None,
+               guidance: float = 3.5, seed: int = 0, height: int = 1024, width: int = 1024,
+               progress: bool = True) -> list[Image.Image]:
+    """Images (PIL, RGB, height x width) for the prompts, with ``seed`` the same noise for a
+    prompt whatever the batch. ``steps`` defaults to 28 for dev and 4 for schnell;
+    ``guidance`` applies to dev (guidance-distilled) models only. Each image carries the
+    prompt and settings as PNG text metadata (``image.info``)."""
+    prompts, args, settings = self._prepare(prompts, steps, guidance, seed, height, width)
+    latents = sampling.sample(self.transformer, *args[:5], guidance=args[5],
+                              progress=progress)
+    pixels = np.asarray(_decode(self.vae, jnp.transpose(latents, (0, 2, 3, 1))))
     return [_to_image(p, dict(prompt=prompt, **settings)) for p, prompt in zip(pixels, prompts)]
+
+  def quantize(self, config, prompts: Sequence[str], *, steps: int | None = None,
+               guidance: float = 3.5, seed: int = 0, height: int = 512, width: int = 512,
+               batch_size: int = 4, max_samples: int = 256, progress: bool = True,
+               report: dict | None = None) -> Flux:
+    """The transformer quantized with ``config`` (``svdq_jax.quantize``), calibrated on the
+    activations of real denoising trajectories: every step of sampling each prompt (batches
+    of ``batch_size``, noise from ``seed + batch index``) at height x width."""
+    import svdq_jax
+    model = self.transformer
+    inputs = []
+    for i in range(0, len(prompts), batch_size):
+      _, args, _ = self._prepare(prompts[i:i + batch_size], steps, guidance, seed + i,
+                                 height, width)
+      inputs += sampling.trajectory_inputs(model, *args)
+    calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), inputs, model=model,
+                               max_samples=max_samples, progress=progress)
+    graph, state = nnx.split(model)
+    qstate = svdq_jax.quantize(state, calib, config, report=report, progress=progress)
+    return nnx.merge(graph, qstate)
+
+
+def calibration_prompts() -> list[str]:
+  """The project's calibration prompt set (32 varied prompts: photos, paintings, text,
+  diagrams, styles)."""
+  path = pathlib.Path(__file__).with_name("calibration_prompts.txt")
+  return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+          if line.strip()]
 
 
 @nnx.jit

@@ -93,6 +93,29 @@ def _tick(i):
     _bar.update(1)
 
 
+@nnx.jit
+def _velocity(model, x, img_ids, txt, txt_ids, t, y, guidance):
+  return model(x, img_ids, txt, txt_ids, t, y, guidance)
+
+
+def trajectory_inputs(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,
+                      y: jax.Array, sigmas, guidance: float | None = None) -> list[tuple]:
+  """The transformer's inputs at every step of the Euler loop that ``sample`` runs (same
+  arguments), for calibrating on real denoising trajectories: one tuple ``(img [B, L, 4C],
+  img_ids, txt, txt_ids, t [B], y, guidance [B] or None)`` per step, in ``model``'s call
+  order."""
+  b, _, h, w = noise.shape
+  g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
+  x, ids = pack_latents(noise), image_ids(h, w)
+  steps = []
+  for i in range(len(sigmas) - 1):
+    t = jnp.full((b,), sigmas[i], x.dtype)
+    steps.append((x, ids, txt, txt_ids, t, y, g))
+    v = _velocity(model, x, ids, txt, txt_ids, t, y, g)
+    x = x + jnp.asarray(sigmas[i + 1] - sigmas[i], x.dtype) * v
+  return steps
+
+
 def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,
            y: jax.Array, sigmas, guidance: float | None = None, progress: bool = False
            ) -> jax.Array:

@@ -6,8 +6,8 @@ sets it up: NFC, whitespace runs to one space, lowercase, CLIP's split pattern, 
 ends, ``<|startoftext|> ... <|endoftext|>``, padded with ``<|endoftext|>`` to 77.
 T5 (``tokenizer_2/``): ``tokenizer.json`` through ``tokenizers`` (transformers' T5 tokenizer),
 or, lacking it, ``spiece.model`` through ``sentencepiece`` (the same ids, except that text
-spelling a special token such as ``</s>`` is spelled out, not mapped to its id); ``</s>`` appended, ``<pad>``
-padding to 512 (dev) or 256 (schnell). Both truncate: FLUX pipelines encode fixed lengths.
+spelling a special token such as ``</s>`` is spelled out, not mapped to its id); ``</s>``
+appended, ``<pad>`` padding to 512 (dev) or 256 (schnell). Both truncate: FLUX pipelines encode fixed lengths.
 """
 
 from __future__ import annotations

@@ -99,8 +99,11 @@ def _generate(args) -> int:
   from svdq_jax.models.pipeline import FluxPipeline, save_png
 
   try:
+    from svdq_jax.convert import load_flux
     prompts = _prompts(args)
-    pipe = FluxPipeline.load(args.pipeline, t5_max_length=args.t5_max_length)
+    transformer = load_flux(args.quantized) if args.quantized else None
+    pipe = FluxPipeline.load(args.pipeline, transformer=transformer,
+                             t5_max_length=args.t5_max_length)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = range(0, len(prompts), args.batch_size)
@@ -121,6 +124,42 @@ def _generate(args) -> int:
     print(f"svdq-jax generate: error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {len(prompts)} image(s) to {args.out}")
+  return 0
+
+
+def _quantize(args) -> int:
+  import pathlib
+
+  from svdq_jax.convert import save_flux
+  from svdq_jax.models.flux import quant_config
+  from svdq_jax.models.pipeline import FluxPipeline, calibration_prompts
+
+  try:
+    dst = pathlib.Path(args.qdir)
+    if dst.exists() and not args.overwrite:
+      raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
+    prompts = _prompts(args) if args.batch_file else calibration_prompts()
+    search = dict(alpha_grid=1, lowrank_iters=1) if args.fast_search else {}
+    config = quant_config(args.method, args.fmt, rank=args.rank, act_fmt=args.act_fmt,
+                          **search)
+    pipe = FluxPipeline.load(args.pipeline, t5_max_length=args.t5_max_length)
+    report = {}
+    qmodel = pipe.quantize(config, prompts, steps=args.calib_steps, seed=args.seed,
+                           height=args.calib_size, width=args.calib_size,
+                           batch_size=args.batch_size, max_samples=args.max_samples,
+                           progress=not args.quiet, report=report)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    errors = [r.error for r in report.values()]
+    summary = dict(settings=settings, layers_quantized=len(report), calibration_prompts=len(
+        prompts), mean_rel_error=sum(errors) / max(len(errors), 1))
+    save_flux(dst, qmodel, overwrite=args.overwrite,
+              extra={"quantize.json": json.dumps(summary, indent=1)})
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"svdq-jax quantize: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.qdir}: {len(report)} layers quantized ({args.method} {args.fmt}"
+        f"{'/' + args.act_fmt if args.act_fmt else ''}, rank {args.rank}), calibrated on "
+        f"{len(prompts)} prompts x {args.calib_steps} steps")
   return 0
 
 
@@ -220,8 +259,37 @@ def main(argv=None) -> int:
   gn.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call")
   gn.add_argument("--t5-max-length", type=int, default=None,
                   help="T5 tokens (default: 512 dev, 256 schnell)")
+  gn.add_argument("--quantized", default=None,
+                  help="a transformer checkpoint written by `svdq-jax quantize` (replaces the "
+                       "folder's transformer)")
   gn.add_argument("--quiet", action="store_true", help="no progress bars")
   gn.set_defaults(func=_generate)
+  qz = sub.add_parser("quantize", help="quantize a FLUX.1 pipeline's transformer, calibrated "
+                      "on denoising trajectories of a prompt set; writes a checkpoint for "
+                      "`generate --quantized`")
+  qz.add_argument("pipeline", help="FLUX.1 pipeline folder (diffusers layout)")
+  qz.add_argument("qdir", help="output folder (orbax checkpoint + config + structure)")
+  qz.add_argument("--method", default="svdquant", help="svdquant (default), smoothquant, rtn, "
+                  "w4a16_rtn, ... (svdq_jax.config)")
+  qz.add_argument("--fmt", default="int4", help="weight format: int4 (default), nvfp4, int4_2l")
+  qz.add_argument("--act-fmt", default=None,
+                  help="activation format (default: the weight format); int8 with int4_2l "
+                       "weights is W4A8, the fast one on Hopper")
+  qz.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
+  qz.add_argument("--batch-file", default=None,
+                  help="calibration prompts, one per line (default: the 32 built-in ones)")
+  qz.add_argument("--calib-steps", type=int, default=None,
+                  help="sampling steps per calibration prompt (default: 28 dev, 4 schnell)")
+  qz.add_argument("--calib-size", type=int, default=512, help="calibration image side")
+  qz.add_argument("--batch-size", type=int, default=4, help="prompts per trajectory batch")
+  qz.add_argument("--max-samples", type=int, default=256, help="tokens kept per layer")
+  qz.add_argument("--seed", type=int, default=0)
+  qz.add_argument("--fast-search", action="store_true",
+                  help="one smoothing strength and one low-rank iteration per layer")
+  qz.add_argument("--t5-max-length", type=int, default=None)
+  qz.add_argument("--overwrite", action="store_true")
+  qz.add_argument("--quiet", action="store_true", help="no progress bars")
+  qz.set_defaults(func=_quantize)
   args = parser.parse_args(argv)
   return args.func(args)
 

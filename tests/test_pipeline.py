@@ -66,3 +66,29 @@ def test_mismatched_components_are_refused(pipeline_dir):
   with pytest.raises(ValueError, match=r"CLIP tokenizer \(.*\) has 4514 tokens, more than "
                                        r"the T5 encoder's vocabulary \(320\)"):
     dataclasses.replace(pipe, t5_tokenizer=pipe.clip_tokenizer)   # CLIP's BPE as T5's
+
+
+def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
+  prompts = tmp_path / "calib.txt"
+  prompts.write_text("a red circle\na blue square\n")
+  qdir = tmp_path / "q"
+  assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--batch-file", str(prompts),
+                   "--calib-steps", "2", "--calib-size", "16", "--rank", "8",
+                   "--fast-search", "--quiet"]) == 0
+  summary = json.loads((qdir / "quantize.json").read_text())
+  assert summary["layers_quantized"] > 0 and summary["calibration_prompts"] == 2
+  from svdq_jax.convert import load_flux
+  from svdq_jax.qlinear import QuantizedLinear
+  qmodel = load_flux(qdir)
+  assert isinstance(qmodel.double_blocks[0].img_attn.qkv.kernel.get_value(), QuantizedLinear)
+  out = tmp_path / "out"
+  args = ["generate", str(pipeline_dir), "a red circle", "--out", str(out), "--steps", "2",
+          "--height", "16", "--width", "16", "--quiet"]
+  assert cli.main(args + ["--quantized", str(qdir)]) == 0
+  assert cli.main(args[:4] + [str(tmp_path / "float")] + args[5:]) == 0
+  quant = np.asarray(Image.open(out / "0000.png"), np.float32)
+  ref = np.asarray(Image.open(tmp_path / "float" / "0000.png"), np.float32)
+  assert quant.shape == ref.shape == (16, 16, 3)
+  # 4-bit on a random tiny model: close to, not equal to, the float image
+  assert 0 < np.abs(quant - ref).mean() < 20
+  assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--quiet"]) == 2   # exists
