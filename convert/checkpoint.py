@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 log = logging.getLogger(__name__)
@@ -151,17 +152,35 @@ def release_freed_memory() -> None:
     pass
 
 
-def tree_groups(tree: dict) -> Iterator[tuple[str, dict]]:
-  """Splits a nested dict into checkpoint groups, each nested from the root: one per
-  top-level key, and one per element of a top-level block list (a dict with int keys), so
-  ``{'double_blocks': {0: ..., 1: ...}, 'img_in': ...}`` gives 'double_blocks/0',
-  'double_blocks/1', 'img_in'."""
+def _has_block_list(tree) -> bool:
+  """Whether a dict holds, at any depth, a block list (a non-empty dict with int keys)."""
+  if not isinstance(tree, dict):
+    return False
+  if tree and all(isinstance(k, int) for k in tree):
+    return True
+  return any(_has_block_list(v) for v in tree.values())
+
+
+def tree_groups(tree: dict, prefix: tuple = ()) -> Iterator[tuple[str, dict]]:
+  """Splits a nested dict into checkpoint groups, each nested from the root: one per element
+  of every block list (a dict with int keys, at any depth), and one per other subtree that
+  holds no block list, so ``{'double_blocks': {0: ..., 1: ...}, 'img_in': ...}`` gives
+  'double_blocks/0', 'double_blocks/1', 'img_in', and T5's ``{'encoder': {'block': {0: ...},
+  'final_layer_norm': ...}}`` gives 'encoder/block/0', ..., 'encoder/final_layer_norm'."""
+  def nest(path, value):
+    for k in reversed(path):
+      value = {k: value}
+    return value
+
   for key, value in tree.items():
+    path = prefix + (key,)
     if isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
       for i, sub in value.items():
-        yield f"{key}/{i}", {key: {i: sub}}
+        yield "/".join(map(str, path + (i,))), nest(path + (i,), sub)
+    elif _has_block_list(value):
+      yield from tree_groups(value, path)
     else:
-      yield str(key), {key: value}
+      yield "/".join(map(str, path)), nest(path, value)
 
 
 def _group_dir(params: pathlib.Path, group: str) -> pathlib.Path:
@@ -236,6 +255,42 @@ def like_from_spec(spec: dict):
   return jax.ShapeDtypeStruct(tuple(spec["shape"]), np.float32)
 
 
+STRUCTURE_FILE = "structure.json"
+
+
+def save_model(dst, model, *, overwrite: bool = False, extra: dict | None = None,
+               groups=None) -> None:
+  """Writes an NNX model with a dataclass ``cfg`` (FLUX, CLIP, T5, VAE), float or quantized
+  (QuantizedLinear kernels), as ``restore_model`` reads it: orbax params one group (block) at
+  a time, ``config.json`` (the cfg), ``structure.json`` (the tree's shapes and formats);
+  ``extra`` text files beside them. ``groups``: ``(name, tree)`` pairs to write instead of the
+  model's state (streamed conversion: ``model`` may then be abstract). All or nothing."""
+  tree = nnx.to_pure_dict(nnx.state(model))
+  files = {"config.json": json.dumps(dataclasses.asdict(model.cfg)),
+           STRUCTURE_FILE: json.dumps(tree_spec(tree))} | (extra or {})
+  save_groups(dst, tree_groups(tree) if groups is None else groups, overwrite, extra=files)
+
+
+def is_saved_model(path) -> bool:
+  path = pathlib.Path(path)
+  return (path / "params").is_dir() and (path / "config.json").exists()
+
+
+def restore_model(path, model_cls, cfg_cls, device=None):
+  """A model written by ``save_model``: ``model_cls(cfg_cls(**config.json), rngs)``'s
+  structure, quantized layers as recorded in structure.json, parameters restored onto
+  ``device`` one group at a time."""
+  path = pathlib.Path(path)
+  raw = json.loads((path / "config.json").read_text())
+  cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+  graph, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
+  structure = path / STRUCTURE_FILE
+  like = (like_from_spec(json.loads(structure.read_text())) if structure.exists()
+          else nnx.to_pure_dict(state))   # float checkpoints written by `convert`
+  nnx.replace_by_pure_dict(state, restore_tree(path, like=like, device=device))
+  return nnx.merge(graph, state)
+
+
 def merge_trees(trees) -> dict:
   """Deep-merges nested dicts with disjoint leaves (the groups of one model)."""
   out: dict = {}
@@ -257,16 +312,18 @@ def _path_name(path) -> str:
 
 
 def _subtree(like: dict, group: str) -> dict:
-  """The part of ``like`` that the group ``'double_blocks/3'`` (or ``'img_in'``) holds."""
-  top, *rest = group.split("/")
-  if top not in like:
-    raise ValueError(f"the checkpoint holds group {group!r}, which the model does not have")
-  if not rest:
-    return {top: like[top]}
-  block = next((k for k in like[top] if str(k) == rest[0]), None)
-  if block is None:
-    raise ValueError(f"the checkpoint holds group {group!r}, which the model does not have")
-  return {top: {block: like[top][block]}}
+  """The part of ``like`` that a group (``'double_blocks/3'``, ``'img_in'``,
+  ``'encoder/block/0'``) holds, nested from the root."""
+  node, keys = like, []
+  for part in group.split("/"):
+    key = next((k for k in node if str(k) == part), None) if isinstance(node, dict) else None
+    if key is None:
+      raise ValueError(f"the checkpoint holds group {group!r}, which the model does not have")
+    keys.append(key)
+    node = node[key]
+  for key in reversed(keys):
+    node = {key: node}
+  return node
 
 
 def _restore_item(ckpt, path: pathlib.Path, like, src, device):

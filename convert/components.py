@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 
-from svdq_jax.convert.checkpoint import SafetensorsSource
+from svdq_jax.convert.checkpoint import (SafetensorsSource, atomic_directory, is_saved_model,
+                                        merge_trees, restore_model, save_model, tree_groups)
 from svdq_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from svdq_jax.models.t5 import T5Config, T5EncoderModel
 from svdq_jax.models.vae import AutoencoderKL, VAEConfig
@@ -58,37 +60,76 @@ def to_flax(value: np.ndarray, want: tuple[int, ...], leaf: str) -> np.ndarray:
   return value
 
 
-def params_from_torch(like: dict, source, name_of: Callable[[str], str] = lambda n: n,
-                      put: Callable[[np.ndarray], object] = lambda x: x,
-                      what: str = "checkpoint", ignore: frozenset = frozenset()) -> dict:
-  """The pure parameter dict shaped like ``like`` (``nnx.to_pure_dict`` of an abstract
-  model), read tensor by tensor from ``source`` (``SafetensorsSource``-like: ``keys``,
-  ``shape``, ``get``); ``name_of`` maps the reference name (``torch_name``) to the
-  checkpoint's naming; ``ignore``: names a checkpoint may hold that the model does not use
-  (tied copies). Raises ValueError listing missing, unexpected and misshapen tensors before
-  reading any tensor."""
-  leaves = jax.tree_util.tree_flatten_with_path(like)[0]
+def _check_names(like: dict, source, name_of, what: str, ignore: frozenset) -> None:
+  """Raises ValueError listing missing, unexpected and misshapen tensors (before any read)."""
   names = {}
-  for path, leaf in leaves:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
     parts = tuple(getattr(k, "key", k) for k in path)
-    names[name_of(torch_name(parts))] = (path, leaf, str(parts[-1]))
+    names[name_of(torch_name(parts))] = (tuple(leaf.shape), str(parts[-1]))
   keys = set(source.keys())
   missing, unexpected = sorted(set(names) - keys), sorted(keys - set(names) - ignore)
-  bad = []
-  for name in sorted(set(names) & keys):
-    _, leaf, kind = names[name]
-    want, got = tuple(leaf.shape), tuple(source.shape(name))
-    if flax_shape(got, want, kind) != want:
-      bad.append(f"{name}: checkpoint {got}, model {want}")
+  bad = [f"{n}: checkpoint {tuple(source.shape(n))}, model {names[n][0]}"
+         for n in sorted(set(names) & keys)
+         if flax_shape(tuple(source.shape(n)), *names[n]) != names[n][0]]
   if missing or unexpected or bad:
     raise ValueError(f"{what} does not match the model: missing {len(missing)} tensors "
                      f"{missing[:20]}, unexpected {len(unexpected)} tensors {unexpected[:20]}, "
                      f"misshapen {len(bad)} (model shapes in flax layout): {bad[:20]}")
-  flat = {}
-  for name, (path, leaf, kind) in names.items():
-    flat[path] = put(to_flax(source.get(name), tuple(leaf.shape), kind))
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
-                                      [flat[p] for p, _ in leaves])
+
+
+def param_groups_from_torch(like: dict, source, name_of: Callable[[str], str] = lambda n: n,
+                            put: Callable[[np.ndarray], object] = lambda x: x,
+                            what: str = "checkpoint", ignore: frozenset = frozenset()
+                            ) -> Iterator[tuple[str, dict]]:
+  """Yields ``(group, tree)`` per checkpoint group of ``like`` (``tree_groups``: one per
+  block), each read tensor by tensor from ``source`` (``SafetensorsSource``-like: ``keys``,
+  ``shape``, ``get``), so a consumer that saves or places each group holds one block.
+
+  ``like``: ``nnx.to_pure_dict`` of the abstract model; ``name_of`` maps the reference name
+  (``torch_name``) to the checkpoint's naming; ``ignore``: names a checkpoint may hold that
+  the model does not use (tied copies). The names and shapes are checked before the first
+  read (ValueError listing every missing, unexpected and misshapen tensor)."""
+  _check_names(like, source, name_of, what, ignore)
+  for group, sub in tree_groups(like):
+    def read(path, leaf):
+      parts = tuple(getattr(k, "key", k) for k in path)
+      return put(to_flax(source.get(name_of(torch_name(parts))), tuple(leaf.shape),
+                         str(parts[-1])))
+    yield group, jax.tree_util.tree_map_with_path(read, sub)
+
+
+def params_from_torch(like: dict, source, name_of: Callable[[str], str] = lambda n: n,
+                      put: Callable[[np.ndarray], object] = lambda x: x,
+                      what: str = "checkpoint", ignore: frozenset = frozenset()) -> dict:
+  """The whole pure parameter dict of ``param_groups_from_torch`` (same arguments)."""
+  return merge_trees(t for _, t in param_groups_from_torch(like, source, name_of, put, what,
+                                                            ignore))
+
+
+@dataclasses.dataclass
+class _Plan:
+  """How one component's torch checkpoint maps onto its NNX model."""
+  source: SafetensorsSource
+  model_cls: type
+  cfg: object
+  name_of: Callable[[str], str]
+  ignore: frozenset
+  what: str
+
+
+def _component_path(path, subfolder: str) -> pathlib.Path:
+  """A pipeline folder's ``subfolder``, or ``path`` itself."""
+  path = pathlib.Path(path)
+  return path / subfolder if path.is_dir() and (path / subfolder).is_dir() else path
+
+
+def _load(plan: _Plan, device) -> nnx.Module:
+  device = device or jax.devices()[0]
+  graph, state = nnx.split(nnx.eval_shape(lambda: plan.model_cls(plan.cfg, nnx.Rngs(0))))
+  tree = params_from_torch(nnx.to_pure_dict(state), plan.source, plan.name_of,
+                           lambda x: jax.device_put(x, device), plan.what, plan.ignore)
+  nnx.replace_by_pure_dict(state, tree)
+  return nnx.merge(graph, state)
 
 
 # ---------------------------------------------------------------------------------- the VAE
@@ -143,25 +184,24 @@ def vae_config(folder: pathlib.Path | None) -> VAEConfig:
   return cfg
 
 
-def load_vae(path, *, cfg: VAEConfig | None = None, device=None) -> AutoencoderKL:
-  """FLUX's AutoencoderKL from a diffusers ``vae/`` folder (safetensors + config.json), a
-  pipeline folder holding one, or BFL's ``ae.safetensors`` (FLUX's config unless ``cfg``).
-  Tensors go to ``device`` (default: the first jax device) one at a time."""
-  path = pathlib.Path(path)
-  if path.is_dir() and (path / "vae").is_dir():
-    path = path / "vae"
-  device = device or jax.devices()[0]
+def _vae_plan(path: pathlib.Path, cfg: VAEConfig | None = None) -> _Plan:
   source = SafetensorsSource(path)
   cfg = cfg or vae_config(path if path.is_dir() else None)
   naming = vae_naming(source.keys())
   n = len(cfg.block_out_channels)
   name_of = (lambda s: s) if naming == "diffusers" else (lambda s: bfl_vae_name(s, n))
-  graph, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(cfg, nnx.Rngs(0))))
-  tree = params_from_torch(nnx.to_pure_dict(state), source, name_of,
-                           put=lambda x: jax.device_put(x, device),
-                           what=f"{path} ({naming} VAE)")
-  nnx.replace_by_pure_dict(state, tree)
-  return nnx.merge(graph, state)
+  return _Plan(source, AutoencoderKL, cfg, name_of, frozenset(), f"{path} ({naming} VAE)")
+
+
+def load_vae(path, *, cfg: VAEConfig | None = None, device=None) -> AutoencoderKL:
+  """FLUX's AutoencoderKL from a diffusers ``vae/`` folder (safetensors + config.json), a
+  pipeline folder holding one, BFL's ``ae.safetensors`` (FLUX's config unless ``cfg``), or a
+  converted (``save_model``) folder. Tensors go to ``device`` (default: the first jax device)
+  one at a time."""
+  path = _component_path(path, "vae")
+  if is_saved_model(path):
+    return restore_model(path, AutoencoderKL, VAEConfig, device)
+  return _load(_vae_plan(path, cfg), device)
 
 
 # ---------------------------------------------------------------------------- text encoders
@@ -179,17 +219,12 @@ def _hf_config(folder: pathlib.Path | None, fields, what: str) -> dict:
   return {f.name: raw[f.name] for f in fields if f.name in raw}
 
 
-def _load_hf(path, model_cls, cfg_cls, cfg, subfolder: str, what: str, device, ignore=(),
-             aliases=None, optional_prefix: str = ""):
-  path = pathlib.Path(path)
-  if path.is_dir() and (path / subfolder).is_dir():
-    path = path / subfolder
-  device = device or jax.devices()[0]
+def _hf_plan(path: pathlib.Path, model_cls, cfg_cls, cfg, what: str, ignore=(),
+             aliases=None, optional_prefix: str = "") -> _Plan:
   source = SafetensorsSource(path)
   if cfg is None:
     cfg = cfg_cls(**_hf_config(path if path.is_dir() else None,
                                dataclasses.fields(cfg_cls), what))
-  graph, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
   keys = set(source.keys())
   strip = optional_prefix and not any(k.startswith(optional_prefix) for k in keys)
 
@@ -198,28 +233,71 @@ def _load_hf(path, model_cls, cfg_cls, cfg, subfolder: str, what: str, device, i
     # a name the checkpoint lacks may be stored under an alias (a tied copy)
     return n if n in keys else (aliases or {}).get(n, n)
 
-  tree = params_from_torch(nnx.to_pure_dict(state), source, name_of,
-                           put=lambda x: jax.device_put(x, device),
-                           what=f"{path} ({what})", ignore=frozenset(ignore) - {
-                               name_of(n) for n in (aliases or {})})
-  nnx.replace_by_pure_dict(state, tree)
-  return nnx.merge(graph, state)
+  return _Plan(source, model_cls, cfg, name_of,
+               frozenset(ignore) - {name_of(n) for n in (aliases or {})}, f"{path} ({what})")
+
+
+def _clip_plan(path, cfg=None) -> _Plan:
+  # transformers 4 (FLUX's files) stores text_model.*; transformers 5 drops the prefix
+  return _hf_plan(path, CLIPTextModel, CLIPTextConfig, cfg, "CLIP text model",
+                  ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"),
+                  optional_prefix="text_model.")
+
+
+def _t5_plan(path, cfg=None) -> _Plan:
+  return _hf_plan(path, T5EncoderModel, T5Config, cfg, "T5 encoder",
+                  ignore=("encoder.embed_tokens.weight",),
+                  aliases={"shared.weight": "encoder.embed_tokens.weight"})
 
 
 def load_clip(path, *, cfg: CLIPTextConfig | None = None, device=None) -> CLIPTextModel:
   """CLIP's text model from a transformers ``CLIPTextModel`` folder (safetensors +
-  config.json), or a FLUX pipeline folder's ``text_encoder/`` (ViT-L/14's config when there is
-  no config.json, unless ``cfg``)."""
-  # transformers 4 (FLUX's files) stores text_model.*; transformers 5 drops the prefix
-  return _load_hf(path, CLIPTextModel, CLIPTextConfig, cfg, "text_encoder", "CLIP text model",
-                  device, ignore=("text_model.embeddings.position_ids",
-                                  "embeddings.position_ids"), optional_prefix="text_model.")
+  config.json), a FLUX pipeline folder's ``text_encoder/`` (ViT-L/14's config when there is
+  no config.json, unless ``cfg``), or a converted (``save_model``) folder."""
+  path = _component_path(path, "text_encoder")
+  if is_saved_model(path):
+    return restore_model(path, CLIPTextModel, CLIPTextConfig, device)
+  return _load(_clip_plan(path, cfg), device)
 
 
 def load_t5(path, *, cfg: T5Config | None = None, device=None) -> T5EncoderModel:
   """T5's encoder from a transformers ``T5EncoderModel`` folder (safetensors, possibly
-  sharded, + config.json), or a FLUX pipeline folder's ``text_encoder_2/`` (T5-XXL's config
-  when there is no config.json, unless ``cfg``)."""
-  return _load_hf(path, T5EncoderModel, T5Config, cfg, "text_encoder_2", "T5 encoder", device,
-                  ignore=("encoder.embed_tokens.weight",),
-                  aliases={"shared.weight": "encoder.embed_tokens.weight"})
+  sharded, + config.json), a FLUX pipeline folder's ``text_encoder_2/`` (T5-XXL's config
+  when there is no config.json, unless ``cfg``), or a converted / quantized (``save_model``)
+  folder."""
+  path = _component_path(path, "text_encoder_2")
+  if is_saved_model(path):
+    return restore_model(path, T5EncoderModel, T5Config, device)
+  return _load(_t5_plan(path, cfg), device)
+
+
+# ------------------------------------------------------------------ whole pipeline folders
+
+PLANS = {"text_encoder": _clip_plan, "text_encoder_2": _t5_plan, "vae": _vae_plan}
+
+
+def convert_pipeline(src, dst, *, overwrite: bool = False, progress: bool = True) -> None:
+  """A diffusers FLUX.1 pipeline folder into one converted folder of the same layout: each
+  model component an orbax checkpoint (``save_model``, one block in host memory at a time),
+  the tokenizers and ``model_index.json`` copied. ``FluxPipeline.load`` and the loaders read
+  it. All or nothing (``atomic_directory``)."""
+  from svdq_jax.convert.convert import convert
+  from svdq_jax.models.pipeline import check_pipeline_folder
+  src = check_pipeline_folder(src)
+  cpu = jax.devices("cpu")[0]
+  with atomic_directory(dst, overwrite) as tmp:
+    axes = None
+    if (src / "transformer" / "config.json").exists():
+      axes = json.loads((src / "transformer" / "config.json").read_text()).get(
+          "axes_dims_rope")
+    convert(src / "transformer", tmp / "transformer", axes_dim=axes, progress=progress)
+    for name, make_plan in PLANS.items():
+      plan = make_plan(src / name)
+      abstract = nnx.eval_shape(lambda: plan.model_cls(plan.cfg, nnx.Rngs(0)))
+      groups = param_groups_from_torch(nnx.to_pure_dict(nnx.state(abstract)), plan.source,
+                                       plan.name_of, lambda x: jax.device_put(x, cpu),
+                                       plan.what, plan.ignore)
+      save_model(tmp / name, abstract, groups=groups)
+    for name in ("tokenizer", "tokenizer_2"):
+      shutil.copytree(src / name, tmp / name)
+    shutil.copy(src / "model_index.json", tmp / "model_index.json")

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from svdq_jax.convert.checkpoint import (SafetensorsSource, like_from_spec, merge_trees,
-                                        restore_tree, save_groups, save_tree, tree_spec)
+from svdq_jax.convert.checkpoint import (SafetensorsSource, is_saved_model, merge_trees,
+                                        restore_model, save_groups)
 from svdq_jax.convert.mapping import detect_naming, flux_param_groups, infer_config
 from svdq_jax.models.flux import Flux, FluxConfig
 
@@ -83,20 +83,6 @@ def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bo
   return cfg
 
 
-STRUCTURE_FILE = "structure.json"
-
-
-def save_flux(dst, model: Flux, *, overwrite: bool = False, extra: dict | None = None) -> None:
-  """Writes a Flux model, float or quantized (``svdq_jax.quantize``'s QuantizedLinear
-  kernels), as a checkpoint ``load_flux`` reads: orbax params one block at a time,
-  ``config.json``, and ``structure.json`` (shapes and formats of the quantized tree); ``extra``
-  text files beside them. All or nothing (``convert.checkpoint.atomic_directory``)."""
-  tree = nnx.to_pure_dict(nnx.state(model))
-  files = {"config.json": json.dumps(dataclasses.asdict(model.cfg)),
-           STRUCTURE_FILE: json.dumps(tree_spec(tree))} | (extra or {})
-  save_tree(dst, tree, overwrite, extra=files)
-
-
 def _transformer_source(path: pathlib.Path) -> pathlib.Path:
   """A diffusers pipeline folder's transformer/ subfolder, or ``path`` itself."""
   sub = path / "transformer"
@@ -113,27 +99,18 @@ def load_flux(path, *, device=None, naming: str | None = None, axes_dim=None,
   q/k/v built on the host per block), so host memory holds about one block, not the model.
   ``naming`` and ``axes_dim`` apply to safetensors sources (as for ``convert``).
   """
-  path = pathlib.Path(path)
   device = device or jax.devices()[0]
-  cfg_file = path / "config.json"
-  if path.is_dir() and cfg_file.exists() and (path / "params").exists():
-    raw = json.loads(cfg_file.read_text())
-    cfg = FluxConfig(**{**raw, "axes_dim": tuple(raw["axes_dim"])})
-    graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
-    structure = path / STRUCTURE_FILE   # quantized checkpoints (save_flux) describe their tree
-    like = (like_from_spec(json.loads(structure.read_text())) if structure.exists()
-            else nnx.to_pure_dict(state))
-    tree = restore_tree(path, like=like, device=device)
-  else:
-    src = _transformer_source(path)
-    diffusers_cfg = src / "config.json"
-    if axes_dim is None and src.is_dir() and diffusers_cfg.exists():
-      # diffusers' transformer/config.json records the RoPE split the weights cannot tell
-      axes_dim = json.loads(diffusers_cfg.read_text()).get("axes_dims_rope")
-    source = SafetensorsSource(src)
-    cfg, groups = _checked_groups(source, naming, axes_dim,
-                                  lambda x: jax.device_put(x, device), progress)
-    tree = merge_trees(tree for _, tree in groups)
-    graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
+  src = _transformer_source(pathlib.Path(path))
+  if is_saved_model(src):   # `convert`, `save_model` (quantized too)
+    return restore_model(src, Flux, FluxConfig, device)
+  diffusers_cfg = src / "config.json"
+  if axes_dim is None and src.is_dir() and diffusers_cfg.exists():
+    # diffusers' transformer/config.json records the RoPE split the weights cannot tell
+    axes_dim = json.loads(diffusers_cfg.read_text()).get("axes_dims_rope")
+  source = SafetensorsSource(src)
+  cfg, groups = _checked_groups(source, naming, axes_dim,
+                                lambda x: jax.device_put(x, device), progress)
+  tree = merge_trees(tree for _, tree in groups)
+  graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, tree)
   return nnx.merge(graph, state)

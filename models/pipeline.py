@@ -68,17 +68,17 @@ class FluxPipeline:
                        f"has {self.vae.cfg.latent_channels}")
 
   @classmethod
-  def load(cls, path, *, transformer: Flux | None = None, t5_max_length: int | None = None,
-           device=None) -> FluxPipeline:
-    """Every component from a pipeline folder; ``transformer`` replaces the folder's (e.g. a
-    quantized one). T5 reads 512 tokens for dev (guidance-distilled) and 256 for schnell
-    unless ``t5_max_length``."""
+  def load(cls, path, *, transformer: Flux | None = None, t5: T5EncoderModel | None = None,
+           t5_max_length: int | None = None, device=None) -> FluxPipeline:
+    """Every component from a pipeline folder (diffusers' files, or ``convert_pipeline``'s);
+    ``transformer`` and ``t5`` replace the folder's (e.g. quantized ones). T5 reads 512 tokens
+    for dev (guidance-distilled) and 256 for schnell unless ``t5_max_length``."""
     from svdq_jax.convert import load_clip, load_flux, load_t5, load_vae
     path = check_pipeline_folder(path)
     transformer = transformer or load_flux(path, device=device)
     max_len = t5_max_length or (512 if transformer.cfg.guidance_embed else 256)
     return cls(transformer=transformer, clip=load_clip(path, device=device),
-               t5=load_t5(path, device=device), vae=load_vae(path, device=device),
+               t5=t5 or load_t5(path, device=device), vae=load_vae(path, device=device),
                clip_tokenizer=clip_tokenizer(path), t5_tokenizer=t5_tokenizer(path, max_len))
 
   @property

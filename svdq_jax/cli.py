@@ -31,10 +31,18 @@ def _example(args) -> int:
 
 
 def _convert(args) -> int:
+  import pathlib
+
   from svdq_jax.convert import convert
+  from svdq_jax.convert.components import convert_pipeline
 
   axes = tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
   try:
+    if (pathlib.Path(args.src) / "model_index.json").exists():   # a whole pipeline folder
+      convert_pipeline(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet)
+      print(f"wrote {args.dst}: the FLUX.1 pipeline (transformer, CLIP, T5, VAE as orbax "
+            f"checkpoints; tokenizers)")
+      return 0
     cfg = convert(args.src, args.dst, naming=args.naming, axes_dim=axes,
                   overwrite=args.overwrite, progress=not args.quiet)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
@@ -90,20 +98,41 @@ def _prompts(args) -> list[str]:
   return [args.prompt]
 
 
+def _lora_arg(arg: str) -> tuple[str, float]:
+  """'FILE' or 'FILE:STRENGTH'."""
+  path, sep, strength = arg.rpartition(":")
+  if not sep or not strength.replace(".", "", 1).replace("-", "", 1).isdigit():
+    return arg, 1.0
+  return path, float(strength)
+
+
 def _generate(args) -> int:
   import pathlib
   import tempfile
+
+  from flax import nnx
 
   from tqdm.auto import tqdm
 
   from svdq_jax.models.pipeline import FluxPipeline, save_png
 
   try:
-    from svdq_jax.convert import load_flux
+    from svdq_jax.convert import load_flux, load_t5
     prompts = _prompts(args)
-    transformer = load_flux(args.quantized) if args.quantized else None
-    pipe = FluxPipeline.load(args.pipeline, transformer=transformer,
+    transformer = t5 = None
+    if args.quantized:
+      transformer = load_flux(args.quantized)
+      qt5 = pathlib.Path(args.quantized) / "text_encoder_2"   # quantize --t5 w4a16
+      t5 = load_t5(qt5) if qt5.is_dir() else None
+    pipe = FluxPipeline.load(args.pipeline, transformer=transformer, t5=t5,
                              t5_max_length=args.t5_max_length)
+    if args.lora:
+      from svdq_jax.lora import apply_loras, load_lora
+      files, strengths = zip(*(_lora_arg(a) for a in args.lora))
+      loras = [load_lora(f, pipe.transformer.cfg) for f in files]
+      graph, state = nnx.split(pipe.transformer)
+      pipe = dataclasses.replace(pipe, transformer=nnx.merge(
+          graph, apply_loras(state, loras, strengths)))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = range(0, len(prompts), args.batch_size)
@@ -130,13 +159,18 @@ def _generate(args) -> int:
 def _quantize(args) -> int:
   import pathlib
 
-  from svdq_jax.convert import save_flux
+  from flax import nnx
+
+  import svdq_jax
+  from svdq_jax import QuantConfig, Rule
+  from svdq_jax.convert import save_model
+  from svdq_jax.convert.checkpoint import atomic_directory
   from svdq_jax.models.flux import quant_config
   from svdq_jax.models.pipeline import FluxPipeline, calibration_prompts
 
   try:
     dst = pathlib.Path(args.qdir)
-    if dst.exists() and not args.overwrite:
+    if dst.exists() and not args.overwrite:   # refused before the minutes of quantization
       raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
     prompts = _prompts(args) if args.batch_file else calibration_prompts()
     search = dict(alpha_grid=1, lowrank_iters=1) if args.fast_search else {}
@@ -152,8 +186,16 @@ def _quantize(args) -> int:
     errors = [r.error for r in report.values()]
     summary = dict(settings=settings, layers_quantized=len(report), calibration_prompts=len(
         prompts), mean_rel_error=sum(errors) / max(len(errors), 1))
-    save_flux(dst, qmodel, overwrite=args.overwrite,
-              extra={"quantize.json": json.dumps(summary, indent=1)})
+    # QDIR: transformer/ (+ text_encoder_2/), as in a pipeline folder; all or nothing
+    with atomic_directory(dst, args.overwrite) as tmp:
+      save_model(tmp / "transformer", qmodel)
+      if args.t5 == "w4a16":
+        # T5-XXL is 9.5 GB in bf16: its linears as 4-bit weights (data-free, 16-bit compute)
+        t5_config = QuantConfig(rules=(Rule(".*", "w4a16_rtn", "int4"),))
+        graph, state = nnx.split(pipe.t5)
+        save_model(tmp / "text_encoder_2",
+                   nnx.merge(graph, svdq_jax.quantize(state, None, t5_config, progress=False)))
+      (tmp / "quantize.json").write_text(json.dumps(summary, indent=1))
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"svdq-jax quantize: error: {e}", file=sys.stderr)
     return 2
@@ -202,7 +244,8 @@ def main(argv=None) -> int:
   ex.set_defaults(func=_example)
   cv = sub.add_parser("convert", help="convert a PyTorch FLUX transformer checkpoint "
                       "(.safetensors, sharded .index.json, or a folder; BFL or diffusers "
-                      "naming) into an orbax checkpoint")
+                      "naming) into an orbax checkpoint; or a whole FLUX.1 pipeline folder "
+                      "(model_index.json) into one of the same layout")
   cv.add_argument("src")
   cv.add_argument("dst")
   cv.add_argument("--naming", choices=["bfl", "diffusers"], default=None,
@@ -262,6 +305,9 @@ def main(argv=None) -> int:
   gn.add_argument("--quantized", default=None,
                   help="a transformer checkpoint written by `svdq-jax quantize` (replaces the "
                        "folder's transformer)")
+  gn.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                  help="a LoRA (diffusers/PEFT, kohya or BFL naming) at a strength (default 1); "
+                       "repeatable")
   gn.add_argument("--quiet", action="store_true", help="no progress bars")
   gn.set_defaults(func=_generate)
   qz = sub.add_parser("quantize", help="quantize a FLUX.1 pipeline's transformer, calibrated "
@@ -287,6 +333,10 @@ def main(argv=None) -> int:
   qz.add_argument("--fast-search", action="store_true",
                   help="one smoothing strength and one low-rank iteration per layer")
   qz.add_argument("--t5-max-length", type=int, default=None)
+  qz.add_argument("--t5", choices=["bf16", "w4a16"], default="bf16",
+                  help="w4a16: also store T5's linears as 4-bit weights (data-free RTN) in "
+                       "QDIR/text_encoder_2, which generate --quantized loads (T5-XXL: 9.5 GB "
+                       "-> about 2.8 GB by its shapes)")
   qz.add_argument("--overwrite", action="store_true")
   qz.add_argument("--quiet", action="store_true", help="no progress bars")
   qz.set_defaults(func=_quantize)

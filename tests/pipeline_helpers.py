@@ -52,7 +52,7 @@ def _randomized(module: nnx.Module, seed: int) -> nnx.Module:
 
 def write_pipeline(root: pathlib.Path, guidance: bool = True) -> pathlib.Path:
   """tokenizer/ + tokenizer_2/ from the golden tokenizers, random CLIP (vocab 4514, width 32)
-  and T5 (vocab 320, width 32) encoders, the golden tiny VAE (4 latent channels, 4 pixels
+  and T5 (vocab 320, width 64) encoders, the golden tiny VAE (4 latent channels, 4 pixels
   per latent), a random 1+1-block transformer (BFL names)."""
   root.mkdir(parents=True)
   (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
@@ -60,8 +60,9 @@ def write_pipeline(root: pathlib.Path, guidance: bool = True) -> pathlib.Path:
   shutil.copytree(GOLDEN / "t5_tokenizer", root / "tokenizer_2")
   clip_cfg = CLIPTextConfig(vocab_size=4514, hidden_size=32, intermediate_size=48,
                             num_hidden_layers=1, num_attention_heads=2)
-  t5_cfg = T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=40, num_layers=1, num_heads=4)
-  flux_cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+  # T5 widths multiples of 64: its linears quantize (W4A16, groups of 64) in the tests
+  t5_cfg = T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+  flux_cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
                         hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
                         axes_dim=(8, 12, 12), guidance_embed=guidance)
   parts = {"text_encoder": (CLIPTextModel(clip_cfg, nnx.Rngs(1)), clip_cfg),

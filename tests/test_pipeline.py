@@ -74,13 +74,17 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   qdir = tmp_path / "q"
   assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--batch-file", str(prompts),
                    "--calib-steps", "2", "--calib-size", "16", "--rank", "8",
-                   "--fast-search", "--quiet"]) == 0
+                   "--fast-search", "--t5", "w4a16", "--quiet"]) == 0
   summary = json.loads((qdir / "quantize.json").read_text())
   assert summary["layers_quantized"] > 0 and summary["calibration_prompts"] == 2
   from svdq_jax.convert import load_flux
   from svdq_jax.qlinear import QuantizedLinear
   qmodel = load_flux(qdir)
   assert isinstance(qmodel.double_blocks[0].img_attn.qkv.kernel.get_value(), QuantizedLinear)
+  from svdq_jax.convert import load_t5
+  qt5 = load_t5(qdir / "text_encoder_2")
+  wo = qt5.encoder.block[0].layer[1].DenseReluDense.wo.kernel.get_value()
+  assert isinstance(wo, QuantizedLinear) and wo.act_format is None   # W4A16
   out = tmp_path / "out"
   args = ["generate", str(pipeline_dir), "a red circle", "--out", str(out), "--steps", "2",
           "--height", "16", "--width", "16", "--quiet"]
@@ -92,3 +96,35 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   # 4-bit on a random tiny model: close to, not equal to, the float image
   assert 0 < np.abs(quant - ref).mean() < 20
   assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--quiet"]) == 2   # exists
+
+
+def test_converted_pipeline_gives_the_same_image(pipeline_dir, tmp_path):
+  dst = tmp_path / "converted"
+  assert cli.main(["convert", str(pipeline_dir), str(dst), "--quiet"]) == 0
+  assert sorted(p.name for p in dst.iterdir()) == sorted(
+      ["model_index.json", "transformer", "text_encoder", "text_encoder_2", "vae",
+       "tokenizer", "tokenizer_2"])
+  kw = dict(steps=2, height=16, width=16, seed=5, progress=False)
+  a = np.asarray(FluxPipeline.load(pipeline_dir)("a red circle", **kw)[0])
+  b = np.asarray(FluxPipeline.load(dst)("a red circle", **kw)[0])
+  np.testing.assert_array_equal(a, b)
+  assert cli.main(["convert", str(pipeline_dir), str(dst), "--quiet"]) == 2   # exists
+
+
+def test_generate_with_lora(pipeline_dir, tmp_path):
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  h = 64   # the tiny pipeline's transformer width
+  save_file({"lora_unet_single_blocks_0_linear2.lora_down.weight":
+             rng.standard_normal((4, h + 4 * h)).astype(np.float32),
+             "lora_unet_single_blocks_0_linear2.lora_up.weight":
+             rng.standard_normal((h, 4)).astype(np.float32)}, tmp_path / "style.safetensors")
+  args = ["generate", str(pipeline_dir), "a red circle", "--steps", "2", "--height", "16",
+          "--width", "16", "--quiet", "--out"]
+  assert cli.main(args + [str(tmp_path / "a")]) == 0
+  assert cli.main(args + [str(tmp_path / "b"), "--lora",
+                          f"{tmp_path / 'style.safetensors'}:0.8"]) == 0
+  a = np.asarray(Image.open(tmp_path / "a" / "0000.png"), np.int16)
+  b = np.asarray(Image.open(tmp_path / "b" / "0000.png"), np.int16)
+  assert np.abs(a - b).max() > 0
+  assert cli.main(args + [str(tmp_path / "c"), "--lora", str(tmp_path / "none.safetensors")]) == 2
