@@ -209,12 +209,37 @@ def t5_tokenizer(out_dir: str) -> None:
            ids=np.array(ids, np.int32))
 
 
+def lora_kohya(out_dir: str) -> None:
+  """A rank-2 kohya LoRA at FLUX.1's real widths (fused qkv, single-block linear1 with its
+  q/k/v/MLP parts, a plain layer, alphas) and diffusers' own conversion of it to PEFT naming
+  (``_convert_kohya_flux_lora_to_diffusers``): the test loads both and checks they add the
+  same deltas, i.e. our diffusers part offsets agree with diffusers' reading of BFL's layers."""
+  from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+  h, mlp = 3072, 12288
+  g = torch.Generator().manual_seed(30)
+
+  def pair(name, r, k, n, alpha):
+    return {f"{name}.lora_down.weight": torch.randn(r, k, generator=g) * 0.1,
+            f"{name}.lora_up.weight": torch.randn(n, r, generator=g) * 0.1,
+            f"{name}.alpha": torch.tensor(float(alpha))}
+
+  sd = (pair("lora_unet_double_blocks_0_img_attn_qkv", 3, h, 3 * h, 1.5)
+        | pair("lora_unet_single_blocks_0_linear1", 4, h, 3 * h + mlp, 8)
+        | pair("lora_unet_double_blocks_0_txt_attn_proj", 2, h, h, 2))
+  save_file({k: v.contiguous() for k, v in sd.items()},
+            os.path.join(out_dir, "lora_kohya.safetensors"))
+  converted = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+  save_file({k: v.clone().contiguous() for k, v in converted.items()},  # splits share
+            os.path.join(out_dir, "lora_kohya_as_diffusers.safetensors"))
+
+
 def main(out_dir, bpe_gz=None):
   os.makedirs(out_dir, exist_ok=True)
   vae(out_dir)
   clip(out_dir)
   t5(out_dir)
   t5_tokenizer(out_dir)
+  lora_kohya(out_dir)
   if bpe_gz:
     clip_tokenizer(out_dir, bpe_gz)
 

@@ -160,3 +160,22 @@ def test_bad_lora_files_name_the_problem(trees, tmp_path):
   with pytest.raises(ValueError, match="unknown LoRA naming"):
     save_file({"foo.weight": a}, tmp_path / "foo.safetensors")
     load_lora(tmp_path / "foo.safetensors", CFG)
+
+
+def test_kohya_and_its_diffusers_conversion_agree():
+  """tests/golden/lora_kohya*.safetensors: a kohya LoRA at FLUX.1's widths and diffusers'
+  own conversion of it to PEFT names (q/k/v and proj_mlp split, alphas folded): both load
+  onto the same layers with the same deltas."""
+  from pathlib import Path
+  from svdq_jax.models.flux import FLUX_DEV
+  golden = Path(__file__).parent / "golden"
+  kohya = load_lora(golden / "lora_kohya.safetensors", FLUX_DEV)
+  peft = load_lora(golden / "lora_kohya_as_diffusers.safetensors", FLUX_DEV)
+  assert set(kohya.factors) == set(peft.factors) == {
+      "double_blocks/0/img_attn/qkv", "single_blocks/0/linear1", "double_blocks/0/txt_attn/proj"}
+  x = np.random.default_rng(1).standard_normal((3, 3072))
+  for path, (down, up) in kohya.factors.items():
+    d2, u2 = peft.factors[path]
+    want = (x @ down.astype(np.float64)) @ up.astype(np.float64)
+    got = (x @ d2.astype(np.float64)) @ u2.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
