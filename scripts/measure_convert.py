@@ -71,8 +71,13 @@ def main():
   if args.sync:
     os.sync()
   write_s = time.perf_counter() - t0
+  # each stage's numbers as soon as it ends: a run cut short (a time limit) keeps them
+  print(json.dumps(dict(stage="source", checkpoint_bytes=total, write_source_s=round(write_s, 1))),
+        flush=True)
   dst = os.path.join(args.work, "out")
   wall, peak = child(CONVERT, src, dst)
+  print(json.dumps(dict(stage="convert", convert_wall_s=round(wall, 1),
+                        convert_peak_rss_bytes=peak)), flush=True)
   out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
   result = dict(blocks=f"{args.double} double + {args.single} single", tensors=len(shapes),
                 shards=args.shards, checkpoint_bytes=total, write_source_s=round(write_s, 1),
@@ -83,6 +88,8 @@ def main():
     for name, path in (("orbax", dst), ("safetensors", src)):
       s, p = child(LOAD, path)
       result[f"load_{name}_s"], result[f"load_{name}_peak_rss_bytes"] = round(s, 1), p
+      print(json.dumps(dict(stage=f"load_{name}", seconds=round(s, 1), peak_rss_bytes=p)),
+            flush=True)
   print(json.dumps(result, indent=1))
   print(f"| {result['blocks']} | {total / 2**30:.2f} GiB | {args.shards} | {wall:.1f} s | "
         f"{peak / 2**30:.2f} GiB |")
