@@ -324,8 +324,9 @@ def main(argv=None) -> int:
   qz.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
   qz.add_argument("--batch-file", default=None,
                   help="calibration prompts, one per line (default: the 32 built-in ones)")
-  qz.add_argument("--calib-steps", type=int, default=None,
-                  help="sampling steps per calibration prompt (default: 28 dev, 4 schnell)")
+  qz.add_argument("--calib-steps", type=int, default=8,
+                  help="sampling steps per calibration trajectory (default 8: the whole "
+                       "schedule, coarser; every step is one calibration batch)")
   qz.add_argument("--calib-size", type=int, default=512, help="calibration image side")
   qz.add_argument("--batch-size", type=int, default=4, help="prompts per trajectory batch")
   qz.add_argument("--max-samples", type=int, default=256, help="tokens kept per layer")
