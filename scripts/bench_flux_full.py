@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import time
@@ -37,29 +38,37 @@ from svdq_jax.tree import tree_bytes
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _random_kernel(key, shape):
-  return (jax.random.normal(key, shape, jnp.float32) / jnp.sqrt(shape[0])).astype(jnp.bfloat16)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_normal(key, shape, std):
+  return (jax.random.normal(key, shape, jnp.float32) * std).astype(jnp.bfloat16)
 
 
-def random_model(cfg, seed=0) -> Flux:
-  """Flux with N(0, 1/fan_in) bf16 kernels, zero biases, unit norm scales, built leaf by leaf
-  on the device (no f32 copy of the model)."""
-  graph, abstract = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))
+def random_module(factory, seed=0):
+  """``factory()``'s NNX module with N(0, 1/fan_in) bf16 kernels (convs too), N(0, 1)
+  embeddings, zero biases, unit norm scales, built leaf by leaf on the device (no f32 copy of
+  the model)."""
+  graph, abstract = nnx.split(nnx.eval_shape(factory))
   key = jax.random.key(seed)
   counter = iter(range(10**6))
 
   def init(path, s):
     name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      return _random_kernel(jax.random.fold_in(key, next(counter)), tuple(s.shape))
+    shape = tuple(s.shape)
+    if name in ("kernel", "embedding"):
+      fan_in = math.prod(shape[:-1]) if name == "kernel" else 1
+      return _random_normal(jax.random.fold_in(key, next(counter)), shape, fan_in ** -0.5)
     if name == "scale":
-      return jnp.ones(s.shape, jnp.bfloat16)
-    return jnp.zeros(s.shape, jnp.bfloat16)
+      return jnp.ones(shape, jnp.bfloat16)
+    return jnp.zeros(shape, jnp.bfloat16)
 
   state = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(abstract))
   nnx.replace_by_pure_dict(abstract, state)
   return nnx.merge(graph, abstract)
+
+
+def random_model(cfg, seed=0) -> Flux:
+  """A Flux model with random bf16 weights (``random_module``)."""
+  return random_module(lambda: Flux(cfg, nnx.Rngs(0)), seed)
 
 
 def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
