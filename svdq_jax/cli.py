@@ -206,20 +206,25 @@ def _quantize(args) -> int:
 
 
 def _demo(args) -> int:
+  from svdq_jax.demo import lora as demo_lora
   from svdq_jax.demo import report, run
 
   prompts = list(args.prompt) if args.prompt else list(run.PROMPTS)
   methods = args.methods.split(",")
   search = {"alpha_grid": args.alpha_grid} if args.alpha_grid else None
+  lora = args.lora
+  if lora is None and not args.no_lora and args.weights is None and "svdquant-int4" in methods:
+    lora = demo_lora.LORA   # the built-in model's built-in style LoRA
   try:
     results, outliers, rows = run.run(prompts, args.seeds, args.steps, methods, args.rank,
                                       weights=args.weights, search=search,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, lora=lora)
   except (ValueError, FileNotFoundError) as e:
     print(f"svdq-jax demo: error: {e}", file=sys.stderr)
     return 2
   setting = {"prompts": len(prompts), "seeds": list(args.seeds), "steps": args.steps,
-             "rank": args.rank, "methods": methods, "alpha_grid": args.alpha_grid or 20}
+             "rank": args.rank, "methods": methods, "alpha_grid": args.alpha_grid or 20,
+             "lora": lora and os.path.basename(lora)}
   print(report.table(results))
   print(report.outlier_summary(outliers))
   paths = report.write(args.out, results, outliers, rows, setting)
@@ -285,6 +290,10 @@ def main(argv=None) -> int:
   dm.add_argument("--alpha-grid", type=int, default=None,
                   help="smoothing strengths searched per layer (default 20)")
   dm.add_argument("--weights", default=None, help="model file (default: the built-in one)")
+  dm.add_argument("--lora", default=None,
+                  help="LoRA file for the '16-bit + LoRA' and 'SVDQuant INT4 + LoRA' columns "
+                       "(default: the built-in sepia LoRA, with the built-in weights)")
+  dm.add_argument("--no-lora", action="store_true", help="no LoRA columns")
   dm.add_argument("--quiet", action="store_true", help="no progress bars")
   dm.set_defaults(func=_demo)
   gn = sub.add_parser("generate", help="text to image with a FLUX.1 pipeline folder "

@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -105,12 +106,15 @@ def test_demo_end_to_end_orders_methods(tmp_path):
   assert cli.main(argv) == 0
   data = json.loads((out / "results.json").read_text())
   psnr = {r["key"]: r["psnr_db"] for r in data["results"]}
-  assert list(psnr) == ["bf16", "svdquant-int4", "smoothquant", "rtn"]
+  assert list(psnr) == ["bf16", "svdquant-int4", "smoothquant", "rtn", "bf16+lora",
+                        "svdquant-int4+lora"]
   assert psnr["svdquant-int4"] > psnr["smoothquant"] and psnr["svdquant-int4"] > psnr["rtn"]
+  # the built-in sepia LoRA moves the images far; quantized + LoRA stays near 16-bit + LoRA
+  assert psnr["bf16+lora"] < 20 < psnr["svdquant-int4+lora"]
   weights = {r["key"]: r["weight_bytes"] for r in data["results"]}
   assert weights["svdquant-int4"] < 0.5 * weights["bf16"]
   grid = Image.open(out / "grid.png")
-  assert grid.size == (240 + 4 * 128, 36 + 2 * 128)
+  assert grid.size == (240 + 6 * 128, 36 + 2 * 128)
   assert "SVDQuant INT4" in (out / "results.md").read_text()
   assert data["outliers"]
 
@@ -122,3 +126,16 @@ def test_demo_cli_rejects_bad_prompts_and_methods(tmp_path, capsys):
   assert cli.main(["demo", "--out", str(out), "--methods", "gptq", "--quiet"]) == 2
   assert "gptq" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_lora_training_writes_a_loadable_lora(tmp_path):
+  from svdq_jax.demo import lora as demo_lora
+  from svdq_jax.lora import load_lora
+  out = str(tmp_path / "l.safetensors")
+  log = demo_lora.train_lora(out, steps=2, rank=2, batch=2, progress=False)
+  assert log["steps"] == [2] and np.isfinite(log["loss"]).all()
+  lora = load_lora(out, demo_model.DEMO_FLUX)
+  assert len(lora.factors) == 2 * 8 + 4 * 2 and lora.rank == 2   # attention + MLP linears
+  sep = np.asarray(demo_lora.sepia(jnp.ones((1, 3, 2, 2))))       # white -> sepia's max tone
+  np.testing.assert_allclose(sep[0, :, 0, 0], np.minimum(demo_lora.SEPIA.sum(1), 1) * 2 - 1,
+                             rtol=1e-6)

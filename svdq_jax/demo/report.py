@@ -39,6 +39,8 @@ def table(results) -> str:
   for r in results:
     psnr = "identical" if r.key == "bf16" else f"{r.psnr_db:.2f}"
     ssim = "1" if r.key == "bf16" else f"{r.ssim:.4f}"
+    if r.reference:   # compared with another row than the 16-bit one
+      psnr += f" (vs {results[r.reference].label})"
     lines.append(f"| {r.label} | {psnr} | {ssim} | {r.weight_bytes / 1e6:.2f} | "
                  f"{r.quantize_seconds:.1f} | {r.sample_seconds:.1f} |")
   return "\n".join(lines)
@@ -66,12 +68,13 @@ def write(out: str, results, outliers, rows: list[str], setting: dict) -> list[s
   paths = {name: os.path.join(out, name) for name in names}
   labels = [r.label for r in results]
   img = grid([r.images for r in results], labels, rows)
-  ref = results[0].images.astype(np.int16)
-  diff = grid([np.clip(4 * np.abs(r.images - ref), 0, 255).astype(np.uint8) for r in results],
-              labels, rows)
+  diff = grid([np.clip(4 * np.abs(r.images.astype(np.int16) -
+                                 results[r.reference].images), 0, 255).astype(np.uint8)
+               for r in results], labels, rows)
   md = (f"# svdq-jax demo\n\nSetting: {json.dumps(setting)}\n\n{table(results)}\n\n"
         f"{outlier_summary(outliers)}\n\n![grid](grid.png)\n\n"
-        "Absolute difference to the 16-bit image, x4:\n\n![difference](diff.png)\n")
+        "Absolute difference to the 16-bit image (LoRA rows: to 16-bit + LoRA), x4:\n\n"
+        "![difference](diff.png)\n")
   data = {"setting": setting,
           "results": [{k: v for k, v in vars(r).items() if k != "images"} for r in results],
           "outliers": [{"layer": p, "max_over_median": r, "max_abs": m} for p, r, m in outliers]}

@@ -52,6 +52,7 @@ class Result:
   quantize_seconds: float
   sample_seconds: float
   images: np.ndarray = dataclasses.field(repr=False)   # u8 [B, 32, 32, 3]
+  reference: int = 0         # index of the row PSNR/SSIM (and diff.png) compare against
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:
@@ -98,8 +99,14 @@ def outlier_table(calib: dict[str, LayerStats]) -> list[tuple[str, float, float]
 
 def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), rank: int = 16,
         calib_batches: int = 8, calib_batch: int = 16, weights: str | None = None,
-        search: dict | None = None, progress: bool = True):
+        search: dict | None = None, progress: bool = True, lora: str | None = None,
+        lora_strength: float = 1.0):
   """Runs the demo. Returns (results [Result, first 'bf16'], outlier rows, row labels).
+
+  With ``lora`` (a LoRA file, e.g. ``demo.lora.LORA``), two more rows: "16-bit + LoRA"
+  (compared with the 16-bit images: how far the style moves them) and "SVDQuant INT4 + LoRA"
+  (the LoRA joined to the quantized model's low-rank branch, compared with 16-bit + LoRA);
+  the latter needs 'svdquant-int4' among the methods.
 
   Images are ordered prompt-major: row i is prompt i // len(seeds), seed i % len(seeds).
   The default rank 16 is 1/12 of this model's hidden size (FLUX.1: rank 32 of 3072); the
@@ -140,6 +147,7 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
                                model=model.flux, progress=progress)
 
   results: list[Result] = []
+  states = {}
   for key in methods:
     m = METHODS[key]
     start = time.perf_counter()
@@ -151,6 +159,7 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
       qstate = svdq_jax.quantize(state, calib, config, progress=progress)
       jax.block_until_ready(qstate)
     quantize_seconds = time.perf_counter() - start
+    states[key] = qstate
     start = time.perf_counter()
     out = sampling.sample(nnx.merge(graph, qstate), noise, txt, txt_ids, y, sigmas)
     images = to_uint8(out)
@@ -161,5 +170,22 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
                           sample_seconds, images))
     if progress and m.method is not None:
       print(f"{m.label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
+  if lora is not None:
+    from svdq_jax.lora import apply_loras, load_lora
+    if "svdquant-int4" not in states:
+      raise ValueError("the LoRA rows need the 'svdquant-int4' method")
+    adapter = load_lora(lora, model.flux.cfg)
+    for key, label in (("bf16", "16-bit + LoRA"),
+                       ("svdquant-int4", "SVDQuant INT4 + LoRA")):
+      lstate = apply_loras(states[key], [adapter], [lora_strength])
+      start = time.perf_counter()
+      out = sampling.sample(nnx.merge(graph, lstate), noise, txt, txt_ids, y, sigmas)
+      images = to_uint8(out)
+      ref = 0 if key == "bf16" else len(results) - 1
+      psnr, ssim = quality(images, results[ref].images)
+      results.append(Result(key + "+lora", label, psnr, ssim, tree_bytes(lstate), 0.0,
+                            time.perf_counter() - start, images, ref))
+      if progress:
+        print(f"{label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
   outliers = outlier_table(calib) if calib else []
   return results, outliers, [f"{p} (seed {s})" for p, s in rows]
