@@ -116,9 +116,27 @@ def trajectory_inputs(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_i
   return steps
 
 
+def _data_parallel(mesh, img, txt, y, g, state):
+  """Batch inputs padded to a multiple of the mesh's devices and split over them (every mesh
+  axis shards the batch); ``state`` replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n, b = mesh.devices.size, img.shape[0]
+  pad = -b % n
+
+  def split(a):
+    if a is None:
+      return None
+    a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
+    return jax.device_put(a, NamedSharding(mesh, P(mesh.axis_names)))
+
+  replicated = NamedSharding(mesh, P())
+  return (split(img), split(txt), split(y), split(g),
+          jax.tree_util.tree_map(lambda a: jax.device_put(a, replicated), state))
+
+
 def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,
-           y: jax.Array, sigmas, guidance: float | None = None, progress: bool = False
-           ) -> jax.Array:
+           y: jax.Array, sigmas, guidance: float | None = None, progress: bool = False,
+           mesh: jax.sharding.Mesh | None = None) -> jax.Array:
   """Euler integration of the flow from noise (sigma 1) to a clean latent (sigma 0).
 
   Args:
@@ -129,6 +147,11 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
     sigmas: [steps + 1] from ``schedule``.
     guidance: guidance scale for dev models (distilled: one pass, no CFG); None for schnell.
     progress: show a progress bar over steps.
+    mesh: data parallel over this mesh's devices (all its axes; axis type Auto, e.g.
+      ``jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))``): the
+      batch is padded to a multiple of the device count and split over them, the (quantized)
+      weights replicated; one jitted program, XLA's SPMD partitioner does the rest. Each
+      image is the one the same noise gives on one device.
 
   Returns:
     [B, 16, h, w] latents (unpacked, in transformer space; see AE_SHIFT / AE_SCALE).
@@ -140,10 +163,13 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
                      f" features per token = 4 x {model.cfg.in_channels // 4} channels")
   g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
   graph, state = nnx.split(model)
+  img = pack_latents(noise)
+  if mesh is not None:
+    img, txt, y, g, state = _data_parallel(mesh, img, txt, y, g, state)
   _bar = tqdm(total=len(sigmas) - 1, desc="sampling") if progress else None
   try:
-    x = _euler(graph, state, pack_latents(noise), image_ids(h, w), txt, txt_ids, y,
-               jnp.asarray(sigmas, jnp.float32), g, progress=progress)
+    x = _euler(graph, state, img, image_ids(h, w), txt, txt_ids, y,
+               jnp.asarray(sigmas, jnp.float32), g, progress=progress)[:b]
     x = jax.block_until_ready(x)
     jax.effects_barrier()
   finally:
