@@ -34,30 +34,31 @@ def torch_name(path: tuple) -> str:
                                "embedding": "weight"}.get(leaf, leaf)])
 
 
-def flax_shape(shape: tuple[int, ...], want: tuple[int, ...], leaf: str) -> tuple[int, ...]:
-  """The shape ``to_flax`` gives a torch tensor of ``shape`` for a parameter ``leaf``
-  (``kernel``, ``embedding``, ...) of shape ``want``."""
-  if leaf != "kernel":   # embeddings [vocab, d], norms and biases: as stored
-    return shape
+def _layout(shape: tuple[int, ...], want: tuple[int, ...], leaf: str):
+  """(squeeze the 1x1 of a conv stored for a linear?, axis permutation or None) that takes a
+  torch tensor of ``shape`` to the layout of a parameter ``leaf`` (``kernel``, ``embedding``,
+  ...) of shape ``want``: embeddings [vocab, d], norms and biases stay as stored."""
+  if leaf != "kernel":
+    return False, None
   if len(want) == 4 and len(shape) == 4:
-    return (shape[2], shape[3], shape[1], shape[0])
-  if len(want) == 2 and len(shape) == 4 and shape[2:] == (1, 1):
-    shape = shape[:2]
-  return shape[::-1] if len(want) == 2 and len(shape) == 2 else shape
+    return False, (2, 3, 1, 0)
+  squeeze = len(want) == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1)
+  return squeeze, (1, 0) if len(want) == 2 and (squeeze or len(shape) == 2) else None
+
+
+def flax_shape(shape: tuple[int, ...], want: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+  """The shape ``to_flax`` gives a torch tensor of ``shape``."""
+  squeeze, perm = _layout(shape, want, leaf)
+  shape = tuple(shape[:2]) if squeeze else tuple(shape)
+  return shape if perm is None else tuple(shape[i] for i in perm)
 
 
 def to_flax(value: np.ndarray, want: tuple[int, ...], leaf: str) -> np.ndarray:
   """A torch tensor in the layout of a parameter ``leaf`` of shape ``want`` (see the module
   doc); 1x1 convolutions stored for linears (BFL's VAE attention) are squeezed."""
-  if leaf != "kernel":
-    return value
-  if len(want) == 4 and value.ndim == 4:
-    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-  if len(want) == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
-    value = value[:, :, 0, 0]
-  if len(want) == 2 and value.ndim == 2:
-    return np.ascontiguousarray(value.T)
-  return value
+  squeeze, perm = _layout(value.shape, want, leaf)
+  value = value[:, :, 0, 0] if squeeze else value
+  return value if perm is None else np.ascontiguousarray(value.transpose(perm))
 
 
 def _check_names(like: dict, source, name_of, what: str, ignore: frozenset) -> None:
@@ -206,7 +207,7 @@ def load_vae(path, *, cfg: VAEConfig | None = None, device=None) -> AutoencoderK
 
 # ---------------------------------------------------------------------------- text encoders
 
-def _hf_config(folder: pathlib.Path | None, fields, what: str) -> dict:
+def _hf_config(folder: pathlib.Path | None, fields) -> dict:
   """The fields of a transformers config.json that our config dataclass has (defaults for
   the ones it lacks); {} without a file."""
   cfg_file = folder / "config.json" if folder is not None else None
@@ -223,8 +224,7 @@ def _hf_plan(path: pathlib.Path, model_cls, cfg_cls, cfg, what: str, ignore=(),
              aliases=None, optional_prefix: str = "") -> _Plan:
   source = SafetensorsSource(path)
   if cfg is None:
-    cfg = cfg_cls(**_hf_config(path if path.is_dir() else None,
-                               dataclasses.fields(cfg_cls), what))
+    cfg = cfg_cls(**_hf_config(path if path.is_dir() else None, dataclasses.fields(cfg_cls)))
   keys = set(source.keys())
   strip = optional_prefix and not any(k.startswith(optional_prefix) for k in keys)
 
@@ -286,11 +286,7 @@ def convert_pipeline(src, dst, *, overwrite: bool = False, progress: bool = True
   src = check_pipeline_folder(src)
   cpu = jax.devices("cpu")[0]
   with atomic_directory(dst, overwrite) as tmp:
-    axes = None
-    if (src / "transformer" / "config.json").exists():
-      axes = json.loads((src / "transformer" / "config.json").read_text()).get(
-          "axes_dims_rope")
-    convert(src / "transformer", tmp / "transformer", axes_dim=axes, progress=progress)
+    convert(src / "transformer", tmp / "transformer", progress=progress)
     for name, make_plan in PLANS.items():
       plan = make_plan(src / name)
       abstract = nnx.eval_shape(lambda: plan.model_cls(plan.cfg, nnx.Rngs(0)))

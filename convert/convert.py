@@ -76,11 +76,20 @@ def convert(src, dst, *, naming: str | None = None, axes_dim=None, overwrite: bo
   source = SafetensorsSource(src)
   # Host (CPU) jax arrays: orbax writes them without another copy
   cpu = jax.devices("cpu")[0]
-  cfg, groups = _checked_groups(source, naming, axes_dim, lambda x: jax.device_put(x, cpu),
-                                progress)
+  cfg, groups = _checked_groups(source, naming, _axes_dim(pathlib.Path(src), axes_dim),
+                                lambda x: jax.device_put(x, cpu), progress)
   save_groups(dst, groups, overwrite,
               extra={"config.json": json.dumps(dataclasses.asdict(cfg))})
   return cfg
+
+
+def _axes_dim(src: pathlib.Path, axes_dim):
+  """``axes_dim``, or the RoPE split a diffusers ``transformer/config.json`` beside the
+  weights records (the weights cannot tell it)."""
+  cfg = src / "config.json"
+  if axes_dim is None and src.is_dir() and cfg.exists():
+    return json.loads(cfg.read_text()).get("axes_dims_rope")
+  return axes_dim
 
 
 def _transformer_source(path: pathlib.Path) -> pathlib.Path:
@@ -103,12 +112,8 @@ def load_flux(path, *, device=None, naming: str | None = None, axes_dim=None,
   src = _transformer_source(pathlib.Path(path))
   if is_saved_model(src):   # `convert`, `save_model` (quantized too)
     return restore_model(src, Flux, FluxConfig, device)
-  diffusers_cfg = src / "config.json"
-  if axes_dim is None and src.is_dir() and diffusers_cfg.exists():
-    # diffusers' transformer/config.json records the RoPE split the weights cannot tell
-    axes_dim = json.loads(diffusers_cfg.read_text()).get("axes_dims_rope")
   source = SafetensorsSource(src)
-  cfg, groups = _checked_groups(source, naming, axes_dim,
+  cfg, groups = _checked_groups(source, naming, _axes_dim(src, axes_dim),
                                 lambda x: jax.device_put(x, device), progress)
   tree = merge_trees(tree for _, tree in groups)
   graph, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, nnx.Rngs(0))))

@@ -26,9 +26,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from svdq_jax.qlinear import QuantizedLinear
+from svdq_jax.tree import find_kernels, replace_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,47 +166,24 @@ def _fuse(layers: dict, path) -> dict:
 
 
 def apply_loras(params, loras, strengths=None):
-  """``params`` (nested dict or ``nnx.State`` of a Flux model, float or quantized) with the
-  LoRAs added at ``strengths`` (default 1 each).
+  """``params`` (nested dict or ``nnx.State`` of a Flux model, float or quantized; the same
+  type comes back) with the LoRAs added at ``strengths`` (default 1 each).
 
   Raises ValueError naming the LoRA layers the tree does not have, or whose shapes differ."""
   loras = list(loras)
   strengths = [1.0] * len(loras) if strengths is None else list(strengths)
   if len(strengths) != len(loras):
     raise ValueError(f"{len(loras)} LoRAs but {len(strengths)} strengths")
-  state = params if isinstance(params, nnx.State) else None
-  tree = nnx.to_pure_dict(params) if state is not None else params
-  missing = sorted({p for lora in loras for p in lora.factors} - set(_kernel_paths(tree)))
-  if missing:
-    raise ValueError(f"the model has no linear layers {missing[:20]} that the LoRAs "
-                     f"{[l.name for l in loras]} name")
-
-  def visit(node, path):
-    if isinstance(node, dict):
-      if "kernel" in node and path in want:
-        return {**node, "kernel": _extend(node["kernel"], want[path], path)}
-      return {k: visit(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
-    return node
-
   want: dict = {}
   for lora, s in zip(loras, strengths):
     for path, (down, up) in lora.factors.items():
       want.setdefault(path, []).append((down, up, s))
-  out = visit(tree, "")
-  if state is None:
-    return out
-  new = jax.tree_util.tree_map(lambda x: x, state)
-  nnx.replace_by_pure_dict(new, out)
-  return new
-
-
-def _kernel_paths(tree, path=""):
-  if isinstance(tree, dict):
-    if "kernel" in tree:
-      yield path
-    for k, v in tree.items():
-      if isinstance(v, dict):
-        yield from _kernel_paths(v, f"{path}/{k}" if path else str(k))
+  kernels = find_kernels(params, quantized=True)
+  missing = sorted(set(want) - set(kernels))
+  if missing:
+    raise ValueError(f"the model has no linear layers {missing[:20]} that the LoRAs "
+                     f"{[l.name for l in loras]} name")
+  return replace_kernels(params, {p: _extend(kernels[p], parts, p) for p, parts in want.items()})
 
 
 def _extend(kernel, parts, path):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from svdq_jax import formats
 from svdq_jax.calibrate import LayerStats
 from svdq_jax.config import QuantConfig, Rule
+from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.transforms import LayerReport, quantize_group
 
 
@@ -40,14 +41,31 @@ def module_path(key_path) -> tuple[str, str]:
   return "/".join(names[:-1]), names[-1] if names else ""
 
 
-def find_kernels(params) -> dict[str, jax.Array]:
-  """{module path: kernel [K, N]} for every 2-D leaf named 'kernel'."""
+def _is_quantized(node) -> bool:
+  return isinstance(node, QuantizedLinear)
+
+
+def find_kernels(params, quantized: bool = False) -> dict[str, jax.Array]:
+  """{module path: kernel [K, N]} for every 2-D leaf named 'kernel'; with ``quantized``, the
+  kernels that are QuantizedLinear too."""
   found = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_quantized if quantized else None)[0]
+  for key_path, leaf in leaves:
     path, name = module_path(key_path)
-    if name == "kernel" and np.ndim(leaf) == 2:
+    if name == "kernel" and (np.ndim(leaf) == 2 or _is_quantized(leaf)):
       found[path] = leaf
   return found
+
+
+def replace_kernels(params, new: Mapping[str, object]):
+  """``params`` (same type and structure) with the kernels at the module paths of ``new``
+  replaced by its values (arrays or QuantizedLinear); every other leaf untouched."""
+  def swap(key_path, leaf):
+    path, name = module_path(key_path)
+    return new.get(path, leaf) if name == "kernel" else leaf
+
+  return jax.tree_util.tree_map_with_path(swap, params, is_leaf=_is_quantized)
 
 
 @dataclasses.dataclass
@@ -141,12 +159,7 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
         report[path] = rep
     bar.update(len(job.paths))
   bar.close()
-
-  def swap(key_path, leaf):
-    path, name = module_path(key_path)
-    return replaced.get(path, leaf) if name == "kernel" else leaf
-
-  return jax.tree_util.tree_map_with_path(swap, params)
+  return replace_kernels(params, replaced)
 
 
 def tree_bytes(tree) -> int:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from svdq_jax.demo import model as demo_model
 from svdq_jax.demo import shapes
 from svdq_jax.models import sampling
+from svdq_jax.tree import find_kernels, replace_kernels
 
 LORA = os.path.join(os.path.dirname(__file__), "weights", "demo_lora_sepia.safetensors")
 TARGETS = re.compile(r".*/(img_attn/qkv|txt_attn/qkv|img_attn/proj|txt_attn/proj|"
@@ -40,32 +41,12 @@ def sepia(images: jax.Array) -> jax.Array:
   return jnp.clip(toned, 0, 1) * 2 - 1
 
 
-def _kernels(tree, path=""):
-  """{path: kernel} of the 2-D linear kernels in a pure dict."""
-  out = {}
-  for k, v in tree.items():
-    p = f"{path}/{k}" if path else str(k)
-    if isinstance(v, dict):
-      out |= _kernels(v, p)
-    elif k == "kernel":
-      out[path] = v
-  return out
-
-
-def _with_kernels(tree, kernels, path=""):
-  return {k: (_with_kernels(v, kernels, f"{path}/{k}" if path else str(k))
-              if isinstance(v, dict) else (kernels[path] if k == "kernel" and path in kernels
-                                           else v))
-          for k, v in tree.items()}
-
-
 def train_lora(out: str = LORA, *, steps: int = 300, rank: int = 8, batch: int = 32,
                lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
   """Trains the sepia LoRA on the built-in model and writes ``out`` (+ ``out``.json log)."""
   model = demo_model.load(demo_model.WEIGHTS, dtype=jnp.float32)
   graph, state = nnx.split(model.flux)
-  base = nnx.to_pure_dict(state)
-  targets = {p: k for p, k in _kernels(base).items() if TARGETS.fullmatch(p)}
+  targets = {p: k for p, k in find_kernels(state).items() if TARGETS.fullmatch(p)}
   key = jax.random.key(seed)
   factors = {p: (jax.random.normal(jax.random.fold_in(key, i), (k.shape[0], rank))
                  / np.sqrt(k.shape[0]), jnp.zeros((rank, k.shape[1])))
@@ -76,7 +57,7 @@ def train_lora(out: str = LORA, *, steps: int = 300, rank: int = 8, batch: int =
 
   def loss_fn(factors, ids, images, key):
     kernels = {p: targets[p] + a @ b for p, (a, b) in factors.items()}
-    flux = nnx.merge(graph, _state_like(state, _with_kernels(base, kernels)))
+    flux = nnx.merge(graph, replace_kernels(state, kernels))
     txt, y = model.text(ids)
     x0 = sampling.pack_latents(sepia(images))
     k_noise, k_t = jax.random.split(key)
@@ -112,12 +93,6 @@ def train_lora(out: str = LORA, *, steps: int = 300, rank: int = 8, batch: int =
   with open(out + ".json", "w") as f:
     json.dump(log, f, indent=1)
   return log
-
-
-def _state_like(state, pure):
-  new = jax.tree_util.tree_map(lambda x: x, state)
-  nnx.replace_by_pure_dict(new, pure)
-  return new
 
 
 def save_lora(factors: dict, cfg, out: str) -> None:
