@@ -1,11 +1,18 @@
 """Activation quantization for the row-scaled formats (Pallas, Triton backend).
 
-One program per block of ``block_m`` tokens reads its rows of X [M, K] (bf16) twice, in
-chunks of ``chunk`` columns: the first pass finds each token's absmax of x_hat = X * (1 /
-lambda) (the f32 reciprocal, computed once by XLA: XLA itself rewrites X / lambda into this
-product, so writing it keeps kernel and reference bit-identical on every backend),
-the second quantizes (the second read mostly hits L2) and accumulates the low-rank down
-projection x_hat @ L_down on the tensor cores. Per token:
+Two passes over X [M, K] (bf16), each a grid of independent [block_m, block_k] tiles (many
+programs in flight: the work is bound by HBM bandwidth, not by any tile's latency):
+
+1. ``absmax``: each tile's per-token max |x_hat|, x_hat = X * (1 / lambda) (the f32
+   reciprocal, computed once by XLA: XLA itself rewrites X / lambda into this product, so
+   writing it keeps kernel and reference bit-identical on every backend); a tile holding a
+   NaN reports NaN. XLA reduces the [K / block_k, M] partial maxima to the token scales.
+2. ``codes``: each tile quantizes with its tokens' scales, writes the int8 codes and its
+   part of the low-rank down projection x_hat @ L_down (bf16 operands, f32, tensor cores);
+   XLA sums the [K / block_k, M, r] partials.
+
+Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
+definition take 9 (docs/benchmarks). Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
@@ -33,39 +40,39 @@ from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_ev
 ACT_FORMATS = formats.ROW_SCALED
 
 
-def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format, chunk,
-            interpret):
-  bm, k = x_ref.shape
-  rows = pl.program_id(0) * bm + jnp.arange(bm)
-  row_ok = (rows < m)[:, None]
-  n_chunks = k // chunk
+def _x_hat(x_ref, smooth_ref, row_ok, start, width):
+  """f32 [block_m, width] columns start.. of the tile, times 1 / lambda (rows past M: 0)."""
+  cols = pl.ds(start, width)
+  v = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0).astype(jnp.float32)
+  if smooth_ref is not None:  # holds 1 / lambda
+    v = v * smooth_ref[cols][None, :]
+  return v
 
-  def x_hat(start, width):
-    cols = pl.ds(start, width)
-    v = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0).astype(jnp.float32)
-    if smooth_ref is not None:  # holds 1 / lambda
-      v = v * smooth_ref[cols][None, :]
-    return v
 
-  def row_stats(c, carry):
-    amax, nan = carry
-    v = x_hat(c * chunk, chunk)
-    # max() drops NaN on the GPU: NaN rows are tracked on their own
-    return (jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1)),
-            jnp.maximum(nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1)))
+def _rows_ok(block_m, m):
+  return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
-  zeros = jnp.zeros((bm,), jnp.float32)
-  amax, nan = jax.lax.fori_loop(0, n_chunks, row_stats, (zeros, zeros))
-  is_nan = nan > 0
-  if act_format == "int8":
-    scale = amax * formats.INV_127
-  else:
-    scale = jnp.where(amax == 0, 1.0, amax * formats.INV_112)
-  plgpu.store(s_ref, jnp.where(is_nan, jnp.nan, scale), mask=row_ok[:, 0])
-  div_by = jnp.where(scale == 0, 1.0, scale)[:, None]
+
+def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m):
+  bm, bk = x_ref.shape
+  row_ok = _rows_ok(bm, m)
+  v = _x_hat(x_ref, smooth_ref, row_ok, 0, bk)
+  amax = jnp.max(jnp.abs(v), axis=1)
+  # max() drops NaN on the GPU: a tile's NaN is reported on its own
+  has_nan = jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1) > 0
+  plgpu.store(amax_ref, jnp.where(has_nan, jnp.nan, amax), mask=row_ok[:, 0])
+
+
+def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
+                  interpret):
+  bm, bk = x_ref.shape
+  row_ok = _rows_ok(bm, m)
+  scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
+  is_nan = (scale != scale)[:, None]
+  div_by = jnp.where((scale == 0) | is_nan[:, 0], 1.0, scale)[:, None]
+  recip = lambda t: _div(jnp.ones_like(t), t, interpret)
 
   def codes(v):  # the products of formats.quantize, reciprocals correctly rounded
-    recip = lambda t: _div(jnp.ones_like(t), t, interpret)
     if act_format == "int8":
       return jnp.clip(_round_half_even(v * recip(div_by), interpret), -127.0, 127.0)
     unit = div_by  # int4_2l: v is one 64-group
@@ -74,38 +81,39 @@ def _kernel(x_ref, smooth_ref, down_ref, a_ref, s_ref, lr_ref, *, m, act_format,
     q = jnp.clip(_round_half_even(v * recip(unit * mult), interpret), -8.0, 7.0)
     return q * mult
 
-  # int8 takes a chunk at a time, int4_2l one 64-group (its multiplier's span) at a time
-  width = chunk if act_format == "int8" else GROUP
-
-  def quantize(c, lr):
-    for j in range(chunk // width):
-      start = c * chunk + j * width
-      v = x_hat(start, width)
-      a = jnp.where(is_nan[:, None], 0.0, codes(v))
-      plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
-                  mask=row_ok)
-      if down_ref is not None:
-        lr += plgpu.dot(v.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
-    return lr
-
-  lr = jax.lax.fori_loop(0, n_chunks, quantize,
-                         jnp.zeros((bm, lr_ref.shape[1] if down_ref is not None else 1),
-                                   jnp.float32))
+  # int8 takes the tile at once, int4_2l one 64-group (its multiplier's span) at a time
+  width = bk if act_format == "int8" else GROUP
+  lr = None
+  for start in range(0, bk, width):
+    v = _x_hat(x_ref, smooth_ref, row_ok, start, width)
+    a = jnp.where(is_nan, 0.0, codes(v))
+    plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
+                mask=row_ok)
+    if down_ref is not None:
+      part = plgpu.dot(v.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
+      lr = part if lr is None else lr + part
   if down_ref is not None:
     plgpu.store(lr_ref, lr, mask=row_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "chunk", "num_warps",
-                                              "num_stages", "interpret"))
+def _block_k(k: int, block_k: int) -> int:
+  """The largest power-of-two divisor of K up to ``block_k`` (>= 64: K % 64 == 0)."""
+  while k % block_k:
+    block_k //= 2
+  return max(block_k, GROUP)
+
+
+@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "num_warps",
+                                              "interpret"))
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
-                  act_format: str = "int8", block_m: int = 16, chunk: int = 256,
-                  num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                  act_format: str = "int8", block_m: int = 32, block_k: int = 512,
+                  num_warps: int = 4, interpret: bool = False):
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
     x: [M, K] (bf16 or f32), K a multiple of 64. smooth: f32 [K] or None.
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
-    block_m, chunk, num_warps, num_stages: tiling (chunk reduced to a divisor of K).
+    block_m, block_k, num_warps: tiling (block_k reduced to a divisor of K).
 
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
@@ -116,38 +124,55 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
   m, k = check_act_inputs(x, smooth, down)
-  while k % chunk:
-    chunk //= 2
-  chunk = max(chunk, GROUP)
-  r = 0 if down is None else down.shape[1]
-  down_p = None if down is None else _pad_rank(down.astype(jnp.bfloat16), 1)
-  rp = 1 if down_p is None else down_p.shape[1]
-  row_block = lambda cols: pl.BlockSpec((block_m, cols), lambda i: (i, 0))
-  in_specs = [row_block(k)]
-  args = [x]
+  block_k = _block_k(k, block_k)
+  grid = (pl.cdiv(m, block_m), k // block_k)
+  tile = pl.BlockSpec((block_m, block_k), lambda i, j: (i, j))
+  tokens = pl.BlockSpec((block_m,), lambda i, j: (i,))
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  in_specs, args = [tile], [x]
   if smooth is not None:
-    in_specs.append(pl.BlockSpec((k,), lambda i: (0,)))
+    in_specs.append(pl.BlockSpec((block_k,), lambda i, j: (j,)))
     args.append(inverse_smooth(smooth))
-  if down_p is not None:
-    in_specs.append(pl.BlockSpec((k, rp), lambda i: (0, 0)))
+  smooth_ref = lambda refs: (refs[0] if smooth is not None else None,
+                             refs[1:] if smooth is not None else refs)
+
+  def absmax(x_ref, *refs):
+    sm, (amax_ref,) = smooth_ref(refs)
+    _absmax_kernel(x_ref, sm, amax_ref, m=m)
+
+  partial = pl.pallas_call(
+      absmax, grid=grid, in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
+      compiler_params=params, interpret=interpret, name="svdq_absmax")(*args)
+  # jnp.max drops no NaN here (XLA's max propagates it); the NaN check keeps that explicit
+  amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
+  if act_format == "int8":
+    scale = amax * formats.INV_127
+  else:
+    scale = jnp.where(amax == 0, 1.0, amax * formats.INV_112)
+
+  in_specs, args = in_specs + [tokens], args + [scale]
+  out_shape, out_specs = [jax.ShapeDtypeStruct((m, k), jnp.int8)], [tile]
+  if down is not None:
+    down_p = _pad_rank(down.astype(jnp.bfloat16), 1)
+    rp = down_p.shape[1]
+    in_specs.append(pl.BlockSpec((block_k, rp), lambda i, j: (j, 0)))
     args.append(down_p)
+    out_shape.append(jax.ShapeDtypeStruct((grid[1], m, rp), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
 
-  def wrapped(x_ref, *refs):
-    it = iter(refs)
-    smooth_ref = next(it) if smooth is not None else None
-    down_ref = next(it) if down_p is not None else None
-    _kernel(x_ref, smooth_ref, down_ref, *it, m=m, act_format=act_format, chunk=chunk,
-            interpret=interpret)
+  def codes(x_ref, *refs):
+    sm, rest = smooth_ref(refs)
+    s_ref, *rest = rest
+    down_ref, a_ref, lr_ref = rest if down is not None else (None, *rest, None)
+    _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
+                  interpret=interpret)
 
-  a, s, lr = pl.pallas_call(
-      wrapped, grid=(pl.cdiv(m, block_m),), in_specs=in_specs,
-      out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8),
-                 jax.ShapeDtypeStruct((m,), jnp.float32),
-                 jax.ShapeDtypeStruct((m, rp), jnp.float32)],
-      out_specs=[row_block(k), pl.BlockSpec((block_m,), lambda i: (i,)), row_block(rp)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name=f"svdq_quantize_{act_format}")(*args)
-  return a, s, (lr[:, :r] if r else None)
+  a, *lr = pl.pallas_call(
+      codes, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+      compiler_params=params, interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
+  return a, scale, (lr[0].sum(0)[:, :down.shape[1]] if down is not None else None)
 
 
 def reference(x, smooth, down, act_format: str):

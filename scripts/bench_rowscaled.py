@@ -38,14 +38,14 @@ from bench_w4a4 import activations, make_layer
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
 VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"]
-# activation kernel (block_m, chunk, num_warps) and expansion (block_n, chunk, num_warps)
-ACT_SWEEP = ["16,512,8", "32,256,8", "16,1024,8"]
+# activation kernel (block_m, block_k, num_warps) and expansion (block_n, chunk, num_warps)
+ACT_SWEEP = ["32,512,4", "64,256,4", "16,1024,4", "64,512,8", "128,256,8", "32,1024,8"]
 EXPAND_SWEEP = ["32,1024,4", "128,512,8", "64,1024,8"]
 
 
 def _act_kwargs(cfg):
-  bm, chunk, warps = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, chunk=chunk, num_warps=warps)
+  bm, bk, warps = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, num_warps=warps)
 
 
 def _expand_kwargs(cfg):
@@ -77,21 +77,30 @@ def rel(a, b):
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def checks(layer, x, interpret):
-  """Bit-exact activation codes/scales, GEMM and fused-layer errors. Raises on failure."""
+def act_checks(layer, x, interpret, tilings=("",)):
+  """Activation kernel vs ``act_rowscaled.reference``: code and scale mismatches (0 expected)
+  and the low-rank part's relative error, per format and tiling. Recorded, not raised."""
   out = {}
   for afmt in formats.ROW_SCALED:
-    a, s, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down, act_format=afmt,
-                                           interpret=interpret)
     ra, rs, rlr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, afmt)
-    bad = np.flatnonzero(np.asarray(s) != np.asarray(rs))
-    # recorded, not raised: the GEMM and layer checks below must still run
-    out[f"act_{afmt}_code_mismatches"] = int((a != ra).sum())
-    out[f"act_{afmt}_scale_mismatches"] = int(bad.size)
-    if bad.size:
-      out[f"act_{afmt}_scale_examples"] = [np.asarray(s)[bad[:3]].tolist(),
-                                           np.asarray(rs)[bad[:3]].tolist()]
-    out[f"act_{afmt}_lr_rel"] = rel(lr, rlr)
+    for cfg in tilings:
+      a, s, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down, act_format=afmt,
+                                             interpret=interpret,
+                                             **(_act_kwargs(cfg) if cfg else {}))
+      tag = f"act_{afmt}" + (f"_{cfg}" if cfg else "")
+      bad = np.flatnonzero(np.asarray(s) != np.asarray(rs))
+      out[f"{tag}_code_mismatches"] = int((a != ra).sum())
+      out[f"{tag}_scale_mismatches"] = int(bad.size)
+      if bad.size:
+        out[f"{tag}_scale_examples"] = [np.asarray(s)[bad[:3]].tolist(),
+                                        np.asarray(rs)[bad[:3]].tolist()]
+      out[f"{tag}_lr_rel"] = rel(lr, rlr)
+  return out
+
+
+def checks(layer, x, interpret):
+  """Bit-exact activation codes/scales, GEMM and fused-layer errors. Raises on failure."""
+  out = act_checks(layer, x, interpret)  # recorded: the GEMM and layer checks must still run
   a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
   w, sw = layer.row_scaled_weight()
   up = layer.lora_up.T
@@ -195,6 +204,50 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   return res
 
 
+def act_shape(m, k, n, rank, key, interpret):
+  """--act-only: activation kernel checks (every tiling) and timings, fused W4A8 per path."""
+  kx, kl = jax.random.split(key)
+  x = activations(m, k, kx)
+  layer = make_layer(k, n, rank, kl, "int4_2l", "int8")
+  t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
+                                   rounds=1 if interpret else 5) * 1e3
+  res = dict(M=m, K=k, N=n, rank=rank, checks=act_checks(layer, x, interpret, ACT_SWEEP))
+  res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
+  ops = (x, layer.smooth, layer.lora_down)
+  for afmt in formats.ROW_SCALED:
+    res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
+        x, s, d, f)), *ops)
+    for cfg in ACT_SWEEP:
+      res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
+          act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
+                                      **_act_kwargs(c))), *ops)
+  res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
+                     jnp.zeros((k, n), jnp.bfloat16))
+  try:
+    for act in w4a4.ACT_KERNELS:
+      w4a4.set_act_kernel(act)
+      with qlinear.backend("interpret" if interpret else "pallas"):
+        res[f"fused_w4a8_{act}_ms"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)), layer, x)
+  finally:
+    w4a4.set_act_kernel("xla")
+  return res
+
+
+def act_table(results) -> str:
+  best = lambda r, f: min(ACT_SWEEP, key=lambda c: r[f"act_{f}_pallas_{c}_ms"])
+  lines = ["| M | K | copy ms | int8: XLA / best Pallas (tiling) | int4_2l: XLA / best Pallas "
+           "(tiling) | bf16 matmul | fused W4A8 act=xla / act=pallas | mismatches |",
+           "|" + " --- |" * 8]
+  for r in results:
+    cell = lambda f: (f"{r[f'act_{f}_xla_ms']:.3f} / {r[f'act_{f}_pallas_{best(r, f)}_ms']:.3f}"
+                      f" `{best(r, f)}`")
+    bad = sum(v for key_, v in r["checks"].items() if key_.endswith("mismatches"))
+    lines.append(f"| {r['M']} | {r['K']} -> {r['N']} | {r['copy_ms']:.3f} | {cell('int8')} | "
+                 f"{cell('int4_2l')} | {r['bf16_ms']:.3f} | {r['fused_w4a8_xla_ms']:.3f} / "
+                 f"{r['fused_w4a8_pallas_ms']:.3f} | {bad} |")
+  return "\n".join(lines)
+
+
 def table(results) -> str:
   lines = ["| M | K -> N | bf16 ms | XLA int8 | best GEMM (variant) | GEMM+lr+bias | act int8 "
            "pallas / xla | expand | fused W4A8 (pallas act / xla act) | fused 2L W4A4 | "
@@ -225,6 +278,8 @@ def main():
   ap.add_argument("--interpret", action="store_true")
   ap.add_argument("--summary", default="", help="path of summary.json to update")
   ap.add_argument("--checks-only", action="store_true", help="the checks at --m, no timings")
+  ap.add_argument("--act-only", action="store_true",
+                  help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -242,6 +297,16 @@ def main():
       results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
+    return
+  if args.act_only:
+    for k, n in shapes:
+      r = act_shape(args.m, k, n, args.rank, key, args.interpret)
+      print(json.dumps(r), flush=True)
+      results.append(r)
+    meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
+    with open(os.path.join(args.out, "rowscaled_act.json"), "w") as f:
+      json.dump(dict(meta, results=results), f, indent=1)
+    print(act_table(results))
     return
   best = {}  # extra token counts time only the tiling that won at --m
   for m, (k, n), full in runs:
