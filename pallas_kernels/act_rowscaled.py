@@ -3,11 +3,11 @@
 Two passes over X [M, K] (bf16), each a grid of independent [block_m, block_k] tiles (many
 programs in flight: the work is bound by HBM bandwidth, not by any tile's latency):
 
-1. ``absmax``: each tile's per-token max |x_hat|, x_hat = X * (1 / lambda) (the f32
+1. ``row_scales``: each tile's per-token max |x_hat|, x_hat = X * (1 / lambda) (the f32
    reciprocal, computed once by XLA: XLA itself rewrites X / lambda into this product, so
    writing it keeps kernel and reference bit-identical on every backend); a tile holding a
    NaN reports NaN. XLA reduces the [K / block_k, M] partial maxima to the token scales.
-2. ``codes``: each tile quantizes with its tokens' scales, writes the int8 codes and its
+2. ``codes_and_lowrank``: each tile quantizes with its tokens' scales, writes the int8 codes and its
    part of the low-rank down projection x_hat @ L_down (bf16 operands, f32, tensor cores);
    XLA sums the [K / block_k, M, r] partials.
 
@@ -53,18 +53,20 @@ def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m):
-  bm, bk = x_ref.shape
+def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k):
+  bm, width = x_ref.shape
   row_ok = _rows_ok(bm, m)
-  v = _x_hat(x_ref, smooth_ref, row_ok, 0, bk)
-  amax = jnp.max(jnp.abs(v), axis=1)
-  # max() drops NaN on the GPU: a tile's NaN is reported on its own
-  has_nan = jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1) > 0
-  plgpu.store(amax_ref, jnp.where(has_nan, jnp.nan, amax), mask=row_ok[:, 0])
+  amax = has_nan = jnp.zeros((bm,), jnp.float32)
+  for start in range(0, width, block_k):  # unrolled: the loads are issued together
+    v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k)
+    amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
+    # max() drops NaN on the GPU: a block's NaN is reported on its own
+    has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
+  plgpu.store(amax_ref, jnp.where(has_nan > 0, jnp.nan, amax), mask=row_ok[:, 0])
 
 
 def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
-                  interpret):
+                  block_k, interpret):
   bm, bk = x_ref.shape
   row_ok = _rows_ok(bm, m)
   scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
@@ -81,8 +83,8 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
     q = jnp.clip(_round_half_even(v * recip(unit * mult), interpret), -8.0, 7.0)
     return q * mult
 
-  # int8 takes the tile at once, int4_2l one 64-group (its multiplier's span) at a time
-  width = bk if act_format == "int8" else GROUP
+  # int8 takes block_k columns at once, int4_2l one 64-group (its multiplier's span)
+  width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
     v = _x_hat(x_ref, smooth_ref, row_ok, start, width)
@@ -96,24 +98,97 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
     plgpu.store(lr_ref, lr, mask=row_ok)
 
 
-def _block_k(k: int, block_k: int) -> int:
-  """The largest power-of-two divisor of K up to ``block_k`` (>= 64: K % 64 == 0)."""
+def _tiling(k: int, block_k: int, chunks: int) -> tuple[int, int]:
+  """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide K."""
   while k % block_k:
     block_k //= 2
-  return max(block_k, GROUP)
+  block_k = max(block_k, GROUP)
+  while (k // block_k) % chunks:
+    chunks -= 1
+  return block_k, chunks
 
 
-@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "num_warps",
-                                              "interpret"))
+def _specs(x, smooth, block_m, span):
+  """Grid, the x tile's spec and the inputs (x, 1 / lambda) both passes share."""
+  m, k = x.shape
+  grid = (pl.cdiv(m, block_m), k // span)
+  in_specs, args = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))], [x]
+  if smooth is not None:
+    in_specs.append(pl.BlockSpec((span,), lambda i, j: (j,)))
+    args.append(inverse_smooth(smooth))
+  return grid, in_specs, args
+
+
+def _split_smooth(has_smooth, refs):
+  return (refs[0], refs[1:]) if has_smooth else (None, refs)
+
+
+def row_scales(x, smooth, act_format, *, block_m, block_k, chunks, num_warps, interpret):
+  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima."""
+  m, k = x.shape
+  block_k, chunks = _tiling(k, block_k, chunks)
+  grid, in_specs, args = _specs(x, smooth, block_m, block_k * chunks)
+
+  def kernel(x_ref, *refs):
+    sm, (amax_ref,) = _split_smooth(smooth is not None, refs)
+    _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k)
+
+  partial = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name="svdq_absmax")(*args)
+  amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
+  if act_format == "int8":
+    return amax * formats.INV_127
+  return jnp.where(amax == 0, 1.0, amax * formats.INV_112)
+
+
+def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, chunks,
+                      num_warps, interpret):
+  """(int8 [M, K] codes, f32 [M, r] x_hat @ down or None) for given token scales [M]."""
+  m, k = x.shape
+  block_k, chunks = _tiling(k, block_k, chunks)
+  span = block_k * chunks
+  grid, in_specs, args = _specs(x, smooth, block_m, span)
+  in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
+  args.append(scale)
+  out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
+  out_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))]
+  if down is not None:
+    down_p = _pad_rank(down.astype(jnp.bfloat16), 1)
+    rp = down_p.shape[1]
+    in_specs.append(pl.BlockSpec((span, rp), lambda i, j: (j, 0)))
+    args.append(down_p)
+    out_shape.append(jax.ShapeDtypeStruct((grid[1], m, rp), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
+
+  def kernel(x_ref, *refs):
+    sm, (s_ref, *rest) = _split_smooth(smooth is not None, refs)
+    down_ref, a_ref, lr_ref = rest if down is not None else (None, *rest, None)
+    _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
+                  block_k=block_k, interpret=interpret)
+
+  a, *lr = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
+  return a, (lr[0].sum(0)[:, :down.shape[1]] if down is not None else None)
+
+
+@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
+                                              "num_warps", "interpret"))
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
-                  act_format: str = "int8", block_m: int = 32, block_k: int = 512,
-                  num_warps: int = 4, interpret: bool = False):
+                  act_format: str = "int8", block_m: int = 64, block_k: int = 256,
+                  chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
     x: [M, K] (bf16 or f32), K a multiple of 64. smooth: f32 [K] or None.
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
-    block_m, block_k, num_warps: tiling (block_k reduced to a divisor of K).
+    block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
+      chunks * block_k columns, loading block_k at a time (both reduced to divisors of K).
 
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
@@ -123,56 +198,12 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   """
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  m, k = check_act_inputs(x, smooth, down)
-  block_k = _block_k(k, block_k)
-  grid = (pl.cdiv(m, block_m), k // block_k)
-  tile = pl.BlockSpec((block_m, block_k), lambda i, j: (i, j))
-  tokens = pl.BlockSpec((block_m,), lambda i, j: (i,))
-  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  in_specs, args = [tile], [x]
-  if smooth is not None:
-    in_specs.append(pl.BlockSpec((block_k,), lambda i, j: (j,)))
-    args.append(inverse_smooth(smooth))
-  smooth_ref = lambda refs: (refs[0] if smooth is not None else None,
-                             refs[1:] if smooth is not None else refs)
-
-  def absmax(x_ref, *refs):
-    sm, (amax_ref,) = smooth_ref(refs)
-    _absmax_kernel(x_ref, sm, amax_ref, m=m)
-
-  partial = pl.pallas_call(
-      absmax, grid=grid, in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
-      out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
-      compiler_params=params, interpret=interpret, name="svdq_absmax")(*args)
-  # jnp.max drops no NaN here (XLA's max propagates it); the NaN check keeps that explicit
-  amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
-  if act_format == "int8":
-    scale = amax * formats.INV_127
-  else:
-    scale = jnp.where(amax == 0, 1.0, amax * formats.INV_112)
-
-  in_specs, args = in_specs + [tokens], args + [scale]
-  out_shape, out_specs = [jax.ShapeDtypeStruct((m, k), jnp.int8)], [tile]
-  if down is not None:
-    down_p = _pad_rank(down.astype(jnp.bfloat16), 1)
-    rp = down_p.shape[1]
-    in_specs.append(pl.BlockSpec((block_k, rp), lambda i, j: (j, 0)))
-    args.append(down_p)
-    out_shape.append(jax.ShapeDtypeStruct((grid[1], m, rp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
-
-  def codes(x_ref, *refs):
-    sm, rest = smooth_ref(refs)
-    s_ref, *rest = rest
-    down_ref, a_ref, lr_ref = rest if down is not None else (None, *rest, None)
-    _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
-                  interpret=interpret)
-
-  a, *lr = pl.pallas_call(
-      codes, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
-      compiler_params=params, interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
-  return a, scale, (lr[0].sum(0)[:, :down.shape[1]] if down is not None else None)
+  check_act_inputs(x, smooth, down)
+  tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
+                interpret=interpret)
+  scale = row_scales(x, smooth, act_format, **tiling)
+  a, lr = codes_and_lowrank(x, smooth, scale, down, act_format, **tiling)
+  return a, scale, lr
 
 
 def reference(x, smooth, down, act_format: str):
