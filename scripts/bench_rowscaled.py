@@ -242,6 +242,28 @@ def act_shape(m, k, n, rank, key, interpret):
   return res
 
 
+def rank_shape(m, k, n, ranks, key, interpret):
+  """--ranks: the fused W4A8 layer (public API) at each low-rank width (32 + a LoRA's rank),
+  against its reference and timed, with bf16 ``x @ w + b`` as the baseline."""
+  x = activations(m, k, key)
+  t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
+                                   rounds=1 if interpret else 5) * 1e3
+  res = dict(M=m, K=k, N=n, bf16_ms=t(jax.jit(lambda x, w, b: x @ w + b), x,
+                                       jnp.zeros((k, n), jnp.bfloat16), jnp.zeros((n,), jnp.bfloat16)))
+  for rank in ranks:
+    layer = make_layer(k, n, rank, key, "int4_2l", "int8")
+    try:
+      with qlinear.backend("interpret" if interpret else "pallas"):
+        f = jax.jit(lambda l, x: qlinear.apply(l, x))
+        res[f"rank{rank}_rel"] = rel(f(layer, x), qlinear.reference_apply(layer, x))
+        res[f"rank{rank}_ms"] = t(f, layer, x)
+    except Exception as e:  # e.g. shared memory exhausted: reported, the others still run
+      res[f"rank{rank}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"  {k}x{n} rank {rank}: " + ", ".join(f"{key_}={v}" for key_, v in res.items()
+                                                if key_.startswith(f"rank{rank}_")), flush=True)
+  return res
+
+
 def act_table(results) -> str:
   best = lambda r, f: min(ACT_SWEEP, key=lambda c: r[f"act_{f}_pallas_{c}_ms"])
   lines = ["| M | K | copy ms | int8: XLA / best Pallas (tiling) | int4_2l: XLA / best Pallas "
@@ -287,6 +309,7 @@ def main():
   ap.add_argument("--interpret", action="store_true")
   ap.add_argument("--summary", default="", help="path of summary.json to update")
   ap.add_argument("--checks-only", action="store_true", help="the checks at --m, no timings")
+  ap.add_argument("--ranks", default="", help="e.g. 32,64,96,160: fused W4A8 per rank only")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   args = ap.parse_args()
@@ -306,6 +329,22 @@ def main():
       results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
+    return
+  if args.ranks:
+    ranks = [int(v) for v in args.ranks.split(",")]
+    for k, n in shapes:
+      results.append(rank_shape(args.m, k, n, ranks, key, args.interpret))
+    meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
+    with open(os.path.join(args.out, "rowscaled_ranks.json"), "w") as f:
+      json.dump(dict(meta, results=results), f, indent=1)
+    lines = ["| K -> N | bf16 ms | " + " | ".join(f"rank {r} ms" for r in ranks) + " |",
+             "|" + " --- |" * (len(ranks) + 2)]
+    for r in results:
+      cell = lambda q: (f"{r[f'rank{q}_ms']:.3f} ({r['bf16_ms'] / r[f'rank{q}_ms']:.2f}x)"
+                        if f"rank{q}_ms" in r else "failed")
+      lines.append(f"| {r['K']} -> {r['N']} | {r['bf16_ms']:.3f} | "
+                   + " | ".join(cell(q) for q in ranks) + " |")
+    print("\n".join(lines))
     return
   if args.act_only:
     for k, n in shapes:
