@@ -257,18 +257,42 @@ TILINGS = (dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
 F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 output tile
 
 
-def tiling(n: int, out_dtype=jnp.bfloat16) -> dict | None:
-  """The ``int8_gemm`` tile arguments for N output features, or None if none fits."""
+# Hopper's shared memory per block (227 KiB) less a margin for the barriers (144 bytes
+# measured on the H200) and alignment
+SMEM_BYTES = 232448 - 1024
+
+
+def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bfloat16) -> int:
+  """Shared memory of ``int8_gemm``'s scratch and pipeline buffers, in bytes. Matched Mosaic's
+  count to the byte, less 144 bytes of barriers, at ranks 64 / 96 / 160 (H200, 2026-12-02)."""
+  cta_m = tile_m * (2 if wg_dim == "m" else 1)
+  cta_n = tile_n * (2 if wg_dim == "n" else 1)
+  lr_rows, lr_cols = (tile_m, rank) if rank else (8, 64)
+  up_rows = tile_n if rank else 8
+  return (steps * (cta_m + cta_n) * tile_k                       # int8 operand tiles
+          + 2 * tile_m * tile_n * jnp.dtype(out_dtype).itemsize  # output staging
+          + 2 * 4 * (tile_m + 2 * tile_n)                        # token/channel scales, bias
+          + 2 * 2 * (lr_rows + up_rows) * lr_cols)               # bf16 low-rank operands
+
+
+def tiling(n: int, out_dtype=jnp.bfloat16, rank: int = 0) -> dict | None:
+  """The ``int8_gemm`` tile arguments for N output features and a low-rank branch of ``rank``
+  (a multiple of 16; 0: none), or None if none fits. A wider branch (32 + a LoRA's rank) takes
+  pipeline depth (down to 2 steps), then a narrower tile, to stay in shared memory."""
   tilings = (F32_TILING,) if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else TILINGS
   for t in tilings:
-    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)) == 0:
-      return t
+    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)):
+      continue
+    for steps in range(t["steps"], 1, -1):
+      if smem_bytes(**dict(t, steps=steps), rank=rank, out_dtype=out_dtype) <= SMEM_BYTES:
+        return dict(t, steps=steps)
   return None
 
 
 def supports(k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
-  """Whether ``int8_gemm`` takes this problem at the library tiling."""
+  """Whether ``int8_gemm`` takes this problem at the library tiling (low-rank branch apart:
+  one too wide for any tiling is added outside the kernel)."""
   return k % 64 == 0 and tiling(n, out_dtype) is not None
 
 
-__all__ = ["int8_gemm", "reference", "supports", "tiling", "on_hopper"]
+__all__ = ["int8_gemm", "reference", "smem_bytes", "supports", "tiling", "on_hopper"]
