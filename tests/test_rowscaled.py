@@ -178,3 +178,37 @@ def test_fused_layer_matches_reference(afmt):
       w4a4.set_act_kernel("xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_gemm_tiling_fits_shared_memory():
+  """smem_bytes is Mosaic's count (measured on the H200: 232592 bytes at rank 64 with 4 steps,
+  144 of them barriers); wider low-rank branches trade pipeline steps, then tile width."""
+  assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64) + 144 == 232592
+  assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=160) + 144 == 330896
+  steps = {}
+  for rank in range(0, 272, 16):
+    t = int8_hopper.tiling(3072, jnp.bfloat16, rank)
+    if t is not None:
+      assert int8_hopper.smem_bytes(**t, rank=rank) <= int8_hopper.SMEM_BYTES
+      steps[rank] = (t["tile_n"], t["steps"])
+  assert steps[32] == (128, 4) and steps[64] == (128, 3) and steps[160] == (64, 3)
+  assert 256 not in steps  # added outside the kernel (test below)
+
+
+def test_fused_layer_with_a_branch_wider_than_shared_memory():
+  """Rank 256 (SVDQuant's + LoRAs') fits no tiling: the up projection runs in XLA on the
+  kernel's f32 output, still equal to the reference."""
+  k, n, r = 128, 128, 256
+  ks = jax.random.split(jax.random.key(4), 3)
+  x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
+      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  layer = layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
+                        lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
+  assert int8_hopper.tiling(n, jnp.bfloat16, r) is None
+  want = qlinear.reference_apply(layer, x)
+  with qlinear.backend("interpret"):
+    got = qlinear.apply(layer, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))
