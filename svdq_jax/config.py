@@ -65,6 +65,7 @@ def method_spec(method: str, fmt: str, act_unsigned: bool, act_fmt: str | None =
 
 
 METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w4a16_rtn", "w8a8", "skip")
+RESIDUALS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,11 @@ class QuantConfig:
       of one attention) together, with one smoothing factor and one down projection.
     svd_oversample, svd_power_iters: randomized truncated-SVD accuracy settings.
     seed: seed of the randomized SVD.
+    residual: how the 4-bit residual is quantized: 'rtn' (round to nearest, the paper's) or
+      'gptq' (``svdq_jax.gptq``: error feedback through the inverse Hessian of the layer's
+      smoothed calibration inputs; same format and kernels). GPTQ needs calibration data,
+      so rules with the data-free methods ('rtn', 'w4a16_rtn') are an error with it.
+    gptq_damp: GPTQ's diagonal damping, relative to the Hessian's mean diagonal.
   """
 
   rules: tuple[Rule, ...]
@@ -138,6 +144,8 @@ class QuantConfig:
   svd_oversample: int = 16
   svd_power_iters: int = 4
   seed: int = 0
+  residual: str = "rtn"
+  gptq_damp: float = 0.01
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
@@ -145,6 +153,16 @@ class QuantConfig:
       raise ValueError("QuantConfig needs at least one rule")
     if self.alpha_grid < 1 or self.lowrank_iters < 1 or self.lowrank_patience < 1:
       raise ValueError("alpha_grid, lowrank_iters and lowrank_patience must be >= 1")
+    if self.residual not in RESIDUALS:
+      raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+    if not self.gptq_damp > 0:
+      raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
+    if self.residual == "gptq":
+      free = [r.pattern for r in self.rules if r.method != "skip" and not r.spec.needs_calibration]
+      if free:
+        raise ValueError(f"residual='gptq' needs calibration data, but rules {free} use a "
+                         "data-free method ('rtn', 'w4a16_rtn'); use 'smoothquant' / 'w4a16' "
+                         "or residual='rtn'")
 
   def rule_for(self, path: str) -> Rule | None:
     return next((r for r in self.rules if r.matches(path)), None)

@@ -11,7 +11,10 @@ weights concatenated along N:
   2. low-rank: W_hat = lambda W ~ L_down L_up + R, refined by alternating
      L = SVD_r(W_hat - Q) and Q = quant(W_hat - L), keeping the best output error and
      stopping once it stops falling;
-  3. the residual R is quantized per output channel in groups along K.
+  3. the residual R is quantized per output channel in groups along K: rounded to nearest,
+     or with GPTQ (``QuantConfig.residual='gptq'``: error feedback through the inverse
+     Hessian of the smoothed calibration inputs, ``svdq_jax.gptq``) once the low-rank
+     branch is chosen.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from svdq_jax import formats
+from svdq_jax import formats, gptq
 from svdq_jax.formats import matmul_f32
 from svdq_jax.config import Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
@@ -74,9 +77,15 @@ def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_forma
   else:
     down, up = jnp.zeros((k, 0), jnp.float32), jnp.zeros((0, n), jnp.float32)
     residual = fake_quantize_weight(w_hat, weight_format)
+  return Candidate(output_error(x_hat, y_ref, residual, down, up, act_format), down, up,
+                   residual)
+
+
+def output_error(x_hat, y_ref, residual, down, up, act_format) -> jax.Array:
+  """f32 sum of squared errors of Q(x_hat) R + (x_hat L_down) L_up against y_ref [S, N]."""
   xq = x_hat if act_format is None else formats.fake_quantize(x_hat, act_format)
   y = matmul_f32(xq, residual) + lowrank_up(lowrank_down(x_hat, down), up)
-  return Candidate(jnp.sum(jnp.square(y - y_ref)), down, up, residual)
+  return jnp.sum(jnp.square(y - y_ref))
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
@@ -102,8 +111,8 @@ class LayerReport(NamedTuple):
 
 
 def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: float | None,
-                   config: QuantConfig, key: jax.Array, x_absmax=None, samples=None
-                   ) -> tuple[list[QuantizedLinear], LayerReport]:
+                   config: QuantConfig, key: jax.Array, x_absmax=None, samples=None,
+                   name: str = "layer") -> tuple[list[QuantizedLinear], LayerReport]:
   """Quantizes layers that share one input.
 
   Args:
@@ -113,6 +122,7 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     alpha: fixed smoothing strength, or None to search ``config.alpha_grid``.
     x_absmax: f32 [K] per-channel absmax of the input over calibration tokens.
     samples: f32 [S, K] calibration input tokens (needed when method.needs_calibration).
+    name: the layer(s), for error messages.
 
   Returns:
     One QuantizedLinear per weight (bias None) and a report.
@@ -151,12 +161,20 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
           break
       q_prev = cand.residual
     down, up = best.down, best.up
-    rel_error = float(jnp.sqrt(best.error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
+    error = best.error
+    if config.residual == "gptq":
+      qt = gptq.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
+                                gptq.hessian(x_hat), method.weight_format,
+                                damp=config.gptq_damp, name=name)
+      error = output_error(x_hat, y_ref, formats.dequantize(qt, method.weight_format).T,
+                           down, up, method.act_format)
+    rel_error = float(jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
   else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
     w_hat = w
 
-  qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
-                               method.weight_format)
+  if config.residual != "gptq":
+    qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
+                                 method.weight_format)
   stored = stored_weight(qt, method.weight_format)
   layers, start = [], 0
   for part in weights:
