@@ -155,7 +155,7 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
       qstate = state
     else:
       config = flux.quant_config(m.method, m.fmt, rank=rank, act_fmt=m.act_fmt,
-                                 **(search or {}))
+                                 **{"residual": m.residual, **(search or {})})
       qstate = svdq_jax.quantize(state, calib, config, progress=progress)
       jax.block_until_ready(qstate)
     quantize_seconds = time.perf_counter() - start
