@@ -31,18 +31,22 @@ class LayerStats:
   absmax: f32 [K], max |x_j| over every calibration token.
   samples: f32 [S, K], S <= max_samples tokens drawn uniformly without replacement.
   num_tokens: tokens seen.
+  hessian: f32 [K, K] X^T X summed over every token (``calibrate(..., hessian=True)``; what
+    ``QuantConfig(residual='gptq')`` needs), or None.
   """
 
   absmax: np.ndarray
   samples: np.ndarray
   num_tokens: int
+  hessian: np.ndarray | None = None
 
   @classmethod
-  def from_inputs(cls, x, max_samples: int | None = None, seed: int = 0) -> "LayerStats":
+  def from_inputs(cls, x, max_samples: int | None = None, seed: int = 0,
+                  hessian: bool = False) -> "LayerStats":
     """Statistics of inputs x [..., K] given directly (no forward pass).
 
     Raises ValueError if x holds NaN or Inf (as ``calibrate`` does)."""
-    acc = _Accumulator(max_samples or int(np.prod(np.shape(x)[:-1])), seed)
+    acc = _Accumulator(max_samples or int(np.prod(np.shape(x)[:-1])), seed, hessian)
     acc.add(np.asarray(x))
     if acc.nonfinite:
       raise ValueError("calibration inputs contain NaN or Inf")
@@ -58,15 +62,21 @@ class LayerStats:
       raise ValueError(f"layer {name}: calibration statistics contain NaN or Inf")
     if self.samples.shape[0] == 0:
       raise ValueError(f"layer {name}: calibration statistics hold no tokens")
+    if self.hessian is not None and self.hessian.shape != (k, k):
+      raise ValueError(f"layer {name}: calibration Hessian is {self.hessian.shape}, the "
+                       f"layer's input has K={k} channels")
 
 
 class _Accumulator:
   """Running absmax and a uniform reservoir sample (keep the rows with the largest random
-  keys) of one layer's input tokens. Memory: max_samples x K f32."""
+  keys) of one layer's input tokens, and optionally X^T X over all of them. Memory:
+  max_samples x K f32 (+ K x K f64 with the Hessian)."""
 
-  def __init__(self, max_samples: int, seed: int):
+  def __init__(self, max_samples: int, seed: int, hessian: bool = False):
     self.max_samples = max_samples
     self.seed = seed
+    self.hessian = None
+    self.with_hessian = hessian
     self.calls = 0
     self.num_tokens = 0
     self.absmax = None
@@ -84,6 +94,9 @@ class _Accumulator:
     rng = np.random.default_rng([self.seed, self.calls])
     self.calls += 1
     self.num_tokens += x.shape[0]
+    if self.with_hessian:  # f64: sums of many tokens
+      xtx = x.T.astype(np.float64) @ x.astype(np.float64)
+      self.hessian = xtx if self.hessian is None else self.hessian + xtx
     amax = np.abs(x).max(axis=0)
     self.absmax = amax if self.absmax is None else np.maximum(self.absmax, amax)
     keys = rng.random(x.shape[0])
@@ -96,7 +109,8 @@ class _Accumulator:
     self.samples, self.keys = x, keys
 
   def stats(self) -> LayerStats:
-    return LayerStats(self.absmax, self.samples, self.num_tokens)
+    return LayerStats(self.absmax, self.samples, self.num_tokens,
+                      None if self.hessian is None else self.hessian.astype(np.float32))
 
 
 _NNX_TAG = "_svdq_calibration_path"
@@ -160,8 +174,8 @@ def _linen_interceptor(record):
 
 
 def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None = None,
-              max_samples: int = 256, seed: int = 0, progress: bool = True
-              ) -> dict[str, LayerStats]:
+              max_samples: int = 256, seed: int = 0, progress: bool = True,
+              hessian: bool = False) -> dict[str, LayerStats]:
   """Runs ``forward(batch)`` for every batch and collects each linear layer's input stats.
 
   Args:
@@ -173,6 +187,9 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
       max_samples x K x 4 bytes per layer).
     seed: seed of the token sampling.
     progress: show a progress bar.
+    hessian: also sum X^T X over every token (f32 [K, K] per layer, accumulated in f64 on
+      the host), for ``QuantConfig(residual='gptq')``. GPTQ fitted to a few hundred sampled
+      tokens overfits them when they are fewer than K (measured: docs/example).
 
   Returns:
     {module path: LayerStats}, paths as in ``svdq_jax.quantize`` (e.g. "blocks/0/attn/q").
@@ -186,7 +203,7 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
   accumulators: dict[str, _Accumulator] = {}
 
   def host_record(path, x):
-    acc = accumulators.setdefault(path, _Accumulator(max_samples, seed))
+    acc = accumulators.setdefault(path, _Accumulator(max_samples, seed, hessian))
     acc.add(x)
 
   def record(path, x):

@@ -62,8 +62,8 @@ class Row:
   iterations: int = 0
 
 
-def default_methods() -> dict[str, Rule | QuantConfig]:
-  """The comparison rows: label -> rule (or a whole config, for the GPTQ rows)."""
+def default_methods() -> dict[str, Rule]:
+  """The comparison rows: label -> rule."""
   rows = {
       "RTN W4A4 (INT4)": Rule(".*", "rtn", "int4"),
       "SmoothQuant W4A4 (INT4)": Rule(".*", "smoothquant", "int4"),
@@ -78,10 +78,6 @@ def default_methods() -> dict[str, Rule | QuantConfig]:
   rows["W4A16 (INT4, RTN)"] = Rule(".*", "w4a16_rtn", "int4")
   rows["W4A16 (INT4, AWQ-style scales)"] = Rule(".*", "w4a16", "int4")
   rows["W8A8 (SmoothQuant)"] = Rule(".*", "w8a8")
-  # the same recipes with the residual quantized by GPTQ instead of rounded to nearest
-  for name in ("SVDQuant W4A4 INT4 r32", "SVDQuant W4A4 NVFP4 r32",
-               "SVDQuant W4A8 (int4_2l / int8) r32", "W4A16 (INT4, AWQ-style scales)"):
-    rows[f"{name} + GPTQ"] = QuantConfig(rules=(rows[name],), residual="gptq")
   return rows
 
 
@@ -95,8 +91,7 @@ def error_metrics(y_ref: jax.Array, y: jax.Array) -> tuple[float, float]:
 
 def layer_error_table(k: int = 3072, n: int = 3072, *, calib_tokens: int = 1024,
                       eval_tokens: int = 1024, batch_tokens: int = 256,
-                      max_samples: int = 512,
-                      methods: dict[str, Rule | QuantConfig] | None = None,
+                      max_samples: int = 512, methods: dict[str, Rule] | None = None,
                       seed: int = 0, progress: bool = True) -> list[Row]:
   """Quantizes ExampleNet(k, n) with each method and measures output error on held-out
   outlier activations (bf16 weights -> the 16-bit row is the reference)."""
@@ -117,8 +112,8 @@ def layer_error_table(k: int = 3072, n: int = 3072, *, calib_tokens: int = 1024,
   for name, rule in methods.items():
     t0 = time.perf_counter()
     report = {}
-    config = rule if isinstance(rule, QuantConfig) else QuantConfig(rules=(rule,))
-    qparams = quantize(params, calib, config, report=report, progress=False)
+    qparams = quantize(params, calib, QuantConfig(rules=(rule,)), report=report,
+                       progress=False)
     qmodel = nnx.merge(graph, qparams)
     seconds = time.perf_counter() - t0
     y = fwd(qmodel, x_eval)

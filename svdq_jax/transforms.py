@@ -112,7 +112,8 @@ class LayerReport(NamedTuple):
 
 def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: float | None,
                    config: QuantConfig, key: jax.Array, x_absmax=None, samples=None,
-                   name: str = "layer") -> tuple[list[QuantizedLinear], LayerReport]:
+                   name: str = "layer", hessian=None
+                   ) -> tuple[list[QuantizedLinear], LayerReport]:
   """Quantizes layers that share one input.
 
   Args:
@@ -123,6 +124,8 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     x_absmax: f32 [K] per-channel absmax of the input over calibration tokens.
     samples: f32 [S, K] calibration input tokens (needed when method.needs_calibration).
     name: the layer(s), for error messages.
+    hessian: f32 [K, K] X^T X of the raw inputs over all calibration tokens (needed with
+      ``config.residual == 'gptq'``; ``calibrate(..., hessian=True)``).
 
   Returns:
     One QuantizedLinear per weight (bias None) and a report.
@@ -163,9 +166,13 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     down, up = best.down, best.up
     error = best.error
     if config.residual == "gptq":
+      if hessian is None:
+        raise ValueError(f"{name}: residual='gptq' needs the inputs' Hessian: calibrate "
+                         "with svdq_jax.calibrate(..., hessian=True)")
+      inv = 1.0 / lam if lam is not None else jnp.ones((w.shape[0],), jnp.float32)
+      h_hat = jnp.asarray(hessian, jnp.float32) * inv[:, None] * inv[None, :]  # X_hat^T X_hat
       qt = gptq.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
-                                gptq.hessian(x_hat), method.weight_format,
-                                damp=config.gptq_damp, name=name)
+                                h_hat, method.weight_format, damp=config.gptq_damp, name=name)
       error = output_error(x_hat, y_ref, formats.dequantize(qt, method.weight_format).T,
                            down, up, method.act_format)
     rel_error = float(jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))

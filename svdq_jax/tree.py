@@ -152,7 +152,8 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
         [kernels[p] for p in job.paths], job.rule.spec, job.rule.rank, job.rule.alpha, config,
         jax.random.fold_in(key, i),
         x_absmax=None if stats is None else stats.absmax,
-        samples=None if stats is None else stats.samples, name="+".join(job.paths))
+        samples=None if stats is None else stats.samples, name="+".join(job.paths),
+        hessian=None if stats is None else stats.hessian)
     for path, layer in zip(job.paths, layers):
       replaced[path] = layer
       if report is not None:

@@ -58,12 +58,35 @@ def test_quantized_layer_with_gptq_is_closer(method, fmt, act, ratio):
                       lowrank_iters=3, residual=residual)
     (layer,), rep = transforms.quantize_group(
         [w], method_spec(method, fmt, False, act), 8, None, cfg, jax.random.key(0),
-        jnp.abs(x).max(0), x)
+        jnp.abs(x).max(0), x, hessian=gptq.hessian(x))
     y = qlinear.reference_apply(layer, x)
     rel = float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
     np.testing.assert_allclose(rel, rep.error, rtol=1e-3)  # the report is the stored layer's
     errors[residual] = rel
   assert errors["gptq"] < ratio * errors["rtn"], errors
+
+
+def test_calibrate_accumulates_the_hessian_over_every_token():
+  """calibrate(hessian=True) sums X^T X over all tokens, not the bounded sample; quantize
+  with residual='gptq' without it is a clear error."""
+  from flax import nnx
+  import svdq_jax
+  from svdq_jax.layers import Linear
+  model = Linear(64, 32, rngs=nnx.Rngs(0))
+  batches = [_inputs(40, 64, seed=s) for s in range(3)]
+  calib = svdq_jax.calibrate(lambda x: model(x), batches, model=model, max_samples=16,
+                             hessian=True, progress=False)
+  (stats,) = calib.values()
+  x = np.concatenate([np.asarray(b, np.float64) for b in batches])
+  assert stats.samples.shape == (16, 64)
+  np.testing.assert_allclose(stats.hessian, x.T @ x, rtol=1e-5)
+  _, params = nnx.split(model)
+  cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=4),), alpha_grid=2, lowrank_iters=1,
+                    residual="gptq")
+  svdq_jax.quantize(params, calib, cfg, progress=False)          # works with the Hessian
+  no_h = svdq_jax.calibrate(lambda x: model(x), batches, model=model, progress=False)
+  with pytest.raises(ValueError, match="hessian=True"):
+    svdq_jax.quantize(params, no_h, cfg, progress=False)
 
 
 def test_bad_inputs_are_clear_errors():

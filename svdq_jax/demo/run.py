@@ -144,7 +144,8 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
                         t_y.astype(jnp.bfloat16))
 
     calib = svdq_jax.calibrate(forward, calibration_batches(calib_batches, calib_batch, steps),
-                               model=model.flux, progress=progress)
+                               model=model.flux, progress=progress,
+                               hessian=any(METHODS[m].residual == "gptq" for m in methods))
 
   results: list[Result] = []
   states = {}
