@@ -117,15 +117,18 @@ class FluxPipeline:
 
   def __call__(self, prompts: str | Sequence[str], *, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, height: int = 1024, width: int = 1024,
-               progress: bool = True, mesh=None) -> list[Image.Image]:
+               progress: bool = True, mesh=None, parallel: str = "data"
+               ) -> list[Image.Image]:
     """Images (PIL, RGB, height x width) for the prompts, with ``seed`` the same noise for a
     prompt whatever the batch. ``steps`` defaults to 28 for dev and 4 for schnell;
     ``guidance`` applies to dev (guidance-distilled) models only; ``mesh``: the sampling loop
-    data parallel over its devices (``sampling.sample``). Each image carries the prompt and
-    settings as PNG text metadata (``image.info``)."""
+    over its devices, ``parallel`` 'data' (prompts split) or 'sequence' (each image's tokens
+    split; ``sampling.sample``). Each image carries the prompt and settings as PNG text
+    metadata (``image.info``)."""
     prompts, args, settings = self._prepare(prompts, steps, guidance, seed, height, width)
     latents = sampling.sample(self.transformer, *args[:5], guidance=args[5],
-                              progress=progress and mesh is None, mesh=mesh)
+                              progress=progress and mesh is None, mesh=mesh,
+                              parallel=parallel)
     pixels = np.asarray(_decode(self.vae, jnp.transpose(latents, (0, 2, 3, 1))))
     return [_to_image(p, dict(prompt=prompt, **settings)) for p, prompt in zip(pixels, prompts)]
 

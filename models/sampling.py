@@ -6,6 +6,7 @@ Latents are [B, 16, H/8, W/8] (AE space); the transformer sees them packed into 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from svdq_jax.parallel import tokens_over
 
 AE_SHIFT, AE_SCALE = 0.1159, 0.3611  # z = (z - shift) * scale between AE and transformer
 
@@ -68,8 +71,9 @@ def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True,
   return t.astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "progress"))
-def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progress=False):
+@functools.partial(jax.jit, static_argnames=("graph", "progress", "token_mesh"))
+def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progress=False,
+           token_mesh=None):
   model = nnx.merge(graph, state)
   batch = img.shape[0]
 
@@ -80,7 +84,9 @@ def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progre
       jax.debug.callback(_tick, i)
     return x + (t_next - t).astype(x.dtype) * v
 
-  return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)
+  # sequence parallel: quantized layers traced here split their tokens over the mesh
+  with tokens_over(token_mesh) if token_mesh is not None else contextlib.nullcontext():
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)
 
 
 # The progress bar lives at module level: a jitted callback cannot close over a new bar per
@@ -134,9 +140,22 @@ def _data_parallel(mesh, img, txt, y, g, state):
           jax.tree_util.tree_map(lambda a: jax.device_put(a, replicated), state))
 
 
+def _sequence_parallel(mesh, img, img_ids, txt, y, g, state):
+  """Image tokens (and their positions) split over the mesh's devices; the rest replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n, length = mesh.devices.size, img.shape[1]
+  if length % n:
+    raise ValueError(f"sequence parallel needs the image token count ({length}) to be a "
+                     f"multiple of the mesh's {n} devices")
+  put = lambda a, spec: None if a is None else jax.device_put(a, NamedSharding(mesh, spec))
+  axes = mesh.axis_names
+  return (put(img, P(None, axes)), put(img_ids, P(axes)), put(txt, P()), put(y, P()),
+          put(g, P()), jax.tree_util.tree_map(lambda a: put(a, P()), state))
+
+
 def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,
            y: jax.Array, sigmas, guidance: float | None = None, progress: bool = False,
-           mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+           mesh: jax.sharding.Mesh | None = None, parallel: str = "data") -> jax.Array:
   """Euler integration of the flow from noise (sigma 1) to a clean latent (sigma 0).
 
   Args:
@@ -152,6 +171,10 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
       batch is padded to a multiple of the device count and split over them, the (quantized)
       weights replicated; one jitted program, XLA's SPMD partitioner does the rest. Each
       image is the one the same noise gives on one device.
+    parallel: with a mesh, 'data' (above) or 'sequence': every image's tokens split over the
+      devices (for one large image), weights replicated, quantized layers run per device on
+      their tokens (``svdq_jax.parallel``), attention gathers keys/values through XLA. The
+      image token count must divide by the device count.
 
   Returns:
     [B, 16, h, w] latents (unpacked, in transformer space; see AE_SHIFT / AE_SCALE).
@@ -164,12 +187,18 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
   g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
   graph, state = nnx.split(model)
   img = pack_latents(noise)
-  if mesh is not None:
+  img_ids = image_ids(h, w)
+  if parallel not in ("data", "sequence"):
+    raise ValueError(f"parallel must be 'data' or 'sequence', got {parallel!r}")
+  if mesh is not None and parallel == "data":
     img, txt, y, g, state = _data_parallel(mesh, img, txt, y, g, state)
+  elif mesh is not None:
+    img, img_ids, txt, y, g, state = _sequence_parallel(mesh, img, img_ids, txt, y, g, state)
   _bar = tqdm(total=len(sigmas) - 1, desc="sampling") if progress else None
   try:
-    x = _euler(graph, state, img, image_ids(h, w), txt, txt_ids, y,
-               jnp.asarray(sigmas, jnp.float32), g, progress=progress)[:b]
+    x = _euler(graph, state, img, img_ids, txt, txt_ids, y,
+               jnp.asarray(sigmas, jnp.float32), g, progress=progress,
+               token_mesh=mesh if parallel == "sequence" else None)[:b]
     x = jax.block_until_ready(x)
     jax.effects_barrier()
   finally:

@@ -238,6 +238,16 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got {x.shape}")
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
+  from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
+  y = parallel.split_tokens(_dispatch, layer, x.reshape(-1, k), bias)
+  if y is not None:
+    return y.reshape(*x.shape[:-1], layer.out_features)
+  return _dispatch(layer, x, bias)
+
+
+def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """``apply`` on the backend ``set_backend`` chose (inputs already checked)."""
+  k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
