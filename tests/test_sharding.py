@@ -1,21 +1,36 @@
-"""Data-parallel sampling over a device mesh (issue 17), on 4 fake CPU devices in a fresh
-process (the device count is fixed when jax starts)."""
+"""Data- and sequence-parallel sampling over a device mesh (issue 17), on 4 fake CPU devices
+in a fresh process (the device count is fixed when jax starts)."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+PREAMBLE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from svdq_jax.models import sampling
+    import svdq_jax
+    from svdq_jax import parallel
+    from svdq_jax.models import flux, sampling
     from svdq_jax.models.flux import Flux, FluxConfig
     assert len(jax.devices()) == 4, jax.devices()
     cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
                      hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
                      axes_dim=(8, 12, 12), guidance_embed=True)
     model = Flux(cfg, nnx.Rngs(0))
+    """)
+
+
+def _run(script: str) -> str:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", PREAMBLE + script], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+SCRIPT = textwrap.dedent("""
     b = 3                                    # not a multiple of 4: padded
     noise = jax.random.normal(jax.random.key(0), (b, 4, 8, 8))
     txt = jax.random.normal(jax.random.key(1), (b, 8, 32))
@@ -35,26 +50,10 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_sampling_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "max rel diff" in proc.stdout
+  assert "max rel diff" in _run(SCRIPT)
 
 
 SEQUENCE_SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
-    import svdq_jax
-    from svdq_jax import parallel
-    from svdq_jax.models import flux, sampling
-    from svdq_jax.models.flux import Flux, FluxConfig
-    assert len(jax.devices()) == 4, jax.devices()
-    cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                     hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
-                     axes_dim=(8, 12, 12), guidance_embed=True)
-    model = Flux(cfg, nnx.Rngs(0))
     noise = jax.random.normal(jax.random.key(0), (1, 4, 8, 8))   # 16 image tokens
     txt = jax.random.normal(jax.random.key(1), (1, 8, 32))
     y = jax.random.normal(jax.random.key(2), (1, 32))
@@ -101,9 +100,5 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
 def test_sequence_parallel_sampling_equals_one_device():
   """One image's tokens over 4 devices: float and W4A8 models equal one device; the
   quantized layers run inside shard_map on each device's tokens."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SEQUENCE_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  assert "ok" in proc.stdout, proc.stdout
+  out = _run(SEQUENCE_SCRIPT)
+  assert "ok" in out, out
