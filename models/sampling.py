@@ -122,35 +122,35 @@ def trajectory_inputs(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_i
   return steps
 
 
+def _put(mesh, a, *spec):
+  """``a`` (None passes) placed on ``mesh`` with PartitionSpec(*spec); () replicates."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  return None if a is None else jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+
 def _data_parallel(mesh, img, txt, y, g, state):
   """Batch inputs padded to a multiple of the mesh's devices and split over them (every mesh
   axis shards the batch); ``state`` replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  n, b = mesh.devices.size, img.shape[0]
-  pad = -b % n
+  pad = -img.shape[0] % mesh.devices.size
 
   def split(a):
-    if a is None:
-      return None
-    a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
-    return jax.device_put(a, NamedSharding(mesh, P(mesh.axis_names)))
+    if a is not None and pad:
+      a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
+    return _put(mesh, a, mesh.axis_names)
 
-  replicated = NamedSharding(mesh, P())
   return (split(img), split(txt), split(y), split(g),
-          jax.tree_util.tree_map(lambda a: jax.device_put(a, replicated), state))
+          jax.tree_util.tree_map(lambda a: _put(mesh, a), state))
 
 
 def _sequence_parallel(mesh, img, img_ids, txt, y, g, state):
   """Image tokens (and their positions) split over the mesh's devices; the rest replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
   n, length = mesh.devices.size, img.shape[1]
   if length % n:
     raise ValueError(f"sequence parallel needs the image token count ({length}) to be a "
                      f"multiple of the mesh's {n} devices")
-  put = lambda a, spec: None if a is None else jax.device_put(a, NamedSharding(mesh, spec))
   axes = mesh.axis_names
-  return (put(img, P(None, axes)), put(img_ids, P(axes)), put(txt, P()), put(y, P()),
-          put(g, P()), jax.tree_util.tree_map(lambda a: put(a, P()), state))
+  return (_put(mesh, img, None, axes), _put(mesh, img_ids, axes), _put(mesh, txt),
+          _put(mesh, y), _put(mesh, g), jax.tree_util.tree_map(lambda a: _put(mesh, a), state))
 
 
 def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Array,

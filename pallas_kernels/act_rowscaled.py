@@ -140,9 +140,7 @@ def row_scales(x, smooth, act_format, *, block_m, block_k, chunks, num_warps, in
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="svdq_absmax")(*args)
   amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
-  if act_format == "int8":
-    return amax * formats.INV_127
-  return jnp.where(amax == 0, 1.0, amax * formats.INV_112)
+  return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
 
 
 def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, chunks,

@@ -545,21 +545,22 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     sw = layer.wcscale
   else:
     w, sw = layer.row_scaled_weight()
-  up, outside = None, None
+  up = None
   if lr is not None:
     pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
     lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
     up = jnp.pad(layer.lora_up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
-  if tiles is None:  # a branch too wide for shared memory: its up projection runs in XLA,
-    # added to the kernel's f32 output so that the result is still rounded once
-    tiles, outside, lr, up = int8_hopper.tiling(n, jnp.float32), (lr, up), None, None
-    if tiles is None:
-      raise ValueError(f"low-rank branch of rank {outside[0].shape[1]} with N={n}: the int8 "
-                       "GEMM needs N % 128 == 0 to add it outside the kernel")
-  y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, None if bias is None else bias,
-                            out_dtype=jnp.float32 if outside else out_dtype,
+  if tiles is not None:
+    y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, bias, out_dtype=out_dtype,
+                              interpret=interpret, **tiles)
+    return y.astype(x.dtype)
+  # a branch too wide for shared memory: its up projection runs in XLA, added to the
+  # kernel's f32 output so that the result is still rounded once
+  tiles = int8_hopper.tiling(n, jnp.float32)
+  if tiles is None:
+    raise ValueError(f"low-rank branch of rank {lr.shape[1]} with N={n}: the int8 GEMM needs "
+                     "N % 128 == 0 to add it outside the kernel")
+  y = int8_hopper.int8_gemm(a, sa, w, sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
-  if outside:
-    y = y + qlinear.lowrank_up(outside[0], outside[1].T)
-  return y.astype(x.dtype)
+  return (y + qlinear.lowrank_up(lr, up.T)).astype(x.dtype)

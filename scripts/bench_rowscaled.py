@@ -77,6 +77,16 @@ def rel(a, b):
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def timer(interpret: bool, tag: str = ""):
+  """f, *args -> device ms per call (median); with ``tag``, each timing is printed too."""
+  def t(f, *a):
+    ms = median_seconds(f, *a, reps=3 if interpret else 20, rounds=1 if interpret else 5) * 1e3
+    if tag:
+      print(f"  {tag} {ms:.4f} ms", flush=True)
+    return ms
+  return t
+
+
 def act_checks(layer, x, interpret, tilings=("",)):
   """Activation kernel vs ``act_rowscaled.reference``: code and scale mismatches (0 expected)
   and the low-rank part's relative error, per format and tiling. Recorded, not raised."""
@@ -130,8 +140,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   wf = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
   b = jnp.zeros((n,), jnp.bfloat16)
   layer = make_layer(k, n, rank, kl, "int4_2l", "int8")
-  t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
-                                   rounds=1 if interpret else 5) * 1e3
+  t = timer(interpret)
   if full:
     try:
       res["checks"] = checks(layer, x, interpret)
@@ -209,10 +218,7 @@ def act_shape(m, k, n, rank, key, interpret):
   kx, kl = jax.random.split(key)
   x = activations(m, k, kx)
   layer = make_layer(k, n, rank, kl, "int4_2l", "int8")
-  def t(f, *a):
-    ms = median_seconds(f, *a, reps=3 if interpret else 20, rounds=1 if interpret else 5) * 1e3
-    print(f"  {k}x{n} {ms:.4f} ms", flush=True)
-    return ms
+  t = timer(interpret, f"{k}x{n}")
 
   res = dict(M=m, K=k, N=n, rank=rank, checks=act_checks(layer, x, interpret, ACT_SWEEP))
   print(f"{k}x{n} checks: {sum(v for c, v in res['checks'].items() if 'mismatch' in c)} "
@@ -246,8 +252,7 @@ def rank_shape(m, k, n, ranks, key, interpret):
   """--ranks: the fused W4A8 layer (public API) at each low-rank width (32 + a LoRA's rank),
   against its reference and timed, with bf16 ``x @ w + b`` as the baseline."""
   x = activations(m, k, key)
-  t = lambda f, *a: median_seconds(f, *a, reps=3 if interpret else 20,
-                                   rounds=1 if interpret else 5) * 1e3
+  t = timer(interpret)
   res = dict(M=m, K=k, N=n, bf16_ms=t(jax.jit(lambda x, w, b: x @ w + b), x,
                                        jnp.zeros((k, n), jnp.bfloat16), jnp.zeros((n,), jnp.bfloat16)))
   for rank in ranks:

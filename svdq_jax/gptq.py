@@ -96,10 +96,9 @@ def _quantize_column(col: jax.Array, scale: jax.Array, fmt: formats.Format, row:
 def _gptq(w, u, *, fmt: str, block: int):
   fmt = formats.get_format(fmt)
   n, k = w.shape
-  g = fmt.group_len(k)
   row = _row_context(w, fmt)
-  # the walk takes `block` columns at a time; a group is entered at a block's start
-  sub = g if fmt.group_size else block  # int8: one row scale, any block
+  # the walk takes one group at a time, entered at its start (int8: one row scale, `block`)
+  sub = fmt.group_size or block
   cols = jnp.arange(k)
 
   def one_block(b, carry):

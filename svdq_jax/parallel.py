@@ -39,11 +39,14 @@ def token_mesh() -> jax.sharding.Mesh | None:
 
 
 def split_tokens(fn: Callable, layer, x: jax.Array, bias) -> jax.Array | None:
-  """``fn(layer, x, bias)`` with x [M, K]'s tokens split over the current mesh, the layer and
-  bias replicated: [M, N]. None when no mesh is set or M does not divide evenly."""
+  """``fn(layer, x2, bias)`` on x [..., K] flattened to tokens x2 [M, K], the tokens split over
+  the current mesh, the layer and bias replicated: [..., N]. None when no mesh is set or M
+  does not divide evenly (the caller then runs ``fn`` whole)."""
   mesh = _mesh
-  if mesh is None or x.shape[0] % mesh.devices.size:
+  x2 = x.reshape(-1, x.shape[-1])
+  if mesh is None or x2.shape[0] % mesh.devices.size:
     return None
   tokens = P(mesh.axis_names, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(P(), tokens, P()), out_specs=tokens,
-                       check_vma=False)(layer, x, bias)
+  y = jax.shard_map(fn, mesh=mesh, in_specs=(P(), tokens, P()), out_specs=tokens,
+                    check_vma=False)(layer, x2, bias)
+  return y.reshape(*x.shape[:-1], y.shape[-1])

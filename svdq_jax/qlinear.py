@@ -239,10 +239,8 @@ def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
-  y = parallel.split_tokens(_dispatch, layer, x.reshape(-1, k), bias)
-  if y is not None:
-    return y.reshape(*x.shape[:-1], layer.out_features)
-  return _dispatch(layer, x, bias)
+  y = parallel.split_tokens(_dispatch, layer, x, bias)
+  return _dispatch(layer, x, bias) if y is None else y
 
 
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> jax.Array:

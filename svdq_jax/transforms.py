@@ -164,24 +164,25 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
           break
       q_prev = cand.residual
     down, up = best.down, best.up
+    residual = (w_hat - matmul_f32(down, up)).T if rank else w_hat.T
     error = best.error
-    if config.residual == "gptq":
+    if config.residual == "gptq":  # (QuantConfig allows it with calibrated methods only)
       if hessian is None:
         raise ValueError(f"{name}: residual='gptq' needs the inputs' Hessian: calibrate "
                          "with svdq_jax.calibrate(..., hessian=True)")
-      inv = 1.0 / lam if lam is not None else jnp.ones((w.shape[0],), jnp.float32)
-      h_hat = jnp.asarray(hessian, jnp.float32) * inv[:, None] * inv[None, :]  # X_hat^T X_hat
-      qt = gptq.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
-                                h_hat, method.weight_format, damp=config.gptq_damp, name=name)
+      h_hat = jnp.asarray(hessian, jnp.float32)
+      if lam is not None:  # X_hat^T X_hat, x_hat = x / lambda
+        h_hat = h_hat * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
+      qt = gptq.quantize_weight(residual, h_hat, method.weight_format,
+                                damp=config.gptq_damp, name=name)
       error = output_error(x_hat, y_ref, formats.dequantize(qt, method.weight_format).T,
                            down, up, method.act_format)
     rel_error = float(jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
   else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
-    w_hat = w
+    residual = w.T
 
   if config.residual != "gptq":
-    qt = formats.quantize_weight((w_hat - matmul_f32(down, up)).T if rank else w_hat.T,
-                                 method.weight_format)
+    qt = formats.quantize_weight(residual, method.weight_format)
   stored = stored_weight(qt, method.weight_format)
   layers, start = [], 0
   for part in weights:

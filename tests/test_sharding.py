@@ -69,7 +69,7 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
     original = parallel.split_tokens
     def counting(fn, layer, x, bias):
       out = original(fn, layer, x, bias)
-      split.append((x.shape[0], out is not None))
+      split.append((int(np.prod(x.shape[:-1])), out is not None))
       return out
     parallel.split_tokens = counting
     mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
