@@ -4,7 +4,7 @@ Random bf16 weights at the real sizes (FLUX.1-dev transformer, T5-XXL, CLIP-L, F
 speed and memory do not depend on the values), the tokenizers from tests/golden (ids within
 both vocabularies). Each variant in a fresh process (so the device's peak bytes in use,
 ``memory_stats``, are that pipeline's): text encoding, the jitted 28-step sampling loop and the
-VAE decode of one 1024x1024 image, timed separately (second call; the first compiles).
+VAE decode of one 1024x1024 image, timed separately (median of 3 calls after 2 warm-ups).
 Variants:
   bf16:           every component bf16;
   svdquant:       the transformer SVDQuant (--svdq-format; quantized once beforehand in its
@@ -16,6 +16,12 @@ Variants:
     python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4]
         [--svdq-format int4_2l/int8] [--steps 28] [--size 1024]
     .venv/bin/python scripts/bench_pipeline.py --tiny --size 64 --steps 2   # CPU smoke run
+
+Every stage prints a JSON line as it ends (children's output is echoed as it comes): a run cut
+short by a time limit shows how far it got. At full size the quantize stage alone took about
+6 minutes on an H200 (2026-12-02) and the three variants together more than the 10 minutes
+one lent call may run, so there: ``--stage quantize --qdir /tmp/q`` in one call, then at once
+(the machine is given back after 30 s idle, and /tmp/q with it) ``--qdir /tmp/q`` in the next.
 """
 
 from __future__ import annotations
@@ -62,11 +68,27 @@ def configs(tiny: bool):
   return flux, t5, clip, vae
 
 
-def timed(fn):
-  jax.block_until_ready(fn())          # compile
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return round(time.perf_counter() - t0, 3)
+T0 = time.perf_counter()
+
+
+def log(stage: str, **values) -> None:
+  """One progress line: what just finished, seconds since the process started."""
+  print(json.dumps(dict(stage=stage, at_s=round(time.perf_counter() - T0, 1), **values)),
+        flush=True)
+
+
+def timed(fn, calls: int = 3):
+  """Median seconds of ``calls`` calls after two warm-up calls: the first compiles, and the
+  second may compile again (nnx.jit hands back its outputs as the module's state, committed
+  to the device where freshly initialized weights were not: a new input sharding)."""
+  for _ in range(2):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return round(sorted(times)[calls // 2], 3)
 
 
 def measure(pipe: FluxPipeline, args) -> dict:
@@ -74,9 +96,11 @@ def measure(pipe: FluxPipeline, args) -> dict:
                          for n in ("transformer", "t5", "clip", "vae")})
   txt, y = pipe.encode_text([PROMPT])
   r["text_encoding_s"] = timed(lambda: pipe.encode_text([PROMPT]))
+  log("text encoding", seconds=r["text_encoding_s"])
   _, a, _ = pipe._prepare([PROMPT], args.steps, 3.5, 0, args.size, args.size)
   loop = lambda: sampling.sample(pipe.transformer, *a[:5], guidance=a[5])
   r["sampling_s"] = timed(loop)
+  log("sampling", seconds=r["sampling_s"])
   latents = loop()
   r["vae_decode_s"] = timed(lambda: _decode(pipe.vae, latents.transpose(0, 2, 3, 1)))
   r["image_s"] = round(r["text_encoding_s"] + r["sampling_s"] + r["vae_decode_s"], 3)
@@ -91,18 +115,23 @@ def quantize_stage(args, fcfg, tcfg) -> None:
   T5 -> W4A16, saved under --qdir (as `svdq-jax quantize` would)."""
   from svdq_jax.convert import save_model
   transformer = random_module(lambda: Flux(fcfg, nnx.Rngs(0)))
+  log("random transformer")
   wfmt, _, afmt = args.svdq_format.partition("/")
   config = dataclasses.replace(quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None),
                                alpha_grid=1, lowrank_iters=1)
   calib = svdq_jax.calibrate(lambda b: transformer(*b[:6], guidance=b[6]),
                              [inputs(fcfg, 256, txt_len=64)], model=transformer, progress=False)
+  log("calibrate")
   graph, state = nnx.split(transformer)
-  save_model(pathlib.Path(args.qdir) / "transformer",
-             nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False)))
-  del transformer, state, calib
+  qstate = svdq_jax.quantize(state, calib, config, progress=True)
+  log("quantize transformer")
+  save_model(pathlib.Path(args.qdir) / "transformer", nnx.merge(graph, qstate))
+  log("save transformer")
+  del transformer, state, calib, qstate
   graph, state = nnx.split(random_module(lambda: T5EncoderModel(tcfg, nnx.Rngs(0)), seed=1))
   save_model(pathlib.Path(args.qdir) / "text_encoder_2", nnx.merge(graph, svdq_jax.quantize(
       state, None, QuantConfig(rules=(Rule(".*", "w4a16_rtn", "int4"),)), progress=False)))
+  log("T5 W4A16 quantized and saved")
 
 
 def measure_stage(args, fcfg, tcfg, ccfg, vcfg) -> dict:
@@ -113,6 +142,7 @@ def measure_stage(args, fcfg, tcfg, ccfg, vcfg) -> dict:
                  else random_module(lambda: Flux(fcfg, nnx.Rngs(0))))
   t5 = (load_t5(q / "text_encoder_2") if args.variant.endswith("t5w4")
         else random_module(lambda: T5EncoderModel(tcfg, nnx.Rngs(0)), seed=1))
+  log("transformer and T5 ready", variant=args.variant)
   pipe = FluxPipeline(
       transformer=transformer, t5=t5,
       clip=random_module(lambda: CLIPTextModel(ccfg, nnx.Rngs(0)), seed=2),
@@ -120,6 +150,18 @@ def measure_stage(args, fcfg, tcfg, ccfg, vcfg) -> dict:
       clip_tokenizer=clip_tokenizer(GOLDEN / "clip_tokenizer"),
       t5_tokenizer=t5_tokenizer(GOLDEN / "t5_tokenizer"))
   return measure(pipe, args)
+
+
+def stream(cmd: list[str]) -> dict | None:
+  """Runs ``cmd``, echoing its output as it comes (a run cut short by a time limit still
+  shows how far it got); returns the JSON of its ``RESULT`` line."""
+  found = None
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+    for line in p.stdout:
+      print(line, end="", flush=True)
+      if line.startswith("RESULT "):
+        found = json.loads(line[len("RESULT "):])
+  return found
 
 
 def main():
@@ -149,19 +191,16 @@ def main():
   variants = args.variants.split(",")
   if any(v.startswith("svdquant") for v in variants) and not os.path.exists(qdir):
     t0 = time.perf_counter()
-    subprocess.run(base + ["--stage", "quantize"], check=True)
+    if subprocess.run(base + ["--stage", "quantize"]).returncode:
+      raise SystemExit("the quantize stage failed (its output is above)")
     result["quantize_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(dict(stage="quantize", seconds=result["quantize_s"])), flush=True)
   for variant in variants:   # a fresh process each: peak memory is that pipeline's
-    run = subprocess.run(base + ["--stage", "measure", "--variant", variant],
-                         capture_output=True, text=True)
-    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-      result["variants"][variant] = {"error": run.stderr[-2000:]}
-    else:
-      result["variants"][variant] = json.loads(line[len("RESULT "):])
+    found = stream(base + ["--stage", "measure", "--variant", variant])
+    result["variants"][variant] = found or {"error": "no RESULT line (see the log above)"}
     print(json.dumps({variant: result["variants"][variant]}), flush=True)
-  with open(os.path.join(args.out, "pipeline.json"), "w") as f:
-    json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "pipeline.json"), "w") as f:   # after every variant
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
