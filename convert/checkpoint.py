@@ -329,7 +329,8 @@ def _subtree(like: dict, group: str) -> dict:
 def _restore_item(ckpt, path: pathlib.Path, like, src, device):
   stored = {_path_name(p): m for p, m in
             jax.tree_util.tree_flatten_with_path(ckpt.metadata(path).item_metadata)[0]}
-  sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+  sharding = (device if device is None or isinstance(device, jax.sharding.Sharding)
+              else jax.sharding.SingleDeviceSharding(device))
 
   def abstract(p, x):
     meta = stored.get(_path_name(p))
@@ -353,7 +354,9 @@ def restore_tree(src: str | os.PathLike, like, device=None):
       custom nodes such as QuantizedLinear. Arrays come back in the dtypes they were saved
       in (bf16 stays bf16), whatever ``like`` says.
     device: a jax device to restore onto (each group goes there before the next is read, so
-      host memory holds about one group); None: orbax's default placement.
+      host memory holds about one group), or a sharding: ``parallel.replicated(mesh)`` puts
+      every parameter on every device of a mesh (data- or sequence-parallel sampling)
+      straight from the files; None: orbax's default placement.
   """
   path = pathlib.Path(src).absolute() / "params"
   if not path.exists():

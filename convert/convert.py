@@ -104,7 +104,8 @@ def load_flux(path, *, device=None, naming: str | None = None, axes_dim=None,
   from the PyTorch safetensors (one file, a sharded ``.index.json``, a folder holding either,
   or a diffusers pipeline folder with ``transformer/``).
 
-  Parameters go to ``device`` (default: the first jax device) one block at a time (fused
+  Parameters go to ``device`` (default: the first jax device; or a sharding such as
+  ``svdq_jax.parallel.replicated(mesh)``: every device of a mesh) one block at a time (fused
   q/k/v built on the host per block), so host memory holds about one block, not the model.
   ``naming`` and ``axes_dim`` apply to safetensors sources (as for ``convert``).
   """

@@ -135,10 +135,12 @@ class FluxPipeline:
   def quantize(self, config, prompts: Sequence[str], *, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, height: int = 512, width: int = 512,
                batch_size: int = 4, max_samples: int = 256, progress: bool = True,
-               report: dict | None = None) -> Flux:
+               report: dict | None = None, devices=None) -> Flux:
     """The transformer quantized with ``config`` (``svdq_jax.quantize``), calibrated on the
     activations of real denoising trajectories: every step of sampling each prompt (batches
-    of ``batch_size``, noise from ``seed + batch index``) at height x width."""
+    of ``batch_size``, noise from ``seed + batch index``) at height x width. With
+    ``config.residual == 'gptq'`` calibration also accumulates each layer's Hessian;
+    ``devices`` spreads the layers' searches over several devices."""
     import svdq_jax
     model = self.transformer
     inputs = []
@@ -147,9 +149,11 @@ class FluxPipeline:
                                  height, width)
       inputs += sampling.trajectory_inputs(model, *args)
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), inputs, model=model,
-                               max_samples=max_samples, progress=progress)
+                               max_samples=max_samples, progress=progress,
+                               hessian=config.residual == "gptq")
     graph, state = nnx.split(model)
-    qstate = svdq_jax.quantize(state, calib, config, report=report, progress=progress)
+    qstate = svdq_jax.quantize(state, calib, config, report=report, progress=progress,
+                               devices=devices)
     return nnx.merge(graph, qstate)
 
 

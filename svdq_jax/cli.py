@@ -159,6 +159,7 @@ def _generate(args) -> int:
 def _quantize(args) -> int:
   import pathlib
 
+  import jax
   from flax import nnx
 
   import svdq_jax
@@ -175,13 +176,16 @@ def _quantize(args) -> int:
     prompts = _prompts(args) if args.batch_file else calibration_prompts()
     search = dict(alpha_grid=1, lowrank_iters=1) if args.fast_search else {}
     config = quant_config(args.method, args.fmt, rank=args.rank, act_fmt=args.act_fmt,
-                          **search)
+                          residual=args.residual, **search)
+    if args.devices < 0 or args.devices > len(jax.devices()):
+      raise ValueError(f"--devices {args.devices}: this machine has {len(jax.devices())}")
+    devices = jax.devices()[:args.devices or None]
     pipe = FluxPipeline.load(args.pipeline, t5_max_length=args.t5_max_length)
     report = {}
     qmodel = pipe.quantize(config, prompts, steps=args.calib_steps, seed=args.seed,
                            height=args.calib_size, width=args.calib_size,
                            batch_size=args.batch_size, max_samples=args.max_samples,
-                           progress=not args.quiet, report=report)
+                           progress=not args.quiet, report=report, devices=devices)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     errors = [r.error for r in report.values()]
     summary = dict(settings=settings, layers_quantized=len(report), calibration_prompts=len(
@@ -342,6 +346,11 @@ def main(argv=None) -> int:
   qz.add_argument("--seed", type=int, default=0)
   qz.add_argument("--fast-search", action="store_true",
                   help="one smoothing strength and one low-rank iteration per layer")
+  qz.add_argument("--residual", choices=["rtn", "gptq"], default="rtn",
+                  help="how the residual is rounded: rtn (default, the paper's) or gptq "
+                       "(error feedback through each layer's input Hessian; docs/gptq.md)")
+  qz.add_argument("--devices", type=int, default=1,
+                  help="spread the layers' searches over this many devices (0: all)")
   qz.add_argument("--t5-max-length", type=int, default=None)
   qz.add_argument("--t5", choices=["bf16", "w4a16"], default="bf16",
                   help="w4a16: also store T5's linears as 4-bit weights (data-free RTN) in "

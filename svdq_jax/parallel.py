@@ -38,6 +38,13 @@ def token_mesh() -> jax.sharding.Mesh | None:
   return _mesh
 
 
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Every device of ``mesh`` holds the whole array: how data- and sequence-parallel
+  sampling place the weights (``load_flux(path, device=replicated(mesh))`` restores them so
+  straight from a checkpoint)."""
+  return jax.sharding.NamedSharding(mesh, P())
+
+
 def split_tokens(fn: Callable, layer, x: jax.Array, bias) -> jax.Array | None:
   """``fn(layer, x2, bias)`` on x [..., K] flattened to tokens x2 [M, K], the tokens split over
   the current mesh, the layer and bias replicated: [..., N]. None when no mesh is set or M

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -124,7 +125,8 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
 
 
 def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig, *,
-             report: dict | None = None, progress: bool = True):
+             report: dict | None = None, progress: bool = True,
+             devices: Sequence[jax.Device] | None = None):
   """Returns a copy of ``params`` with every selected linear kernel quantized.
 
   Args:
@@ -135,6 +137,10 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
     config: the rules and search settings.
     report: if a dict is given, it is filled with {module path: LayerReport}.
     progress: show a progress bar over layers.
+    devices: spread the layers' searches over these devices (one host thread each, taking
+      the next layer group as it frees up); the result is the same as on one device (each
+      group's random key depends on its place in the plan only) and every QuantizedLinear
+      comes back on the device its kernel was on. None: everything on the default device.
 
   Returns:
     A tree of the same type and structure, selected kernels replaced by QuantizedLinear.
@@ -146,21 +152,60 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
   replaced: dict[str, object] = {}
   key = jax.random.key(config.seed)
   bar = tqdm(total=sum(len(j.paths) for j in jobs), desc="quantizing", disable=not progress)
-  for i, job in enumerate(jobs):
+
+  def run(i: int, device: jax.Device | None) -> None:
+    job = jobs[i]
     stats = calib[job.paths[0]] if job.rule.spec.needs_calibration else None
+    put = (lambda x: x) if device is None else (
+        lambda x: None if x is None else jax.device_put(x, device))
     layers, rep = quantize_group(
-        [kernels[p] for p in job.paths], job.rule.spec, job.rule.rank, job.rule.alpha, config,
-        jax.random.fold_in(key, i),
-        x_absmax=None if stats is None else stats.absmax,
-        samples=None if stats is None else stats.samples, name="+".join(job.paths),
-        hessian=None if stats is None else stats.hessian)
+        [put(kernels[p]) for p in job.paths], job.rule.spec, job.rule.rank, job.rule.alpha,
+        config, put(jax.random.fold_in(key, i)),
+        x_absmax=None if stats is None else put(stats.absmax),
+        samples=None if stats is None else put(stats.samples), name="+".join(job.paths),
+        hessian=None if stats is None else put(stats.hessian))
     for path, layer in zip(job.paths, layers):
+      if device is not None:  # back where the kernel was (numpy: the default device)
+        layer = jax.device_put(layer, getattr(kernels[path], "sharding", jax.devices()[0]))
       replaced[path] = layer
       if report is not None:
         report[path] = rep
     bar.update(len(job.paths))
+
+  if devices is None or len(devices) < 2:
+    for i in range(len(jobs)):
+      run(i, None if not devices else devices[0])
+  else:
+    _on_devices(run, len(jobs), list(devices))
   bar.close()
   return replace_kernels(params, replaced)
+
+
+def _on_devices(run, n_jobs: int, devices: list[jax.Device]) -> None:
+  """``run(i, device)`` for i in range(n_jobs), one thread per device pulling the next i;
+  the first error stops the others' pulling and is raised here."""
+  todo = iter(range(n_jobs))
+  lock = threading.Lock()
+  failed: list[BaseException] = []
+
+  def worker(device):
+    while not failed:
+      with lock:
+        i = next(todo, None)
+      if i is None:
+        return
+      try:
+        run(i, device)
+      except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        failed.append(e)
+
+  threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in devices]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failed:
+    raise failed[0]
 
 
 def tree_bytes(tree) -> int:

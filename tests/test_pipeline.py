@@ -74,9 +74,10 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   qdir = tmp_path / "q"
   assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--batch-file", str(prompts),
                    "--calib-steps", "2", "--calib-size", "16", "--rank", "8",
-                   "--fast-search", "--t5", "w4a16", "--quiet"]) == 0
+                   "--fast-search", "--t5", "w4a16", "--residual", "gptq", "--quiet"]) == 0
   summary = json.loads((qdir / "quantize.json").read_text())
   assert summary["layers_quantized"] > 0 and summary["calibration_prompts"] == 2
+  assert summary["settings"]["residual"] == "gptq"
   from svdq_jax.convert import load_flux
   from svdq_jax.qlinear import QuantizedLinear
   qmodel = load_flux(qdir)
@@ -96,6 +97,9 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   # 4-bit on a random tiny model: close to, not equal to, the float image
   assert 0 < np.abs(quant - ref).mean() < 20
   assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--quiet"]) == 2   # exists
+  assert cli.main(["quantize", str(pipeline_dir), str(tmp_path / "q2"), "--devices", "99",
+                   "--quiet"]) == 2
+  assert not (tmp_path / "q2").exists()
 
 
 def test_converted_pipeline_gives_the_same_image(pipeline_dir, tmp_path):

@@ -102,3 +102,68 @@ def test_sequence_parallel_sampling_equals_one_device():
   quantized layers run inside shard_map on each device's tokens."""
   out = _run(SEQUENCE_SCRIPT)
   assert "ok" in out, out
+
+
+DEVICES_SCRIPT = textwrap.dedent("""
+    import tempfile
+    from svdq_jax import QuantConfig, Rule
+    from svdq_jax.calibrate import LayerStats
+    from svdq_jax.convert import load_flux, save_model
+    from svdq_jax.qlinear import QuantizedLinear
+    devs = jax.devices()
+    # six layers of one shape over 4 devices (one compilation per device): equal to one device
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    x[:, :3] *= 30                              # outlier channels: the search has work to do
+    params = {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)}
+              for i in range(6)}
+    calib = {f"l{i}": LayerStats.from_inputs(x * (1 + i)) for i in range(6)}
+    config = QuantConfig(rules=(Rule(".*", "svdquant", "int4_2l", act_fmt="int8", rank=4),),
+                         alpha_grid=3, lowrank_iters=2)
+    from svdq_jax import tree
+    seen, original = set(), tree.quantize_group
+    def recording(weights, *a, **k):
+      seen.update(weights[0].devices())
+      return original(weights, *a, **k)
+    tree.quantize_group = recording
+    one = svdq_jax.quantize(params, calib, config, progress=False)
+    assert seen == {devs[0]}, seen
+    seen.clear()
+    four = svdq_jax.quantize(params, calib, config, progress=False, devices=devs)
+    assert len(seen) > 1, seen                  # the work did spread
+    for name in params:
+      a, b = one[name]["kernel"], four[name]["kernel"]
+      assert isinstance(b, QuantizedLinear)
+      for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+        assert v.devices() == {devs[0]}, (name, v.devices())   # back with its kernel
+    try:
+      bad = dict(calib, l3=LayerStats.from_inputs(x[:, :32]))
+      svdq_jax.quantize(params, bad, config, progress=False, devices=devs)
+      raise SystemExit("a layer's error on a worker thread must reach the caller")
+    except ValueError as e:
+      assert "l3" in str(e), e
+    # a (quantized) checkpoint restored straight onto a mesh: replicated, equal to one device
+    graph, state = nnx.split(model)
+    q = nnx.merge(graph, svdq_jax.quantize(state, None, flux.quant_config("w4a16_rtn"),
+                                           progress=False))
+    with tempfile.TemporaryDirectory() as d:
+      save_model(d + "/q", q)
+      mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      spread = nnx.state(load_flux(d + "/q", device=parallel.replicated(mesh)))
+      single = nnx.state(load_flux(d + "/q"))
+    n = 0
+    for u, v in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(spread)):
+      assert v.sharding == parallel.replicated(mesh), v.sharding
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+      n += 1
+    print("ok", n)
+    """)
+
+
+def test_quantize_over_devices_and_restore_onto_a_mesh():
+  """svdq_jax.quantize(..., devices=) equals one device bit for bit and returns every layer
+  where its kernel was; a worker's error reaches the caller; a saved quantized model loads
+  replicated onto a mesh straight from orbax."""
+  out = _run(DEVICES_SCRIPT)
+  assert "ok" in out, out
