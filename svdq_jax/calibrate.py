@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import nnx
@@ -32,13 +34,14 @@ class LayerStats:
   samples: f32 [S, K], S <= max_samples tokens drawn uniformly without replacement.
   num_tokens: tokens seen.
   hessian: f32 [K, K] X^T X summed over every token (``calibrate(..., hessian=True)``; what
-    ``QuantConfig(residual='gptq')`` needs), or None.
+    ``QuantConfig(residual='gptq')`` needs), or None. A numpy array, or a jax.Array on the
+    device that ran the layer when the forward pass was not jitted.
   """
 
   absmax: np.ndarray
   samples: np.ndarray
   num_tokens: int
-  hessian: np.ndarray | None = None
+  hessian: np.ndarray | jax.Array | None = None
 
   @classmethod
   def from_inputs(cls, x, max_samples: int | None = None, seed: int = 0,
@@ -67,10 +70,20 @@ class LayerStats:
                        f"layer's input has K={k} channels")
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_xtx(h: jax.Array, x: jax.Array) -> jax.Array:
+  """h f32 [K, K] + x^T x for x [..., K] (bf16 or f32): products exact, sums in f32."""
+  x = x.reshape(-1, x.shape[-1])
+  return h + jnp.einsum("tk,tn->kn", x, x, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST)
+
+
 class _Accumulator:
   """Running absmax and a uniform reservoir sample (keep the rows with the largest random
-  keys) of one layer's input tokens, and optionally X^T X over all of them. Memory:
-  max_samples x K f32 (+ K x K f64 with the Hessian)."""
+  keys) of one layer's input tokens, and optionally X^T X over all of them: on the host in
+  f64 from ``add``, or on the input's device in f32 from ``add_device_hessian`` (no host
+  copy, no host matmul: what FLUX-sized layers need). Memory: max_samples x K f32 on the
+  host (+ K x K with the Hessian)."""
 
   def __init__(self, max_samples: int, seed: int, hessian: bool = False):
     self.max_samples = max_samples
@@ -84,7 +97,15 @@ class _Accumulator:
     self.keys = None
     self.nonfinite = False
 
-  def add(self, x: np.ndarray) -> None:
+  def add_device_hessian(self, x: jax.Array) -> None:
+    """X^T X of a concrete (eager) input, accumulated where x lives."""
+    if self.hessian is None:
+      self.hessian = jnp.zeros((x.shape[-1],) * 2, jnp.float32, device=x.sharding)
+    self.hessian = _add_xtx(self.hessian, x)
+
+  def add(self, x: np.ndarray, hessian: bool = True) -> None:
+    """Absmax and samples of x [..., K]; and X^T X on the host when this accumulator keeps
+    a Hessian and ``hessian`` (False: ``add_device_hessian`` takes it)."""
     x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
     if not np.isfinite(x).all():
       self.nonfinite = True
@@ -94,7 +115,7 @@ class _Accumulator:
     rng = np.random.default_rng([self.seed, self.calls])
     self.calls += 1
     self.num_tokens += x.shape[0]
-    if self.with_hessian:  # f64: sums of many tokens
+    if self.with_hessian and hessian:  # f64: sums of many tokens
       xtx = x.T.astype(np.float64) @ x.astype(np.float64)
       self.hessian = xtx if self.hessian is None else self.hessian + xtx
     amax = np.abs(x).max(axis=0)
@@ -187,8 +208,13 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
       max_samples x K x 4 bytes per layer).
     seed: seed of the token sampling.
     progress: show a progress bar.
-    hessian: also sum X^T X over every token (f32 [K, K] per layer, accumulated in f64 on
-      the host), for ``QuantConfig(residual='gptq')``. GPTQ fitted to a few hundred sampled
+    hessian: also sum X^T X over every token (f32 [K, K] per layer), for
+      ``QuantConfig(residual='gptq')``. When ``forward`` is not jitted, each layer's sum is
+      kept on the device its input is on, in f32 (bf16 inputs: exact products), and no
+      input goes through a host matmul: the way for FLUX-sized models (FLUX.1-dev: about
+      67 GB of Hessians over its 304 linears; they fit an H200 beside the model). Under
+      ``jax.jit`` the inputs reach the host and are summed there in f64 (fine for small
+      models, hours of host matmuls for FLUX). GPTQ fitted to a few hundred sampled
       tokens overfits them when they are fewer than K (measured: docs/example).
 
   Returns:
@@ -202,12 +228,14 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
     raise ValueError(f"max_samples must be >= 1, got {max_samples}")
   accumulators: dict[str, _Accumulator] = {}
 
-  def host_record(path, x):
-    acc = accumulators.setdefault(path, _Accumulator(max_samples, seed, hessian))
-    acc.add(x)
+  def accumulator(path):
+    return accumulators.setdefault(path, _Accumulator(max_samples, seed, hessian))
 
   def record(path, x):
-    jax.debug.callback(lambda v: host_record(path, v), x)
+    on_device = hessian and not isinstance(x, jax.core.Tracer)
+    if on_device:   # an eager forward: X^T X where x is, not through the host
+      accumulator(path).add_device_hessian(x)
+    jax.debug.callback(lambda v: accumulator(path).add(v, hessian=not on_device), x)
 
   with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
     for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):

@@ -79,7 +79,16 @@ def test_calibrate_accumulates_the_hessian_over_every_token():
   (stats,) = calib.values()
   x = np.concatenate([np.asarray(b, np.float64) for b in batches])
   assert stats.samples.shape == (16, 64)
-  np.testing.assert_allclose(stats.hessian, x.T @ x, rtol=1e-5)
+  assert isinstance(stats.hessian, jax.Array)    # eager forward: summed on the device
+  want = x.T @ x          # f32 sums: error relative to sum |x_i x_j| <= sqrt(H_ii H_jj)
+  scale = np.sqrt(np.outer(np.diag(want), np.diag(want)))
+  assert (np.abs(np.asarray(stats.hessian) - want) <= 1e-6 * scale).all()
+  step = nnx.jit(lambda m, x: m(x))               # jitted: the inputs reach the host
+  (jitted,) = svdq_jax.calibrate(lambda x: step(model, x), batches, model=model,
+                                 max_samples=16, hessian=True, progress=False).values()
+  assert isinstance(jitted.hessian, np.ndarray)
+  np.testing.assert_allclose(jitted.hessian, x.T @ x, rtol=1e-5)
+  np.testing.assert_array_equal(jitted.samples, stats.samples)
   _, params = nnx.split(model)
   cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=4),), alpha_grid=2, lowrank_iters=1,
                     residual="gptq")
