@@ -168,6 +168,9 @@ def main():
                   help="one alpha and one low-rank iteration per layer: the same tensors (so "
                        "the same memory and speed) in a fraction of the time; quantize_s is "
                        "then not the method's time")
+  ap.add_argument("--residual", choices=["rtn", "gptq"], default="rtn",
+                  help="gptq: Hessians summed on the GPU during calibration (~67 GB at full "
+                       "size), GPTQ on every residual")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -206,13 +209,14 @@ def main():
                for i in range(args.calib_batches)]
     model = nnx.merge(graph, state)
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
-                               max_samples=256)
+                               max_samples=256, hessian=args.residual == "gptq")
     del model
     t1 = time.perf_counter()
     report = {}
     wfmt, _, afmt = args.svdq_format.partition("/")
-    config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None)
-    result["svdq_format"] = args.svdq_format
+    config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None,
+                          residual=args.residual)
+    result["svdq_format"], result["residual"] = args.svdq_format, args.residual
     if args.fast_search:
       config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
     qstate = svdq_jax.quantize(state, calib, config, report=report)

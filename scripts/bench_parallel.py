@@ -29,12 +29,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import svdq_jax
 from svdq_jax.models import sampling
 from svdq_jax.models.flux import FLUX_DEV, quant_config
+from svdq_jax.timing import median_seconds
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_flux_full import inputs, random_model  # noqa: E402
@@ -44,17 +44,6 @@ T0 = time.perf_counter()
 
 def log(**values) -> None:
   print(json.dumps(dict(at_s=round(time.perf_counter() - T0, 1), **values)), flush=True)
-
-
-def seconds(fn, calls: int = 2) -> float:
-  """Median wall seconds of ``calls`` calls after one warm-up (compiling) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[calls // 2]
 
 
 def calibration(graph, state, cfg, args):
@@ -97,8 +86,9 @@ def loop_seconds(model, batch, res, steps, mesh=None, parallel="data") -> float:
   noise = sampling.initial_noise(0, batch, res, res).astype(jnp.bfloat16)
   txt, txt_ids, y = conditioning(model.cfg, batch)
   sigmas = sampling.schedule(steps, (res // 16) ** 2)
-  return seconds(lambda: sampling.sample(model, noise, txt, txt_ids, y, sigmas, guidance=3.5,
-                                         mesh=mesh, parallel=parallel))
+  return median_seconds(lambda: sampling.sample(model, noise, txt, txt_ids, y, sigmas,
+                                                guidance=3.5, mesh=mesh, parallel=parallel),
+                        reps=1, rounds=3, warmup=2)
 
 
 def main():

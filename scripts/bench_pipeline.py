@@ -47,6 +47,7 @@ from svdq_jax.models.t5 import T5_XXL, T5EncoderModel
 from svdq_jax.models.tokenizers import clip_tokenizer, t5_tokenizer
 from svdq_jax.models.vae import FLUX_VAE, AutoencoderKL
 from svdq_jax.models import sampling
+from svdq_jax.timing import median_seconds
 from svdq_jax.tree import tree_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,18 +78,11 @@ def log(stage: str, **values) -> None:
         flush=True)
 
 
-def timed(fn, calls: int = 3):
-  """Median seconds of ``calls`` calls after two warm-up calls: the first compiles, and the
-  second may compile again (nnx.jit hands back its outputs as the module's state, committed
-  to the device where freshly initialized weights were not: a new input sharding)."""
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return round(sorted(times)[calls // 2], 3)
+def timed(fn) -> float:
+  """Median seconds of 3 calls after two warm-up calls: the first compiles, and the second
+  may compile again (nnx.jit hands back its outputs as the module's state, committed to the
+  device where freshly initialized weights were not: a new input sharding)."""
+  return round(median_seconds(fn, reps=1, rounds=3, warmup=2), 3)
 
 
 def measure(pipe: FluxPipeline, args) -> dict:

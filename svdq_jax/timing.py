@@ -13,10 +13,11 @@ import jax
 from jax.profiler import ProfileData
 
 
-def median_seconds(fn, *args, reps: int = 10, rounds: int = 5) -> float:
-  """Median seconds per call of ``fn(*args)``: after one warm-up call, ``rounds`` rounds of
+def median_seconds(fn, *args, reps: int = 10, rounds: int = 5, warmup: int = 1) -> float:
+  """Median seconds per call of ``fn(*args)``: after ``warmup`` calls, ``rounds`` rounds of
   ``reps`` back-to-back launches, each round timed up to the last result being ready."""
-  jax.block_until_ready(fn(*args))
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(rounds):
     t0 = time.perf_counter()
