@@ -151,10 +151,8 @@ class FluxPipeline:
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), inputs, model=model,
                                max_samples=max_samples, progress=progress,
                                hessian=config.residual == "gptq")
-    graph, state = nnx.split(model)
-    qstate = svdq_jax.quantize(state, calib, config, report=report, progress=progress,
-                               devices=devices)
-    return nnx.merge(graph, qstate)
+    return svdq_jax.quantize(model, calib, config, report=report, progress=progress,
+                             devices=devices)
 
 
 def calibration_prompts() -> list[str]:

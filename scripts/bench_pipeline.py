@@ -116,15 +116,14 @@ def quantize_stage(args, fcfg, tcfg) -> None:
   calib = svdq_jax.calibrate(lambda b: transformer(*b[:6], guidance=b[6]),
                              [inputs(fcfg, 256, txt_len=64)], model=transformer, progress=False)
   log("calibrate")
-  graph, state = nnx.split(transformer)
-  qstate = svdq_jax.quantize(state, calib, config, progress=True)
+  qmodel = svdq_jax.quantize(transformer, calib, config, progress=True)
   log("quantize transformer")
-  save_model(pathlib.Path(args.qdir) / "transformer", nnx.merge(graph, qstate))
+  save_model(pathlib.Path(args.qdir) / "transformer", qmodel)
   log("save transformer")
-  del transformer, state, calib, qstate
-  graph, state = nnx.split(random_module(lambda: T5EncoderModel(tcfg, nnx.Rngs(0)), seed=1))
-  save_model(pathlib.Path(args.qdir) / "text_encoder_2", nnx.merge(graph, svdq_jax.quantize(
-      state, None, QuantConfig(rules=(Rule(".*", "w4a16_rtn", "int4"),)), progress=False)))
+  del transformer, calib, qmodel
+  t5 = random_module(lambda: T5EncoderModel(tcfg, nnx.Rngs(0)), seed=1)
+  save_model(pathlib.Path(args.qdir) / "text_encoder_2", svdq_jax.quantize(
+      t5, None, QuantConfig(rules=(Rule(".*", "w4a16_rtn", "int4"),)), progress=False))
   log("T5 W4A16 quantized and saved")
 
 

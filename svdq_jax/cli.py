@@ -160,7 +160,6 @@ def _quantize(args) -> int:
   import pathlib
 
   import jax
-  from flax import nnx
 
   import svdq_jax
   from svdq_jax import QuantConfig, Rule
@@ -196,9 +195,8 @@ def _quantize(args) -> int:
       if args.t5 == "w4a16":
         # T5-XXL is 9.5 GB in bf16: its linears as 4-bit weights (data-free, 16-bit compute)
         t5_config = QuantConfig(rules=(Rule(".*", "w4a16_rtn", "int4"),))
-        graph, state = nnx.split(pipe.t5)
         save_model(tmp / "text_encoder_2",
-                   nnx.merge(graph, svdq_jax.quantize(state, None, t5_config, progress=False)))
+                   svdq_jax.quantize(pipe.t5, None, t5_config, progress=False))
       (tmp / "quantize.json").write_text(json.dumps(summary, indent=1))
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"svdq-jax quantize: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from svdq_jax import formats
@@ -131,7 +132,8 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
 
   Args:
     params: Flax parameter tree (nested dict, with or without a top 'params' level, or an
-      ``nnx.State``). Linear kernels are 2-D leaves named 'kernel', shaped [K, N].
+      ``nnx.State``), or an NNX module (a new module comes back; the one passed in is left
+      as it was). Linear kernels are 2-D leaves named 'kernel', shaped [K, N].
     calib: {module path: LayerStats} from ``calibrate`` (may be None when every selected
       method works without data: 'rtn', 'w4a16_rtn').
     config: the rules and search settings.
@@ -143,8 +145,13 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
       comes back on the device its kernel was on. None: everything on the default device.
 
   Returns:
-    A tree of the same type and structure, selected kernels replaced by QuantizedLinear.
+    A tree of the same type and structure (a module for a module), selected kernels
+    replaced by QuantizedLinear.
   """
+  if isinstance(params, nnx.Module):
+    graph, state = nnx.split(params)
+    return nnx.merge(graph, quantize(state, calib, config, report=report, progress=progress,
+                                     devices=devices))
   kernels = find_kernels(params)
   if not kernels:
     raise ValueError("no linear layer found: the tree has no 2-D leaf named 'kernel'")

@@ -70,6 +70,13 @@ def test_nnx_state_quantized_model_runs_jitted(net_and_calib):
   y_ref = model(batches[0])
   rel = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
   assert 0 < rel < 0.05
+  # a module in, a new module out, equal to the state route; the one passed in unchanged
+  direct = svdq_jax.quantize(model, calib, cfg, progress=False)
+  assert isinstance(direct, type(model)) and direct is not model
+  assert not isinstance(model.attn.q.kernel.get_value(), QuantizedLinear)
+  for a, b in zip(jax.tree_util.tree_leaves(nnx.state(direct)),
+                  jax.tree_util.tree_leaves(qstate)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_unselected_leaves_pass_through_untouched(net_and_calib):
