@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax.attention import int8_attention
 from svdq_jax.layers import Linear
 
 
@@ -115,22 +116,33 @@ class QKNorm(nnx.Module):
 
 
 _attention_implementation: str | None = None
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "int8", "int8qk")
 
 
 def set_attention_implementation(name: str | None) -> None:
-  """Chooses ``jax.nn.dot_product_attention``'s implementation for models traced from now
-  on: None (JAX's default, XLA), 'xla', or 'cudnn' (fused flash attention on NVIDIA GPUs,
-  bf16/fp16 inputs)."""
+  """Chooses the attention of models traced from now on: None (JAX's default, XLA), 'xla',
+  'cudnn' (``jax.nn.dot_product_attention``'s fused flash attention on NVIDIA GPUs,
+  bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V) or 'int8qk' (INT8 q k^T, bf16 P V): the
+  last two are ``svdq_jax.attention``'s reference numerics, for measuring their quality (no
+  kernel yet). ``sampling.sample`` recompiles when it changes."""
   global _attention_implementation
-  if name not in (None, "xla", "cudnn"):
-    raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {name!r}")
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {name!r}")
   _attention_implementation = name
+
+
+def attention_implementation() -> str | None:
+  return _attention_implementation
 
 
 def attention(q, k, v, pe):
   """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v."""
   q, k = apply_rope(q, pe), apply_rope(k, pe)
-  out = jax.nn.dot_product_attention(q, k, v, implementation=_attention_implementation)
+  if _attention_implementation in ("int8", "int8qk"):
+    out = int8_attention(q, k, v, pv="fp8" if _attention_implementation == "int8" else "bf16")
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, implementation=_attention_implementation)
   return out.reshape(*out.shape[:2], -1)
 
 
