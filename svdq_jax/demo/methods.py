@@ -13,6 +13,12 @@ class Method:
   fmt: str = "int4"
   act_fmt: str | None = None  # None: activations in the weight format
   residual: str = "rtn"       # or 'gptq' (QuantConfig.residual)
+  attention: str | None = None  # flux.set_attention_implementation while sampling
+
+  @property
+  def quantization(self) -> tuple:
+    """What the weights depend on: columns that differ only in attention share them."""
+    return self.method, self.fmt, self.act_fmt, self.residual
 
 
 METHODS = {
@@ -24,6 +30,11 @@ METHODS = {
     "svdquant-int4-gptq": Method("SVDQuant INT4 + GPTQ", "svdquant", "int4", residual="gptq"),
     "svdquant-w4a8-gptq": Method("SVDQuant W4A8 + GPTQ", "svdquant", "int4_2l", "int8",
                                  residual="gptq"),
+    "bf16-att8": Method("16-bit + INT8/FP8 attention", None, attention="int8"),
+    "svdquant-w4a8-att8": Method("SVDQuant W4A8 + INT8/FP8 attention", "svdquant", "int4_2l",
+                                 "int8", attention="int8"),
+    "svdquant-w4a8-att8qk": Method("SVDQuant W4A8 + INT8 q k^T attention", "svdquant",
+                                   "int4_2l", "int8", attention="int8qk"),
     "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
     "rtn": Method("RTN W4A4", "rtn", "int4"),
     "w4a16": Method("W4A16 (AWQ-style)", "w4a16", "int4"),

@@ -149,20 +149,29 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
 
   results: list[Result] = []
   states = {}
+  quantized = {}   # columns that differ only in attention share their weights
   for key in methods:
     m = METHODS[key]
     start = time.perf_counter()
     if m.method is None:
       qstate = state
+    elif m.quantization in quantized:
+      qstate = quantized[m.quantization]
     else:
       config = flux.quant_config(m.method, m.fmt, rank=rank, act_fmt=m.act_fmt,
                                  **{"residual": m.residual, **(search or {})})
       qstate = svdq_jax.quantize(state, calib, config, progress=progress)
       jax.block_until_ready(qstate)
+    quantized[m.quantization] = qstate
     quantize_seconds = time.perf_counter() - start
     states[key] = qstate
     start = time.perf_counter()
-    out = sampling.sample(nnx.merge(graph, qstate), noise, txt, txt_ids, y, sigmas)
+    previous = flux.attention_implementation()
+    flux.set_attention_implementation(m.attention or previous)
+    try:
+      out = sampling.sample(nnx.merge(graph, qstate), noise, txt, txt_ids, y, sigmas)
+    finally:
+      flux.set_attention_implementation(previous)
     images = to_uint8(out)
     sample_seconds = time.perf_counter() - start
     ref = results[0].images if results else images
