@@ -150,7 +150,7 @@ class FluxPipeline:
       inputs += sampling.trajectory_inputs(model, *args)
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), inputs, model=model,
                                max_samples=max_samples, progress=progress,
-                               hessian=config.residual == "gptq")
+                               hessian=config.uses_gptq)
     return svdq_jax.quantize(model, calib, config, report=report, progress=progress,
                              devices=devices)
 

@@ -168,7 +168,7 @@ def main():
                   help="one alpha and one low-rank iteration per layer: the same tensors (so "
                        "the same memory and speed) in a fraction of the time; quantize_s is "
                        "then not the method's time")
-  ap.add_argument("--residual", choices=["rtn", "gptq"], default="rtn",
+  ap.add_argument("--residual", choices=["rtn", "gptq", "gptq_loop"], default="rtn",
                   help="gptq: Hessians summed on the GPU during calibration (~67 GB at full "
                        "size), GPTQ on every residual")
   ap.add_argument("--summary", default="",
@@ -209,7 +209,7 @@ def main():
                for i in range(args.calib_batches)]
     model = nnx.merge(graph, state)
     calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
-                               max_samples=256, hessian=args.residual == "gptq")
+                               max_samples=256, hessian=args.residual != "rtn")
     del model
     t1 = time.perf_counter()
     report = {}

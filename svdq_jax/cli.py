@@ -344,9 +344,11 @@ def main(argv=None) -> int:
   qz.add_argument("--seed", type=int, default=0)
   qz.add_argument("--fast-search", action="store_true",
                   help="one smoothing strength and one low-rank iteration per layer")
-  qz.add_argument("--residual", choices=["rtn", "gptq"], default="rtn",
+  qz.add_argument("--residual", choices=["rtn", "gptq", "gptq_loop"], default="rtn",
                   help="how the residual is rounded: rtn (default, the paper's) or gptq "
-                       "(error feedback through each layer's input Hessian; docs/gptq.md)")
+                       "(error feedback through each layer's input Hessian) once after the "
+                       "low-rank refinement, or gptq_loop: in every refinement step "
+                       "(docs/gptq.md)")
   qz.add_argument("--devices", type=int, default=1,
                   help="spread the layers' searches over this many devices (0: all)")
   qz.add_argument("--t5-max-length", type=int, default=None)

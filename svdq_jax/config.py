@@ -65,7 +65,7 @@ def method_spec(method: str, fmt: str, act_unsigned: bool, act_fmt: str | None =
 
 
 METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w4a16_rtn", "w8a8", "skip")
-RESIDUALS = ("rtn", "gptq")
+RESIDUALS = ("rtn", "gptq", "gptq_loop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +131,11 @@ class QuantConfig:
     seed: seed of the randomized SVD.
     residual: how the 4-bit residual is quantized: 'rtn' (round to nearest, the paper's) or
       'gptq' (``svdq_jax.gptq``: error feedback through the inverse Hessian of the layer's
-      smoothed calibration inputs; same format and kernels). GPTQ needs calibration data,
-      so rules with the data-free methods ('rtn', 'w4a16_rtn') are an error with it.
+      smoothed calibration inputs; same format and kernels) once, on the residual of the
+      low-rank refinement's best branch, or 'gptq_loop': GPTQ as the refinement's own
+      quantization step, every iteration (docs/gptq.md compares them). GPTQ needs
+      calibration data, so rules with the data-free methods ('rtn', 'w4a16_rtn') are an
+      error with it.
     gptq_damp: GPTQ's diagonal damping, relative to the Hessian's mean diagonal.
   """
 
@@ -157,12 +160,17 @@ class QuantConfig:
       raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
     if not self.gptq_damp > 0:
       raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
-    if self.residual == "gptq":
+    if self.uses_gptq:
       free = [r.pattern for r in self.rules if r.method != "skip" and not r.spec.needs_calibration]
       if free:
-        raise ValueError(f"residual='gptq' needs calibration data, but rules {free} use a "
+        raise ValueError(f"residual={self.residual!r} needs calibration data, but rules {free} use a "
                          "data-free method ('rtn', 'w4a16_rtn'); use 'smoothquant' / 'w4a16' "
                          "or residual='rtn'")
+
+  @property
+  def uses_gptq(self) -> bool:
+    """Whether quantization needs each layer's input Hessian (``calibrate(hessian=True)``)."""
+    return self.residual != "rtn"
 
   def rule_for(self, path: str) -> Rule | None:
     return next((r for r in self.rules if r.matches(path)), None)

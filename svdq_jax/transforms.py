@@ -124,8 +124,8 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     x_absmax: f32 [K] per-channel absmax of the input over calibration tokens.
     samples: f32 [S, K] calibration input tokens (needed when method.needs_calibration).
     name: the layer(s), for error messages.
-    hessian: f32 [K, K] X^T X of the raw inputs over all calibration tokens (needed with
-      ``config.residual == 'gptq'``; ``calibrate(..., hessian=True)``).
+    hessian: f32 [K, K] X^T X of the raw inputs over all calibration tokens (needed when
+      ``config.uses_gptq``; ``calibrate(..., hessian=True)``).
 
   Returns:
     One QuantizedLinear per weight (bias None) and a report.
@@ -153,35 +153,46 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       w_hat, x_hat = lam[:, None] * w, x / lam
     else:
       w_hat, x_hat = w, x
-    best, q_prev, stale = None, jnp.zeros_like(w_hat), 0
+    h_hat = None
+    if config.uses_gptq:  # (QuantConfig allows it with calibrated methods only)
+      if hessian is None:
+        raise ValueError(f"{name}: residual={config.residual!r} needs the inputs' Hessian: "
+                         "calibrate with svdq_jax.calibrate(..., hessian=True)")
+      h_hat = jnp.asarray(hessian, jnp.float32)
+      if lam is not None:  # X_hat^T X_hat, x_hat = x / lambda
+        h_hat = h_hat * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
+
+    def with_gptq(cand: Candidate) -> tuple[Candidate, formats.Quantized]:
+      """The candidate's branch with its residual quantized by GPTQ instead."""
+      rest = (w_hat - matmul_f32(cand.down, cand.up)) if rank else w_hat
+      q = gptq.quantize_weight(rest.T, h_hat, method.weight_format, damp=config.gptq_damp,
+                               name=name)
+      deq = formats.dequantize(q, method.weight_format).T
+      return cand._replace(error=output_error(x_hat, y_ref, deq, cand.down, cand.up,
+                                              method.act_format), residual=deq), q
+
+    best, best_qt, q_prev, stale = None, None, jnp.zeros_like(w_hat), 0
     for iterations in range(1, (config.lowrank_iters if rank else 1) + 1):
       cand = evaluate(w_hat, x_hat, y_ref, q_prev, key, **static)
+      qt = None
+      if config.residual == "gptq_loop":
+        cand, qt = with_gptq(cand)
       if best is None or float(cand.error) < float(best.error):
-        best, stale = cand, 0
+        best, best_qt, stale = cand, qt, 0
       else:
         stale += 1
         if stale >= config.lowrank_patience:
           break
       q_prev = cand.residual
-    down, up = best.down, best.up
+    if config.residual == "gptq":
+      best, best_qt = with_gptq(best)
+    down, up, error, qt = best.down, best.up, best.error, best_qt
     residual = (w_hat - matmul_f32(down, up)).T if rank else w_hat.T
-    error = best.error
-    if config.residual == "gptq":  # (QuantConfig allows it with calibrated methods only)
-      if hessian is None:
-        raise ValueError(f"{name}: residual='gptq' needs the inputs' Hessian: calibrate "
-                         "with svdq_jax.calibrate(..., hessian=True)")
-      h_hat = jnp.asarray(hessian, jnp.float32)
-      if lam is not None:  # X_hat^T X_hat, x_hat = x / lambda
-        h_hat = h_hat * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
-      qt = gptq.quantize_weight(residual, h_hat, method.weight_format,
-                                damp=config.gptq_damp, name=name)
-      error = output_error(x_hat, y_ref, formats.dequantize(qt, method.weight_format).T,
-                           down, up, method.act_format)
     rel_error = float(jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
   else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
-    residual = w.T
+    residual, qt = w.T, None
 
-  if config.residual != "gptq":
+  if qt is None:
     qt = formats.quantize_weight(residual, method.weight_format)
   stored = stored_weight(qt, method.weight_format)
   layers, start = [], 0

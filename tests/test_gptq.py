@@ -41,7 +41,8 @@ def test_lower_output_error_than_round_to_nearest(fmt):
 
 
 # measured ratios gptq / rtn here: 0.96 (W4A4: 4-bit activation noise dominates and GPTQ does
-# not see it), 0.96 (NVFP4), 0.90 (W4A8), 0.72 (W4A16)
+# not see it), 0.96 (NVFP4), 0.90 (W4A8), 0.72 (W4A16); gptq_loop / rtn: 0.956, 0.961, 0.886,
+# 0.719 (2026-12-02)
 @pytest.mark.parametrize("method,fmt,act,ratio", [("svdquant", "int4", None, 0.98),
                                                   ("svdquant", "nvfp4", None, 0.98),
                                                   ("svdquant", "int4_2l", "int8", 0.93),
@@ -53,7 +54,7 @@ def test_quantized_layer_with_gptq_is_closer(method, fmt, act, ratio):
   x = _inputs(512, k)
   w = jax.random.normal(jax.random.key(2), (k, n)) * 0.05
   errors = {}
-  for residual in ("rtn", "gptq"):
+  for residual in ("rtn", "gptq", "gptq_loop"):
     cfg = QuantConfig(rules=(Rule(".*", method, fmt, rank=8, act_fmt=act),), alpha_grid=4,
                       lowrank_iters=3, residual=residual)
     (layer,), rep = transforms.quantize_group(
@@ -64,6 +65,7 @@ def test_quantized_layer_with_gptq_is_closer(method, fmt, act, ratio):
     np.testing.assert_allclose(rel, rep.error, rtol=1e-3)  # the report is the stored layer's
     errors[residual] = rel
   assert errors["gptq"] < ratio * errors["rtn"], errors
+  assert errors["gptq_loop"] < ratio * errors["rtn"], errors
 
 
 def test_calibrate_accumulates_the_hessian_over_every_token():

@@ -30,6 +30,8 @@ METHODS = {
     "svdquant-int4-gptq": Method("SVDQuant INT4 + GPTQ", "svdquant", "int4", residual="gptq"),
     "svdquant-w4a8-gptq": Method("SVDQuant W4A8 + GPTQ", "svdquant", "int4_2l", "int8",
                                  residual="gptq"),
+    "svdquant-w4a8-gptq-loop": Method("SVDQuant W4A8 + GPTQ in the refinement loop", "svdquant",
+                                      "int4_2l", "int8", residual="gptq_loop"),
     "bf16-att8": Method("16-bit + INT8/FP8 attention", None, attention="int8"),
     "svdquant-w4a8-att8": Method("SVDQuant W4A8 + INT8/FP8 attention", "svdquant", "int4_2l",
                                  "int8", attention="int8"),

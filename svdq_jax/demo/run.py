@@ -145,7 +145,7 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
 
     calib = svdq_jax.calibrate(forward, calibration_batches(calib_batches, calib_batch, steps),
                                model=model.flux, progress=progress,
-                               hessian=any(METHODS[m].residual == "gptq" for m in methods))
+                               hessian=any(METHODS[m].residual != "rtn" for m in methods))
 
   results: list[Result] = []
   states = {}
