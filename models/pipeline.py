@@ -139,7 +139,7 @@ class FluxPipeline:
     """The transformer quantized with ``config`` (``svdq_jax.quantize``), calibrated on the
     activations of real denoising trajectories: every step of sampling each prompt (batches
     of ``batch_size``, noise from ``seed + batch index``) at height x width. With
-    ``config.residual == 'gptq'`` calibration also accumulates each layer's Hessian;
+    ``config.uses_gptq`` calibration also accumulates each layer's Hessian;
     ``devices`` spreads the layers' searches over several devices."""
     import svdq_jax
     model = self.transformer

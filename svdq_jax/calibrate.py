@@ -34,8 +34,8 @@ class LayerStats:
   samples: f32 [S, K], S <= max_samples tokens drawn uniformly without replacement.
   num_tokens: tokens seen.
   hessian: f32 [K, K] X^T X summed over every token (``calibrate(..., hessian=True)``; what
-    ``QuantConfig(residual='gptq')`` needs), or None. A numpy array, or a jax.Array on the
-    device that ran the layer when the forward pass was not jitted.
+    GPTQ residuals need), or None. A numpy array, or a jax.Array on the device that ran the
+    layer when the forward pass was not jitted.
   """
 
   absmax: np.ndarray
