@@ -27,13 +27,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import svdq_jax
 from svdq_jax.models import sampling
 from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config, set_attention_implementation
+from svdq_jax.lora import LoRA, apply_loras
+from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
-from svdq_jax.tree import tree_bytes
+from svdq_jax.tree import find_kernels, tree_bytes
 
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
@@ -64,6 +67,19 @@ def random_module(factory, seed=0):
   state = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(abstract))
   nnx.replace_by_pure_dict(abstract, state)
   return nnx.merge(graph, abstract)
+
+
+def random_lora(state, rank: int, seed=0) -> LoRA:
+  """A rank-``rank`` LoRA on every linear of ``state`` (float or quantized), N(0, 0.01)
+  factors: what a LoRA costs does not depend on its values."""
+  rng = np.random.default_rng(seed)
+  factors = {}
+  for path, kernel in find_kernels(state, quantized=True).items():
+    k, n = ((kernel.in_features, kernel.out_features) if isinstance(kernel, QuantizedLinear)
+            else kernel.shape)
+    factors[path] = (rng.normal(0, 0.01, (k, rank)).astype(np.float32),
+                     rng.normal(0, 0.01, (rank, n)).astype(np.float32))
+  return LoRA(factors, name=f"random rank {rank}")
 
 
 def random_model(cfg, seed=0) -> Flux:
@@ -171,6 +187,9 @@ def main():
   ap.add_argument("--residual", choices=["rtn", "gptq", "gptq_loop"], default="rtn",
                   help="gptq: Hessians summed on the GPU during calibration (~67 GB at full "
                        "size), GPTQ on every residual")
+  ap.add_argument("--lora-ranks", default="",
+                  help="also time the svdquant model with a random LoRA of each rank on every "
+                       "linear (e.g. 32,64; issue 18)")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -229,8 +248,13 @@ def main():
     print(json.dumps(result), flush=True)
     del calib, state, batches   # only the quantized model stays resident
     if "svdquant" in models:
-      measure("svdquant_" + args.svdq_format.replace("/", "_"), graph, qstate, cfg, args,
-              result)
+      name = "svdquant_" + args.svdq_format.replace("/", "_")
+      measure(name, graph, qstate, cfg, args, result)
+      for r in (int(v) for v in args.lora_ranks.split(",") if v):
+        lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
+        result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r
+        measure(f"{name}_lora{r}", graph, lstate, cfg, args, result)
+        del lstate
 
   with open(os.path.join(args.out, "flux_full.json"), "w") as f:
     json.dump(result, f, indent=1)
