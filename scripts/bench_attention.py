@@ -1,0 +1,105 @@
+"""Attention at FLUX.1's shape on one GPU (issue 14): bf16 vs 8-bit candidates, time and error.
+
+FLUX.1-dev at 1024x1024: batch 1, 4608 tokens (4096 image + 512 text), 24 heads of 128; the
+step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, timed with
+``median_seconds`` and compared with f32 exact attention (relative Frobenius error):
+  xla-bf16:      jax.nn.dot_product_attention(implementation='xla');
+  cudnn-bf16:    the same with implementation='cudnn' (the step's baseline);
+  cudnn-fp8:     cuDNN's FP8 flash attention through jax's private
+                 ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(use_fp8=True)``:
+                 q, k (minus its token mean), v as E4M3 with one scale each, P with scale 448,
+                 the E4M3 output scaled back (includes the quantization passes);
+  int8-ref:      ``svdq_jax.attention.int8_attention`` run by XLA (unfused: it materializes the
+                 scores; its time is not a kernel's, its error is the INT8/FP8 format's).
+A variant that fails prints its error and the rest go on; the table comes last.
+
+    python3 scripts/bench_attention.py --out $OUT
+    .venv/bin/python scripts/bench_attention.py --tokens 256 --heads 2 --variants xla-bf16,int8-ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from svdq_jax.attention import FP8_MAX, int8_attention
+from svdq_jax.timing import median_seconds
+
+
+def cudnn_fp8(q, k, v):
+  """[B, L, H, D] bf16 -> bf16 through cuDNN's FP8 flash attention (per-tensor scales)."""
+  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+  e4m3 = jnp.float8_e4m3fn
+  k = k - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True).astype(k.dtype)
+  one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+  scales = [jnp.maximum(jnp.max(jnp.abs(t.astype(jnp.float32))), 1e-30) / FP8_MAX
+            for t in (q, k, v)]
+  q8, k8, v8 = ((t.astype(jnp.float32) / s).astype(e4m3) for t, s in zip((q, k, v), scales))
+  s_o = scales[2]       # |out| <= max |v|: a convex combination of V's rows
+  params = dict(descale_q=one(scales[0]), descale_k=one(scales[1]), descale_v=one(scales[2]),
+                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / s_o))
+  out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
+                                    scale=q.shape[-1] ** -0.5, use_fp8=True)
+  return (out.astype(jnp.float32) * s_o).astype(q.dtype)
+
+
+VARIANTS = {
+    "xla-bf16": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+    "cudnn-bf16": lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                               implementation="cudnn"),
+    "cudnn-fp8": cudnn_fp8,
+    "int8-ref": int8_attention,
+}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "out/bench_attention"))
+  ap.add_argument("--tokens", type=int, default=4608)
+  ap.add_argument("--heads", type=int, default=24)
+  ap.add_argument("--head-dim", type=int, default=128)
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  args = ap.parse_args()
+  shape = (1, args.tokens, args.heads, args.head_dim)
+  kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
+  # keys with a shared offset per channel, as RoPE'd, RMS-normed FLUX keys have
+  q = jax.random.normal(kq, shape, jnp.float32)
+  k = jax.random.normal(kk, shape, jnp.float32) + 2.0 * jax.random.normal(ko, shape[-1:])
+  v = jax.random.normal(kv, shape, jnp.float32)
+  exact = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))(
+      q, k, v)
+  q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
+  os.makedirs(args.out, exist_ok=True)
+  rows = []
+  for name in args.variants.split(","):
+    fn = jax.jit(VARIANTS[name])
+    try:
+      out = fn(q, k, v).astype(jnp.float32)
+      err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+      ms = median_seconds(fn, q, k, v, reps=10, rounds=5) * 1e3
+      rows.append(dict(variant=name, ms=round(ms, 4), rel_error=round(err, 5)))
+    except Exception as e:  # noqa: BLE001 - one variant's failure is a result too
+      rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    print(json.dumps(rows[-1]), flush=True)
+  result = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
+                shape=shape, rows=rows)
+  with open(os.path.join(args.out, "attention.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  base = next((r["ms"] for r in rows if r["variant"] == "cudnn-bf16" and "ms" in r), None)
+  print("\n| variant | ms | vs cudnn-bf16 | rel. error vs f32 |")
+  print("| --- | ---: | ---: | ---: |")
+  for r in rows:
+    if "ms" in r:
+      ratio = f"{base / r['ms']:.2f}x" if base else ""
+      print(f"| {r['variant']} | {r['ms']} | {ratio} | {r['rel_error']} |")
+    else:
+      print(f"| {r['variant']} | failed: {r['error'][:80]} | | |")
+
+
+if __name__ == "__main__":
+  main()
