@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.attention import int8_attention
+from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
 from svdq_jax.layers import Linear
 
 
@@ -116,15 +116,16 @@ class QKNorm(nnx.Module):
 
 
 _attention_implementation: str | None = None
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "int8", "int8qk")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "int8", "int8qk", "fp8", "cudnn_fp8")
 
 
 def set_attention_implementation(name: str | None) -> None:
   """Chooses the attention of models traced from now on: None (JAX's default, XLA), 'xla',
   'cudnn' (``jax.nn.dot_product_attention``'s fused flash attention on NVIDIA GPUs,
-  bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V) or 'int8qk' (INT8 q k^T, bf16 P V): the
-  last two are ``svdq_jax.attention``'s reference numerics, for measuring their quality (no
-  kernel yet). ``sampling.sample`` recompiles when it changes."""
+  bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V), 'int8qk' (INT8 q k^T, bf16 P V), 'fp8'
+  (FP8 throughout, as cuDNN's FP8 flash attention computes it): ``svdq_jax.attention``'s
+  reference numerics, for measuring their quality; or 'cudnn_fp8', that cuDNN kernel (NVIDIA
+  GPUs). ``sampling.sample`` recompiles when it changes."""
   global _attention_implementation
   if name not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
@@ -141,6 +142,10 @@ def attention(q, k, v, pe):
   q, k = apply_rope(q, pe), apply_rope(k, pe)
   if _attention_implementation in ("int8", "int8qk"):
     out = int8_attention(q, k, v, pv="fp8" if _attention_implementation == "int8" else "bf16")
+  elif _attention_implementation == "fp8":
+    out = fp8_attention(q, k, v)
+  elif _attention_implementation == "cudnn_fp8":
+    out = cudnn_fp8_attention(q, k, v)
   else:
     out = jax.nn.dot_product_attention(q, k, v, implementation=_attention_implementation)
   return out.reshape(*out.shape[:2], -1)

@@ -5,10 +5,10 @@ step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, t
 ``median_seconds`` and compared with f32 exact attention (relative Frobenius error):
   xla-bf16:      jax.nn.dot_product_attention(implementation='xla');
   cudnn-bf16:    the same with implementation='cudnn' (the step's baseline);
-  cudnn-fp8:     cuDNN's FP8 flash attention through jax's private
-                 ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(use_fp8=True)``:
-                 q, k (minus its token mean), v as E4M3 with one scale each, P with scale 448,
-                 the E4M3 output scaled back (includes the quantization passes);
+  cudnn-fp8:     cuDNN's FP8 flash attention (``svdq_jax.attention.cudnn_fp8_attention``):
+                 q, k (minus its token mean), v as E4M3 with one scale each, P with scale
+                 448, the E4M3 output scaled back (includes the quantization passes);
+  fp8-ref:       ``svdq_jax.attention.fp8_attention``, cudnn-fp8's numerics by XLA (unfused);
   int8-ref:      ``svdq_jax.attention.int8_attention`` run by XLA (unfused: it materializes the
                  scores; its time is not a kernel's, its error is the INT8/FP8 format's).
 A variant that fails prints its error and the rest go on; the table comes last.
@@ -27,32 +27,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from svdq_jax.attention import FP8_MAX, int8_attention
+from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
 from svdq_jax.timing import median_seconds
-
-
-def cudnn_fp8(q, k, v):
-  """[B, L, H, D] bf16 -> bf16 through cuDNN's FP8 flash attention (per-tensor scales)."""
-  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
-  e4m3 = jnp.float8_e4m3fn
-  k = k - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True).astype(k.dtype)
-  one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
-  scales = [jnp.maximum(jnp.max(jnp.abs(t.astype(jnp.float32))), 1e-30) / FP8_MAX
-            for t in (q, k, v)]
-  q8, k8, v8 = ((t.astype(jnp.float32) / s).astype(e4m3) for t, s in zip((q, k, v), scales))
-  s_o = scales[2]       # |out| <= max |v|: a convex combination of V's rows
-  params = dict(descale_q=one(scales[0]), descale_k=one(scales[1]), descale_v=one(scales[2]),
-                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / s_o))
-  out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
-                                    scale=q.shape[-1] ** -0.5, use_fp8=True)
-  return (out.astype(jnp.float32) * s_o).astype(q.dtype)
 
 
 VARIANTS = {
     "xla-bf16": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     "cudnn-bf16": lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
                                                                implementation="cudnn"),
-    "cudnn-fp8": cudnn_fp8,
+    "cudnn-fp8": cudnn_fp8_attention,
+    "fp8-ref": fp8_attention,
     "int8-ref": int8_attention,
 }
 

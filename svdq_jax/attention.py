@@ -1,4 +1,6 @@
-"""8-bit attention: INT8 Q K^T and FP8 P V (SageAttention-style), the jnp reference.
+"""8-bit attention: INT8 Q K^T and FP8 P V (SageAttention-style), the jnp reference; and
+FP8 throughout as cuDNN's FP8 flash attention computes it (``fp8_attention``), with that
+kernel (``cudnn_fp8_attention``).
 
 On Hopper, bf16 attention is ~19% of a FLUX.1-dev 1024x1024 step (23.2 of 122.2 ms in the
 W4A8 step, docs/benchmarks); int8 and fp8 tensor cores run twice bf16's rate. This module
@@ -75,4 +77,48 @@ def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") ->
   return (out * (sv / FP8_MAX) / rowsum).astype(dtype)
 
 
-__all__ = ["int8_attention", "FP8_MAX"]
+def _e4m3_tensor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x f32 -> (E4M3 codes of x / s, s = max|x| / 448): one scale for the whole tensor."""
+  s = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(jnp.float32).tiny) / FP8_MAX
+  return (x / s).astype(jnp.float8_e4m3fn), s
+
+
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v as cuDNN's FP8 flash attention computes it (the reference of
+  ``cudnn_fp8_attention``): k minus its token mean, then q, k, v as E4M3 with one scale per
+  tensor, scores in f32 from the E4M3 products, P~ = exp(s - row max) as E4M3 x448, P V
+  summed in f32, and the output itself rounded to E4M3 with the scale max|v| / 448 (it is a
+  convex combination of V's rows). q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype."""
+  if not q.shape == k.shape == v.shape or q.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, L, H, D] of one shape, got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  dtype = q.dtype
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  k = k - jnp.mean(k, axis=1, keepdims=True)
+  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in (q, k, v))
+  f32 = lambda t: t.astype(jnp.float32)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q8), f32(k8),
+                      precision=jax.lax.Precision.HIGHEST) * (sq * sk * q.shape[-1] ** -0.5)
+  p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  p8 = (p * FP8_MAX).astype(jnp.float8_e4m3fn)
+  out = jnp.einsum("bhqk,bkhd->bqhd", f32(p8), f32(v8), precision=jax.lax.Precision.HIGHEST)
+  out = out / FP8_MAX / jnp.sum(p, axis=-1).transpose(0, 2, 1)[..., None]   # in V's codes
+  return (f32(out.astype(jnp.float8_e4m3fn)) * sv).astype(dtype)
+
+
+def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """``fp8_attention`` on cuDNN's FP8 flash attention kernel (NVIDIA GPUs with cuDNN >= 9;
+  jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
+  bf16 -> bf16."""
+  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+  k = k - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True).astype(k.dtype)
+  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t.astype(jnp.float32)) for t in (q, k, v))
+  one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+  params = dict(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
+                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
+  out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
+                                    scale=q.shape[-1] ** -0.5, use_fp8=True)
+  return (out.astype(jnp.float32) * sv).astype(q.dtype)
+
+
+__all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "FP8_MAX"]

@@ -35,6 +35,8 @@ METHODS = {
     "bf16-att8": Method("16-bit + INT8/FP8 attention", None, attention="int8"),
     "svdquant-w4a8-att8": Method("SVDQuant W4A8 + INT8/FP8 attention", "svdquant", "int4_2l",
                                  "int8", attention="int8"),
+    "svdquant-w4a8-attfp8": Method("SVDQuant W4A8 + FP8 attention (cuDNN's numerics)",
+                                   "svdquant", "int4_2l", "int8", attention="fp8"),
     "svdquant-w4a8-att8qk": Method("SVDQuant W4A8 + INT8 q k^T attention", "svdquant",
                                    "int4_2l", "int8", attention="int8qk"),
     "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
