@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
+from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
 
 
