@@ -32,7 +32,8 @@ from flax import nnx
 
 import svdq_jax
 from svdq_jax.models import sampling
-from svdq_jax.models.flux import FLUX_DEV, Flux, quant_config, set_attention_implementation
+from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
+                                  set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
@@ -177,7 +178,10 @@ def main():
   ap.add_argument("--dump-hlo", action="store_true",
                   help="with --profile: every kernel's time, and the step's optimized HLO "
                        "(<model>_step<res>_hlo.txt in --out)")
-  ap.add_argument("--attention", choices=["xla", "cudnn"], default="cudnn")
+  ap.add_argument("--attention", default="cudnn",
+                  choices=[a for a in ATTENTION_IMPLEMENTATIONS if a is not None],
+                  help="cudnn (bf16 flash, default), xla, cudnn_fp8 (cuDNN FP8 flash), or a "
+                       "reference: int8, int8qk, fp8")
   ap.add_argument("--calib-resolution", type=int, default=256)
   ap.add_argument("--calib-batches", type=int, default=2)
   ap.add_argument("--fast-search", action="store_true",
