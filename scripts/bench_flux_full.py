@@ -227,21 +227,21 @@ def main():
     del w4a16
 
   if stages & {"quantize", "memory"} or "svdquant" in models:
-    t0 = time.perf_counter()
-    batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
-               for i in range(args.calib_batches)]
-    model = nnx.merge(graph, state)
-    calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
-                               max_samples=256, hessian=args.residual != "rtn")
-    del model
-    t1 = time.perf_counter()
-    report = {}
     wfmt, _, afmt = args.svdq_format.partition("/")
     config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None,
                           residual=args.residual)
     result["svdq_format"], result["residual"] = args.svdq_format, args.residual
     if args.fast_search:
       config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
+    t0 = time.perf_counter()
+    batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
+               for i in range(args.calib_batches)]
+    model = nnx.merge(graph, state)
+    calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
+                               max_samples=256, hessian=config.uses_gptq)
+    del model
+    t1 = time.perf_counter()
+    report = {}
     qstate = svdq_jax.quantize(state, calib, config, report=report)
     jax.block_until_ready(qstate)
     t2 = time.perf_counter()

@@ -38,6 +38,15 @@ def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes, scale
 
 
+def _smoothed_f32(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v [B, L, H, D] checked and in f32, k minus its mean over tokens (step 1)."""
+  if not q.shape == k.shape == v.shape or q.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, L, H, D] of one shape, got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  return q, k - jnp.mean(k, axis=1, keepdims=True), v
+
+
 def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") -> jax.Array:
   """softmax(q k^T / sqrt(D)) v with INT8 scores and an FP8 P V (module docstring).
 
@@ -52,12 +61,8 @@ def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") ->
   """
   if pv not in ("fp8", "bf16"):
     raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
-  if not q.shape == k.shape == v.shape or q.ndim != 4:
-    raise ValueError(f"q, k, v must be [B, L, H, D] of one shape, got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
   dtype = q.dtype
-  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  k = k - jnp.mean(k, axis=1, keepdims=True)
+  q, k, v = _smoothed_f32(q, k, v)
   q8, sq = _int8_rows(q * (q.shape[-1] ** -0.5))
   k8, sk = _int8_rows(k)
   acc = jnp.einsum("bqhd,bkhd->bhqk", q8, k8, preferred_element_type=jnp.int32)
@@ -89,13 +94,8 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   tensor, scores in f32 from the E4M3 products, P~ = exp(s - row max) as E4M3 x448, P V
   summed in f32, and the output itself rounded to E4M3 with the scale max|v| / 448 (it is a
   convex combination of V's rows). q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype."""
-  if not q.shape == k.shape == v.shape or q.ndim != 4:
-    raise ValueError(f"q, k, v must be [B, L, H, D] of one shape, got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
   dtype = q.dtype
-  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  k = k - jnp.mean(k, axis=1, keepdims=True)
-  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in (q, k, v))
+  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
   f32 = lambda t: t.astype(jnp.float32)
   scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q8), f32(k8),
                       precision=jax.lax.Precision.HIGHEST) * (sq * sk * q.shape[-1] ** -0.5)
@@ -111,8 +111,7 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
   bf16 -> bf16."""
   from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
-  k = k - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True).astype(k.dtype)
-  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t.astype(jnp.float32)) for t in (q, k, v))
+  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   params = dict(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
                 descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))

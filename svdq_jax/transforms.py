@@ -162,11 +162,14 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       if lam is not None:  # X_hat^T X_hat, x_hat = x / lambda
         h_hat = h_hat * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
 
+    def residual_of(down, up) -> jax.Array:
+      """[N, K]: what the 4-bit weight must hold beside the branch (stored K-major)."""
+      return ((w_hat - matmul_f32(down, up)) if rank else w_hat).T
+
     def with_gptq(cand: Candidate) -> tuple[Candidate, formats.Quantized]:
       """The candidate's branch with its residual quantized by GPTQ instead."""
-      rest = (w_hat - matmul_f32(cand.down, cand.up)) if rank else w_hat
-      q = gptq.quantize_weight(rest.T, h_hat, method.weight_format, damp=config.gptq_damp,
-                               name=name)
+      q = gptq.quantize_weight(residual_of(cand.down, cand.up), h_hat, method.weight_format,
+                               damp=config.gptq_damp, name=name)
       deq = formats.dequantize(q, method.weight_format).T
       return cand._replace(error=output_error(x_hat, y_ref, deq, cand.down, cand.up,
                                               method.act_format), residual=deq), q
@@ -186,14 +189,12 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       q_prev = cand.residual
     if config.residual == "gptq":
       best, best_qt = with_gptq(best)
-    down, up, error, qt = best.down, best.up, best.error, best_qt
-    residual = (w_hat - matmul_f32(down, up)).T if rank else w_hat.T
-    rel_error = float(jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
+    down, up, qt = best.down, best.up, best_qt
+    if qt is None:  # residual='rtn'
+      qt = formats.quantize_weight(residual_of(down, up), method.weight_format)
+    rel_error = float(jnp.sqrt(best.error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
   else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
-    residual, qt = w.T, None
-
-  if qt is None:
-    qt = formats.quantize_weight(residual, method.weight_format)
+    qt = formats.quantize_weight(w.T, method.weight_format)
   stored = stored_weight(qt, method.weight_format)
   layers, start = [], 0
   for part in weights:
