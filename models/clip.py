@@ -82,7 +82,10 @@ class Embeddings(nnx.Module):
     self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
 
   def __call__(self, ids):
-    return self.token_embedding(ids) + self.position_embedding.embedding[:ids.shape[1]][None]
+    # a lookup in the table's own dtype: nnx.Embed casts to the dtype it was built with (f32),
+    # which would run a bf16 checkpoint's whole tower on f32 activations
+    tokens = jnp.take(self.token_embedding.embedding[...], ids, axis=0)
+    return tokens + self.position_embedding.embedding[:ids.shape[1]][None]
 
 
 class Encoder(nnx.Module):

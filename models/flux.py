@@ -120,7 +120,8 @@ ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "int8", "int8qk", "fp8", "cud
 
 
 def set_attention_implementation(name: str | None) -> None:
-  """Chooses the attention of models traced from now on: None (JAX's default, XLA), 'xla',
+  """Chooses the attention of models traced from now on: None (the default: 'cudnn' on NVIDIA
+  GPUs for bf16/fp16 activations, else 'xla'), 'xla',
   'cudnn' (``jax.nn.dot_product_attention``'s fused flash attention on NVIDIA GPUs,
   bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V), 'int8qk' (INT8 q k^T, bf16 P V), 'fp8'
   (FP8 throughout, as cuDNN's FP8 flash attention computes it): ``svdq_jax.attention``'s
@@ -147,8 +148,18 @@ def attention(q, k, v, pe):
   elif _attention_implementation == "cudnn_fp8":
     out = cudnn_fp8_attention(q, k, v)
   else:
-    out = jax.nn.dot_product_attention(q, k, v, implementation=_attention_implementation)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=_default_attention(q)
+                                       if _attention_implementation is None
+                                       else _attention_implementation)
   return out.reshape(*out.shape[:2], -1)
+
+
+def _default_attention(q) -> str:
+  """cuDNN's flash attention where it runs (NVIDIA GPU, bf16/fp16): jax's own default is
+  XLA's, which writes the [B, H, L, L] scores to memory (4x cuDNN's time at FLUX.1's 1024x1024
+  shape on an H200, docs/benchmarks/2026-12-02-attention-h200.md)."""
+  fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if fused else "xla"
 
 
 def split_heads(x, num_heads):

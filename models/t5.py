@@ -138,7 +138,9 @@ class T5EncoderModel(nnx.Module):
     bias = jnp.transpose(table[...][buckets], (2, 0, 1))[None].astype(jnp.float32)  # [1,H,L,L]
     if mask is not None:
       bias = jnp.where(mask[:, None, None, :], bias, jnp.finfo(jnp.float32).min)
-    x = self.shared(ids)
+    # the table's own dtype (nnx.Embed would cast to f32, the dtype it was built with): a bf16
+    # checkpoint runs on bf16 activations, as in transformers, and hands FLUX bf16 embeddings
+    x = jnp.take(self.shared.embedding[...], ids, axis=0)
     for block in self.encoder.block:
       x = block(x, bias)
     return self.encoder.final_layer_norm(x)

@@ -110,10 +110,12 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """``fp8_attention`` on cuDNN's FP8 flash attention kernel (NVIDIA GPUs with cuDNN >= 9;
   jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
   bf16 -> bf16."""
-  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention, fp8_params_keys
   (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
-  params = dict(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
+  # the API asks for the backward pass's scales too; a forward-only call never reads them
+  params = {name: one(1.0) for name in fp8_params_keys}
+  params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
                 descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
   out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
                                     scale=q.shape[-1] ** -0.5, use_fp8=True)
