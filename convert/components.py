@@ -22,6 +22,7 @@ from flax import nnx
 
 from svdq_jax.convert.checkpoint import (SafetensorsSource, atomic_directory, is_saved_model,
                                         merge_trees, restore_model, save_model, tree_groups)
+from svdq_jax.models.bert import BertConfig, BertModel
 from svdq_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from svdq_jax.models.t5 import T5Config, T5EncoderModel
 from svdq_jax.models.vae import AutoencoderKL, VAEConfig
@@ -269,6 +270,15 @@ def load_t5(path, *, cfg: T5Config | None = None, device=None) -> T5EncoderModel
   if is_saved_model(path):
     return restore_model(path, T5EncoderModel, T5Config, device)
   return _load(_t5_plan(path, cfg), device)
+
+
+def load_bert(path, *, cfg: BertConfig | None = None, device=None) -> BertModel:
+  """BERT's encoder from a transformers ``BertModel`` folder (safetensors + config.json, e.g.
+  sentence-transformers' all-MiniLM-L6-v2), without the pooler."""
+  path = pathlib.Path(path)
+  return _load(_hf_plan(path, BertModel, BertConfig, cfg, "BERT encoder",
+                        ignore=("embeddings.position_ids", "pooler.dense.weight",
+                                "pooler.dense.bias")), device)
 
 
 # ------------------------------------------------------------------ whole pipeline folders

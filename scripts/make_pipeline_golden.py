@@ -9,6 +9,7 @@ which CI does not have; the tests read the committed files:
         unzip -o /tmp/oc/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' -d /tmp/oc
     /tmp/torchenv/bin/python scripts/make_pipeline_golden.py tests/golden \
         /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
+    /tmp/torchenv/bin/python scripts/make_pipeline_golden.py tests/golden --only bert   # one writer
 
 Per component, small random configs with every parameter perturbed (so a wrong mapping of a
 norm or bias shows): <name>.safetensors holds the f32 weights in the reference's naming
@@ -16,16 +17,17 @@ norm or bias shows): <name>.safetensors holds the f32 weights in the reference's
 against diffusers' own LDM converter); <name>_io.npz the config, inputs and outputs.
 """
 
+import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import (BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, T5Config,
+                          T5EncoderModel)
 
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4,
                   down_block_types=("DownEncoderBlock2D",) * 3,
@@ -40,7 +42,7 @@ def perturbed(model: torch.nn.Module, seed: int) -> dict:
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5)
-      if "norm" in name and name.endswith("weight"):
+      if "norm" in name.lower() and name.endswith("weight"):
         p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
       else:
         p.copy_(noise if p.ndim > 1 else 0.1 * torch.randn(p.shape, generator=g))
@@ -233,16 +235,47 @@ def lora_kohya(out_dir: str) -> None:
             os.path.join(out_dir, "lora_kohya_as_diffusers.safetensors"))
 
 
-def main(out_dir, bpe_gz=None):
-  os.makedirs(out_dir, exist_ok=True)
-  vae(out_dir)
-  clip(out_dir)
-  t5(out_dir)
-  t5_tokenizer(out_dir)
-  lora_kohya(out_dir)
-  if bpe_gz:
-    clip_tokenizer(out_dir, bpe_gz)
+BERT_CONFIG = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=40, type_vocab_size=2,
+                   layer_norm_eps=1e-12, hidden_act="gelu")
+
+
+def bert(out_dir: str) -> None:
+  """BERT's encoder (the real-model quality benchmark's architecture, all-MiniLM-L6-v2's),
+  with a padding mask: rows of 24, 11 and 3 real tokens."""
+  torch.manual_seed(30)
+  model = BertModel(BertConfig(**BERT_CONFIG), add_pooling_layer=False).eval()
+  sd = perturbed(model, seed=31)
+  sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+  g = torch.Generator().manual_seed(32)
+  ids = torch.randint(1, 120, (3, 24), generator=g)
+  mask = torch.zeros(3, 24, dtype=torch.long)
+  for row, n in enumerate((24, 11, 3)):
+    mask[row, :n] = 1
+  ids = ids * mask   # padding id 0
+  with torch.no_grad():
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+  save_file(sd, os.path.join(out_dir, "bert_tiny.safetensors"))
+  np.savez(os.path.join(out_dir, "bert_tiny_io.npz"), config=json.dumps(BERT_CONFIG),
+           ids=ids.numpy(), mask=mask.numpy(), hidden=hidden.numpy())
+
+
+WRITERS = dict(vae=vae, clip=clip, t5=t5, t5_tokenizer=t5_tokenizer, lora_kohya=lora_kohya,
+               bert=bert)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("out_dir")
+  ap.add_argument("bpe_gz", nargs="?", help="open_clip's CLIP BPE merges (the CLIP tokenizer)")
+  ap.add_argument("--only", default=None, help=f"comma-separated writers of {list(WRITERS)}")
+  args = ap.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  for name in args.only.split(",") if args.only else WRITERS:
+    WRITERS[name](args.out_dir)
+  if args.bpe_gz and not args.only:
+    clip_tokenizer(args.out_dir, args.bpe_gz)
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  main()

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from svdq_jax.convert.components import load_clip, load_t5
+from svdq_jax.convert.components import load_bert, load_clip, load_t5
+from svdq_jax.models.bert import mean_pooled
 from svdq_jax.models.clip import CLIPTextConfig
 from svdq_jax.models.t5 import T5Config, relative_position_buckets
 
@@ -113,3 +114,20 @@ def test_bf16_checkpoint_runs_and_returns_bf16(name, tmp_path):
   assert hidden.dtype == jnp.bfloat16
   assert pooled is None or pooled.dtype == jnp.bfloat16
   assert _rel(hidden.astype(jnp.float32), io["hidden"]) < 5e-2   # bf16 rounding, not garbage
+
+
+def test_bert_matches_transformers(tmp_path):
+  """BERT's encoder (the real-model quality benchmark's architecture), padding mask included:
+  the real tokens' hidden states against transformers' BertModel."""
+  io = np.load(GOLDEN / "bert_tiny_io.npz")
+  model = load_bert(_folder(tmp_path, "bert_tiny", io))
+  mask = jnp.asarray(io["mask"]) > 0
+  hidden = np.asarray(model(jnp.asarray(io["ids"]), mask))
+  real = np.asarray(mask)
+  assert _rel(hidden[real], io["hidden"][real]) < 1e-4
+  pooled = np.asarray(mean_pooled(jnp.asarray(hidden), mask))
+  want = (io["hidden"] * real[..., None]).sum(1) / real.sum(1, keepdims=True)
+  np.testing.assert_allclose(pooled, want / np.linalg.norm(want, axis=1, keepdims=True),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[B, L\]"):
+    model(jnp.asarray(io["ids"]), mask[:, :5])
