@@ -9,6 +9,7 @@ time), optionally with the transformer replaced by a quantized checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -163,13 +164,16 @@ def calibration_prompts() -> list[str]:
           if line.strip()]
 
 
-@nnx.jit
+# graph_updates=False: these only read their modules. By default nnx.jit (flax 0.12) hands a
+# module's whole state back as new buffers on every call: a copy of every weight, the T5-XXL's
+# 9.5 GB included, alive next to the old one until the call returns.
+@functools.partial(nnx.jit, graph_updates=False)
 def _encode(clip, t5, clip_ids, t5_ids):
   _, pooled = clip(clip_ids)
   return t5(t5_ids), pooled.astype(t5.shared.embedding.dtype)
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph_updates=False)
 def _decode(vae, latents):
   return vae.decode(latents.astype(vae.decoder.conv_in.kernel.dtype)).astype(jnp.float32)
 

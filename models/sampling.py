@@ -101,7 +101,7 @@ def _tick(i):
     _bar.update(1)
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph_updates=False)   # no copy of the weights per call
 def _velocity(model, x, img_ids, txt, txt_ids, t, y, guidance):
   return model(x, img_ids, txt, txt_ids, t, y, guidance)
 

@@ -79,9 +79,8 @@ def log(stage: str, **values) -> None:
 
 
 def timed(fn) -> float:
-  """Median seconds of 3 calls after two warm-up calls: the first compiles, and the second
-  may compile again (nnx.jit hands back its outputs as the module's state, committed to the
-  device where freshly initialized weights were not: a new input sharding)."""
+  """Median seconds of 3 calls after two warm-up calls (the first compiles; a second call
+  compiled again while nnx.jit handed the module's state back, committed to the device)."""
   return round(median_seconds(fn, reps=1, rounds=3, warmup=2), 3)
 
 

@@ -98,7 +98,7 @@ def layer_error_table(k: int = 3072, n: int = 3072, *, calib_tokens: int = 1024,
   methods = default_methods() if methods is None else methods
   model = ExampleNet(k, n, rngs=nnx.Rngs(seed))
   graph, params = nnx.split(model)
-  fwd = nnx.jit(lambda m, x: m(x))
+  fwd = nnx.jit(lambda m, x: m(x), graph_updates=False)
   key = jax.random.key(seed + 1)
   batches = [outlier_activations(jax.random.fold_in(key, i), batch_tokens, k, seed_channels=seed)
              for i in range(max(1, calib_tokens // batch_tokens))]

@@ -2,12 +2,15 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from pipeline_helpers import write_pipeline
 from svdq_jax import cli
+from svdq_jax.models import sampling
 from svdq_jax.models.pipeline import FluxPipeline
 
 
@@ -132,3 +135,21 @@ def test_generate_with_lora(pipeline_dir, tmp_path):
   b = np.asarray(Image.open(tmp_path / "b" / "0000.png"), np.int16)
   assert np.abs(a - b).max() > 0
   assert cli.main(args + [str(tmp_path / "c"), "--lora", str(tmp_path / "none.safetensors")]) == 2
+
+
+def test_a_call_leaves_every_weight_buffer_in_place(pipeline_dir):
+  """Encoding, sampling and decoding only read the weights: no copy of a model per call
+  (nnx.jit's default hands the whole state back as new buffers, which held a second T5-XXL,
+  9.5 GB, during text encoding)."""
+  pipe = FluxPipeline.load(pipeline_dir)
+  models = (pipe.clip, pipe.t5, pipe.transformer, pipe.vae)
+
+  def buffers():
+    return [a.unsafe_buffer_pointer() for m in models
+            for a in jax.tree.leaves(nnx.state(m))]
+
+  before = buffers()
+  pipe("a red circle", steps=2, height=16, width=16, progress=False)
+  _, args, _ = pipe._prepare(["a red circle"], 2, 3.5, 0, 16, 16)
+  sampling.trajectory_inputs(pipe.transformer, *args[:5], guidance=args[5])
+  assert buffers() == before
