@@ -61,11 +61,11 @@ def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
-    "delay_release", "out_dtype", "num_sms", "interpret"))
+    "delay_release", "out_splits", "out_dtype", "num_sms", "interpret"))
 def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
               grid_minor: str = "n", grid_tile_width: int = 1, delay_release: int = 0,
-              out_dtype=jnp.bfloat16,
+              out_splits: int = 1, out_dtype=jnp.bfloat16,
               num_sms: int | None = None, interpret: bool = False):
   """Y = (a . w^T) * s_a s_w + lr . up_t^T + bias, on int8 tensor cores.
 
@@ -80,6 +80,9 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       order of output tiles over the persistent grid (``plgpu.planar_snake``).
     delay_release: wgmma groups left in flight at the end of a pipeline step (0 or 1; with
       1 a step's shared-memory tiles are released one step later).
+    out_splits: the output tile is staged and stored in this many column slices, one after
+      the other, through a staging buffer that much smaller (shared memory for a wider
+      low-rank branch at the same pipeline depth, for one wait per slice).
     out_dtype: bf16 or f32. num_sms: programs (default: the GPU's SMs; interpret: tiles).
     interpret: Pallas' GPU interpret mode (CPU; needs PJRT_NPROC >= 4, tests/conftest.py).
 
@@ -100,6 +103,10 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
     raise ValueError(f"int8 GEMM needs K to be a multiple of 64, got K={k}")
   if n % cta_n:
     raise ValueError(f"N={n} is not a multiple of the CTA tile's {cta_n} columns")
+  if out_splits < 1 or tile_n % (64 * out_splits):
+    raise ValueError(f"out_splits={out_splits} must cut tile_n={tile_n} into slices of a "
+                     "multiple of 64 columns")
+  out_cols = tile_n // out_splits
   has_lr, has_bias = lr is not None, bias is not None
   rank = lr.shape[1] if has_lr else 0
   if rank % 16:
@@ -193,10 +200,14 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
             plgpu.barrier_wait(bar(4))
             b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
             total = total + lax.broadcast_in_dim(b, total.shape, [1])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem[wg] = total.astype(out_dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[wg_m, wg_n])
+          out_tile = out_gmem.at[m_slice, n_slice].at[wg_m, wg_n]
+          for part in range(out_splits):   # the staging buffer is free once TMA has read it
+            cols = slice(part * out_cols, (part + 1) * out_cols)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg] = (total if out_splits == 1 else total[:, cols]).astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                    out_tile.at[:, pl.ds(cols.start, out_cols)])
 
         def body(_, a_smem, w_smem, acc):
           plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
@@ -207,7 +218,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}d{delay_release}"
+  kernel.__name__ = (f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}"
+                     f"d{delay_release}o{out_splits}")
   args = [a, w, sa, sw]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
@@ -219,7 +231,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
       scratch_types=[
-          plgpu.SMEM((2, tile_m, tile_n), out_dtype, transforms=_swizzled(tile_n, out_dtype)),
+          plgpu.SMEM((2, tile_m, out_cols), out_dtype,
+                     transforms=_swizzled(out_cols, out_dtype)),
           plgpu.SMEM((2, tile_m), jnp.float32),
           plgpu.SMEM((2, tile_n), jnp.float32),
           plgpu.SMEM((2, lr_rows(tile_m), lr_cols), jnp.bfloat16,
@@ -262,7 +275,8 @@ F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 
 SMEM_BYTES = 232448 - 1024
 
 
-def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bfloat16) -> int:
+def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bfloat16,
+               out_splits=1) -> int:
   """Shared memory of ``int8_gemm``'s scratch and pipeline buffers, in bytes. Matched Mosaic's
   count to the byte, less 144 bytes of barriers, at ranks 64 / 96 / 160 (H200, 2026-12-02)."""
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
@@ -270,22 +284,34 @@ def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bflo
   lr_rows, lr_cols = (tile_m, rank) if rank else (8, 64)
   up_rows = tile_n if rank else 8
   return (steps * (cta_m + cta_n) * tile_k                       # int8 operand tiles
-          + 2 * tile_m * tile_n * jnp.dtype(out_dtype).itemsize  # output staging
+          + 2 * tile_m * tile_n // out_splits * jnp.dtype(out_dtype).itemsize  # output staging
           + 2 * 4 * (tile_m + 2 * tile_n)                        # token/channel scales, bias
           + 2 * 2 * (lr_rows + up_rows) * lr_cols)               # bf16 low-rank operands
+
+
+# Whether ``tiling`` may store the output tile in two halves (``out_splits=2``) to keep the
+# pipeline's depth for a wider low-rank branch: at rank 64 (SVDQuant's 32 + a rank-32 LoRA)
+# the 4-step tiling misses shared memory by 144 bytes and loses a step, which costs 14-19% of
+# the layer (H200, 2026-12-02). Off until the halved store is measured on a GPU
+# (``scripts/bench_rowscaled.py --ranks 32,64,96 --split-store``).
+SPLIT_STORE = False
 
 
 def tiling(n: int, out_dtype=jnp.bfloat16, rank: int = 0) -> dict | None:
   """The ``int8_gemm`` tile arguments for N output features and a low-rank branch of ``rank``
   (a multiple of 16; 0: none), or None if none fits. A wider branch (32 + a LoRA's rank) takes
-  pipeline depth (down to 2 steps), then a narrower tile, to stay in shared memory."""
+  the output staging's halves (with ``SPLIT_STORE``), then pipeline depth (down to 2 steps),
+  then a narrower tile, to stay in shared memory."""
   tilings = (F32_TILING,) if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else TILINGS
   for t in tilings:
     if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)):
       continue
+    splits = (1, 2) if SPLIT_STORE and t["tile_n"] % 128 == 0 else (1,)
     for steps in range(t["steps"], 1, -1):
-      if smem_bytes(**dict(t, steps=steps), rank=rank, out_dtype=out_dtype) <= SMEM_BYTES:
-        return dict(t, steps=steps)
+      for out_splits in splits:
+        tiles = dict(t, steps=steps, out_splits=out_splits)
+        if smem_bytes(**tiles, rank=rank, out_dtype=out_dtype) <= SMEM_BYTES:
+          return tiles
   return None
 
 
@@ -295,4 +321,4 @@ def supports(k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
   return k % 64 == 0 and tiling(n, out_dtype) is not None
 
 
-__all__ = ["int8_gemm", "reference", "smem_bytes", "supports", "tiling", "on_hopper"]
+__all__ = ["SPLIT_STORE", "int8_gemm", "reference", "smem_bytes", "supports", "tiling", "on_hopper"]

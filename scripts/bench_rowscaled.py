@@ -15,6 +15,7 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
 
     python3 scripts/bench_rowscaled.py --out $OUT [--m 4608] [--extra-m 1024,16384]
     python3 scripts/bench_rowscaled.py --interpret --m 40 --shapes 256x128   # CPU smoke run
+    python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
 """
 
 from __future__ import annotations
@@ -248,24 +249,31 @@ def act_shape(m, k, n, rank, key, interpret):
   return res
 
 
-def rank_shape(m, k, n, ranks, key, interpret):
+def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
   """--ranks: the fused W4A8 layer (public API) at each low-rank width (32 + a LoRA's rank),
-  against its reference and timed, with bf16 ``x @ w + b`` as the baseline."""
+  against its reference and timed, with bf16 ``x @ w + b`` as the baseline; with
+  ``split_store`` each rank also with ``int8_hopper.SPLIT_STORE`` (keys ``rank{r}s``)."""
   x = activations(m, k, key)
   t = timer(interpret)
   res = dict(M=m, K=k, N=n, bf16_ms=t(jax.jit(lambda x, w, b: x @ w + b), x,
                                        jnp.zeros((k, n), jnp.bfloat16), jnp.zeros((n,), jnp.bfloat16)))
   for rank in ranks:
     layer = make_layer(k, n, rank, key, "int4_2l", "int8")
-    try:
-      with qlinear.backend("interpret" if interpret else "pallas"):
-        f = jax.jit(lambda l, x: qlinear.apply(l, x))
-        res[f"rank{rank}_rel"] = rel(f(layer, x), qlinear.reference_apply(layer, x))
-        res[f"rank{rank}_ms"] = t(f, layer, x)
-    except Exception as e:  # e.g. shared memory exhausted: reported, the others still run
-      res[f"rank{rank}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(f"  {k}x{n} rank {rank}: " + ", ".join(f"{key_}={v}" for key_, v in res.items()
-                                                if key_.startswith(f"rank{rank}_")), flush=True)
+    for split in (False, True) if split_store else (False,):
+      name = f"rank{rank}{'s' if split else ''}"
+      int8_hopper.SPLIT_STORE = split
+      try:
+        with qlinear.backend("interpret" if interpret else "pallas"):
+          f = jax.jit(lambda l, x: qlinear.apply(l, x))
+          res[f"{name}_tiling"] = int8_hopper.tiling(n, jnp.bfloat16, rank)
+          res[f"{name}_rel"] = rel(f(layer, x), qlinear.reference_apply(layer, x))
+          res[f"{name}_ms"] = t(f, layer, x)
+      except Exception as e:  # e.g. shared memory exhausted: reported, the others still run
+        res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      finally:
+        int8_hopper.SPLIT_STORE = False
+      print(f"  {k}x{n} {name}: " + ", ".join(f"{key_}={v}" for key_, v in res.items()
+                                               if key_.startswith(f"{name}_")), flush=True)
   return res
 
 
@@ -315,6 +323,8 @@ def main():
   ap.add_argument("--summary", default="", help="path of summary.json to update")
   ap.add_argument("--checks-only", action="store_true", help="the checks at --m, no timings")
   ap.add_argument("--ranks", default="", help="e.g. 32,64,96,160: fused W4A8 per rank only")
+  ap.add_argument("--split-store", action="store_true",
+                  help="with --ranks: each rank also with int8_hopper.SPLIT_STORE")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   args = ap.parse_args()
@@ -338,7 +348,9 @@ def main():
   if args.ranks:
     ranks = [int(v) for v in args.ranks.split(",")]
     for k, n in shapes:
-      results.append(rank_shape(args.m, k, n, ranks, key, args.interpret))
+      results.append(rank_shape(args.m, k, n, ranks, key, args.interpret, args.split_store))
+    if args.split_store:   # columns: rank r, then rank r with the split store
+      ranks = [q for r in ranks for q in (r, f"{r}s")]
     meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
     with open(os.path.join(args.out, "rowscaled_ranks.json"), "w") as f:
       json.dump(dict(meta, results=results), f, indent=1)

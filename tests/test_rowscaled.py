@@ -140,8 +140,10 @@ def test_int8_gemm_integer_part_exact(wg_dim):
   np.testing.assert_array_equal(np.asarray(y, np.int64), want)
 
 
-def test_int8_gemm_epilogue():
-  m, k, n, r = 72, 128, 128, 16
+@pytest.mark.parametrize("tile_n,out_splits", [(64, 1), (128, 2)])
+def test_int8_gemm_epilogue(tile_n, out_splits):
+  """Scales, low-rank up projection and bias; the output stored whole or in two halves."""
+  m, k, n, r = 72, 128, 256, 16
   ks = jax.random.split(jax.random.key(1), 7)
   a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
   w = jax.random.randint(ks[1], (n, k), -128, 113, jnp.int8)
@@ -150,7 +152,7 @@ def test_int8_gemm_epilogue():
   up = jax.random.normal(ks[5], (n, r), jnp.bfloat16)
   b = jax.random.normal(ks[6], (n,))
   y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, b, out_dtype=jnp.float32, tile_m=64,
-                            tile_n=64, interpret=True)
+                            tile_n=tile_n, out_splits=out_splits, interpret=True)
   want = int8_hopper.reference(a, sa, w, sw, lr, up, b)
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6,
                              atol=1e-6 * float(jnp.abs(want).max()))
@@ -158,6 +160,8 @@ def test_int8_gemm_epilogue():
     int8_hopper.int8_gemm(a, sa[:5], w, sw, interpret=True)
   with pytest.raises(ValueError, match="int8 operands"):
     int8_hopper.int8_gemm(a.astype(jnp.int32), sa, w, sw, interpret=True)
+  with pytest.raises(ValueError, match="out_splits"):
+    int8_hopper.int8_gemm(a, sa, w, sw, tile_n=64, out_splits=2, interpret=True)
 
 
 @pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
@@ -193,6 +197,32 @@ def test_gemm_tiling_fits_shared_memory():
       steps[rank] = (t["tile_n"], t["steps"])
   assert steps[32] == (128, 4) and steps[64] == (128, 3) and steps[160] == (64, 3)
   assert 256 not in steps  # added outside the kernel (test below)
+
+
+def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch(monkeypatch):
+  """With SPLIT_STORE the output staging halves before a pipeline step is given up: rank 64
+  (SVDQuant's 32 + a rank-32 LoRA) keeps 4 steps; the fused layer still equals its reference."""
+  assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64, out_splits=2) + 32768 \
+      == int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64)
+  monkeypatch.setattr(int8_hopper, "SPLIT_STORE", True)
+  t = int8_hopper.tiling(3072, jnp.bfloat16, 64)
+  assert (t["tile_n"], t["steps"], t["out_splits"]) == (128, 4, 2)
+  assert int8_hopper.tiling(3072, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
+  k, n, r = 128, 256, 64
+  ks = jax.random.split(jax.random.key(5), 3)
+  x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
+      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  layer = layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
+                        lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
+  assert int8_hopper.tiling(n, jnp.bfloat16, r)["out_splits"] == 2
+  xb = x.astype(jnp.bfloat16)   # bf16 in and out: the tiling above
+  want = qlinear.reference_apply(layer, xb).astype(jnp.float32)
+  with qlinear.backend("interpret"):
+    got = qlinear.apply(layer, xb).astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2,
+                             atol=1e-2 * float(jnp.abs(want).max()))
 
 
 def test_fused_layer_with_a_branch_wider_than_shared_memory():
