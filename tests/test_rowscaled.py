@@ -199,6 +199,17 @@ def test_gemm_tiling_fits_shared_memory():
   assert 256 not in steps  # added outside the kernel (test below)
 
 
+def _w4a8_with_branch(k, n, r, seed):
+  """(x f32 [40, k], a W4A8 layer k -> n whose low-rank branch is random of rank r)."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
+      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  return x, layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
+                          lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
+
+
 def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch(monkeypatch):
   """With SPLIT_STORE the output staging halves before a pipeline step is given up: rank 64
   (SVDQuant's 32 + a rank-32 LoRA) keeps 4 steps; the fused layer still equals its reference."""
@@ -209,13 +220,7 @@ def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch(monkeypatch):
   assert (t["tile_n"], t["steps"], t["out_splits"]) == (128, 4, 2)
   assert int8_hopper.tiling(3072, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
   k, n, r = 128, 256, 64
-  ks = jax.random.split(jax.random.key(5), 3)
-  x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
-      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
-  layer = layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
-                        lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
+  x, layer = _w4a8_with_branch(k, n, r, seed=5)
   assert int8_hopper.tiling(n, jnp.bfloat16, r)["out_splits"] == 2
   xb = x.astype(jnp.bfloat16)   # bf16 in and out: the tiling above
   want = qlinear.reference_apply(layer, xb).astype(jnp.float32)
@@ -229,13 +234,7 @@ def test_fused_layer_with_a_branch_wider_than_shared_memory():
   """Rank 256 (SVDQuant's + LoRAs') fits no tiling: the up projection runs in XLA on the
   kernel's f32 output, still equal to the reference."""
   k, n, r = 128, 128, 256
-  ks = jax.random.split(jax.random.key(4), 3)
-  x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
-      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
-  layer = layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
-                        lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
+  x, layer = _w4a8_with_branch(k, n, r, seed=4)
   assert int8_hopper.tiling(n, jnp.bfloat16, r) is None
   want = qlinear.reference_apply(layer, x)
   with qlinear.backend("interpret"):
