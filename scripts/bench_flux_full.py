@@ -35,6 +35,7 @@ from svdq_jax.models import sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
+from svdq_jax.pallas_kernels import int8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -194,6 +195,9 @@ def main():
   ap.add_argument("--lora-ranks", default="",
                   help="also time the svdquant model with a random LoRA of each rank on every "
                        "linear (e.g. 32,64; issue 18)")
+  ap.add_argument("--split-store", action="store_true",
+                  help="int8_hopper.SPLIT_STORE: wide low-rank branches (LoRAs) keep the int8 "
+                       "GEMM's pipeline depth by storing the output in halves")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -206,9 +210,10 @@ def main():
   cfg = FLUX_DEV.__class__(**{**FLUX_DEV.__dict__, "depth": depth,
                               "depth_single_blocks": single})
   set_attention_implementation(args.attention)
+  int8_hopper.SPLIT_STORE = args.split_store
   os.makedirs(args.out, exist_ok=True)
   result = dict(device=jax.devices()[0].device_kind, blocks=[depth, single],
-                attention=args.attention)
+                attention=args.attention, split_store=args.split_store)
 
   t0 = time.perf_counter()
   model = random_model(cfg)
