@@ -17,6 +17,7 @@ from flax import nnx
 from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
+from svdq_jax.parallel import token_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +158,10 @@ def attention(q, k, v, pe):
 def _default_attention(q) -> str:
   """cuDNN's flash attention where it runs (NVIDIA GPU, bf16/fp16): jax's own default is
   XLA's, which writes the [B, H, L, L] scores to memory (4x cuDNN's time at FLUX.1's 1024x1024
-  shape on an H200, docs/benchmarks/2026-12-02-attention-h200.md)."""
-  fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  shape on an H200, docs/benchmarks/2026-12-02-attention-h200.json). Not under sequence
+  parallelism (``parallel.tokens_over``): cuDNN's partitioner refuses a sequence-sharded query."""
+  fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+           and token_mesh() is None)
   return "cudnn" if fused else "xla"
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from svdq_jax import parallel
 from svdq_jax.attention import fp8_attention, int8_attention
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import Flux, FluxConfig
@@ -77,3 +78,5 @@ def test_default_attention_is_cudnn_on_gpus_for_16_bit_activations(monkeypatch):
   assert flux._default_attention(q) == "cudnn"
   assert flux._default_attention(q.astype(jnp.float16)) == "cudnn"
   assert flux._default_attention(q.astype(jnp.float32)) == "xla"   # cuDNN takes 16-bit only
+  with parallel.tokens_over(jax.make_mesh((1,), ("tokens",))):
+    assert flux._default_attention(q) == "xla"   # cuDNN refuses a sequence-sharded query
