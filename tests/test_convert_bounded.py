@@ -32,8 +32,9 @@ def _synthetic(path, double, single, shards=1):
 
 # VmHWM, not getrusage: ru_maxrss survives execve, so it would include this test process's RSS
 CONVERT = """
-import sys
-from svdq_jax.convert import convert
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when started
+from svdq_jax.convert import convert                      # from a job that ignores SIGINT
 convert(sys.argv[1], sys.argv[2], progress=False)
 print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024)
 """
@@ -96,6 +97,15 @@ def test_ctrl_c_inside_a_save_cancels_it_at_the_next_boundary(tmp_path):
   swallow the KeyboardInterrupt (here a bare ``except``). It is deferred, and raised when the
   block ends: no destination. A second Ctrl-C raises at once."""
   dst = tmp_path / "out"
+  # Python's own handler, as in a terminal (a background job may have started us ignoring it)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _deferred_then_cancelled(dst)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _deferred_then_cancelled(dst):
   with pytest.raises(KeyboardInterrupt):
     with atomic_directory(dst) as tmp:
       tmp.mkdir()
