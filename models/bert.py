@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.layers import Linear
+from svdq_jax.layers import Linear, lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,8 @@ class Embeddings(nnx.Module):
     self.LayerNorm = _layer_norm(cfg, rngs)
 
   def __call__(self, ids):
-    # lookups in the tables' own dtype (nnx.Embed would cast to the f32 it was built with);
     # one segment: token type 0 everywhere
-    x = (jnp.take(self.word_embeddings.embedding[...], ids, axis=0)
+    x = (lookup(self.word_embeddings, ids)
          + self.position_embeddings.embedding[:ids.shape[1]][None]
          + self.token_type_embeddings.embedding[0])
     return self.LayerNorm(x)

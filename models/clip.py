@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.layers import Linear
+from svdq_jax.layers import Linear, lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +82,8 @@ class Embeddings(nnx.Module):
     self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
 
   def __call__(self, ids):
-    # a lookup in the table's own dtype: nnx.Embed casts to the dtype it was built with (f32),
-    # which would run a bf16 checkpoint's whole tower on f32 activations
-    tokens = jnp.take(self.token_embedding.embedding[...], ids, axis=0)
-    return tokens + self.position_embedding.embedding[:ids.shape[1]][None]
+    return (lookup(self.token_embedding, ids)
+            + self.position_embedding.embedding[:ids.shape[1]][None])
 
 
 class Encoder(nnx.Module):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from svdq_jax.layers import Linear
+from svdq_jax.layers import Linear, lookup
 from svdq_jax.models.flux import RMSNorm   # T5's LayerNorm: no mean, no bias, stats in f32
 
 
@@ -138,9 +138,7 @@ class T5EncoderModel(nnx.Module):
     bias = jnp.transpose(table[...][buckets], (2, 0, 1))[None].astype(jnp.float32)  # [1,H,L,L]
     if mask is not None:
       bias = jnp.where(mask[:, None, None, :], bias, jnp.finfo(jnp.float32).min)
-    # the table's own dtype (nnx.Embed would cast to f32, the dtype it was built with): a bf16
-    # checkpoint runs on bf16 activations, as in transformers, and hands FLUX bf16 embeddings
-    x = jnp.take(self.shared.embedding[...], ids, axis=0)
+    x = lookup(self.shared, ids)   # bf16 weights: bf16 activations and embeddings for FLUX
     for block in self.encoder.block:
       x = block(x, bias)
     return self.encoder.final_layer_norm(x)

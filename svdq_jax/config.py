@@ -68,6 +68,12 @@ METHODS = ("svdquant", "smoothquant", "rtn", "w4a16", "w4a16_rtn", "w8a8", "skip
 RESIDUALS = ("rtn", "gptq", "gptq_loop")
 
 
+def residual_uses_gptq(residual: str) -> bool:
+  """Whether a residual quantizer (``RESIDUALS``) needs each layer's input Hessian
+  (``calibrate(hessian=True)``)."""
+  return residual != "rtn"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """How the layers whose module path fully matches ``pattern`` are quantized.
@@ -170,7 +176,7 @@ class QuantConfig:
   @property
   def uses_gptq(self) -> bool:
     """Whether quantization needs each layer's input Hessian (``calibrate(hessian=True)``)."""
-    return self.residual != "rtn"
+    return residual_uses_gptq(self.residual)
 
   def rule_for(self, path: str) -> Rule | None:
     return next((r for r in self.rules if r.matches(path)), None)

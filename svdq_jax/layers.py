@@ -25,6 +25,13 @@ def dense(x: jax.Array, kernel, bias: jax.Array | None = None) -> jax.Array:
   return y if bias is None else y + bias
 
 
+def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
+  """int ids [...] -> the table's rows [..., features] in the table's own dtype. (Calling
+  ``nnx.Embed`` casts to the dtype the module was built with, f32 by default, whatever the
+  restored weights are: a bf16 checkpoint would run its whole tower on f32 activations.)"""
+  return jnp.take(table.embedding[...], ids, axis=0)
+
+
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 

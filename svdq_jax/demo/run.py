@@ -21,6 +21,7 @@ from flax import nnx
 
 import svdq_jax
 from svdq_jax.calibrate import LayerStats
+from svdq_jax.config import residual_uses_gptq
 from svdq_jax.demo import model as demo_model
 from svdq_jax.demo import shapes
 from svdq_jax.demo.methods import METHODS
@@ -145,7 +146,8 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
 
     calib = svdq_jax.calibrate(forward, calibration_batches(calib_batches, calib_batch, steps),
                                model=model.flux, progress=progress,
-                               hessian=any(METHODS[m].residual != "rtn" for m in methods))
+                               hessian=any(residual_uses_gptq(METHODS[m].residual)
+                                           for m in methods))
 
   results: list[Result] = []
   states = {}
