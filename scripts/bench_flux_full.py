@@ -195,9 +195,9 @@ def main():
   ap.add_argument("--lora-ranks", default="",
                   help="also time the svdquant model with a random LoRA of each rank on every "
                        "linear (e.g. 32,64; issue 18)")
-  ap.add_argument("--split-store", action="store_true",
-                  help="int8_hopper.SPLIT_STORE: wide low-rank branches (LoRAs) keep the int8 "
-                       "GEMM's pipeline depth by storing the output in halves")
+  ap.add_argument("--no-split-store", dest="split_store", action="store_false",
+                  help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
+                       "pipeline depth instead of storing the output in halves")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",

@@ -252,15 +252,18 @@ def act_shape(m, k, n, rank, key, interpret):
 def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
   """--ranks: the fused W4A8 layer (public API) at each low-rank width (32 + a LoRA's rank),
   against its reference and timed, with bf16 ``x @ w + b`` as the baseline; with
-  ``split_store`` each rank also with ``int8_hopper.SPLIT_STORE`` (keys ``rank{r}s``)."""
+  ``split_store`` each rank also with ``int8_hopper.SPLIT_STORE`` flipped (keys ``rank{r}w``:
+  the output stored whole, at the cost of pipeline depth; ``rank{r}s``: split, where the
+  library default is off)."""
   x = activations(m, k, key)
   t = timer(interpret)
   res = dict(M=m, K=k, N=n, bf16_ms=t(jax.jit(lambda x, w, b: x @ w + b), x,
                                        jnp.zeros((k, n), jnp.bfloat16), jnp.zeros((n,), jnp.bfloat16)))
   for rank in ranks:
     layer = make_layer(k, n, rank, key, "int4_2l", "int8")
-    for split in (False, True) if split_store else (False,):
-      name = f"rank{rank}{'s' if split else ''}"
+    default = int8_hopper.SPLIT_STORE
+    for split in (default, not default) if split_store else (default,):
+      name = f"rank{rank}" + ("" if split == default else "s" if split else "w")
       int8_hopper.SPLIT_STORE = split
       try:
         with qlinear.backend("interpret" if interpret else "pallas"):
@@ -271,7 +274,7 @@ def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
       except Exception as e:  # e.g. shared memory exhausted: reported, the others still run
         res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       finally:
-        int8_hopper.SPLIT_STORE = False
+        int8_hopper.SPLIT_STORE = default
       print(f"  {k}x{n} {name}: " + ", ".join(f"{key_}={v}" for key_, v in res.items()
                                                if key_.startswith(f"{name}_")), flush=True)
   return res
@@ -324,7 +327,8 @@ def main():
   ap.add_argument("--checks-only", action="store_true", help="the checks at --m, no timings")
   ap.add_argument("--ranks", default="", help="e.g. 32,64,96,160: fused W4A8 per rank only")
   ap.add_argument("--split-store", action="store_true",
-                  help="with --ranks: each rank also with int8_hopper.SPLIT_STORE")
+                  help="with --ranks: each rank also with int8_hopper.SPLIT_STORE flipped "
+                       "(columns 'rank Nw': the output stored whole)")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   args = ap.parse_args()
@@ -349,8 +353,9 @@ def main():
     ranks = [int(v) for v in args.ranks.split(",")]
     for k, n in shapes:
       results.append(rank_shape(args.m, k, n, ranks, key, args.interpret, args.split_store))
-    if args.split_store:   # columns: rank r, then rank r with the split store
-      ranks = [q for r in ranks for q in (r, f"{r}s")]
+    if args.split_store:   # columns: rank r, then rank r with SPLIT_STORE flipped
+      flipped = "w" if int8_hopper.SPLIT_STORE else "s"
+      ranks = [q for r in ranks for q in (r, f"{r}{flipped}")]
     meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
     with open(os.path.join(args.out, "rowscaled_ranks.json"), "w") as f:
       json.dump(dict(meta, results=results), f, indent=1)

@@ -184,9 +184,12 @@ def test_fused_layer_matches_reference(afmt):
                                atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_gemm_tiling_fits_shared_memory():
+@pytest.mark.parametrize("split_store", [True, False])
+def test_gemm_tiling_fits_shared_memory(monkeypatch, split_store):
   """smem_bytes is Mosaic's count (measured on the H200: 232592 bytes at rank 64 with 4 steps,
-  144 of them barriers); wider low-rank branches trade pipeline steps, then tile width."""
+  144 of them barriers); wider low-rank branches trade the whole output store (with
+  SPLIT_STORE, the default), then pipeline steps, then tile width."""
+  monkeypatch.setattr(int8_hopper, "SPLIT_STORE", split_store)
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64) + 144 == 232592
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=160) + 144 == 330896
   steps = {}
@@ -195,7 +198,11 @@ def test_gemm_tiling_fits_shared_memory():
     if t is not None:
       assert int8_hopper.smem_bytes(**t, rank=rank) <= int8_hopper.SMEM_BYTES
       steps[rank] = (t["tile_n"], t["steps"])
-  assert steps[32] == (128, 4) and steps[64] == (128, 3) and steps[160] == (64, 3)
+  if split_store:
+    assert steps[64] == (128, 4) and steps[96] == (128, 3)
+  else:
+    assert steps[64] == (128, 3) and steps[96] == (128, 2)
+  assert steps[32] == (128, 4) and steps[160] == (64, 3)
   assert 256 not in steps  # added outside the kernel (test below)
 
 
@@ -210,12 +217,13 @@ def _w4a8_with_branch(k, n, r, seed):
                           lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
 
 
-def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch(monkeypatch):
-  """With SPLIT_STORE the output staging halves before a pipeline step is given up: rank 64
-  (SVDQuant's 32 + a rank-32 LoRA) keeps 4 steps; the fused layer still equals its reference."""
+def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch():
+  """By default (SPLIT_STORE) the output staging halves before a pipeline step is given up:
+  rank 64 (SVDQuant's 32 + a rank-32 LoRA) keeps 4 steps; the fused layer still equals its
+  reference."""
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64, out_splits=2) + 32768 \
       == int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64)
-  monkeypatch.setattr(int8_hopper, "SPLIT_STORE", True)
+  assert int8_hopper.SPLIT_STORE
   t = int8_hopper.tiling(3072, jnp.bfloat16, 64)
   assert (t["tile_n"], t["steps"], t["out_splits"]) == (128, 4, 2)
   assert int8_hopper.tiling(3072, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
