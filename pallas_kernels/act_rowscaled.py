@@ -8,11 +8,11 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
    writing it keeps kernel and reference bit-identical on every backend); a tile holding a
    NaN reports NaN. XLA reduces the [K / block_k, M] partial maxima to the token scales.
 2. ``codes_and_lowrank``: each tile quantizes with its tokens' scales, writes the int8 codes and its
-   part of the low-rank down projection x_hat @ L_down (bf16 operands, f32, tensor cores);
-   XLA sums the [K / block_k, M, r] partials.
+   part of the low-rank down projection X @ (L_down / lambda) (``qlinear.lowrank_down``; bf16
+   operands, f32, tensor cores); XLA sums the [K / block_k, M, r] partials.
 
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
-definition take 9 (docs/benchmarks). Per token:
+definition take 7 (docs/benchmarks). Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats
-from svdq_jax.qlinear import inverse_smooth, lowrank_down, smoothed
+from svdq_jax.qlinear import folded_down, inverse_smooth, lowrank_down, smoothed
 from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_even,
                                            check_act_inputs)
 
@@ -41,12 +41,14 @@ ACT_FORMATS = formats.ROW_SCALED
 
 
 def _x_hat(x_ref, smooth_ref, row_ok, start, width):
-  """f32 [block_m, width] columns start.. of the tile, times 1 / lambda (rows past M: 0)."""
+  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded and times
+  1 / lambda (rows past M: 0)."""
   cols = pl.ds(start, width)
-  v = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0).astype(jnp.float32)
+  x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
+  v = x.astype(jnp.float32)
   if smooth_ref is not None:  # holds 1 / lambda
     v = v * smooth_ref[cols][None, :]
-  return v
+  return x, v
 
 
 def _rows_ok(block_m, m):
@@ -58,7 +60,7 @@ def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k):
   row_ok = _rows_ok(bm, m)
   amax = has_nan = jnp.zeros((bm,), jnp.float32)
   for start in range(0, width, block_k):  # unrolled: the loads are issued together
-    v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k)
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k)
     amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
     # max() drops NaN on the GPU: a block's NaN is reported on its own
     has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
@@ -87,12 +89,12 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
   width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
-    v = _x_hat(x_ref, smooth_ref, row_ok, start, width)
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width)
     a = jnp.where(is_nan, 0.0, codes(v))
     plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
                 mask=row_ok)
     if down_ref is not None:
-      part = plgpu.dot(v.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
+      part = plgpu.dot(x.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
       lr = part if lr is None else lr + part
   if down_ref is not None:
     plgpu.store(lr_ref, lr, mask=row_ok)
@@ -145,7 +147,8 @@ def row_scales(x, smooth, act_format, *, block_m, block_k, chunks, num_warps, in
 
 def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, chunks,
                       num_warps, interpret):
-  """(int8 [M, K] codes, f32 [M, r] x_hat @ down or None) for given token scales [M]."""
+  """(int8 [M, K] codes, f32 [M, r] ``lowrank_down(x, down, smooth)`` or None) for given
+  token scales [M]."""
   m, k = x.shape
   block_k, chunks = _tiling(k, block_k, chunks)
   span = block_k * chunks
@@ -155,7 +158,7 @@ def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, c
   out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
   out_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))]
   if down is not None:
-    down_p = _pad_rank(down.astype(jnp.bfloat16), 1)
+    down_p = _pad_rank(folded_down(down, smooth), 1)
     rp = down_p.shape[1]
     in_specs.append(pl.BlockSpec((span, rp), lambda i, j: (j, 0)))
     args.append(down_p)
@@ -191,8 +194,7 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
     ``formats.row_scaled(formats.quantize(x_hat, act_format), act_format)`` and, up to
-    f32 summation order, ``qlinear.lowrank_down(x_hat, down)``, x_hat =
-    ``qlinear.smoothed(x, smooth)``.
+    f32 summation order, ``qlinear.lowrank_down(x, down, smooth)``.
   """
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
@@ -208,7 +210,7 @@ def reference(x, smooth, down, act_format: str):
   """The jnp definition of ``quantize_rows`` (XLA fuses it: also the 'xla' activation path)."""
   xf = x.astype(jnp.float32) if smooth is None else smoothed(x, smooth)
   a, s = formats.row_scaled(formats.quantize(xf, act_format), act_format)
-  return a, s, (None if down is None else lowrank_down(xf, down))
+  return a, s, (None if down is None else lowrank_down(x, down, smooth))
 
 
 def _expand_kernel(q_ref, m_ref, o_ref):

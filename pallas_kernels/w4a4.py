@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from svdq_jax import formats
+from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import w4a4_hopper
 
 GROUP = formats.PACK_BLOCK   # 64: one INT4 group = one packing block
@@ -123,7 +123,7 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_for
                 codes, interpret):
   """One (row block, K chunk) program: quantizes the chunk's groups (packed, or as int8
   codes with transposed scales when ``codes``) and writes the chunk's partial low-rank
-  product x_hat[:, chunk] @ L_down[chunk].
+  product x[:, chunk] @ L_down[chunk] (``down_ref`` holds L_down / lambda).
 
   Each 64-block is read as ``parts`` column slices: two halves for INT4 / UINT4 (one group),
   four quarters for NVFP4 (a group each). Part i and part i + parts/2 share the bytes of
@@ -144,7 +144,8 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_for
 
   def body(g, lr):
     cols = [pl.ds(g * GROUP + i * width, width) for i in range(parts)]
-    xs = [plgpu.load(x_ref.at[:, c], mask=row_ok, other=0).astype(jnp.float32) for c in cols]
+    raw = [plgpu.load(x_ref.at[:, c], mask=row_ok, other=0) for c in cols]
+    xs = [v.astype(jnp.float32) for v in raw]
     if smooth_ref is not None:
       xs = [_div(v, smooth_ref[c][None, :], interpret) for v, c in zip(xs, cols)]
     if nvfp4:
@@ -167,7 +168,7 @@ def _act_kernel(x_ref, smooth_ref, down_ref, q_ref, s_ref, lr_ref, *, m, act_for
         packed = _nibbles(qs[i]) | (_nibbles(qs[i + parts // 2]) << 4)
         plgpu.store(q_ref.at[:, pl.ds(g * HALF + i * width, width)], packed, mask=row_ok)
     if has_lr:
-      for v, c in zip(xs, cols):
+      for v, c in zip(raw, cols):
         lr += plgpu.dot(v.astype(jnp.bfloat16), down_ref[c, :])
     return lr
 
@@ -235,7 +236,7 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   Returns:
     (packed uint8 [M, K/2], scales f32 [M, G], lr f32 [M, r] or None): identical to
     ``formats.pack(formats.quantize(x / smooth, act_format))`` and, up to f32 summation
-    order, ``qlinear.lowrank_down(x / smooth, down)``. With ``codes``: (int8 [M, K],
+    order, ``qlinear.lowrank_down(x, down, smooth)``. With ``codes``: (int8 [M, K],
     f32 [G, M], lr), the same codes unpacked and the scales transposed.
   """
   if act_format not in SUPPORTED_ACT_FORMATS:
@@ -246,7 +247,7 @@ def quantize_act(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None,
   m, k = check_act_inputs(x, smooth, down)
   per_block = GROUP // formats.get_format(act_format).group_size  # scale groups per 64
   r = 0 if down is None else down.shape[1]
-  down_p = None if down is None else _pad_rank(down.astype(jnp.bfloat16), 1)
+  down_p = None if down is None else _pad_rank(qlinear.folded_down(down, smooth), 1)
   rp = 0 if down_p is None else down_p.shape[1]
   gpp = _groups_per_program(k // GROUP, groups_per_program)
   chunks = k // GROUP // gpp
@@ -526,7 +527,6 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``), one int8 GEMM with
   the scales, the low-rank up projection and the bias in its epilogue.
   """
-  from svdq_jax import qlinear
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
   n = layer.out_features
   # f32 callers get the f32 result; everything else is rounded once, to bf16

@@ -3,8 +3,9 @@
 ``apply`` defines the numerics the Pallas kernels reproduce: activations are smoothed
 (times the f32 reciprocal of lambda, ``smoothed``) in f32, quantized per token and per K-group, multiplied with the
 quantized weight as exact integer products per group, and each group's int32 partial sum
-is scaled by both group scales and accumulated in f32 in K order. The low-rank branch runs
-on the smoothed activations with bf16 operands and f32 accumulation (the tensor-core
+is scaled by both group scales and accumulated in f32 in K order. The low-rank branch
+(x / lambda) L_down L_up runs as x (L_down / lambda) L_up, the smoothing folded into the down
+projection (``lowrank_down``), with bf16 operands and f32 accumulation (the tensor-core
 precision the kernels use); the bias is added last, in f32. Weight-only layers (W4A16)
 dequantize the weight to the input's dtype and multiply with f32 accumulation.
 """
@@ -32,7 +33,8 @@ class QuantizedLinear:
     wcscale: f32 [N] per-output-channel scale multiplying ``wscale`` (NVFP4, and the row
       units of ``int4_2l``).
     smooth: f32 [K] smoothing factors lambda; activations are divided by them.
-    lora_down: [K, r] low-rank down projection (16-bit), applied to x / lambda.
+    lora_down: [K, r] low-rank down projection (16-bit), applied to x / lambda (folded:
+      ``lowrank_down``).
     lora_up: [r, N] low-rank up projection (16-bit).
     bias: [N] or None.
   Static:
@@ -189,9 +191,20 @@ def _bf16_dot(a, b):
                     preferred_element_type=jnp.float32)
 
 
-def lowrank_down(x_hat: jax.Array, down: jax.Array) -> jax.Array:
-  """f32 [M, r] = x_hat [M, K] @ down [K, r], bf16 operands, f32 accumulation."""
-  return _bf16_dot(x_hat, down)
+def folded_down(down: jax.Array, smooth: jax.Array | None) -> jax.Array:
+  """bf16 [K, r] = down [K, r] * (1 / lambda)[:, None] (f32 product, rounded once)."""
+  if smooth is not None:
+    down = down.astype(jnp.float32) * inverse_smooth(smooth)[:, None]
+  return down.astype(LOWRANK_DTYPE)
+
+
+def lowrank_down(x: jax.Array, down: jax.Array, smooth: jax.Array | None = None) -> jax.Array:
+  """f32 [M, r] = (x [M, K] / lambda) @ down [K, r], computed as bf16(x) @ ``folded_down``
+  with f32 accumulation. Folding lambda into the [K, r] factor, rather than rounding
+  x / lambda to bf16, lets the branch read the layer's input as it is: on the GPU the
+  activation quantization then writes no bf16 copy of x / lambda (one pass over the
+  activations fewer per layer)."""
+  return _bf16_dot(x, folded_down(down, smooth))
 
 
 def lowrank_up(lr: jax.Array, up: jax.Array) -> jax.Array:
@@ -280,7 +293,8 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
   k, n = layer.in_features, layer.out_features
   bias = layer.bias if bias is None else bias
   lead = x.shape[:-1]
-  xf = x.reshape(-1, k).astype(jnp.float32)
+  x2 = x.reshape(-1, k)
+  xf = x2.astype(jnp.float32)
   if layer.smooth is not None:
     xf = smoothed(xf, layer.smooth)
   wfmt = formats.get_format(layer.weight_format)
@@ -293,7 +307,7 @@ def reference_apply(layer: QuantizedLinear, x: jax.Array,
     afmt = formats.get_format(layer.act_format)
     y = quantized_matmul(formats.quantize(xf, afmt), afmt, qw, wfmt)
   if layer.lora_down is not None:
-    y = y + lowrank_up(lowrank_down(xf, layer.lora_down), layer.lora_up)
+    y = y + lowrank_up(lowrank_down(x2, layer.lora_down, layer.smooth), layer.lora_up)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype).reshape(*lead, n)

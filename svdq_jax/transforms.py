@@ -30,7 +30,7 @@ from svdq_jax.formats import matmul_f32
 from svdq_jax.config import Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
 from svdq_jax.qlinear import (LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up,
-                              stored_weight)
+                              smoothed, stored_weight)
 _EPS = 1e-5
 
 
@@ -58,12 +58,13 @@ class Candidate(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
                                               "oversample", "power_iters"))
-def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_format,
+def evaluate(w_hat, x, lam, y_ref, q_prev, key, *, rank, weight_format, act_format,
              oversample=16, power_iters=4) -> Candidate:
   """L = SVD_r(W_hat - Q_prev), R = quant(W_hat - L), and the output error they give.
 
   Args:
-    w_hat: f32 [K, N] smoothed weight. x_hat: f32 [S, K] smoothed calibration inputs.
+    w_hat: f32 [K, N] smoothed weight. x: f32 [S, K] calibration inputs; lam: f32 [K]
+      smoothing factors or None.
     y_ref: f32 [S, N] reference outputs X W. q_prev: f32 [K, N] previous quantized residual.
     key: PRNG key of the randomized SVD.
   """
@@ -77,14 +78,16 @@ def evaluate(w_hat, x_hat, y_ref, q_prev, key, *, rank, weight_format, act_forma
   else:
     down, up = jnp.zeros((k, 0), jnp.float32), jnp.zeros((0, n), jnp.float32)
     residual = fake_quantize_weight(w_hat, weight_format)
-  return Candidate(output_error(x_hat, y_ref, residual, down, up, act_format), down, up,
+  return Candidate(output_error(x, lam, y_ref, residual, down, up, act_format), down, up,
                    residual)
 
 
-def output_error(x_hat, y_ref, residual, down, up, act_format) -> jax.Array:
-  """f32 sum of squared errors of Q(x_hat) R + (x_hat L_down) L_up against y_ref [S, N]."""
+def output_error(x, lam, y_ref, residual, down, up, act_format) -> jax.Array:
+  """f32 sum of squared errors of Q(x_hat) R + (x_hat L_down) L_up against y_ref [S, N],
+  x_hat = x / lam (lam None: x), in the stored layer's arithmetic (``qlinear``)."""
+  x_hat = x if lam is None else smoothed(x, lam)
   xq = x_hat if act_format is None else formats.fake_quantize(x_hat, act_format)
-  y = matmul_f32(xq, residual) + lowrank_up(lowrank_down(x_hat, down), up)
+  y = matmul_f32(xq, residual) + lowrank_up(lowrank_down(x, down, lam), up)
   return jnp.sum(jnp.square(y - y_ref))
 
 
@@ -97,7 +100,7 @@ def alpha_errors(w, x, y_ref, x_absmax, alphas, key, **static) -> jax.Array:
 
   def one(alpha):
     lam = smooth_factors(x_absmax, w_absmax, alpha)
-    return evaluate(lam[:, None] * w, x / lam, y_ref, zeros, key, **static).error
+    return evaluate(lam[:, None] * w, x, lam, y_ref, zeros, key, **static).error
 
   return jax.lax.map(one, alphas)
 
@@ -150,9 +153,9 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       else:
         best_alpha = float(alpha)
       lam = smooth_factors(x_absmax, jnp.max(jnp.abs(w), axis=1), best_alpha)
-      w_hat, x_hat = lam[:, None] * w, x / lam
+      w_hat = lam[:, None] * w
     else:
-      w_hat, x_hat = w, x
+      w_hat = w
     h_hat = None
     if config.uses_gptq:  # (QuantConfig allows it with calibrated methods only)
       if hessian is None:
@@ -171,12 +174,12 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       q = gptq.quantize_weight(residual_of(cand.down, cand.up), h_hat, method.weight_format,
                                damp=config.gptq_damp, name=name)
       deq = formats.dequantize(q, method.weight_format).T
-      return cand._replace(error=output_error(x_hat, y_ref, deq, cand.down, cand.up,
+      return cand._replace(error=output_error(x, lam, y_ref, deq, cand.down, cand.up,
                                               method.act_format), residual=deq), q
 
     best, best_qt, q_prev, stale = None, None, jnp.zeros_like(w_hat), 0
     for iterations in range(1, (config.lowrank_iters if rank else 1) + 1):
-      cand = evaluate(w_hat, x_hat, y_ref, q_prev, key, **static)
+      cand = evaluate(w_hat, x, lam, y_ref, q_prev, key, **static)
       qt = None
       if config.residual == "gptq_loop":
         cand, qt = with_gptq(cand)

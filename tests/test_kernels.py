@@ -56,7 +56,7 @@ def test_activation_kernel_bit_exact(act, m, r, smoothed, chunk):
     if r:
       np.testing.assert_array_equal(np.asarray(lr_c), np.asarray(lr))
   if r:
-    want = lowrank_down(xh, down)
+    want = lowrank_down(x, down, smooth)
     np.testing.assert_allclose(np.asarray(lr), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(want).max()))
   else:

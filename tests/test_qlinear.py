@@ -48,9 +48,10 @@ def _numpy_forward(layer, x):
     sa = np.asarray(qa.scale, np.float64)
     part = np.einsum("mgk,ngk->mng", a_q.reshape(len(a_q), -1, g), w_q.reshape(len(w_q), -1, g))
     y = np.einsum("mng,mg,ng->mn", part, sa, sw) * wf.step * af.step
-  if layer.lora_down is not None:  # bf16 operands, exact accumulation
+  if layer.lora_down is not None:  # x @ (L_down / lambda), bf16 operands, exact accumulation
     bf = lambda v: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-    lr = bf(xh) @ bf(layer.lora_down.astype(jnp.float32))
+    inv = np.float32(1) / np.asarray(layer.smooth, np.float32)   # correctly rounded in f32
+    lr = bf(x) @ bf(np.asarray(layer.lora_down.astype(jnp.float32)) * inv[:, None])
     y = y + bf(lr) @ bf(layer.lora_up.astype(jnp.float32))
   if layer.bias is not None:
     y = y + np.asarray(layer.bias, np.float64)

@@ -82,11 +82,29 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
       assert len(four.devices()) == 4
       err = float(jnp.abs(four - one).max() / jnp.abs(one).max())
       print(name, "max rel diff", err, "layers", split)
-      assert err < 1e-5, err
+      # the two programs' float parts differ by ulps (reassociation; the float model's err
+      # ~1e-7); a quantized layer rounds its input (bf16 for the low-rank branch, int8 codes),
+      # so now and then an ulp crosses a rounding midpoint and moves one value by a whole
+      # bf16 / int8 step (measured: inputs 2.4e-7 apart gave low-rank outputs 1.8e-4 apart
+      # with equal codes), which the sampling carries on. Per layer the split is exact (below).
+      assert err < (1e-5 if name == "float" else 1e-2), err
       if name == "w4a8":  # every quantized layer over tokens ran on its own tokens per device;
         # the modulation linears (one vector per image) stay whole
         assert sum(done for _, done in split) == 10, split
         assert all(done == (m % 4 == 0) for m, done in split), split
+    # each quantized layer on its tokens split over the mesh equals the whole, bit for bit
+    from svdq_jax.qlinear import QuantizedLinear, apply
+    layers = [v for v in jax.tree_util.tree_leaves(
+        qstate, is_leaf=lambda v: isinstance(v, QuantizedLinear)) if isinstance(v, QuantizedLinear)]
+    assert len(layers) > 5, len(layers)
+    for layer in layers:
+      x = jax.random.normal(jax.random.key(3), (16, layer.in_features))
+      whole = jax.jit(lambda l, x: apply(l, x))(layer, x)
+      split.clear()
+      with parallel.tokens_over(mesh):
+        parts = jax.jit(lambda l, x: apply(l, x))(layer, x)
+      assert split == [(16, True)], split
+      np.testing.assert_array_equal(np.asarray(parts), np.asarray(whole))
     try:
       sampling.sample(m, jax.random.normal(jax.random.key(0), (1, 4, 6, 6)), txt,
                       jnp.zeros((8, 3)), y, sigmas, 3.5, mesh=mesh, parallel="sequence")
