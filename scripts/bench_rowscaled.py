@@ -249,6 +249,12 @@ def act_shape(m, k, n, rank, key, interpret):
   return res
 
 
+def store_tag(split: bool) -> str:
+  """Column suffix of a rank timed with ``int8_hopper.SPLIT_STORE`` flipped from its default:
+  's' split, 'w' whole."""
+  return "s" if split else "w"
+
+
 def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
   """--ranks: the fused W4A8 layer (public API) at each low-rank width (32 + a LoRA's rank),
   against its reference and timed, with bf16 ``x @ w + b`` as the baseline; with
@@ -263,7 +269,7 @@ def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
     layer = make_layer(k, n, rank, key, "int4_2l", "int8")
     default = int8_hopper.SPLIT_STORE
     for split in (default, not default) if split_store else (default,):
-      name = f"rank{rank}" + ("" if split == default else "s" if split else "w")
+      name = f"rank{rank}" + ("" if split == default else store_tag(split))
       int8_hopper.SPLIT_STORE = split
       try:
         with qlinear.backend("interpret" if interpret else "pallas"):
@@ -354,7 +360,7 @@ def main():
     for k, n in shapes:
       results.append(rank_shape(args.m, k, n, ranks, key, args.interpret, args.split_store))
     if args.split_store:   # columns: rank r, then rank r with SPLIT_STORE flipped
-      flipped = "w" if int8_hopper.SPLIT_STORE else "s"
+      flipped = store_tag(not int8_hopper.SPLIT_STORE)
       ranks = [q for r in ranks for q in (r, f"{r}{flipped}")]
     meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
     with open(os.path.join(args.out, "rowscaled_ranks.json"), "w") as f:

@@ -94,8 +94,9 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
         assert all(done == (m % 4 == 0) for m, done in split), split
     # each quantized layer on its tokens split over the mesh equals the whole, bit for bit
     from svdq_jax.qlinear import QuantizedLinear, apply
-    layers = [v for v in jax.tree_util.tree_leaves(
-        qstate, is_leaf=lambda v: isinstance(v, QuantizedLinear)) if isinstance(v, QuantizedLinear)]
+    from svdq_jax.tree import find_kernels
+    layers = [k for k in find_kernels(qstate, quantized=True).values()
+              if isinstance(k, QuantizedLinear)]
     assert len(layers) > 5, len(layers)
     for layer in layers:
       x = jax.random.normal(jax.random.key(3), (16, layer.in_features))
