@@ -17,8 +17,9 @@ The grid is persistent (one program per SM looping over output tiles).
 
 Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``act_rowscaled.
 expand_two_level`` turns them into the int8 products ``m * q`` right before the call (one
-Pallas pass, N K / 2 bytes read and N K written: 0.038-0.052 ms at the FLUX shapes on the
-H200, 11-17% of the GEMM's time, 45% at 3072 -> 3072; docs/benchmarks).
+Pallas pass, N K / 2 bytes read and N K written: 0.017-0.037 ms at the FLUX shapes on an
+H200 in back-to-back calls, near copy bandwidth; 4.7 ms of a FLUX.1-dev 1024x1024 step, where
+the int8 GEMM takes 47; docs/benchmarks, 2026-12-02).
 
 Ragged M: the TMA unit zero-fills out-of-bounds reads and drops out-of-bounds writes; M is
 padded to a multiple of 8 rows (a TMA row tile) only when it is not one already.
@@ -260,12 +261,16 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
   return y
 
 
-# Output tilings of the library path, first that fits N wins. H200, M = 4608, the five FLUX
-# shapes (docs/benchmarks/2026-11-29-rowscaled-h200.md): 64 x 256 per warpgroup with one
-# wgmma in flight was 1-3% faster at N >= 12288 and 3072 -> 3072, 128 x 128 2-3% faster at
-# K >= 12288 (within run-to-run noise of each other); both fit shared memory with the
-# low-rank operands at 4 steps of 64, a bf16 output tile, not an f32 one.
-TILINGS = (dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
+# Output tilings of the library path, first that fits N wins. H200, M = 4608: at the FLUX
+# shapes with N = 3072 (K = 3072, 12288, 15360) a 128 x 128 CTA tile with K steps of 128 bytes
+# (128-byte swizzle, 4 steps) ran the GEMM 7-13% faster than the 256 x 128 one with K steps of
+# 64 (2026-12-02; docs/benchmarks/2026-12-02-gemm-tiles-n3072-h200.json), the same CTA tile with
+# K steps of 64 25-40% slower; not measured at wider N, so N > 3072 keeps the 256 x 128 tile
+# (there 64 x 256 per warpgroup with one wgmma in flight was within 1-3%, 2026-11-29). ``max_n``
+# bounds a tiling's N, ``min_steps`` the pipeline depth it may fall to before the next tiling
+# is tried. All fit shared memory with the rank-32 low-rank operands and a bf16 output tile.
+TILINGS = (dict(tile_m=64, tile_n=128, tile_k=128, steps=4, wg_dim="m", max_n=3072, min_steps=3),
+           dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
            dict(tile_m=128, tile_n=64, tile_k=64, steps=4, wg_dim="m"))
 F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 output tile
 
@@ -305,10 +310,12 @@ def tiling(n: int, out_dtype=jnp.bfloat16, rank: int = 0) -> dict | None:
   then a narrower tile, to stay in shared memory."""
   tilings = (F32_TILING,) if jnp.dtype(out_dtype) == jnp.dtype(jnp.float32) else TILINGS
   for t in tilings:
-    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)):
+    t = dict(t)
+    max_n, min_steps = t.pop("max_n", None), t.pop("min_steps", 2)
+    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)) or (max_n and n > max_n):
       continue
     splits = (1, 2) if SPLIT_STORE and t["tile_n"] % 128 == 0 else (1,)
-    for steps in range(t["steps"], 1, -1):
+    for steps in range(t["steps"], min_steps - 1, -1):
       for out_splits in splits:
         tiles = dict(t, steps=steps, out_splits=out_splits)
         if smem_bytes(**tiles, rank=rank, out_dtype=out_dtype) <= SMEM_BYTES:

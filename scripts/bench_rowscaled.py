@@ -39,9 +39,10 @@ from bench_w4a4 import activations, make_layer
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
 VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"]
-# activation kernel (block_m, block_k, chunks, num_warps) and expansion (block_n, chunk, num_warps)
+# activation kernel (block_m, block_k, chunks, num_warps) and expansion (block_n, block_pairs,
+# num_warps)
 ACT_SWEEP = ["64,256,1,4", "64,256,4,4", "32,256,4,4", "64,128,4,4", "64,256,4,8"]
-EXPAND_SWEEP = ["32,1024,4", "128,512,8", "64,1024,8"]
+EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
@@ -50,8 +51,8 @@ def _act_kwargs(cfg):
 
 
 def _expand_kwargs(cfg):
-  bn, chunk, warps = (int(v) for v in cfg.split(","))
-  return dict(block_n=bn, chunk=chunk, num_warps=warps)
+  bn, pairs, warps = (int(v) for v in cfg.split(","))
+  return dict(block_n=bn, block_pairs=pairs, num_warps=warps)
 
 
 TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width",

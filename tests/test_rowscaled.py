@@ -116,26 +116,30 @@ def test_activation_kernel_bit_exact(afmt):
   np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
 
 
-def test_weight_expansion_bit_exact():
-  w = _x(64, 512)
+@pytest.mark.parametrize("tiles", [{}, dict(block_n=16, block_pairs=2)])
+def test_weight_expansion_bit_exact(tiles):
+  """Default tiles, and tiles that leave ragged blocks along both axes (40 rows, 5 pairs)."""
+  w = _x(40, 640)
   qt = formats.quantize_weight(w, "int4_2l")
   qp, mp = formats.pack(qt.q, "int4_2l"), formats.pack_multipliers(qt.scale)
   want, _ = formats.row_scaled(qt, "int4_2l")
-  got = act_rowscaled.expand_two_level(qp, mp, chunk=256, interpret=True)
+  got = act_rowscaled.expand_two_level(qp, mp, interpret=True, **tiles)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match="K % 128"):
-    act_rowscaled.expand_two_level(qp[:, :160], mp[:, :3], interpret=True)
+    act_rowscaled.expand_two_level(qp[:, :96], mp[:, :2], interpret=True)
 
 
-@pytest.mark.parametrize("wg_dim", ["m", "n"])
-def test_int8_gemm_integer_part_exact(wg_dim):
+@pytest.mark.parametrize("tiles", [dict(tile_m=64, tile_n=64, wg_dim="m"),
+                                   dict(tile_m=64, tile_n=64, wg_dim="n"),
+                                   dict(tile_m=64, tile_n=128, tile_k=128, wg_dim="m")])
+def test_int8_gemm_integer_part_exact(tiles):
   """Unit scales: the f32 output is the exact int32 sum (|acc| < 2**24); ragged M."""
-  m, k, n = 200, 256, 256
+  m, k, n = 200, 384, 256
   ks = jax.random.split(jax.random.key(0), 2)
   a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
   w = jax.random.randint(ks[1], (n, k), -128, 113, jnp.int8)
   y = int8_hopper.int8_gemm(a, jnp.ones((m,)), w, jnp.ones((n,)), out_dtype=jnp.float32,
-                            tile_m=64, tile_n=64, wg_dim=wg_dim, interpret=True)
+                            interpret=True, **tiles)
   want = np.asarray(a, np.int64) @ np.asarray(w, np.int64).T
   np.testing.assert_array_equal(np.asarray(y, np.int64), want)
 
@@ -192,18 +196,24 @@ def test_gemm_tiling_fits_shared_memory(monkeypatch, split_store):
   monkeypatch.setattr(int8_hopper, "SPLIT_STORE", split_store)
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64) + 144 == 232592
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=160) + 144 == 330896
-  steps = {}
-  for rank in range(0, 272, 16):
-    t = int8_hopper.tiling(3072, jnp.bfloat16, rank)
-    if t is not None:
-      assert int8_hopper.smem_bytes(**t, rank=rank) <= int8_hopper.SMEM_BYTES
-      steps[rank] = (t["tile_n"], t["steps"])
+  steps = {}   # (N, rank) -> (CTA rows, tile_n, tile_k, steps)
+  for n in (3072, 12288):
+    for rank in range(0, 272, 16):
+      t = int8_hopper.tiling(n, jnp.bfloat16, rank)
+      if t is not None:
+        assert int8_hopper.smem_bytes(**t, rank=rank) <= int8_hopper.SMEM_BYTES
+        steps[n, rank] = (2 * t["tile_m"], t["tile_n"], t["tile_k"], t["steps"])
+  # N > 3072: the 256 x 128 CTA tile with K steps of 64
   if split_store:
-    assert steps[64] == (128, 4) and steps[96] == (128, 3)
+    assert steps[12288, 64] == (256, 128, 64, 4) and steps[12288, 96] == (256, 128, 64, 3)
   else:
-    assert steps[64] == (128, 3) and steps[96] == (128, 2)
-  assert steps[32] == (128, 4) and steps[160] == (64, 3)
-  assert 256 not in steps  # added outside the kernel (test below)
+    assert steps[12288, 64] == (256, 128, 64, 3) and steps[12288, 96] == (256, 128, 64, 2)
+  assert steps[12288, 32] == (256, 128, 64, 4) and steps[12288, 160] == (256, 64, 64, 3)
+  # N <= 3072: the 128 x 128 CTA tile with K steps of 128, down to 3 steps, then the above
+  assert steps[3072, 32] == steps[3072, 64] == (128, 128, 128, 4)
+  assert steps[3072, 96] == (128, 128, 128, 4 if split_store else 3)
+  assert steps[3072, 160] == (256, 64, 64, 3)
+  assert (12288, 256) not in steps and (3072, 256) not in steps  # outside the kernel (below)
 
 
 def _w4a8_with_branch(k, n, r, seed):
@@ -224,12 +234,14 @@ def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch():
   assert int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64, out_splits=2) + 32768 \
       == int8_hopper.smem_bytes(128, 128, 64, 4, "m", rank=64)
   assert int8_hopper.SPLIT_STORE
-  t = int8_hopper.tiling(3072, jnp.bfloat16, 64)
+  t = int8_hopper.tiling(12288, jnp.bfloat16, 64)
   assert (t["tile_n"], t["steps"], t["out_splits"]) == (128, 4, 2)
-  assert int8_hopper.tiling(3072, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
-  k, n, r = 128, 256, 64
+  assert int8_hopper.tiling(12288, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
+  # in interpret mode at a small N, where the 128 x 128 CTA tile splits its store at rank 96
+  k, n, r = 256, 256, 96
   x, layer = _w4a8_with_branch(k, n, r, seed=5)
-  assert int8_hopper.tiling(n, jnp.bfloat16, r)["out_splits"] == 2
+  t = int8_hopper.tiling(n, jnp.bfloat16, r)
+  assert (t["tile_k"], t["steps"], t["out_splits"]) == (128, 4, 2)
   xb = x.astype(jnp.bfloat16)   # bf16 in and out: the tiling above
   want = qlinear.reference_apply(layer, xb).astype(jnp.float32)
   with qlinear.backend("interpret"):
