@@ -165,7 +165,7 @@ def _quantize(args) -> int:
   from svdq_jax import QuantConfig, Rule
   from svdq_jax.convert import save_model
   from svdq_jax.convert.checkpoint import atomic_directory
-  from svdq_jax.models.flux import quant_config
+  from svdq_jax.models.flux import default_formats, quant_config
   from svdq_jax.models.pipeline import FluxPipeline, calibration_prompts
 
   try:
@@ -174,6 +174,9 @@ def _quantize(args) -> int:
       raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
     prompts = _prompts(args) if args.batch_file else calibration_prompts()
     search = dict(alpha_grid=1, lowrank_iters=1) if args.fast_search else {}
+    if args.fmt is None:   # recorded in quantize.json as chosen
+      args.fmt, default_act = default_formats(args.method)
+      args.act_fmt = args.act_fmt or default_act
     config = quant_config(args.method, args.fmt, rank=args.rank, act_fmt=args.act_fmt,
                           residual=args.residual, **search)
     if args.devices < 0 or args.devices > len(jax.devices()):
@@ -328,10 +331,13 @@ def main(argv=None) -> int:
   qz.add_argument("qdir", help="output folder (orbax checkpoint + config + structure)")
   qz.add_argument("--method", default="svdquant", help="svdquant (default), smoothquant, rtn, "
                   "w4a16_rtn, ... (svdq_jax.config)")
-  qz.add_argument("--fmt", default="int4", help="weight format: int4 (default), nvfp4, int4_2l")
+  qz.add_argument("--fmt", default=None,
+                  help="weight format: int4, nvfp4, int4_2l (default: int4_2l with int8 "
+                       "activations, W4A8, when this machine's default device is a Hopper GPU, "
+                       "where it is the fast one; int4 elsewhere)")
   qz.add_argument("--act-fmt", default=None,
-                  help="activation format (default: the weight format); int8 with int4_2l "
-                       "weights is W4A8, the fast one on Hopper")
+                  help="activation format (default: the weight format, or int8 with the "
+                       "Hopper default); int8 with int4_2l weights is W4A8")
   qz.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
   qz.add_argument("--batch-file", default=None,
                   help="calibration prompts, one per line (default: the 32 built-in ones)")

@@ -83,6 +83,23 @@ def test_quant_config_follows_the_method_layout():
   assert quant_config("w4a16_rtn").rule_for("double_blocks/0/txt_mod/lin").method == "w4a16_rtn"
 
 
+def test_default_formats_are_w4a8_on_hopper(monkeypatch):
+  """No format given: W4A8 (int4_2l / int8) where the default device is a Hopper GPU, the
+  paper's INT4 elsewhere; weight-only methods keep INT4 weights; an explicit format wins."""
+  from svdq_jax.models import flux
+  from svdq_jax.pallas_kernels import w4a4_hopper
+  qkv = lambda cfg: (lambda r: (r.fmt, r.act_fmt))(cfg.rule_for("double_blocks/0/img_attn/qkv"))
+  assert qkv(flux.quant_config("svdquant")) == ("int4", None)   # CPU
+  monkeypatch.setattr(w4a4_hopper, "on_hopper", lambda: True)
+  assert flux.default_formats("svdquant") == ("int4_2l", "int8")
+  assert flux.default_formats("w4a16_rtn") == ("int4", None)
+  cfg = flux.quant_config("svdquant")
+  assert qkv(cfg) == ("int4_2l", "int8")
+  assert cfg.rule_for("double_blocks/0/img_mod/lin").fmt == "int4_2l"   # W4A16 modulation
+  assert qkv(flux.quant_config("svdquant", act_fmt="int4_2l")) == ("int4_2l", "int4_2l")
+  assert qkv(flux.quant_config("svdquant", "nvfp4")) == ("nvfp4", None)
+
+
 def test_attention_implementation_switch():
   from svdq_jax.models import flux
   q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 8, 2, 16))

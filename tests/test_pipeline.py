@@ -81,6 +81,7 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   summary = json.loads((qdir / "quantize.json").read_text())
   assert summary["layers_quantized"] > 0 and summary["calibration_prompts"] == 2
   assert summary["settings"]["residual"] == "gptq"
+  assert summary["settings"]["fmt"] == "int4"   # the default off Hopper, recorded as chosen
   from svdq_jax.convert import load_flux
   from svdq_jax.qlinear import QuantizedLinear
   qmodel = load_flux(qdir)
