@@ -238,8 +238,9 @@ def expand_two_level(qweight: jax.Array, mult: jax.Array, *, block_n: int = 16,
 
   Args: qweight uint8 [N, K/2] packed codes, mult uint8 [N, K/128] packed multipliers
     (``formats.pack_multipliers``); K a multiple of 128. Each program expands [block_n rows,
-    block_pairs pairs of 64-groups] (defaults: the fastest on an H200 at every FLUX shape,
-    2026-12-02, 0.7-0.8x the time of [64 rows, 512 columns] tiles: docs/benchmarks).
+    block_pairs pairs of 64-groups]. The defaults, on an H200 (2026-12-02, docs/benchmarks):
+    0.7-0.8x the time of the former [64 rows, 512 columns] tiles and within 11% of the best
+    tiling tried at 5 of the 6 FLUX weight shapes; 1.13x the former at 3072 x 3072.
   Returns: int8 [N, K], equal to ``QuantizedLinear.row_scaled_weight()[0]``.
   """
   n, kh = qweight.shape

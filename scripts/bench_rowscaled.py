@@ -26,6 +26,10 @@ import json
 import os
 import traceback
 
+# --interpret runs each warpgroup of a Mosaic kernel on a host thread of the CPU client's pool:
+# a pool as small as a 2-core machine's deadlocks (tests/conftest.py); set before jax loads
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,11 +60,11 @@ def _expand_kwargs(cfg):
 
 
 TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width",
-          "d": "delay_release"}
+          "d": "delay_release", "o": "out_splits"}
 
 
 def variant_kwargs(name: str) -> dict:
-  """'m128 n128 k64 s4 wm t8' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split)."""
+  """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split)."""
   kw = {}
   for tok in name.split():
     if tok in ("wm", "wn"):

@@ -165,7 +165,7 @@ def _quantize(args) -> int:
   from svdq_jax import QuantConfig, Rule
   from svdq_jax.convert import save_model
   from svdq_jax.convert.checkpoint import atomic_directory
-  from svdq_jax.models.flux import default_formats, quant_config
+  from svdq_jax.models.flux import quant_config
   from svdq_jax.models.pipeline import FluxPipeline, calibration_prompts
 
   try:
@@ -174,11 +174,10 @@ def _quantize(args) -> int:
       raise FileExistsError(f"destination exists: {dst} (use --overwrite)")
     prompts = _prompts(args) if args.batch_file else calibration_prompts()
     search = dict(alpha_grid=1, lowrank_iters=1) if args.fast_search else {}
-    if args.fmt is None:   # recorded in quantize.json as chosen
-      args.fmt, default_act = default_formats(args.method)
-      args.act_fmt = args.act_fmt or default_act
     config = quant_config(args.method, args.fmt, rank=args.rank, act_fmt=args.act_fmt,
                           residual=args.residual, **search)
+    # the formats as chosen (--fmt unset: flux.default_formats), for quantize.json
+    args.fmt, args.act_fmt = config.rules[-1].fmt, config.rules[-1].act_fmt
     if args.devices < 0 or args.devices > len(jax.devices()):
       raise ValueError(f"--devices {args.devices}: this machine has {len(jax.devices())}")
     devices = jax.devices()[:args.devices or None]
