@@ -8,7 +8,7 @@ weight values). Stages:
   step:     per model in --models, one at a time (only one quantized copy resident): one
             jitted denoising step (batch 1) at each --resolutions, its XLA memory plan, a full
             --loop-steps jitted sampling loop at the first resolution, and with --profile the
-            device time per kernel category of one step.
+            device time per kernel category of one step (and per step of the loop).
 
     python3 scripts/bench_flux_full.py --out $OUT [--blocks 19,38] [--stages memory,quantize,step]
         [--models bf16,w4a16,svdquant] [--resolutions 1024,512] [--profile]
@@ -152,6 +152,12 @@ def measure(name, graph, state, cfg, args, result):
     sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
     r[f"loop{res}_{args.loop_steps}steps_s"] = round(time.perf_counter() - t0, 3)
     r[f"loop{res}_first_call_s"] = round(first, 1)
+    if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
+      prof = kernel_profile(lambda: sampling.sample(model, noise, x[2], x[3], x[5], sigmas,
+                                                    guidance=3.5))
+      r[f"loop{res}_profile_per_step"] = {
+          "categories_ms": {c: v / args.loop_steps for c, v in prof["categories_ms"].items()},
+          "total_ms": prof["total_ms"] / args.loop_steps}
     stats = jax.devices()[0].memory_stats() or {}
     r["bytes_in_use_after_loop"] = stats.get("bytes_in_use")
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
