@@ -88,7 +88,11 @@ def test_default_formats_are_w4a8_on_hopper(monkeypatch):
   paper's INT4 elsewhere; weight-only methods keep INT4 weights; an explicit format wins."""
   from svdq_jax.models import flux
   from svdq_jax.pallas_kernels import w4a4_hopper
-  qkv = lambda cfg: (lambda r: (r.fmt, r.act_fmt))(cfg.rule_for("double_blocks/0/img_attn/qkv"))
+
+  def qkv(cfg):
+    rule = cfg.rule_for("double_blocks/0/img_attn/qkv")
+    return rule.fmt, rule.act_fmt
+
   assert qkv(flux.quant_config("svdquant")) == ("int4", None)   # CPU
   monkeypatch.setattr(w4a4_hopper, "on_hopper", lambda: True)
   assert flux.default_formats("svdquant") == ("int4_2l", "int8")
