@@ -261,16 +261,21 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
   return y
 
 
-# Output tilings of the library path, first that fits N wins. H200, M = 4608: at the FLUX
-# shapes with N = 3072 (K = 3072, 12288, 15360) a 128 x 128 CTA tile with K steps of 128 bytes
-# (128-byte swizzle, 4 steps) ran the GEMM 7-13% faster than the 256 x 128 one with K steps of
-# 64 (2026-12-02; docs/benchmarks/2026-12-02-gemm-tiles-n3072-h200.json), the same CTA tile with
-# K steps of 64 25-40% slower; not measured at wider N, so N > 3072 keeps the 256 x 128 tile
-# (there 64 x 256 per warpgroup with one wgmma in flight was within 1-3%, 2026-11-29). ``max_n``
-# bounds a tiling's N, ``min_steps`` the pipeline depth it may fall to before the next tiling
-# is tried (K steps of 128 only 2 deep ran 1.6-1.9x slower, 2026-11-29). All fit shared memory
-# with the rank-32 low-rank operands and a bf16 output tile.
+# Output tilings of the library path, first that fits N wins. H200, M = 4608, GEMM alone:
+# - N = 3072 (K = 3072, 12288, 15360): a 128 x 128 CTA tile with K steps of 128 bytes (4
+#   steps) ran 7-13% faster than the 256 x 128 one with K steps of 64, the same CTA tile with K
+#   steps of 64 25-40% slower (2026-12-02, 2026-12-02-gemm-tiles-n3072-h200.json).
+# - N = 12288, 21504 (K = 3072): a 256 x 128 CTA tile with K steps of 128 (3 steps; at rank 32
+#   the output is stored in halves to fit) ran 4% / 12% faster than K steps of 64, and faster
+#   than XLA's own int8 GEMM (0.250 vs 0.286 ms, 0.395 vs 0.407 ms); 64 x 256 per warpgroup
+#   was as fast but does not fit with the low-rank operands (2026-12-02,
+#   2026-12-02-gemm-tiles-wide-n-h200.json).
+# ``max_n`` bounds a tiling's N, ``min_steps`` the pipeline depth it may fall to before the
+# next tiling is tried (K steps of 128 only 2 deep ran 1.6-1.9x slower, 2026-11-29); a wider
+# low-rank branch (a LoRA) then falls back to K steps of 64. All fit shared memory with the
+# rank-32 low-rank operands and a bf16 output tile.
 TILINGS = (dict(tile_m=64, tile_n=128, tile_k=128, steps=4, wg_dim="m", max_n=3072, min_steps=3),
+           dict(tile_m=128, tile_n=128, tile_k=128, steps=3, wg_dim="m", min_steps=3),
            dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
            dict(tile_m=128, tile_n=64, tile_k=64, steps=4, wg_dim="m"))
 F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 output tile

@@ -219,7 +219,8 @@ def main():
   int8_hopper.SPLIT_STORE = args.split_store
   os.makedirs(args.out, exist_ok=True)
   result = dict(device=jax.devices()[0].device_kind, blocks=[depth, single],
-                attention=args.attention, split_store=args.split_store)
+                attention=args.attention, split_store=args.split_store,
+                loop_steps=args.loop_steps)
 
   t0 = time.perf_counter()
   model = random_model(cfg)
@@ -294,6 +295,11 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
       quantized_ms=quant[f"step{res}_ms"], speedup=bf16 / quant[f"step{res}_ms"],
       weight_bytes=quant["weight_bytes"], device=result["device"],
       date=time.strftime("%Y-%m-%d"))
+  loop = f"loop{res}_{steps}steps_s" if (steps := result.get("loop_steps")) else None
+  if loop and loop in quant and loop in models["bf16"]:
+    summary["flux_dev_step"].update({
+        f"loop{steps}_bf16_s": models["bf16"][loop], f"loop{steps}_quantized_s": quant[loop],
+        f"loop{steps}_speedup": models["bf16"][loop] / quant[loop]})
   with open(path, "w") as f:
     json.dump(summary, f, indent=1)
 

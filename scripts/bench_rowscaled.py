@@ -175,9 +175,14 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
     res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
     up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
     lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16)))
-    res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
-        *ops, interpret=interpret, **variant_kwargs(best))),
-        a, sa, w8, sw, lr16, up16, layer.bias.astype(jnp.float32))
+    try:  # a tiling that fits without the low-rank operands may not fit with them
+      res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
+          *ops, interpret=interpret, **variant_kwargs(best))),
+          a, sa, w8, sw, lr16, up16, layer.bias.astype(jnp.float32))
+    except Exception as e:
+      res["gemm_lr_bias_ms"] = None
+      print(f"GEMM + low-rank + bias with {best!r} at {k}x{n}: {type(e).__name__}: "
+            f"{str(e)[:200]}", flush=True)
     res["expand_xla_ms"] = t(jax.jit(lambda l: l.row_scaled_weight()), layer)
     res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
         q, s, interpret=interpret)), layer.qweight, layer.wscale)

@@ -131,7 +131,9 @@ def test_weight_expansion_bit_exact(tiles):
 
 @pytest.mark.parametrize("tiles", [dict(tile_m=64, tile_n=64, wg_dim="m"),
                                    dict(tile_m=64, tile_n=64, wg_dim="n"),
-                                   dict(tile_m=64, tile_n=128, tile_k=128, wg_dim="m")])
+                                   dict(tile_m=64, tile_n=128, tile_k=128, wg_dim="m"),
+                                   dict(tile_m=128, tile_n=128, tile_k=128, steps=3,
+                                        wg_dim="m", out_splits=2)])
 def test_int8_gemm_integer_part_exact(tiles):
   """Unit scales: the f32 output is the exact int32 sum (|acc| < 2**24); ragged M."""
   m, k, n = 200, 384, 256
@@ -203,12 +205,14 @@ def test_gemm_tiling_fits_shared_memory(monkeypatch, split_store):
       if t is not None:
         assert int8_hopper.smem_bytes(**t, rank=rank) <= int8_hopper.SMEM_BYTES
         steps[n, rank] = (2 * t["tile_m"], t["tile_n"], t["tile_k"], t["steps"])
-  # N > 3072: the 256 x 128 CTA tile with K steps of 64
+  # N > 3072: the 256 x 128 CTA tile, K steps of 128 (3 deep) while they fit, then of 64
   if split_store:
+    assert steps[12288, 32] == (256, 128, 128, 3)
     assert steps[12288, 64] == (256, 128, 64, 4) and steps[12288, 96] == (256, 128, 64, 3)
   else:
+    assert steps[12288, 32] == (256, 128, 64, 4)
     assert steps[12288, 64] == (256, 128, 64, 3) and steps[12288, 96] == (256, 128, 64, 2)
-  assert steps[12288, 32] == (256, 128, 64, 4) and steps[12288, 160] == (256, 64, 64, 3)
+  assert steps[12288, 0] == (256, 128, 128, 3) and steps[12288, 160] == (256, 64, 64, 3)
   # N <= 3072: the 128 x 128 CTA tile with K steps of 128, down to 3 steps, then the above
   assert steps[3072, 32] == steps[3072, 64] == (128, 128, 128, 4)
   assert steps[3072, 96] == (128, 128, 128, 4 if split_store else 3)
@@ -236,7 +240,7 @@ def test_split_store_keeps_the_pipeline_depth_of_a_rank_64_branch():
   assert int8_hopper.SPLIT_STORE
   t = int8_hopper.tiling(12288, jnp.bfloat16, 64)
   assert (t["tile_n"], t["steps"], t["out_splits"]) == (128, 4, 2)
-  assert int8_hopper.tiling(12288, jnp.bfloat16, 32)["out_splits"] == 1   # fits whole
+  assert int8_hopper.tiling(3072, jnp.bfloat16, 32)["out_splits"] == 1    # fits whole
   # in interpret mode at a small N, where the 128 x 128 CTA tile splits its store at rank 96
   k, n, r = 256, 256, 96
   x, layer = _w4a8_with_branch(k, n, r, seed=5)
