@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svdq_jax import formats, gptq
 from svdq_jax.formats import matmul_f32
@@ -113,6 +114,42 @@ class LayerReport(NamedTuple):
   error: float  # relative output error ||Y - Y_hat|| / ||Y|| on calibration tokens
 
 
+# Everything quantize_group computes outside ``evaluate`` runs in a few jitted functions: run
+# op by op, each of ~80 small operations compiled once per weight shape, which took most of
+# quantization's time on the GPU (~20 s per shape, 2026-12-02; docs/benchmarks/README.md).
+@jax.jit
+def _reference_outputs(x, w):
+  """f32 [S, N] = x [S, K] @ w [K, N]."""
+  return matmul_f32(x, w)
+
+
+@jax.jit
+def _smoothed_weight(w, x_absmax, alpha):
+  """(lambda f32 [K], lambda[:, None] * w f32 [K, N]) at smoothing strength alpha."""
+  lam = smooth_factors(x_absmax, jnp.max(jnp.abs(w), axis=1), alpha)
+  return lam, lam[:, None] * w
+
+
+@jax.jit
+def _smoothed_hessian(hessian, lam):
+  """f32 [K, K] X_hat^T X_hat from the raw inputs' X^T X, x_hat = x / lambda."""
+  return hessian * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
+
+
+@functools.partial(jax.jit, static_argnames="fmt")
+def _stored_residual(w_hat, down, up, *, fmt):
+  """The ``QuantizedLinear`` weight fields of quant(W_hat - L_down L_up), rounded to nearest
+  (``down``, ``up`` None: of W_hat)."""
+  r = w_hat if down is None else w_hat - matmul_f32(down, up)
+  return stored_weight(formats.quantize_weight(r.T, fmt), fmt)
+
+
+@jax.jit
+def _relative_error(error, y_ref):
+  """f32 sqrt(error / ||y_ref||^2)."""
+  return jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30))
+
+
 def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: float | None,
                    config: QuantConfig, key: jax.Array, x_absmax=None, samples=None,
                    name: str = "layer", hessian=None
@@ -143,17 +180,18 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
   rel_error = float("nan")
   if method.needs_calibration:
     x = jnp.asarray(samples, jnp.float32)
-    y_ref = matmul_f32(x, w)
+    y_ref = _reference_outputs(x, w)
     if method.smooth:
       x_absmax = jnp.asarray(x_absmax, jnp.float32)
-      if alpha is None:
-        grid = jnp.arange(config.alpha_grid, dtype=jnp.float32) / config.alpha_grid
-        errs = alpha_errors(w, x, y_ref, x_absmax, grid, key, **static)
-        best_alpha = float(grid[int(jnp.argmin(errs))])
-      else:
+      if alpha is not None:
         best_alpha = float(alpha)
-      lam = smooth_factors(x_absmax, jnp.max(jnp.abs(w), axis=1), best_alpha)
-      w_hat = lam[:, None] * w
+      elif config.alpha_grid == 1:  # nothing to search: the grid's only point
+        best_alpha = 0.0
+      else:
+        grid = np.arange(config.alpha_grid, dtype=np.float32) / np.float32(config.alpha_grid)
+        errs = alpha_errors(w, x, y_ref, x_absmax, jnp.asarray(grid), key, **static)
+        best_alpha = float(grid[int(jnp.argmin(errs))])
+      lam, w_hat = _smoothed_weight(w, x_absmax, np.float32(best_alpha))
     else:
       w_hat = w
     h_hat = None
@@ -162,8 +200,8 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
         raise ValueError(f"{name}: residual={config.residual!r} needs the inputs' Hessian: "
                          "calibrate with svdq_jax.calibrate(..., hessian=True)")
       h_hat = jnp.asarray(hessian, jnp.float32)
-      if lam is not None:  # X_hat^T X_hat, x_hat = x / lambda
-        h_hat = h_hat * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
+      if lam is not None:
+        h_hat = _smoothed_hessian(h_hat, lam)
 
     def residual_of(down, up) -> jax.Array:
       """[N, K]: what the 4-bit weight must hold beside the branch (stored K-major)."""
@@ -192,13 +230,15 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       q_prev = cand.residual
     if config.residual == "gptq":
       best, best_qt = with_gptq(best)
-    down, up, qt = best.down, best.up, best_qt
-    if qt is None:  # residual='rtn'
-      qt = formats.quantize_weight(residual_of(down, up), method.weight_format)
-    rel_error = float(jnp.sqrt(best.error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30)))
+    down, up = best.down, best.up
+    if best_qt is None:  # residual='rtn'
+      stored = _stored_residual(w_hat, down if rank else None, up if rank else None,
+                                fmt=method.weight_format)
+    else:
+      stored = stored_weight(best_qt, method.weight_format)
+    rel_error = float(_relative_error(best.error, y_ref))
   else:  # data-free: plain round-to-nearest of the weight (rank is 0 here)
-    qt = formats.quantize_weight(w.T, method.weight_format)
-  stored = stored_weight(qt, method.weight_format)
+    stored = _stored_residual(w, None, None, fmt=method.weight_format)
   layers, start = [], 0
   for part in weights:
     stop = start + part.shape[1]
