@@ -220,8 +220,10 @@ def set_backend(name: str) -> None:
   """Chooses how ``apply`` runs quantized layers (read when a function is traced):
 
   'auto': the Pallas kernels on GPU for the formats they support, the jnp reference
-  otherwise; 'reference': always the jnp reference; 'pallas': always the kernels (an error
-  for unsupported formats); 'interpret': the kernels in Pallas interpret mode (CPU checks).
+  otherwise (weight-only layers: the W4A16 GEMV for up to 16 tokens once
+  ``pallas_kernels.w4a16.AUTO`` is on); 'reference': always the jnp reference; 'pallas':
+  always the kernels (an error for unsupported formats); 'interpret': the kernels in Pallas
+  interpret mode (CPU checks).
   """
   global _backend
   if name not in BACKENDS:
@@ -261,7 +263,11 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
   k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
-  from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
+  from svdq_jax.pallas_kernels import w4a4, w4a16  # lazily: Pallas loads only when needed
+  if w4a16.supports(layer, x.size // k, x.dtype):  # weight-only, a few tokens: the GEMV
+    if _backend == "auto" and not (w4a16.AUTO and jax.default_backend() == "gpu"):
+      return reference_apply(layer, x, bias)
+    return w4a16.w4a16_linear(layer, x, bias, interpret=_backend == "interpret")
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
     on_gpu = jax.default_backend() == "gpu"
