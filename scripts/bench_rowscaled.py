@@ -21,7 +21,6 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import traceback
@@ -36,7 +35,7 @@ import numpy as np
 
 from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
-from svdq_jax.timing import median_seconds
+from svdq_jax.timing import median_seconds, save_results
 
 from bench_w4a4 import activations, make_layer
 
@@ -372,9 +371,7 @@ def main():
     if args.split_store:   # columns: rank r, then rank r with SPLIT_STORE flipped
       flipped = store_tag(not int8_hopper.SPLIT_STORE)
       ranks = [q for r in ranks for q in (r, f"{r}{flipped}")]
-    meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
-    with open(os.path.join(args.out, "rowscaled_ranks.json"), "w") as f:
-      json.dump(dict(meta, results=results), f, indent=1)
+    meta = save_results(os.path.join(args.out, "rowscaled_ranks.json"), results)
     lines = ["| K -> N | bf16 ms | " + " | ".join(f"rank {r} ms" for r in ranks) + " |",
              "|" + " --- |" * (len(ranks) + 2)]
     for r in results:
@@ -389,9 +386,7 @@ def main():
       r = act_shape(args.m, k, n, args.rank, key, args.interpret)
       print(json.dumps(r), flush=True)
       results.append(r)
-    meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat())
-    with open(os.path.join(args.out, "rowscaled_act.json"), "w") as f:
-      json.dump(dict(meta, results=results), f, indent=1)
+    meta = save_results(os.path.join(args.out, "rowscaled_act.json"), results)
     print(act_table(results))
     return
   best = {}  # extra token counts time only the tiling that won at --m
@@ -405,10 +400,7 @@ def main():
     best.setdefault((k, n), r["best_variant"])
     results.append(r)
     print(json.dumps(r), flush=True)
-  meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
-              jax=jax.__version__)
-  with open(os.path.join(args.out, "rowscaled.json"), "w") as f:
-    json.dump(dict(meta, results=results), f, indent=1)
+  meta = save_results(os.path.join(args.out, "rowscaled.json"), results)
   md = table(results)
   with open(os.path.join(args.out, "rowscaled.md"), "w") as f:
     f.write(f"{meta}\n\n{md}\n")

@@ -15,7 +15,6 @@ Prints a table last; writes w4a16.json to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 
@@ -26,7 +25,7 @@ import numpy as np
 from svdq_jax import qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.pallas_kernels import w4a16
-from svdq_jax.timing import median_seconds
+from svdq_jax.timing import median_seconds, save_results
 
 # FLUX.1 modulation linears: double blocks 3072 -> 6 x 3072 (image and text), single 3 x 3072
 SHAPES = "3072x18432,3072x9216"
@@ -92,10 +91,7 @@ def main():
           r["kernel_ms"][v] = t(f, layer, x)
         results.append(r)
         print(json.dumps(r), flush=True)
-  meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
-              jax=jax.__version__)
-  with open(os.path.join(args.out, "w4a16.json"), "w") as f:
-    json.dump(dict(meta, results=results), f, indent=1)
+  meta = save_results(os.path.join(args.out, "w4a16.json"), results)
   lines = [f"{meta}", "", "| K -> N | format | rows | bf16 GEMV | XLA W4A16 | best kernel "
            "(tiling) | kernel GB/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in results:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import datetime
 import glob
+import json
 import os
 import statistics
 import tempfile
@@ -11,6 +13,15 @@ import time
 
 import jax
 from jax.profiler import ProfileData
+
+
+def save_results(path: str, results: list, **extra) -> dict:
+  """Writes {device, date, jax, **extra, results} as JSON to ``path``; returns that header."""
+  meta = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
+              jax=jax.__version__, **extra)
+  with open(path, "w") as f:
+    json.dump(dict(meta, results=results), f, indent=1)
+  return meta
 
 
 def median_seconds(fn, *args, reps: int = 10, rounds: int = 5, warmup: int = 1) -> float:
