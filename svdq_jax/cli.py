@@ -236,8 +236,26 @@ def _demo(args) -> int:
   return 0
 
 
+def _default_compile_cache() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "svdq_jax", "jax")
+
+
+def _use_compile_cache(path: str) -> None:
+  """Keeps compiled programs on disk (jax's persistent cache) so a second run of a command
+  skips most of its compiling (CPU, `svdq-jax example --k 512 --n 512`: 70 -> 36 s); a
+  directory set by the user through JAX_COMPILATION_CACHE_DIR wins."""
+  import jax
+
+  if path != "off" and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="svdq-jax", description=__doc__)
+  parser.add_argument("--compile-cache", default=_default_compile_cache(), metavar="DIR",
+                      help="where compiled programs are kept between runs ('off': nowhere; "
+                           "default %(default)s)")
   sub = parser.add_subparsers(dest="command", required=True)
   ex = sub.add_parser("example", help="quantize the built-in example layer with every method "
                       "and print the output-error table")
@@ -365,6 +383,7 @@ def main(argv=None) -> int:
   qz.add_argument("--quiet", action="store_true", help="no progress bars")
   qz.set_defaults(func=_quantize)
   args = parser.parse_args(argv)
+  _use_compile_cache(args.compile_cache)
   return args.func(args)
 
 

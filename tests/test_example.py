@@ -21,3 +21,21 @@ def test_example_table_orders_methods(tmp_path):
     assert s[0] < s[1] < s[2]
   # 4-bit weights: about a quarter of bf16 plus scales and the low-rank branch
   assert rows["RTN W4A4 (INT4)"]["weight_bytes"] < 0.3 * rows["BF16 (reference)"]["weight_bytes"]
+
+
+def test_cli_keeps_compiled_programs_on_disk(tmp_path):
+  """--compile-cache DIR turns on jax's persistent cache there, 'off' leaves it off, and a
+  directory already chosen (JAX_COMPILATION_CACHE_DIR) is kept."""
+  import jax
+
+  missing = str(tmp_path / "missing")
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert cli.main(["--compile-cache", "off", "sample", missing, missing]) == 2
+    assert jax.config.jax_compilation_cache_dir is None
+    assert cli.main(["--compile-cache", str(tmp_path / "a"), "sample", missing, missing]) == 2
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+    assert cli.main(["--compile-cache", str(tmp_path / "b"), "sample", missing, missing]) == 2
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
