@@ -136,12 +136,24 @@ def _smoothed_hessian(hessian, lam):
   return hessian * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
 
 
+@jax.jit
+def _residual(w_hat, down, up):
+  """f32 [N, K]: what the 4-bit weight holds beside the branch, (W_hat - L_down L_up)^T
+  (``down`` None: W_hat^T), stored K-major."""
+  return (w_hat if down is None else w_hat - matmul_f32(down, up)).T
+
+
 @functools.partial(jax.jit, static_argnames="fmt")
 def _stored_residual(w_hat, down, up, *, fmt):
-  """The ``QuantizedLinear`` weight fields of quant(W_hat - L_down L_up), rounded to nearest
-  (``down``, ``up`` None: of W_hat)."""
-  r = w_hat if down is None else w_hat - matmul_f32(down, up)
-  return stored_weight(formats.quantize_weight(r.T, fmt), fmt)
+  """The ``QuantizedLinear`` weight fields of the ``_residual`` rounded to nearest."""
+  return stored_weight(formats.quantize_weight(_residual(w_hat, down, up), fmt), fmt)
+
+
+@functools.partial(jax.jit, static_argnames=("weight_format", "act_format"))
+def _quantized_error(x, lam, y_ref, q, down, up, *, weight_format, act_format):
+  """(``output_error`` of a quantized residual q, its dequantized f32 [K, N])."""
+  deq = formats.dequantize(q, weight_format).T
+  return output_error(x, lam, y_ref, deq, down, up, act_format), deq
 
 
 @jax.jit
@@ -203,17 +215,14 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       if lam is not None:
         h_hat = _smoothed_hessian(h_hat, lam)
 
-    def residual_of(down, up) -> jax.Array:
-      """[N, K]: what the 4-bit weight must hold beside the branch (stored K-major)."""
-      return ((w_hat - matmul_f32(down, up)) if rank else w_hat).T
-
     def with_gptq(cand: Candidate) -> tuple[Candidate, formats.Quantized]:
       """The candidate's branch with its residual quantized by GPTQ instead."""
-      q = gptq.quantize_weight(residual_of(cand.down, cand.up), h_hat, method.weight_format,
-                               damp=config.gptq_damp, name=name)
-      deq = formats.dequantize(q, method.weight_format).T
-      return cand._replace(error=output_error(x, lam, y_ref, deq, cand.down, cand.up,
-                                              method.act_format), residual=deq), q
+      q = gptq.quantize_weight(_residual(w_hat, cand.down if rank else None, cand.up),
+                               h_hat, method.weight_format, damp=config.gptq_damp, name=name)
+      error, deq = _quantized_error(x, lam, y_ref, q, cand.down, cand.up,
+                                    weight_format=method.weight_format,
+                                    act_format=method.act_format)
+      return cand._replace(error=error, residual=deq), q
 
     best, best_qt, q_prev, stale = None, None, jnp.zeros_like(w_hat), 0
     for iterations in range(1, (config.lowrank_iters if rank else 1) + 1):
