@@ -243,12 +243,16 @@ def _default_compile_cache() -> str:
 
 def _use_compile_cache(path: str) -> None:
   """Keeps compiled programs on disk (jax's persistent cache) so a second run of a command
-  skips most of its compiling (CPU, `svdq-jax example --k 512 --n 512`: 70 -> 36 s); a
-  directory set by the user through JAX_COMPILATION_CACHE_DIR wins."""
+  skips most of its compiling (CPU, `svdq-jax example --k 512 --n 512`: 27.1 s, then 11.3 s);
+  a directory set through JAX_COMPILATION_CACHE_DIR wins. Programs that compiled in 0.1 s or
+  more are kept (jax's default, 1 s, keeps none of the CPU's: measured 25.8 s both runs)."""
   import jax
 
-  if path != "off" and not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", path)
+  if path == "off" or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,10 @@ def test_cli_keeps_compiled_programs_on_disk(tmp_path):
     assert jax.config.jax_compilation_cache_dir is None
     assert cli.main(["--compile-cache", str(tmp_path / "a"), "sample", missing, missing]) == 2
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+    # jax's default (1 s) would keep none of the CPU's programs
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.1
     assert cli.main(["--compile-cache", str(tmp_path / "b"), "sample", missing, missing]) == 2
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
   finally:
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
