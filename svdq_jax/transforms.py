@@ -125,8 +125,14 @@ def _reference_outputs(x, w):
 
 @jax.jit
 def _smoothed_weight(w, x_absmax, alpha):
-  """(lambda f32 [K], lambda[:, None] * w f32 [K, N]) at smoothing strength alpha."""
-  lam = smooth_factors(x_absmax, jnp.max(jnp.abs(w), axis=1), alpha)
+  """(lambda f32 [K], lambda[:, None] * w f32 [K, N]) at smoothing strength alpha, lambda
+  bit-identical to ``smooth_factors`` run op by op: fused, XLA rewrites x^a / w^b into
+  x^a * w^-b, an ulp off in about a third of the channels: enough to move the demo's INT4
+  PSNR from 36.79 to 36.04 dB. Kept apart, quantizing gives the models earlier versions did."""
+  x = jax.lax.optimization_barrier(jnp.maximum(x_absmax, _EPS) ** alpha)
+  wmax = jax.lax.optimization_barrier(jnp.maximum(jnp.max(jnp.abs(w), axis=1), _EPS)
+                                      ** (1.0 - alpha))
+  lam = x / wmax
   return lam, lam[:, None] * w
 
 
