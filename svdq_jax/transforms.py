@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from svdq_jax import formats, gptq
 from svdq_jax.formats import matmul_f32
@@ -206,10 +205,12 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
       elif config.alpha_grid == 1:  # nothing to search: the grid's only point
         best_alpha = 0.0
       else:
-        grid = np.arange(config.alpha_grid, dtype=np.float32) / np.float32(config.alpha_grid)
-        errs = alpha_errors(w, x, y_ref, x_absmax, jnp.asarray(grid), key, **static)
+        # jnp, not numpy: XLA's k * (1 / n) is the grid's definition (3 of 20 points differ
+        # by an ulp from numpy's k / n, and that moves the chosen models)
+        grid = jnp.arange(config.alpha_grid, dtype=jnp.float32) / config.alpha_grid
+        errs = alpha_errors(w, x, y_ref, x_absmax, grid, key, **static)
         best_alpha = float(grid[int(jnp.argmin(errs))])
-      lam, w_hat = _smoothed_weight(w, x_absmax, np.float32(best_alpha))
+      lam, w_hat = _smoothed_weight(w, x_absmax, best_alpha)
     else:
       w_hat = w
     h_hat = None
