@@ -245,7 +245,7 @@ def _use_compile_cache(path: str) -> None:
   """Keeps compiled programs on disk (jax's persistent cache) so a second run of a command
   skips most of its compiling (CPU, `svdq-jax example --k 512 --n 512`: 27.1 s, then 11.3 s);
   a directory set through JAX_COMPILATION_CACHE_DIR wins. Programs that compiled in 0.1 s or
-  more are kept (jax's default, 1 s, keeps none of the CPU's: measured 25.8 s both runs)."""
+  more are kept (with jax's default, 1 s, none of the CPU's were: no second run was faster)."""
   import jax
 
   if path == "off" or jax.config.jax_compilation_cache_dir:
