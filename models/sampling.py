@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from svdq_jax import qlinear
 from svdq_jax.models import flux
 from svdq_jax.parallel import tokens_over
 
@@ -72,10 +73,12 @@ def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True,
   return t.astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "progress", "token_mesh", "attention"))
+@functools.partial(jax.jit, static_argnames=("graph", "progress", "token_mesh", "attention",
+                                              "kernels"))
 def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progress=False,
-           token_mesh=None, attention=None):
-  del attention  # read by the model at trace time; a static argument so a change retraces
+           token_mesh=None, attention=None, kernels=None):
+  # read by the model and its quantized layers at trace time; static so a change retraces
+  del attention, kernels
   model = nnx.merge(graph, state)
   batch = img.shape[0]
 
@@ -201,7 +204,8 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
     x = _euler(graph, state, img, img_ids, txt, txt_ids, y,
                jnp.asarray(sigmas, jnp.float32), g, progress=progress,
                token_mesh=mesh if parallel == "sequence" else None,
-               attention=flux.attention_implementation())[:b]
+               attention=flux.attention_implementation(),
+               kernels=qlinear.trace_settings())[:b]
     x = jax.block_until_ready(x)
     jax.effects_barrier()
   finally:

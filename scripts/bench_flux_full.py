@@ -271,8 +271,7 @@ def main():
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
       if args.w4a16_gemv:  # the same model, its W4A16 modulation linears on the GEMV kernel
-        w4a16.AUTO = True
-        jax.clear_caches()  # read at trace time: the jitted sampling loop must retrace
+        w4a16.AUTO = True   # the sampling loop retraces on it (qlinear.trace_settings)
         measure(f"{name}_gemv", graph, qstate, cfg, args, result)
         w4a16.AUTO = False
       for r in (int(v) for v in args.lora_ranks.split(",") if v):

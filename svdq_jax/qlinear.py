@@ -13,6 +13,7 @@ dequantize the weight to the input's dtype and multiply with f32 accumulation.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +241,21 @@ def backend(name: str):
     yield
   finally:
     set_backend(previous)
+
+
+# (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
+_KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"), ("w4a16", "AUTO"),
+                    ("int8_hopper", "SPLIT_STORE"))
+
+
+def trace_settings() -> tuple:
+  """Every switch ``apply`` reads while a function is traced (``set_backend``, the kernel
+  modules' choices), as a hashable tuple: a jitted function that closes over quantized layers
+  takes it as a static argument so that changing a switch retraces it (``models.sampling``).
+  A kernel module not yet imported holds its defaults (None here)."""
+  mods = [sys.modules.get(f"svdq_jax.pallas_kernels.{m}") for m, _ in _KERNEL_SWITCHES]
+  return (_backend, *(None if mod is None else getattr(mod, switch)
+                      for mod, (_, switch) in zip(mods, _KERNEL_SWITCHES)))
 
 
 def apply(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -59,3 +59,24 @@ def test_sampler_is_deterministic_and_matches_a_python_loop():
     x = x + (tn - t) * model(x, ids, txt, tids, jnp.full((1,), t), y, jnp.full((1,), 3.5))
   np.testing.assert_allclose(np.asarray(a), np.asarray(sampling.unpack_latents(x, 4, 4)),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
+  """The jitted loop takes ``qlinear.trace_settings()`` as a static argument: a layer
+  backend or kernel switch set after a first sample applies to the next one."""
+  from svdq_jax import qlinear
+  from svdq_jax.pallas_kernels import w4a16
+
+  model = Flux(TINY, nnx.Rngs(0))
+  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
+  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
+          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(2, 4))
+  sampling.sample(model, noise, *args, guidance=3.5)
+  traced = sampling._euler._cache_size()
+  sampling.sample(model, noise, *args, guidance=3.5)
+  assert sampling._euler._cache_size() == traced          # nothing changed: no retrace
+  with qlinear.backend("reference"):
+    sampling.sample(model, noise, *args, guidance=3.5)
+  monkeypatch.setattr(w4a16, "AUTO", not w4a16.AUTO)
+  sampling.sample(model, noise, *args, guidance=3.5)
+  assert sampling._euler._cache_size() == traced + 2
