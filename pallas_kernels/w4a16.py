@@ -39,13 +39,14 @@ AUTO = False
 
 def _gemv_kernel(x_ref, q_ref, s_ref, wc_ref, o_ref, *, two_level, groups_per_step):
   kh = q_ref.shape[1]
+  wc = wc_ref[...] if two_level else None  # the row scales, loaded once
 
   def group(g, acc):
     cols = pl.ds(g * HALF, HALF)
     w_lo, w_hi = _unpack(q_ref[:, cols], True)
     if two_level:  # multiplier m - 1 of group g: nibble g % 2 of byte g // 2
       mult = ((s_ref[:, g // 2].astype(jnp.int32) >> (4 * (g % 2))) & 0xF) + 1
-      s = mult.astype(jnp.float32) * wc_ref[...]
+      s = mult.astype(jnp.float32) * wc
     else:
       s = s_ref[:, g].astype(jnp.float32)
     for half, w in ((0, w_lo), (1, w_hi)):
