@@ -35,7 +35,7 @@ from svdq_jax.models import sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import int8_hopper, w4a16
+from svdq_jax.pallas_kernels import int8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -103,7 +103,6 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
     ("int4_2l weight expansion", r"svdq_expand"),
-    ("W4A16 GEMV kernel (modulation)", r"svdq_w4a16"),
     ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
     ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
@@ -205,9 +204,6 @@ def main():
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
-  ap.add_argument("--w4a16-gemv", action="store_true",
-                  help="also time the svdquant model with its W4A16 (modulation) linears on "
-                       "the GEMV kernel (pallas_kernels.w4a16.AUTO on): '<name>_gemv'")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -270,10 +266,6 @@ def main():
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
-      if args.w4a16_gemv:  # the same model, its W4A16 modulation linears on the GEMV kernel
-        w4a16.AUTO = True   # the sampling loop retraces on it (qlinear.trace_settings)
-        measure(f"{name}_gemv", graph, qstate, cfg, args, result)
-        w4a16.AUTO = False
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
         result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r

@@ -221,8 +221,7 @@ def set_backend(name: str) -> None:
   """Chooses how ``apply`` runs quantized layers (read when a function is traced):
 
   'auto': the Pallas kernels on GPU for the formats they support, the jnp reference
-  otherwise (weight-only layers: the W4A16 GEMV for up to 16 tokens once
-  ``pallas_kernels.w4a16.AUTO`` is on); 'reference': always the jnp reference; 'pallas':
+  otherwise (weight-only layers always: XLA fuses their dequantization); 'reference': always the jnp reference; 'pallas':
   always the kernels (an error for unsupported formats); 'interpret': the kernels in Pallas
   interpret mode (CPU checks).
   """
@@ -244,7 +243,7 @@ def backend(name: str):
 
 
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
-_KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"), ("w4a16", "AUTO"),
+_KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("int8_hopper", "SPLIT_STORE"))
 
 
@@ -279,11 +278,7 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
   k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
-  from svdq_jax.pallas_kernels import w4a4, w4a16  # lazily: Pallas loads only when needed
-  if w4a16.supports(layer, x.size // k, x.dtype):  # weight-only, a few tokens: the GEMV
-    if _backend == "auto" and not (w4a16.AUTO and jax.default_backend() == "gpu"):
-      return reference_apply(layer, x, bias)
-    return w4a16.w4a16_linear(layer, x, bias, interpret=_backend == "interpret")
+  from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
     on_gpu = jax.default_backend() == "gpu"

@@ -65,7 +65,7 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   """The jitted loop takes ``qlinear.trace_settings()`` as a static argument: a layer
   backend or kernel switch set after a first sample applies to the next one."""
   from svdq_jax import qlinear
-  from svdq_jax.pallas_kernels import w4a16
+  from svdq_jax.pallas_kernels import int8_hopper
 
   model = Flux(TINY, nnx.Rngs(0))
   noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
@@ -77,6 +77,6 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   assert sampling._euler._cache_size() == traced          # nothing changed: no retrace
   with qlinear.backend("reference"):
     sampling.sample(model, noise, *args, guidance=3.5)
-  monkeypatch.setattr(w4a16, "AUTO", not w4a16.AUTO)
+  monkeypatch.setattr(int8_hopper, "SPLIT_STORE", not int8_hopper.SPLIT_STORE)
   sampling.sample(model, noise, *args, guidance=3.5)
   assert sampling._euler._cache_size() == traced + 2
