@@ -269,7 +269,8 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
 #   the output is stored in halves to fit) ran 4% / 12% faster than K steps of 64, and faster
 #   than XLA's own int8 GEMM (0.250 vs 0.286 ms, 0.395 vs 0.407 ms); 64 x 256 per warpgroup
 #   was as fast but does not fit with the low-rank operands (2026-12-02,
-#   2026-12-02-gemm-tiles-wide-n-h200.json).
+#   2026-12-02-gemm-tiles-wide-n-h200.json). In the FLUX.1-dev step the kernel's time did not
+#   move (26.72 vs 26.75 ms per step, 2026-12-03): kept, as it loses nowhere.
 # ``max_n`` bounds a tiling's N, ``min_steps`` the pipeline depth it may fall to before the
 # next tiling is tried (K steps of 128 only 2 deep ran 1.6-1.9x slower, 2026-11-29); a wider
 # low-rank branch (a LoRA) then falls back to K steps of 64. All fit shared memory with the

@@ -35,6 +35,13 @@ class Method:
     return self.smooth or self.lowrank
 
 
+# Compile options of the programs quantization runs (transforms, gptq): each compiles once per
+# weight shape and runs a few times, so XLA's GEMM autotuning does not pay there. With it, each
+# new shape's first call took 20-25 s on an H200, without it 2.7-3.1 s (2026-12-03,
+# docs/benchmarks/README.md); it was most of a FLUX.1-dev quantization's time. jax takes them
+# on outermost jits only: a jitted function that another calls runs as ``f.__wrapped__`` there.
+QUANTIZE_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+
 WEIGHT_FORMATS = ("int4", "nvfp4", "int4_2l")
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "int4_2l", "int8")
 

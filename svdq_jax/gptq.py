@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from svdq_jax import formats
+from svdq_jax.config import QUANTIZE_COMPILER_OPTIONS
 from svdq_jax.formats import matmul_f32
 
 
@@ -92,7 +93,8 @@ def _quantize_column(col: jax.Array, scale: jax.Array, fmt: formats.Format, row:
   return q, q * fmt.step * step
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block"))
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS,
+                   static_argnames=("fmt", "block"))
 def _gptq(w, u, *, fmt: str, block: int):
   fmt = formats.get_format(fmt)
   n, k = w.shape

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from svdq_jax import formats, gptq
 from svdq_jax.formats import matmul_f32
-from svdq_jax.config import Method, QuantConfig
+from svdq_jax.config import QUANTIZE_COMPILER_OPTIONS, Method, QuantConfig
 from svdq_jax.lowrank import truncated_svd
 from svdq_jax.qlinear import (LOWRANK_DTYPE, QuantizedLinear, lowrank_down, lowrank_up,
                               smoothed, stored_weight)
@@ -65,8 +65,9 @@ class Candidate(NamedTuple):
   residual: jax.Array  # f32 [K, N], the quantized residual, dequantized
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
-                                              "oversample", "power_iters"))
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS,
+                   static_argnames=("rank", "weight_format", "act_format", "oversample",
+                                    "power_iters"))
 def evaluate(w_hat, x, lam, y_ref, q_prev, key, *, rank, weight_format, act_format,
              oversample=16, power_iters=4) -> Candidate:
   """L = SVD_r(W_hat - Q_prev), R = quant(W_hat - L), and the output error they give.
@@ -100,8 +101,9 @@ def output_error(x, lam, y_ref, residual, down, up, act_format) -> jax.Array:
   return jnp.sum(jnp.square(y - y_ref))
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "weight_format", "act_format",
-                                              "oversample", "power_iters"))
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS,
+                   static_argnames=("rank", "weight_format", "act_format", "oversample",
+                                    "power_iters"))
 def alpha_errors(w, x, y_ref, x_absmax, alphas, key, **static) -> jax.Array:
   """f32 [len(alphas)]: output error of a single decomposition at each alpha."""
   w_absmax = jnp.max(jnp.abs(w), axis=1)
@@ -109,7 +111,7 @@ def alpha_errors(w, x, y_ref, x_absmax, alphas, key, **static) -> jax.Array:
 
   def one(alpha):
     lam = smooth_factors(x_absmax, w_absmax, alpha)
-    return evaluate(lam[:, None] * w, x, lam, y_ref, zeros, key, **static).error
+    return evaluate.__wrapped__(lam[:, None] * w, x, lam, y_ref, zeros, key, **static).error
 
   return jax.lax.map(one, alphas)
 
@@ -125,13 +127,13 @@ class LayerReport(NamedTuple):
 # Everything quantize_group computes outside ``evaluate`` runs in a few jitted functions: run
 # op by op, each of ~80 small operations compiled once per weight shape, which took most of
 # quantization's time on the GPU (~20 s per shape, 2026-12-02; docs/benchmarks/README.md).
-@jax.jit
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _reference_outputs(x, w):
   """f32 [S, N] = x [S, K] @ w [K, N]."""
   return matmul_f32(x, w)
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _smoothed_weight(w, x_absmax, alpha):
   """(lambda f32 [K], lambda[:, None] * w f32 [K, N]) at smoothing strength alpha, lambda as
   ``smooth_factors`` gives it op by op (``apart``)."""
@@ -139,33 +141,36 @@ def _smoothed_weight(w, x_absmax, alpha):
   return lam, lam[:, None] * w
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _smoothed_hessian(hessian, lam):
   """f32 [K, K] X_hat^T X_hat from the raw inputs' X^T X, x_hat = x / lambda."""
   return hessian * (1.0 / lam)[:, None] * (1.0 / lam)[None, :]
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _residual(w_hat, down, up):
   """f32 [N, K]: what the 4-bit weight holds beside the branch, (W_hat - L_down L_up)^T
   (``down`` None: W_hat^T), stored K-major."""
   return (w_hat if down is None else w_hat - matmul_f32(down, up)).T
 
 
-@functools.partial(jax.jit, static_argnames="fmt")
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS,
+                   static_argnames="fmt")
 def _stored_residual(w_hat, down, up, *, fmt):
   """The ``QuantizedLinear`` weight fields of the ``_residual`` rounded to nearest."""
-  return stored_weight(formats.quantize_weight(_residual(w_hat, down, up), fmt), fmt)
+  residual = _residual.__wrapped__(w_hat, down, up)
+  return stored_weight(formats.quantize_weight(residual, fmt), fmt)
 
 
-@functools.partial(jax.jit, static_argnames=("weight_format", "act_format"))
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS,
+                   static_argnames=("weight_format", "act_format"))
 def _quantized_error(x, lam, y_ref, q, down, up, *, weight_format, act_format):
   """(``output_error`` of a quantized residual q, its dequantized f32 [K, N])."""
   deq = formats.dequantize(q, weight_format).T
   return output_error(x, lam, y_ref, deq, down, up, act_format), deq
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _relative_error(error, y_ref):
   """f32 sqrt(error / ||y_ref||^2)."""
   return jnp.sqrt(error / jnp.maximum(jnp.sum(jnp.square(y_ref)), 1e-30))
