@@ -125,8 +125,9 @@ class LayerReport(NamedTuple):
 
 
 # Everything quantize_group computes outside ``evaluate`` runs in a few jitted functions: run
-# op by op, each of ~80 small operations compiled once per weight shape, which took most of
-# quantization's time on the GPU (~20 s per shape, 2026-12-02; docs/benchmarks/README.md).
+# op by op, each of ~80 small operations compiled once per weight shape (CPU: 86 compilations
+# per new shape, now 19). On the GPU most of a new shape's ~20 s was XLA's GEMM autotuning,
+# which QUANTIZE_COMPILER_OPTIONS turns off (2026-12-03; docs/benchmarks/README.md).
 @functools.partial(jax.jit, compiler_options=QUANTIZE_COMPILER_OPTIONS)
 def _reference_outputs(x, w):
   """f32 [S, N] = x [S, K] @ w [K, N]."""
