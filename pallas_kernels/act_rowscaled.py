@@ -178,6 +178,21 @@ def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, c
   return a, (lr[0].sum(0)[:, :down.shape[1]] if down is not None else None)
 
 
+# The library's tiling of ``quantize_rows`` by K. H200, M = 4608, int8 codes + low-rank down,
+# two runs (2026-12-02, 2026-12-03; docs/benchmarks/README.md): at K = 12288 / 15360 programs of
+# [64 tokens, 4 x 128 columns] took 0.126-0.128 / 0.151-0.156 ms against 0.153-0.159 / 0.182-0.190
+# for [64, 256] and 0.149-0.157 / 0.176-0.179 for XLA's fusions; at K = 3072 all tilings and XLA
+# were within the timing's noise (0.05-0.06 ms).
+WIDE_K = 8192
+TILINGS = {"narrow": dict(block_m=64, block_k=256, chunks=1, num_warps=4),
+           "wide": dict(block_m=64, block_k=128, chunks=4, num_warps=4)}
+
+
+def tiling(k: int) -> dict:
+  """``quantize_rows``' tile arguments for K input features."""
+  return TILINGS["wide" if k >= WIDE_K else "narrow"]
+
+
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
                                               "num_warps", "interpret"))
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,

@@ -506,13 +506,15 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   return y.reshape(*lead, layer.out_features)
 
 
-ACT_KERNELS = ("pallas", "xla")
+ACT_KERNELS = ("pallas", "xla", "wide_k")
 _act_choice = "xla"  # measured faster on the H200 (docs/benchmarks, 2026-11-29)
 
 
 def set_act_kernel(name: str) -> None:
-  """How row-scaled layers quantize activations: 'pallas' (``act_rowscaled.quantize_rows``)
-  or 'xla' (its jnp definition, left to XLA's fusions)."""
+  """How row-scaled layers quantize activations: 'pallas' (``act_rowscaled.quantize_rows``),
+  'xla' (its jnp definition, left to XLA's fusions, which can also fuse the op before), or
+  'wide_k' (the Pallas kernel for K >= ``act_rowscaled.WIDE_K``, where alone it ran 15-20%
+  faster than XLA's fusions, XLA below)."""
   global _act_choice
   if name not in ACT_KERNELS:
     raise ValueError(f"activation kernel must be one of {ACT_KERNELS}, got {name!r}")
@@ -534,12 +536,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(x.shape[1], n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={x.shape[1]}, N={n}")
-  if _act_choice == "pallas":
+  k = x.shape[1]
+  if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
     a, sa, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down,
-                                            act_format=layer.act_format, interpret=interpret)
+                                            act_format=layer.act_format, interpret=interpret,
+                                            **act_rowscaled.tiling(k))
   else:
     a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, layer.act_format)
-  k = x.shape[1]
   if layer.weight_format == "int4_2l" and k % 128 == 0:  # one Pallas pass, not XLA's
     w = act_rowscaled.expand_two_level(layer.qweight, layer.wscale, interpret=interpret)
     sw = layer.wcscale

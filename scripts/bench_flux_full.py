@@ -35,7 +35,7 @@ from svdq_jax.models import sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import int8_hopper
+from svdq_jax.pallas_kernels import int8_hopper, w4a4
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -201,6 +201,10 @@ def main():
   ap.add_argument("--lora-ranks", default="",
                   help="also time the svdquant model with a random LoRA of each rank on every "
                        "linear (e.g. 32,64; issue 18)")
+  ap.add_argument("--act-kernels", default="",
+                  help="also time the svdquant model with each of these activation paths of "
+                       "the row-scaled layers (w4a4.ACT_KERNELS, e.g. pallas,wide_k; the "
+                       "library default is xla): '<name>_act_<kernel>'")
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
@@ -266,6 +270,10 @@ def main():
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
+      for act in (v for v in args.act_kernels.split(",") if v):  # the sampling loop retraces
+        w4a4.set_act_kernel(act)
+        measure(f"{name}_act_{act}", graph, qstate, cfg, args, result)
+        w4a4.set_act_kernel("xla")
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
         result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r

@@ -116,6 +116,46 @@ def test_activation_kernel_bit_exact(afmt):
   np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", sorted(act_rowscaled.TILINGS))
+def test_activation_kernel_library_tilings_bit_exact(name):
+  """Each tiling ``act_rowscaled.tiling`` picks, over several column spans."""
+  x = _x(24, 1024).at[2, 5].set(jnp.nan).astype(jnp.bfloat16)
+  smooth = jax.random.uniform(jax.random.key(1), (1024,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (1024, 16)).astype(jnp.bfloat16)
+  a, s, lr = act_rowscaled.quantize_rows(x, smooth, down, interpret=True,
+                                         **act_rowscaled.TILINGS[name])
+  ra, rs, rlr = act_rowscaled.reference(x, smooth, down, "int8")
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(ra))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+  np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
+
+
+def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
+  """set_act_kernel('wide_k'): the Pallas kernel, in its wide tiling, for K >= WIDE_K only."""
+  calls = []
+  kernel = act_rowscaled.quantize_rows
+  monkeypatch.setattr(act_rowscaled, "quantize_rows",
+                      lambda x, *a, **kw: calls.append((x.shape[1], kw)) or kernel(x, *a, **kw))
+  monkeypatch.setattr(act_rowscaled, "WIDE_K", 256)
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
+  w4a4.set_act_kernel("wide_k")
+  try:
+    for k in (128, 256):
+      x, w = _x(16, k), jax.random.normal(jax.random.key(1), (k, 128))
+      (layer,), _ = transforms.quantize_group(
+          [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
+          jax.random.key(0), jnp.abs(x).max(0), x)
+      with qlinear.backend("interpret"):
+        got = qlinear.apply(layer, x)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(qlinear.reference_apply(layer, x)),
+                                 rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
+  finally:
+    w4a4.set_act_kernel("xla")
+  assert [k for k, _ in calls] == [256]
+  assert {k: v for k, v in calls[0][1].items() if k in act_rowscaled.TILINGS["wide"]} == \
+      act_rowscaled.TILINGS["wide"]
+
+
 @pytest.mark.parametrize("tiles", [{}, dict(block_n=16, block_pairs=2)])
 def test_weight_expansion_bit_exact(tiles):
   """Default tiles, and tiles that leave ragged blocks along both axes (40 rows, 5 pairs)."""
