@@ -116,15 +116,16 @@ def test_activation_kernel_bit_exact(afmt):
   np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
 @pytest.mark.parametrize("name", sorted(act_rowscaled.TILINGS))
-def test_activation_kernel_library_tilings_bit_exact(name):
+def test_activation_kernel_library_tilings_bit_exact(name, afmt):
   """Each tiling ``act_rowscaled.tiling`` picks, over several column spans."""
   x = _x(24, 1024).at[2, 5].set(jnp.nan).astype(jnp.bfloat16)
   smooth = jax.random.uniform(jax.random.key(1), (1024,), minval=0.5, maxval=2.0)
   down = jax.random.normal(jax.random.key(2), (1024, 16)).astype(jnp.bfloat16)
-  a, s, lr = act_rowscaled.quantize_rows(x, smooth, down, interpret=True,
+  a, s, lr = act_rowscaled.quantize_rows(x, smooth, down, act_format=afmt, interpret=True,
                                          **act_rowscaled.TILINGS[name])
-  ra, rs, rlr = act_rowscaled.reference(x, smooth, down, "int8")
+  ra, rs, rlr = act_rowscaled.reference(x, smooth, down, afmt)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(ra))
   np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
   np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
