@@ -4,8 +4,8 @@
 one pass over X) and the block-scaled W4A4 GEMM on int8 tensor cores with the low-rank up
 projection and bias in its epilogue. ``act_rowscaled`` (per-token activation quantization,
 the int4_2l weight expansion), ``int8_hopper`` (the Mosaic GPU int8 GEMM of the Hopper-native
-formats), ``w4a4_hopper`` (exact INT4 on Hopper). Each has a pure-jnp reference with the same semantics in ``svdq_jax.qlinear`` /
-``svdq_jax.formats``.
+formats), ``w4a4_hopper`` (exact INT4 on Hopper). Each has a pure-jnp reference with the same
+semantics in ``svdq_jax.qlinear`` / ``svdq_jax.formats``.
 """
 
 from svdq_jax.pallas_kernels.w4a4 import (SUPPORTED_ACT_FORMATS, quantize_act, w4a4_gemm,
