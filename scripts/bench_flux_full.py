@@ -123,6 +123,56 @@ def kernel_profile(fn, *args, top: int = 12) -> dict:
           "top_kernels_ms": {k[:120]: v * 1e3 for k, v in top}}
 
 
+def hlo_kernel_sources(hlo: str, kernels) -> dict:
+  """{kernel: 'out shape = root op; op_name; file:line function <- caller ...'} for the
+  fusion kernels named in a profile (kernel names are HLO names with '.' and '-' as '_'),
+  read from the optimized HLO's metadata and its stack-frame tables."""
+  tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
+  table, comps, comp, instr = None, {}, None, {}
+  for line in hlo.splitlines():
+    if line in tables:
+      table = line
+      continue
+    if table and (m := re.match(r'(\d+) (.*)', line)):
+      tables[table][int(m.group(1))] = m.group(2)
+      continue
+    table = None
+    if m := re.match(r'(?:ENTRY )?%([\w.\-]+) \(.*\{$', line):
+      comp = m.group(1)
+    elif (m := re.match(r'\s*(ROOT )?%([\w.\-]+) = (\S+) ', line)):
+      instr[m.group(2)] = line
+      if m.group(1):
+        comps[comp] = line
+  field = lambda s, k: (m.group(1) if (m := re.search(k + r'=("[^"]*"|\d+)', s)) else None)
+
+  def where(frame_id):
+    out = []
+    while frame_id and len(out) < 3:
+      frame = tables["StackFrames"].get(frame_id, "")
+      loc = tables["FileLocations"].get(int(field(frame, "file_location_id") or 0), "")
+      fname = tables["FileNames"].get(int(field(loc, "file_name_id") or 0), "?").strip('"')
+      func = tables["FunctionNames"].get(int(field(loc, "function_name_id") or 0), "?")
+      out.append(f"{fname.split('/')[-1]}:{field(loc, 'line')} {func.strip(chr(34))}")
+      parent = int(field(frame, "parent_frame_id") or 0)
+      frame_id = None if parent == frame_id else parent
+    return " <- ".join(out)
+
+  result = {}
+  by_kernel = {re.sub(r"[.\-]", "_", name): line for name, line in instr.items()}
+  for k in kernels:
+    line = by_kernel.get(k)
+    if line is None:
+      continue
+    m = re.search(r"calls=%([\w.\-]+)", line)
+    root = comps.get(m.group(1), line) if m else line
+    op = re.match(r'\s*(?:ROOT )?%[\w.\-]+ = (\S+) (\w+)', root)
+    frame = field(root, "stack_frame_id")
+    result[k] = "; ".join(filter(None, [
+        f"{line.split(' = ')[1].split(' ')[0]} = {op.group(2) if op else '?'}",
+        (field(root, "op_name") or "").strip('"'), where(int(frame)) if frame else ""]))
+  return result
+
+
 def measure(name, graph, state, cfg, args, result):
   """Step times, memory plan, sampling loop and (optionally) profile of one model."""
   step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
@@ -163,8 +213,12 @@ def measure(name, graph, state, cfg, args, result):
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
     print(json.dumps({name: r}), flush=True)
   if args.profile:
-    r[f"profile{res}"] = kernel_profile(compiled_first, state, *inputs(cfg, res),
-                                        top=1000 if args.dump_hlo else 12)
+    prof = kernel_profile(compiled_first, state, *inputs(cfg, res),
+                          top=1000 if args.dump_hlo else 12)
+    # what the most expensive fusions compute, and the model line they come from
+    prof["top_kernels_hlo"] = hlo_kernel_sources(compiled_first.as_text(),
+                                                 list(prof["top_kernels_ms"])[:20])
+    r[f"profile{res}"] = prof
     if args.dump_hlo:  # to map fusion names in the profile to what they compute
       with open(os.path.join(args.out, f"{name}_step{res}_hlo.txt"), "w") as f:
         f.write(compiled_first.as_text())
