@@ -362,6 +362,9 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
     summary["flux_dev_step"].update({
         f"loop{steps}_bf16_s": models["bf16"][loop], f"loop{steps}_quantized_s": quant[loop],
         f"loop{steps}_speedup": models["bf16"][loop] / quant[loop]})
+  if "quantize_s" in result:   # one alpha and one low-rank iteration with --fast-search
+    summary["flux_dev_step"].update(quantize_s=result["quantize_s"],
+                                    quantize_fast_search=result["fast_search"])
   with open(path, "w") as f:
     json.dump(summary, f, indent=1)
 
