@@ -533,10 +533,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   n = layer.out_features
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(x.dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
-  if not int8_hopper.supports(x.shape[1], n, out_dtype):
-    raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
-                     f"outputs), got K={x.shape[1]}, N={n}")
   k = x.shape[1]
+  if not int8_hopper.supports(k, n, out_dtype):
+    raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
+                     f"outputs), got K={k}, N={n}")
   if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
     a, sa, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down,
                                             act_format=layer.act_format, interpret=interpret,

@@ -215,13 +215,13 @@ def measure(name, graph, state, cfg, args, result):
   if args.profile:
     prof = kernel_profile(compiled_first, state, *inputs(cfg, res),
                           top=1000 if args.dump_hlo else 12)
+    hlo = compiled_first.as_text()
     # what the most expensive fusions compute, and the model line they come from
-    prof["top_kernels_hlo"] = hlo_kernel_sources(compiled_first.as_text(),
-                                                 list(prof["top_kernels_ms"])[:20])
+    prof["top_kernels_hlo"] = hlo_kernel_sources(hlo, list(prof["top_kernels_ms"])[:20])
     r[f"profile{res}"] = prof
-    if args.dump_hlo:  # to map fusion names in the profile to what they compute
+    if args.dump_hlo:  # every fusion, to map the rest of the profile by hand
       with open(os.path.join(args.out, f"{name}_step{res}_hlo.txt"), "w") as f:
-        f.write(compiled_first.as_text())
+        f.write(hlo)
     print(json.dumps({name: r[f"profile{res}"]}), flush=True)
 
 

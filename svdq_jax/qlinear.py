@@ -221,9 +221,9 @@ def set_backend(name: str) -> None:
   """Chooses how ``apply`` runs quantized layers (read when a function is traced):
 
   'auto': the Pallas kernels on GPU for the formats they support, the jnp reference
-  otherwise (weight-only layers always: XLA fuses their dequantization); 'reference': always the jnp reference; 'pallas':
-  always the kernels (an error for unsupported formats); 'interpret': the kernels in Pallas
-  interpret mode (CPU checks).
+  otherwise (weight-only layers always: XLA fuses their dequantization); 'reference': always
+  the jnp reference; 'pallas': always the kernels (an error for unsupported formats);
+  'interpret': the kernels in Pallas interpret mode (CPU checks).
   """
   global _backend
   if name not in BACKENDS:
