@@ -10,7 +10,12 @@ step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, t
                  448, the E4M3 output scaled back (includes the quantization passes);
   fp8-ref:       ``svdq_jax.attention.fp8_attention``, cudnn-fp8's numerics by XLA (unfused);
   int8-ref:      ``svdq_jax.attention.int8_attention`` run by XLA (unfused: it materializes the
-                 scores; its time is not a kernel's, its error is the INT8/FP8 format's).
+                 scores; its time is not a kernel's, its error is the INT8/FP8 format's);
+  int8qk:        ``pallas_kernels.attention_int8`` (INT8 q k^T, bf16 P V, Mosaic GPU), with
+                 its quantization pass; int8qk-kernel: the kernel alone on prepared operands;
+                 'int8qk-kernel:q64kv128s2' picks block_q, block_kv, steps;
+  mgpu-bf16:     jax's Mosaic GPU FlashAttention-3 example (bf16), the structure's baseline.
+The kernel's own error is also checked against its jnp reference ('vs reference' column).
 A variant that fails prints its error and the rest go on; the table comes last.
 
     python3 scripts/bench_attention.py --out $OUT
@@ -22,13 +27,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 
 from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
+from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.timing import median_seconds
+
+
+def _int8qk_kernel(spec: str = ""):
+  kw = {}
+  if spec:
+    for key, name in (("q", "block_q"), ("kv", "block_kv"), ("s", "steps")):
+      kw[name] = int(re.search(rf"(?<![a-z]){key}(\d+)", spec).group(1))
+  return lambda q, k, v: attention_int8.flash(*attention_int8.prepare(q, k, v), **kw)
+
+
+def _mgpu_bf16(q, k, v):
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+  config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+  return attention_mgpu.attention(q, k, v, config)
 
 
 VARIANTS = {
@@ -38,7 +59,16 @@ VARIANTS = {
     "cudnn-fp8": cudnn_fp8_attention,
     "fp8-ref": fp8_attention,
     "int8-ref": int8_attention,
+    "int8qk": attention_int8.int8qk_attention,
+    "mgpu-bf16": _mgpu_bf16,
 }
+
+
+def variant(name: str):
+  """A VARIANTS entry, or 'int8qk-kernel[:spec]'."""
+  if name.startswith("int8qk-kernel"):
+    return _int8qk_kernel(name.partition(":")[2])
+  return VARIANTS[name]
 
 
 def main():
@@ -47,7 +77,7 @@ def main():
   ap.add_argument("--tokens", type=int, default=4608)
   ap.add_argument("--heads", type=int, default=24)
   ap.add_argument("--head-dim", type=int, default=128)
-  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--variants", default=",".join(VARIANTS))  # also int8qk-kernel[:spec]
   args = ap.parse_args()
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
@@ -61,12 +91,16 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    fn = jax.jit(VARIANTS[name])
+    fn = jax.jit(variant(name))
     try:
       out = fn(q, k, v).astype(jnp.float32)
       err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
       ms = median_seconds(fn, q, k, v, reps=10, rounds=5) * 1e3
       rows.append(dict(variant=name, ms=round(ms, 4), rel_error=round(err, 5)))
+      if name.startswith("int8qk"):
+        ref = attention_int8.reference(*attention_int8.prepare(q, k, v))
+        rows[-1]["vs_reference"] = round(float(jnp.linalg.norm(out - ref)
+                                               / jnp.linalg.norm(ref)), 5)
     except Exception as e:  # noqa: BLE001 - one variant's failure is a result too
       rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
     print(json.dumps(rows[-1]), flush=True)
@@ -75,12 +109,13 @@ def main():
   with open(os.path.join(args.out, "attention.json"), "w") as f:
     json.dump(result, f, indent=1)
   base = next((r["ms"] for r in rows if r["variant"] == "cudnn-bf16" and "ms" in r), None)
-  print("\n| variant | ms | vs cudnn-bf16 | rel. error vs f32 |")
-  print("| --- | ---: | ---: | ---: |")
+  print("\n| variant | ms | vs cudnn-bf16 | rel. error vs f32 | vs reference |")
+  print("| --- | ---: | ---: | ---: | ---: |")
   for r in rows:
     if "ms" in r:
       ratio = f"{base / r['ms']:.2f}x" if base else ""
-      print(f"| {r['variant']} | {r['ms']} | {ratio} | {r['rel_error']} |")
+      print(f"| {r['variant']} | {r['ms']} | {ratio} | {r['rel_error']} | "
+            f"{r.get('vs_reference', '')} |")
     else:
       print(f"| {r['variant']} | failed: {r['error'][:80]} | | |")
 
