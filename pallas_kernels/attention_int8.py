@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import attention
-from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto
+from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, on_hopper
 
 LOG2E = math.log2(math.e)
 
@@ -217,6 +217,14 @@ def flash(q8, sq, k8, sk, v, *, block_q: int = 64, block_kv: int = 128, steps: i
   )(q8, sq, k8, sk, v)
 
 
+def supports(q: jax.Array) -> bool:
+  """Whether ``int8qk_attention`` runs the kernel for q [B, L, H, D] (else the caller uses the
+  reference): a Hopper GPU, no sequence sharding, D % 64 == 0, L % 128 == 0."""
+  from svdq_jax.parallel import token_mesh
+  return (on_hopper() and token_mesh() is None and q.ndim == 4 and q.shape[-1] % 64 == 0
+          and q.shape[1] % 128 == 0)
+
+
 def int8qk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      interpret: bool = False) -> jax.Array:
   """``svdq_jax.attention.int8_attention(q, k, v, pv='bf16')`` on the kernel.
@@ -224,4 +232,4 @@ def int8qk_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return flash(*prepare(q, k, v), interpret=interpret).astype(q.dtype)
 
 
-__all__ = ["flash", "prepare", "reference", "int8qk_attention"]
+__all__ = ["flash", "prepare", "reference", "int8qk_attention", "supports"]

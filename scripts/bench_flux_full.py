@@ -103,6 +103,7 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
     ("int4_2l weight expansion", r"svdq_expand"),
+    ("attention (INT8 q k^T kernel)", r"int8qk_flash"),
     ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
     ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
@@ -259,6 +260,10 @@ def main():
                   help="also time the svdquant model with each of these activation paths of "
                        "the row-scaled layers (w4a4.ACT_KERNELS, e.g. pallas,wide_k; the "
                        "library default is xla): '<name>_act_<kernel>'")
+  ap.add_argument("--svdq-attention", default="",
+                  help="also time the svdquant model with each of these attention "
+                       "implementations (e.g. int8qk: INT8 q k^T, on Hopper the Pallas "
+                       "kernel): '<name>_att_<impl>'")
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
@@ -268,6 +273,9 @@ def main():
                   help="weights[/activations] of the svdquant model: int4, nvfp4, "
                        "int4_2l/int8 (W4A8), int4_2l/int4_2l")
   args = ap.parse_args()
+  for att in (v for v in args.svdq_attention.split(",") if v):
+    if att not in ATTENTION_IMPLEMENTATIONS:
+      ap.error(f"--svdq-attention {att!r}: not one of {ATTENTION_IMPLEMENTATIONS}")
   stages = set(args.stages.split(","))
   models = args.models.split(",") if "step" in stages else []
   depth, single = (int(v) for v in args.blocks.split(","))
@@ -328,6 +336,10 @@ def main():
         w4a4.set_act_kernel(act)
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result)
         w4a4.set_act_kernel("xla")
+      for att in (v for v in args.svdq_attention.split(",") if v):
+        set_attention_implementation(att)
+        measure(f"{name}_att_{att}", graph, qstate, cfg, args, result)
+        set_attention_implementation(args.attention)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
         result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r
