@@ -125,8 +125,8 @@ def set_attention_implementation(name: str | None) -> None:
   """Chooses the attention of models traced from now on: None (the default: 'cudnn' on NVIDIA
   GPUs for bf16/fp16 activations, else 'xla'), 'xla',
   'cudnn' (``jax.nn.dot_product_attention``'s fused flash attention on NVIDIA GPUs,
-  bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V), 'int8qk' (INT8 q k^T, bf16 P V; on Hopper
-  GPUs the ``pallas_kernels.attention_int8`` kernel where it applies), 'fp8'
+  bf16/fp16 inputs), 'int8' (INT8 q k^T, FP8 P V), 'int8qk' (INT8 q k^T, bf16 P V) (these
+  two on Hopper GPUs by the ``pallas_kernels.attention_int8`` kernel where it applies), 'fp8'
   (FP8 throughout, as cuDNN's FP8 flash attention computes it): ``svdq_jax.attention``'s
   reference numerics, for measuring their quality; or 'cudnn_fp8', that cuDNN kernel (NVIDIA
   GPUs). ``sampling.sample`` recompiles when it changes."""
@@ -144,10 +144,10 @@ def attention_implementation() -> str | None:
 def attention(q, k, v, pe):
   """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v."""
   q, k = apply_rope(q, pe), apply_rope(k, pe)
-  if _attention_implementation == "int8qk" and attention_int8.supports(q):
-    out = attention_int8.int8qk_attention(q, k, v)
-  elif _attention_implementation in ("int8", "int8qk"):
-    out = int8_attention(q, k, v, pv="fp8" if _attention_implementation == "int8" else "bf16")
+  if _attention_implementation in ("int8", "int8qk"):
+    pv = "fp8" if _attention_implementation == "int8" else "bf16"
+    out = (attention_int8.int8qk_attention(q, k, v, pv) if attention_int8.supports(q)
+           else int8_attention(q, k, v, pv=pv))
   elif _attention_implementation == "fp8":
     out = fp8_attention(q, k, v)
   elif _attention_implementation == "cudnn_fp8":

@@ -12,8 +12,9 @@ step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, t
   int8-ref:      ``svdq_jax.attention.int8_attention`` run by XLA (unfused: it materializes the
                  scores; its time is not a kernel's, its error is the INT8/FP8 format's);
   int8qk:        ``pallas_kernels.attention_int8`` (INT8 q k^T, bf16 P V, Mosaic GPU), with
-                 its quantization pass; int8qk-kernel: the kernel alone on prepared operands;
-                 'int8qk-kernel:q64kv128s2' picks block_q, block_kv, steps;
+                 its quantization pass; int8fp8: the same with FP8 P V (int8-ref's numerics);
+  int8qk-kernel, int8fp8-kernel: the kernel alone on prepared operands; a suffix
+                 ':q64kv128s2' picks block_q, block_kv, steps;
   mgpu-bf16:     jax's Mosaic GPU FlashAttention-3 example (bf16), the structure's baseline.
 The kernel's own error is also checked against its jnp reference ('vs reference' column).
 A variant that fails prints its error and the rest go on; the table comes last.
@@ -38,12 +39,13 @@ from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.timing import median_seconds
 
 
-def _int8qk_kernel(spec: str = ""):
+def _kernel(spec: str = ""):
+  """The INT8 q k^T kernel on operands prepared outside the timed call; spec e.g. q64kv128s2."""
   kw = {}
   if spec:
     for key, name in (("q", "block_q"), ("kv", "block_kv"), ("s", "steps")):
       kw[name] = int(re.search(rf"(?<![a-z]){key}(\d+)", spec).group(1))
-  return lambda q, k, v: attention_int8.flash(*attention_int8.prepare(q, k, v), **kw)
+  return lambda *ops: attention_int8.flash(*ops, **kw)
 
 
 def _mgpu_bf16(q, k, v):
@@ -60,15 +62,19 @@ VARIANTS = {
     "fp8-ref": fp8_attention,
     "int8-ref": int8_attention,
     "int8qk": attention_int8.int8qk_attention,
+    "int8fp8": lambda q, k, v: attention_int8.int8qk_attention(q, k, v, pv="fp8"),
     "mgpu-bf16": _mgpu_bf16,
 }
 
 
 def variant(name: str):
-  """A VARIANTS entry, or 'int8qk-kernel[:spec]'."""
-  if name.startswith("int8qk-kernel"):
-    return _int8qk_kernel(name.partition(":")[2])
-  return VARIANTS[name]
+  """(fn, pv): a VARIANTS entry on (q, k, v), or 'int8qk-kernel[:spec]' / 'int8fp8-kernel[:spec]'
+  on ``attention_int8.prepare``'s operands (pv: their P V format, else None)."""
+  base, _, spec = name.partition(":")
+  if base in ("int8qk-kernel", "int8fp8-kernel"):
+    pv = "bf16" if base == "int8qk-kernel" else "fp8"
+    return _kernel(spec), pv
+  return VARIANTS[name], None
 
 
 def main():
@@ -77,7 +83,7 @@ def main():
   ap.add_argument("--tokens", type=int, default=4608)
   ap.add_argument("--heads", type=int, default=24)
   ap.add_argument("--head-dim", type=int, default=128)
-  ap.add_argument("--variants", default=",".join(VARIANTS))  # also int8qk-kernel[:spec]
+  ap.add_argument("--variants", default=",".join(VARIANTS))  # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
   args = ap.parse_args()
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
@@ -91,14 +97,17 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    fn = jax.jit(variant(name))
+    fn, pv = variant(name)
+    fn = jax.jit(fn)
     try:
-      out = fn(q, k, v).astype(jnp.float32)
+      operands = attention_int8.prepare(q, k, v, pv) if pv else (q, k, v)
+      out = fn(*operands).astype(jnp.float32)
       err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
-      ms = median_seconds(fn, q, k, v, reps=10, rounds=5) * 1e3
+      ms = median_seconds(fn, *operands, reps=10, rounds=5) * 1e3
       rows.append(dict(variant=name, ms=round(ms, 4), rel_error=round(err, 5)))
-      if name.startswith("int8qk"):
-        ref = attention_int8.reference(*attention_int8.prepare(q, k, v))
+      if name.startswith(("int8qk", "int8fp8")):
+        ops = attention_int8.prepare(q, k, v, "fp8" if name.startswith("int8fp8") else "bf16")
+        ref = attention_int8.reference(*ops)
         rows[-1]["vs_reference"] = round(float(jnp.linalg.norm(out - ref)
                                                / jnp.linalg.norm(ref)), 5)
     except Exception as e:  # noqa: BLE001 - one variant's failure is a result too

@@ -38,6 +38,14 @@ def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes, scale
 
 
+def _e4m3_channels(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """v f32 [B, L, H, D] -> E4M3 codes [B, L, H, D], scales f32 [B, 1, H, D]: per (batch, head,
+  channel), s = max over tokens |v| / 448 (1 for all-zero channels)."""
+  vamax = jnp.max(jnp.abs(v), axis=1, keepdims=True)
+  sv = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
+  return (v / sv).astype(jnp.float8_e4m3fn), sv
+
+
 def _smoothed_f32(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q, k, v [B, L, H, D] checked and in f32, k minus its mean over tokens (step 1)."""
   if not q.shape == k.shape == v.shape or q.ndim != 4:
@@ -75,10 +83,9 @@ def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") ->
                      preferred_element_type=jnp.float32)
     return (out / rowsum).astype(dtype)
   p8 = (p * FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-  vamax = jnp.max(jnp.abs(v), axis=1, keepdims=True)                  # [B, 1, H, D]
-  sv = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
-  v8 = (v / sv).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p8, v8, precision=jax.lax.Precision.HIGHEST)
+  v8, sv = _e4m3_channels(v)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p8, v8.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
   return (out * (sv / FP8_MAX) / rowsum).astype(dtype)
 
 
