@@ -36,6 +36,9 @@ from svdq_jax import attention
 from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, on_hopper
 
 LOG2E = math.log2(math.e)
+# int32 -> f32 without I2F (a conversion unit op, as slow as exp2 on Hopper): for |x| < 2^22,
+# the f32 with bits MAGIC_BITS + x is exactly MAGIC + x. |q8 . k8| <= 127^2 D < 2^22 for D <= 256.
+MAGIC_BITS, MAGIC = 0x4B400000, 12582912.0   # 1.5 x 2^23
 PV_FORMATS = ("bf16", "fp8")
 
 
@@ -104,9 +107,9 @@ def flash(q8, sq, k8, sk, v, sv=None, *, block_q: int = 64, block_kv: int = 128,
     raise ValueError(f"sq, sk must be [B, H, L] = {(b, h, l)}, got {sq.shape}, {sk.shape}")
   if q8.dtype != jnp.int8 or k8.dtype != jnp.int8:
     raise ValueError(f"q8, k8 must be int8, got {q8.dtype}, {k8.dtype}")
-  if d % 64 or block_q % 64 or block_kv % 64:
-    raise ValueError(f"head dim {d}, block_q {block_q}, block_kv {block_kv} must be multiples "
-                     "of 64")
+  if d % 64 or d > 256 or block_q % 64 or block_kv % 64:
+    raise ValueError(f"head dim {d} (<= 256), block_q {block_q}, block_kv {block_kv} must be "
+                     "multiples of 64")
   if l % (2 * block_q) or l % block_kv:
     raise ValueError(f"L={l} must be a multiple of 2 block_q = {2 * block_q} and of "
                      f"block_kv = {block_kv}")
@@ -165,7 +168,8 @@ def flash(q8, sq, k8, sk, v, sv=None, *, block_q: int = 64, block_kv: int = 128,
         plgpu.barrier_wait(sk_bar.at[slot])
         key_scale = plgpu.load(sk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         plgpu.barrier_arrive(k_free.at[slot])
-        s = s.astype(jnp.float32) * lax.broadcast_in_dim(key_scale, s.shape, [1])
+        s = lax.bitcast_convert_type(s + MAGIC_BITS, jnp.float32) - MAGIC
+        s = s * lax.broadcast_in_dim(key_scale, s.shape, [1])
         # scores in base 2: z = s * row_scale (> 0), so max z = row_scale * max s
         m_new = jnp.maximum(m, s.max(axis=1) * row_scale)
         alpha = jnp.exp2(m - m_new)

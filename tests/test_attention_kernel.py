@@ -66,3 +66,12 @@ def test_bad_operands_are_clear_errors():
                          block_kv=64, interpret=True)
   with pytest.raises(ValueError, match="pv must be"):
     attention_int8.prepare(*_qkv((1, 192, 1, 64)), pv="int8")
+
+
+def test_int32_to_f32_by_magic_number_is_exact_over_the_score_range():
+  """The kernel's conversion of the int32 scores, at the bounds |q8 . k8| <= 127^2 x 256."""
+  bound = 127 * 127 * 256
+  x = jnp.array([-bound, -bound + 1, -12345, -1, 0, 1, 98765, bound - 1, bound], jnp.int32)
+  f = jax.lax.bitcast_convert_type(x + attention_int8.MAGIC_BITS, jnp.float32) \
+      - attention_int8.MAGIC
+  np.testing.assert_array_equal(np.asarray(f, np.float64), np.asarray(x, np.float64))
