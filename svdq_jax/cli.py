@@ -297,6 +297,9 @@ def main(argv=None) -> int:
   sm.add_argument("--steps", type=int, default=None, help="default 28 (dev) / 4 (schnell)")
   sm.add_argument("--guidance", type=float, default=3.5, help="dev only")
   sm.add_argument("--seed", type=int, default=0)
+  sm.add_argument("--attention", default=None,
+                  help="attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas kernel), "
+                       "int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA GPUs)")
   sm.add_argument("--quiet", action="store_true")
   sm.set_defaults(func=_sample)
   from svdq_jax.demo.methods import METHODS
@@ -343,6 +346,9 @@ def main(argv=None) -> int:
   gn.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                   help="a LoRA (diffusers/PEFT, kohya or BFL naming) at a strength (default 1); "
                        "repeatable")
+  gn.add_argument("--attention", default=None,
+                  help="attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas kernel), "
+                       "int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA GPUs)")
   gn.add_argument("--quiet", action="store_true", help="no progress bars")
   gn.set_defaults(func=_generate)
   qz = sub.add_parser("quantize", help="quantize a FLUX.1 pipeline's transformer, calibrated "
@@ -388,7 +394,19 @@ def main(argv=None) -> int:
   qz.set_defaults(func=_quantize)
   args = parser.parse_args(argv)
   _use_compile_cache(args.compile_cache)
-  return args.func(args)
+  if getattr(args, "attention", None) is None:
+    return args.func(args)
+  from svdq_jax.models import flux   # --attention: for this command only
+  previous = flux.attention_implementation()
+  try:
+    flux.set_attention_implementation(args.attention)
+  except ValueError as e:
+    print(f"svdq-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  try:
+    return args.func(args)
+  finally:
+    flux.set_attention_implementation(previous)
 
 
 if __name__ == "__main__":

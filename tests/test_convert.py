@@ -145,6 +145,14 @@ def test_cli_sample_is_deterministic(tmp_path, capsys):
     outs.append(np.load(tmp_path / name))
   assert outs[0].shape == (1, 16, 8, 6) and np.isfinite(outs[0]).all()
   np.testing.assert_array_equal(outs[0], outs[1])
+  # --attention for this command only: INT8 q k^T moves the latents a little
+  assert cli.main(["sample", str(tmp_path / "ckpt"), str(tmp_path / "text.npz"), "--out",
+                   str(tmp_path / "c.npy"), "--height", "64", "--width", "48", "--steps", "2",
+                   "--seed", "7", "--attention", "int8qk"]) == 0
+  from svdq_jax.models import flux
+  assert flux.attention_implementation() is None
+  int8 = np.load(tmp_path / "c.npy")
+  assert 0 < np.abs(int8 - outs[0]).max() < 0.05 * np.abs(outs[0]).max()
   assert cli.main(["sample", str(tmp_path / "missing"), str(tmp_path / "text.npz")]) == 2
   with pytest.raises(ValueError, match="noise has 16 latent channels; the model takes 16"):
     from svdq_jax.models import sampling

@@ -58,6 +58,9 @@ def test_generate_errors_name_the_problem(pipeline_dir, tmp_path, capsys):
                    str(tmp_path / "o"), "--quiet"]) == 2
   assert "multiples of 8" in capsys.readouterr().err
   assert not list((tmp_path / "o").glob("*.png"))
+  assert cli.main(["generate", str(pipeline_dir), "x", "--attention", "int4", "--out",
+                   str(tmp_path / "o")]) == 2
+  assert "attention implementation must be one of" in capsys.readouterr().err
   assert cli.main(["generate", str(pipeline_dir / "vae"), "x", "--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert "not a FLUX.1 pipeline folder" in err and "tokenizer_2/" in err
