@@ -507,7 +507,12 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
 
 
 ACT_KERNELS = ("pallas", "xla", "wide_k")
-_act_choice = "xla"  # measured faster on the H200 (docs/benchmarks, 2026-11-29)
+_act_choice = "wide_k"  # FLUX.1-dev step and loop fastest on the H200 (docs/benchmarks, 2026-12-03)
+
+
+def act_kernel() -> str:
+  """The activation path of row-scaled layers now (``set_act_kernel``)."""
+  return _act_choice
 
 
 def set_act_kernel(name: str) -> None:

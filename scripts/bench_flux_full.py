@@ -259,7 +259,7 @@ def main():
   ap.add_argument("--act-kernels", default="",
                   help="also time the svdquant model with each of these activation paths of "
                        "the row-scaled layers (w4a4.ACT_KERNELS, e.g. pallas,wide_k; the "
-                       "library default is xla): '<name>_act_<kernel>'")
+                       "library default is wide_k): '<name>_act_<kernel>'")
   ap.add_argument("--svdq-attention", default="",
                   help="also time the svdquant model with each of these attention "
                        "implementations (e.g. int8qk: INT8 q k^T, on Hopper the Pallas "
@@ -335,7 +335,7 @@ def main():
       for act in (v for v in args.act_kernels.split(",") if v):  # the sampling loop retraces
         w4a4.set_act_kernel(act)
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result)
-        w4a4.set_act_kernel("xla")
+        w4a4.set_act_kernel(default_act)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result)

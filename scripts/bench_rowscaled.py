@@ -204,6 +204,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   int8_hopper.TILINGS = (variant_kwargs(best),) + saved
   backend = "interpret" if interpret else "pallas"
   fused = {}
+  default_act = w4a4.act_kernel()
   try:
     for afmt in formats.ROW_SCALED if full else ("int8",):
       for act in w4a4.ACT_KERNELS:
@@ -218,7 +219,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
         fused["int4/int4 (exact, today)"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)), exact, x)
   finally:
     int8_hopper.TILINGS = saved
-    w4a4.set_act_kernel("xla")
+    w4a4.set_act_kernel(default_act)
   res["fused_ms"] = fused
   return res
 
@@ -248,13 +249,14 @@ def act_shape(m, k, n, rank, key, interpret):
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
+  default_act = w4a4.act_kernel()
   try:
     for act in w4a4.ACT_KERNELS:
       w4a4.set_act_kernel(act)
       with qlinear.backend("interpret" if interpret else "pallas"):
         res[f"fused_w4a8_{act}_ms"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)), layer, x)
   finally:
-    w4a4.set_act_kernel("xla")
+    w4a4.set_act_kernel(default_act)
   return res
 
 

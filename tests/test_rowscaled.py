@@ -139,6 +139,7 @@ def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
                       lambda x, *a, **kw: calls.append((x.shape[1], kw)) or kernel(x, *a, **kw))
   monkeypatch.setattr(act_rowscaled, "WIDE_K", 256)
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
+  default_act = w4a4.act_kernel()
   w4a4.set_act_kernel("wide_k")
   try:
     for k in (128, 256):
@@ -151,7 +152,7 @@ def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
       np.testing.assert_allclose(np.asarray(got), np.asarray(qlinear.reference_apply(layer, x)),
                                  rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
   finally:
-    w4a4.set_act_kernel("xla")
+    w4a4.set_act_kernel(default_act)
   assert [k for k, _ in calls] == [256]
   assert {k: v for k, v in calls[0][1].items() if k in act_rowscaled.TILINGS["wide"]} == \
       act_rowscaled.TILINGS["wide"]
@@ -220,13 +221,14 @@ def test_fused_layer_matches_reference(afmt):
       jnp.abs(x).max(0), x)
   bias = jax.random.normal(jax.random.key(3), (128,))
   want = qlinear.reference_apply(layer, x, bias)
+  default_act = w4a4.act_kernel()
   for act in w4a4.ACT_KERNELS:
     w4a4.set_act_kernel(act)
     try:
       with qlinear.backend("interpret"):
         got = qlinear.apply(layer, x, bias)
     finally:
-      w4a4.set_act_kernel("xla")
+      w4a4.set_act_kernel(default_act)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(want).max()))
 
