@@ -507,7 +507,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
 
 
 ACT_KERNELS = ("pallas", "xla", "wide_k")
-_act_choice = "wide_k"  # FLUX.1-dev step and loop fastest on the H200 (docs/benchmarks, 2026-12-03)
+_act_choice = "wide_k"  # FLUX.1-dev step and loop fastest, H200 (docs/benchmarks, 2026-12-03)
 
 
 def act_kernel() -> str:

@@ -5,7 +5,7 @@ kernel (``cudnn_fp8_attention``).
 On Hopper, bf16 attention is ~19% of a FLUX.1-dev 1024x1024 step (23.2 of 122.2 ms in the
 W4A8 step, docs/benchmarks); int8 and fp8 tensor cores run twice bf16's rate. This module
 defines the numerics a kernel must reproduce, so their quality can be measured (the demo's
-"+ 8-bit attention" columns) before a kernel is written:
+"+ 8-bit attention" columns); ``pallas_kernels.attention_int8`` is their Hopper kernel:
 
   1. K smoothing: k <- k - mean over tokens of k (per batch, head, channel). Softmax over
      keys is invariant to adding one vector to every key (each score row shifts by a
