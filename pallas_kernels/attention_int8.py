@@ -14,8 +14,10 @@ per-key scales and V (bf16) into a ring of ``steps`` shared-memory slots with TM
 two compute warpgroups owns block_q queries: per KV tile it issues S = q8 . k8^T (int32), forms
 the scores in base 2, z = S s_k (per key) (s_q log2 e) (per query), runs the online softmax
 (running max m, rowsum l, the accumulator rescaled by 2^(m_old - m_new)), and issues
-O += P . V, P = bf16(2^(z - m)) (or e4m3(448 2^(z - m))). A barrier makes the two warpgroups take turns,
-so one's softmax overlaps the other's tensor-core work. The output is O / l, rounded to bf16.
+O += P . V, P = bf16(2^(z - m)) (or e4m3(448 2^(z - m))). A barrier makes the two warpgroups
+take turns, so one's softmax overlaps the other's tensor-core work. The output is O / l, rounded
+to bf16. Measured on an H200 at FLUX's shape: 0.50 ms against cuDNN's bf16 0.45 (docs/benchmarks,
+2026-12-03): the structure, not the tensor cores, bounds it.
 
 Rounding differs from the reference only in P: the kernel rounds 2^(z - running max), the
 reference exp(s - row max); both divide by the rowsum of the unrounded values.

@@ -86,7 +86,8 @@ def main():
   ap.add_argument("--tokens", type=int, default=4608)
   ap.add_argument("--heads", type=int, default=24)
   ap.add_argument("--head-dim", type=int, default=128)
-  ap.add_argument("--variants", default=",".join(VARIANTS))  # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
+  # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
+  ap.add_argument("--variants", default=",".join(VARIANTS))
   args = ap.parse_args()
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
