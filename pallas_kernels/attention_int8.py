@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import attention
+from svdq_jax.parallel import token_mesh
 from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, on_hopper
 
 LOG2E = math.log2(math.e)
@@ -268,7 +269,6 @@ def flash(q8, sq, k8, sk, v, sv=None, *, block_q: int = 64, block_kv: int = 128,
 def supports(q: jax.Array) -> bool:
   """Whether ``int8qk_attention`` runs the kernel for q [B, L, H, D] (else the caller uses the
   reference): a Hopper GPU, no sequence sharding, D % 64 == 0, L % 128 == 0."""
-  from svdq_jax.parallel import token_mesh
   return (on_hopper() and token_mesh() is None and q.ndim == 4 and q.shape[-1] % 64 == 0
           and q.shape[1] % 128 == 0)
 

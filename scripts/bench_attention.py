@@ -64,20 +64,25 @@ VARIANTS = {
     "cudnn-fp8": cudnn_fp8_attention,
     "fp8-ref": fp8_attention,
     "int8-ref": int8_attention,
-    "int8qk": attention_int8.int8qk_attention,
-    "int8fp8": lambda q, k, v: attention_int8.int8qk_attention(q, k, v, pv="fp8"),
     "mgpu-f16": _mgpu_f16,
 }
 
 
+KERNEL_PV = {"int8qk": "bf16", "int8fp8": "fp8"}   # attention_int8's variants: P V format
+
+
 def variant(name: str):
-  """(fn, pv): a VARIANTS entry on (q, k, v), or 'int8qk-kernel[:spec]' / 'int8fp8-kernel[:spec]'
-  on ``attention_int8.prepare``'s operands (pv: their P V format, else None)."""
+  """(fn, prepared, pv): a VARIANTS entry on (q, k, v); 'int8qk' / 'int8fp8', the kernel with
+  its quantization pass; or 'int8qk-kernel[:spec]' / 'int8fp8-kernel[:spec]', the kernel on
+  ``attention_int8.prepare``'s operands (prepared). pv: the kernel's P V format, else None."""
   base, _, spec = name.partition(":")
-  if base in ("int8qk-kernel", "int8fp8-kernel"):
-    pv = "bf16" if base == "int8qk-kernel" else "fp8"
-    return _kernel(spec), pv
-  return VARIANTS[name], None
+  kernel, _, alone = base.partition("-")
+  if kernel in KERNEL_PV and alone in ("", "kernel"):
+    pv = KERNEL_PV[kernel]
+    if alone:
+      return _kernel(spec), True, pv
+    return (lambda q, k, v: attention_int8.int8qk_attention(q, k, v, pv)), False, pv
+  return VARIANTS[name], False, None
 
 
 def main():
@@ -87,7 +92,7 @@ def main():
   ap.add_argument("--heads", type=int, default=24)
   ap.add_argument("--head-dim", type=int, default=128)
   # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
-  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--variants", default=",".join([*VARIANTS, *KERNEL_PV]))
   args = ap.parse_args()
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
@@ -101,17 +106,17 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    fn, pv = variant(name)
+    fn, prepared, pv = variant(name)
     fn = jax.jit(fn)
     try:
-      operands = attention_int8.prepare(q, k, v, pv) if pv else (q, k, v)
+      operands = attention_int8.prepare(q, k, v, pv) if prepared else (q, k, v)
       out = fn(*operands).astype(jnp.float32)
       err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
       ms = median_seconds(fn, *operands, reps=10, rounds=5) * 1e3
       rows.append(dict(variant=name, ms=round(ms, 4), rel_error=round(err, 5)))
-      if name.startswith(("int8qk", "int8fp8")):
-        ops = attention_int8.prepare(q, k, v, "fp8" if name.startswith("int8fp8") else "bf16")
-        ref = attention_int8.reference(*ops)
+      if pv:
+        ref = attention_int8.reference(
+            *(operands if prepared else attention_int8.prepare(q, k, v, pv)))
         rows[-1]["vs_reference"] = round(float(jnp.linalg.norm(out - ref)
                                                / jnp.linalg.norm(ref)), 5)
     except Exception as e:  # noqa: BLE001 - one variant's failure is a result too

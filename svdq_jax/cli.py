@@ -9,6 +9,10 @@ import os
 import sys
 
 
+ATTENTION_HELP = ("attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas kernel), "
+                  "int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA GPUs)")
+
+
 def _example(args) -> int:
   from svdq_jax import example
 
@@ -298,9 +302,7 @@ def main(argv=None) -> int:
   sm.add_argument("--guidance", type=float, default=3.5, help="dev only")
   sm.add_argument("--seed", type=int, default=0)
   sm.add_argument("--attention", default=None,
-                  help="attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas "
-                       "kernel), int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA "
-                       "GPUs)")
+                  help=ATTENTION_HELP)
   sm.add_argument("--quiet", action="store_true")
   sm.set_defaults(func=_sample)
   from svdq_jax.demo.methods import METHODS
@@ -348,9 +350,7 @@ def main(argv=None) -> int:
                   help="a LoRA (diffusers/PEFT, kohya or BFL naming) at a strength (default 1); "
                        "repeatable")
   gn.add_argument("--attention", default=None,
-                  help="attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas "
-                       "kernel), int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA "
-                       "GPUs)")
+                  help=ATTENTION_HELP)
   gn.add_argument("--quiet", action="store_true", help="no progress bars")
   gn.set_defaults(func=_generate)
   qz = sub.add_parser("quantize", help="quantize a FLUX.1 pipeline's transformer, calibrated "
