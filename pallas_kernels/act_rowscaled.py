@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from svdq_jax import formats
-from svdq_jax.qlinear import folded_down, inverse_smooth, lowrank_down, smoothed
+from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_even,
                                            check_act_inputs)
 
@@ -110,14 +109,14 @@ def _tiling(k: int, block_k: int, chunks: int) -> tuple[int, int]:
   return block_k, chunks
 
 
-def _specs(x, smooth, block_m, span):
+def _specs(x, inv_smooth, block_m, span):
   """Grid, the x tile's spec and the inputs (x, 1 / lambda) both passes share."""
   m, k = x.shape
   grid = (pl.cdiv(m, block_m), k // span)
   in_specs, args = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))], [x]
-  if smooth is not None:
+  if inv_smooth is not None:
     in_specs.append(pl.BlockSpec((span,), lambda i, j: (j,)))
-    args.append(inverse_smooth(smooth))
+    args.append(inv_smooth)
   return grid, in_specs, args
 
 
@@ -125,14 +124,15 @@ def _split_smooth(has_smooth, refs):
   return (refs[0], refs[1:]) if has_smooth else (None, refs)
 
 
-def row_scales(x, smooth, act_format, *, block_m, block_k, chunks, num_warps, interpret):
-  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima."""
+def row_scales(x, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps, interpret):
+  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
+  inv_smooth: f32 [K] 1 / lambda or None."""
   m, k = x.shape
   block_k, chunks = _tiling(k, block_k, chunks)
-  grid, in_specs, args = _specs(x, smooth, block_m, block_k * chunks)
+  grid, in_specs, args = _specs(x, inv_smooth, block_m, block_k * chunks)
 
   def kernel(x_ref, *refs):
-    sm, (amax_ref,) = _split_smooth(smooth is not None, refs)
+    sm, (amax_ref,) = _split_smooth(inv_smooth is not None, refs)
     _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k)
 
   partial = pl.pallas_call(
@@ -145,20 +145,21 @@ def row_scales(x, smooth, act_format, *, block_m, block_k, chunks, num_warps, in
   return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
 
 
-def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, chunks,
+def codes_and_lowrank(x, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
                       num_warps, interpret):
-  """(int8 [M, K] codes, f32 [M, r] ``lowrank_down(x, down, smooth)`` or None) for given
-  token scales [M]."""
+  """(int8 [M, K] codes, f32 [M, r] ``x @ down`` or None) for given token scales [M];
+  inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with lambda folded in
+  (``qlinear.folded_down``) or None."""
   m, k = x.shape
   block_k, chunks = _tiling(k, block_k, chunks)
   span = block_k * chunks
-  grid, in_specs, args = _specs(x, smooth, block_m, span)
+  grid, in_specs, args = _specs(x, inv_smooth, block_m, span)
   in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
   args.append(scale)
   out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
   out_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))]
   if down is not None:
-    down_p = _pad_rank(folded_down(down, smooth), 1)
+    down_p = _pad_rank(down, 1)
     rp = down_p.shape[1]
     in_specs.append(pl.BlockSpec((span, rp), lambda i, j: (j, 0)))
     args.append(down_p)
@@ -166,7 +167,7 @@ def codes_and_lowrank(x, smooth, scale, down, act_format, *, block_m, block_k, c
     out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
 
   def kernel(x_ref, *refs):
-    sm, (s_ref, *rest) = _split_smooth(smooth is not None, refs)
+    sm, (s_ref, *rest) = _split_smooth(inv_smooth is not None, refs)
     down_ref, a_ref, lr_ref = rest if down is not None else (None, *rest, None)
     _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
                   block_k=block_k, interpret=interpret)
@@ -193,8 +194,6 @@ def tiling(k: int) -> dict:
   return TILINGS["wide" if k >= WIDE_K else "narrow"]
 
 
-@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
-                                              "num_warps", "interpret"))
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
                   act_format: str = "int8", block_m: int = 64, block_k: int = 256,
                   chunks: int = 1, num_warps: int = 4, interpret: bool = False):
@@ -211,21 +210,42 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
     ``formats.row_scaled(formats.quantize(x_hat, act_format), act_format)`` and, up to
     f32 summation order, ``qlinear.lowrank_down(x, down, smooth)``.
   """
+  check_act_inputs(x, smooth, down)
+  return quantize_rows_folded(x, *qlinear.folded_smoothing(smooth, down),
+                              act_format=act_format, block_m=block_m, block_k=block_k,
+                              chunks=chunks, num_warps=num_warps, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
+                                              "num_warps", "interpret"))
+def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Array | None,
+                         *, act_format: str = "int8", block_m: int = 64, block_k: int = 256,
+                         chunks: int = 1, num_warps: int = 4, interpret: bool = False):
+  """``quantize_rows`` on the layer's smoothing already folded into its operands
+  (``qlinear.folded_smoothing``: inv_smooth f32 [K] = 1 / lambda, down bf16 [K, r] =
+  L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  check_act_inputs(x, smooth, down)
+  check_act_inputs(x, inv_smooth, down)
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
-  scale = row_scales(x, smooth, act_format, **tiling)
-  a, lr = codes_and_lowrank(x, smooth, scale, down, act_format, **tiling)
+  scale = row_scales(x, inv_smooth, act_format, **tiling)
+  a, lr = codes_and_lowrank(x, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
 
 
 def reference(x, smooth, down, act_format: str):
   """The jnp definition of ``quantize_rows`` (XLA fuses it: also the 'xla' activation path)."""
-  xf = x.astype(jnp.float32) if smooth is None else smoothed(x, smooth)
+  return reference_folded(x, *qlinear.folded_smoothing(smooth, down), act_format)
+
+
+def reference_folded(x, inv_smooth, down, act_format: str):
+  """``reference`` on folded operands (``quantize_rows_folded``): the same operations."""
+  xf = x.astype(jnp.float32)
+  if inv_smooth is not None:
+    xf = xf * inv_smooth
   a, s = formats.row_scaled(formats.quantize(xf, act_format), act_format)
-  return a, s, (None if down is None else lowrank_down(x, down, smooth))
+  return a, s, (None if down is None else qlinear.bf16_dot(x, down))
 
 
 def _expand_kernel(q_ref, m_ref, o_ref):

@@ -526,16 +526,42 @@ def set_act_kernel(name: str) -> None:
   _act_choice = name
 
 
+def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """(int8 [N, K], f32 [N]): the weight operand of the int8 GEMM."""
+  from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
+  if layer.weight_format == "int4_2l" and layer.in_features % 128 == 0:  # one Pallas pass
+    return (act_rowscaled.expand_two_level(layer.qweight, layer.wscale, interpret=interpret),
+            layer.wcscale)
+  return layer.row_scaled_weight()
+
+
+def prepare_row_scaled(layer, *, expand_weights: bool = True,
+                       interpret: bool = False) -> qlinear.PreparedLinear:
+  """A row-scaled QuantizedLinear's weight-side operands (``qlinear.PreparedLinear``): what
+  ``row_scaled_linear`` computes at every call from the layer alone; without
+  ``expand_weights`` the int8 weight values are left to each call."""
+  w, sw = _row_scaled_weight(layer, interpret)
+  inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
+  up_t = None
+  if layer.lora_up is not None:
+    up_t = _pad_rank(layer.lora_up.astype(jnp.bfloat16).T, 1)  # wgmma takes K in steps of 16
+  return qlinear.PreparedLinear(layer=layer, sw=sw, w=w if expand_weights else None,
+                                inv_smooth=inv, down=down, up_t=up_t)
+
+
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                       interpret: bool = False) -> jax.Array:
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), the
   weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``), one int8 GEMM with
-  the scales, the low-rank up projection and the bias in its epilogue.
+  the scales, the low-rank up projection and the bias in its epilogue. ``layer``: a
+  QuantizedLinear, or a PreparedLinear (``qlinear.prepare``) holding the weight-side operands.
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
-  n = layer.out_features
+  p = (layer if isinstance(layer, qlinear.PreparedLinear)
+       else prepare_row_scaled(layer, interpret=interpret))
+  n = p.out_features
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(x.dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
   k = x.shape[1]
@@ -543,24 +569,17 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
   if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
-    a, sa, lr = act_rowscaled.quantize_rows(x, layer.smooth, layer.lora_down,
-                                            act_format=layer.act_format, interpret=interpret,
-                                            **act_rowscaled.tiling(k))
+    a, sa, lr = act_rowscaled.quantize_rows_folded(
+        x, p.inv_smooth, p.down, act_format=p.act_format, interpret=interpret,
+        **act_rowscaled.tiling(k))
   else:
-    a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, layer.act_format)
-  if layer.weight_format == "int4_2l" and k % 128 == 0:  # one Pallas pass, not XLA's
-    w = act_rowscaled.expand_two_level(layer.qweight, layer.wscale, interpret=interpret)
-    sw = layer.wcscale
-  else:
-    w, sw = layer.row_scaled_weight()
-  up = None
+    a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
+  w = p.w if p.w is not None else _row_scaled_weight(p.layer, interpret)[0]
   if lr is not None:
-    pad = -lr.shape[1] % 16  # wgmma takes K in steps of 16
-    lr = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad)))
-    up = jnp.pad(layer.lora_up.astype(jnp.bfloat16).T, ((0, 0), (0, pad)))
+    lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
   if tiles is not None:
-    y = int8_hopper.int8_gemm(a, sa, w, sw, lr, up, bias, out_dtype=out_dtype,
+    y = int8_hopper.int8_gemm(a, sa, w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                               interpret=interpret, **tiles)
     return y.astype(x.dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
@@ -569,6 +588,6 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if tiles is None:
     raise ValueError(f"low-rank branch of rank {lr.shape[1]} with N={n}: the int8 GEMM needs "
                      "N % 128 == 0 to add it outside the kernel")
-  y = int8_hopper.int8_gemm(a, sa, w, sw, None, None, bias, out_dtype=jnp.float32,
+  y = int8_hopper.int8_gemm(a, sa, w, p.sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
-  return (y + qlinear.lowrank_up(lr, up.T)).astype(x.dtype)
+  return (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(x.dtype)

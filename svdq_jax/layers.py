@@ -10,16 +10,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import QuantizedLinear, apply
+from svdq_jax.qlinear import PreparedLinear, QuantizedLinear, apply
 
 
 def dense(x: jax.Array, kernel, bias: jax.Array | None = None) -> jax.Array:
-  """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear.
+  """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
+  ``PreparedLinear``).
 
   Float kernels compute in the promoted dtype of x and kernel; quantized ones return
   x's dtype.
   """
-  if isinstance(kernel, QuantizedLinear):
+  if isinstance(kernel, (QuantizedLinear, PreparedLinear)):
     return apply(kernel, x, bias)
   y = jnp.matmul(x, kernel)
   return y if bias is None else y + bias

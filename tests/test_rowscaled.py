@@ -134,8 +134,8 @@ def test_activation_kernel_library_tilings_bit_exact(name, afmt):
 def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
   """set_act_kernel('wide_k'): the Pallas kernel, in its wide tiling, for K >= WIDE_K only."""
   calls = []
-  kernel = act_rowscaled.quantize_rows
-  monkeypatch.setattr(act_rowscaled, "quantize_rows",
+  kernel = act_rowscaled.quantize_rows_folded
+  monkeypatch.setattr(act_rowscaled, "quantize_rows_folded",
                       lambda x, *a, **kw: calls.append((x.shape[1], kw)) or kernel(x, *a, **kw))
   monkeypatch.setattr(act_rowscaled, "WIDE_K", 256)
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
@@ -231,6 +231,39 @@ def test_fused_layer_matches_reference(afmt):
       w4a4.set_act_kernel(default_act)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
+def test_prepared_layer_is_the_layer_bit_for_bit(afmt):
+  """qlinear.prepare: the weight-side operands computed once give the layer's own results on
+  the kernels, with the int8 weights expanded once or at every call; only row-scaled
+  layers are prepared, and only when the kernels run them."""
+  x, w = _x(72, 256), jax.random.normal(jax.random.key(1), (256, 128))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg, jax.random.key(0),
+      jnp.abs(x).max(0), x)
+  layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (128,)))
+  (w4a16,), _ = transforms.quantize_group(
+      [w], method_spec("w4a16", "int4_2l", False, None), 8, None, cfg, jax.random.key(0),
+      jnp.abs(x).max(0), x)
+  tree = {"a": layer, "b": w4a16, "c": w}
+  assert qlinear.prepare(tree) is tree                    # CPU, 'auto': the reference runs
+  with qlinear.backend("interpret"):
+    want = qlinear.apply(layer, x)
+    ref = qlinear.reference_apply(layer, x)
+    np.testing.assert_allclose(np.asarray(want), np.asarray(ref), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(ref).max()))
+    for expand in (False, True):
+      prepared = qlinear.prepare(tree, expand_weights=expand)
+      p = prepared["a"]
+      assert isinstance(p, qlinear.PreparedLinear) and (p.w is None) == (not expand)
+      assert prepared["b"] is w4a16 and prepared["c"] is w
+      np.testing.assert_array_equal(np.asarray(qlinear.apply(p, x)), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(p, x)),
+                                np.asarray(qlinear.reference_apply(layer, x)))
+  with pytest.raises(ValueError, match="bias given twice"):
+    qlinear.apply(p, x, layer.bias)
 
 
 @pytest.mark.parametrize("split_store", [True, False])

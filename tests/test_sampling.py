@@ -1,5 +1,7 @@
 """Sampling: packing, ids, schedule, deterministic jitted Euler loop."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,35 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   monkeypatch.setattr(int8_hopper, "SPLIT_STORE", not int8_hopper.SPLIT_STORE)
   sampling.sample(model, noise, *args, guidance=3.5)
   assert sampling._euler._cache_size() == traced + 2
+
+
+def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
+  """sample(hoist=...): the quantized layers' weight-only operands (and with 'weights' their
+  int8 values) computed once before the jitted loop give the same latents as at every step,
+  on the kernels (interpret mode); an unknown choice is an error."""
+  import svdq_jax
+  from svdq_jax import qlinear
+  from svdq_jax.config import QuantConfig, Rule
+  from svdq_jax.models import flux
+
+  # f32 layers: the int8 GEMM takes N in steps of 128
+  cfg = dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24))
+  model = Flux(cfg, nnx.Rngs(0))
+  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
+  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
+          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
+  steps = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
+  calib = svdq_jax.calibrate(lambda a: model(*a), steps, model=model, progress=False)
+  graph, state = nnx.split(model)
+  config = QuantConfig(rules=(Rule(flux.EMBEDDERS, "skip"), Rule(flux.MODULATION, "skip"),
+                              Rule(".*", "svdquant", "int4_2l", rank=4, act_fmt="int8")),
+                       alpha_grid=1, lowrank_iters=1)
+  qmodel = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  with qlinear.backend("interpret"):
+    out = {h: sampling.sample(qmodel, noise, *args, guidance=3.5, hoist=h)
+           for h in sampling.HOISTS}
+  for h in ("operands", "weights"):
+    np.testing.assert_array_equal(np.asarray(out[h]), np.asarray(out["none"]))
+  assert float(jnp.abs(out["none"]).max()) > 0
+  with pytest.raises(ValueError, match="hoist"):
+    sampling.sample(qmodel, noise, *args, guidance=3.5, hoist="all")
