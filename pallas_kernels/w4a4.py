@@ -535,18 +535,16 @@ def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   return layer.row_scaled_weight()
 
 
-def prepare_row_scaled(layer, *, expand_weights: bool = True,
-                       interpret: bool = False) -> qlinear.PreparedLinear:
+def prepare_row_scaled(layer, *, interpret: bool = False) -> qlinear.PreparedLinear:
   """A row-scaled QuantizedLinear's weight-side operands (``qlinear.PreparedLinear``): what
-  ``row_scaled_linear`` computes at every call from the layer alone; without
-  ``expand_weights`` the int8 weight values are left to each call."""
+  ``row_scaled_linear`` computes from the layer alone."""
   w, sw = _row_scaled_weight(layer, interpret)
   inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
   up_t = None
   if layer.lora_up is not None:
     up_t = _pad_rank(layer.lora_up.astype(jnp.bfloat16).T, 1)  # wgmma takes K in steps of 16
-  return qlinear.PreparedLinear(layer=layer, sw=sw, w=w if expand_weights else None,
-                                inv_smooth=inv, down=down, up_t=up_t)
+  return qlinear.PreparedLinear(layer=layer, w=w, sw=sw, inv_smooth=inv, down=down,
+                                up_t=up_t)
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
@@ -574,12 +572,11 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
         **act_rowscaled.tiling(k))
   else:
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
-  w = p.w if p.w is not None else _row_scaled_weight(p.layer, interpret)[0]
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
   if tiles is not None:
-    y = int8_hopper.int8_gemm(a, sa, w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
+    y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                               interpret=interpret, **tiles)
     return y.astype(x.dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
@@ -588,6 +585,6 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if tiles is None:
     raise ValueError(f"low-rank branch of rank {lr.shape[1]} with N={n}: the int8 GEMM needs "
                      "N % 128 == 0 to add it outside the kernel")
-  y = int8_hopper.int8_gemm(a, sa, w, p.sw, None, None, bias, out_dtype=jnp.float32,
+  y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
   return (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(x.dtype)

@@ -108,18 +108,16 @@ class PreparedLinear:
 
   Data:
     layer: the QuantizedLinear as stored.
-    sw: f32 [N] weight row scales.
     w: int8 [N, K] weight values (``QuantizedLinear.row_scaled_weight``; ``m * q`` for
-      int4_2l: twice the bytes of the packed codes), or None: expanded at every call, as the
-      layer is.
+      int4_2l: twice the bytes of the packed codes). sw: f32 [N] weight row scales.
     inv_smooth: f32 [K] 1 / lambda, down: bf16 [K, r] L_down / lambda (``folded_smoothing``);
       up_t: bf16 [N, r16] L_up^T zero-padded to a multiple of 16 ranks (the int8 GEMM's
       epilogue operand). None where the layer has no smoothing / low-rank branch.
   """
 
   layer: QuantizedLinear
+  w: jax.Array
   sw: jax.Array
-  w: jax.Array | None = None
   inv_smooth: jax.Array | None = None
   down: jax.Array | None = None
   up_t: jax.Array | None = None
@@ -145,14 +143,14 @@ def runs_row_scaled_kernels() -> bool:
   return _backend != "reference"
 
 
-def prepare(tree, *, expand_weights: bool = False):
+def prepare(tree):
   """``tree`` with every row-scaled QuantizedLinear replaced by a ``PreparedLinear``, when
   the kernels will run them (``runs_row_scaled_kernels``; else ``tree`` itself).
 
-  Called inside a jitted loop, before it, on the loop's weights: the smoothing reciprocal,
-  L_down / lambda and L_up^T are computed once instead of at every step (FLUX.1-dev: ~900 small
-  kernels per step); with ``expand_weights`` also the int8 weight values, which costs N * K
-  bytes per layer for as long as the loop runs (FLUX.1-dev: +8.6 GB over the 6.4 GB model).
+  Inside a jitted loop, before it, on the loop's weights: the int8 weight values (and the
+  smoothing reciprocal, L_down / lambda, L_up^T) are computed once instead of at every step,
+  at a cost of N * K bytes per layer for as long as the loop runs. FLUX.1-dev W4A8, H200:
+  the 28-step loop 4% faster for 8.6 GB over the 6.4 GB model (docs/benchmarks, 2026-12-03).
   """
   if not runs_row_scaled_kernels():
     return tree
@@ -161,8 +159,7 @@ def prepare(tree, *, expand_weights: bool = False):
   def prep(node):
     if (isinstance(node, QuantizedLinear) and node.weight_format in formats.ROW_SCALED
         and node.act_format in formats.ROW_SCALED):
-      return w4a4.prepare_row_scaled(node, expand_weights=expand_weights,
-                                     interpret=_backend == "interpret")
+      return w4a4.prepare_row_scaled(node, interpret=_backend == "interpret")
     return node
 
   return jax.tree_util.tree_map(prep, tree, is_leaf=lambda n: isinstance(n, QuantizedLinear))

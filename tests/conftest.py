@@ -4,8 +4,11 @@ import tempfile
 # The Mosaic GPU interpreter runs each warpgroup of a kernel as its own XLA computation on a
 # host thread, and their host callbacks block on each other's barriers inside XLA's CPU
 # thread pool. A pool smaller than the warpgroups (jax sizes it to the cores: 2 on CI)
-# deadlocks, so give it room before jax creates its CPU client.
-os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
+# deadlocks, so give it room before jax creates its CPU client. The callbacks also dispatch
+# jax ops of their own: eager work dispatched while an interpreted kernel is still in flight
+# can take the last threads and deadlock too, so tests wait for a kernel's result first (seen
+# with 8 threads, 2026-12-03); the larger pool only makes that rarer.
+os.environ.setdefault("PJRT_NPROC", str(max(32, os.cpu_count() or 1)))
 # the CLI keeps compiled programs under $XDG_CACHE_HOME (svdq-jax --compile-cache): not the
 # user's cache for test runs
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="svdq_jax_test_cache_")
