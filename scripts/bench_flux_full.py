@@ -198,11 +198,12 @@ def measure(name, graph, state, cfg, args, result):
     model = nnx.merge(graph, state)
     # the loop as sampled by default, then (quantized models, --hoist-weights) with the int8
     # weights expanded once before it; the first one is profiled
+    latents = []
     for hoist in (False, True) if args.hoist_weights and "svdquant" in name else (False,):
       loop = functools.partial(sampling.sample, model, noise, x[2], x[3], x[5], sigmas,
                                guidance=3.5, hoist_weights=hoist)
       t0 = time.perf_counter()
-      loop()
+      latents.append(loop())
       first = time.perf_counter() - t0
       t0 = time.perf_counter()
       loop()
@@ -210,6 +211,9 @@ def measure(name, graph, state, cfg, args, result):
       r[f"{key}_s"] = round(time.perf_counter() - t0, 3)
       r[f"{key}_first_call_s"] = round(first, 1)
       print(json.dumps({name: {key: r[f"{key}_s"]}}), flush=True)
+    if len(latents) == 2:   # the same program but for where the weights are expanded
+      r["hoist_weights_max_abs_diff"] = float(jnp.abs(latents[1] - latents[0]).max())
+    del latents
     loop = functools.partial(loop, hoist_weights=False)
     if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
       prof = kernel_profile(loop)
