@@ -125,8 +125,8 @@ class FluxPipeline:
     ``guidance`` applies to dev (guidance-distilled) models only; ``mesh``: the sampling loop
     over its devices, ``parallel`` 'data' (prompts split) or 'sequence' (each image's tokens
     split; ``sampling.sample``); ``hoist_weights``: the quantized weights expanded to int8
-    once per call instead of once per step (``sampling.sample``). Each image carries the prompt and settings as PNG text
-    metadata (``image.info``)."""
+    once per call instead of once per step (``sampling.sample``). Each image carries the
+    prompt and settings as PNG text metadata (``image.info``)."""
     prompts, args, settings = self._prepare(prompts, steps, guidance, seed, height, width)
     latents = sampling.sample(self.transformer, *args[:5], guidance=args[5],
                               progress=progress and mesh is None, mesh=mesh,
