@@ -197,9 +197,10 @@ def measure(name, graph, state, cfg, args, result):
     sigmas = sampling.schedule(args.loop_steps, x[0].shape[1])
     model = nnx.merge(graph, state)
     # the loop as sampled by default, then (quantized models, --hoist-weights) with the int8
-    # weights expanded once before it; the first one is profiled
+    # weights expanded once before it; with --profile each is profiled
     latents = []
-    for hoist in (False, True) if args.hoist_weights and "svdquant" in name else (False,):
+    hoists = (False, True) if args.hoist_weights and "svdquant" in name else (False,)
+    for hoist in hoists:
       loop = functools.partial(sampling.sample, model, noise, x[2], x[3], x[5], sigmas,
                                guidance=3.5, hoist_weights=hoist)
       t0 = time.perf_counter()
@@ -211,15 +212,15 @@ def measure(name, graph, state, cfg, args, result):
       r[f"{key}_s"] = round(time.perf_counter() - t0, 3)
       r[f"{key}_first_call_s"] = round(first, 1)
       print(json.dumps({name: {key: r[f"{key}_s"]}}), flush=True)
+      if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
+        prof = kernel_profile(loop)
+        r[f"loop{res}_profile_per_step" + ("_hoist_weights" if hoist else "")] = {
+            "categories_ms": {c: v / args.loop_steps
+                              for c, v in prof["categories_ms"].items()},
+            "total_ms": prof["total_ms"] / args.loop_steps}
     if len(latents) == 2:   # the same program but for where the weights are expanded
       r["hoist_weights_max_abs_diff"] = float(jnp.abs(latents[1] - latents[0]).max())
     del latents
-    loop = functools.partial(loop, hoist_weights=False)
-    if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
-      prof = kernel_profile(loop)
-      r[f"loop{res}_profile_per_step"] = {
-          "categories_ms": {c: v / args.loop_steps for c, v in prof["categories_ms"].items()},
-          "total_ms": prof["total_ms"] / args.loop_steps}
     stats = jax.devices()[0].memory_stats() or {}
     r["bytes_in_use_after_loop"] = stats.get("bytes_in_use")
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
