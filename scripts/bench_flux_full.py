@@ -208,13 +208,14 @@ def measure(name, graph, state, cfg, args, result):
       first = time.perf_counter() - t0
       t0 = time.perf_counter()
       loop()
-      key = f"loop{res}_{args.loop_steps}steps" + ("_hoist_weights" if hoist else "")
+      suffix = "_hoist_weights" if hoist else ""
+      key = f"loop{res}_{args.loop_steps}steps{suffix}"
       r[f"{key}_s"] = round(time.perf_counter() - t0, 3)
       r[f"{key}_first_call_s"] = round(first, 1)
       print(json.dumps({name: {key: r[f"{key}_s"]}}), flush=True)
       if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
         prof = kernel_profile(loop)
-        r[f"loop{res}_profile_per_step" + ("_hoist_weights" if hoist else "")] = {
+        r[f"loop{res}_profile_per_step{suffix}"] = {
             "categories_ms": {c: v / args.loop_steps
                               for c, v in prof["categories_ms"].items()},
             "total_ms": prof["total_ms"] / args.loop_steps}

@@ -360,7 +360,7 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
     on_gpu = jax.default_backend() == "gpu"
     if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
       from svdq_jax.pallas_kernels import int8_hopper
-      on_gpu = on_gpu and int8_hopper.on_hopper() and int8_hopper.supports(
+      on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
       return w4a4.w4a4_linear(layer, x, bias)
