@@ -17,7 +17,7 @@ from flax import nnx
 from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
 from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.layers import Linear
+from svdq_jax.layers import Gelu, Linear
 from svdq_jax.parallel import token_mesh
 
 
@@ -202,7 +202,7 @@ class StreamMLP(nnx.Module):
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    return self.fc2(Gelu(self.fc1(x)))
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -250,10 +250,10 @@ class SingleStreamBlock(nnx.Module):
   def __call__(self, x, vec, pe):
     shift, scale, gate = self.modulation(vec)
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift)
-    qkv, mlp = qkv_mlp[..., :3 * self.hidden], qkv_mlp[..., 3 * self.hidden:]
-    q, k, v = split_heads(qkv, self.num_heads)
+    q, k, v = split_heads(qkv_mlp[..., :3 * self.hidden], self.num_heads)
     attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
-    out = self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1))
+    # concatenate([attn, gelu(mlp)]), mlp = qkv_mlp[..., 3 * hidden:], left to linear2
+    out = self.linear2((attn, Gelu(qkv_mlp, start=3 * self.hidden)))
     return x + gate * out
 
 

@@ -26,6 +26,7 @@ a NaN gets codes 0 and a NaN scale. Outputs are the operands of ``int8_hopper.in
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +40,13 @@ from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_ev
 ACT_FORMATS = formats.ROW_SCALED
 
 
-def _x_hat(x_ref, smooth_ref, row_ok, start, width):
-  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded and times
-  1 / lambda (rows past M: 0)."""
+def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu):
+  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (and through
+  ``qlinear.gelu_tanh`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
   cols = pl.ds(start, width)
   x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
+  if gelu:
+    x = qlinear.gelu_tanh(x)
   v = x.astype(jnp.float32)
   if smooth_ref is not None:  # holds 1 / lambda
     v = v * smooth_ref[cols][None, :]
@@ -54,12 +57,12 @@ def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k):
+def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu):
   bm, width = x_ref.shape
   row_ok = _rows_ok(bm, m)
   amax = has_nan = jnp.zeros((bm,), jnp.float32)
   for start in range(0, width, block_k):  # unrolled: the loads are issued together
-    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k)
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu)
     amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
     # max() drops NaN on the GPU: a block's NaN is reported on its own
     has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
@@ -67,7 +70,7 @@ def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k):
 
 
 def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
-                  block_k, interpret):
+                  block_k, gelu, interpret):
   bm, bk = x_ref.shape
   row_ok = _rows_ok(bm, m)
   scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
@@ -88,7 +91,7 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
   width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
-    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width)
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu)
     a = jnp.where(is_nan, 0.0, codes(v))
     plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
                 mask=row_ok)
@@ -99,8 +102,12 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
     plgpu.store(lr_ref, lr, mask=row_ok)
 
 
-def _tiling(k: int, block_k: int, chunks: int) -> tuple[int, int]:
-  """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide K."""
+def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
+  """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide every
+  part's width and start (multiples of 64)."""
+  k = 0
+  for x, start, _ in parts:
+    k = math.gcd(k, x.shape[1] - start, start)
   while k % block_k:
     block_k //= 2
   block_k = max(block_k, GROUP)
@@ -109,74 +116,104 @@ def _tiling(k: int, block_k: int, chunks: int) -> tuple[int, int]:
   return block_k, chunks
 
 
-def _specs(x, inv_smooth, block_m, span):
-  """Grid, the x tile's spec and the inputs (x, 1 / lambda) both passes share."""
-  m, k = x.shape
-  grid = (pl.cdiv(m, block_m), k // span)
-  in_specs, args = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))], [x]
+def _specs(x, start, offset, inv_smooth, block_m, span):
+  """Grid, the x tile's spec and the inputs (x, 1 / lambda) both passes share, for the part
+  x[:, start:] of the layer's input, at its columns offset.. (``qlinear.Gelu``)."""
+  grid = (pl.cdiv(x.shape[0], block_m), (x.shape[1] - start) // span)
+  first, at = start // span, offset // span
+  in_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j + first))]
+  args = [x]
   if inv_smooth is not None:
-    in_specs.append(pl.BlockSpec((span,), lambda i, j: (j,)))
+    in_specs.append(pl.BlockSpec((span,), lambda i, j: (j + at,)))
     args.append(inv_smooth)
   return grid, in_specs, args
 
 
 def _split_smooth(has_smooth, refs):
-  return (refs[0], refs[1:]) if has_smooth else (None, refs)
+  return (refs[0], list(refs[1:])) if has_smooth else (None, list(refs))
 
 
-def row_scales(x, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps, interpret):
+def _offsets(parts):
+  """Each part's first column in the layer's input."""
+  widths = [x.shape[1] - start for x, start, _ in parts]
+  return [sum(widths[:i]) for i in range(len(parts))]
+
+
+def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
+               interpret):
   """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
-  inv_smooth: f32 [K] 1 / lambda or None."""
-  m, k = x.shape
-  block_k, chunks = _tiling(k, block_k, chunks)
-  grid, in_specs, args = _specs(x, inv_smooth, block_m, block_k * chunks)
+  parts: ((x [M, K_i + start], start, gelu), ...); inv_smooth: f32 [K] 1 / lambda or None."""
+  m = parts[0][0].shape[0]
+  block_k, chunks = _tiling(parts, block_k, chunks)
+  span = block_k * chunks
+  partials = []
+  for (x, start, gelu), offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(x, start, offset, inv_smooth, block_m, span)
 
-  def kernel(x_ref, *refs):
-    sm, (amax_ref,) = _split_smooth(inv_smooth is not None, refs)
-    _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k)
+    def kernel(x_ref, *refs, gelu=gelu):
+      sm, (amax_ref,) = _split_smooth(inv_smooth is not None, refs)
+      _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k, gelu=gelu)
 
-  partial = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
-      out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name="svdq_absmax")(*args)
+    partials.append(pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
+        out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="svdq_absmax")(*args))
+  partial = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
   amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
   return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
 
 
-def codes_and_lowrank(x, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
+def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
                       num_warps, interpret):
   """(int8 [M, K] codes, f32 [M, r] ``x @ down`` or None) for given token scales [M];
-  inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with lambda folded in
-  (``qlinear.folded_down``) or None."""
-  m, k = x.shape
-  block_k, chunks = _tiling(k, block_k, chunks)
+  parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
+  lambda folded in (``qlinear.folded_down``) or None. A part after the first writes its
+  columns of the first part's output in place (aliased), so the codes are never joined."""
+  m = parts[0][0].shape[0]
+  k = sum(x.shape[1] - start for x, start, _ in parts)
+  block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
-  grid, in_specs, args = _specs(x, inv_smooth, block_m, span)
-  in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
-  args.append(scale)
-  out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
-  out_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j))]
-  if down is not None:
-    down_p = _pad_rank(down, 1)
-    rp = down_p.shape[1]
-    in_specs.append(pl.BlockSpec((span, rp), lambda i, j: (j, 0)))
-    args.append(down_p)
-    out_shape.append(jax.ShapeDtypeStruct((grid[1], m, rp), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
+  down_p = None if down is None else _pad_rank(down, 1)
+  a, lr = None, None
+  for (x, start, gelu), offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(x, start, offset, inv_smooth, block_m, span)
+    at = offset // span
+    codes_spec = pl.BlockSpec((block_m, span), lambda i, j: (i, j + at))
+    in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
+    args.append(scale)
+    out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
+    out_specs = [codes_spec]
+    if down_p is not None:
+      rp = down_p.shape[1]
+      in_specs.append(pl.BlockSpec((span, rp), lambda i, j: (j + at, 0)))
+      args.append(down_p)
+      out_shape.append(jax.ShapeDtypeStruct((grid[1], m, rp), jnp.float32))
+      out_specs.append(pl.BlockSpec((None, block_m, rp), lambda i, j: (j, i, 0)))
+    aliases = {}
+    if a is not None:   # the codes so far, written to in place
+      in_specs.append(codes_spec)
+      aliases = {len(args): 0}
+      args.append(a)
 
-  def kernel(x_ref, *refs):
-    sm, (s_ref, *rest) = _split_smooth(inv_smooth is not None, refs)
-    down_ref, a_ref, lr_ref = rest if down is not None else (None, *rest, None)
-    _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
-                  block_k=block_k, interpret=interpret)
+    def kernel(x_ref, *refs, gelu=gelu, has_prev=a is not None):
+      sm, (s_ref, *rest) = _split_smooth(inv_smooth is not None, refs)
+      down_ref = rest.pop(0) if down_p is not None else None
+      if has_prev:
+        rest.pop(0)
+      a_ref, lr_ref = rest if down_p is not None else (*rest, None)
+      _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
+                    block_k=block_k, gelu=gelu, interpret=interpret)
 
-  a, *lr = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
-  return a, (lr[0].sum(0)[:, :down.shape[1]] if down is not None else None)
+    a, *part_lr = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
+    if down_p is not None:
+      lr = part_lr[0].sum(0) if lr is None else lr + part_lr[0].sum(0)
+  return a, (lr[:, :down.shape[1]] if down is not None else None)
 
 
 # The library's tiling of ``quantize_rows`` by K. H200, M = 4608, int8 codes + low-rank down,
@@ -200,7 +237,9 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
-    x: [M, K] (bf16 or f32), K a multiple of 64. smooth: f32 [K] or None.
+    x: [M, K] (bf16 or f32), K a multiple of 64, or parts [M, K_i] (``qlinear.Gelu``) read
+      where they lie (a part off the 64-column grid is joined by XLA first).
+      smooth: f32 [K] or None.
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
     block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
       chunks * block_k columns, loading block_k at a time (both reduced to divisors of K).
@@ -210,7 +249,7 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
     ``formats.row_scaled(formats.quantize(x_hat, act_format), act_format)`` and, up to
     f32 summation order, ``qlinear.lowrank_down(x, down, smooth)``.
   """
-  check_act_inputs(x, smooth, down)
+  check_act_inputs(_joined_shape(x), smooth, down)
   return quantize_rows_folded(x, *qlinear.folded_smoothing(smooth, down),
                               act_format=act_format, block_m=block_m, block_k=block_k,
                               chunks=chunks, num_warps=num_warps, interpret=interpret)
@@ -226,12 +265,26 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
   L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  check_act_inputs(x, inv_smooth, down)
+  check_act_inputs(_joined_shape(x), inv_smooth, down)
+  parts = qlinear.input_parts(x)
+  if any(start % GROUP or x.shape[1] % GROUP for x, start, _ in parts):
+    parts = qlinear.input_parts(qlinear.join(x))
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
-  scale = row_scales(x, inv_smooth, act_format, **tiling)
-  a, lr = codes_and_lowrank(x, inv_smooth, scale, down, act_format, **tiling)
+  scale = row_scales(parts, inv_smooth, act_format, **tiling)
+  a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
+
+
+def _joined_shape(x) -> jax.ShapeDtypeStruct:
+  """The shape of ``qlinear.join(x)`` ([M, K] for 2-D parts), after checking that each
+  part is 2-D."""
+  parts = qlinear.input_parts(x)
+  if len(parts) > 1 and any(a.ndim != 2 for a, _, _ in parts):
+    raise ValueError("activation kernel takes x [M, K] or parts [M, K_i], got shapes "
+                     f"{[a.shape for a, _, _ in parts]}")
+  a = parts[0][0]
+  return jax.ShapeDtypeStruct((*a.shape[:-1], qlinear.input_width(x)), a.dtype)
 
 
 def reference(x, smooth, down, act_format: str):
@@ -241,6 +294,7 @@ def reference(x, smooth, down, act_format: str):
 
 def reference_folded(x, inv_smooth, down, act_format: str):
   """``reference`` on folded operands (``quantize_rows_folded``): the same operations."""
+  x = qlinear.join(x)
   xf = x.astype(jnp.float32)
   if inv_smooth is not None:
     xf = xf * inv_smooth

@@ -485,12 +485,17 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
                      f"{layer.act_format!r}; supported (weights: activations): "
                      f"{KERNEL_FORMATS}")
-  lead, k = x.shape[:-1], x.shape[-1]
   bias = layer.bias if bias is None else bias
-  x2 = x.reshape(-1, k)
-  if row_scaled(layer.weight_format):
-    y = row_scaled_linear(layer, x2, bias, interpret=interpret)
+  if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
+    parts = qlinear.input_parts(x)
+    lead = parts[0][0].shape[:-1]
+    x2 = tuple(a.reshape(-1, a.shape[-1]) for a, _, _ in parts)
+    x2 = tuple(qlinear.Gelu(a, s) if g else a for a, (_, s, g) in zip(x2, parts))
+    y = row_scaled_linear(layer, x2 if len(x2) > 1 else x2[0], bias, interpret=interpret)
     return y.reshape(*lead, layer.out_features)
+  x = qlinear.join(x)
+  lead, k = x.shape[:-1], x.shape[-1]
+  x2 = x.reshape(-1, k)
   hopper = hopper_gemm(x2.shape[0], k, layer.out_features, interpret, layer.weight_format)
   # the Hopper GEMM takes int8 codes and transposed scales (``codes``), Triton packed ones
   q, s, lr = quantize_act(x2, layer.smooth, layer.lora_down, act_format=layer.act_format,
@@ -526,6 +531,17 @@ def set_act_kernel(name: str) -> None:
   _act_choice = name
 
 
+_input_parts = True
+
+
+def set_input_parts(read: bool) -> None:
+  """Whether the Pallas activation kernel reads a layer input given as parts
+  (``qlinear.Gelu``) where they lie (the default) or XLA joins them first (as before
+  2026-12-03; kept to time the difference, scripts/bench_flux_full.py --joined-inputs)."""
+  global _input_parts
+  _input_parts = bool(read)
+
+
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """(int8 [N, K], f32 [N]): the weight operand of the int8 GEMM."""
   from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
@@ -555,21 +571,24 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``), one int8 GEMM with
   the scales, the low-rank up projection and the bias in its epilogue. ``layer``: a
   QuantizedLinear, or a PreparedLinear (``qlinear.prepare``) holding the weight-side operands.
+  x may be given as parts [M, K_i] (``qlinear.Gelu``), which the Pallas activation kernel
+  reads where they lie (``set_input_parts``).
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
   p = (layer if isinstance(layer, qlinear.PreparedLinear)
        else prepare_row_scaled(layer, interpret=interpret))
   n = p.out_features
+  dtype = qlinear.input_parts(x)[0][0].dtype
   # f32 callers get the f32 result; everything else is rounded once, to bf16
-  out_dtype = jnp.float32 if jnp.dtype(x.dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
-  k = x.shape[1]
+  out_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
+  k = qlinear.input_width(x)
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
   if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
     a, sa, lr = act_rowscaled.quantize_rows_folded(
-        x, p.inv_smooth, p.down, act_format=p.act_format, interpret=interpret,
-        **act_rowscaled.tiling(k))
+        x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
+        act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))
   else:
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:
@@ -578,7 +597,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if tiles is not None:
     y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                               interpret=interpret, **tiles)
-    return y.astype(x.dtype)
+    return y.astype(dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)
@@ -587,4 +606,4 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                      "N % 128 == 0 to add it outside the kernel")
   y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
-  return (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(x.dtype)
+  return (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(dtype)

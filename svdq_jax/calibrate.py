@@ -25,6 +25,8 @@ from flax import linen as nn
 from flax import nnx
 from tqdm.auto import tqdm
 
+from svdq_jax.qlinear import join
+
 
 @dataclasses.dataclass
 class LayerStats:
@@ -167,7 +169,7 @@ def _intercept_nnx(model, record):
       path = getattr(self, _NNX_TAG, None)
       if path is None or id(self) in active:
         return original(self, x, *args, **kwargs)
-      record(path, x)
+      record(path, join(x))   # an input given as parts (qlinear.Gelu) as the layer sees it
       active.add(id(self))
       try:
         return original(self, x, *args, **kwargs)

@@ -10,19 +10,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import PreparedLinear, QuantizedLinear, apply
+from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, apply, join
+
+__all__ = ["Gelu", "Linear", "dense", "lookup"]
 
 
-def dense(x: jax.Array, kernel, bias: jax.Array | None = None) -> jax.Array:
+def dense(x, kernel, bias: jax.Array | None = None) -> jax.Array:
   """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
   ``PreparedLinear``).
 
-  Float kernels compute in the promoted dtype of x and kernel; quantized ones return
-  x's dtype.
+  x may be given as parts (``Gelu``: e.g. ``(attn, Gelu(h))`` for
+  ``concatenate([attn, gelu(h)], -1)``), which a quantized kernel on the Hopper path reads
+  where they lie; float kernels join them first. Float kernels compute in the promoted dtype
+  of x and kernel; quantized ones return x's dtype.
   """
   if isinstance(kernel, (QuantizedLinear, PreparedLinear)):
     return apply(kernel, x, bias)
-  y = jnp.matmul(x, kernel)
+  y = jnp.matmul(join(x), kernel)
   return y if bias is None else y + bias
 
 
@@ -36,6 +40,7 @@ def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x) -> jax.Array:
+    """x: [..., K], or its parts (``dense``)."""
     bias = None if self.bias is None else self.bias.get_value()
     return dense(x, self.kernel.get_value(), bias)

@@ -17,10 +17,69 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from svdq_jax import formats
 from svdq_jax.formats import matmul_f32
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """``jax.nn.gelu(x, approximate=True)`` in x's dtype, each operation rounded to that dtype
+  as jnp's is (the same bits for every bf16 value on the CPU), written out in f32 operations
+  so that the activation kernels compute the same ones (``Gelu``). (f32 inputs: the same
+  formula, but XLA may contract its products and sums differently.)"""
+  dt = x.dtype
+  r = lambda v: v.astype(dt).astype(jnp.float32)   # one operation in dt
+  c = lambda v: jnp.asarray(v, dt).astype(jnp.float32)
+  xf = x.astype(jnp.float32)
+  inner = r(xf + r(c(0.044715) * r(r(xf * xf) * xf)))
+  cdf = r(c(0.5) * r(1.0 + r(jnp.tanh(r(c(np.sqrt(2 / np.pi)) * inner)))))
+  return (xf * cdf).astype(dt)
+
+
+@struct.dataclass
+class Gelu:
+  """Part of a linear layer's input: ``gelu_tanh(x[..., start:])``, left to the layer.
+
+  ``apply`` (and ``layers.dense``) take an input given as parts, a tuple of arrays and Gelu
+  parts meaning their concatenation along the last axis (``join``), or a single Gelu. The
+  Hopper activation kernel reads each part where it lies and computes the GELU while it
+  quantizes, where the joined bf16 input would be written and read once more (FLUX's single
+  blocks: [4608, 15360] per block); every other path joins the parts first. ``start`` lets a
+  part be the tail of a wider array (the MLP half of FLUX's fused linear1 output) without a
+  sliced copy.
+  """
+
+  x: jax.Array
+  start: int = struct.field(pytree_node=False, default=0)
+
+
+def input_parts(x) -> tuple[tuple[jax.Array, int, bool], ...]:
+  """A layer input (an array, a Gelu, or a tuple of both) as (array, start, gelu) parts."""
+  parts = x if isinstance(x, tuple) else (x,)
+  out = tuple((p.x, p.start, True) if isinstance(p, Gelu) else (p, 0, False) for p in parts)
+  if not out or any(not hasattr(a, "shape") or a.ndim < 1 for a, _, _ in out):
+    raise ValueError("a linear layer's input must be an array, a Gelu part or a tuple of "
+                     f"them, got {x!r:.200}")
+  if len({a.shape[:-1] for a, _, _ in out}) > 1:
+    raise ValueError("the parts of a linear layer's input must share their leading "
+                     f"dimensions, got {[a.shape for a, _, _ in out]}")
+  return out
+
+
+def join(x) -> jax.Array:
+  """The input array a layer input stands for: an array itself; parts concatenated along the
+  last axis, each Gelu part computed (``Gelu``)."""
+  if not isinstance(x, (tuple, Gelu)):
+    return x
+  cols = [gelu_tanh(a[..., s:]) if g else a for a, s, g in input_parts(x)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def input_width(x) -> int:
+  """K, the last dimension of ``join(x)``, without computing it."""
+  return sum(a.shape[-1] - s for a, s, _ in input_parts(x))
 
 
 @struct.dataclass
@@ -319,7 +378,7 @@ def backend(name: str):
 
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
-                    ("int8_hopper", "SPLIT_STORE"))
+                    ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"))
 
 
 def trace_settings() -> tuple:
@@ -336,17 +395,25 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
           bias: jax.Array | None = None) -> jax.Array:
   """Forward pass. x [..., K] -> [..., N] in x's dtype, on the backend ``set_backend`` chose.
 
-  ``bias`` (optional, [N]) is added like ``layer.bias``; pass it when the bias lives
-  outside the layer (a Flax module's own ``bias`` parameter). Giving both is an error.
+  x may also be given as parts (``Gelu``): a tuple of arrays [..., K_i] and Gelu parts whose
+  widths sum to K, meaning their concatenation. ``bias`` (optional, [N]) is added like
+  ``layer.bias``; pass it when the bias lives outside the layer (a Flax module's own ``bias``
+  parameter). Giving both is an error.
   """
   k = layer.in_features
-  if x.shape[-1] != k:
-    raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got {x.shape}")
+  if input_width(x) != k:
+    shapes = [(a.shape, s) if s else a.shape for a, s, _ in input_parts(x)]
+    raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
+                     f"{shapes if isinstance(x, (tuple, Gelu)) else shapes[0]}")
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
-  y = parallel.split_tokens(_dispatch, layer, x, bias)
-  return _dispatch(layer, x, bias) if y is None else y
+  if parallel.token_mesh() is not None:
+    x = join(x)
+    y = parallel.split_tokens(_dispatch, layer, x, bias)
+    if y is not None:
+      return y
+  return _dispatch(layer, x, bias)
 
 
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -360,8 +427,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
     on_gpu = jax.default_backend() == "gpu"
     if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
       from svdq_jax.pallas_kernels import int8_hopper
+      dtype = input_parts(x)[0][0].dtype
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
-          k, layer.out_features, jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16)
+          k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
       return w4a4.w4a4_linear(layer, x, bias)
     return reference_apply(layer, x, bias)
@@ -385,6 +453,7 @@ def reference_apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   """The pure-jnp forward pass, the semantics every kernel reproduces (see ``apply``)."""
   if isinstance(layer, PreparedLinear):  # defined by the layer it was prepared from
     layer = layer.layer
+  x = join(x)
   k, n = layer.in_features, layer.out_features
   bias = layer.bias if bias is None else bias
   lead = x.shape[:-1]

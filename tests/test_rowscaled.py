@@ -131,6 +131,91 @@ def test_activation_kernel_library_tilings_bit_exact(name, afmt):
   np.testing.assert_allclose(np.asarray(lr), np.asarray(rlr), rtol=1e-4, atol=1e-3)
 
 
+def test_gelu_tanh_is_jax_gelu_bit_for_bit():
+  """qlinear.gelu_tanh, the GELU the activation kernel computes for a Gelu part, is
+  jax.nn.gelu(approximate=True) for every bf16 value, jitted or not."""
+  bits = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
+  x = jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+  want = np.asarray(jax.nn.gelu(x, approximate=True))
+  np.testing.assert_array_equal(np.asarray(jax.jit(qlinear.gelu_tanh)(x)), want)
+  np.testing.assert_array_equal(np.asarray(qlinear.gelu_tanh(x)), want)
+
+
+def _parts(m=40):
+  """A layer input as parts: an array [m, 192] and GELU of columns 128.. of [m, 448], with a
+  NaN in a token of the first and an all-zero token in the second."""
+  a = _x(m, 192).at[5, 7].set(jnp.nan).astype(jnp.bfloat16)
+  h = _x(m, 448, seed=1).at[3].set(0.0).astype(jnp.bfloat16)
+  return (a, qlinear.Gelu(h, start=128))
+
+
+def test_join_is_the_concatenation():
+  a, g = _parts()
+  want = jnp.concatenate([a, jax.nn.gelu(g.x[:, 128:], approximate=True)], -1)
+  np.testing.assert_array_equal(np.asarray(qlinear.join((a, g))), np.asarray(want))
+  assert qlinear.input_width((a, g)) == 512 and qlinear.join(a) is a
+  np.testing.assert_array_equal(np.asarray(qlinear.join(qlinear.Gelu(a))),
+                                np.asarray(jax.nn.gelu(a, approximate=True)))
+  with pytest.raises(ValueError, match="leading dimensions"):
+    qlinear.input_parts((a, qlinear.Gelu(g.x[:8])))
+  with pytest.raises(ValueError, match="must be an array"):
+    qlinear.input_parts((a, "x"))
+
+
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
+@pytest.mark.parametrize("widths", [(192, 320), (96, 160)])
+def test_activation_kernel_reads_input_parts_bit_exact(afmt, widths):
+  """Parts read where they lie (the second from column 128 of its array, through the GELU),
+  codes written into one [M, K] array: the kernel on the joined input, bit for bit. Parts off
+  the 64-column grid (96 + 160) are joined first, same results."""
+  a, g = _parts()
+  x = (a[:, :widths[0]], qlinear.Gelu(g.x, start=448 - widths[1]))
+  k = sum(widths)
+  smooth = jax.random.uniform(jax.random.key(1), (k,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (k, 20)).astype(jnp.bfloat16)
+  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
+      x, smooth, down, act_format=afmt, block_k=64, interpret=True)]
+  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])   # the NaN token's scale included
+  ok = ~np.isnan(want[1])
+  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
+  assert np.isnan(want[1]).sum() == 1
+
+
+@pytest.mark.parametrize("read_parts", [True, False])
+def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
+  """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
+  them first: set_input_parts) and the reference give the results of the joined input, bit
+  for bit; float kernels likewise; a width that does not add up to K is named."""
+  from svdq_jax.layers import dense
+  x = _parts(72)
+  x = (jnp.nan_to_num(x[0]), x[1])
+  joined = qlinear.join(x)
+  w = jax.random.normal(jax.random.key(1), (512, 128))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
+      jnp.abs(joined.astype(jnp.float32)).max(0), joined.astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(layer, x)),
+                                np.asarray(qlinear.reference_apply(layer, joined)))
+  np.testing.assert_array_equal(np.asarray(dense(x, w.astype(jnp.bfloat16))),
+                                np.asarray(joined @ w.astype(jnp.bfloat16)))
+  default_act = w4a4.act_kernel()
+  w4a4.set_act_kernel("pallas")
+  w4a4.set_input_parts(read_parts)
+  try:
+    with qlinear.backend("interpret"):  # one interpreted kernel in flight at a time
+      want = np.asarray(qlinear.apply(layer, joined))
+      got = np.asarray(dense(x, layer))
+  finally:
+    w4a4.set_act_kernel(default_act)
+    w4a4.set_input_parts(True)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"inputs \[\.\.\., 512\]"):
+    qlinear.apply(layer, (x[0][:, :128], x[1]))
+
+
 def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
   """set_act_kernel('wide_k'): the Pallas kernel, in its wide tiling, for K >= WIDE_K only."""
   calls = []
