@@ -174,8 +174,9 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
   return result
 
 
-def measure(name, graph, state, cfg, args, result):
-  """Step times, memory plan, sampling loop and (optionally) profile of one model."""
+def measure(name, graph, state, cfg, args, result, variant=False):
+  """Step times, memory plan, sampling loop and (optionally) profile of one model; a
+  ``variant`` of the svdquant model skips the --hoist-weights loop."""
   step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
   r = result.setdefault("models", {}).setdefault(name, {})
   r["weight_bytes"] = tree_bytes(state)
@@ -199,7 +200,8 @@ def measure(name, graph, state, cfg, args, result):
     # the loop as sampled by default, then (quantized models, --hoist-weights) with the int8
     # weights expanded once before it; with --profile each is profiled
     latents = []
-    hoists = (False, True) if args.hoist_weights and "svdquant" in name else (False,)
+    hoists = ((False, True) if args.hoist_weights and "svdquant" in name and not variant
+              else (False,))
     for hoist in hoists:
       loop = functools.partial(sampling.sample, model, noise, x[2], x[3], x[5], sigmas,
                                guidance=3.5, hoist_weights=hoist)
@@ -275,6 +277,10 @@ def main():
                   help="also time the svdquant model with each of these activation paths of "
                        "the row-scaled layers (w4a4.ACT_KERNELS, e.g. pallas,wide_k; the "
                        "library default is wide_k): '<name>_act_<kernel>'")
+  ap.add_argument("--joined-inputs", action="store_true",
+                  help="also time the svdquant model with its layers' input parts joined by "
+                       "XLA before the activation kernel (w4a4.set_input_parts(False), the "
+                       "behaviour before 2026-12-03): '<name>_joined_inputs'")
   ap.add_argument("--svdq-attention", default="",
                   help="also time the svdquant model with each of these attention "
                        "implementations (e.g. int8qk: INT8 q k^T, on Hopper the Pallas "
@@ -349,11 +355,15 @@ def main():
       measure(name, graph, qstate, cfg, args, result)
       for act in (v for v in args.act_kernels.split(",") if v):  # the sampling loop retraces
         w4a4.set_act_kernel(act)
-        measure(f"{name}_act_{act}", graph, qstate, cfg, args, result)
+        measure(f"{name}_act_{act}", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_act_kernel(default_act)
+      if args.joined_inputs:
+        w4a4.set_input_parts(False)
+        measure(f"{name}_joined_inputs", graph, qstate, cfg, args, result, variant=True)
+        w4a4.set_input_parts(True)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
-        measure(f"{name}_att_{att}", graph, qstate, cfg, args, result)
+        measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
         set_attention_implementation(args.attention)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])

@@ -16,6 +16,7 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --out $OUT [--m 4608] [--extra-m 1024,16384]
     python3 scripts/bench_rowscaled.py --interpret --m 40 --shapes 256x128   # CPU smoke run
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
+    python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu)
 """
 
 from __future__ import annotations
@@ -297,6 +298,67 @@ def rank_shape(m, k, n, ranks, key, interpret, split_store=False):
   return res
 
 
+# FLUX.1 layers whose input is given as parts (qlinear.Gelu): (plain part's width, width of
+# the array the GELU part reads, its first column)
+PART_LAYERS = {"single linear2": (3072, 21504, 9216), "mlp fc2": (0, 12288, 0)}
+
+
+def parts_shape(m, name, key, interpret):
+  """--parts: a layer whose input is given as parts, as FLUX's model gives it: activation
+  codes and scales of the kernel reading the parts vs the XLA reference on the joined input
+  (and vs the kernel on the joined input: what the GELU computed in the kernel moves), and
+  device times of the activation path and of the fused W4A8 layer, joined by XLA vs read as
+  parts, with bf16 (join + matmul) as the baseline."""
+  plain, wide, start = PART_LAYERS[name]
+  ka, kh, kl = jax.random.split(key, 3)
+  g = qlinear.Gelu((jax.random.normal(kh, (m, wide)) * 2).astype(jnp.bfloat16), start)
+  x = (activations(m, plain, ka), g) if plain else g
+  k, n = qlinear.input_width(x), 3072
+  layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
+  joined = qlinear.join(x)
+  inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
+  tiles = act_rowscaled.tiling(k)
+  quant = jax.jit(lambda x, inv, down, join=False: act_rowscaled.quantize_rows_folded(
+      qlinear.join(x) if join else x, inv, down, act_format="int8", interpret=interpret,
+      **tiles), static_argnames="join")
+  ra, rs, rlr = act_rowscaled.reference_folded(joined, inv, down, "int8")
+  res = dict(layer=name, M=m, K=k, N=n)
+  outs = {}
+  for tag, join in (("parts", False), ("joined", True)):
+    a, s_, lr = outs[tag] = [np.asarray(v) for v in quant(x, inv, down, join=join)]
+    res[f"{tag}_code_mismatches"] = int((a != np.asarray(ra)).sum())
+    res[f"{tag}_scale_mismatches"] = int((s_ != np.asarray(rs)).sum())
+    res[f"{tag}_lr_rel"] = rel(lr, rlr)
+  res["parts_vs_joined_kernel_code_mismatches"] = int((outs["parts"][0] != outs["joined"][0]).sum())
+  print(json.dumps(res), flush=True)
+  t = timer(interpret, name)
+  res["act_joined_ms"] = t(lambda *a: quant(*a, join=True), x, inv, down)
+  res["act_parts_ms"] = t(quant, x, inv, down)
+  res["bf16_ms"] = t(jax.jit(lambda x, w, b: qlinear.join(x) @ w + b), x,
+                     jnp.zeros((k, n), jnp.bfloat16), layer.bias)
+  with qlinear.backend("interpret" if interpret else "pallas"):
+    fused = jax.jit(lambda l, x: qlinear.apply(l, x))
+    res["fused_parts_rel"] = rel(fused(layer, x), qlinear.reference_apply(layer, joined))
+    res["fused_joined_ms"] = t(jax.jit(lambda l, x: qlinear.apply(l, qlinear.join(x))),
+                               layer, x)
+    res["fused_parts_ms"] = t(fused, layer, x)
+  return res
+
+
+def parts_table(results) -> str:
+  lines = ["| layer | M | K -> N | code / scale mismatches vs XLA (parts; joined) | "
+           "act path joined / parts ms | bf16 ms | fused W4A8 joined / parts ms | vs bf16 |",
+           "|" + " --- |" * 8]
+  for r in results:
+    lines.append(
+        f"| {r['layer']} | {r['M']} | {r['K']} -> {r['N']} | {r['parts_code_mismatches']} / "
+        f"{r['parts_scale_mismatches']}; {r['joined_code_mismatches']} / "
+        f"{r['joined_scale_mismatches']} | {r['act_joined_ms']:.3f} / {r['act_parts_ms']:.3f} | "
+        f"{r['bf16_ms']:.3f} | {r['fused_joined_ms']:.3f} / {r['fused_parts_ms']:.3f} | "
+        f"{r['bf16_ms'] / r['fused_joined_ms']:.2f}x / {r['bf16_ms'] / r['fused_parts_ms']:.2f}x |")
+  return "\n".join(lines)
+
+
 def act_table(results) -> str:
   best = lambda r, f: min(ACT_SWEEP, key=lambda c: r[f"act_{f}_pallas_{c}_ms"])
   lines = ["| M | K | copy ms | int8: XLA / best Pallas (tiling) | int4_2l: XLA / best Pallas "
@@ -348,6 +410,9 @@ def main():
                        "(columns 'rank Nw': the output stored whole)")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
+  ap.add_argument("--parts", action="store_true",
+                  help="the layers FLUX gives input parts (qlinear.Gelu): checks and times, "
+                       "joined by XLA vs read as parts")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -365,6 +430,11 @@ def main():
       results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
+    return
+  if args.parts:
+    results = [parts_shape(args.m, name, key, args.interpret) for name in PART_LAYERS]
+    save_results(os.path.join(args.out, "rowscaled_parts.json"), results)
+    print(parts_table(results))
     return
   if args.ranks:
     ranks = [int(v) for v in args.ranks.split(",")]
