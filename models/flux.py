@@ -2,6 +2,9 @@
 
 Every linear layer is ``svdq_jax.layers.Linear``: its kernel may be a float [K, N] array or a
 ``QuantizedLinear`` from ``svdq_jax.quantize``, so a quantized parameter tree runs in this code.
+The MLPs hand their GELU (and the single blocks their concatenation) to the linear after them
+as input parts (``Gelu``): a quantized layer on Hopper computes them while it quantizes its
+input; every other layer joins them first (the same values).
 Shapes: B batch, L_img image tokens (2x2 latent patches), L_txt text tokens, h hidden size.
 """
 
