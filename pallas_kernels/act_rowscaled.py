@@ -34,19 +34,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax import formats, qlinear
-from svdq_jax.pallas_kernels.w4a4 import (GROUP, _div, _pad_rank, _round_half_even,
+from svdq_jax.pallas_kernels.w4a4 import (GROUP, _asm, _div, _pad_rank, _round_half_even,
                                            check_act_inputs)
 
 ACT_FORMATS = formats.ROW_SCALED
 
 
-def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu):
+def kernel_gelu(x: jax.Array, interpret: bool) -> jax.Array:
+  """``qlinear.gelu_tanh`` as the kernel computes it: with the GPU's tanh.approx.f32, whose
+  bf16-rounded output equals XLA's tanh's for every bf16 input (checked on an H200 for all
+  65536, ``bench_rowscaled.py --parts``), at ~1/3 the time of libdevice's tanhf (FLUX's
+  linear2 activation pass: 0.23 vs 0.71 ms, H200, 2026-12-03)."""
+  if interpret:
+    return qlinear.gelu_tanh(x)
+  return qlinear.gelu_tanh(x, tanh=lambda u: _asm("tanh.approx.f32", u))
+
+
+def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret):
   """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (and through
-  ``qlinear.gelu_tanh`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
+  ``kernel_gelu`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
   cols = pl.ds(start, width)
   x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
-  if gelu:
-    x = qlinear.gelu_tanh(x)
+  if gelu_part:
+    x = kernel_gelu(x, interpret)
   v = x.astype(jnp.float32)
   if smooth_ref is not None:  # holds 1 / lambda
     v = v * smooth_ref[cols][None, :]
@@ -57,12 +67,12 @@ def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu):
+def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu, interpret):
   bm, width = x_ref.shape
   row_ok = _rows_ok(bm, m)
   amax = has_nan = jnp.zeros((bm,), jnp.float32)
   for start in range(0, width, block_k):  # unrolled: the loads are issued together
-    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu)
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret)
     amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
     # max() drops NaN on the GPU: a block's NaN is reported on its own
     has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
@@ -91,7 +101,7 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
   width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
-    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu)
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret)
     a = jnp.where(is_nan, 0.0, codes(v))
     plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
                 mask=row_ok)
@@ -152,7 +162,8 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
 
     def kernel(x_ref, *refs, gelu=gelu):
       sm, (amax_ref,) = _split_smooth(inv_smooth is not None, refs)
-      _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k, gelu=gelu)
+      _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k, gelu=gelu,
+                     interpret=interpret)
 
     partials.append(pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs,
