@@ -65,6 +65,9 @@ def input_parts(x) -> tuple[tuple[jax.Array, int, bool], ...]:
   if not out or any(not hasattr(a, "shape") or a.ndim < 1 for a, _, _ in out):
     raise ValueError("a linear layer's input must be an array, a Gelu part or a tuple of "
                      f"them, got {x!r:.200}")
+  if any(not 0 <= s < a.shape[-1] for a, s, _ in out):
+    raise ValueError("a Gelu part's start must be a column of its array, got start "
+                     f"{[s for _, s, _ in out]} for widths {[a.shape[-1] for a, _, _ in out]}")
   if len({a.shape[:-1] for a, _, _ in out}) > 1:
     raise ValueError("the parts of a linear layer's input must share their leading "
                      f"dimensions, got {[a.shape for a, _, _ in out]}")

@@ -160,6 +160,8 @@ def test_join_is_the_concatenation():
     qlinear.input_parts((a, qlinear.Gelu(g.x[:8])))
   with pytest.raises(ValueError, match="must be an array"):
     qlinear.input_parts((a, "x"))
+  with pytest.raises(ValueError, match="start must be a column"):
+    qlinear.input_parts((a, qlinear.Gelu(g.x, start=448)))
 
 
 @pytest.mark.parametrize("afmt", ["int8", "int4_2l"])

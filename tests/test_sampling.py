@@ -113,3 +113,60 @@ def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
            for h in (False, True)]
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(out[0]))
   assert float(jnp.abs(out[0]).max()) > 0
+
+
+def test_single_block_input_parts_reach_the_activation_kernel():
+  """FLUX's single blocks hand linear2 ``(attn, Gelu(qkv_mlp, start=3 hidden))``: on the
+  kernels (interpret mode, Pallas activation path) the kernel receives the parts unjoined,
+  and the model's output equals the one with the parts joined by XLA first, bit for bit."""
+  import svdq_jax
+  from svdq_jax import qlinear
+  from svdq_jax.config import QuantConfig, Rule
+  from svdq_jax.models import flux
+  from svdq_jax.pallas_kernels import act_rowscaled, w4a4
+
+  # bf16, so that the GELU's every operation is rounded alike in kernel and XLA; single
+  # blocks only: one chain of interpreted kernels (tests/conftest.py)
+  cfg = dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24), depth=0,
+                            depth_single_blocks=1)
+  model = Flux(cfg, nnx.Rngs(0))
+  graph, state = nnx.split(model)
+  state = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
+  model = nnx.merge(graph, state)
+  bf = lambda a: a if a is None or a.dtype != jnp.float32 else a.astype(jnp.bfloat16)
+  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
+  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
+          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
+  (inputs,) = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
+  inputs = tuple(bf(a) if i != 1 and i != 3 else a for i, a in enumerate(inputs))
+  calib = svdq_jax.calibrate(lambda a: model(*a), [inputs], model=model, progress=False)
+  config = QuantConfig(rules=(Rule(flux.EMBEDDERS, "skip"), Rule(flux.MODULATION, "skip"),
+                              Rule(".*", "svdquant", "int4_2l", rank=4, act_fmt="int8")),
+                       alpha_grid=1, lowrank_iters=1)
+  qmodel = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  seen = []
+  kernel = act_rowscaled.quantize_rows_folded
+
+  def spy(x, *a, **kw):
+    seen.append([(p.x.shape, p.start) if isinstance(p, qlinear.Gelu) else p.shape
+                 for p in (x if isinstance(x, tuple) else (x,))])
+    return kernel(x, *a, **kw)
+
+  default_act, outs = w4a4.act_kernel(), []
+  act_rowscaled.quantize_rows_folded = spy
+  w4a4.set_act_kernel("pallas")
+  try:
+    with qlinear.backend("interpret"):
+      for parts in (True, False):
+        w4a4.set_input_parts(parts)
+        outs.append(np.asarray(jax.jit(lambda *a: qmodel(*a))(*inputs)))
+  finally:
+    act_rowscaled.quantize_rows_folded = kernel
+    w4a4.set_act_kernel(default_act)
+    w4a4.set_input_parts(True)
+  mlp = cfg.mlp_dim
+  tokens = 3 + 4
+  assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128)] in seen   # linear2, unjoined
+  assert [(tokens, 128 + mlp)] in seen                                 # linear2, joined
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert np.abs(outs[0].astype(np.float32)).max() > 0
