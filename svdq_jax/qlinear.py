@@ -43,7 +43,8 @@ def gelu_tanh(x: jax.Array, tanh=jnp.tanh) -> jax.Array:
 
 @struct.dataclass
 class Gelu:
-  """Part of a linear layer's input: ``gelu_tanh(x[..., start:])``, left to the layer.
+  """Part of a linear layer's input: ``jax.nn.gelu(x[..., start:], approximate=True)``, left
+  to the layer (the kernels compute it as ``gelu_tanh``, the same bits for bf16).
 
   ``apply`` (and ``layers.dense``) take an input given as parts, a tuple of arrays and Gelu
   parts meaning their concatenation along the last axis (``join``), or a single Gelu. The
@@ -79,7 +80,7 @@ def join(x) -> jax.Array:
   last axis, each Gelu part computed (``Gelu``)."""
   if not isinstance(x, (tuple, Gelu)):
     return x
-  cols = [gelu_tanh(a[..., s:]) if g else a for a, s, g in input_parts(x)]
+  cols = [jax.nn.gelu(a[..., s:], approximate=True) if g else a for a, s, g in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
