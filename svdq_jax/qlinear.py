@@ -13,6 +13,8 @@ dequantize the weight to the input's dtype and multiply with f32 accumulation.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import sys
 
 import jax
@@ -362,7 +364,8 @@ def set_backend(name: str) -> None:
   """Chooses how ``apply`` runs quantized layers (read when a function is traced):
 
   'auto': the Pallas kernels on GPU for the formats they support, the jnp reference
-  otherwise (weight-only layers always: XLA fuses their dequantization); 'reference': always
+  otherwise (weight-only layers too, XLA fusing their dequantization, except int4_2l ones
+  given a few bf16 rows: ``pallas_kernels.w4a16_gemv``); 'reference': always
   the jnp reference; 'pallas': always the kernels (an error for unsupported formats);
   'interpret': the kernels in Pallas interpret mode (CPU checks).
   """
@@ -428,6 +431,15 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
   k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
+  if layer.act_format is None and not isinstance(layer, PreparedLinear):
+    from svdq_jax.pallas_kernels import w4a16_gemv
+    rows = math.prod(input_parts(x)[0][0].shape[:-1])
+    if ((_backend != "auto" or jax.default_backend() == "gpu")
+        and w4a16_gemv.supports_layer(layer, rows, input_parts(x)[0][0].dtype)):
+      return reference_apply(layer, x, bias, functools.partial(
+          w4a16_gemv.layer_product, interpret=_backend == "interpret"))
+    if _backend == "auto":  # XLA fuses the dequantization into the matmul
+      return reference_apply(layer, x, bias)
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
@@ -455,9 +467,20 @@ def smoothed(x: jax.Array, smooth: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) * inverse_smooth(smooth)
 
 
+def weight_only_product(layer: QuantizedLinear, xs: jax.Array) -> jax.Array:
+  """A weight-only layer's product, f32 [M, N]: xs [M, K] (the smoothed input, in the input's
+  dtype) times the weight dequantized to that dtype, f32 accumulation (``Precision.HIGHEST``).
+  ``pallas_kernels.w4a16_gemv`` computes it for a few bf16 rows."""
+  w = formats.dequantize(layer.weight(), layer.weight_format).T.astype(xs.dtype)
+  return jnp.matmul(xs, w, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def reference_apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
-                    bias: jax.Array | None = None) -> jax.Array:
-  """The pure-jnp forward pass, the semantics every kernel reproduces (see ``apply``)."""
+                    bias: jax.Array | None = None, product=weight_only_product) -> jax.Array:
+  """The pure-jnp forward pass, the semantics every kernel reproduces (see ``apply``).
+  ``product`` computes a weight-only layer's ``weight_only_product`` (a kernel may stand in:
+  the smoothing, LoRA and bias around it are this function's)."""
   if isinstance(layer, PreparedLinear):  # defined by the layer it was prepared from
     layer = layer.layer
   x = join(x)
@@ -468,15 +491,12 @@ def reference_apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   xf = x2.astype(jnp.float32)
   if layer.smooth is not None:
     xf = smoothed(xf, layer.smooth)
-  wfmt = formats.get_format(layer.weight_format)
-  qw = layer.weight()
   if layer.act_format is None:  # weight-only: dequantize to the input's dtype, f32 accumulation
-    w = formats.dequantize(qw, wfmt).T.astype(x.dtype)
-    y = jnp.matmul(xf.astype(x.dtype), w, preferred_element_type=jnp.float32,
-                   precision=jax.lax.Precision.HIGHEST)
+    y = product(layer, xf.astype(x.dtype))
   else:
     afmt = formats.get_format(layer.act_format)
-    y = quantized_matmul(formats.quantize(xf, afmt), afmt, qw, wfmt)
+    y = quantized_matmul(formats.quantize(xf, afmt), afmt, layer.weight(),
+                         formats.get_format(layer.weight_format))
   if layer.lora_down is not None:
     y = y + lowrank_up(lowrank_down(x2, layer.lora_down, layer.smooth), layer.lora_up)
   if bias is not None:
