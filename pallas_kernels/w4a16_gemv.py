@@ -1,18 +1,23 @@
 """Weight-only int4_2l GEMV for a few rows (Pallas, Triton backend): FLUX's modulation linears.
 
-A weight-only (W4A16) layer's product, as ``qlinear.weight_only_product`` defines it: the weight
-dequantized to bf16, ``w[n, k] = bf16(q[n, k] * (m[n, g] * unit[n]))``, times the bf16 input
-with f32 accumulation. Its callers in FLUX (the modulation linears, ``models.flux.
-quant_config``) take one vector per image, M = batch: XLA turns that dot into a reduction
-fusion over the dequantized weight, which ran at ~0.6 TB/s of packed weights on an H200
-(1.7 ms per 1024x1024 step for the double blocks' 3072 -> 18432 layers alone, more than the
-bf16 model's GEMVs). This kernel reads the packed codes once, N / block_n programs each
-owning block_n output features over all of K:
+A weight-only (W4A16) layer's product, as ``qlinear.weight_only_product`` defines it: the
+weight dequantized to bf16, ``w[n, k] = bf16(q[n, k] * (m[n, g] * unit[n]))``, times the bf16
+input with f32 accumulation. Its callers in FLUX (the modulation linears, ``models.flux.
+quant_config``) take one vector per image, M = batch. XLA computes that from the jnp
+definition as a reduction over the dequantized weight (46 us per 3072 -> 18432 layer at M = 1
+on an H200, against 28 us for the bf16 GEMV) and, from M = 2, as a GEMM on a materialized
+weight (173 us). This kernel reads the packed codes once: N / block_n programs, each owning
+block_n output features, step over K ``groups_per_step`` 64-groups at a time:
 
-  per 64-group g: b = codes[n, 32 g : 32 g + 32]          (uint8: the group's two halves)
-                  s = f32(m[n, g]) * unit[n]               (dequantize's group scale)
-                  w_lo, w_hi = bf16(f32(q) * s)            (q: b's low / high nibbles)
-                  acc[r, n] += sum_j w_lo[j] x[r, 64 g + j] + w_hi[j] x[r, 64 g + 32 + j]
+  b = codes[n, cols]                       uint8 [block_n, 32 groups_per_step], both nibbles
+  s = f32(m[n, g]) * unit[n]               dequantize's scale, broadcast over its 32 bytes
+  w_lo, w_hi = bf16(f32(q) * s)            q: b's low / high nibbles (``formats.pack``: a
+                                           64-group's first 32 values, then its last 32)
+  M = 1:  acc[n] += sum_cols w_lo * x_lo[cols] + w_hi * x_hi[cols]      (CUDA cores)
+  M > 1:  acc[r, n] += x_lo[r, cols] . w_lo[n, cols] + x_hi . w_hi       (bf16 tensor cores,
+                                                                        rows padded to 16)
+
+where x_lo / x_hi [M, K/2] are x's groups' first / last halves (split before the call).
 
 Numerics: the weight values are the reference's bit for bit; the f32 sums are ordered
 differently than XLA's dot (float agreement, not bits).
@@ -21,19 +26,24 @@ differently than XLA's dot (float agreement, not bits).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from svdq_jax.pallas_kernels.w4a4 import GROUP, HALF, _unpack
+from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 
 MAX_ROWS = 16        # rows of x one call takes; a GEMM's business beyond that
+# (block_n, groups_per_step, num_warps, num_stages) by path. H200, K = 3072, N = 9216 and
+# 18432 (scripts/bench_gemv.py, 2026-12-03):
+TILING = {"rows": (16, 16, 4, 3), "mma": (64, 4, 4, 4)}
 
 
-def supports(weight_format: str, m: int, k: int, n: int, block_n: int = 64) -> bool:
+def supports(weight_format: str, m: int, k: int, n: int) -> bool:
   """Whether ``gemv`` takes an [m, k] input to a weight-only layer of this format."""
+  block_n = max(t[0] for t in TILING.values())
   return (weight_format == "int4_2l" and 0 < m <= MAX_ROWS and k % (2 * GROUP) == 0
           and n % block_n == 0)
 
@@ -50,71 +60,103 @@ def layer_product(layer, xs: jax.Array, *, interpret: bool = False) -> jax.Array
   return gemv(xs, layer.qweight, layer.wscale, layer.wcscale, interpret=interpret)
 
 
-def _kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, rows, groups_per_step):
-  bn = c_ref.shape[0]
-  groups = x_ref.shape[1] // GROUP
-  unit = u_ref[...][:, None]
+def _bf16_values(v: jax.Array, interpret: bool) -> jax.Array:
+  """f32 v rounded to bf16 values (to nearest even), kept f32. In interpret mode as
+  ``reduce_precision``: XLA removes an f32 -> bf16 -> f32 round trip as excess precision."""
+  if interpret:
+    return jax.lax.reduce_precision(v, exponent_bits=8, mantissa_bits=7)
+  return v.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mma, interpret):
+  bn, kh = c_ref.shape
+  rows = xlo_ref.shape[0]
+  cols = groups_per_step * HALF        # code bytes per step
+  pairs = groups_per_step // 2         # multiplier bytes per step (two groups each)
+  unit = u_ref[...][:, None, None, None]
+  second = jnp.arange(2)[None, None, :, None] == 1
 
   def step(i, acc):
-    acc = list(acc)
-    for j in range(groups_per_step):   # groups_per_step is even: j % 2 is g's nibble
-      g = i * groups_per_step + j
-      mb = m_ref[:, pl.ds(g // 2, 1)]
-      mult = ((mb & 0xF) if j % 2 == 0 else (mb >> 4)).astype(jnp.float32) + 1.0
-      s = mult * unit
-      lo, hi = _unpack(c_ref[:, pl.ds(pl.multiple_of(g * HALF, HALF), HALF)], signed=True)
-      w_lo = (lo.astype(jnp.float32) * s).astype(jnp.bfloat16).astype(jnp.float32)
-      w_hi = (hi.astype(jnp.float32) * s).astype(jnp.bfloat16).astype(jnp.float32)
-      for r in range(rows):
-        x_lo = x_ref[pl.ds(r, 1), pl.ds(pl.multiple_of(g * GROUP, GROUP), HALF)]
-        x_hi = x_ref[pl.ds(r, 1), pl.ds(pl.multiple_of(g * GROUP + HALF, HALF), HALF)]
-        acc[r] = acc[r] + jnp.sum(w_lo * x_lo + w_hi * x_hi, axis=1)
-    return tuple(acc)
+    at = pl.ds(pl.multiple_of(i * cols, cols), cols)
+    mb = m_ref[:, pl.ds(pl.multiple_of(i * pairs, pairs), pairs)]
+    m = jnp.where(second, (mb >> 4)[:, :, None, None], (mb & 0xF)[:, :, None, None])
+    s = (m.astype(jnp.float32) + 1.0) * unit                    # [bn, pairs, 2, 1]
+    s = jnp.broadcast_to(s, (bn, pairs, 2, HALF)).reshape(bn, cols)
+    lo, hi = _unpack(c_ref[:, at], signed=True)
+    w_lo = _bf16_values(lo.astype(jnp.float32) * s, interpret)
+    w_hi = _bf16_values(hi.astype(jnp.float32) * s, interpret)
+    if mma:
+      return acc + (plgpu.dot(xlo_ref[:, at], w_lo.astype(jnp.bfloat16), trans_b=True)
+                    + plgpu.dot(xhi_ref[:, at], w_hi.astype(jnp.bfloat16), trans_b=True))
+    return acc + jnp.sum(w_lo * xlo_ref[pl.ds(0, 1), at].astype(jnp.float32)
+                         + w_hi * xhi_ref[pl.ds(0, 1), at].astype(jnp.float32), axis=1)
 
-  zero = jnp.zeros((bn,), jnp.float32)
-  acc = jax.lax.fori_loop(0, groups // groups_per_step, step, (zero,) * rows)
-  for r in range(rows):
-    o_ref[r, :] = acc[r]
+  acc = jnp.zeros((rows, bn) if mma else (bn,), jnp.float32)
+  acc = jax.lax.fori_loop(0, kh // cols, step, acc)
+  if mma:
+    o_ref[...] = acc
+  else:
+    o_ref[0, :] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "groups_per_step", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "mma", "interpret"))
 def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
-         block_n: int = 64, groups_per_step: int = 4, num_warps: int = 4,
-         num_stages: int = 3, interpret: bool = False) -> jax.Array:
+         block_n: int | None = None, groups_per_step: int | None = None,
+         num_warps: int | None = None, num_stages: int | None = None,
+         mma: bool | None = None, interpret: bool = False) -> jax.Array:
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
     x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 16.
     codes: uint8 [N, K/2], ``formats.pack``'s layout. mults: uint8 [N, K/128] (K/64
       multipliers, ``formats.pack_multipliers``). unit: f32 [N] the row units.
-    block_n: output features per program (a power of two dividing N); groups_per_step:
-      64-groups per loop step (even, dividing K/64); num_warps, num_stages: Triton's.
+    mma: the products on the bf16 tensor cores (rows padded to 16) or, for M = 1 only, on
+      the CUDA cores; None: by M. block_n: output features per program (a power of two
+      dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2 dividing
+      K/64); num_warps, num_stages: Triton's. None: ``TILING`` of the path (its
+      groups_per_step reduced to what divides K/64).
   """
   m, k = x.shape
   n = codes.shape[0]
-  if not supports("int4_2l", m, k, n, block_n):
+  mma = m > 1 if mma is None else mma
+  if m > 1 and not mma:
+    raise ValueError(f"the CUDA-core path takes one row, got x {x.shape}")
+  tiling = TILING["mma" if mma else "rows"]
+  block_n, groups_per_step, num_warps, num_stages = (
+      d if v is None else v for v, d in zip((block_n, groups_per_step, num_warps, num_stages),
+                                            tiling))
+  groups = k // GROUP
+  if groups_per_step == tiling[1]:   # the default, to the largest power of two dividing K/64
+    groups_per_step = math.gcd(groups_per_step, groups)
+  if not (0 < m <= MAX_ROWS and k % (2 * GROUP) == 0 and n % block_n == 0):
     raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K % 128 == 0] and N % "
                      f"{block_n} == 0, got x {x.shape}, N={n}")
-  groups = k // GROUP
   if codes.shape != (n, k // 2) or mults.shape != (n, groups // 2) or unit.shape != (n,):
     raise ValueError(f"int4_2l weight operands must be codes [N, K/2], multipliers "
                      f"[N, K/128], units [N] for K={k}; got {codes.shape}, {mults.shape}, "
                      f"{unit.shape}")
-  if groups_per_step % 2 or groups % groups_per_step:
-    raise ValueError(f"groups_per_step={groups_per_step} must be even and divide K/64={groups}")
-  xf = x.astype(jnp.bfloat16).astype(jnp.float32)
-  return pl.pallas_call(
-      functools.partial(_kernel, rows=m, groups_per_step=groups_per_step),
+  if groups_per_step < 2 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
+    raise ValueError(f"groups_per_step={groups_per_step} must be a power of two >= 2 "
+                     f"dividing K/64={groups}")
+  rows = _MIN_DOT if mma else 1
+  halves = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0))).reshape(rows, groups, 2, HALF)
+  y = pl.pallas_call(
+      functools.partial(_kernel, groups_per_step=groups_per_step, mma=mma,
+                        interpret=interpret),
       grid=(n // block_n,),
-      in_specs=[pl.BlockSpec((m, k), lambda i: (0, 0)),
+      in_specs=[pl.BlockSpec((rows, k // 2), lambda i: (0, 0)),
+                pl.BlockSpec((rows, k // 2), lambda i: (0, 0)),
                 pl.BlockSpec((block_n, k // 2), lambda i: (i, 0)),
                 pl.BlockSpec((block_n, groups // 2), lambda i: (i, 0)),
                 pl.BlockSpec((block_n,), lambda i: (i,))],
-      out_specs=pl.BlockSpec((m, block_n), lambda i: (0, i)),
-      out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
+      out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
+      out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="svdq_w4a16_gemv")(xf, codes, mults, unit.astype(jnp.float32))
+      interpret=interpret, name="svdq_w4a16_gemv")(
+          halves[:, :, 0].reshape(rows, k // 2), halves[:, :, 1].reshape(rows, k // 2), codes,
+          mults, unit.astype(jnp.float32))
+  return y[:m]
 
 
-__all__ = ["MAX_ROWS", "gemv", "layer_product", "supports", "supports_layer"]
+__all__ = ["MAX_ROWS", "TILING", "gemv", "layer_product", "supports", "supports_layer"]

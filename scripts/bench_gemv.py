@@ -3,13 +3,13 @@
 FLUX's modulation linears (W4A16, one vector per image): for each shape and row count M,
   checks   the kernel's product against ``qlinear.weight_only_product`` (f32) and the layer
            through ``qlinear.apply`` against ``qlinear.reference_apply`` (bf16);
-  timings  XLA bf16 ``x @ w + b`` (the baseline), the layer through the jnp reference (XLA
+  timings  (device time per call, jax.profiler) XLA bf16 ``x @ w + b`` (the baseline), the layer through the jnp reference (XLA
            fuses the dequantization into a reduction), the layer through ``qlinear.apply``
            (the kernel), and the kernel alone at each --configs tiling.
 Prints a table last; writes gemv.json to --out.
 
     python3 scripts/bench_gemv.py --out $OUT
-    python3 scripts/bench_gemv.py --interpret --shapes 256x128 --ms 1 --configs 64,2,4,3
+    python3 scripts/bench_gemv.py --interpret --shapes 256x128 --ms 1,2 --configs 16,2,4,3,mma
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ import jax.numpy as jnp
 
 from svdq_jax import qlinear
 from svdq_jax.pallas_kernels import w4a16_gemv
-from svdq_jax.timing import save_results
+from svdq_jax.timing import device_kernel_seconds, save_results
 
 from bench_rowscaled import rel, timer
 from bench_w4a4 import activations, make_layer
 
 # the double blocks' img_mod / txt_mod (x 38 per step) and the single blocks' modulation (x 38)
 SHAPES = ((3072, 18432), (3072, 9216))
-# block_n, groups_per_step, num_warps, num_stages
-CONFIGS = ("64,4,4,3", "32,4,4,3", "16,4,4,3", "128,4,4,3", "64,2,4,3", "64,8,4,3",
-           "32,8,4,3", "32,4,2,3", "64,4,8,3", "64,4,4,2", "64,4,4,4", "16,8,2,4")
+# block_n, groups_per_step, num_warps, num_stages, path ('rows': M = 1 only, or 'mma')
+CONFIGS = ("16,16,4,3,rows", "16,16,2,3,rows", "16,32,4,3,rows", "16,8,4,3,rows",
+           "32,16,4,3,rows", "16,16,4,2,rows", "16,16,4,4,rows", "8,16,2,3,rows",
+           "16,8,4,3,mma", "32,8,4,3,mma", "64,4,4,4,mma", "64,8,4,3,mma", "32,16,4,3,mma",
+           "16,16,4,3,mma", "64,8,8,3,mma", "128,8,8,3,mma", "32,4,4,4,mma")
 
 
 def w4a16_layer(k, n, key):
@@ -44,7 +46,11 @@ def w4a16_layer(k, n, key):
 def run_shape(m, k, n, configs, key, interpret):
   layer = w4a16_layer(k, n, key)
   x = activations(m, k, jax.random.fold_in(key, 1))
-  t = timer(interpret)
+  wall = timer(interpret)
+  # device time (the profiler's kernels, summed): at tens of microseconds a call's wall time
+  # is the host's dispatch; on a CPU (no device trace) the wall time
+  t = lambda f, *a: (sum(device_kernel_seconds(f, *a, calls=10).values()) * 1e3
+                     or wall(f, *a))
   r = dict(M=m, K=k, N=n, packed_bytes=n * k // 2 + n * k // 128 + 4 * n)
   xs = (qlinear.smoothed(x, layer.smooth)).astype(jnp.bfloat16)
   want = qlinear.weight_only_product(layer, xs)
@@ -62,10 +68,12 @@ def run_shape(m, k, n, configs, key, interpret):
     r["layer_ms"] = t(apply, layer, x)
   r["kernel_ms"] = {}
   for c in configs:
-    bn, gps, warps, stages = (int(v) for v in c.split(","))
-    f = jax.jit(lambda xs, c, mu, u, bn=bn, gps=gps, warps=warps, stages=stages: w4a16_gemv.gemv(
-        xs, c, mu, u, block_n=bn, groups_per_step=gps, num_warps=warps, num_stages=stages,
-        interpret=interpret))
+    bn, gps, warps, stages = (int(v) for v in c.split(",")[:4])
+    if m > 1 and c.endswith("rows"):
+      continue
+    kw = dict(block_n=bn, groups_per_step=gps, num_warps=warps, num_stages=stages,
+              mma=c.endswith("mma"), interpret=interpret)
+    f = jax.jit(lambda xs, c, mu, u, kw=kw: w4a16_gemv.gemv(xs, c, mu, u, **kw))
     try:
       r["kernel_ms"][c] = t(f, xs, layer.qweight, layer.wscale, layer.wcscale)
     except Exception as e:  # a tiling the compiler rejects: recorded, not fatal
@@ -90,7 +98,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/gemv"))
   ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-  ap.add_argument("--ms", default="1,2", help="row counts (images per call)")
+  ap.add_argument("--ms", default="1,2,4", help="row counts (images per call)")
   ap.add_argument("--configs", default=";".join(CONFIGS))
   ap.add_argument("--interpret", action="store_true")
   args = ap.parse_args()

@@ -1,0 +1,100 @@
+"""The weight-only int4_2l GEMV (pallas_kernels.w4a16_gemv) in interpret mode against
+``qlinear.weight_only_product``, and the layer dispatch that uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import formats, qlinear
+from svdq_jax.pallas_kernels import w4a16_gemv
+from svdq_jax.qlinear import QuantizedLinear, stored_weight
+
+K, N = 256, 128
+
+
+def _layer(seed=0, bias=True):
+  """A W4A16 int4_2l layer with AWQ-style smoothing, a zero row and an outlier group."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  w = jax.random.normal(ks[0], (N, K)) * 0.02
+  w = w.at[3].set(0.0).at[7, 64:128].multiply(30.0)
+  return QuantizedLinear(
+      **stored_weight(formats.quantize_weight(w, "int4_2l"), "int4_2l"),
+      smooth=jax.random.uniform(ks[1], (K,), minval=0.5, maxval=2.0),
+      bias=(jax.random.normal(ks[2], (N,)) * 0.1).astype(jnp.bfloat16) if bias else None,
+      weight_format="int4_2l", act_format=None)
+
+
+def _gemv(layer, x, **kw):
+  return w4a16_gemv.gemv(x, layer.qweight, layer.wscale, layer.wcscale, interpret=True, **kw)
+
+
+def _bf16_weight(layer):
+  """f32 [N, K]: the weight values the reference multiplies by (dequantized, at bf16)."""
+  w = formats.dequantize(layer.weight(), "int4_2l").astype(jnp.bfloat16)
+  return np.asarray(w.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("mma", [False, True])
+def test_weight_values_bit_exact(mma):
+  """One-hot rows pick single weights: every product and sum is exact, so the kernel's
+  dequantized weight must equal the reference's bit for bit (column 0, 1, 31, 32, ...: both
+  nibbles of a byte, both multipliers of a byte)."""
+  layer = _layer()
+  cols = [0, 1, 31, 32, 63, 64, 100, 127, 128, 191, 200, 255] if mma else [37]
+  x = jnp.zeros((len(cols), K), jnp.bfloat16).at[np.arange(len(cols)), cols].set(1.0)
+  for kw in (dict(), dict(block_n=32, groups_per_step=2)):
+    y = np.asarray(_gemv(layer, x, mma=mma, **kw))
+    np.testing.assert_array_equal(y, _bf16_weight(layer)[:, cols].T)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_product_matches_reference(m):
+  layer = _layer()
+  x = (jax.random.normal(jax.random.key(m), (m, K)) * 2.0).at[:, 5].multiply(40.0)
+  x = x.astype(jnp.bfloat16)
+  want = np.asarray(qlinear.weight_only_product(layer, x))
+  for kw in ([dict(), dict(mma=True)] if m == 1 else [dict()]):
+    got = np.asarray(_gemv(layer, x, **kw))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_layer_dispatch_runs_the_kernel():
+  """Under the 'interpret' backend a bf16 W4A16 int4_2l layer runs the kernel (smoothing,
+  bias and rounding around it as the reference); f32 inputs and wide M do not."""
+  layer = _layer()
+  x = (jax.random.normal(jax.random.key(1), (2, 5, K)) * 2.0).astype(jnp.bfloat16)
+  calls = []
+  real = w4a16_gemv.layer_product
+
+  def spy(*a, **kw):
+    calls.append(a[1].shape)
+    return real(*a, **kw)
+
+  w4a16_gemv.layer_product = spy
+  try:
+    with qlinear.backend("interpret"):
+      y = jax.block_until_ready(qlinear.apply(layer, x))
+  finally:
+    w4a16_gemv.layer_product = real
+  assert calls == [(10, K)]
+  ref = qlinear.reference_apply(layer, x)
+  assert y.shape == ref.shape == (2, 5, N) and y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32),
+                             rtol=2 ** -7, atol=1e-6)
+  assert w4a16_gemv.supports_layer(layer, 10, jnp.bfloat16)
+  assert not w4a16_gemv.supports_layer(layer, 10, jnp.float32)
+  assert not w4a16_gemv.supports_layer(layer, 17, jnp.bfloat16)
+
+
+def test_errors_name_the_problem():
+  layer = _layer()
+  with pytest.raises(ValueError, match="M <= 16"):
+    _gemv(layer, jnp.zeros((17, K), jnp.bfloat16))
+  with pytest.raises(ValueError, match="one row"):
+    _gemv(layer, jnp.zeros((2, K), jnp.bfloat16), mma=False)
+  with pytest.raises(ValueError, match="codes \\[N, K/2\\]"):
+    w4a16_gemv.gemv(jnp.zeros((1, 2 * K), jnp.bfloat16), layer.qweight, layer.wscale,
+                    layer.wcscale, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    _gemv(layer, jnp.zeros((1, K), jnp.bfloat16), groups_per_step=3)
