@@ -41,6 +41,16 @@ MAX_ROWS = 16        # rows of x one call takes; a GEMM's business beyond that
 TILING = {"rows": (16, 16, 4, 3), "mma": (64, 4, 4, 4)}
 
 
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+  """Whether ``qlinear.apply`` runs eligible weight-only layers here (the default) or leaves
+  them to XLA's fusion of the jnp reference (scripts/bench_flux_full.py --xla-gemv)."""
+  global _enabled
+  _enabled = bool(on)
+
+
 def supports(weight_format: str, m: int, k: int, n: int) -> bool:
   """Whether ``gemv`` takes an [m, k] input to a weight-only layer of this format."""
   block_n = max(t[0] for t in TILING.values())
@@ -50,8 +60,9 @@ def supports(weight_format: str, m: int, k: int, n: int) -> bool:
 
 def supports_layer(layer, m: int, dtype) -> bool:
   """Whether a weight-only QuantizedLinear's product for an [m, K] input of ``dtype`` runs
-  here (bf16 inputs only: the reference dequantizes the weight to the input's dtype)."""
-  return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and layer.act_format is None
+  here (bf16 inputs only: the reference dequantizes the weight to the input's dtype; and
+  while ``set_enabled``)."""
+  return (_enabled and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and layer.act_format is None
           and supports(layer.weight_format, m, layer.in_features, layer.out_features))
 
 
@@ -159,4 +170,4 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   return y[:m]
 
 
-__all__ = ["MAX_ROWS", "TILING", "gemv", "layer_product", "supports", "supports_layer"]
+__all__ = ["MAX_ROWS", "TILING", "gemv", "layer_product", "set_enabled", "supports", "supports_layer"]

@@ -35,7 +35,7 @@ from svdq_jax.models import sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import int8_hopper, w4a4
+from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -103,6 +103,7 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
     ("int4_2l weight expansion", r"svdq_expand"),
+    ("W4A16 GEMV kernel (modulation)", r"svdq_w4a16_gemv"),
     ("attention (INT8 q k^T kernel)", r"int8qk_flash"),
     ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
@@ -281,6 +282,11 @@ def main():
                   help="also time the svdquant model with its layers' input parts joined by "
                        "XLA before the activation kernel (w4a4.set_input_parts(False), the "
                        "behaviour before 2026-12-03): '<name>_joined_inputs'")
+  ap.add_argument("--xla-gemv", action="store_true",
+                  help="also time the svdquant model with its weight-only layers (the "
+                       "modulation) left to XLA's fusion instead of the Pallas GEMV "
+                       "(w4a16_gemv.set_enabled(False), the behaviour before 2026-12-03): "
+                       "'<name>_xla_gemv'")
   ap.add_argument("--svdq-attention", default="",
                   help="also time the svdquant model with each of these attention "
                        "implementations (e.g. int8qk: INT8 q k^T, on Hopper the Pallas "
@@ -361,6 +367,10 @@ def main():
         w4a4.set_input_parts(False)
         measure(f"{name}_joined_inputs", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_input_parts(True)
+      if args.xla_gemv:
+        w4a16_gemv.set_enabled(False)
+        measure(f"{name}_xla_gemv", graph, qstate, cfg, args, result, variant=True)
+        w4a16_gemv.set_enabled(True)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)

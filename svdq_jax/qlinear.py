@@ -388,7 +388,8 @@ def backend(name: str):
 
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
-                    ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"))
+                    ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
+                    ("w4a16_gemv", "_enabled"))
 
 
 def trace_settings() -> tuple:

@@ -85,6 +85,13 @@ def test_layer_dispatch_runs_the_kernel():
   assert w4a16_gemv.supports_layer(layer, 10, jnp.bfloat16)
   assert not w4a16_gemv.supports_layer(layer, 10, jnp.float32)
   assert not w4a16_gemv.supports_layer(layer, 17, jnp.bfloat16)
+  settings = qlinear.trace_settings()
+  w4a16_gemv.set_enabled(False)   # jitted loops retrace when it is switched
+  try:
+    assert not w4a16_gemv.supports_layer(layer, 10, jnp.bfloat16)
+    assert qlinear.trace_settings() != settings
+  finally:
+    w4a16_gemv.set_enabled(True)
 
 
 def test_errors_name_the_problem():
