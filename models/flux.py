@@ -3,8 +3,9 @@
 Every linear layer is ``svdq_jax.layers.Linear``: its kernel may be a float [K, N] array or a
 ``QuantizedLinear`` from ``svdq_jax.quantize``, so a quantized parameter tree runs in this code.
 The MLPs hand their GELU (and the single blocks their concatenation) to the linear after them
-as input parts (``Gelu``): a quantized layer on Hopper computes them while it quantizes its
-input; every other layer joins them first (the same values).
+as input parts (``Gelu``, from ``gelu_from``): a quantized layer on Hopper computes the GELU in
+its GEMM's epilogue and the next one reads the parts where they lie while it quantizes them;
+every other layer joins them first (the same values).
 Shapes: B batch, L_img image tokens (2x2 latent patches), L_txt text tokens, h hidden size.
 """
 
@@ -20,7 +21,7 @@ from flax import nnx
 from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
 from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.layers import Gelu, Linear
+from svdq_jax.layers import Linear
 from svdq_jax.parallel import token_mesh
 
 
@@ -205,7 +206,7 @@ class StreamMLP(nnx.Module):
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(Gelu(self.fc1(x)))
+    return self.fc2(self.fc1(x, gelu_from=0))   # fc2(gelu(fc1(x))): a Gelu part
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -252,11 +253,11 @@ class SingleStreamBlock(nnx.Module):
 
   def __call__(self, x, vec, pe):
     shift, scale, gate = self.modulation(vec)
-    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift)
-    q, k, v = split_heads(qkv_mlp[..., :3 * self.hidden], self.num_heads)
+    # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
+    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
+    q, k, v = split_heads(qkv_mlp.x[..., :3 * self.hidden], self.num_heads)
     attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
-    # concatenate([attn, gelu(mlp)]), mlp = qkv_mlp[..., 3 * hidden:], left to linear2
-    out = self.linear2((attn, Gelu(qkv_mlp, start=3 * self.hidden)))
+    out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out
 
 

@@ -62,11 +62,11 @@ def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
-    "delay_release", "out_splits", "out_dtype", "num_sms", "interpret"))
+    "delay_release", "out_splits", "out_dtype", "gelu_from", "num_sms", "interpret"))
 def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
               grid_minor: str = "n", grid_tile_width: int = 1, delay_release: int = 0,
-              out_splits: int = 1, out_dtype=jnp.bfloat16,
+              out_splits: int = 1, out_dtype=jnp.bfloat16, gelu_from: int | None = None,
               num_sms: int | None = None, interpret: bool = False):
   """Y = (a . w^T) * s_a s_w + lr . up_t^T + bias, on int8 tensor cores.
 
@@ -84,7 +84,12 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
     out_splits: the output tile is staged and stored in this many column slices, one after
       the other, through a staging buffer that much smaller (shared memory for a wider
       low-rank branch at the same pipeline depth, for one wait per slice).
-    out_dtype: bf16 or f32. num_sms: programs (default: the GPU's SMs; interpret: tiles).
+    out_dtype: bf16 or f32. gelu_from: None, or the first of the output columns stored
+      through the tanh GELU (``qlinear.gelu_tanh`` of the bf16 output, each operation rounded
+      to bf16, the tanh the GPU's tanh.approx.f32: FLUX's linear1 / fc1, whose GELU'd output
+      the next layer's activation kernel then reads as it is); bf16 outputs, a multiple of
+      the CTA tile's N.
+    num_sms: programs (default: the GPU's SMs; interpret: tiles).
     interpret: Pallas' GPU interpret mode (CPU; needs PJRT_NPROC >= 4, tests/conftest.py).
 
   Returns:
@@ -115,6 +120,10 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
   out_dtype = jnp.dtype(out_dtype)
   if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+  if gelu_from is not None and (out_dtype != jnp.dtype(jnp.bfloat16) or gelu_from % cta_n
+                                or not 0 <= gelu_from < n):
+    raise ValueError(f"gelu_from={gelu_from} must be a column of the bf16 output [M, {n}] on "
+                     f"the CTA tile's grid ({cta_n} columns)")
   pad = -m_out % ROW_ALIGN
   if pad:
     a = jnp.pad(a, ((0, pad), (0, 0)))
@@ -202,13 +211,23 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
             b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
             total = total + lax.broadcast_in_dim(b, total.shape, [1])
           out_tile = out_gmem.at[m_slice, n_slice].at[wg_m, wg_n]
-          for part in range(out_splits):   # the staging buffer is free once TMA has read it
-            cols = slice(part * out_cols, (part + 1) * out_cols)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = (total if out_splits == 1 else total[:, cols]).astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                    out_tile.at[:, pl.ds(cols.start, out_cols)])
+
+          def store(gelu):
+            for part in range(out_splits):   # the staging buffer is free once TMA has read it
+              cols = slice(part * out_cols, (part + 1) * out_cols)
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              y = (total if out_splits == 1 else total[:, cols]).astype(out_dtype)
+              out_smem[wg] = _gelu(y) if gelu else y
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                      out_tile.at[:, pl.ds(cols.start, out_cols)])
+
+          if gelu_from is None:
+            store(False)
+          else:   # whole CTA tiles on one side of gelu_from
+            in_gelu = n_idx * cta_n >= gelu_from
+            pl.when(in_gelu)(lambda: store(True))
+            pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
 
         def body(_, a_smem, w_smem, acc):
           plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
@@ -220,7 +239,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel.__name__ = (f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}"
-                     f"d{delay_release}o{out_splits}")
+                     f"d{delay_release}o{out_splits}{'' if gelu_from is None else 'gelu'}")
   args = [a, w, sa, sw]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
@@ -244,14 +263,23 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
           plgpu.Barrier(num_barriers=10),
       ],
       compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+          approx_math=gelu_from is not None),   # the GELU's tanh: tanh.approx.f32
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   return y[:m_out]
 
 
+def _gelu(y):
+  """``qlinear.gelu_tanh`` of the bf16 output tile; in the kernel ``jnp.tanh`` is the GPU's
+  tanh.approx.f32 (``approx_math``), as in ``act_rowscaled.kernel_gelu``."""
+  from svdq_jax.qlinear import gelu_tanh
+  return gelu_tanh(y)
+
+
 def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
-  """jnp semantics of ``int8_gemm`` (f32, before the output rounding)."""
+  """jnp semantics of ``int8_gemm`` (f32, before the output rounding; ``gelu_from``: the
+  bf16 output's columns from there through ``qlinear.gelu_tanh``)."""
   from svdq_jax.qlinear import lowrank_up, row_scaled_matmul
   y = row_scaled_matmul(a, sa, w, sw)
   if lr is not None:

@@ -479,20 +479,20 @@ def hopper_gemm(m: int, k: int, n: int, interpret: bool, weight_format: str = "i
 
 
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
-                interpret: bool = False) -> jax.Array:
-  """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype)."""
+                gelu_from: int | None = None, interpret: bool = False):
+  """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype);
+  with ``gelu_from``, an applied ``qlinear.Gelu`` where the GEMM computed the GELU
+  (``row_scaled_linear``)."""
   if not supports(layer.weight_format, layer.act_format):
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
                      f"{layer.act_format!r}; supported (weights: activations): "
                      f"{KERNEL_FORMATS}")
   bias = layer.bias if bias is None else bias
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
-    parts = qlinear.input_parts(x)
-    lead = parts[0][0].shape[:-1]
-    x2 = tuple(a.reshape(-1, a.shape[-1]) for a, _, _ in parts)
-    x2 = tuple(qlinear.Gelu(a, s) if g else a for a, (_, s, g) in zip(x2, parts))
-    y = row_scaled_linear(layer, x2 if len(x2) > 1 else x2[0], bias, interpret=interpret)
-    return y.reshape(*lead, layer.out_features)
+    lead = qlinear.input_parts(x)[0][0].shape[:-1]
+    y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
+                          bias, gelu_from=gelu_from, interpret=interpret)
+    return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)
@@ -542,6 +542,18 @@ def set_input_parts(read: bool) -> None:
   _input_parts = bool(read)
 
 
+_epilogue_gelu = True
+
+
+def set_epilogue_gelu(on: bool) -> None:
+  """Whether a row-scaled layer asked for ``gelu_from`` (FLUX's fc1, linear1) computes the
+  GELU in its int8 GEMM's epilogue (the default), so that the next layer's activation kernel
+  reads its values as they are, or leaves it to the next layer (as before 2026-12-03; kept
+  to time the difference, scripts/bench_flux_full.py --next-layer-gelu)."""
+  global _epilogue_gelu
+  _epilogue_gelu = bool(on)
+
+
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """(int8 [N, K], f32 [N]): the weight operand of the int8 GEMM."""
   from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
@@ -564,7 +576,7 @@ def prepare_row_scaled(layer, *, interpret: bool = False) -> qlinear.PreparedLin
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
-                      interpret: bool = False) -> jax.Array:
+                      gelu_from: int | None = None, interpret: bool = False):
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), the
@@ -572,7 +584,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   the scales, the low-rank up projection and the bias in its epilogue. ``layer``: a
   QuantizedLinear, or a PreparedLinear (``qlinear.prepare``) holding the weight-side operands.
   x may be given as parts [M, K_i] (``qlinear.Gelu``), which the Pallas activation kernel
-  reads where they lie (``set_input_parts``).
+  reads where they lie (``set_input_parts``). ``gelu_from``: with ``set_epilogue_gelu`` and
+  a tiling whose CTA tiles it falls between, the GEMM stores the output's columns from there
+  through the GELU and the result is ``qlinear.Gelu(y, gelu_from, applied=True)``; otherwise
+  the plain output (the caller marks the GELU as still to be computed).
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
   p = (layer if isinstance(layer, qlinear.PreparedLinear)
@@ -595,9 +610,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
   if tiles is not None:
+    cta_n = tiles["tile_n"] * (2 if tiles["wg_dim"] == "n" else 1)
+    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
+            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
-                              interpret=interpret, **tiles)
-    return y.astype(dtype)
+                              gelu_from=gelu_from if gelu else None, interpret=interpret,
+                              **tiles)
+    return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)

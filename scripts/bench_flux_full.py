@@ -282,6 +282,11 @@ def main():
                   help="also time the svdquant model with its layers' input parts joined by "
                        "XLA before the activation kernel (w4a4.set_input_parts(False), the "
                        "behaviour before 2026-12-03): '<name>_joined_inputs'")
+  ap.add_argument("--next-layer-gelu", action="store_true",
+                  help="also time the svdquant model with fc1's / linear1's GELU left to the "
+                       "next layer's activation kernel instead of the int8 GEMM's epilogue "
+                       "(w4a4.set_epilogue_gelu(False), the behaviour before 2026-12-03): "
+                       "'<name>_next_layer_gelu'")
   ap.add_argument("--xla-gemv", action="store_true",
                   help="also time the svdquant model with its weight-only layers (the "
                        "modulation) left to XLA's fusion instead of the Pallas GEMV "
@@ -367,6 +372,10 @@ def main():
         w4a4.set_input_parts(False)
         measure(f"{name}_joined_inputs", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_input_parts(True)
+      if args.next_layer_gelu:
+        w4a4.set_epilogue_gelu(False)
+        measure(f"{name}_next_layer_gelu", graph, qstate, cfg, args, result, variant=True)
+        w4a4.set_epilogue_gelu(True)
       if args.xla_gemv:
         w4a16_gemv.set_enabled(False)
         measure(f"{name}_xla_gemv", graph, qstate, cfg, args, result, variant=True)

@@ -16,7 +16,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --out $OUT [--m 4608] [--extra-m 1024,16384]
     python3 scripts/bench_rowscaled.py --interpret --m 40 --shapes 256x128   # CPU smoke run
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
-    python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu)
+    python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
+                                                            # outputs through an epilogue GELU
 """
 
 from __future__ import annotations
@@ -345,6 +346,34 @@ def parts_shape(m, name, key, interpret):
   return res
 
 
+# FLUX.1 layers whose output feeds a GELU from a column on (``gelu_from``): (K, N, gelu_from)
+GELU_PRODUCERS = {"mlp fc1": (3072, 12288, 0), "single linear1": (3072, 21504, 9216)}
+
+
+def producer_shape(m, name, key, interpret):
+  """--parts: a layer asked for ``gelu_from`` (the int8 GEMM's epilogue GELU): its output
+  left of gelu_from vs the plain layer's, right of it vs ``qlinear.gelu_tanh`` of the plain
+  output computed op by op (eagerly: each operation rounded to bf16), and device times of
+  the fused W4A8 layer with and without the epilogue GELU."""
+  k, n, start = GELU_PRODUCERS[name]
+  layer = make_layer(k, n, 32, key, "int4_2l", "int8")
+  x = activations(m, k, key)
+  res = dict(layer=name, M=m, K=k, N=n, gelu_from=start)
+  with qlinear.backend("interpret" if interpret else "pallas"):
+    plain = jax.jit(lambda l, x: qlinear.apply(l, x))
+    gelu = jax.jit(lambda l, x: qlinear.apply(l, x, gelu_from=start))
+    y0, y1 = plain(layer, x), gelu(layer, x)
+    res["epilogue_applied"] = bool(y1.applied)
+    res["head_mismatches"] = int((np.asarray(y1.x[:, :start]) != np.asarray(y0[:, :start])).sum())
+    want = np.asarray(qlinear.gelu_tanh(y0[:, start:]))
+    res["gelu_mismatches"] = int((np.asarray(y1.x[:, start:]) != want).sum())
+    print(json.dumps(res), flush=True)
+    t = timer(interpret, name)
+    res["fused_ms"] = t(plain, layer, x)
+    res["fused_epilogue_gelu_ms"] = t(gelu, layer, x)
+  return res
+
+
 def gelu_check(interpret) -> dict:
   """The activation kernel's GELU (``act_rowscaled.kernel_gelu``: tanh.approx.f32) on every
   bf16 value vs ``qlinear.gelu_tanh`` and ``jax.nn.gelu`` op by op (XLA's tanh): differing
@@ -457,9 +486,16 @@ def main():
   if args.parts:
     check = gelu_check(args.interpret)
     print(json.dumps(check), flush=True)
+    producers = [producer_shape(args.m, name, key, args.interpret) for name in GELU_PRODUCERS]
     results = [parts_shape(args.m, name, key, args.interpret) for name in PART_LAYERS]
-    save_results(os.path.join(args.out, "rowscaled_parts.json"), [check] + results)
+    save_results(os.path.join(args.out, "rowscaled_parts.json"), [check] + producers + results)
     print(parts_table(results))
+    print("\n| producer | K -> N | gelu_from | head / GELU mismatches | fused W4A8 ms | with "
+          "epilogue GELU ms |\n|" + " --- |" * 6)
+    for r in producers:
+      print(f"| {r['layer']} | {r['K']} -> {r['N']} | {r['gelu_from']} | "
+            f"{r['head_mismatches']} / {r['gelu_mismatches']} | {r['fused_ms']:.3f} | "
+            f"{r['fused_epilogue_gelu_ms']:.3f} |")
     return
   if args.ranks:
     ranks = [int(v) for v in args.ranks.split(",")]

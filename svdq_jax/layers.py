@@ -15,19 +15,23 @@ from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, apply, join
 __all__ = ["Gelu", "Linear", "dense", "lookup"]
 
 
-def dense(x, kernel, bias: jax.Array | None = None) -> jax.Array:
+def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
   """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
   ``PreparedLinear``).
 
   x may be given as parts (``Gelu``: e.g. ``(attn, Gelu(h))`` for
   ``concatenate([attn, gelu(h)], -1)``), which a quantized kernel on the Hopper path reads
   where they lie; float kernels join them first. Float kernels compute in the promoted dtype
-  of x and kernel; quantized ones return x's dtype.
+  of x and kernel; quantized ones return x's dtype. ``gelu_from``: the output's columns from
+  there on feed a GELU, and the output is returned as ``Gelu(y, gelu_from)`` to be given to
+  the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
+  epilogue: ``qlinear.apply``); columns before it are y's as they are.
   """
   if isinstance(kernel, (QuantizedLinear, PreparedLinear)):
-    return apply(kernel, x, bias)
+    return apply(kernel, x, bias, gelu_from)
   y = jnp.matmul(join(x), kernel)
-  return y if bias is None else y + bias
+  y = y if bias is None else y + bias
+  return y if gelu_from is None else Gelu(y, gelu_from)
 
 
 def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
@@ -40,7 +44,7 @@ def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 
-  def __call__(self, x) -> jax.Array:
-    """x: [..., K], or its parts (``dense``)."""
+  def __call__(self, x, gelu_from: int | None = None):
+    """x: [..., K], or its parts; ``gelu_from``: see ``dense``."""
     bias = None if self.bias is None else self.bias.get_value()
-    return dense(x, self.kernel.get_value(), bias)
+    return dense(x, self.kernel.get_value(), bias, gelu_from)

@@ -55,16 +55,23 @@ class Gelu:
   blocks: [4608, 15360] per block); every other path joins the parts first. ``start`` lets a
   part be the tail of a wider array (the MLP half of FLUX's fused linear1 output) without a
   sliced copy.
+
+  ``applied``: the columns from ``start`` on already hold the GELU's values (a layer given
+  ``gelu_from`` returns its output so when a kernel computed the GELU in its epilogue, and
+  as a plain Gelu part otherwise: ``apply``).
   """
 
   x: jax.Array
   start: int = struct.field(pytree_node=False, default=0)
+  applied: bool = struct.field(pytree_node=False, default=False)
 
 
 def input_parts(x) -> tuple[tuple[jax.Array, int, bool], ...]:
-  """A layer input (an array, a Gelu, or a tuple of both) as (array, start, gelu) parts."""
+  """A layer input (an array, a Gelu, or a tuple of both) as (array, start, gelu) parts:
+  ``gelu`` whether the GELU is still to be computed on the array's columns from ``start``."""
   parts = x if isinstance(x, tuple) else (x,)
-  out = tuple((p.x, p.start, True) if isinstance(p, Gelu) else (p, 0, False) for p in parts)
+  out = tuple((p.x, p.start, not p.applied) if isinstance(p, Gelu) else (p, 0, False)
+              for p in parts)
   if not out or any(not hasattr(a, "shape") or a.ndim < 1 for a, _, _ in out):
     raise ValueError("a linear layer's input must be an array, a Gelu part or a tuple of "
                      f"them, got {x!r:.200}")
@@ -82,8 +89,16 @@ def join(x) -> jax.Array:
   last axis, each Gelu part computed (``Gelu``)."""
   if not isinstance(x, (tuple, Gelu)):
     return x
-  cols = [jax.nn.gelu(a[..., s:], approximate=True) if g else a for a, s, g in input_parts(x)]
+  cols = [jax.nn.gelu(a[..., s:], approximate=True) if g else a[..., s:]
+          for a, s, g in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def map_parts(x, f):
+  """A layer input with ``f`` applied to each part's array (Gelu starts and flags kept)."""
+  if isinstance(x, tuple):
+    return tuple(map_parts(p, f) for p in x)
+  return x.replace(x=f(x.x)) if isinstance(x, Gelu) else f(x)
 
 
 def input_width(x) -> int:
@@ -389,7 +404,7 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a16_gemv", "_enabled"))
+                    ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"))
 
 
 def trace_settings() -> tuple:
@@ -403,13 +418,15 @@ def trace_settings() -> tuple:
 
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
-          bias: jax.Array | None = None) -> jax.Array:
+          bias: jax.Array | None = None, gelu_from: int | None = None) -> jax.Array | Gelu:
   """Forward pass. x [..., K] -> [..., N] in x's dtype, on the backend ``set_backend`` chose.
 
   x may also be given as parts (``Gelu``): a tuple of arrays [..., K_i] and Gelu parts whose
   widths sum to K, meaning their concatenation. ``bias`` (optional, [N]) is added like
   ``layer.bias``; pass it when the bias lives outside the layer (a Flax module's own ``bias``
-  parameter). Giving both is an error.
+  parameter). Giving both is an error. ``gelu_from``: the output's columns from there on
+  feed a GELU (FLUX's fc1, linear1's MLP half); the result is then ``Gelu(y, gelu_from)``,
+  with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue.
   """
   k = layer.in_features
   if input_width(x) != k:
@@ -418,17 +435,23 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
                      f"{shapes if isinstance(x, (tuple, Gelu)) else shapes[0]}")
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
+  if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
+    raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
+                     f"{layer.out_features}]")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
+  y = None
   if parallel.token_mesh() is not None:
     x = join(x)
     y = parallel.split_tokens(_dispatch, layer, x, bias)
-    if y is not None:
-      return y
-  return _dispatch(layer, x, bias)
+  if y is None:
+    y = _dispatch(layer, x, bias, gelu_from)
+  return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
-def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> jax.Array:
-  """``apply`` on the backend ``set_backend`` chose (inputs already checked)."""
+def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
+              gelu_from: int | None = None) -> jax.Array | Gelu:
+  """``apply`` on the backend ``set_backend`` chose (inputs already checked); an applied
+  ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output."""
   k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
@@ -451,9 +474,10 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None) -> j
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
-      return w4a4.w4a4_linear(layer, x, bias)
+      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from)
     return reference_apply(layer, x, bias)
-  return w4a4.w4a4_linear(layer, x, bias, interpret=_backend == "interpret")
+  return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from,
+                          interpret=_backend == "interpret")
 
 
 def inverse_smooth(smooth: jax.Array) -> jax.Array:
