@@ -218,6 +218,51 @@ def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
     qlinear.apply(layer, (x[0][:, :128], x[1]))
 
 
+def test_gelu_from_computes_the_gelu_in_the_gemm_epilogue():
+  """qlinear.apply / layers.dense with gelu_from: a Gelu part of the output. On the kernels the
+  int8 GEMM stores the columns from gelu_from through the GELU (applied), bit for bit
+  jax.nn.gelu of the plain output; with set_epilogue_gelu(False), on the reference and on
+  float kernels the GELU is left to the next layer (the same values once joined)."""
+  from svdq_jax.layers import dense
+  x = _x(72, 256).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (256, 384))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
+      jnp.abs(x.astype(jnp.float32)).max(0), x.astype(jnp.float32))
+  start = 128
+  with qlinear.backend("interpret"):  # one interpreted kernel in flight at a time
+    plain = np.asarray(dense(x, layer))
+    y = jax.block_until_ready(dense(x, layer, gelu_from=start))
+    w4a4.set_epilogue_gelu(False)
+    try:
+      lazy = jax.block_until_ready(dense(x, layer, gelu_from=start))
+    finally:
+      w4a4.set_epilogue_gelu(True)
+  assert isinstance(y, qlinear.Gelu) and y.applied and y.start == start
+  np.testing.assert_array_equal(np.asarray(y.x[:, :start]), plain[:, :start])
+  np.testing.assert_array_equal(
+      np.asarray(y.x[:, start:]),
+      np.asarray(jax.nn.gelu(jnp.asarray(plain[:, start:]), approximate=True)))
+  assert not lazy.applied
+  np.testing.assert_array_equal(np.asarray(lazy.x), plain)
+  np.testing.assert_array_equal(np.asarray(qlinear.join(lazy)), np.asarray(qlinear.join(y)))
+  ref = dense(x, layer, gelu_from=start)   # the CPU's 'auto': the reference
+  assert not ref.applied and ref.start == start
+  fl = dense(x, w.astype(jnp.bfloat16), gelu_from=start)
+  assert not fl.applied
+  np.testing.assert_array_equal(np.asarray(fl.x), np.asarray(x @ w.astype(jnp.bfloat16)))
+  with pytest.raises(ValueError, match="gelu_from=384"):
+    dense(x, layer, gelu_from=384)
+  a, sa = x.astype(jnp.int8), jnp.ones((72,))
+  with pytest.raises(ValueError, match="gelu_from=100"):
+    int8_hopper.int8_gemm(a, sa, w.T.astype(jnp.int8), jnp.ones((384,)), gelu_from=100,
+                          tile_m=64, tile_n=128, interpret=True)
+  with pytest.raises(ValueError, match="gelu_from=128"):
+    int8_hopper.int8_gemm(a, sa, w.T.astype(jnp.int8), jnp.ones((384,)), gelu_from=128,
+                          out_dtype=jnp.float32, tile_m=64, tile_n=128, interpret=True)
+
+
 def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
   """set_act_kernel('wide_k'): the Pallas kernel, in its wide tiling, for K >= WIDE_K only."""
   calls = []
