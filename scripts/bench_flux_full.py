@@ -100,6 +100,11 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
           jnp.full((batch,), 3.5, jnp.bfloat16))
 
 
+# --flag: the svdquant model also timed with this kernel choice switched off, '<name>_<flag>'
+OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
+                ("next_layer_gelu", w4a4.set_epilogue_gelu),
+                ("xla_gemv", w4a16_gemv.set_enabled))
+
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
     ("int4_2l weight expansion", r"svdq_expand"),
@@ -368,18 +373,11 @@ def main():
         w4a4.set_act_kernel(act)
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_act_kernel(default_act)
-      if args.joined_inputs:
-        w4a4.set_input_parts(False)
-        measure(f"{name}_joined_inputs", graph, qstate, cfg, args, result, variant=True)
-        w4a4.set_input_parts(True)
-      if args.next_layer_gelu:
-        w4a4.set_epilogue_gelu(False)
-        measure(f"{name}_next_layer_gelu", graph, qstate, cfg, args, result, variant=True)
-        w4a4.set_epilogue_gelu(True)
-      if args.xla_gemv:
-        w4a16_gemv.set_enabled(False)
-        measure(f"{name}_xla_gemv", graph, qstate, cfg, args, result, variant=True)
-        w4a16_gemv.set_enabled(True)
+      for flag, switch in OFF_SWITCHES:   # a kernel choice switched off (on by default)
+        if getattr(args, flag):
+          switch(False)
+          measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
+          switch(True)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
