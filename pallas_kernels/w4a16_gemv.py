@@ -36,9 +36,11 @@ from jax.experimental.pallas import triton as plgpu
 from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 
 MAX_ROWS = 16        # rows of x one call takes; a GEMM's business beyond that
-# (block_n, groups_per_step, num_warps, num_stages) by path. H200, K = 3072, N = 9216 and
-# 18432 (scripts/bench_gemv.py, 2026-12-03):
-TILING = {"rows": (16, 16, 4, 3), "mma": (64, 4, 4, 4)}
+# (block_n, groups_per_step, num_warps, num_stages) by path, the fastest of the sweeps at
+# K = 3072, N = 9216 and 18432 on an H200 (scripts/bench_gemv.py, 2026-12-03; device us):
+# 'rows' at M = 1 22.0 / 35.4 (16 features x 8 groups 36.5 / 22.1, 32 x 4 27.2 / 42.0, 64 x 4
+# 37.2 / 51.7); 'mma' at M = 2 23.6 / 37.4 (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6).
+TILING = {"rows": (16, 16, 4, 3), "mma": (32, 8, 4, 3)}
 
 
 _enabled = True
