@@ -60,6 +60,11 @@ def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
     raise ValueError(f"bias must be [N] = [{n}], got {bias.shape}")
 
 
+def cta_cols(tile_n: int, wg_dim: str) -> int:
+  """The CTA tile's output columns: both compute warpgroups' when they split it along N."""
+  return tile_n * (2 if wg_dim == "n" else 1)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
     "delay_release", "out_splits", "out_dtype", "gelu_from", "num_sms", "interpret"))
@@ -102,7 +107,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
   m_out, k = a.shape
   n = w.shape[0]
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
-  cta_n = tile_n * (2 if wg_dim == "n" else 1)
+  cta_n = cta_cols(tile_n, wg_dim)
   if k % tile_k:
     tile_k = 64
   if k % tile_k:
@@ -320,7 +325,7 @@ def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bflo
   """Shared memory of ``int8_gemm``'s scratch and pipeline buffers, in bytes. Matched Mosaic's
   count to the byte, less 144 bytes of barriers, at ranks 64 / 96 / 160 (H200, 2026-12-02)."""
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
-  cta_n = tile_n * (2 if wg_dim == "n" else 1)
+  cta_n = cta_cols(tile_n, wg_dim)
   lr_rows, lr_cols = (tile_m, rank) if rank else (8, 64)
   up_rows = tile_n if rank else 8
   return (steps * (cta_m + cta_n) * tile_k                       # int8 operand tiles
@@ -347,7 +352,7 @@ def tiling(n: int, out_dtype=jnp.bfloat16, rank: int = 0) -> dict | None:
   for t in tilings:
     t = dict(t)
     max_n, min_steps = t.pop("max_n", None), t.pop("min_steps", 2)
-    if n % (t["tile_n"] * (2 if t["wg_dim"] == "n" else 1)) or (max_n and n > max_n):
+    if n % cta_cols(t["tile_n"], t["wg_dim"]) or (max_n and n > max_n):
       continue
     splits = (1, 2) if SPLIT_STORE and t["tile_n"] % 128 == 0 else (1,)
     for steps in range(t["steps"], min_steps - 1, -1):
@@ -364,4 +369,4 @@ def supports(k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
   return k % 64 == 0 and tiling(n, out_dtype) is not None
 
 
-__all__ = ["SPLIT_STORE", "int8_gemm", "reference", "smem_bytes", "supports", "tiling", "on_hopper"]
+__all__ = ["SPLIT_STORE", "cta_cols", "int8_gemm", "reference", "smem_bytes", "supports", "tiling", "on_hopper"]

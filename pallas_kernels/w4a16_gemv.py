@@ -135,13 +135,13 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   mma = m > 1 if mma is None else mma
   if m > 1 and not mma:
     raise ValueError(f"the CUDA-core path takes one row, got x {x.shape}")
-  tiling = TILING["mma" if mma else "rows"]
-  block_n, groups_per_step, num_warps, num_stages = (
-      d if v is None else v for v, d in zip((block_n, groups_per_step, num_warps, num_stages),
-                                            tiling))
   groups = k // GROUP
-  if groups_per_step == tiling[1]:   # the default, to the largest power of two dividing K/64
-    groups_per_step = math.gcd(groups_per_step, groups)
+  tile_n, tile_groups, warps, stages = TILING["mma" if mma else "rows"]
+  block_n = tile_n if block_n is None else block_n
+  if groups_per_step is None:   # the largest power of two up to the tiling's dividing K/64
+    groups_per_step = math.gcd(tile_groups, groups)
+  num_warps = warps if num_warps is None else num_warps
+  num_stages = stages if num_stages is None else num_stages
   if not (0 < m <= MAX_ROWS and k % (2 * GROUP) == 0 and n % block_n == 0):
     raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K % 128 == 0] and N % "
                      f"{block_n} == 0, got x {x.shape}, N={n}")

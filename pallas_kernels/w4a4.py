@@ -610,8 +610,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
   if tiles is not None:
-    cta_n = tiles["tile_n"] * (2 if tiles["wg_dim"] == "n" else 1)
-    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
+    gelu = (_epilogue_gelu and gelu_from is not None
+            and gelu_from % int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]) == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                               gelu_from=gelu_from if gelu else None, interpret=interpret,

@@ -457,9 +457,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
     return reference_apply(layer, x, bias)
   if layer.act_format is None and not isinstance(layer, PreparedLinear):
     from svdq_jax.pallas_kernels import w4a16_gemv
-    rows = math.prod(input_parts(x)[0][0].shape[:-1])
+    first = input_parts(x)[0][0]
     if ((_backend != "auto" or jax.default_backend() == "gpu")
-        and w4a16_gemv.supports_layer(layer, rows, input_parts(x)[0][0].dtype)):
+        and w4a16_gemv.supports_layer(layer, math.prod(first.shape[:-1]), first.dtype)):
       return reference_apply(layer, x, bias, functools.partial(
           w4a16_gemv.layer_product, interpret=_backend == "interpret"))
     if _backend == "auto":  # XLA fuses the dequantization into the matmul
