@@ -18,6 +18,7 @@ import math
 import sys
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -26,16 +27,32 @@ from svdq_jax import formats
 from svdq_jax.formats import matmul_f32
 
 
-def gelu_tanh(x: jax.Array, tanh=jnp.tanh) -> jax.Array:
+def round_bf16_bits(v: jax.Array) -> jax.Array:
+  """f32 ``v`` rounded to the nearest bf16 (ties to even), as f32: the values of
+  ``v.astype(bfloat16).astype(float32)``, computed with integer operations on the bits.
+
+  Why: in a Mosaic GPU kernel the cast pair lets LLVM shrink a rounded f32 product and sum
+  into bf16 operations and contract them into one fma.rn.bf16 (one rounding where the
+  definition has two); integer operations are opaque to that."""
+  bits = lax.bitcast_convert_type(v, jnp.int32)
+  bits = bits + 0x7FFF + (lax.shift_right_logical(bits, 16) & 1)   # two's complement wraps
+  rounded = lax.bitcast_convert_type(bits & -0x10000, jnp.float32)
+  return jnp.where(v != v, v, rounded)   # a NaN whose payload lies below bit 16 stays NaN
+
+
+def gelu_tanh(x: jax.Array, tanh=jnp.tanh, round_bits: bool = False) -> jax.Array:
   """``jax.nn.gelu(x, approximate=True)`` in x's dtype, each operation rounded to that dtype
   as jnp's is (the same bits for every bf16 value on the CPU), written out in f32 operations
   so that the activation kernels compute the same ones (``Gelu``). (f32 inputs: the same
   formula, but XLA may contract its products and sums differently.) ``tanh``: the f32 tanh
   (the kernels pass the hardware's approximate one: its input and its rounded output are bf16
   values, so one check of all 65536 inputs shows it exact, scripts/bench_rowscaled.py
-  --parts)."""
+  --parts). ``round_bits`` (bf16 x only): each rounding by ``round_bf16_bits``, the same
+  values, for compilers that would fuse the roundings away (the Mosaic GPU GEMM epilogue)."""
   dt = x.dtype
-  r = lambda v: v.astype(dt).astype(jnp.float32)   # one operation in dt
+  if round_bits and dt != jnp.bfloat16:
+    raise ValueError(f"gelu_tanh(round_bits=True) rounds to bf16; x is {dt}")
+  r = round_bf16_bits if round_bits else (lambda v: v.astype(dt).astype(jnp.float32))
   c = lambda v: jnp.asarray(v, dt).astype(jnp.float32)
   xf = x.astype(jnp.float32)
   inner = r(xf + r(c(0.044715) * r(r(xf * xf) * xf)))
