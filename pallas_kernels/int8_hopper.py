@@ -277,9 +277,9 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
 
 def _gelu(y):
   """``qlinear.gelu_tanh`` of the bf16 output tile; in the kernel ``jnp.tanh`` is the GPU's
-  tanh.approx.f32 (``approx_math``), as in ``act_rowscaled.kernel_gelu``. Rounded by integer
-  operations: with casts, 0.22% of an H200's results differed from the definition by a bf16
-  ulp (2026-12-03)."""
+  tanh.approx.f32 (``approx_math``), as in ``act_rowscaled.kernel_gelu``. Its product that a sum
+  adds is rounded by integer operations (``round_bits``): with casts, 0.22% of an H200's
+  results differed from the definition by a bf16 ulp (2026-12-03)."""
   from svdq_jax.qlinear import gelu_tanh
   return gelu_tanh(y, round_bits=True)
 

@@ -29,15 +29,16 @@ from svdq_jax.formats import matmul_f32
 
 def round_bf16_bits(v: jax.Array) -> jax.Array:
   """f32 ``v`` rounded to the nearest bf16 (ties to even), as f32: the values of
-  ``v.astype(bfloat16).astype(float32)``, computed with integer operations on the bits.
+  ``v.astype(bfloat16).astype(float32)`` for every non-NaN v, computed with integer
+  operations on the bits. A NaN may come out as any value (the GPU's canonical NaN as -0):
+  callers keep NaN elsewhere.
 
   Why: in a Mosaic GPU kernel the cast pair lets LLVM shrink a rounded f32 product and sum
   into bf16 operations and contract them into one fma.rn.bf16 (one rounding where the
   definition has two); integer operations are opaque to that."""
   bits = lax.bitcast_convert_type(v, jnp.int32)
   bits = bits + 0x7FFF + (lax.shift_right_logical(bits, 16) & 1)   # two's complement wraps
-  rounded = lax.bitcast_convert_type(bits & -0x10000, jnp.float32)
-  return jnp.where(v != v, v, rounded)   # a NaN whose payload lies below bit 16 stays NaN
+  return lax.bitcast_convert_type(bits & -0x10000, jnp.float32)
 
 
 def gelu_tanh(x: jax.Array, tanh=jnp.tanh, round_bits: bool = False) -> jax.Array:
@@ -47,15 +48,19 @@ def gelu_tanh(x: jax.Array, tanh=jnp.tanh, round_bits: bool = False) -> jax.Arra
   formula, but XLA may contract its products and sums differently.) ``tanh``: the f32 tanh
   (the kernels pass the hardware's approximate one: its input and its rounded output are bf16
   values, so one check of all 65536 inputs shows it exact, scripts/bench_rowscaled.py
-  --parts). ``round_bits`` (bf16 x only): each rounding by ``round_bf16_bits``, the same
-  values, for compilers that would fuse the roundings away (the Mosaic GPU GEMM epilogue)."""
+  --parts). ``round_bits`` (bf16 x only): the one product that a sum adds is rounded by
+  ``round_bf16_bits``, the same values, so that no compiler contracts the two into an fma
+  (the Mosaic GPU GEMM epilogue did, in 0.22% of elements; one integer rounding there was
+  enough and all six cost 6x more, H200 2026-12-03). A NaN x makes that product NaN, and the
+  sum keeps the NaN whatever its rounding gives."""
   dt = x.dtype
   if round_bits and dt != jnp.bfloat16:
     raise ValueError(f"gelu_tanh(round_bits=True) rounds to bf16; x is {dt}")
-  r = round_bf16_bits if round_bits else (lambda v: v.astype(dt).astype(jnp.float32))
+  r = lambda v: v.astype(dt).astype(jnp.float32)   # one operation in dt
   c = lambda v: jnp.asarray(v, dt).astype(jnp.float32)
   xf = x.astype(jnp.float32)
-  inner = r(xf + r(c(0.044715) * r(r(xf * xf) * xf)))
+  cubic = (round_bf16_bits if round_bits else r)(c(0.044715) * r(r(xf * xf) * xf))
+  inner = r(xf + cubic)
   cdf = r(c(0.5) * r(1.0 + r(tanh(r(c(np.sqrt(2 / np.pi)) * inner)))))
   return (xf * cdf).astype(dt)
 
