@@ -381,9 +381,10 @@ def unpack(packed: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
   """uint8 [..., K // 2] -> int8 [..., K], inverse of ``pack``."""
   *lead, kb = packed.shape
   blocks = packed.reshape(*lead, kb // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
-  lo = from_codes(blocks & 0xF, fmt)
-  hi = from_codes(blocks >> 4, fmt)
-  return jnp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kb)
+  # both nibbles by one broadcast shift, not a concatenation of two halves: XLA's CPU
+  # compiler, splitting the concatenation over more than 2 threads, spent minutes in LLVM
+  shifts = jnp.array([[0], [4]], jnp.uint8)
+  return from_codes((blocks >> shifts) & 0xF, fmt).reshape(*lead, 2 * kb)
 
 
 def pack_multipliers(m: jnp.ndarray) -> jnp.ndarray:
@@ -399,6 +400,6 @@ def pack_multipliers(m: jnp.ndarray) -> jnp.ndarray:
 def unpack_multipliers(packed: jnp.ndarray, groups: int) -> jnp.ndarray:
   """uint8 [..., ceil(G/2)] -> int32 multipliers [..., G] in 1..16, inverse of
   ``pack_multipliers``."""
-  lo, hi = packed & 0xF, packed >> 4
-  m = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)[..., :groups]
+  nibbles = (packed[..., None] >> jnp.array([0, 4], jnp.uint8)) & 0xF   # as in ``unpack``
+  m = nibbles.reshape(*packed.shape[:-1], -1)[..., :groups]
   return m.astype(jnp.int32) + 1

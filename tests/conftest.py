@@ -9,14 +9,6 @@ import tempfile
 # can take the last threads and deadlock too, so tests wait for a kernel's result first (seen
 # with 8 threads, 2026-12-03); the larger pool only makes that rarer.
 os.environ.setdefault("PJRT_NPROC", str(max(32, os.cpu_count() or 1)))
-# With that pool on a 2-core machine, XLA's CPU compiler spent minutes in LLVM's loop
-# optimizations (LoopLoadElimination's scalar evolution) on the quantized FLUX step: 147 s to
-# compile test_lora's step, 15 s with the default pool. LLVM at -O1 compiles it in 7 s and
-# the suite ran in 1079 s instead of 1835 s (2026-12-03). XLA's own passes are the same and
-# the CPU has no fast math: that test's calibration, quantized tree and step outputs, float
-# and quantized, came out the same bits at -O1 as at the default level.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_backend_optimization_level=1").strip()
 # the CLI keeps compiled programs under $XDG_CACHE_HOME (svdq-jax --compile-cache): not the
 # user's cache for test runs
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="svdq_jax_test_cache_")
