@@ -377,14 +377,20 @@ def pack(q: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
   return (lo | (hi << 4)).astype(jnp.uint8).reshape(*lead, k // 2)
 
 
+def _nibbles(packed: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """uint8 [...] -> uint8 with a new axis of 2 at ``axis`` (negative): each byte's low
+  nibble, then its high one. One broadcast shift rather than a concatenation of the two
+  halves: XLA's CPU compiler, splitting that concatenation over more than 2 threads, spent
+  minutes in LLVM (2026-12-03)."""
+  shifts = np.array([0, 4], np.uint8).reshape((2,) + (1,) * (-axis - 1))
+  return (jnp.expand_dims(packed, axis) >> shifts) & 0xF
+
+
 def unpack(packed: jnp.ndarray, fmt: str | Format) -> jnp.ndarray:
   """uint8 [..., K // 2] -> int8 [..., K], inverse of ``pack``."""
   *lead, kb = packed.shape
-  blocks = packed.reshape(*lead, kb // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
-  # both nibbles by one broadcast shift, not a concatenation of two halves: XLA's CPU
-  # compiler, splitting the concatenation over more than 2 threads, spent minutes in LLVM
-  shifts = jnp.array([[0], [4]], jnp.uint8)
-  return from_codes((blocks >> shifts) & 0xF, fmt).reshape(*lead, 2 * kb)
+  blocks = packed.reshape(*lead, kb // (PACK_BLOCK // 2), PACK_BLOCK // 2)
+  return from_codes(_nibbles(blocks, axis=-2), fmt).reshape(*lead, 2 * kb)
 
 
 def pack_multipliers(m: jnp.ndarray) -> jnp.ndarray:
@@ -400,6 +406,5 @@ def pack_multipliers(m: jnp.ndarray) -> jnp.ndarray:
 def unpack_multipliers(packed: jnp.ndarray, groups: int) -> jnp.ndarray:
   """uint8 [..., ceil(G/2)] -> int32 multipliers [..., G] in 1..16, inverse of
   ``pack_multipliers``."""
-  nibbles = (packed[..., None] >> jnp.array([0, 4], jnp.uint8)) & 0xF   # as in ``unpack``
-  m = nibbles.reshape(*packed.shape[:-1], -1)[..., :groups]
+  m = _nibbles(packed, axis=-1).reshape(*packed.shape[:-1], -1)[..., :groups]
   return m.astype(jnp.int32) + 1
