@@ -44,15 +44,15 @@ from bench_w4a4 import activations, make_layer
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
 VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"]
-# activation kernel (block_m, block_k, chunks, num_warps) and expansion (block_n, block_pairs,
-# num_warps)
-ACT_SWEEP = ["64,256,1,4", "64,256,4,4", "32,256,4,4", "64,128,4,4", "64,256,4,8"]
+# activation kernel (block_m, block_k, chunks, num_warps[, passes]) and expansion (block_n,
+# block_pairs, num_warps)
+ACT_SWEEP = ["64,256,1,4", "64,128,4,4", "16,256,1,8,1", "16,256,1,4,1", "32,256,1,8,1"]
 EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
-  bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
+  bm, bk, chunks, warps, *passes = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps, passes=(passes or [2])[0])
 
 
 def _expand_kwargs(cfg):
@@ -245,9 +245,12 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8":  # the first pass alone
+      if afmt == "int8" and _act_kwargs(cfg)["passes"] == 2:  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
-            act_rowscaled.row_scales(x, s, "int8", interpret=interpret, **_act_kwargs(c))),
+            act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
+                                     "int8", interpret=interpret,
+                                     **{k_: v for k_, v in _act_kwargs(c).items()
+                                        if k_ != "passes"})),
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
@@ -412,17 +415,21 @@ def parts_table(results) -> str:
 
 
 def act_table(results) -> str:
-  best = lambda r, f: min(ACT_SWEEP, key=lambda c: r[f"act_{f}_pallas_{c}_ms"])
-  lines = ["| M | K | copy ms | int8: XLA / best Pallas (tiling) | int4_2l: XLA / best Pallas "
-           "(tiling) | bf16 matmul | fused W4A8 act=xla / act=pallas | mismatches |",
-           "|" + " --- |" * 8]
+  """int8 activation kernel per tiling, int4_2l's best, and the fused layer per path (ms)."""
+  best = lambda r: min(ACT_SWEEP, key=lambda c: r[f"act_int4_2l_pallas_{c}_ms"])
+  lines = ["| M | K -> N | copy | int8 XLA | " + " | ".join(f"int8 `{c}`" for c in ACT_SWEEP)
+           + " | int4_2l XLA / best Pallas | bf16 matmul | "
+           + " | ".join(f"fused act={a}" for a in w4a4.ACT_KERNELS) + " | mismatches |"]
+  lines.append("|" + " --- |" * (len(ACT_SWEEP) + len(w4a4.ACT_KERNELS) + 7))
   for r in results:
-    cell = lambda f: (f"{r[f'act_{f}_xla_ms']:.3f} / {r[f'act_{f}_pallas_{best(r, f)}_ms']:.3f}"
-                      f" `{best(r, f)}`")
     bad = sum(v for key_, v in r["checks"].items() if key_.endswith("mismatches"))
-    lines.append(f"| {r['M']} | {r['K']} -> {r['N']} | {r['copy_ms']:.3f} | {cell('int8')} | "
-                 f"{cell('int4_2l')} | {r['bf16_ms']:.3f} | {r['fused_w4a8_xla_ms']:.3f} / "
-                 f"{r['fused_w4a8_pallas_ms']:.3f} | {bad} |")
+    lines.append(
+        f"| {r['M']} | {r['K']} -> {r['N']} | {r['copy_ms']:.3f} | {r['act_int8_xla_ms']:.3f} | "
+        + " | ".join(f"{r[f'act_int8_pallas_{c}_ms']:.3f}" for c in ACT_SWEEP)
+        + f" | {r['act_int4_2l_xla_ms']:.3f} / {r[f'act_int4_2l_pallas_{best(r)}_ms']:.3f} "
+        f"`{best(r)}` | {r['bf16_ms']:.3f} | "
+        + " | ".join(f"{r[f'fused_w4a8_{a}_ms']:.3f}" for a in w4a4.ACT_KERNELS)
+        + f" | {bad} |")
   return "\n".join(lines)
 
 
@@ -460,6 +467,8 @@ def main():
   ap.add_argument("--split-store", action="store_true",
                   help="with --ranks: each rank also with int8_hopper.SPLIT_STORE flipped "
                        "(columns 'rank Nw': the output stored whole)")
+  ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
+                  help="--act-only tilings: block_m,block_k,chunks,num_warps[,passes];...")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   ap.add_argument("--parts", action="store_true",
@@ -515,9 +524,10 @@ def main():
     print("\n".join(lines))
     return
   if args.act_only:
+    ACT_SWEEP[:] = args.act_sweep.split(";")
     for k, n in shapes:
       r = act_shape(args.m, k, n, args.rank, key, args.interpret)
-      print(json.dumps(r), flush=True)
+      print(json.dumps({k_: v for k_, v in r.items() if k_ != "checks"}), flush=True)
       results.append(r)
     meta = save_results(os.path.join(args.out, "rowscaled_act.json"), results)
     print(act_table(results))
