@@ -52,53 +52,40 @@ def kernel_gelu(x: jax.Array, interpret: bool) -> jax.Array:
   return qlinear.gelu_tanh(x, tanh=lambda u: _asm("tanh.approx.f32", u))
 
 
-def _x_hat(x_ref, smooth_ref, row_ok, chunk, width, interpret):
-  """(x, f32 x / lambda) [block_m, width] of one chunk (``_chunks``): its columns as loaded
-  (and through ``kernel_gelu`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
-  x_col, k_col, gelu_part = chunk
-  x = plgpu.load(x_ref.at[:, pl.ds(x_col, width)], mask=row_ok, other=0)
+def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret):
+  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (and through
+  ``kernel_gelu`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
+  cols = pl.ds(start, width)
+  x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
   if gelu_part:
     x = kernel_gelu(x, interpret)
   v = x.astype(jnp.float32)
   if smooth_ref is not None:  # holds 1 / lambda
-    v = v * smooth_ref[pl.ds(k_col, width)][None, :]
+    v = v * smooth_ref[cols][None, :]
   return x, v
-
-
-def _chunks(first, stop, k_col, width, gelu):
-  """(x column, layer-input column, gelu) of the width-wide chunks of x's columns first..stop,
-  the first at column k_col of the layer's input (of 1 / lambda, the codes and L_down)."""
-  return [(c, k_col + c - first, gelu) for c in range(first, stop, width)]
 
 
 def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax(x_refs, chunks, smooth_ref, row_ok, width, interpret):
-  """f32 [block_m] max |x / lambda| over the chunks (one list per ref of x_refs), NaN for a
-  row holding a NaN. Unrolled: the loads are issued together."""
-  amax = has_nan = jnp.zeros((row_ok.shape[0],), jnp.float32)
-  for x_ref, ref_chunks in zip(x_refs, chunks):
-    for chunk in ref_chunks:
-      _, v = _x_hat(x_ref, smooth_ref, row_ok, chunk, width, interpret)
-      amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
-      # max() drops NaN on the GPU: a chunk's NaN is reported on its own
-      has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
-  return jnp.where(has_nan > 0, jnp.nan, amax)
+def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu, interpret):
+  bm, width = x_ref.shape
+  row_ok = _rows_ok(bm, m)
+  amax = has_nan = jnp.zeros((bm,), jnp.float32)
+  for start in range(0, width, block_k):  # unrolled: the loads are issued together
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret)
+    amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
+    # max() drops NaN on the GPU: a block's NaN is reported on its own
+    has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
+  plgpu.store(amax_ref, jnp.where(has_nan > 0, jnp.nan, amax), mask=row_ok[:, 0])
 
 
-def _token_scale(amax, act_format):
-  """f32 token scales from max |x / lambda| (``formats.quantize``, ``formats.row_scaled``)."""
-  return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
-
-
-def _codes(x_refs, chunks, smooth_ref, scale, down_ref, a_ref, *, row_ok, act_format,
-           block_k, interpret):
-  """Writes the chunks' int8 codes into a_ref at their layer-input columns, for token scales
-  f32 [block_m] (NaN: codes 0), and returns their low-rank down projection summed (f32
-  [block_m, r]; None without down_ref). Chunks as ``_absmax``'s, block_k wide (int8) or one
-  64-group (int4_2l: its multiplier's span)."""
+def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
+                  block_k, gelu, interpret):
+  bm, bk = x_ref.shape
+  row_ok = _rows_ok(bm, m)
+  scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
   is_nan = (scale != scale)[:, None]
   div_by = jnp.where((scale == 0) | is_nan[:, 0], 1.0, scale)[:, None]
   recip = lambda t: _div(jnp.ones_like(t), t, interpret)
@@ -112,61 +99,19 @@ def _codes(x_refs, chunks, smooth_ref, scale, down_ref, a_ref, *, row_ok, act_fo
     q = jnp.clip(_round_half_even(v * recip(unit * mult), interpret), -8.0, 7.0)
     return q * mult
 
+  # int8 takes block_k columns at once, int4_2l one 64-group (its multiplier's span)
   width = block_k if act_format == "int8" else GROUP
   lr = None
-  for x_ref, ref_chunks in zip(x_refs, chunks):
-    for chunk in ref_chunks:
-      x, v = _x_hat(x_ref, smooth_ref, row_ok, chunk, width, interpret)
-      a = jnp.where(is_nan, 0.0, codes(v))
-      cols = pl.ds(chunk[1], width)
-      plgpu.store(a_ref.at[:, cols], a.astype(jnp.int32).astype(jnp.int8), mask=row_ok)
-      if down_ref is not None:
-        part = plgpu.dot(x.astype(jnp.bfloat16), down_ref[cols, :])
-        lr = part if lr is None else lr + part
-  return lr
-
-
-def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu, interpret):
-  bm, span = x_ref.shape
-  row_ok = _rows_ok(bm, m)
-  amax = _absmax([x_ref], [_chunks(0, span, 0, block_k, gelu)], smooth_ref, row_ok, block_k,
-                 interpret)
-  plgpu.store(amax_ref, amax, mask=row_ok[:, 0])
-
-
-def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
-                  block_k, gelu, interpret):
-  bm, span = x_ref.shape
-  row_ok = _rows_ok(bm, m)
-  scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
-  width = block_k if act_format == "int8" else GROUP
-  lr = _codes([x_ref], [_chunks(0, span, 0, width, gelu)], smooth_ref, scale, down_ref, a_ref,
-              row_ok=row_ok, act_format=act_format, block_k=block_k, interpret=interpret)
+  for start in range(0, bk, width):
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret)
+    a = jnp.where(is_nan, 0.0, codes(v))
+    plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
+                mask=row_ok)
+    if down_ref is not None:
+      part = plgpu.dot(x.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
+      lr = part if lr is None else lr + part
   if down_ref is not None:
     plgpu.store(lr_ref, lr, mask=row_ok)
-
-
-def _one_pass_kernel(*refs, parts, m, act_format, block_k, has_smooth, has_down, interpret):
-  """Both passes in one program over its block_m tokens' whole rows: the second pass reads
-  the rows again, from L2 (a program's rows: block_m K 2 bytes). refs: x per part, 1 / lambda
-  [K] (has_smooth), down [K, rp] (has_down), then the outputs codes [block_m, K], scales
-  [block_m], lr [block_m, rp] (has_down); parts: (first column, width, layer column, gelu)."""
-  it = iter(refs)
-  x_refs = [next(it) for _ in parts]
-  smooth_ref = next(it) if has_smooth else None
-  down_ref = next(it) if has_down else None
-  a_ref, s_ref = next(it), next(it)
-  row_ok = _rows_ok(a_ref.shape[0], m)
-  span = lambda w: [_chunks(first, first + width, at, w, gelu)
-                    for first, width, at, gelu in parts]
-  amax = _absmax(x_refs, span(block_k), smooth_ref, row_ok, block_k, interpret)
-  scale = _token_scale(amax, act_format)
-  plgpu.store(s_ref, scale, mask=row_ok[:, 0])
-  lr = _codes(x_refs, span(block_k if act_format == "int8" else GROUP), smooth_ref,
-              jnp.where(row_ok[:, 0], scale, 1.0), down_ref, a_ref, row_ok=row_ok,
-              act_format=act_format, block_k=block_k, interpret=interpret)
-  if has_down:
-    plgpu.store(next(it), lr, mask=row_ok)
 
 
 def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
@@ -229,8 +174,8 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name="svdq_absmax")(*args))
   partial = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
-  return _token_scale(jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0)),
-                      act_format)
+  amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
+  return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
 
 
 def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
@@ -284,41 +229,6 @@ def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, bl
   return a, (lr[:, :down.shape[1]] if down is not None else None)
 
 
-def one_pass(parts, inv_smooth, down, act_format, *, block_m, block_k, num_warps, interpret):
-  """(int8 [M, K] codes, f32 [M] token scales, f32 [M, r] ``x @ down`` or None) from one
-  program per block_m tokens (``_one_pass_kernel``): no partial maxima or low-rank partials
-  for XLA to reduce; parts, inv_smooth and down as ``codes_and_lowrank``'s."""
-  m = parts[0][0].shape[0]
-  k = sum(x.shape[1] - start for x, start, _ in parts)
-  block_k, _ = _tiling(parts, block_k, 1)
-  down_p = None if down is None else _pad_rank(down, 1)
-  meta = tuple((start, x.shape[1] - start, at, gelu)
-               for (x, start, gelu), at in zip(parts, _offsets(parts)))
-  in_specs = [pl.BlockSpec((block_m, x.shape[1]), lambda i: (i, 0)) for x, _, _ in parts]
-  args = [x for x, _, _ in parts]
-  if inv_smooth is not None:
-    in_specs.append(pl.BlockSpec((k,), lambda i: (0,)))
-    args.append(inv_smooth)
-  out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)),
-               pl.BlockSpec((block_m,), lambda i: (i,))]
-  out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)]
-  if down_p is not None:
-    rp = down_p.shape[1]
-    in_specs.append(pl.BlockSpec((k, rp), lambda i: (0, 0)))
-    args.append(down_p)
-    out_specs.append(pl.BlockSpec((block_m, rp), lambda i: (i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((m, rp), jnp.float32))
-  kernel = functools.partial(_one_pass_kernel, parts=meta, m=m, act_format=act_format,
-                             block_k=block_k, has_smooth=inv_smooth is not None,
-                             has_down=down_p is not None, interpret=interpret)
-  a, scale, *lr = pl.pallas_call(
-      kernel, grid=(pl.cdiv(m, block_m),), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name=f"svdq_act_{act_format}")(*args)
-  return a, scale, (lr[0][:, :down.shape[1]] if down is not None else None)
-
-
 # The library's tiling of ``quantize_rows`` by K. H200, M = 4608, int8 codes + low-rank down,
 # two runs (2026-12-02, 2026-12-03; docs/benchmarks/README.md): at K = 12288 / 15360 programs of
 # [64 tokens, 4 x 128 columns] took 0.126-0.128 / 0.151-0.156 ms against 0.153-0.159 / 0.182-0.190
@@ -326,8 +236,7 @@ def one_pass(parts, inv_smooth, down, act_format, *, block_m, block_k, num_warps
 # were within the timing's noise (0.05-0.06 ms).
 WIDE_K = 8192
 TILINGS = {"narrow": dict(block_m=64, block_k=256, chunks=1, num_warps=4),
-           "wide": dict(block_m=64, block_k=128, chunks=4, num_warps=4),
-           "one_pass": dict(block_m=16, block_k=256, chunks=1, num_warps=8, passes=1)}
+           "wide": dict(block_m=64, block_k=128, chunks=4, num_warps=4)}
 
 
 def tiling(k: int) -> dict:
@@ -337,8 +246,7 @@ def tiling(k: int) -> dict:
 
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
                   act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                  chunks: int = 1, num_warps: int = 4, passes: int = 2,
-                  interpret: bool = False):
+                  chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
@@ -348,9 +256,6 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
     block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
       chunks * block_k columns, loading block_k at a time (both reduced to divisors of K).
-    passes: 2, a grid of tiles per pass (absmax partials, then codes and low-rank
-      partials, each reduced by XLA), or 1, one program per block_m tokens' whole rows
-      (``one_pass``; block_m >= 16, chunks unused).
 
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
@@ -360,31 +265,23 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   check_act_inputs(_joined_shape(x), smooth, down)
   return quantize_rows_folded(x, *qlinear.folded_smoothing(smooth, down),
                               act_format=act_format, block_m=block_m, block_k=block_k,
-                              chunks=chunks, num_warps=num_warps, passes=passes,
-                              interpret=interpret)
+                              chunks=chunks, num_warps=num_warps, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
-                                              "num_warps", "passes", "interpret"))
+                                              "num_warps", "interpret"))
 def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Array | None,
                          *, act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                         chunks: int = 1, num_warps: int = 4, passes: int = 2,
-                         interpret: bool = False):
+                         chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """``quantize_rows`` on the layer's smoothing already folded into its operands
   (``qlinear.folded_smoothing``: inv_smooth f32 [K] = 1 / lambda, down bf16 [K, r] =
   L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  if passes not in (1, 2) or (passes == 1 and block_m < 16):
-    raise ValueError(f"passes must be 1 (with block_m >= 16, the smallest dot) or 2, got "
-                     f"passes={passes}, block_m={block_m}")
   check_act_inputs(_joined_shape(x), inv_smooth, down)
   parts = qlinear.input_parts(x)
   if any(start % GROUP or x.shape[1] % GROUP for x, start, _ in parts):
     parts = qlinear.input_parts(qlinear.join(x))
-  if passes == 1:
-    return one_pass(parts, inv_smooth, down, act_format, block_m=block_m, block_k=block_k,
-                    num_warps=num_warps, interpret=interpret)
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
   scale = row_scales(parts, inv_smooth, act_format, **tiling)

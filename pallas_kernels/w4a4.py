@@ -511,7 +511,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   return y.reshape(*lead, layer.out_features)
 
 
-ACT_KERNELS = ("pallas", "xla", "wide_k", "one_pass")
+ACT_KERNELS = ("pallas", "xla", "wide_k")
 _act_choice = "wide_k"  # FLUX.1-dev step and loop fastest, H200 (docs/benchmarks, 2026-12-03)
 
 
@@ -524,8 +524,7 @@ def set_act_kernel(name: str) -> None:
   """How row-scaled layers quantize activations: 'pallas' (``act_rowscaled.quantize_rows``),
   'xla' (its jnp definition, left to XLA's fusions, which can also fuse the op before), or
   'wide_k' (the Pallas kernel for K >= ``act_rowscaled.WIDE_K``, where alone it ran 15-20%
-  faster than XLA's fusions, XLA below) or 'one_pass' (as 'wide_k' at K >= WIDE_K, below it
-  the kernel's one-pass form, ``act_rowscaled.TILINGS["one_pass"]``)."""
+  faster than XLA's fusions, XLA below)."""
   global _act_choice
   if name not in ACT_KERNELS:
     raise ValueError(f"activation kernel must be one of {ACT_KERNELS}, got {name!r}")
@@ -553,17 +552,6 @@ def set_epilogue_gelu(on: bool) -> None:
   to time the difference, scripts/bench_flux_full.py --next-layer-gelu)."""
   global _epilogue_gelu
   _epilogue_gelu = bool(on)
-
-
-def _act_tiling(k: int) -> dict | None:
-  """``act_rowscaled.quantize_rows``' tile arguments for K input features on the chosen
-  activation path (``set_act_kernel``), or None for XLA's fusion of its definition."""
-  from svdq_jax.pallas_kernels import act_rowscaled
-  if _act_choice == "xla":
-    return None
-  if _act_choice == "pallas" or k >= act_rowscaled.WIDE_K:
-    return act_rowscaled.tiling(k)
-  return act_rowscaled.TILINGS["one_pass"] if _act_choice == "one_pass" else None
 
 
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -612,11 +600,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
-  act_tiles = _act_tiling(k)
-  if act_tiles is not None:
+  if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
-        act_format=p.act_format, interpret=interpret, **act_tiles)
+        act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))
   else:
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:

@@ -44,15 +44,15 @@ from bench_w4a4 import activations, make_layer
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 # tilings that fit shared memory with the low-rank operands (s5 does not: 234656 bytes)
 VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"]
-# activation kernel (block_m, block_k, chunks, num_warps[, passes]) and expansion (block_n,
-# block_pairs, num_warps)
-ACT_SWEEP = ["64,256,1,4", "64,128,4,4", "16,256,1,8,1", "16,256,1,4,1", "32,256,1,8,1"]
+# activation kernel (block_m, block_k, chunks, num_warps) and expansion (block_n, block_pairs,
+# num_warps)
+ACT_SWEEP = ["64,256,1,4", "64,256,4,4", "32,256,4,4", "64,128,4,4", "64,256,4,8"]
 EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
-  bm, bk, chunks, warps, *passes = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps, passes=(passes or [2])[0])
+  bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
 
 
 def _expand_kwargs(cfg):
@@ -245,12 +245,10 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8" and _act_kwargs(cfg)["passes"] == 2:  # the first pass alone
+      if afmt == "int8":  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
-                                     "int8", interpret=interpret,
-                                     **{k_: v for k_, v in _act_kwargs(c).items()
-                                        if k_ != "passes"})),
+                                     "int8", interpret=interpret, **_act_kwargs(c))),
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
@@ -468,7 +466,7 @@ def main():
                   help="with --ranks: each rank also with int8_hopper.SPLIT_STORE flipped "
                        "(columns 'rank Nw': the output stored whole)")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
-                  help="--act-only tilings: block_m,block_k,chunks,num_warps[,passes];...")
+                  help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   ap.add_argument("--parts", action="store_true",
