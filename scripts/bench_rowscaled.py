@@ -160,12 +160,18 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   if not interpret:
     res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
         a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
-  gemm = {}
+  gemm, want = {}, np.asarray(int8_hopper.reference(a, sa, w8, sw).astype(jnp.bfloat16))
   for v in variants:
     try:
       f = jax.jit(lambda a, sa, w, sw, v=v: int8_hopper.int8_gemm(
           a, sa, w, sw, interpret=interpret, **variant_kwargs(v)))
       gemm[v] = t(f, a, sa, w8, sw)
+      # one rounding of the same f32 values; compared on the host (an interpreted kernel's
+      # result must be ready before other work is dispatched)
+      bad = int((np.asarray(f(a, sa, w8, sw)) != np.asarray(want)).sum())
+      res.setdefault("gemm_mismatches", {})[v] = bad
+      if bad:
+        print(f"variant {v!r} at {k}x{n}: {bad} outputs differ from the reference", flush=True)
     except Exception as e:  # a tiling that does not fit (shared memory) is reported
       gemm[v] = None
       print(f"variant {v!r} at {k}x{n}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -450,6 +456,20 @@ def table(results) -> str:
   return "\n".join(lines)
 
 
+def gemm_table(results, variants) -> str:
+  """--gemm-only: the int8 GEMM per tiling (ms, outputs differing from the reference)."""
+  lines = ["| M | K -> N | bf16 | XLA int8 | " + " | ".join(f"`{v}`" for v in variants)
+           + " | fused W4A8 (library) |", "|" + " --- |" * (len(variants) + 5)]
+  for r in results:
+    cell = lambda v: ("-" if r["gemm_ms"][v] is None
+                      else f"{r['gemm_ms'][v]:.4f} ({r['gemm_mismatches'][v]})")
+    lines.append(f"| {r['M']} | {r['K']} -> {r['N']} | {r['bf16_ms']:.4f} | "
+                 f"{r.get('xla_int8_ms', float('nan')):.4f} | "
+                 + " | ".join(cell(v) for v in variants)
+                 + f" | {r['fused_ms'][f'int4_2l/int8 act={w4a4.act_kernel()}']:.4f} |")
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/rowscaled"))
@@ -465,6 +485,9 @@ def main():
   ap.add_argument("--split-store", action="store_true",
                   help="with --ranks: each rank also with int8_hopper.SPLIT_STORE flipped "
                        "(columns 'rank Nw': the output stored whole)")
+  ap.add_argument("--gemm-only", action="store_true",
+                  help="at --m: bf16, XLA int8, the --variants (checked against the reference) "
+                       "and the fused W4A8 per act path; no checks of the rest, no sweeps")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
                   help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
   ap.add_argument("--act-only", action="store_true",
@@ -478,7 +501,7 @@ def main():
   variants = args.variants.split(";")
   key = jax.random.key(0)
   results = []
-  runs = [(args.m, s, True) for s in shapes]
+  runs = [(args.m, s, not args.gemm_only) for s in shapes]
   runs += [(int(m), s, False) for m in args.extra_m.split(",") if m for s in shapes]
   if args.checks_only:
     for k, n in shapes:
@@ -533,7 +556,8 @@ def main():
   best = {}  # extra token counts time only the tiling that won at --m
   for m, (k, n), full in runs:
     try:
-      r = run_shape(m, k, n, args.rank, variants if full else [best.get((k, n), variants[0])],
+      r = run_shape(m, k, n, args.rank, variants if full or args.gemm_only
+                    else [best.get((k, n), variants[0])],
                     key, args.interpret, full)
     except Exception:
       traceback.print_exc()
@@ -542,6 +566,9 @@ def main():
     results.append(r)
     print(json.dumps(r), flush=True)
   meta = save_results(os.path.join(args.out, "rowscaled.json"), results)
+  if args.gemm_only:
+    print(gemm_table(results, variants))
+    return
   md = table(results)
   with open(os.path.join(args.out, "rowscaled.md"), "w") as f:
     f.write(f"{meta}\n\n{md}\n")
