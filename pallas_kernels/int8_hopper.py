@@ -310,8 +310,15 @@ def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):
 # next tiling is tried (K steps of 128 only 2 deep ran 1.6-1.9x slower, 2026-11-29); a wider
 # low-rank branch (a LoRA) then falls back to K steps of 64. All fit shared memory with the
 # rank-32 low-rank operands and a bf16 output tile.
-TILINGS = (dict(tile_m=64, tile_n=128, tile_k=128, steps=4, wg_dim="m", max_n=3072, min_steps=3),
-           dict(tile_m=128, tile_n=128, tile_k=128, steps=3, wg_dim="m", min_steps=3),
+# Order of the output tiles (``grid_tile_width``: bands of that many N tiles, walked along M):
+# M = 4608, GEMM alone, one run (2026-12-03, ``bench_rowscaled.py --gemm-only``,
+# 2026-12-03-gemm-grid-order-h200.json): bands of 12 at N = 3072 took 0.077 / 0.259 / 0.310 ms
+# at K = 3072 / 12288 / 15360 against 0.077 / 0.267 / 0.325 for bands of 1; bands of 8 at
+# N = 12288 / 21504 0.239 / 0.394 against 0.246 / 0.395 ms. All outputs equal the reference.
+TILINGS = (dict(tile_m=64, tile_n=128, tile_k=128, steps=4, wg_dim="m", grid_tile_width=12,
+                max_n=3072, min_steps=3),
+           dict(tile_m=128, tile_n=128, tile_k=128, steps=3, wg_dim="m", grid_tile_width=8,
+                min_steps=3),
            dict(tile_m=128, tile_n=128, tile_k=64, steps=4, wg_dim="m"),
            dict(tile_m=128, tile_n=64, tile_k=64, steps=4, wg_dim="m"))
 F32_TILING = dict(tile_m=64, tile_n=128, tile_k=64, steps=4, wg_dim="m")  # f32 output tile
