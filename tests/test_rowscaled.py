@@ -331,9 +331,16 @@ def test_weight_expansion_bit_exact(tiles):
                                    dict(tile_m=64, tile_n=64, wg_dim="n"),
                                    dict(tile_m=64, tile_n=128, tile_k=128, wg_dim="m"),
                                    dict(tile_m=128, tile_n=128, tile_k=128, steps=3,
-                                        wg_dim="m", out_splits=2)])
+                                        wg_dim="m", out_splits=2),
+                                   # 2 x 4 output tiles on 3 programs, in bands of 3 (and
+                                   # a ragged band) as the library tilings order them
+                                   dict(tile_m=64, tile_n=64, wg_dim="m", grid_tile_width=3,
+                                        num_sms=3),
+                                   dict(tile_m=64, tile_n=64, wg_dim="m", grid_minor="m",
+                                        grid_tile_width=3, num_sms=3)])
 def test_int8_gemm_integer_part_exact(tiles):
-  """Unit scales: the f32 output is the exact int32 sum (|acc| < 2**24); ragged M."""
+  """Unit scales: the f32 output is the exact int32 sum (|acc| < 2**24); ragged M; every
+  output tile once, whatever the programs' order over them."""
   m, k, n = 200, 384, 256
   ks = jax.random.split(jax.random.key(0), 2)
   a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
