@@ -16,6 +16,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --out $OUT [--m 4608] [--extra-m 1024,16384]
     python3 scripts/bench_rowscaled.py --interpret --m 40 --shapes 256x128   # CPU smoke run
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
+    python3 scripts/bench_rowscaled.py --gemm-only --extra-m '' --variants "m64 n128 k128 s4 wm;m64 n128 k128 s4 wm t12" --out $OUT
+                                                            # GEMM tilings (t: tile order)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -168,7 +170,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
       gemm[v] = t(f, a, sa, w8, sw)
       # one rounding of the same f32 values; compared on the host (an interpreted kernel's
       # result must be ready before other work is dispatched)
-      bad = int((np.asarray(f(a, sa, w8, sw)) != np.asarray(want)).sum())
+      bad = int((np.asarray(f(a, sa, w8, sw)) != want).sum())
       res.setdefault("gemm_mismatches", {})[v] = bad
       if bad:
         print(f"variant {v!r} at {k}x{n}: {bad} outputs differ from the reference", flush=True)
