@@ -330,10 +330,11 @@ SMEM_BYTES = 232448 - 1024
 
 
 def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bfloat16,
-               out_splits=1, **_) -> int:
+               out_splits=1, grid_minor="n", grid_tile_width=1, delay_release=0) -> int:
   """Shared memory of ``int8_gemm``'s scratch and pipeline buffers, in bytes. Matched Mosaic's
   count to the byte, less 144 bytes of barriers, at ranks 64 / 96 / 160 (H200, 2026-12-02).
-  Other tile arguments (the grid's order, delay_release) take none."""
+  Takes every ``int8_gemm`` tile argument; the grid's order and delay_release take none."""
+  del grid_minor, grid_tile_width, delay_release
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
   cta_n = cta_cols(tile_n, wg_dim)
   lr_rows, lr_cols = (tile_m, rank) if rank else (8, 64)
