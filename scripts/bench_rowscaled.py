@@ -18,6 +18,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
     python3 scripts/bench_rowscaled.py --gemm-only --extra-m '' --variants "m64 n128 k128 s4 wm;m64 n128 k128 s4 wm t12" --out $OUT
                                                             # GEMM tilings (t: tile order)
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;m64 n128 k128 s4 wm t12 w4" --out $OUT
+                                # + low-rank and bias; w4: int4_2l weights expanded in the GEMM
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -67,10 +69,13 @@ TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_
 
 
 def variant_kwargs(name: str) -> dict:
-  """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split)."""
+  """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
+  w4: the int4_2l weights expanded in the kernel, ``packed=True``, not an int8_gemm kwarg)."""
   kw = {}
   for tok in name.split():
-    if tok in ("wm", "wn"):
+    if tok == "w4":
+      kw["packed"] = True
+    elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):
       kw["grid_minor"] = tok[1]
@@ -142,7 +147,7 @@ def checks(layer, x, interpret):
   return out
 
 
-def run_shape(m, k, n, rank, variants, key, interpret, full):
+def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
   res = dict(M=m, K=k, N=n, rank=rank)
   kx, kw, kl = jax.random.split(key, 3)
   x = activations(m, k, kx)
@@ -162,15 +167,27 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   if not interpret:
     res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
         a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
-  gemm, want = {}, np.asarray(int8_hopper.reference(a, sa, w8, sw).astype(jnp.bfloat16))
+  epi = ()  # --with-lr: the variants with the rank-r low-rank branch and a bias
+  if with_lr:
+    epi = (jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16))),
+           jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16))), layer.bias.astype(jnp.float32))
+  gemm = {}
+  # the low-rank wgmma sums in another order than XLA's dot: with it, every variant's output
+  # is compared with the first variant's (the epilogue is the same code for all tilings)
+  want = None if epi else np.asarray(int8_hopper.reference(a, sa, w8, sw).astype(jnp.bfloat16))
   for v in variants:
     try:
-      f = jax.jit(lambda a, sa, w, sw, v=v: int8_hopper.int8_gemm(
-          a, sa, w, sw, interpret=interpret, **variant_kwargs(v)))
-      gemm[v] = t(f, a, sa, w8, sw)
+      kw = variant_kwargs(v)
+      w_ops = ((layer.qweight, sw, *epi), dict(w_mult=layer.wscale.T)) if kw.pop(
+          "packed", False) else ((w8, sw, *epi), {})
+      f = jax.jit(lambda a, sa, *ops, kw=kw, extra=w_ops[1]: int8_hopper.int8_gemm(
+          a, sa, *ops, interpret=interpret, **extra, **kw))
+      gemm[v] = t(f, a, sa, *w_ops[0])
       # one rounding of the same f32 values; compared on the host (an interpreted kernel's
       # result must be ready before other work is dispatched)
-      bad = int((np.asarray(f(a, sa, w8, sw)) != want).sum())
+      got = np.asarray(f(a, sa, *w_ops[0]))
+      want = got if want is None else want
+      bad = int((got != want).sum())
       res.setdefault("gemm_mismatches", {})[v] = bad
       if bad:
         print(f"variant {v!r} at {k}x{n}: {bad} outputs differ from the reference", flush=True)
@@ -180,6 +197,8 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
   res["gemm_ms"] = gemm
   best = min((v for v in gemm if gemm[v] is not None), key=gemm.get)
   res["best_variant"] = best
+  res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
+      q, s, interpret=interpret)), layer.qweight, layer.wscale)
   if full:
     res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
     up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
@@ -193,8 +212,6 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
       print(f"GEMM + low-rank + bias with {best!r} at {k}x{n}: {type(e).__name__}: "
             f"{str(e)[:200]}", flush=True)
     res["expand_xla_ms"] = t(jax.jit(lambda l: l.row_scaled_weight()), layer)
-    res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
-        q, s, interpret=interpret)), layer.qweight, layer.wscale)
     if not bool((act_rowscaled.expand_two_level(layer.qweight, layer.wscale,
                                                 interpret=interpret) == w8).all()):
       res["checks"]["expand"] = "FAILED: Pallas expansion differs from row_scaled_weight"
@@ -211,7 +228,8 @@ def run_shape(m, k, n, rank, variants, key, interpret, full):
       res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
           x, s, d, f)), x, layer.smooth, layer.lora_down)
   saved = int8_hopper.TILINGS
-  int8_hopper.TILINGS = (variant_kwargs(best),) + saved
+  int8_hopper.TILINGS = ({k_: v for k_, v in variant_kwargs(best).items() if k_ != "packed"},
+                         ) + saved
   backend = "interpret" if interpret else "pallas"
   fused = {}
   default_act = w4a4.act_kernel()
@@ -459,14 +477,16 @@ def table(results) -> str:
 
 
 def gemm_table(results, variants) -> str:
-  """--gemm-only: the int8 GEMM per tiling (ms, outputs differing from the reference)."""
-  lines = ["| M | K -> N | bf16 | XLA int8 | " + " | ".join(f"`{v}`" for v in variants)
-           + " | fused W4A8 (library) |", "|" + " --- |" * (len(variants) + 5)]
+  """--gemm-only: the int8 GEMM per tiling (ms, outputs differing from the reference; a
+  ``w4`` variant expands the weights itself, the others need the expansion's ms too)."""
+  lines = ["| M | K -> N | bf16 | XLA int8 | expansion | "
+           + " | ".join(f"`{v}`" for v in variants)
+           + " | fused W4A8 (library) |", "|" + " --- |" * (len(variants) + 6)]
   for r in results:
     cell = lambda v: ("-" if r["gemm_ms"][v] is None
                       else f"{r['gemm_ms'][v]:.4f} ({r['gemm_mismatches'][v]})")
     lines.append(f"| {r['M']} | {r['K']} -> {r['N']} | {r['bf16_ms']:.4f} | "
-                 f"{r.get('xla_int8_ms', float('nan')):.4f} | "
+                 f"{r.get('xla_int8_ms', float('nan')):.4f} | {r['expand_ms']:.4f} | "
                  + " | ".join(cell(v) for v in variants)
                  + f" | {r['fused_ms'][f'int4_2l/int8 act={w4a4.act_kernel()}']:.4f} |")
   return "\n".join(lines)
@@ -492,6 +512,8 @@ def main():
                        "and the fused W4A8 per act path; no checks of the rest, no sweeps")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
                   help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
+  ap.add_argument("--with-lr", action="store_true",
+                  help="time and check the --variants with the low-rank branch and a bias")
   ap.add_argument("--act-only", action="store_true",
                   help="activation kernel checks and tiling sweep, fused W4A8 per act path")
   ap.add_argument("--parts", action="store_true",
@@ -560,7 +582,7 @@ def main():
     try:
       r = run_shape(m, k, n, args.rank, variants if full or args.gemm_only
                     else [best.get((k, n), variants[0])],
-                    key, args.interpret, full)
+                    key, args.interpret, full, args.with_lr)
     except Exception:
       traceback.print_exc()
       continue
