@@ -79,11 +79,12 @@ def rope(ids: jax.Array, axes_dim: tuple[int, ...], theta: int) -> tuple[jax.Arr
 
 
 def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Rotates consecutive pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the position angles."""
-  cos, sin = (p[None, :, None, :] for p in pe)
+  """Rotates consecutive pairs (re, im) = (x[2i], x[2i+1]) of x [B, L, H, D] by the position
+  angles: (re cos - im sin, im cos + re sin), each pair times (cos, cos) plus the swapped pair
+  (im, re) times (-sin, sin), f32, so that no stack of the two halves is materialized."""
+  cos, sin = (p[None, :, None, :, None] for p in pe)
   xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  re, im = xf[..., 0], xf[..., 1]
-  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  out = xf * cos + xf[..., ::-1] * (sin * jnp.array([-1.0, 1.0], jnp.float32))
   return out.reshape(x.shape).astype(x.dtype)
 
 

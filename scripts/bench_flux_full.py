@@ -17,6 +17,7 @@ weight values). Stages:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 import svdq_jax
-from svdq_jax.models import sampling
+from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
@@ -104,6 +105,29 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
                 ("next_layer_gelu", w4a4.set_epilogue_gelu),
                 ("xla_gemv", w4a16_gemv.set_enabled))
+
+def _stacked_rope(x, pe):
+  """``flux.apply_rope`` as it was before 2026-12-04: the rotated halves joined by jnp.stack
+  (the same values; XLA materialized the stack as a concatenate fusion)."""
+  cos, sin = (p[None, :, None, :] for p in pe)
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  re, im = xf[..., 0], xf[..., 1]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def stacked_rope():
+  """Models traced inside use ``_stacked_rope`` (--stacked-rope; the loop's cache is dropped
+  on the way in and out, its key does not hold the RoPE)."""
+  saved, flux.apply_rope = flux.apply_rope, _stacked_rope
+  sampling._euler.clear_cache()
+  try:
+    yield
+  finally:
+    flux.apply_rope = saved
+    sampling._euler.clear_cache()
+
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
     ("W4A4 activation kernel", r"svdq_quantize_act"),
@@ -304,6 +328,9 @@ def main():
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
+  ap.add_argument("--stacked-rope", action="store_true",
+                  help="each model also timed with the RoPE written as before (jnp.stack of "
+                       "the rotated halves), '<name>_stacked_rope'")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -336,6 +363,9 @@ def main():
 
   if "bf16" in models:
     measure("bf16", graph, state, cfg, args, result)
+    if args.stacked_rope:
+      with stacked_rope():
+        measure("bf16_stacked_rope", graph, state, cfg, args, result)
   if "w4a16" in models:
     wstate = svdq_jax.quantize(state, None, W4A16_FLUX, progress=False)
     measure("w4a16", graph, wstate, cfg, args, result)
@@ -373,6 +403,9 @@ def main():
         w4a4.set_act_kernel(act)
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_act_kernel(default_act)
+      if args.stacked_rope:
+        with stacked_rope():
+          measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
       for flag, switch in OFF_SWITCHES:   # a kernel choice switched off (on by default)
         if getattr(args, flag):
           switch(False)
