@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdq_jax import formats, qlinear
-from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
 from svdq_jax.timing import median_seconds, save_results
 
 from bench_w4a4 import activations, make_layer
@@ -75,6 +75,10 @@ def variant_kwargs(name: str) -> dict:
   for tok in name.split():
     if tok == "w4":
       kw["packed"] = True
+    elif tok == "wt":   # w4a8_hopper.w4a8_gemm_t (p0: no ping-pong)
+      kw["transposed"] = True
+    elif tok in ("p0", "p1"):
+      kw["pingpong"] = tok == "p1"
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):
@@ -180,7 +184,11 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
       kw = variant_kwargs(v)
       w_ops = ((layer.qweight, sw, *epi), dict(w_mult=layer.wscale.T)) if kw.pop(
           "packed", False) else ((w8, sw, *epi), {})
-      f = jax.jit(lambda a, sa, *ops, kw=kw, extra=w_ops[1]: int8_hopper.int8_gemm(
+      gemm_fn = int8_hopper.int8_gemm
+      if kw.pop("transposed", False):
+        w_ops = ((layer.qweight, layer.wscale.T, sw, *epi), {})
+        gemm_fn = w4a8_hopper.w4a8_gemm_t
+      f = jax.jit(lambda a, sa, *ops, kw=kw, extra=w_ops[1], g=gemm_fn: g(
           a, sa, *ops, interpret=interpret, **extra, **kw))
       gemm[v] = t(f, a, sa, *w_ops[0])
       # one rounding of the same f32 values; compared on the host (an interpreted kernel's
@@ -228,8 +236,9 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
       res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
           x, s, d, f)), x, layer.smooth, layer.lora_down)
   saved = int8_hopper.TILINGS
-  int8_hopper.TILINGS = ({k_: v for k_, v in variant_kwargs(best).items() if k_ != "packed"},
-                         ) + saved
+  lib = [v for v in gemm if gemm[v] is not None and not {"packed", "transposed"} & set(
+      variant_kwargs(v))]
+  int8_hopper.TILINGS = tuple(variant_kwargs(v) for v in lib[:1]) + saved
   backend = "interpret" if interpret else "pallas"
   fused = {}
   default_act = w4a4.act_kernel()
