@@ -31,12 +31,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, memref
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper
@@ -44,24 +40,14 @@ from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_ont
 WG_DIMS = ("m", "n")
 
 
-def check_shapes(a, sa, w, sw, lr, up_t, bias, w_mult=None) -> None:
+def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
   m, k = a.shape
   n = w.shape[0]
-  if w_mult is None:
-    if a.dtype != jnp.int8 or w.dtype != jnp.int8:
-      raise ValueError(f"int8 GEMM takes int8 operands, got {a.dtype} and {w.dtype}")
-    if w.shape != (n, k):
-      raise ValueError(f"weights {w.shape} do not match activations [M, K] = {a.shape}: "
-                       f"expected [N, {k}]")
-  else:  # int4_2l weights, expanded in the kernel
-    if a.dtype != jnp.int8:
-      raise ValueError(f"int8 GEMM takes int8 activations, got {a.dtype}")
-    if k % 128 or w.dtype != jnp.uint8 or w.shape != (n, k // 2):
-      raise ValueError(f"packed int4_2l weights must be uint8 [N, K/2] with K % 128 == 0, got "
-                       f"{w.dtype} {w.shape} for activations [M, K] = {a.shape}")
-    if w_mult.dtype != jnp.uint8 or w_mult.shape != (k // 128, n):
-      raise ValueError(f"packed multipliers must be uint8 [K/128, N] = [{k // 128}, {n}], got "
-                       f"{w_mult.dtype} {w_mult.shape}")
+  if a.dtype != jnp.int8 or w.dtype != jnp.int8:
+    raise ValueError(f"int8 GEMM takes int8 operands, got {a.dtype} and {w.dtype}")
+  if w.shape != (n, k):
+    raise ValueError(f"weights {w.shape} do not match activations [M, K] = {a.shape}: "
+                     f"expected [N, {k}]")
   if sa.shape != (m,) or sw.shape != (n,):
     raise ValueError(f"row scales must be [M] = [{m}] and [N] = [{n}], got {sa.shape} and "
                      f"{sw.shape}")
@@ -82,7 +68,7 @@ def cta_cols(tile_n: int, wg_dim: str) -> int:
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
     "delay_release", "out_splits", "out_dtype", "gelu_from", "num_sms", "interpret"))
-def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_m: int = 128,
+def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
               grid_minor: str = "n", grid_tile_width: int = 1, delay_release: int = 0,
               out_splits: int = 1, out_dtype=jnp.bfloat16, gelu_from: int | None = None,
@@ -92,11 +78,6 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_
   Args:
     a: int8 [M, K] activation values (per-token int8, or int4_2l's m * q).
     sa: f32 [M] token scales. w: int8 [N, K] weight values. sw: f32 [N] channel scales.
-    w_mult: None, or uint8 [K/128, N], int4_2l's packed multipliers transposed
-      (``formats.pack_multipliers(m).T``); then w is uint8 [N, K/2] int4_2l codes packed
-      as in ``formats.pack`` and the compute warpgroups expand each pipeline step's codes to
-      the int8 products m * q in shared memory themselves (``_expand``), for the wgmma of
-      the next step to read while they expand the one after (tile_k 128).
     lr: bf16 [M, r] low-rank activations and up_t: bf16 [N, r] (``L_up`` transposed), r a
       multiple of 16, or both None. bias: f32 [N] or None.
     tile_m, tile_n: each compute warpgroup's output tile; wg_dim: the axis along which the
@@ -120,18 +101,13 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_
     [M, N] in out_dtype. K must be a multiple of tile_k (reduced to 64 when it is not),
     N of the CTA tile's N.
   """
-  check_shapes(a, sa, w, sw, lr, up_t, bias, w_mult)
-  packed = w_mult is not None
+  check_shapes(a, sa, w, sw, lr, up_t, bias)
   if wg_dim not in WG_DIMS or grid_minor not in WG_DIMS:
     raise ValueError(f"wg_dim and grid_minor must be one of {WG_DIMS}")
   m_out, k = a.shape
   n = w.shape[0]
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
   cta_n = cta_cols(tile_n, wg_dim)
-  if packed and (tile_k != 128 or cta_cols(tile_n, wg_dim) % 128):
-    raise ValueError(f"int4_2l weights expand in steps of tile_k=128 (two packed 64-groups) "
-                     f"into 64-row tiles per warpgroup: got tile_k={tile_k} and a CTA tile of "
-                     f"{cta_cols(tile_n, wg_dim)} columns (a multiple of 128 needed)")
   if k % tile_k:
     tile_k = 64
   if k % tile_k:
@@ -167,45 +143,30 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_
   k_iters = k // tile_k
   steps = min(steps, k_iters)
 
-  # with packed weights step k's wgmma is still reading the activation tile during step k + 1
-  # (the wait leaves one group in flight): the tiles stay one step longer (all inputs alike)
-  a_release = 1 if packed else delay_release
-  rows_x = cta_n // 2   # weight rows each compute warpgroup expands
-
   def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
-    mult_gmem = next(it) if packed else None
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
-    out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, *rest = it
-    if packed:
-      exp_smem, sync = rest
+    out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers = it
 
     def pipeline(body, context):
-      in_specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
-                                  transforms=_swizzled(tile_k, jnp.int8),
-                                  memory_space=plgpu.SMEM, delay_release=a_release)]
-      if packed:
-        in_specs += [plgpu.BlockSpec((cta_n, tile_k // 2), lambda kk: (0, kk),
-                                     transforms=_swizzled(tile_k // 2, jnp.int8),
-                                     memory_space=plgpu.SMEM, delay_release=a_release),
-                     plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                                     delay_release=a_release)]
-      else:
-        in_specs.append(plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
-                                        transforms=_swizzled(tile_k, jnp.int8),
-                                        memory_space=plgpu.SMEM, delay_release=delay_release))
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40, in_specs=in_specs,
+          body, grid=(k_iters,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM,
+                              delay_release=delay_release),
+              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
+                              transforms=_swizzled(tile_k, jnp.int8), memory_space=plgpu.SMEM,
+                              delay_release=delay_release),
+          ],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
           compute_context=context)
 
     ignore = lambda *_, **__: None
 
-    w_gmems = (w_gmem, mult_gmem) if packed else (w_gmem,)
-
     @functools.partial(pl.run_scoped,
-                       allocs=pipeline(ignore, ignore).get_allocations(a_gmem, *w_gmems),
+                       allocs=pipeline(ignore, ignore).get_allocations(a_gmem, w_gmem),
                        collective_axes="wg")
     def _scope(allocs):
       wg = lax.axis_index("wg")
@@ -273,39 +234,18 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_
             pl.when(in_gelu)(lambda: store(True))
             pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
 
-        def body(idx, a_smem, *w_refs):
-          *w_refs, acc = w_refs
-          if not packed:
-            (w_smem,) = w_refs
-            plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
-            plgpu.wgmma_wait(delay_release)
-            return acc
-          codes_smem, mult_smem = w_refs
-          slot = lax.rem(idx[0], 2)
-          mine = pl.ds(wg * rows_x, rows_x)
-          if wg_dim == "m":  # both warpgroups read all rows: their wgmma of step k - 2, the
-            _sync(sync.at[0])  # last reader of this slot, is done (each waited to one)
-          exp_smem.at[slot, mine][...] = _expand(codes_smem.at[mine], mult_smem.at[0, mine],
-                                                  interpret)
-          plgpu.commit_smem()   # the generic proxy's stores, visible to wgmma's async reads
-          if wg_dim == "m":
-            _sync(sync.at[1])
-          plgpu.wgmma(acc, a_smem.at[wg_m], exp_smem.at[slot, wg_n].transpose((1, 0)))
-          plgpu.wgmma_wait(1)
+        def body(_, a_smem, w_smem, acc):
+          plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
+          plgpu.wgmma_wait(delay_release)
           return acc
 
-        w_slices = ((w_gmem.at[n_slice], mult_gmem.at[:, n_slice]) if packed
-                    else (w_gmem.at[n_slice],))
-        pipeline(body, context)(a_gmem.at[m_slice], *w_slices, allocations=allocs)
+        pipeline(body, context)(a_gmem.at[m_slice], w_gmem.at[n_slice], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = (f"int8_rowscaled_{'w4_' if packed else ''}m{tile_m}n{tile_n}k{tile_k}"
-                     f"{wg_dim}s{steps}d{delay_release}o{out_splits}"
-                     f"{'' if gelu_from is None else 'gelu'}")
-  args = [a, lax.bitcast_convert_type(w, jnp.int8) if packed else w, sa, sw]
-  if packed:
-    args.append(w_mult)
+  kernel.__name__ = (f"int8_rowscaled_m{tile_m}n{tile_n}k{tile_k}{wg_dim}s{steps}"
+                     f"d{delay_release}o{out_splits}{'' if gelu_from is None else 'gelu'}")
+  args = [a, w, sa, sw]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
@@ -326,75 +266,13 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, w_mult=None, tile_
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, tile_n), jnp.float32),
           plgpu.Barrier(num_barriers=10),
-      ] + ([plgpu.SMEM((2, cta_n, tile_k), jnp.int8, transforms=_swizzled(tile_k, jnp.int8)),
-            plgpu.Barrier(num_arrivals=2, num_barriers=2)] if packed else []),
+      ],
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
           approx_math=gelu_from is not None),   # the GELU's tanh: tanh.approx.f32
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   return y[:m_out]
-
-
-def _sync(barrier):
-  """Both compute warpgroups reach this point (one arrival each)."""
-  plgpu.barrier_arrive(barrier)
-  plgpu.barrier_wait(barrier)
-
-
-def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:
-  """int4_2l weights of one pipeline step as int8 products m * q.
-
-  codes_ref: int8 [R, 64], two 64-groups packed as in ``formats.pack`` (byte j of a group's
-  32: element j in the low nibble, 32 + j in the high one); mult_ref: uint8 [R], the step's
-  multiplier byte per row (``formats.pack_multipliers``: m - 1 of the first group low, of the
-  second high). Returns int8 [R, 128] (R a multiple of 64).
-
-  On the GPU each thread works on its 32-bit registers of 4 packed bytes in the wgmma 8-bit
-  layout, where a byte's two nibbles land in the same thread's registers of the expanded
-  tile (16 columns apart). With L the low nibbles (n, 0..15) of 4 bytes and S their sign bits
-  (q = n - 16 s), the word m L + (256 - 16 m) S holds each byte's m * q in two's complement:
-  every byte's term m q + 256 s lies in [0, 255], so no carry crosses a byte. The same for
-  the high nibbles: 4 products per integer multiply-add.
-  """
-  rows = codes_ref.shape[0]
-  if interpret:
-    u = lax.bitcast_convert_type(codes_ref[...], jnp.uint8).astype(jnp.int32)
-    q = lambda nib: jnp.where(nib >= 8, nib - 16, nib)
-    lo, hi = q(u & 15), q(u >> 4)
-    mb = mult_ref[...].astype(jnp.int32)[:, None]
-    m0, m1 = (mb & 15) + 1, (mb >> 4) + 1
-    return jnp.concatenate([lo[:, :32] * m0, hi[:, :32] * m0, lo[:, 32:] * m1,
-                            hi[:, 32:] * m1], axis=1).astype(jnp.int8)
-  layout = plgpu.Layout.WGMMA_8BIT
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout), return_type=plgpu.ShapeDtypeStruct(
-      (rows, 128), jnp.int8, layout=layout))
-  def expand(_, m_ref, frag):
-    i32 = ir.IntegerType.get_signless(32)
-    const = lambda v: arith.constant(i32, v)
-    lo, hi = np.empty_like(frag.registers), np.empty_like(frag.registers)
-    for idx, reg_idx in zip(frag.layout.thread_idxs(frag.shape),
-                            np.ndindex(frag.registers.shape)):
-      group = reg_idx[1] // 2   # axis 1 of the registers: 16-byte column tiles
-      byte = arith.extui(i32, memref.load(m_ref, [idx[0]]))
-      m = arith.addi(arith.andi(arith.shrui(byte, const(4 * group)), const(15)), const(1))
-      c = arith.subi(const(256), arith.shli(m, const(4)))
-      word = mgpu.utils.bitcast(frag.registers[reg_idx], i32)
-      out = []
-      for shift in (0, 4):
-        nib = arith.andi(arith.shrui(word, const(shift)), const(0x0F0F0F0F))
-        sign = arith.andi(arith.shrui(word, const(shift + 3)), const(0x01010101))
-        out.append(arith.addi(arith.muli(m, nib), arith.muli(c, sign)))
-      reg_t = frag.registers[reg_idx].type
-      lo[reg_idx] = mgpu.utils.bitcast(out[0], reg_t)
-      hi[reg_idx] = mgpu.utils.bitcast(out[1], reg_t)
-    # expanded column tiles: group 0's low nibbles (elements 0-31), its high ones (32-63),
-    # then group 1's
-    regs = np.concatenate([lo[:, :2], hi[:, :2], lo[:, 2:], hi[:, 2:]], axis=1)
-    return mgpu.FragmentedArray(_registers=regs, _layout=frag.layout, _is_signed=True)
-
-  return expand(mult_ref, plgpu.load(codes_ref, (), layout=layout))
 
 
 def _gelu(y):
@@ -452,21 +330,16 @@ SMEM_BYTES = 232448 - 1024
 
 
 def smem_bytes(tile_m, tile_n, tile_k, steps, wg_dim, rank=0, out_dtype=jnp.bfloat16,
-               out_splits=1, grid_minor="n", grid_tile_width=1, delay_release=0,
-               packed=False) -> int:
+               out_splits=1, grid_minor="n", grid_tile_width=1, delay_release=0) -> int:
   """Shared memory of ``int8_gemm``'s scratch and pipeline buffers, in bytes. Matched Mosaic's
   count to the byte, less 144 bytes of barriers, at ranks 64 / 96 / 160 (H200, 2026-12-02).
-  Takes every ``int8_gemm`` tile argument; the grid's order and delay_release take none.
-  packed: int4_2l weights expanded in the kernel (``w_mult``): per step the packed codes and
-  multiplier bytes, and two expanded int8 weight tiles."""
+  Takes every ``int8_gemm`` tile argument; the grid's order and delay_release take none."""
   del grid_minor, grid_tile_width, delay_release
   cta_m = tile_m * (2 if wg_dim == "m" else 1)
   cta_n = cta_cols(tile_n, wg_dim)
   lr_rows, lr_cols = (tile_m, rank) if rank else (8, 64)
   up_rows = tile_n if rank else 8
-  operands = (steps * (cta_m * tile_k + cta_n * tile_k // 2 + cta_n) + 2 * cta_n * tile_k
-              if packed else steps * (cta_m + cta_n) * tile_k)
-  return (operands                                               # int8 operand tiles
+  return (steps * (cta_m + cta_n) * tile_k                       # int8 operand tiles
           + 2 * tile_m * tile_n // out_splits * jnp.dtype(out_dtype).itemsize  # output staging
           + 2 * 4 * (tile_m + 2 * tile_n)                        # token/channel scales, bias
           + 2 * 2 * (lr_rows + up_rows) * lr_cols)               # bf16 low-rank operands

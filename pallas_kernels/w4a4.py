@@ -554,6 +554,27 @@ def set_epilogue_gelu(on: bool) -> None:
   _epilogue_gelu = bool(on)
 
 
+_register_expansion = True
+
+
+def set_register_expansion(on: bool) -> None:
+  """Whether W4A8 / two-level W4A4 layers with int4_2l weights (bf16 outputs, K and N
+  multiples of 128) run ``w4a8_hopper.w4a8_gemm_t``, which expands the packed weights in
+  registers (the default), or the expansion pass and ``int8_hopper.int8_gemm`` (as before
+  2026-12-03; kept to time the difference, scripts/bench_flux_full.py --expansion-pass)."""
+  global _register_expansion
+  _register_expansion = bool(on)
+
+
+def _register_tiling(layer, k: int, n: int, rank: int, out_dtype) -> dict | None:
+  """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer, or None where it does not run it."""
+  from svdq_jax.pallas_kernels import w4a8_hopper
+  if (not _register_expansion or layer.weight_format != "int4_2l"
+      or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16)):
+    return None
+  return w4a8_hopper.tiling(k, n, rank)
+
+
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """(int8 [N, K], f32 [N]): the weight operand of the int8 GEMM."""
   from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
@@ -563,10 +584,12 @@ def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   return layer.row_scaled_weight()
 
 
-def prepare_row_scaled(layer, *, interpret: bool = False) -> qlinear.PreparedLinear:
+def prepare_row_scaled(layer, *, interpret: bool = False,
+                       expand: bool = True) -> qlinear.PreparedLinear:
   """A row-scaled QuantizedLinear's weight-side operands (``qlinear.PreparedLinear``): what
-  ``row_scaled_linear`` computes from the layer alone."""
-  w, sw = _row_scaled_weight(layer, interpret)
+  ``row_scaled_linear`` computes from the layer alone. expand=False leaves int4_2l weights
+  packed (``w`` None) for the kernel that expands them itself."""
+  w, sw = _row_scaled_weight(layer, interpret) if expand else (None, layer.wcscale)
   inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
   up_t = None
   if layer.lora_up is not None:
@@ -579,9 +602,12 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                       gelu_from: int | None = None, interpret: bool = False):
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
-  x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), the
-  weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``), one int8 GEMM with
-  the scales, the low-rank up projection and the bias in its epilogue. ``layer``: a
+  x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), then
+  for int4_2l weights (bf16 outputs, K and N multiples of 128, ``set_register_expansion``)
+  one W4A8 GEMM that expands the packed weights in registers (``w4a8_hopper``), else the
+  weights expanded from 4 bits to int8 (``act_rowscaled.expand_two_level``) and one int8 GEMM
+  (``int8_hopper``); both take the scales, the low-rank up projection and the bias in their
+  epilogue, and compute the same bf16 values. ``layer``: a
   QuantizedLinear, or a PreparedLinear (``qlinear.prepare``) holding the weight-side operands.
   x may be given as parts [M, K_i] (``qlinear.Gelu``), which the Pallas activation kernel
   reads where they lie (``set_input_parts``). ``gelu_from``: with ``set_epilogue_gelu`` and
@@ -589,14 +615,18 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   through the GELU and the result is ``qlinear.Gelu(y, gelu_from, applied=True)``; otherwise
   the plain output (the caller marks the GELU as still to be computed).
   """
-  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
-  p = (layer if isinstance(layer, qlinear.PreparedLinear)
-       else prepare_row_scaled(layer, interpret=interpret))
-  n = p.out_features
+  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
+  n = layer.out_features
   dtype = qlinear.input_parts(x)[0][0].dtype
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
   k = qlinear.input_width(x)
+  in_registers = None   # a prepared layer holds its expanded weights: the int8 GEMM reads them
+  if not isinstance(layer, qlinear.PreparedLinear):
+    rank = 0 if layer.lora_down is None else -(-layer.lora_down.shape[1] // _MIN_DOT) * _MIN_DOT
+    in_registers = _register_tiling(layer, k, n, rank, out_dtype)
+  p = (layer if isinstance(layer, qlinear.PreparedLinear)
+       else prepare_row_scaled(layer, interpret=interpret, expand=in_registers is None))
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
@@ -608,6 +638,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
+  if in_registers is not None:
+    gelu = (_epilogue_gelu and gelu_from is not None
+            and gelu_from % w4a8_hopper.CTA_N == 0)
+    y = w4a8_hopper.w4a8_gemm_t(a, sa, layer.qweight, layer.wscale.T, p.sw, lr, p.up_t, bias,
+                                gelu_from=gelu_from if gelu else None, interpret=interpret,
+                                **in_registers)
+    return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
   tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
   if tiles is not None:
     gelu = (_epilogue_gelu and gelu_from is not None

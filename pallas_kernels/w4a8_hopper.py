@@ -2,15 +2,24 @@
 
   Y^T[n, m] = (f32(sum_k (m q)[n, k] a[m, k]) * s_a[m]) * s_w[n] + up[n] . bf16(lr[m]) + bias[n]
 
-The same arithmetic as ``int8_hopper.int8_gemm`` on ``act_rowscaled.expand_two_level``'s
-weights, without the expanded copy: the packed codes are the register operand of wgmma. One
-memory warpgroup streams, per K step of 128, the activation tile [CTA_M, 128] (int8), the
-packed codes [2 x 64 rows, 64 bytes] and a multiplier byte per row into shared memory; each
-of two compute warpgroups owns 64 weight rows, expands its codes to m * q in registers
-(``int8_hopper._expand``) and issues wgmma(acc [64, CTA_M] int32, codes, activations^T). The
-two take turns (a barrier between them), so that one expands while the other's MMA runs. The
+The arithmetic of ``int8_hopper.int8_gemm`` on ``act_rowscaled.expand_two_level``'s weights
+(bit for bit, bf16 output), without the expanded copy: the packed codes become the register
+operand of wgmma. One memory warpgroup streams, per K step of 128, the activation tile
+[tile_m, 128] (int8), the packed codes [2 x 64 rows, 64 bytes] and a multiplier byte per row
+into shared memory (TMA); each of two compute warpgroups owns 64 weight rows, expands its codes
+to the int8 products m * q in registers (``_expand``) and issues wgmma(acc [64, tile_m] int32,
+w, activations^T), the activations K-major in shared memory as 8-bit wgmma wants them. The
 epilogue scales, adds the low-rank up projection (one bf16 wgmma) and the bias, optionally the
-GELU, and stores the tile transposed (bf16 only).
+GELU, and stores the tile transposed through shared memory.
+
+Measured on an H200 (2026-12-03, docs/benchmarks README, "fourteenth session"), M = 4608 with
+the rank-32 branch and a bias, bit-identical outputs: 0.091 / 0.272 / 0.280 / 0.431 / 0.339
+ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 / 3072 -> 21504 / 15360 -> 3072, against
+0.126 / 0.308 / 0.312 / 0.491 / 0.361 for the expansion pass plus ``int8_gemm``: the same
+speed as the int8 GEMM alone at wide N, 13-15% behind it at N = 3072. The two warpgroups
+taking turns (one expanding under the other's MMA, a barrier between them; commit e684f23)
+ran 10-20% slower than letting them run free; expanding into shared memory for an smem x smem wgmma instead (each
+warpgroup half the rows, both synchronized per step) 15-35% slower than the separate pass.
 """
 
 from __future__ import annotations
@@ -19,43 +28,96 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, memref
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from svdq_jax.pallas_kernels.int8_hopper import _expand, _gelu, check_shapes
+from svdq_jax.pallas_kernels.int8_hopper import SMEM_BYTES, _gelu
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
+CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
 
 
-@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "pingpong", "gelu_from",
-                                             "num_sms", "interpret"))
+def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias) -> None:
+  m, k = a.shape
+  n = codes.shape[0]
+  if a.dtype != jnp.int8:
+    raise ValueError(f"the W4A8 GEMM takes int8 activations, got {a.dtype}")
+  if k % TILE_K or codes.dtype != jnp.uint8 or codes.shape != (n, k // 2):
+    raise ValueError(f"packed int4_2l weights must be uint8 [N, K/2] with K % {TILE_K} == 0, "
+                     f"got {codes.dtype} {codes.shape} for activations [M, K] = {a.shape}")
+  if n % CTA_N:
+    raise ValueError(f"N={n} is not a multiple of {CTA_N}")
+  if w_mult.dtype != jnp.uint8 or w_mult.shape != (k // TILE_K, n):
+    raise ValueError(f"packed multipliers must be uint8 [K/128, N] = [{k // TILE_K}, {n}], "
+                     f"got {w_mult.dtype} {w_mult.shape}")
+  if sa.shape != (m,) or sw.shape != (n,):
+    raise ValueError(f"row scales must be [M] = [{m}] and [N] = [{n}], got {sa.shape} and "
+                     f"{sw.shape}")
+  if (lr is None) != (up_t is None):
+    raise ValueError("the low-rank branch needs both lr [M, r] and up_t [N, r]")
+  if lr is not None and (lr.shape[0] != m or up_t.shape != (n, lr.shape[1])
+                         or lr.shape[1] % 16):
+    raise ValueError(f"low-rank operands must be lr [M, r] and up_t [N, r], r a multiple of "
+                     f"16, got {lr.shape} and {up_t.shape}")
+  if bias is not None and bias.shape != (n,):
+    raise ValueError(f"bias must be [N] = [{n}], got {bias.shape}")
+
+
+def smem_bytes(tile_m: int, steps: int, rank: int = 0) -> int:
+  """Shared memory of ``w4a8_gemm_t``'s pipeline buffers and scratch, in bytes."""
+  lr_cols = rank if rank else 64
+  return (steps * (tile_m * TILE_K + CTA_N * TILE_K // 2 + CTA_N)   # activations, codes, m
+          + 2 * tile_m * ROWS * 2                                    # bf16 output staging
+          + 2 * 4 * (tile_m + 2 * ROWS)                              # scales, bias
+          + 2 * ((tile_m if rank else 8) + 2 * (ROWS if rank else 8)) * lr_cols)  # lr, up
+
+
+# tokens per output tile and pipeline depth, H200 (2026-12-03): 256 tokens 3 deep ran the
+# FLUX shapes 1.17-1.48x faster than 128 tokens 4 deep; a wider low-rank branch gives up depth
+TILING = dict(tile_m=256, steps=3, min_steps=2)
+
+
+def tiling(k: int, n: int, rank: int = 0) -> dict | None:
+  """``w4a8_gemm_t``'s tile arguments for this layer, or None if it does not take it (K not
+  a multiple of 128, N of 128, or a low-rank branch too wide for shared memory)."""
+  if k % TILE_K or n % CTA_N or rank % 16:
+    return None
+  for steps in range(TILING["steps"], TILING["min_steps"] - 1, -1):
+    if smem_bytes(TILING["tile_m"], steps, rank) <= SMEM_BYTES:
+      return dict(tile_m=TILING["tile_m"], steps=steps)
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "num_sms",
+                                             "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
-                steps: int = 3, pingpong: bool = True, gelu_from: int | None = None,
+                steps: int = 3, gelu_from: int | None = None,
                 num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
     [K/128, N] (``formats.pack_multipliers(m).T``), sw f32 [N]; lr bf16 [M, r], up_t bf16
     [N, r] (r a multiple of 16) or both None; bias f32 [N] or None. tile_m: tokens per output
-    tile (the wgmma's N, <= 256); steps: pipeline depth; pingpong: the two compute warpgroups
-    alternate expansion and MMA. gelu_from: output columns from there through the GELU (a
+    tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: output columns from there through the GELU (a
     multiple of 128).
   """
-  check_shapes(a, sa, codes, sw, lr, up_t, bias, w_mult)
+  check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias)
   m_out, k = a.shape
   n = codes.shape[0]
-  cta_n = 2 * ROWS
-  if n % cta_n:
-    raise ValueError(f"N={n} is not a multiple of {cta_n}")
+  cta_n = CTA_N
+  if tile_m % 8 or not 64 <= tile_m <= 256:
+    raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
   has_lr, has_bias = lr is not None, bias is not None
   rank = lr.shape[1] if has_lr else 0
-  if rank % 16:
-    raise ValueError(f"low-rank rank must be a multiple of 16, got {rank}")
   pad = -m_out % ROW_ALIGN
   if pad:
     a = jnp.pad(a, ((0, pad), (0, 0)))
@@ -72,7 +134,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     it = iter(refs)
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
-    (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, turn,
+    (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both,
      *stage) = it
 
     def pipeline(body, context):
@@ -96,10 +158,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * ROWS, ROWS)
 
-      def take_turn(i=0):   # both compute warpgroups get here
-        plgpu.barrier_arrive(turn.at[i])
-        plgpu.barrier_wait(turn.at[i])
-
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
@@ -112,7 +170,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
           plgpu.copy_gmem_to_smem(sw_gmem.at[n_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
-            take_turn(1)  # is done with the previous tile's
+            plgpu.barrier_arrive(both)  # is done with the previous tile's
+            plgpu.barrier_wait(both)
             pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(lr_gmem.at[m_slice], lr_smem,
                                                              barriers.at[2]))
             plgpu.copy_gmem_to_smem(up_gmem.at[n_slice].at[rows], up_smem.at[wg], bar(3))
@@ -155,17 +214,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
             pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
 
         def body(_, a_smem, codes_smem, mult_smem, acc):
-          if pingpong:
-            pl.when(wg == 0)(take_turn)
+          # the wgmma reads w from registers until it completes: waited before the next
+          # step's expansion writes them again
           w = _expand(codes_smem.at[rows], mult_smem.at[0, rows], interpret)
           if interpret:  # interpret mode takes wgmma operands from refs only
             stage[0][wg] = w
             w = stage[0].at[wg]
-          if pingpong:
-            take_turn()
           plgpu.wgmma(acc, w, a_smem.transpose((1, 0)))
-          if pingpong:
-            pl.when(wg == 1)(take_turn)
           plgpu.wgmma_wait(0)
           return acc
 
@@ -174,7 +229,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'p' if pingpong else ''}"
+  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}"
                      f"{'' if gelu_from is None else 'gelu'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
@@ -196,7 +251,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, ROWS), jnp.float32),
           plgpu.Barrier(num_barriers=10),
-          plgpu.Barrier(num_arrivals=2, num_barriers=2),
+          plgpu.Barrier(num_arrivals=2),
       ] + ([plgpu.SMEM((2, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
@@ -205,3 +260,58 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   return y[:m_out]
+
+
+def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:
+  """int4_2l weights of one pipeline step as int8 products m * q.
+
+  codes_ref: int8 [R, 64], two 64-groups packed as in ``formats.pack`` (byte j of a group's
+  32: element j in the low nibble, 32 + j in the high one); mult_ref: uint8 [R], the step's
+  multiplier byte per row (``formats.pack_multipliers``: m - 1 of the first group low, of the
+  second high). Returns int8 [R, 128] (R a multiple of 64).
+
+  On the GPU each thread works on its 32-bit registers of 4 packed bytes in the wgmma 8-bit
+  layout, where a byte's two nibbles land in the same thread's registers of the expanded
+  tile (16 columns apart). With L the low nibbles (n, 0..15) of 4 bytes and S their sign bits
+  (q = n - 16 s), the word m L + (256 - 16 m) S holds each byte's m * q in two's complement:
+  every byte's term m q + 256 s lies in [0, 255], so no carry crosses a byte. The same for
+  the high nibbles: 4 products per integer multiply-add.
+  """
+  rows = codes_ref.shape[0]
+  if interpret:
+    u = lax.bitcast_convert_type(codes_ref[...], jnp.uint8).astype(jnp.int32)
+    q = lambda nib: jnp.where(nib >= 8, nib - 16, nib)
+    lo, hi = q(u & 15), q(u >> 4)
+    mb = mult_ref[...].astype(jnp.int32)[:, None]
+    m0, m1 = (mb & 15) + 1, (mb >> 4) + 1
+    return jnp.concatenate([lo[:, :32] * m0, hi[:, :32] * m0, lo[:, 32:] * m1,
+                            hi[:, 32:] * m1], axis=1).astype(jnp.int8)
+  layout = plgpu.Layout.WGMMA_8BIT
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout), return_type=plgpu.ShapeDtypeStruct(
+      (rows, 128), jnp.int8, layout=layout))
+  def expand(_, m_ref, frag):
+    i32 = ir.IntegerType.get_signless(32)
+    const = lambda v: arith.constant(i32, v)
+    lo, hi = np.empty_like(frag.registers), np.empty_like(frag.registers)
+    for idx, reg_idx in zip(frag.layout.thread_idxs(frag.shape),
+                            np.ndindex(frag.registers.shape)):
+      group = reg_idx[1] // 2   # axis 1 of the registers: 16-byte column tiles
+      byte = arith.extui(i32, memref.load(m_ref, [idx[0]]))
+      m = arith.addi(arith.andi(arith.shrui(byte, const(4 * group)), const(15)), const(1))
+      c = arith.subi(const(256), arith.shli(m, const(4)))
+      word = mgpu.utils.bitcast(frag.registers[reg_idx], i32)
+      out = []
+      for shift in (0, 4):
+        nib = arith.andi(arith.shrui(word, const(shift)), const(0x0F0F0F0F))
+        sign = arith.andi(arith.shrui(word, const(shift + 3)), const(0x01010101))
+        out.append(arith.addi(arith.muli(m, nib), arith.muli(c, sign)))
+      reg_t = frag.registers[reg_idx].type
+      lo[reg_idx] = mgpu.utils.bitcast(out[0], reg_t)
+      hi[reg_idx] = mgpu.utils.bitcast(out[1], reg_t)
+    # expanded column tiles: group 0's low nibbles (elements 0-31), its high ones (32-63),
+    # then group 1's
+    regs = np.concatenate([lo[:, :2], hi[:, :2], lo[:, 2:], hi[:, 2:]], axis=1)
+    return mgpu.FragmentedArray(_registers=regs, _layout=frag.layout, _is_signed=True)
+
+  return expand(mult_ref, plgpu.load(codes_ref, (), layout=layout))

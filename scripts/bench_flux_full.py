@@ -104,7 +104,8 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 # --flag: the svdquant model also timed with this kernel choice switched off, '<name>_<flag>'
 OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
                 ("next_layer_gelu", w4a4.set_epilogue_gelu),
-                ("xla_gemv", w4a16_gemv.set_enabled))
+                ("xla_gemv", w4a16_gemv.set_enabled),
+                ("expansion_pass", w4a4.set_register_expansion))
 
 def _stacked_rope(x, pe):
   """``flux.apply_rope`` as it was before 2026-12-04: the rotated halves joined by jnp.stack
@@ -328,6 +329,10 @@ def main():
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
+  ap.add_argument("--expansion-pass", action="store_true",
+                  help="the svdquant model also timed with its int4_2l weights expanded by a "
+                       "separate pass for the int8 GEMM instead of in the W4A8 kernel's "
+                       "registers, '<name>_expansion_pass'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")

@@ -18,8 +18,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
     python3 scripts/bench_rowscaled.py --gemm-only --extra-m '' --variants "m64 n128 k128 s4 wm;m64 n128 k128 s4 wm t12" --out $OUT
                                                             # GEMM tilings (t: tile order)
-    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;m64 n128 k128 s4 wm t12 w4" --out $OUT
-                                # + low-rank and bias; w4: int4_2l weights expanded in the GEMM
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3" --out $OUT
+                  # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -70,15 +70,11 @@ TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_
 
 def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
-  w4: the int4_2l weights expanded in the kernel, ``packed=True``, not an int8_gemm kwarg)."""
+  wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``)."""
   kw = {}
   for tok in name.split():
-    if tok == "w4":
-      kw["packed"] = True
-    elif tok == "wt":   # w4a8_hopper.w4a8_gemm_t (p0: no ping-pong)
+    if tok == "wt":
       kw["transposed"] = True
-    elif tok in ("p0", "p1"):
-      kw["pingpong"] = tok == "p1"
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):
@@ -182,18 +178,15 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
   for v in variants:
     try:
       kw = variant_kwargs(v)
-      w_ops = ((layer.qweight, sw, *epi), dict(w_mult=layer.wscale.T)) if kw.pop(
-          "packed", False) else ((w8, sw, *epi), {})
-      gemm_fn = int8_hopper.int8_gemm
-      if kw.pop("transposed", False):
-        w_ops = ((layer.qweight, layer.wscale.T, sw, *epi), {})
-        gemm_fn = w4a8_hopper.w4a8_gemm_t
-      f = jax.jit(lambda a, sa, *ops, kw=kw, extra=w_ops[1], g=gemm_fn: g(
-          a, sa, *ops, interpret=interpret, **extra, **kw))
-      gemm[v] = t(f, a, sa, *w_ops[0])
+      gemm_fn, w_ops = int8_hopper.int8_gemm, (w8, sw, *epi)
+      if kw.pop("transposed", False):  # the packed weights, expanded in the kernel
+        gemm_fn, w_ops = w4a8_hopper.w4a8_gemm_t, (layer.qweight, layer.wscale.T, sw, *epi)
+      f = jax.jit(lambda a, sa, *ops, kw=kw, g=gemm_fn: g(a, sa, *ops, interpret=interpret,
+                                                           **kw))
+      gemm[v] = t(f, a, sa, *w_ops)
       # one rounding of the same f32 values; compared on the host (an interpreted kernel's
       # result must be ready before other work is dispatched)
-      got = np.asarray(f(a, sa, *w_ops[0]))
+      got = np.asarray(f(a, sa, *w_ops))
       want = got if want is None else want
       bad = int((got != want).sum())
       res.setdefault("gemm_mismatches", {})[v] = bad
@@ -236,8 +229,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
       res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
           x, s, d, f)), x, layer.smooth, layer.lora_down)
   saved = int8_hopper.TILINGS
-  lib = [v for v in gemm if gemm[v] is not None and not {"packed", "transposed"} & set(
-      variant_kwargs(v))]
+  lib = [v for v in gemm if gemm[v] is not None and "transposed" not in variant_kwargs(v)]
   int8_hopper.TILINGS = tuple(variant_kwargs(v) for v in lib[:1]) + saved
   backend = "interpret" if interpret else "pallas"
   fused = {}
@@ -487,7 +479,7 @@ def table(results) -> str:
 
 def gemm_table(results, variants) -> str:
   """--gemm-only: the int8 GEMM per tiling (ms, outputs differing from the reference; a
-  ``w4`` variant expands the weights itself, the others need the expansion's ms too)."""
+  ``wt`` variant expands the weights itself, the others need the expansion's ms too)."""
   lines = ["| M | K -> N | bf16 | XLA int8 | expansion | "
            + " | ".join(f"`{v}`" for v in variants)
            + " | fused W4A8 (library) |", "|" + " --- |" * (len(variants) + 6)]

@@ -214,7 +214,9 @@ class PreparedLinear:
   Data:
     layer: the QuantizedLinear as stored.
     w: int8 [N, K] weight values (``QuantizedLinear.row_scaled_weight``; ``m * q`` for
-      int4_2l: twice the bytes of the packed codes). sw: f32 [N] weight row scales.
+      int4_2l: twice the bytes of the packed codes); None only inside
+      ``w4a4.row_scaled_linear``, for weights its W4A8 kernel expands itself. sw: f32 [N]
+      weight row scales.
     inv_smooth: f32 [K] 1 / lambda, down: bf16 [K, r] L_down / lambda (``folded_smoothing``);
       up_t: bf16 [N, r16] L_up^T zero-padded to a multiple of 16 ranks (the int8 GEMM's
       epilogue operand). None where the layer has no smoothing / low-rank branch.
@@ -426,7 +428,8 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"))
+                    ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"),
+                    ("w4a4", "_register_expansion"))
 
 
 def trace_settings() -> tuple:

@@ -1,0 +1,95 @@
+"""The W4A8 GEMM that expands int4_2l weights in registers (``pallas_kernels.w4a8_hopper``), in
+GPU interpret mode: the same bf16 values as the expansion pass plus the int8 GEMM, bit for bit,
+with scales, low-rank branch, bias and GELU; its errors; and the layer path that takes it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import formats, qlinear, transforms
+from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
+
+
+def _operands(m=200, k=384, n=256, r=32, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  a = jax.random.randint(ks[0], (m, k), -128, 128, jnp.int8)
+  w = jax.random.normal(ks[1], (n, k)) * jnp.linspace(0.1, 3.0, k)   # uneven groups: m 1..16
+  qt = formats.quantize_weight(w, "int4_2l")
+  codes, mult = formats.pack(qt.q, "int4_2l"), formats.pack_multipliers(qt.scale)
+  sa, sw = jax.random.uniform(ks[2], (m,)), qt.tensor_scale[:, 0]
+  lr = jax.random.normal(ks[3], (m, r), jnp.bfloat16)
+  up = jax.random.normal(ks[4], (n, r), jnp.bfloat16)
+  bias = jax.random.normal(ks[5], (n,))
+  return a, sa, codes, mult, sw, lr, up, bias
+
+
+@pytest.mark.parametrize("tile_m,epilogue,gelu_from", [(64, False, None), (128, True, None),
+                                                       (64, True, 128)])
+def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
+  """Ragged M (200 rows over tiles of 64 / 128), K in 3 steps, 2 CTA tiles along N."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands()
+  epi = (lr, up, bias) if epilogue else ()
+  got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, *epi, tile_m=tile_m,
+                                           gelu_from=gelu_from, interpret=True))
+  w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
+  want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, *epi, tile_m=64, tile_n=128,
+                                          tile_k=128, gelu_from=gelu_from, interpret=True))
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+  if not epilogue:  # and the jnp definition, rounded once
+    ref = int8_hopper.reference(a, sa, w8, sw).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(got.astype(np.float32), np.asarray(ref, np.float32))
+
+
+def test_errors():
+  a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
+  gemm = lambda *args, **kw: w4a8_hopper.w4a8_gemm_t(*args, interpret=True, **kw)
+  with pytest.raises(ValueError, match="packed int4_2l weights"):
+    gemm(a, sa, codes.astype(jnp.int8), mult.T, sw)
+  with pytest.raises(ValueError, match="packed multipliers"):
+    gemm(a, sa, codes, mult, sw)
+  with pytest.raises(ValueError, match="K % 128 == 0"):
+    gemm(a[:, :192], sa, codes[:, :96], mult.T[:1], sw)
+  with pytest.raises(ValueError, match="not a multiple of 128"):
+    gemm(a, sa, codes[:64], mult.T[:, :64], sw[:64])
+  with pytest.raises(ValueError, match="gelu_from"):
+    gemm(a, sa, codes, mult.T, sw, gelu_from=64)
+  with pytest.raises(ValueError, match="tile_m"):
+    gemm(a, sa, codes, mult.T, sw, tile_m=512)
+  with pytest.raises(ValueError, match="low-rank"):
+    gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
+  assert w4a8_hopper.tiling(256, 128, 32) == dict(tile_m=256, steps=3)
+  assert w4a8_hopper.tiling(256, 128, 96)["steps"] == 2       # a LoRA-wide branch: shallower
+  assert w4a8_hopper.tiling(192, 128) is None and w4a8_hopper.tiling(256, 192) is None
+
+
+def test_layer_takes_it_for_bf16_inputs(monkeypatch):
+  """A W4A8 layer with bf16 inputs runs the register kernel (same values as the expansion
+  pass); f32 inputs (f32 outputs) and ``set_register_expansion(False)`` do not."""
+  x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
+  w = jax.random.normal(jax.random.key(1), (256, 128))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
+      jax.random.key(0), jnp.abs(x).max(0), x)
+  layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (128,)))
+  calls = []
+  real = w4a8_hopper.w4a8_gemm_t
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+  xb = x.astype(jnp.bfloat16)
+  with qlinear.backend("interpret"):   # one interpreted kernel in flight at a time
+    got = np.asarray(qlinear.apply(layer, xb)).astype(np.float32)
+    assert len(calls) == 1
+    w4a4.set_register_expansion(False)
+    try:
+      want = np.asarray(qlinear.apply(layer, xb)).astype(np.float32)
+    finally:
+      w4a4.set_register_expansion(True)
+    assert len(calls) == 1
+    np.asarray(qlinear.apply(layer, x))
+    assert len(calls) == 1
+  np.testing.assert_array_equal(got, want)
+  ref = np.asarray(qlinear.reference_apply(layer, xb)).astype(np.float32)
+  np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * float(np.abs(ref).max()))
