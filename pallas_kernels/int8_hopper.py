@@ -19,7 +19,10 @@ Weights rest 4-bit (``int4_2l``: packed codes and multipliers); ``act_rowscaled.
 expand_two_level`` turns them into the int8 products ``m * q`` right before the call (one
 Pallas pass, N K / 2 bytes read and N K written: 0.017-0.037 ms at the FLUX shapes on an
 H200 in back-to-back calls, near copy bandwidth; 4.7 ms of a FLUX.1-dev 1024x1024 step, where
-the int8 GEMM takes 47; docs/benchmarks, 2026-12-02).
+the int8 GEMM takes 47; docs/benchmarks, 2026-12-02). Layers with bf16 outputs and K, N
+multiples of 128 skip that pass: ``w4a8_hopper`` expands the packed weights in its registers.
+This kernel serves prepared layers (``qlinear.prepare``: expanded once per loop), f32
+outputs, other shapes, and W8A8.
 
 Ragged M: the TMA unit zero-fills out-of-bounds reads and drops out-of-bounds writes; M is
 padded to a multiple of 8 rows (a TMA row tile) only when it is not one already.
@@ -48,6 +51,12 @@ def check_shapes(a, sa, w, sw, lr, up_t, bias) -> None:
   if w.shape != (n, k):
     raise ValueError(f"weights {w.shape} do not match activations [M, K] = {a.shape}: "
                      f"expected [N, {k}]")
+  check_epilogue(m, n, sa, sw, lr, up_t, bias)
+
+
+def check_epilogue(m: int, n: int, sa, sw, lr, up_t, bias) -> None:
+  """The epilogue operands of an [M, N] output: scales [M] and [N], lr [M, r] with up_t
+  [N, r] (or both None), bias [N] (or None)."""
   if sa.shape != (m,) or sw.shape != (n,):
     raise ValueError(f"row scales must be [M] = [{m}] and [N] = [{n}], got {sa.shape} and "
                      f"{sw.shape}")

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from svdq_jax.pallas_kernels.int8_hopper import SMEM_BYTES, _gelu
+from svdq_jax.pallas_kernels.int8_hopper import SMEM_BYTES, _gelu, check_epilogue
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
@@ -57,17 +57,10 @@ def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias) -> None:
   if w_mult.dtype != jnp.uint8 or w_mult.shape != (k // TILE_K, n):
     raise ValueError(f"packed multipliers must be uint8 [K/128, N] = [{k // TILE_K}, {n}], "
                      f"got {w_mult.dtype} {w_mult.shape}")
-  if sa.shape != (m,) or sw.shape != (n,):
-    raise ValueError(f"row scales must be [M] = [{m}] and [N] = [{n}], got {sa.shape} and "
-                     f"{sw.shape}")
-  if (lr is None) != (up_t is None):
-    raise ValueError("the low-rank branch needs both lr [M, r] and up_t [N, r]")
-  if lr is not None and (lr.shape[0] != m or up_t.shape != (n, lr.shape[1])
-                         or lr.shape[1] % 16):
-    raise ValueError(f"low-rank operands must be lr [M, r] and up_t [N, r], r a multiple of "
-                     f"16, got {lr.shape} and {up_t.shape}")
-  if bias is not None and bias.shape != (n,):
-    raise ValueError(f"bias must be [N] = [{n}], got {bias.shape}")
+  check_epilogue(m, n, sa, sw, lr, up_t, bias)
+  if lr is not None and lr.shape[1] % 16:
+    raise ValueError(f"the low-rank rank must be a multiple of 16 (wgmma's K step), got "
+                     f"{lr.shape[1]}")
 
 
 def smem_bytes(tile_m: int, steps: int, rank: int = 0) -> int:
