@@ -639,8 +639,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   if in_registers is not None:
-    gelu = (_epilogue_gelu and gelu_from is not None
-            and gelu_from % w4a8_hopper.CTA_N == 0)
+    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % w4a8_hopper.CTA_N == 0
+            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     y = w4a8_hopper.w4a8_gemm_t(a, sa, layer.qweight, layer.wscale.T, p.sw, lr, p.up_t, bias,
                                 gelu_from=gelu_from if gelu else None, interpret=interpret,
                                 **in_registers)
