@@ -65,31 +65,52 @@ def test_errors():
   assert w4a8_hopper.tiling(192, 128) is None and w4a8_hopper.tiling(256, 192) is None
 
 
-def test_layer_takes_it_for_bf16_inputs(monkeypatch):
-  """A W4A8 layer with bf16 inputs runs the register kernel (same values as the expansion
-  pass); f32 inputs (f32 outputs) and ``set_register_expansion(False)`` do not."""
+@pytest.mark.parametrize("afmt,lora_rank", [("int8", 0), ("int4_2l", 0), ("int8", 56)])
+def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank):
+  """A W4A8 / two-level W4A4 layer with bf16 inputs runs the register kernel, the GELU of
+  ``gelu_from`` in its epilogue, with the same values as the expansion pass + int8 GEMM; a
+  LoRA-wide branch (8 + 56 ranks) on a shallower pipeline. f32 inputs (f32 outputs) and
+  ``set_register_expansion(False)`` take the int8 GEMM."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
-  w = jax.random.normal(jax.random.key(1), (256, 128))
+  w = jax.random.normal(jax.random.key(1), (256, 256))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
   (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
+      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg,
       jax.random.key(0), jnp.abs(x).max(0), x)
-  layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (128,)))
+  layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (256,)))
+  if lora_rank:  # a LoRA joined to the low-rank branch widens it
+    ks = jax.random.split(jax.random.key(4), 2)
+    layer = layer.replace(
+        lora_down=jnp.concatenate([layer.lora_down, 0.1 * jax.random.normal(
+            ks[0], (256, lora_rank), layer.lora_down.dtype)], axis=1),
+        lora_up=jnp.concatenate([layer.lora_up, 0.1 * jax.random.normal(
+            ks[1], (lora_rank, 256), layer.lora_up.dtype)], axis=0))
+    assert w4a8_hopper.tiling(256, 256, 64)["steps"] == 2
   calls = []
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(1) or real(*a, **k))
   xb = x.astype(jnp.bfloat16)
+  def run(**kw):  # with gelu_from: the whole output, its columns from there GELU'd
+    y = qlinear.apply(layer, xb, **kw)
+    if kw:
+      assert isinstance(y, qlinear.Gelu) and y.applied and y.start == 128
+      y = y.x
+    return np.asarray(y).astype(np.float32)
+
   with qlinear.backend("interpret"):   # one interpreted kernel in flight at a time
-    got = np.asarray(qlinear.apply(layer, xb)).astype(np.float32)
-    assert len(calls) == 1
+    got, got_gelu = run(), run(gelu_from=128)
+    assert len(calls) == 2
     w4a4.set_register_expansion(False)
     try:
-      want = np.asarray(qlinear.apply(layer, xb)).astype(np.float32)
+      want, want_gelu = run(), run(gelu_from=128)
     finally:
       w4a4.set_register_expansion(True)
-    assert len(calls) == 1
+    assert len(calls) == 2
     np.asarray(qlinear.apply(layer, x))
-    assert len(calls) == 1
+    assert len(calls) == 2
   np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_gelu, want_gelu)
+  np.testing.assert_array_equal(got_gelu[:, :128], got[:, :128])
+  assert (got_gelu[:, 128:] != got[:, 128:]).any()
   ref = np.asarray(qlinear.reference_apply(layer, xb)).astype(np.float32)
   np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * float(np.abs(ref).max()))
