@@ -18,8 +18,10 @@ ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 / 3072 -> 21504 / 15360 -> 30
 0.126 / 0.308 / 0.312 / 0.491 / 0.361 for the expansion pass plus ``int8_gemm``: the same
 speed as the int8 GEMM alone at wide N, 13-15% behind it at N = 3072. The two warpgroups
 taking turns (one expanding under the other's MMA, a barrier between them; commit e684f23)
-ran 10-20% slower than letting them run free; expanding into shared memory for an smem x smem wgmma instead (each
-warpgroup half the rows, both synchronized per step) 15-35% slower than the separate pass.
+ran 10-20% slower than letting them run free; expanding into shared memory for an smem x smem
+wgmma instead (each warpgroup half the rows, both synchronized per step; commit 4d76ee6) 15-61%
+slower than the separate pass. The persistent grid walks the output tiles in bands of 8 weight
+tiles along the tokens, as the int8 GEMM's wide tiling does (not swept for this kernel).
 """
 
 from __future__ import annotations
@@ -98,8 +100,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
     [K/128, N] (``formats.pack_multipliers(m).T``), sw f32 [N]; lr bf16 [M, r], up_t bf16
     [N, r] (r a multiple of 16) or both None; bias f32 [N] or None. tile_m: tokens per output
-    tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: output columns from there through the GELU (a
-    multiple of 128).
+    tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
+    there go through ``qlinear.gelu_tanh`` (a multiple of 128). num_sms: programs (default:
+    the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
+    >= 4, tests/conftest.py).
+  Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
   check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias)
   m_out, k = a.shape
