@@ -587,9 +587,9 @@ def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
 def prepare_row_scaled(layer, *, interpret: bool = False,
                        expand: bool = True) -> qlinear.PreparedLinear:
   """A row-scaled QuantizedLinear's weight-side operands (``qlinear.PreparedLinear``): what
-  ``row_scaled_linear`` computes from the layer alone. expand=False leaves int4_2l weights
-  packed (``w`` None) for the kernel that expands them itself."""
-  w, sw = _row_scaled_weight(layer, interpret) if expand else (None, layer.wcscale)
+  ``row_scaled_linear`` computes from the layer alone. expand=False leaves the weight operand
+  (``w``, ``sw``) None: ``row_scaled_linear`` computes it only for the int8 GEMM."""
+  w, sw = _row_scaled_weight(layer, interpret) if expand else (None, None)
   inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
   up_t = None
   if layer.lora_up is not None:
@@ -616,17 +616,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   the plain output (the caller marks the GELU as still to be computed).
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
-  n = layer.out_features
+  prepared = isinstance(layer, qlinear.PreparedLinear)
+  p = layer if prepared else prepare_row_scaled(layer, interpret=interpret, expand=False)
+  n = p.out_features
   dtype = qlinear.input_parts(x)[0][0].dtype
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
   k = qlinear.input_width(x)
-  in_registers = None   # a prepared layer holds its expanded weights: the int8 GEMM reads them
-  if not isinstance(layer, qlinear.PreparedLinear):
-    rank = 0 if layer.lora_down is None else -(-layer.lora_down.shape[1] // _MIN_DOT) * _MIN_DOT
-    in_registers = _register_tiling(layer, k, n, rank, out_dtype)
-  p = (layer if isinstance(layer, qlinear.PreparedLinear)
-       else prepare_row_scaled(layer, interpret=interpret, expand=in_registers is None))
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
@@ -638,21 +634,26 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
-  if in_registers is not None:
-    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % w4a8_hopper.CTA_N == 0
-            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
-    y = w4a8_hopper.w4a8_gemm_t(a, sa, layer.qweight, layer.wscale.T, p.sw, lr, p.up_t, bias,
-                                gelu_from=gelu_from if gelu else None, interpret=interpret,
-                                **in_registers)
-    return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
-  tiles = int8_hopper.tiling(n, out_dtype, 0 if lr is None else lr.shape[1])
+  rank = 0 if lr is None else lr.shape[1]
+  # a prepared layer holds its expanded weights: the int8 GEMM reads them
+  in_registers = None if prepared else _register_tiling(p.layer, k, n, rank, out_dtype)
+  if in_registers is None and not prepared:
+    w, sw = _row_scaled_weight(p.layer, interpret)
+    p = p.replace(w=w, sw=sw)
+  tiles = in_registers or int8_hopper.tiling(n, out_dtype, rank)
   if tiles is not None:
-    gelu = (_epilogue_gelu and gelu_from is not None
-            and gelu_from % int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]) == 0
+    cta_n = (w4a8_hopper.CTA_N if in_registers
+             else int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]))
+    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
-    y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
-                              gelu_from=gelu_from if gelu else None, interpret=interpret,
-                              **tiles)
+    if in_registers:
+      y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.layer.wscale.T, p.layer.wcscale,
+                                  lr, p.up_t, bias, gelu_from=gelu_from if gelu else None,
+                                  interpret=interpret, **tiles)
+    else:
+      y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
+                                gelu_from=gelu_from if gelu else None, interpret=interpret,
+                                **tiles)
     return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once

@@ -214,9 +214,9 @@ class PreparedLinear:
   Data:
     layer: the QuantizedLinear as stored.
     w: int8 [N, K] weight values (``QuantizedLinear.row_scaled_weight``; ``m * q`` for
-      int4_2l: twice the bytes of the packed codes); None only inside
-      ``w4a4.row_scaled_linear``, for weights its W4A8 kernel expands itself. sw: f32 [N]
-      weight row scales.
+      int4_2l: twice the bytes of the packed codes). sw: f32 [N] weight row scales. Both None
+      only inside ``w4a4.row_scaled_linear`` (``prepare_row_scaled(expand=False)``), which
+      computes them only where the int8 GEMM runs.
     inv_smooth: f32 [K] 1 / lambda, down: bf16 [K, r] L_down / lambda (``folded_smoothing``);
       up_t: bf16 [N, r16] L_up^T zero-padded to a multiple of 16 ranks (the int8 GEMM's
       epilogue operand). None where the layer has no smoothing / low-rank branch.
