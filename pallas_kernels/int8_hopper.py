@@ -211,10 +211,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
           acc = pl.run_scoped(accumulate, plgpu.ACC((tile_m, tile_n), jnp.int32))
           plgpu.barrier_wait(bar(0))
           plgpu.barrier_wait(bar(1))
-          s_a = plgpu.load(sa_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-          s_w = plgpu.load(sw_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-          total = (acc.astype(jnp.float32) * lax.broadcast_in_dim(s_a, acc.shape, [0])
-                   * lax.broadcast_in_dim(s_w, acc.shape, [1]))
+          total = scaled(acc, sa_smem.at[wg], sw_smem.at[wg], token_axis=0)
           if has_lr:
             plgpu.barrier_wait(bar(2))
             plgpu.barrier_wait(bar(3))
@@ -222,8 +219,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
                 acc_ref, lr_smem.at[wg], up_smem.at[wg].transpose((1, 0))), interpret)
           if has_bias:
             plgpu.barrier_wait(bar(4))
-            b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-            total = total + lax.broadcast_in_dim(b, total.shape, [1])
+            total = plus_bias(total, bias_smem.at[wg], token_axis=0)
           out_tile = out_gmem.at[m_slice, n_slice].at[wg_m, wg_n]
 
           def store(gelu):
@@ -236,12 +232,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               plgpu.copy_smem_to_gmem(out_smem.at[wg],
                                       out_tile.at[:, pl.ds(cols.start, out_cols)])
 
-          if gelu_from is None:
-            store(False)
-          else:   # whole CTA tiles on one side of gelu_from
-            in_gelu = n_idx * cta_n >= gelu_from
-            pl.when(in_gelu)(lambda: store(True))
-            pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
+          store_with_gelu(store, gelu_from, n_idx * cta_n)
 
         def body(_, a_smem, w_smem, acc):
           plgpu.wgmma(acc, a_smem.at[wg_m], w_smem.at[wg_n].transpose((1, 0)))
@@ -282,6 +273,34 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   return y[:m_out]
+
+
+def scaled(acc, sa_ref, sw_ref, token_axis: int):
+  """The epilogue's first step: f32(acc) * s_a * s_w in the reference's order, for a wgmma
+  accumulator tile whose ``token_axis`` runs over tokens (0; 1 for a transposed Y^T tile)
+  and the other over output channels. sa_ref / sw_ref: the tile's f32 scales in smem."""
+  chan_axis = 1 - token_axis
+  s_a = plgpu.load(sa_ref, layout=plgpu.Layout.WGMMA.reduce(chan_axis))
+  s_w = plgpu.load(sw_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis))
+  return (acc.astype(jnp.float32) * lax.broadcast_in_dim(s_a, acc.shape, [token_axis])
+          * lax.broadcast_in_dim(s_w, acc.shape, [chan_axis]))
+
+
+def plus_bias(total, bias_ref, token_axis: int):
+  """total + bias along the output channels (the axis other than ``token_axis``)."""
+  b = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis))
+  return total + lax.broadcast_in_dim(b, total.shape, [1 - token_axis])
+
+
+def store_with_gelu(store, gelu_from: int | None, first_col):
+  """store(gelu: bool) for an output tile starting at column ``first_col``: through the GELU
+  when the tile lies at or past ``gelu_from`` (whole CTA tiles sit on one side of it)."""
+  if gelu_from is None:
+    store(False)
+    return
+  in_gelu = first_col >= gelu_from
+  pl.when(in_gelu)(lambda: store(True))
+  pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
 
 
 def _gelu(y):

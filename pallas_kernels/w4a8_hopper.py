@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from svdq_jax.pallas_kernels.int8_hopper import SMEM_BYTES, _gelu, check_epilogue
+from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, check_epilogue, plus_bias,
+                                                  scaled, store_with_gelu)
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
@@ -183,10 +184,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
           plgpu.barrier_wait(bar(0))
           plgpu.barrier_wait(bar(1))
-          s_a = plgpu.load(sa_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-          s_w = plgpu.load(sw_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-          total = (acc.astype(jnp.float32) * lax.broadcast_in_dim(s_a, acc.shape, [1])
-                   * lax.broadcast_in_dim(s_w, acc.shape, [0]))
+          total = scaled(acc, sa_smem.at[wg], sw_smem.at[wg], token_axis=1)
           if has_lr:
             plgpu.barrier_wait(barriers.at[2])
             plgpu.barrier_wait(bar(3))
@@ -194,8 +192,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
                 acc_ref, up_smem.at[wg], lr_smem.transpose((1, 0))), interpret)
           if has_bias:
             plgpu.barrier_wait(bar(4))
-            b = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-            total = total + lax.broadcast_in_dim(b, total.shape, [0])
+            total = plus_bias(total, bias_smem.at[wg], token_axis=1)
 
           def store(gelu):
             y = total.astype(jnp.bfloat16)
@@ -204,12 +201,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
 
-          if gelu_from is None:
-            store(False)
-          else:
-            in_gelu = n_idx * cta_n >= gelu_from
-            pl.when(in_gelu)(lambda: store(True))
-            pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
+          store_with_gelu(store, gelu_from, n_idx * cta_n)
 
         def body(_, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next
