@@ -107,9 +107,10 @@ OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
                 ("xla_gemv", w4a16_gemv.set_enabled),
                 ("expansion_pass", w4a4.set_register_expansion))
 
+
 def _stacked_rope(x, pe):
-  """``flux.apply_rope`` as it was before 2026-12-04: the rotated halves joined by jnp.stack
-  (the same values; XLA materialized the stack as a concatenate fusion)."""
+  """``flux.apply_rope`` as it was before 2026-12-03: the rotated halves joined by jnp.stack
+  (the same values op by op; XLA materialized the stack as a concatenate fusion)."""
   cos, sin = (p[None, :, None, :] for p in pe)
   xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   re, im = xf[..., 0], xf[..., 1]

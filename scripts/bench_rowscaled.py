@@ -167,10 +167,11 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
   if not interpret:
     res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
         a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
-  epi = ()  # --with-lr: the variants with the rank-r low-rank branch and a bias
-  if with_lr:
-    epi = (jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16))),
-           jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16))), layer.bias.astype(jnp.float32))
+  # the low-rank operands padded to wgmma's K step of 16, and the bias
+  up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
+  lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16)))
+  bias32 = layer.bias.astype(jnp.float32)
+  epi = (lr16, up16, bias32) if with_lr else ()  # --with-lr: the variants with both
   gemm = {}
   # the low-rank wgmma sums in another order than XLA's dot: with it, every variant's output
   # is compared with the first variant's (the epilogue is the same code for all tilings)
@@ -206,14 +207,12 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
       q, s, interpret=interpret)), layer.qweight, layer.wscale)
   if full:
     res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
-    up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
-    lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16)))
     try:  # a tiling that fits without the low-rank operands may not fit with them
       if best is None:
         raise ValueError("no int8_gemm tiling among the --variants")
       res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
           *ops, interpret=interpret, **variant_kwargs(best))),
-          a, sa, w8, sw, lr16, up16, layer.bias.astype(jnp.float32))
+          a, sa, w8, sw, lr16, up16, bias32)
     except Exception as e:
       res["gemm_lr_bias_ms"] = None
       print(f"GEMM + low-rank + bias with {best!r} at {k}x{n}: {type(e).__name__}: "
