@@ -75,19 +75,45 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0) -> int:
           + 2 * ((tile_m if rank else 8) + 2 * (ROWS if rank else 8)) * lr_cols)  # lr, up
 
 
-# tokens per output tile and pipeline depth, H200 (2026-12-03): 256 tokens 3 deep ran the
-# FLUX shapes 1.17-1.48x faster than 128 tokens 4 deep; a wider low-rank branch gives up depth
-TILING = dict(tile_m=256, steps=3, min_steps=2)
+# Output tilings (tokens per tile, pipeline depth). H200, GEMM + rank-32 branch: at M = 4608
+# 256 tokens 3 deep ran the FLUX shapes 1.17-1.48x faster than 128 tokens 4 deep (2026-12-03;
+# each weight tile is expanded once per token tile); at M = 512 (the text stream) 128 tokens
+# 4 deep ran N = 3072 / 12288 and 15360 -> 3072 in 0.043 / 0.057 / 0.076 ms against 0.055 /
+# 0.060 / 0.085 (256-token tiles: under two waves of the 132 SMs), but N = 21504 in 0.090
+# against 0.070 (2.5 waves; 2026-12-04). The narrow tiling serves grids of wide tiles under
+# MIN_WAVES waves; a wider low-rank branch gives up pipeline depth down to MIN_STEPS.
+WIDE, NARROW = dict(tile_m=256, steps=3), dict(tile_m=128, steps=4)
+MIN_WAVES, MIN_STEPS = 2, 2
+H100_SMS = 132   # H100 / H200 SXM: the SMs assumed off a GPU (interpret mode, export)
+
+_narrow_tiles = True
 
 
-def tiling(k: int, n: int, rank: int = 0) -> dict | None:
-  """``w4a8_gemm_t``'s tile arguments for this layer, or None if it does not take it (K not
+def set_narrow_tiles(on: bool) -> None:
+  """Whether ``tiling`` gives grids of fewer than MIN_WAVES waves of 256-token tiles 128-token
+  tiles (the default) or always 256 (as before 2026-12-04; kept to time the difference,
+  scripts/bench_flux_full.py --wide-tiles-only)."""
+  global _narrow_tiles
+  _narrow_tiles = bool(on)
+
+
+def sm_count() -> int:
+  """The default device's SMs, or ``H100_SMS`` where it is not a GPU."""
+  return getattr(jax.devices()[0], "core_count", None) or H100_SMS
+
+
+def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) -> dict | None:
+  """``w4a8_gemm_t``'s tile arguments for an [M, K] x [K, N] problem with a rank-``rank``
+  branch on ``num_sms`` SMs (default ``sm_count()``), or None if it does not take it (K not
   a multiple of 128, N of 128, or a low-rank branch too wide for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
-  for steps in range(TILING["steps"], TILING["min_steps"] - 1, -1):
-    if smem_bytes(TILING["tile_m"], steps, rank) <= SMEM_BYTES:
-      return dict(tile_m=TILING["tile_m"], steps=steps)
+  num_sms = num_sms or sm_count()
+  waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
+  t = NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE
+  for steps in range(t["steps"], MIN_STEPS - 1, -1):
+    if smem_bytes(t["tile_m"], steps, rank) <= SMEM_BYTES:
+      return dict(tile_m=t["tile_m"], steps=steps)
   return None
 
 

@@ -36,7 +36,7 @@ from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4
+from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -105,7 +105,8 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
                 ("next_layer_gelu", w4a4.set_epilogue_gelu),
                 ("xla_gemv", w4a16_gemv.set_enabled),
-                ("expansion_pass", w4a4.set_register_expansion))
+                ("expansion_pass", w4a4.set_register_expansion),
+                ("wide_tiles_only", w4a8_hopper.set_narrow_tiles))
 
 
 def _stacked_rope(x, pe):
@@ -334,6 +335,9 @@ def main():
                   help="the svdquant model also timed with its int4_2l weights expanded by a "
                        "separate pass for the int8 GEMM instead of in the W4A8 kernel's "
                        "registers, '<name>_expansion_pass'")
+  ap.add_argument("--wide-tiles-only", action="store_true",
+                  help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
+                       "for every layer (the text stream's too), '<name>_wide_tiles_only'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")

@@ -60,16 +60,32 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, tile_m=512)
   with pytest.raises(ValueError, match="low-rank"):
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
-  assert w4a8_hopper.tiling(256, 128, 32) == dict(tile_m=256, steps=3)
-  assert w4a8_hopper.tiling(256, 128, 96)["steps"] == 2       # a LoRA-wide branch: shallower
-  assert w4a8_hopper.tiling(192, 128) is None and w4a8_hopper.tiling(256, 192) is None
 
 
-@pytest.mark.parametrize("afmt,lora_rank", [("int8", 0), ("int4_2l", 0), ("int8", 56)])
-def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank):
+def test_tiling():
+  """256-token tiles where they make two waves of the SMs, 128-token tiles under that; a
+  LoRA-wide branch: a shallower pipeline; shapes the kernel does not take: None."""
+  tiling = w4a8_hopper.tiling
+  assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 3.3 waves
+  assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 1.5 waves
+  assert tiling(512, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 2.5 waves
+  assert tiling(512, 3072, 12288, 32, num_sms=96) == dict(tile_m=256, steps=3)   # fewer SMs
+  assert tiling(4608, 256, 128, 96, num_sms=1)["steps"] == 2
+  w4a8_hopper.set_narrow_tiles(False)
+  try:
+    assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=256, steps=3)
+  finally:
+    w4a8_hopper.set_narrow_tiles(True)
+  assert tiling(256, 192, 128) is None and tiling(256, 256, 192) is None
+
+
+@pytest.mark.parametrize("afmt,lora_rank,tiles", [("int8", 0, (128, 4)), ("int4_2l", 0, (128, 4)),
+                                                   ("int8", 56, (256, 2))])
+def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank, tiles):
   """A W4A8 / two-level W4A4 layer with bf16 inputs runs the register kernel, the GELU of
-  ``gelu_from`` in its epilogue, with the same values as the expansion pass + int8 GEMM; a
-  LoRA-wide branch (8 + 56 ranks) on a shallower pipeline. f32 inputs (f32 outputs) and
+  ``gelu_from`` in its epilogue, with the same values as the expansion pass + int8 GEMM: at
+  the small-M tiling, and (``set_narrow_tiles(False)``) a LoRA-wide branch (8 + 56 ranks) on
+  the 256-token tiling's shallower pipeline. f32 inputs (f32 outputs) and
   ``set_register_expansion(False)`` take the int8 GEMM."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 256))
@@ -85,10 +101,11 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank):
             ks[0], (256, lora_rank), layer.lora_down.dtype)], axis=1),
         lora_up=jnp.concatenate([layer.lora_up, 0.1 * jax.random.normal(
             ks[1], (lora_rank, 256), layer.lora_up.dtype)], axis=0))
-    assert w4a8_hopper.tiling(256, 256, 64)["steps"] == 2
+    monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)
   calls = []
   real = w4a8_hopper.w4a8_gemm_t
-  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
+                      lambda *a, **k: calls.append((k["tile_m"], k["steps"])) or real(*a, **k))
   xb = x.astype(jnp.bfloat16)
   def run(**kw):  # with gelu_from: the whole output, its columns from there GELU'd
     y = qlinear.apply(layer, xb, **kw)
@@ -99,7 +116,7 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank):
 
   with qlinear.backend("interpret"):   # one interpreted kernel in flight at a time
     got, got_gelu = run(), run(gelu_from=128)
-    assert len(calls) == 2
+    assert calls == [tiles, tiles]
     w4a4.set_register_expansion(False)
     try:
       want, want_gelu = run(), run(gelu_from=128)
