@@ -143,18 +143,37 @@ KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first matc
     ("memory copies", r"(?i)memcpy|memset"),
     ("other fusions (norms, RoPE, modulation, softmax, dequantize, ...)", r".*"),
 )
+OTHER = KERNEL_CATEGORIES[-1][0]
 
 
-def kernel_profile(fn, *args, top: int = 12) -> dict:
-  """{category: ms per call}, plus the ``top`` most expensive kernels by name."""
+def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
+  """{category: ms per call}, plus the ``top`` most expensive kernels by name; with the
+  compiled program's optimized ``hlo``, the last category's time by model line too."""
   times = device_kernel_seconds(fn, *args, calls=3)
   cats: dict[str, float] = {}
   for name, sec in times.items():
     cat = next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, name))
     cats[cat] = cats.get(cat, 0.0) + sec * 1e3
-  top = sorted(times.items(), key=lambda kv: -kv[1])[:top]
-  return {"categories_ms": cats, "total_ms": sum(cats.values()),
-          "top_kernels_ms": {k[:120]: v * 1e3 for k, v in top}}
+  prof = {"categories_ms": cats, "total_ms": sum(cats.values()),
+          "top_kernels_ms": {k[:120]: v * 1e3 for k, v in
+                             sorted(times.items(), key=lambda kv: -kv[1])[:top]}}
+  if hlo is not None:
+    other = {k: v for k, v in times.items()
+             if next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, k)) == OTHER}
+    prof["other_by_source_ms"] = time_by_source(other, hlo)
+  return prof
+
+
+def time_by_source(times: dict[str, float], hlo: str, top: int = 40) -> dict[str, float]:
+  """Kernel seconds summed by the model line their fusion's root comes from ('file:line
+  function', the innermost frame; '?' where the HLO names none), in ms, largest first."""
+  sources = hlo_kernel_sources(hlo, list(times))
+  totals: dict[str, float] = {}
+  for k, sec in times.items():
+    frame = re.search(r"[^\s;]+:\d+ [^\s;]+", sources.get(k, ""))
+    key = frame.group(0) if frame else "?"
+    totals[key] = totals.get(key, 0.0) + sec * 1e3
+  return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
 def hlo_kernel_sources(hlo: str, kernels) -> dict:
@@ -262,9 +281,9 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
     print(json.dumps({name: r}), flush=True)
   if args.profile:
-    prof = kernel_profile(compiled_first, state, *inputs(cfg, res),
-                          top=1000 if args.dump_hlo else 12)
     hlo = compiled_first.as_text()
+    prof = kernel_profile(compiled_first, state, *inputs(cfg, res),
+                          top=1000 if args.dump_hlo else 12, hlo=hlo)
     # what the most expensive fusions compute, and the model line they come from
     prof["top_kernels_hlo"] = hlo_kernel_sources(hlo, list(prof["top_kernels_ms"])[:20])
     r[f"profile{res}"] = prof
