@@ -133,7 +133,7 @@ def stacked_rope():
 
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
-    ("W4A4 activation kernel", r"svdq_quantize_act"),
+    ("activation quantization kernels", r"svdq_quantize_act|svdq_absmax|svdq_codes"),
     ("int4_2l weight expansion", r"svdq_expand"),
     ("W4A16 GEMV kernel (modulation)", r"svdq_w4a16_gemv"),
     ("attention (INT8 q k^T kernel)", r"int8qk_flash"),
