@@ -60,10 +60,10 @@ FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-  """Sinusoidal embedding of t [B] (scaled by 1000) -> f32 [B, dim] as [cos, sin]."""
+  """Sinusoidal embedding of t [..., B] (scaled by 1000) -> f32 [..., B, dim] as [cos, sin]."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+  args = (1000.0 * t.astype(jnp.float32))[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -188,7 +188,8 @@ class Modulation(nnx.Module):
     self.sets = sets
 
   def __call__(self, vec):
-    out = self.lin(jax.nn.silu(vec))[:, None, :]
+    """vec [..., B, hidden] -> 3 * sets arrays [..., B, 1, hidden]."""
+    out = self.lin(jax.nn.silu(vec))[..., None, :]
     return jnp.split(out, 3 * self.sets, axis=-1)
 
 
@@ -228,8 +229,12 @@ class DoubleStreamBlock(nnx.Module):
     q, k, v = split_heads(attn.qkv((1 + scale) * layer_norm(x) + shift), self.num_heads)
     return attn.norm.query_norm(q), attn.norm.key_norm(k), v
 
-  def __call__(self, img, txt, vec, pe):
-    img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+  def modulation(self, vec):
+    return self.img_mod(vec), self.txt_mod(vec)
+
+  def __call__(self, img, txt, mod, pe):
+    """mod: ``modulation(vec)``, each stream's (shift, scale, gate) x (attention, MLP)."""
+    img_mod, txt_mod = mod
     iq, ik, iv = self._qkv(img, img_mod, self.img_attn)
     tq, tk, tv = self._qkv(txt, txt_mod, self.txt_attn)
     joint = attention(*(jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv))), pe)
@@ -252,8 +257,9 @@ class SingleStreamBlock(nnx.Module):
     self.linear2 = Linear(h + cfg.mlp_dim, h, rngs=rngs)
     self.norm = QKNorm(cfg.head_dim)
 
-  def __call__(self, x, vec, pe):
-    shift, scale, gate = self.modulation(vec)
+  def __call__(self, x, mod, pe):
+    """mod: ``self.modulation(vec)``, (shift, scale, gate)."""
+    shift, scale, gate = mod
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
     q, k, v = split_heads(qkv_mlp.x[..., :3 * self.hidden], self.num_heads)
@@ -267,8 +273,12 @@ class LastLayer(nnx.Module):
     self.adaLN_modulation = Linear(hidden, 2 * hidden, rngs=rngs)
     self.linear = Linear(hidden, out_dim, rngs=rngs)
 
-  def __call__(self, x, vec):
-    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(vec))[:, None, :], 2, axis=-1)
+  def modulation(self, vec):
+    return jnp.split(self.adaLN_modulation(jax.nn.silu(vec))[..., None, :], 2, axis=-1)
+
+  def __call__(self, x, mod):
+    """mod: ``modulation(vec)``, (shift, scale)."""
+    shift, scale = mod
     return self.linear((1 + scale) * layer_norm(x) + shift)
 
 
@@ -288,31 +298,49 @@ class Flux(nnx.Module):
         [SingleStreamBlock(cfg, rngs) for _ in range(cfg.depth_single_blocks)])
     self.final_layer = LastLayer(h, cfg.out_channels, rngs)
 
-  def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+  def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, mods=None):
     """
     Args:
       img: [B, L_img, in_channels] packed latents. img_ids: [L_img, 3] positions.
       txt: [B, L_txt, context_in_dim] T5 embeddings. txt_ids: [L_txt, 3] (zeros).
       timesteps: [B] in [0, 1]. y: [B, vec_in_dim] CLIP pooled. guidance: [B] (dev only).
+      mods: ``modulations`` of these timesteps, y and guidance, computed ahead (then
+        timesteps, y and guidance are not read); None: computed here.
     Returns:
       [B, L_img, out_channels].
     """
     cfg = self.cfg
     img = self.img_in(img)
-    vec = self.time_in(timestep_embedding(timesteps, 256).astype(img.dtype))
-    if cfg.guidance_embed:
-      if guidance is None:
-        raise ValueError("this FLUX config embeds guidance (dev): pass guidance=[B] values")
-      vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(img.dtype))
-    vec = vec + self.vector_in(y)
+    if mods is None:
+      mods = self.modulations(self.conditioning(timesteps, y, guidance, img.dtype))
+    double, single, final = mods
     txt = self.txt_in(txt)
     pe = rope(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dim, cfg.theta)
-    for block in self.double_blocks:
-      img, txt = block(img, txt, vec, pe)
+    for block, mod in zip(self.double_blocks, double):
+      img, txt = block(img, txt, mod, pe)
     x = jnp.concatenate([txt, img], axis=1)
-    for block in self.single_blocks:
-      x = block(x, vec, pe)
-    return self.final_layer(x[:, txt.shape[1]:], vec)
+    for block, mod in zip(self.single_blocks, single):
+      x = block(x, mod, pe)
+    return self.final_layer(x[:, txt.shape[1]:], final)
+
+  def conditioning(self, timesteps, y, guidance=None, dtype=jnp.bfloat16) -> jax.Array:
+    """[..., B] timesteps, [..., B, vec_in_dim] y, [..., B] guidance -> vec [..., B, hidden]:
+    what the modulations read."""
+    vec = self.time_in(timestep_embedding(timesteps, 256).astype(dtype))
+    if self.cfg.guidance_embed:
+      if guidance is None:
+        raise ValueError("this FLUX config embeds guidance (dev): pass guidance=[B] values")
+      vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(dtype))
+    return vec + self.vector_in(y)
+
+  def modulations(self, vec: jax.Array):
+    """vec [..., B, hidden] -> (per double block, per single block, final layer) the shifts,
+    scales and gates [..., B, 1, hidden] of ``__call__``'s ``mods``. The modulation linears
+    read only vec: a sampler can compute them for all its steps at once (one weight read
+    instead of one per step)."""
+    return ([b.modulation(vec) for b in self.double_blocks],
+            [b.modulation(vec) for b in self.single_blocks],
+            self.final_layer.modulation(vec))
 
 
 EMBEDDERS = r"img_in|txt_in|(time_in|vector_in|guidance_in|final_layer)/.*"

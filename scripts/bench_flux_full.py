@@ -228,7 +228,7 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
 
 def measure(name, graph, state, cfg, args, result, variant=False):
   """Step times, memory plan, sampling loop and (optionally) profile of one model; a
-  ``variant`` of the svdquant model skips the --hoist-weights loop."""
+  ``variant`` of the svdquant model skips the --hoist-weights / --hoist-modulation loops."""
   step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
   r = result.setdefault("models", {}).setdefault(name, {})
   r["weight_bytes"] = tree_bytes(state)
@@ -249,20 +249,23 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     noise = sampling.initial_noise(0, 1, res, res).astype(jnp.bfloat16)
     sigmas = sampling.schedule(args.loop_steps, x[0].shape[1])
     model = nnx.merge(graph, state)
-    # the loop as sampled by default, then (quantized models, --hoist-weights) with the int8
-    # weights expanded once before it; with --profile each is profiled
+    # the loop as sampled by default, then with what --hoist-weights (quantized models) and
+    # --hoist-modulation move out of it; with --profile each is profiled
+    loops = [("", {})]
+    if args.hoist_weights and "svdquant" in name and not variant:
+      loops.append(("hoist_weights", dict(hoist_weights=True)))
+    if args.hoist_modulation and not variant:
+      loops.append(("hoist_modulation", dict(hoist_modulation=True)))
     latents = []
-    hoists = ((False, True) if args.hoist_weights and "svdquant" in name and not variant
-              else (False,))
-    for hoist in hoists:
+    for tag, kwargs in loops:
       loop = functools.partial(sampling.sample, model, noise, x[2], x[3], x[5], sigmas,
-                               guidance=3.5, hoist_weights=hoist)
+                               guidance=3.5, **kwargs)
       t0 = time.perf_counter()
       latents.append(loop())
       first = time.perf_counter() - t0
       t0 = time.perf_counter()
       loop()
-      suffix = "_hoist_weights" if hoist else ""
+      suffix = f"_{tag}" if tag else ""
       key = f"loop{res}_{args.loop_steps}steps{suffix}"
       r[f"{key}_s"] = round(time.perf_counter() - t0, 3)
       r[f"{key}_first_call_s"] = round(first, 1)
@@ -273,8 +276,8 @@ def measure(name, graph, state, cfg, args, result, variant=False):
             "categories_ms": {c: v / args.loop_steps
                               for c, v in prof["categories_ms"].items()},
             "total_ms": prof["total_ms"] / args.loop_steps}
-    if len(latents) == 2:   # the same program but for where the weights are expanded
-      r["hoist_weights_max_abs_diff"] = float(jnp.abs(latents[1] - latents[0]).max())
+      if tag:   # the same computation but for what runs before the loop
+        r[f"{tag}_max_abs_diff"] = float(jnp.abs(latents[-1] - latents[0]).max())
     del latents
     stats = jax.devices()[0].memory_stats() or {}
     r["bytes_in_use_after_loop"] = stats.get("bytes_in_use")
@@ -305,6 +308,8 @@ def main():
   ap.add_argument("--loop-steps", type=int, default=28, help="0: no sampling loop")
   ap.add_argument("--hoist-weights", action="store_true",
                   help="also time the quantized models' loop with sample(hoist_weights=True)")
+  ap.add_argument("--hoist-modulation", action="store_true",
+                  help="also time each model's loop with sample(hoist_modulation=True)")
   ap.add_argument("--profile", action="store_true", help="per-kernel device time of one step")
   ap.add_argument("--dump-hlo", action="store_true",
                   help="with --profile: every kernel's time, and the step's optimized HLO "
@@ -478,11 +483,14 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
     summary["flux_dev_step"].update({
         f"loop{steps}_bf16_s": models["bf16"][loop], f"loop{steps}_quantized_s": quant[loop],
         f"loop{steps}_speedup": models["bf16"][loop] / quant[loop]})
-    hoisted = loop.replace("steps_s", "steps_hoist_weights_s")
-    if hoisted in quant:
-      summary["flux_dev_step"].update({
-          f"loop{steps}_quantized_hoist_weights_s": quant[hoisted],
-          f"loop{steps}_hoist_weights_speedup": models["bf16"][loop] / quant[hoisted]})
+    for tag in ("hoist_weights", "hoist_modulation"):
+      hoisted = loop.replace("steps_s", f"steps_{tag}_s")
+      if hoisted in quant:
+        summary["flux_dev_step"].update({
+            f"loop{steps}_quantized_{tag}_s": quant[hoisted],
+            f"loop{steps}_{tag}_speedup": models["bf16"][loop] / quant[hoisted]})
+      if hoisted in models["bf16"]:
+        summary["flux_dev_step"][f"loop{steps}_bf16_{tag}_s"] = models["bf16"][hoisted]
   if "quantize_s" in result:   # one alpha and one low-rank iteration with --fast-search
     summary["flux_dev_step"].update(quantize_s=result["quantize_s"],
                                     quantize_fast_search=result["fast_search"])

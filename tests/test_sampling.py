@@ -177,3 +177,36 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   np.testing.assert_array_equal(outs[0], outs[2])
   np.testing.assert_array_equal(outs[1], outs[2])
   assert np.abs(outs[0].astype(np.float32)).max() > 0
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_hoisting_the_modulations_out_of_the_loop(quantized):
+  """sample(hoist_modulation=True): every step's modulations computed before the loop as one
+  batch (``Flux.modulations`` of ``Flux.conditioning`` over [steps, B]) give the latents of
+  the per-step ones, for a float model and a quantized one (W4A16 modulation linears, the
+  rest W4A8; reference numerics). ``mods`` given to the model equal its own, bit for bit."""
+  import svdq_jax
+  from svdq_jax.models import flux
+
+  model = Flux(dataclasses.replace(TINY, depth=2, depth_single_blocks=2), nnx.Rngs(0))
+  noise = jax.random.normal(jax.random.key(1), (2, 16, 4, 4))
+  txt = jax.random.normal(jax.random.key(2), (2, 3, 16))
+  y = jax.random.normal(jax.random.key(3), (2, 8))
+  args = (txt, jnp.zeros((3, 3)), y, sampling.schedule(4, 4))
+  if quantized:
+    steps = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
+    calib = svdq_jax.calibrate(lambda a: model(*a), steps, model=model, progress=False)
+    graph, state = nnx.split(model)
+    config = flux.quant_config("svdquant", "int4_2l", rank=4, act_fmt="int8", alpha_grid=1,
+                               lowrank_iters=1)
+    model = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  out = [np.asarray(sampling.sample(model, noise, *args, guidance=3.5, hoist_modulation=h))
+         for h in (False, True)]
+  np.testing.assert_array_equal(out[1], out[0])   # bit for bit on the CPU
+  assert np.abs(out[0]).max() > 0
+
+  x = sampling.pack_latents(noise)
+  ids, t, g = sampling.image_ids(4, 4), jnp.full((2,), 0.5), jnp.full((2,), 3.5)
+  mods = model.modulations(model.conditioning(t, y, g, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(model(x, ids, *args[:2], t, y, g, mods=mods)),
+                                np.asarray(model(x, ids, *args[:2], t, y, g)))
