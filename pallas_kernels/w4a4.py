@@ -636,7 +636,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]
   # a prepared layer holds its expanded weights: the int8 GEMM reads them
-  in_registers = None if prepared else _register_tiling(p.layer, a.shape[0], k, n, rank, out_dtype)
+  in_registers = (None if prepared
+                  else _register_tiling(p.layer, a.shape[0], k, n, rank, out_dtype))
   if in_registers is None and not prepared:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)

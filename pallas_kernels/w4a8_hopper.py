@@ -90,9 +90,9 @@ _narrow_tiles = True
 
 
 def set_narrow_tiles(on: bool) -> None:
-  """Whether ``tiling`` gives grids of fewer than MIN_WAVES waves of 256-token tiles 128-token
-  tiles (the default) or always 256 (as before 2026-12-04; kept to time the difference,
-  scripts/bench_flux_full.py --wide-tiles-only)."""
+  """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
+  MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;
+  kept to time the difference, scripts/bench_flux_full.py --wide-tiles-only)."""
   global _narrow_tiles
   _narrow_tiles = bool(on)
 

@@ -146,21 +146,23 @@ KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first matc
 OTHER = KERNEL_CATEGORIES[-1][0]
 
 
+def category(kernel: str) -> str:
+  return next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, kernel))
+
+
 def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
   """{category: ms per call}, plus the ``top`` most expensive kernels by name; with the
   compiled program's optimized ``hlo``, the last category's time by model line too."""
   times = device_kernel_seconds(fn, *args, calls=3)
   cats: dict[str, float] = {}
   for name, sec in times.items():
-    cat = next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, name))
-    cats[cat] = cats.get(cat, 0.0) + sec * 1e3
+    cats[category(name)] = cats.get(category(name), 0.0) + sec * 1e3
   prof = {"categories_ms": cats, "total_ms": sum(cats.values()),
           "top_kernels_ms": {k[:120]: v * 1e3 for k, v in
                              sorted(times.items(), key=lambda kv: -kv[1])[:top]}}
   if hlo is not None:
-    other = {k: v for k, v in times.items()
-             if next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, k)) == OTHER}
-    prof["other_by_source_ms"] = time_by_source(other, hlo)
+    prof["other_by_source_ms"] = time_by_source(
+        {k: v for k, v in times.items() if category(k) == OTHER}, hlo)
   return prof
 
 
