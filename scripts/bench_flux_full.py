@@ -137,7 +137,7 @@ KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first matc
     ("int4_2l weight expansion", r"svdq_expand"),
     ("W4A16 GEMV kernel (modulation)", r"svdq_w4a16_gemv"),
     ("attention (INT8 q k^T kernel)", r"int8qk_flash"),
-    ("W4A4 GEMM kernel", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton or Mosaic GPU kernel
+    ("quantized GEMM kernels (W4A4, W4A8, int8)", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton / Mosaic
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
     ("GEMM (cuBLAS/XLA)", r"(?i)gemm|nvjet|cutlass|xmma|cublas|matmul|dot"),
     ("memory copies", r"(?i)memcpy|memset"),
