@@ -46,6 +46,10 @@ SCRIPT = textwrap.dedent("""
     err = float(jnp.abs(four - one).max() / jnp.abs(one).max())
     print("max rel diff", err)
     assert err < 1e-5, err
+    hoisted = sampling.sample(model, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
+                              mesh=mesh, hoist_modulation=True)   # modulations over the batch
+    assert len(hoisted.devices()) == 4
+    assert float(jnp.abs(hoisted - one).max() / jnp.abs(one).max()) < 1e-5
     """)
 
 
@@ -92,6 +96,11 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
         # the modulation linears (one vector per image) stay whole
         assert sum(done for _, done in split) == 10, split
         assert all(done == (m % 4 == 0) for m, done in split), split
+        split.clear()   # modulations computed before the loop: only token layers in it
+        hoisted = sampling.sample(m, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
+                                  mesh=mesh, parallel="sequence", hoist_modulation=True)
+        assert float(jnp.abs(hoisted - one).max() / jnp.abs(one).max()) < 1e-2
+        assert split and all(done for _, done in split), split
     # each quantized layer on its tokens split over the mesh equals the whole, bit for bit
     from svdq_jax.qlinear import QuantizedLinear, apply
     from svdq_jax.tree import find_kernels
