@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper
+from svdq_jax.pallas_kernels.w4a4_hopper import (ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper,
+                                                 sm_count)
 
 WG_DIMS = ("m", "n")
 
@@ -148,7 +149,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
   sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * cta_m - m_out))
   sw = sw.astype(jnp.float32)
   if num_sms is None:
-    num_sms = m_iters * n_iters if interpret else jax.devices()[0].core_count
+    num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // tile_k
   steps = min(steps, k_iters)
 

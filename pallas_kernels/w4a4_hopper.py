@@ -225,7 +225,7 @@ def w4a4_gemm_t(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=No
   steps = min(steps, k // GROUP // gps)  # a pipeline deeper than the K loop deadlocks
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
   if num_sms is None:  # a persistent grid: one program per SM, looping over output tiles
-    num_sms = m_iters * n_iters if interpret else jax.devices()[0].core_count
+    num_sms = m_iters * n_iters if interpret else sm_count()
   w_packed = lax.bitcast_convert_type(w_packed, jnp.int8)
   scale_ins = [a_scale_t]
   if mma == "s8":
@@ -412,6 +412,14 @@ def reference(a_q, a_scale_t, w_packed, w_scale_t, lr=None, up_t=None, bias=None
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y
+
+
+H100_SMS = 132   # H100 / H200 SXM: the SMs assumed off a GPU (exported for CUDA on a CPU)
+
+
+def sm_count() -> int:
+  """The default device's SMs (a GPU kernel's persistent programs), ``H100_SMS`` off a GPU."""
+  return getattr(jax.devices()[0], "core_count", None) or H100_SMS
 
 
 def on_hopper() -> bool:

@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, check_epilogue, plus_bias,
                                                   scaled, store_with_gelu)
-from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto
+from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, sm_count
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
@@ -84,7 +84,6 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0) -> int:
 # MIN_WAVES waves; a wider low-rank branch gives up pipeline depth down to MIN_STEPS.
 WIDE, NARROW = dict(tile_m=256, steps=3), dict(tile_m=128, steps=4)
 MIN_WAVES, MIN_STEPS = 2, 2
-H100_SMS = 132   # H100 / H200 SXM: the SMs assumed off a GPU (interpret mode, export)
 
 _narrow_tiles = True
 
@@ -95,11 +94,6 @@ def set_narrow_tiles(on: bool) -> None:
   kept to time the difference, scripts/bench_flux_full.py --wide-tiles-only)."""
   global _narrow_tiles
   _narrow_tiles = bool(on)
-
-
-def sm_count() -> int:
-  """The default device's SMs, or ``H100_SMS`` where it is not a GPU."""
-  return getattr(jax.devices()[0], "core_count", None) or H100_SMS
 
 
 def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) -> dict | None:
@@ -151,7 +145,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
   sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * tile_m - m_out))
   if num_sms is None:
-    num_sms = m_iters * n_iters if interpret else jax.devices()[0].core_count
+    num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
 
@@ -330,4 +324,4 @@ def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:
     regs = np.concatenate([lo[:, :2], hi[:, :2], lo[:, 2:], hi[:, 2:]], axis=1)
     return mgpu.FragmentedArray(_registers=regs, _layout=frag.layout, _is_signed=True)
 
-  return expand(mult_ref, plgpu.load(codes_ref, (), layout=layout))
+  return expand(mult_ref, plgpu.load(codes_ref, layout=layout))

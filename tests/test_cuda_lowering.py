@@ -1,0 +1,96 @@
+"""The Mosaic GPU kernels lowered for CUDA on this CPU machine (``jax.export`` with
+platforms=['cuda']), at the tilings the library picks: Pallas builds each kernel's MLIR,
+including the code that only runs on a GPU and that interpret mode replaces by jnp
+(``w4a8_hopper._expand``'s register arithmetic, written with ``inline_mgpu``), so a kernel
+that cannot be built for the GPU fails here rather than on the first lent machine. (What
+the lowering cannot show, wgmma shape limits and run-time behaviour, the GPU benchmarks
+check against the references.) The Triton kernels need a GPU to lower and are not here."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from svdq_jax import qlinear, transforms
+from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax.pallas_kernels import attention_int8, int8_hopper, w4a4_hopper, w4a8_hopper
+
+M, K, N, R = 200, 384, 256, 32
+
+
+def _custom_calls(fn, *args) -> list[str]:
+  """The custom-call targets of fn(*args) lowered for CUDA."""
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  return re.findall(r"custom_call @([\w.]+)", exported.mlir_module())
+
+
+def _epilogue(rank=R):
+  return (jnp.zeros((M, rank), jnp.bfloat16), jnp.zeros((N, rank), jnp.bfloat16),
+          jnp.zeros((N,), jnp.float32))
+
+
+@pytest.mark.parametrize("tiles", [w4a8_hopper.tiling(4608, K, N, R, num_sms=1),
+                                   w4a8_hopper.tiling(M, K, N, R, num_sms=132),
+                                   w4a8_hopper.tiling(4608, K, N, 96, num_sms=1)],
+                         ids=["wide", "narrow", "lora_wide"])
+@pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu"])
+def test_w4a8_register_gemm_lowers(tiles, epilogue):
+  rank = 96 if tiles["steps"] == 2 else R
+  args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
+          jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
+  if epilogue != "none":
+    args += _epilogue(rank)
+  gelu_from = 128 if epilogue == "gelu" else None
+  calls = _custom_calls(
+      lambda *a: w4a8_hopper.w4a8_gemm_t(*a, gelu_from=gelu_from, **tiles), *args)
+  assert calls == ["mosaic_gpu_v2"], calls
+
+
+@pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
+                                                     (12288, R, jnp.bfloat16),
+                                                     (N, 160, jnp.bfloat16),
+                                                     (N, R, jnp.float32)],
+                         ids=["n3072", "wide_n", "lora_wide", "f32"])
+def test_int8_gemm_lowers(n_tiled, rank, out_dtype):
+  """At the library tiling of N = n_tiled (the problem's N divides its CTA tile)."""
+  args = (jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K), jnp.int8),
+          jnp.zeros((N,)), *_epilogue(rank))
+  gelu_from = None if out_dtype == jnp.float32 else 128
+  calls = _custom_calls(lambda *a: int8_hopper.int8_gemm(
+      *a, out_dtype=out_dtype, gelu_from=gelu_from,
+      **int8_hopper.tiling(n_tiled, out_dtype, rank)), *args)
+  assert calls == ["mosaic_gpu_v2"], calls
+
+
+@pytest.mark.parametrize("mma", ["s8", "e4m3"])
+def test_exact_int4_gemm_lowers(mma):
+  args = (jnp.zeros((M, K), jnp.int8), jnp.ones((K // 64, M)),
+          jnp.zeros((N, K // 2), jnp.uint8), jnp.ones((K // 64, N)), *_epilogue())
+  calls = _custom_calls(lambda *a: w4a4_hopper.w4a4_gemm_t(
+      *a, mma=mma, **w4a4_hopper.tiling(N)), *args)
+  assert calls == ["mosaic_gpu_v2"], calls
+
+
+@pytest.mark.parametrize("pv", ["bf16", "fp8"])
+def test_int8_attention_lowers(pv):
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  calls = _custom_calls(lambda q: attention_int8.flash(*attention_int8.prepare(q, q, q, pv)), q)
+  assert calls == ["mosaic_gpu_v2"], calls
+
+
+@pytest.mark.parametrize("act_fmt", ["int8", "int4_2l"])
+def test_row_scaled_layer_lowers_on_the_kernels(act_fmt):
+  """``qlinear.apply`` of a W4A8 / two-level W4A4 layer on the 'pallas' backend, as the
+  models call it (the register GEMM with the epilogue GELU; K below the Pallas activation
+  kernel's, whose Triton lowering needs a GPU)."""
+  x = jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256)
+  w = jax.random.normal(jax.random.key(1), (256, 256))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, act_fmt), 8, None, cfg,
+      jax.random.key(0), jnp.abs(x).max(0), x)
+  with qlinear.backend("pallas"):
+    calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=128).x, layer,
+                          x.astype(jnp.bfloat16))
+  assert calls == ["mosaic_gpu_v2"], calls
