@@ -1,10 +1,11 @@
-"""The Mosaic GPU kernels lowered for CUDA on this CPU machine (``jax.export`` with
-platforms=['cuda']), at the tilings the library picks: Pallas builds each kernel's MLIR,
-including the code that only runs on a GPU and that interpret mode replaces by jnp
-(``w4a8_hopper._expand``'s register arithmetic, written with ``inline_mgpu``), so a kernel
-that cannot be built for the GPU fails here rather than on the first lent machine. (What
-the lowering cannot show, wgmma shape limits and run-time behaviour, the GPU benchmarks
-check against the references.) The Triton kernels need a GPU to lower and are not here."""
+"""The GPU kernels lowered for CUDA on this CPU machine (``jax.export`` with
+platforms=['cuda'], an abstract H200 standing in for the device the Triton lowering asks
+for), at the tilings the library picks: Pallas builds each kernel's MLIR (Mosaic GPU) or
+Triton IR, including the code that only runs on a GPU and that interpret mode replaces by
+jnp (``w4a8_hopper._expand``'s register arithmetic, written with ``inline_mgpu``), so a
+kernel that cannot be built for the GPU fails here rather than on the first lent machine.
+What the lowering cannot show (PTX compilation, wgmma shape limits, run-time behaviour) the
+GPU benchmarks check against the references."""
 
 import re
 
@@ -14,15 +15,23 @@ import pytest
 
 from svdq_jax import qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.pallas_kernels import attention_int8, int8_hopper, w4a4_hopper, w4a8_hopper
+from svdq_jax.pallas_kernels import (attention_int8, int8_hopper, w4a4, w4a4_hopper,
+                                     w4a8_hopper)
 
+MOSAIC, TRITON = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
+H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H200", num_cores=132, platform="cuda"))
 M, K, N, R = 200, 384, 256, 32
 
 
 def _custom_calls(fn, *args) -> list[str]:
-  """The custom-call targets of fn(*args) lowered for CUDA."""
-  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
-  return re.findall(r"custom_call @([\w.]+)", exported.mlir_module())
+  """The custom-call targets of fn(*args) lowered for CUDA (Triton's kernels are not a
+  stable export target: allowed here, as nothing is serialized)."""
+  with jax.sharding.use_abstract_mesh(H200):
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+  return re.findall(r"custom_call @([\w.$]+)", exported.mlir_module())
 
 
 def _epilogue(rank=R):
@@ -44,7 +53,7 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
   gelu_from = 128 if epilogue == "gelu" else None
   calls = _custom_calls(
       lambda *a: w4a8_hopper.w4a8_gemm_t(*a, gelu_from=gelu_from, **tiles), *args)
-  assert calls == ["mosaic_gpu_v2"], calls
+  assert calls == [MOSAIC], calls
 
 
 @pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
@@ -60,7 +69,7 @@ def test_int8_gemm_lowers(n_tiled, rank, out_dtype):
   calls = _custom_calls(lambda *a: int8_hopper.int8_gemm(
       *a, out_dtype=out_dtype, gelu_from=gelu_from,
       **int8_hopper.tiling(n_tiled, out_dtype, rank)), *args)
-  assert calls == ["mosaic_gpu_v2"], calls
+  assert calls == [MOSAIC], calls
 
 
 @pytest.mark.parametrize("mma", ["s8", "e4m3"])
@@ -69,28 +78,47 @@ def test_exact_int4_gemm_lowers(mma):
           jnp.zeros((N, K // 2), jnp.uint8), jnp.ones((K // 64, N)), *_epilogue())
   calls = _custom_calls(lambda *a: w4a4_hopper.w4a4_gemm_t(
       *a, mma=mma, **w4a4_hopper.tiling(N)), *args)
-  assert calls == ["mosaic_gpu_v2"], calls
+  assert calls == [MOSAIC], calls
 
 
 @pytest.mark.parametrize("pv", ["bf16", "fp8"])
 def test_int8_attention_lowers(pv):
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   calls = _custom_calls(lambda q: attention_int8.flash(*attention_int8.prepare(q, q, q, pv)), q)
-  assert calls == ["mosaic_gpu_v2"], calls
+  assert calls == [MOSAIC], calls
 
 
-@pytest.mark.parametrize("act_fmt", ["int8", "int4_2l"])
-def test_row_scaled_layer_lowers_on_the_kernels(act_fmt):
-  """``qlinear.apply`` of a W4A8 / two-level W4A4 layer on the 'pallas' backend, as the
-  models call it (the register GEMM with the epilogue GELU; K below the Pallas activation
-  kernel's, whose Triton lowering needs a GPU)."""
-  x = jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256)
-  w = jax.random.normal(jax.random.key(1), (256, 256))
+def _layer(method, fmt, act_fmt=None, k=256):
+  x = jax.random.normal(jax.random.key(0), (72, k)) * jnp.linspace(0.05, 6.0, k)
+  w = jax.random.normal(jax.random.key(1), (k, 256))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
   (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, act_fmt), 8, None, cfg,
-      jax.random.key(0), jnp.abs(x).max(0), x)
+      [w], method_spec(method, fmt, False, act_fmt), 8 if method == "svdquant" else 0, None,
+      cfg, jax.random.key(0), jnp.abs(x).max(0), x)
+  return layer
+
+
+@pytest.mark.parametrize("method,fmt,act_fmt,switches,rows,want", [
+    ("svdquant", "int4_2l", "int8", {}, 72, [MOSAIC]),                 # XLA act, register GEMM
+    ("svdquant", "int4_2l", "int4_2l", {}, 72, [MOSAIC]),
+    ("svdquant", "int4_2l", "int8", {"_act_choice": "pallas"}, 72, [TRITON, TRITON, MOSAIC]),
+    ("svdquant", "int4_2l", "int8", {"_register_expansion": False}, 72, [TRITON, MOSAIC]),
+    ("w8a8", "int4", None, {}, 72, [MOSAIC]),                           # int8 weights
+    ("svdquant", "int4", None, {}, 72, [TRITON, TRITON]),               # exact INT4, Triton
+    ("svdquant", "int4", None, {"_gemm_choice": "hopper"}, 72, [TRITON, MOSAIC]),
+    ("svdquant", "nvfp4", None, {}, 72, [TRITON, TRITON]),
+    ("w4a16", "int4_2l", None, {}, 1, [TRITON]),                        # the modulation GEMV
+    ("w4a16", "int4_2l", None, {}, 2, [TRITON]),                        # its tensor-core path
+], ids=["w4a8", "w4a4_2l", "w4a8_pallas_act", "w4a8_expansion_pass", "w8a8", "int4",
+        "int4_hopper", "nvfp4", "gemv", "gemv_mma"])
+def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches, rows, want):
+  """``qlinear.apply`` on the 'pallas' backend, as the models call it (bf16 inputs; the
+  epilogue GELU where a row-scaled GEMM takes it), with the kernel switches given."""
+  layer = _layer(method, fmt, act_fmt)
+  for name, value in switches.items():
+    monkeypatch.setattr(w4a4, name, value)
+  x = jax.random.normal(jax.random.key(2), (rows, 256), jnp.bfloat16)
+  gelu_from = 128 if layer.act_format is not None else None
   with qlinear.backend("pallas"):
-    calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=128).x, layer,
-                          x.astype(jnp.bfloat16))
-  assert calls == ["mosaic_gpu_v2"], calls
+    calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=gelu_from), layer, x)
+  assert calls == want, calls
