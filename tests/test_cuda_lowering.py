@@ -45,6 +45,8 @@ def _epilogue(rank=R):
                          ids=["wide", "narrow", "lora_wide"])
 @pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu"])
 def test_w4a8_register_gemm_lowers(tiles, epilogue):
+  """256- and 128-token tiles, the shallower pipeline of a LoRA-wide branch; without and
+  with the epilogue (scales only / + low-rank up projection and bias / + GELU)."""
   rank = 96 if tiles["steps"] == 2 else R
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
@@ -88,9 +90,9 @@ def test_int8_attention_lowers(pv):
   assert calls == [MOSAIC], calls
 
 
-def _layer(method, fmt, act_fmt=None, k=256):
-  x = jax.random.normal(jax.random.key(0), (72, k)) * jnp.linspace(0.05, 6.0, k)
-  w = jax.random.normal(jax.random.key(1), (k, 256))
+def _layer(method, fmt, act_fmt=None):
+  x = jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256)
+  w = jax.random.normal(jax.random.key(1), (256, 256))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
   (layer,), _ = transforms.quantize_group(
       [w], method_spec(method, fmt, False, act_fmt), 8 if method == "svdquant" else 0, None,
@@ -122,3 +124,16 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
   with qlinear.backend("pallas"):
     calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=gelu_from), layer, x)
   assert calls == want, calls
+
+
+@pytest.mark.parametrize("applied", [False, True])
+def test_layer_reads_input_parts_on_the_kernels(monkeypatch, applied):
+  """FLUX's wide-K inputs, ``(attn, Gelu(mlp))`` (the GELU still to compute, or computed by
+  the layer before), read where they lie by the Pallas activation kernels."""
+  layer = _layer("svdquant", "int4_2l", "int8")
+  monkeypatch.setattr(w4a4, "_act_choice", "pallas")
+  x = jax.random.normal(jax.random.key(2), (72, 256), jnp.bfloat16)
+  with qlinear.backend("pallas"):
+    calls = _custom_calls(lambda l, a, b: qlinear.apply(
+        l, (a, qlinear.Gelu(b, 0, applied))), layer, x[:, :128], x[:, 128:])
+  assert calls == [TRITON] * 4 + [MOSAIC], calls   # row maxima and codes, per part
