@@ -154,15 +154,16 @@ def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
   """{category: ms per call}, plus the ``top`` most expensive kernels by name; with the
   compiled program's optimized ``hlo``, the last category's time by model line too."""
   times = device_kernel_seconds(fn, *args, calls=3)
+  kinds = {name: category(name) for name in times}
   cats: dict[str, float] = {}
   for name, sec in times.items():
-    cats[category(name)] = cats.get(category(name), 0.0) + sec * 1e3
+    cats[kinds[name]] = cats.get(kinds[name], 0.0) + sec * 1e3
   prof = {"categories_ms": cats, "total_ms": sum(cats.values()),
           "top_kernels_ms": {k[:120]: v * 1e3 for k, v in
                              sorted(times.items(), key=lambda kv: -kv[1])[:top]}}
   if hlo is not None:
     prof["other_by_source_ms"] = time_by_source(
-        {k: v for k, v in times.items() if category(k) == OTHER}, hlo)
+        {k: v for k, v in times.items() if kinds[k] == OTHER}, hlo)
   return prof
 
 

@@ -201,21 +201,21 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
   res["best_variant"] = best
   # the fastest int8_gemm tiling (not a ``wt`` variant) times the int8 GEMM with the branch
   # and leads the library's tilings for the fused timings below
-  best = min((v for v in gemm if gemm[v] is not None
-              and "transposed" not in variant_kwargs(v)), key=gemm.get, default=None)
+  best_int8 = min((v for v in gemm if gemm[v] is not None
+                   and "transposed" not in variant_kwargs(v)), key=gemm.get, default=None)
   res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
       q, s, interpret=interpret)), layer.qweight, layer.wscale)
   if full:
     res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
     try:  # a tiling that fits without the low-rank operands may not fit with them
-      if best is None:
+      if best_int8 is None:
         raise ValueError("no int8_gemm tiling among the --variants")
       res["gemm_lr_bias_ms"] = t(jax.jit(lambda *ops: int8_hopper.int8_gemm(
-          *ops, interpret=interpret, **variant_kwargs(best))),
+          *ops, interpret=interpret, **variant_kwargs(best_int8))),
           a, sa, w8, sw, lr16, up16, bias32)
     except Exception as e:
       res["gemm_lr_bias_ms"] = None
-      print(f"GEMM + low-rank + bias with {best!r} at {k}x{n}: {type(e).__name__}: "
+      print(f"GEMM + low-rank + bias with {best_int8!r} at {k}x{n}: {type(e).__name__}: "
             f"{str(e)[:200]}", flush=True)
     res["expand_xla_ms"] = t(jax.jit(lambda l: l.row_scaled_weight()), layer)
     if not bool((act_rowscaled.expand_two_level(layer.qweight, layer.wscale,
@@ -234,7 +234,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
       res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
           x, s, d, f)), x, layer.smooth, layer.lora_down)
   saved = int8_hopper.TILINGS
-  int8_hopper.TILINGS = (() if best is None else (variant_kwargs(best),)) + saved
+  int8_hopper.TILINGS = (() if best_int8 is None else (variant_kwargs(best_int8),)) + saved
   backend = "interpret" if interpret else "pallas"
   fused = {}
   default_act = w4a4.act_kernel()
