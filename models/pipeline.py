@@ -119,16 +119,16 @@ class FluxPipeline:
   def __call__(self, prompts: str | Sequence[str], *, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, height: int = 1024, width: int = 1024,
                progress: bool = True, mesh=None, parallel: str = "data",
-               hoist_weights: bool = False, hoist_modulation: bool = False
+               hoist_weights: bool = False, hoist_modulation: bool = True
                ) -> list[Image.Image]:
     """Images (PIL, RGB, height x width) for the prompts, with ``seed`` the same noise for a
     prompt whatever the batch. ``steps`` defaults to 28 for dev and 4 for schnell;
     ``guidance`` applies to dev (guidance-distilled) models only; ``mesh``: the sampling loop
     over its devices, ``parallel`` 'data' (prompts split) or 'sequence' (each image's tokens
     split; ``sampling.sample``); ``hoist_weights``: the quantized weights expanded to int8
-    once per call instead of once per step, ``hoist_modulation``: every step's modulations
-    computed before the loop in one batch (both ``sampling.sample``). Each image carries the
-    prompt and settings as PNG text metadata (``image.info``)."""
+    once per call instead of once per step, ``hoist_modulation`` (default on): every step's
+    modulations computed before the loop in one batch (both ``sampling.sample``). Each image
+    carries the prompt and settings as PNG text metadata (``image.info``)."""
     prompts, args, settings = self._prepare(prompts, steps, guidance, seed, height, width)
     latents = sampling.sample(self.transformer, *args[:5], guidance=args[5],
                               progress=progress and mesh is None, mesh=mesh,

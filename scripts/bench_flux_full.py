@@ -231,7 +231,7 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
 
 def measure(name, graph, state, cfg, args, result, variant=False):
   """Step times, memory plan, sampling loop and (optionally) profile of one model; a
-  ``variant`` of the svdquant model skips the --hoist-weights / --hoist-modulation loops."""
+  ``variant`` of the svdquant model skips the --hoist-weights / --modulation-in-loop loops."""
   step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
   r = result.setdefault("models", {}).setdefault(name, {})
   r["weight_bytes"] = tree_bytes(state)
@@ -252,13 +252,13 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     noise = sampling.initial_noise(0, 1, res, res).astype(jnp.bfloat16)
     sigmas = sampling.schedule(args.loop_steps, x[0].shape[1])
     model = nnx.merge(graph, state)
-    # the loop as sampled by default, then with what --hoist-weights (quantized models) and
-    # --hoist-modulation move out of it; with --profile each is profiled
+    # the loop as sampled by default, then with what --hoist-weights (quantized models) moves
+    # out of it and --modulation-in-loop moves into it; with --profile each is profiled
     loops = [("", {})]
     if args.hoist_weights and "svdquant" in name and not variant:
       loops.append(("hoist_weights", dict(hoist_weights=True)))
-    if args.hoist_modulation and not variant:
-      loops.append(("hoist_modulation", dict(hoist_modulation=True)))
+    if args.modulation_in_loop and not variant:
+      loops.append(("modulation_in_loop", dict(hoist_modulation=False)))
     latents = []
     for tag, kwargs in loops:
       loop = functools.partial(sampling.sample, model, noise, x[2], x[3], x[5], sigmas,
@@ -311,8 +311,9 @@ def main():
   ap.add_argument("--loop-steps", type=int, default=28, help="0: no sampling loop")
   ap.add_argument("--hoist-weights", action="store_true",
                   help="also time the quantized models' loop with sample(hoist_weights=True)")
-  ap.add_argument("--hoist-modulation", action="store_true",
-                  help="also time each model's loop with sample(hoist_modulation=True)")
+  ap.add_argument("--modulation-in-loop", action="store_true",
+                  help="also time each model's loop with sample(hoist_modulation=False), the "
+                       "modulations computed at every step (the default before 2026-12-04)")
   ap.add_argument("--profile", action="store_true", help="per-kernel device time of one step")
   ap.add_argument("--dump-hlo", action="store_true",
                   help="with --profile: every kernel's time, and the step's optimized HLO "
@@ -486,7 +487,7 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
     summary["flux_dev_step"].update({
         f"loop{steps}_bf16_s": models["bf16"][loop], f"loop{steps}_quantized_s": quant[loop],
         f"loop{steps}_speedup": models["bf16"][loop] / quant[loop]})
-    for tag in ("hoist_weights", "hoist_modulation"):
+    for tag in ("hoist_weights", "modulation_in_loop"):
       hoisted = loop.replace("steps_s", f"steps_{tag}_s")
       if hoisted in quant:
         summary["flux_dev_step"].update({

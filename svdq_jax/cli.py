@@ -14,7 +14,8 @@ HOIST_HELP = ("on Hopper, expand the quantized 4-bit weights to int8 once per sa
               "sampling (FLUX.1-dev W4A8: +8.6 GB)")
 HOIST_MODULATION_HELP = ("compute every step's modulations (linears of the timestep and "
                          "pooled-text embedding only) before the sampling loop, as one batch: "
-                         "their weights read once per call instead of once per step")
+                         "their weights read once per call instead of once per step "
+                         "(default; --no-hoist-modulation: at every step)")
 ATTENTION_HELP = ("attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas kernel), "
                   "int8 (+ FP8 P V), fp8, cudnn_fp8 (default: cudnn on NVIDIA GPUs)")
 
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
   sm.add_argument("--attention", default=None,
                   help=ATTENTION_HELP)
   sm.add_argument("--hoist-weights", action="store_true", help=HOIST_HELP)
-  sm.add_argument("--hoist-modulation", action="store_true", help=HOIST_MODULATION_HELP)
+  sm.add_argument("--hoist-modulation", action=argparse.BooleanOptionalAction, default=True,
+                  help=HOIST_MODULATION_HELP)
   sm.add_argument("--quiet", action="store_true")
   sm.set_defaults(func=_sample)
   from svdq_jax.demo.methods import METHODS
@@ -363,7 +365,8 @@ def main(argv=None) -> int:
   gn.add_argument("--attention", default=None,
                   help=ATTENTION_HELP)
   gn.add_argument("--hoist-weights", action="store_true", help=HOIST_HELP)
-  gn.add_argument("--hoist-modulation", action="store_true", help=HOIST_MODULATION_HELP)
+  gn.add_argument("--hoist-modulation", action=argparse.BooleanOptionalAction, default=True,
+                  help=HOIST_MODULATION_HELP)
   gn.add_argument("--quiet", action="store_true", help="no progress bars")
   gn.set_defaults(func=_generate)
   qz = sub.add_parser("quantize", help="quantize a FLUX.1 pipeline's transformer, calibrated "

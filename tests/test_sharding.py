@@ -46,10 +46,10 @@ SCRIPT = textwrap.dedent("""
     err = float(jnp.abs(four - one).max() / jnp.abs(one).max())
     print("max rel diff", err)
     assert err < 1e-5, err
-    hoisted = sampling.sample(model, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
-                              mesh=mesh, hoist_modulation=True)   # modulations over the batch
-    assert len(hoisted.devices()) == 4
-    assert float(jnp.abs(hoisted - one).max() / jnp.abs(one).max()) < 1e-5
+    in_loop = sampling.sample(model, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
+                              mesh=mesh, hoist_modulation=False)   # modulations at every step
+    assert len(in_loop.devices()) == 4
+    assert float(jnp.abs(in_loop - one).max() / jnp.abs(one).max()) < 1e-5
     """)
 
 
@@ -82,7 +82,7 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
       one = sampling.sample(m, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5)
       split.clear()
       four = sampling.sample(m, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
-                             mesh=mesh, parallel="sequence")
+                             mesh=mesh, parallel="sequence", hoist_modulation=False)
       assert len(four.devices()) == 4
       err = float(jnp.abs(four - one).max() / jnp.abs(one).max())
       print(name, "max rel diff", err, "layers", split)
@@ -96,9 +96,9 @@ SEQUENCE_SCRIPT = textwrap.dedent("""
         # the modulation linears (one vector per image) stay whole
         assert sum(done for _, done in split) == 10, split
         assert all(done == (m % 4 == 0) for m, done in split), split
-        split.clear()   # modulations computed before the loop: only token layers in it
-        hoisted = sampling.sample(m, noise, txt, jnp.zeros((8, 3)), y, sigmas, guidance=3.5,
-                                  mesh=mesh, parallel="sequence", hoist_modulation=True)
+        split.clear()   # modulations computed before the loop (the default): only token
+        hoisted = sampling.sample(m, noise, txt, jnp.zeros((8, 3)), y, sigmas,  # layers in it
+                                  guidance=3.5, mesh=mesh, parallel="sequence")
         assert float(jnp.abs(hoisted - one).max() / jnp.abs(one).max()) < 1e-2
         assert split and all(done for _, done in split), split
     # each quantized layer on its tokens split over the mesh equals the whole, bit for bit
