@@ -20,8 +20,12 @@ speed as the int8 GEMM alone at wide N, 13-15% behind it at N = 3072. The two wa
 taking turns (one expanding under the other's MMA, a barrier between them; commit e684f23)
 ran 10-20% slower than letting them run free; expanding into shared memory for an smem x smem
 wgmma instead (each warpgroup half the rows, both synchronized per step; commit 4d76ee6) 15-61%
-slower than the separate pass. The persistent grid walks the output tiles in bands of 8 weight
-tiles along the tokens, as the int8 GEMM's wide tiling does (not swept for this kernel).
+slower than the separate pass. Neither did these help (2026-12-04, M = 4608, 256-token tiles;
+commit 4d9f82d, reverted): pairs of CTAs in a cluster sharing the activation tile by TMA
+multicast (half its L2 reads; 0-7% slower), nor each step as two wgmmas of one 64-group with
+the second group expanded under the first's MMA (0-4% slower; 128-token tiles stay 12-30%
+behind 256). The persistent grid walks the output tiles in bands of 8 weight tiles along the
+tokens, as the int8 GEMM's wide tiling does (not swept for this kernel).
 """
 
 from __future__ import annotations
@@ -111,22 +115,19 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "cluster",
-                                             "halves", "num_sms", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "num_sms",
+                                             "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
-                steps: int = 3, gelu_from: int | None = None, cluster: int = 1,
-                halves: bool = False, num_sms: int | None = None, interpret: bool = False):
+                steps: int = 3, gelu_from: int | None = None,
+                num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
     [K/128, N] (``formats.pack_multipliers(m).T``), sw f32 [N]; lr bf16 [M, r], up_t bf16
     [N, r] (r a multiple of 16) or both None; bias f32 [N] or None. tile_m: tokens per output
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
-    there go through ``qlinear.gelu_tanh`` (a multiple of 128). cluster: 1, or 2 for pairs of
-    CTAs on neighbouring weight tiles of one token tile, the activation tile loaded once for
-    both (TMA multicast): half its L2 reads. halves: each step as two wgmmas of one 64-group,
-    the second group expanded while the first group's wgmma runs. num_sms: SMs to use (default: the GPU's;
-    interpret: one per tile). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
+    there go through ``qlinear.gelu_tanh`` (a multiple of 128). num_sms: programs (default:
+    the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
     >= 4, tests/conftest.py).
   Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
@@ -146,14 +147,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
   m = a.shape[0]
   m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
-  if cluster not in (1, 2) or n_iters % cluster:
-    raise ValueError(f"cluster={cluster} must be 1 or 2 and divide the {n_iters} weight tiles")
   sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * tile_m - m_out))
   if num_sms is None:
     num_sms = m_iters * n_iters if interpret else sm_count()
-  clusters = max(num_sms // cluster, 1)
   k_iters = k // TILE_K
-  k_cols = TILE_K // 2 if halves else TILE_K   # per wgmma; the activation tile's swizzle
   steps = min(steps, k_iters)
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
@@ -168,8 +165,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
-                              transforms=_swizzled(k_cols, jnp.int8), memory_space=plgpu.SMEM,
-                              collective_axes=("cluster",) if cluster > 1 else None),
+                              transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, TILE_K // 2), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K // 2, jnp.int8),
                               memory_space=plgpu.SMEM),
@@ -185,13 +181,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * ROWS, ROWS)
 
-      @plgpu.nd_loop((m_iters * (n_iters // cluster),), collective_axes="sm")
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        # bands of 8 weight tiles along the tokens; a cluster's CTAs take neighbouring ones
-        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters // cluster), 1, 8 // cluster)
-        if cluster > 1:
-          n_idx = n_idx * cluster + lax.axis_index("cluster")
+        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)
 
@@ -237,14 +230,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
         def body(_, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next
           # step's expansion writes them again
-          packed = _load_codes(codes_smem.at[rows], interpret)
-          for cols in ((slice(None),) if not halves else (pl.ds(0, 64), pl.ds(64, 64))):
-            w = _expand(packed, mult_smem.at[0, rows], interpret,
-                        None if not halves else cols.start // 64)
-            if interpret:  # interpret mode takes wgmma operands from refs only
-              stage[0][wg, :, cols] = w
-              w = stage[0].at[wg, :, cols]
-            plgpu.wgmma(acc, w, a_smem.at[:, cols].transpose((1, 0)))
+          w = _expand(codes_smem.at[rows], mult_smem.at[0, rows], interpret)
+          if interpret:  # interpret mode takes wgmma operands from refs only
+            stage[0][wg] = w
+            w = stage[0].at[wg]
+          plgpu.wgmma(acc, w, a_smem.transpose((1, 0)))
           plgpu.wgmma_wait(0)
           return acc
 
@@ -253,8 +243,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if cluster == 1 else f'c{cluster}'}"
-                     f"{'h' if halves else ''}"
+  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}"
                      f"{'' if gelu_from is None else 'gelu'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
@@ -265,8 +254,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
   lr_rows = lambda r: r if has_lr else 8
   y = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-      grid=(clusters,), grid_names=("sm",), num_threads=3, thread_name="wg",
-      **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
+      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((2, tile_m, ROWS), jnp.bfloat16, transforms=_swizzled(ROWS, jnp.bfloat16)),
           plgpu.SMEM((2, tile_m), jnp.float32),
@@ -278,7 +266,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           plgpu.SMEM((2, ROWS), jnp.float32),
           plgpu.Barrier(num_barriers=10),
           plgpu.Barrier(num_arrivals=2),
-      ] + ([plgpu.SMEM((2, ROWS, TILE_K), jnp.int8, transforms=_swizzled(k_cols, jnp.int8))]
+      ] + ([plgpu.SMEM((2, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -288,21 +276,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
   return y[:m_out]
 
 
-def _load_codes(codes_ref, interpret: bool):
-  """A step's packed codes, int8 [R, 64]: in the wgmma 8-bit register layout on the GPU."""
-  if interpret:
-    return codes_ref[...]
-  return plgpu.load(codes_ref, layout=plgpu.Layout.WGMMA_8BIT)
-
-
-def _expand(codes, mult_ref, interpret: bool, group: int | None = None) -> jax.Array:
+def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:
   """int4_2l weights of one pipeline step as int8 products m * q.
 
-  codes: int8 [R, 64] from ``_load_codes``, two 64-groups packed as in ``formats.pack``
-  (byte j of a group's 32: element j in the low nibble, 32 + j in the high one); mult_ref:
-  uint8 [R], the step's multiplier byte per row (``formats.pack_multipliers``: m - 1 of the
-  first group low, of the second high). Returns int8 [R, 128] (R a multiple of 64), or with
-  ``group`` (0 or 1) that group's [R, 64] only.
+  codes_ref: int8 [R, 64], two 64-groups packed as in ``formats.pack`` (byte j of a group's
+  32: element j in the low nibble, 32 + j in the high one); mult_ref: uint8 [R], the step's
+  multiplier byte per row (``formats.pack_multipliers``: m - 1 of the first group low, of the
+  second high). Returns int8 [R, 128] (R a multiple of 64).
 
   On the GPU each thread works on its 32-bit registers of 4 packed bytes in the wgmma 8-bit
   layout, where a byte's two nibbles land in the same thread's registers of the expanded
@@ -311,22 +291,19 @@ def _expand(codes, mult_ref, interpret: bool, group: int | None = None) -> jax.A
   every byte's term m q + 256 s lies in [0, 255], so no carry crosses a byte. The same for
   the high nibbles: 4 products per integer multiply-add.
   """
-  rows = codes.shape[0]
-  groups = (0, 1) if group is None else (group,)
+  rows = codes_ref.shape[0]
   if interpret:
-    u = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
+    u = lax.bitcast_convert_type(codes_ref[...], jnp.uint8).astype(jnp.int32)
     q = lambda nib: jnp.where(nib >= 8, nib - 16, nib)
     lo, hi = q(u & 15), q(u >> 4)
     mb = mult_ref[...].astype(jnp.int32)[:, None]
-    parts = []
-    for g in groups:
-      m = ((mb >> (4 * g)) & 15) + 1
-      parts += [lo[:, 32 * g:32 * g + 32] * m, hi[:, 32 * g:32 * g + 32] * m]
-    return jnp.concatenate(parts, axis=1).astype(jnp.int8)
+    m0, m1 = (mb & 15) + 1, (mb >> 4) + 1
+    return jnp.concatenate([lo[:, :32] * m0, hi[:, :32] * m0, lo[:, 32:] * m1,
+                            hi[:, 32:] * m1], axis=1).astype(jnp.int8)
   layout = plgpu.Layout.WGMMA_8BIT
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout), return_type=plgpu.ShapeDtypeStruct(
-      (rows, 64 * len(groups)), jnp.int8, layout=layout))
+      (rows, 128), jnp.int8, layout=layout))
   def expand(_, m_ref, frag):
     i32 = ir.IntegerType.get_signless(32)
     const = lambda v: arith.constant(i32, v)
@@ -334,8 +311,6 @@ def _expand(codes, mult_ref, interpret: bool, group: int | None = None) -> jax.A
     for idx, reg_idx in zip(frag.layout.thread_idxs(frag.shape),
                             np.ndindex(frag.registers.shape)):
       group = reg_idx[1] // 2   # axis 1 of the registers: 16-byte column tiles
-      if group not in groups:
-        continue
       byte = arith.extui(i32, memref.load(m_ref, [idx[0]]))
       m = arith.addi(arith.andi(arith.shrui(byte, const(4 * group)), const(15)), const(1))
       c = arith.subi(const(256), arith.shli(m, const(4)))
@@ -348,9 +323,9 @@ def _expand(codes, mult_ref, interpret: bool, group: int | None = None) -> jax.A
       reg_t = frag.registers[reg_idx].type
       lo[reg_idx] = mgpu.utils.bitcast(out[0], reg_t)
       hi[reg_idx] = mgpu.utils.bitcast(out[1], reg_t)
-    # expanded column tiles, per group: its low nibbles (elements 0-31), then its high ones
-    regs = np.concatenate([t for g in groups for t in (lo[:, 2 * g:2 * g + 2],
-                                                       hi[:, 2 * g:2 * g + 2])], axis=1)
+    # expanded column tiles: group 0's low nibbles (elements 0-31), its high ones (32-63),
+    # then group 1's
+    regs = np.concatenate([lo[:, :2], hi[:, :2], lo[:, 2:], hi[:, 2:]], axis=1)
     return mgpu.FragmentedArray(_registers=regs, _layout=frag.layout, _is_signed=True)
 
-  return expand(mult_ref, codes)
+  return expand(mult_ref, plgpu.load(codes_ref, layout=layout))

@@ -18,9 +18,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --ranks 32,64,96 --split-store --out $OUT  # LoRA widths
     python3 scripts/bench_rowscaled.py --gemm-only --extra-m '' --variants "m64 n128 k128 s4 wm;m64 n128 k128 s4 wm t12" --out $OUT
                                                             # GEMM tilings (t: tile order)
-    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3;wt m256 s3 c2 h" --out $OUT
-                  # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
-                  # c2: 2-CTA clusters sharing the activation tile, h: half steps)
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3" --out $OUT
+                  # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -66,19 +65,16 @@ def _expand_kwargs(cfg):
 
 
 TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width",
-          "d": "delay_release", "o": "out_splits", "c": "cluster"}
+          "d": "delay_release", "o": "out_splits"}
 
 
 def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
-  wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``; c2 its
-  2-CTA clusters, h its steps as two wgmmas of one 64-group)."""
+  wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``)."""
   kw = {}
   for tok in name.split():
     if tok == "wt":
       kw["transposed"] = True
-    elif tok == "h":
-      kw["halves"] = True
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):

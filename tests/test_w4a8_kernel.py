@@ -25,17 +25,14 @@ def _operands(m=200, k=384, n=256, r=32, seed=0):
   return a, sa, codes, mult, sw, lr, up, bias
 
 
-@pytest.mark.parametrize("tile_m,epilogue,gelu_from,kw", [
-    (64, False, None, {}), (128, True, None, {}), (64, True, 128, {}),
-    (64, True, None, dict(cluster=2)), (128, False, None, dict(halves=True)),
-    (64, True, 128, dict(cluster=2, halves=True))])
-def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from, kw):
-  """Ragged M (200 rows over tiles of 64 / 128), K in 3 steps, 2 CTA tiles along N (one
-  cluster of 2 CTAs with cluster=2); each step as one wgmma or as two of one 64-group."""
+@pytest.mark.parametrize("tile_m,epilogue,gelu_from", [(64, False, None), (128, True, None),
+                                                       (64, True, 128)])
+def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
+  """Ragged M (200 rows over tiles of 64 / 128), K in 3 steps, 2 CTA tiles along N."""
   a, sa, codes, mult, sw, lr, up, bias = _operands()
   epi = (lr, up, bias) if epilogue else ()
   got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, *epi, tile_m=tile_m,
-                                           gelu_from=gelu_from, interpret=True, **kw))
+                                           gelu_from=gelu_from, interpret=True))
   w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
   want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, *epi, tile_m=64, tile_n=128,
                                           tile_k=128, gelu_from=gelu_from, interpret=True))
@@ -61,8 +58,6 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, gelu_from=64)
   with pytest.raises(ValueError, match="tile_m"):
     gemm(a, sa, codes, mult.T, sw, tile_m=512)
-  with pytest.raises(ValueError, match="cluster=2 must be 1 or 2 and divide the 1 weight"):
-    gemm(a, sa, codes, mult.T, sw, cluster=2)
   with pytest.raises(ValueError, match="low-rank"):
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
