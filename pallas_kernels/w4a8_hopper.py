@@ -23,7 +23,7 @@ wgmma instead (each warpgroup half the rows, both synchronized per step; commit 
 slower than the separate pass. Neither did these help (2026-12-04, M = 4608, 256-token tiles;
 commit 4d9f82d, reverted): pairs of CTAs in a cluster sharing the activation tile by TMA
 multicast (half its L2 reads; 0-7% slower), nor each step as two wgmmas of one 64-group with
-the second group expanded under the first's MMA (0-4% slower; 128-token tiles stay 12-30%
+the second group expanded under the first's MMA (1-3% slower; with it 128-token tiles stay 12-34%
 behind 256). The persistent grid walks the output tiles in bands of 8 weight tiles along the
 tokens, as the int8 GEMM's wide tiling does (not swept for this kernel).
 """
