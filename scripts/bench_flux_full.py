@@ -488,13 +488,15 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
         f"loop{steps}_bf16_s": models["bf16"][loop], f"loop{steps}_quantized_s": quant[loop],
         f"loop{steps}_speedup": models["bf16"][loop] / quant[loop]})
     for tag in ("hoist_weights", "modulation_in_loop"):
-      hoisted = loop.replace("steps_s", f"steps_{tag}_s")
-      if hoisted in quant:
+      variant = loop.replace("steps_s", f"steps_{tag}_s")
+      # against bf16's loop of the same variant where it has one (not for hoist_weights)
+      bf16 = models["bf16"].get(variant, models["bf16"][loop])
+      if variant in quant:
         summary["flux_dev_step"].update({
-            f"loop{steps}_quantized_{tag}_s": quant[hoisted],
-            f"loop{steps}_{tag}_speedup": models["bf16"][loop] / quant[hoisted]})
-      if hoisted in models["bf16"]:
-        summary["flux_dev_step"][f"loop{steps}_bf16_{tag}_s"] = models["bf16"][hoisted]
+            f"loop{steps}_quantized_{tag}_s": quant[variant],
+            f"loop{steps}_{tag}_speedup": bf16 / quant[variant]})
+      if variant in models["bf16"]:
+        summary["flux_dev_step"][f"loop{steps}_bf16_{tag}_s"] = models["bf16"][variant]
   if "quantize_s" in result:   # one alpha and one low-rank iteration with --fast-search
     summary["flux_dev_step"].update(quantize_s=result["quantize_s"],
                                     quantize_fast_search=result["fast_search"])
