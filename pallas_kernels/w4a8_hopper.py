@@ -51,7 +51,7 @@ CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
 
 
-def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias) -> None:
+def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
   m, k = a.shape
   n = codes.shape[0]
   if a.dtype != jnp.int8:
@@ -59,8 +59,8 @@ def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias) -> None:
   if k % TILE_K or codes.dtype != jnp.uint8 or codes.shape != (n, k // 2):
     raise ValueError(f"packed int4_2l weights must be uint8 [N, K/2] with K % {TILE_K} == 0, "
                      f"got {codes.dtype} {codes.shape} for activations [M, K] = {a.shape}")
-  if n % CTA_N:
-    raise ValueError(f"N={n} is not a multiple of {CTA_N}")
+  if n % (compute_wgs * ROWS):
+    raise ValueError(f"N={n} is not a multiple of {compute_wgs * ROWS}")
   if w_mult.dtype != jnp.uint8 or w_mult.shape != (k // TILE_K, n):
     raise ValueError(f"packed multipliers must be uint8 [K/128, N] = [{k // TILE_K}, {n}], "
                      f"got {w_mult.dtype} {w_mult.shape}")
@@ -70,13 +70,13 @@ def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias) -> None:
                      f"{lr.shape[1]}")
 
 
-def smem_bytes(tile_m: int, steps: int, rank: int = 0) -> int:
+def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> int:
   """Shared memory of ``w4a8_gemm_t``'s pipeline buffers and scratch, in bytes."""
-  lr_cols = rank if rank else 64
-  return (steps * (tile_m * TILE_K + CTA_N * TILE_K // 2 + CTA_N)   # activations, codes, m
-          + 2 * tile_m * ROWS * 2                                    # bf16 output staging
-          + 2 * 4 * (tile_m + 2 * ROWS)                              # scales, bias
-          + 2 * ((tile_m if rank else 8) + 2 * (ROWS if rank else 8)) * lr_cols)  # lr, up
+  lr_cols, w = (rank if rank else 64), compute_wgs
+  return (steps * (tile_m * TILE_K + w * ROWS * (TILE_K // 2 + 1))   # activations, codes, m
+          + w * tile_m * ROWS * 2                                    # bf16 output staging
+          + w * 4 * (tile_m + 2 * ROWS)                              # scales, bias
+          + ((tile_m if rank else 8) + w * (ROWS if rank else 8)) * lr_cols * 2)  # lr, up
 
 
 # Output tilings (tokens per tile, pipeline depth). H200, GEMM + rank-32 branch: at M = 4608
@@ -115,10 +115,10 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "num_sms",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
+                                             "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
-                steps: int = 3, gelu_from: int | None = None,
+                steps: int = 3, gelu_from: int | None = None, compute_wgs: int = 2,
                 num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
@@ -126,15 +126,19 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     [K/128, N] (``formats.pack_multipliers(m).T``), sw f32 [N]; lr bf16 [M, r], up_t bf16
     [N, r] (r a multiple of 16) or both None; bias f32 [N] or None. tile_m: tokens per output
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
-    there go through ``qlinear.gelu_tanh`` (a multiple of 128). num_sms: programs (default:
+    there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
+    compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
+    multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs (default:
     the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
     >= 4, tests/conftest.py).
   Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
-  check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias)
+  if compute_wgs not in (2, 3):
+    raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
+  check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs)
   m_out, k = a.shape
   n = codes.shape[0]
-  cta_n = CTA_N
+  cta_n = compute_wgs * ROWS
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -170,7 +174,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
                               transforms=_swizzled(TILE_K // 2, jnp.int8),
                               memory_space=plgpu.SMEM),
               plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM)],
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+          wg_axis="wg", num_compute_wgs=compute_wgs, max_concurrent_steps=steps,
           compute_context=context)
 
     ignore = lambda *_, **__: None
@@ -243,30 +247,31 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}"
+  kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
     args.append(bias.astype(jnp.float32))
-  lr_cols = rank if has_lr else 64
+  lr_cols, wgs = (rank if has_lr else 64), compute_wgs
   lr_rows = lambda r: r if has_lr else 8
   y = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-      grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(num_sms,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       scratch_types=[
-          plgpu.SMEM((2, tile_m, ROWS), jnp.bfloat16, transforms=_swizzled(ROWS, jnp.bfloat16)),
-          plgpu.SMEM((2, tile_m), jnp.float32),
-          plgpu.SMEM((2, ROWS), jnp.float32),
+          plgpu.SMEM((wgs, tile_m, ROWS), jnp.bfloat16,
+                     transforms=_swizzled(ROWS, jnp.bfloat16)),
+          plgpu.SMEM((wgs, tile_m), jnp.float32),
+          plgpu.SMEM((wgs, ROWS), jnp.float32),
           plgpu.SMEM((lr_rows(tile_m), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, lr_rows(ROWS), lr_cols), jnp.bfloat16,
+          plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=10),
-          plgpu.Barrier(num_arrivals=2),
-      ] + ([plgpu.SMEM((2, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
+          plgpu.SMEM((wgs, ROWS), jnp.float32),
+          plgpu.Barrier(num_barriers=5 * wgs),
+          plgpu.Barrier(num_arrivals=wgs),
+      ] + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,

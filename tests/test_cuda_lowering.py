@@ -58,6 +58,18 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
   assert calls == [MOSAIC], calls
 
 
+@pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
+def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
+  """compute_wgs=3 (192 weight rows a CTA) with the low-rank branch, bias and GELU."""
+  n = 384
+  args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((n, K // 2), jnp.uint8),
+          jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((M, R), jnp.bfloat16),
+          jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32)]
+  calls = _custom_calls(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a, gelu_from=192, compute_wgs=3, **tiles), *args)
+  assert calls == [MOSAIC], calls
+
+
 @pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
                                                      (12288, R, jnp.bfloat16),
                                                      (N, 160, jnp.bfloat16),

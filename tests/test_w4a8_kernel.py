@@ -43,6 +43,21 @@ def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
     np.testing.assert_array_equal(got.astype(np.float32), np.asarray(ref, np.float32))
 
 
+def test_three_compute_warpgroups():
+  """compute_wgs=3: CTA tiles of 192 weight rows (4 of them over N = 768), the GELU from a
+  CTA tile's first column on; the same bf16 values as the expansion pass + int8 GEMM."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands(n=768)
+  got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64,
+                                           gelu_from=384, compute_wgs=3, interpret=True))
+  w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
+  want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, lr, up, bias, tile_m=64, tile_n=128,
+                                          tile_k=128, gelu_from=384, interpret=True))
+  np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+  with pytest.raises(ValueError, match="N=256 is not a multiple of 192"):
+    w4a8_hopper.w4a8_gemm_t(a, sa, codes[:256], mult.T[:, :256], sw[:256], compute_wgs=3,
+                            interpret=True)
+
+
 def test_errors():
   a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
   gemm = lambda *args, **kw: w4a8_hopper.w4a8_gemm_t(*args, interpret=True, **kw)
