@@ -200,8 +200,9 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
       of ``steps`` rows per image (``Flux.modulations``), instead of one row per step: their
       weights (FLUX.1-dev: 3.2 G parameters, 1.6 GB at W4A16, 6.5 GB in bf16) read once per
       loop, not per step. The same values up to the matmuls' f32 summation order (on the
-      CPU bit for bit). Default on: H200, FLUX.1-dev 1024x1024, 28 steps, W4A8 2.806 ->
-      2.771 s and bf16 3.694 -> 3.678 s (2026-12-04, docs/benchmarks); the modulations
+      CPU bit for bit for the tests' models; the demo model's latents move by ~1e-6).
+      Default on: H200, FLUX.1-dev 1024x1024, 28 steps, W4A8 2.806 -> 2.771 s and bf16
+      3.694 -> 3.678 s (2026-12-04, docs/benchmarks); the modulations
       held while the loop runs take ~2 MB per step and image (FLUX.1-dev).
 
   Returns:
