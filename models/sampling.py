@@ -89,12 +89,15 @@ def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progre
     g = None if guidance is None else jnp.broadcast_to(guidance, (steps, batch))
     vec = model.conditioning(ts, jnp.broadcast_to(y, (steps, *y.shape)), g,
                              jax.eval_shape(model.img_in, img).dtype)  # as the model's own
-    mods = model.modulations(vec)
+    leaves, tree = jax.tree.flatten(model.modulations(vec))
+    # one [steps, arrays, B, 1, hidden] array: a step takes its modulations in one slice, not
+    # one per array (FLUX.1-dev: 342 small copies a step, 0.26 ms on an H200)
+    mods = jnp.stack(leaves, axis=1)
 
   def step(i, x):
     t, t_next = sigmas[i], sigmas[i + 1]
     v = model(x, img_ids, txt, txt_ids, ts[i], y, guidance,
-              mods=jax.tree.map(lambda a: a[i], mods) if hoist_modulation else None)
+              mods=jax.tree.unflatten(tree, list(mods[i])) if hoist_modulation else None)
     if progress:
       jax.debug.callback(_tick, i)
     return x + (t_next - t).astype(x.dtype) * v
