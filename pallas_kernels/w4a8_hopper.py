@@ -6,7 +6,8 @@ The arithmetic of ``int8_hopper.int8_gemm`` on ``act_rowscaled.expand_two_level`
 (bit for bit, bf16 output), without the expanded copy: the packed codes become the register
 operand of wgmma. One memory warpgroup streams, per K step of 128, the activation tile
 [tile_m, 128] (int8), the packed codes [2 x 64 rows, 64 bytes] and a multiplier byte per row
-into shared memory (TMA); each of two compute warpgroups owns 64 weight rows, expands its codes
+into shared memory (TMA); each of two (``compute_wgs=3``: three, not yet timed) compute
+warpgroups owns 64 weight rows, expands its codes
 to the int8 products m * q in registers (``_expand``) and issues wgmma(acc [64, tile_m] int32,
 w, activations^T), the activations K-major in shared memory as 8-bit wgmma wants them. The
 epilogue scales, adds the low-rank up projection (one bf16 wgmma) and the bias, optionally the
