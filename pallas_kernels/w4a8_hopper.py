@@ -91,6 +91,17 @@ WIDE, NARROW = dict(tile_m=256, steps=3), dict(tile_m=128, steps=4)
 MIN_WAVES, MIN_STEPS = 2, 2
 
 _narrow_tiles = True
+# compute_wgs=3's tiling where N allows it, when switched on (built 2026-12-04, not yet timed:
+# 128 tokens fit the registers and, 4 deep, shared memory with a rank-32 branch)
+THREE_WGS = dict(tile_m=128, steps=4, compute_wgs=3)
+_three_wgs = False
+
+
+def set_three_warpgroups(on: bool) -> None:
+  """Whether ``tiling`` takes THREE_WGS (three compute warpgroups, 192 weight rows a tile) for
+  N a multiple of 192 (off by default; scripts/bench_flux_full.py --three-warpgroups)."""
+  global _three_wgs
+  _three_wgs = bool(on)
 
 
 def set_narrow_tiles(on: bool) -> None:
@@ -107,6 +118,10 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
   a multiple of 128, N of 128, or a low-rank branch too wide for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
+  if _three_wgs and n % (THREE_WGS["compute_wgs"] * ROWS) == 0:
+    for steps in range(THREE_WGS["steps"], MIN_STEPS - 1, -1):
+      if smem_bytes(THREE_WGS["tile_m"], steps, rank, THREE_WGS["compute_wgs"]) <= SMEM_BYTES:
+        return dict(THREE_WGS, steps=steps)
   num_sms = num_sms or sm_count()
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
   t = NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE

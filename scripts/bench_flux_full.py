@@ -107,6 +107,8 @@ OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
                 ("xla_gemv", w4a16_gemv.set_enabled),
                 ("expansion_pass", w4a4.set_register_expansion),
                 ("wide_tiles_only", w4a8_hopper.set_narrow_tiles))
+# --flag: the svdquant model also timed with this kernel choice switched on, '<name>_<flag>'
+ON_SWITCHES = (("three_warpgroups", w4a8_hopper.set_three_warpgroups),)
 
 
 def _stacked_rope(x, pe):
@@ -366,6 +368,10 @@ def main():
   ap.add_argument("--wide-tiles-only", action="store_true",
                   help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
                        "for every layer (the text stream's too), '<name>_wide_tiles_only'")
+  ap.add_argument("--three-warpgroups", action="store_true",
+                  help="the svdquant model also timed with the W4A8 kernel's three compute "
+                       "warpgroups (192 weight rows a tile) where N allows, "
+                       "'<name>_three_warpgroups'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
@@ -449,6 +455,11 @@ def main():
           switch(False)
           measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
           switch(True)
+      for flag, switch in ON_SWITCHES:    # a kernel choice switched on (off by default)
+        if getattr(args, flag):
+          switch(True)
+          measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
+          switch(False)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)

@@ -92,6 +92,38 @@ def test_tiling():
   finally:
     w4a8_hopper.set_narrow_tiles(True)
   assert tiling(256, 192, 128) is None and tiling(256, 256, 192) is None
+  w4a8_hopper.set_three_warpgroups(True)   # where N allows (a wider branch: shallower)
+  try:
+    assert tiling(4608, 3072, 3072, 32) == dict(tile_m=128, steps=4, compute_wgs=3)
+    assert tiling(4608, 3072, 3072, 160) == dict(tile_m=128, steps=2, compute_wgs=3)
+    assert tiling(4608, 3072, 256, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 2 wgs
+  finally:
+    w4a8_hopper.set_three_warpgroups(False)
+
+
+def test_layer_on_three_warpgroups(monkeypatch):
+  """``set_three_warpgroups(True)``: a layer with N = 384 runs the kernel's three compute
+  warpgroups, the GELU from column 192 (a CTA tile's first there, not on two warpgroups'
+  grid of 128: left to the consumer) in the epilogue, with the same values as two."""
+  x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
+  w = jax.random.normal(jax.random.key(1), (256, 384))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
+      jax.random.key(0), jnp.abs(x).max(0), x)
+  calls = []
+  real = w4a8_hopper.w4a8_gemm_t
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(
+      k.get("compute_wgs", 2)) or real(*a, **k))
+  run = lambda: qlinear.apply(layer, x.astype(jnp.bfloat16), gelu_from=192)
+  with qlinear.backend("interpret"):
+    want = run()
+    monkeypatch.setattr(w4a8_hopper, "_three_wgs", True)
+    got = run()
+  assert calls == [2, 3] and got.applied and not want.applied
+  f32 = lambda v: np.asarray(v, np.float32)
+  np.testing.assert_array_equal(f32(got.x[:, :192]), f32(want.x[:, :192]))
+  np.testing.assert_array_equal(f32(got.x[:, 192:]), f32(qlinear.join(want)))  # the GELU'd
 
 
 @pytest.mark.parametrize("afmt,lora_rank,tiles", [("int8", 0, (128, 4)), ("int4_2l", 0, (128, 4)),
