@@ -118,17 +118,16 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
   a multiple of 128, N of 128, or a low-rank branch too wide for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
-  if _three_wgs and n % (THREE_WGS["compute_wgs"] * ROWS) == 0:
-    for steps in range(THREE_WGS["steps"], MIN_STEPS - 1, -1):
-      if smem_bytes(THREE_WGS["tile_m"], steps, rank, THREE_WGS["compute_wgs"]) <= SMEM_BYTES:
-        return dict(THREE_WGS, steps=steps)
+  def deepest(t):  # t with the deepest pipeline that fits shared memory, down to MIN_STEPS
+    fits = [s for s in range(t["steps"], MIN_STEPS - 1, -1)
+            if smem_bytes(t["tile_m"], s, rank, t.get("compute_wgs", 2)) <= SMEM_BYTES]
+    return dict(t, steps=fits[0]) if fits else None
+
+  if _three_wgs and n % (THREE_WGS["compute_wgs"] * ROWS) == 0 and deepest(THREE_WGS):
+    return deepest(THREE_WGS)
   num_sms = num_sms or sm_count()
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
-  t = NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE
-  for steps in range(t["steps"], MIN_STEPS - 1, -1):
-    if smem_bytes(t["tile_m"], steps, rank) <= SMEM_BYTES:
-      return dict(tile_m=t["tile_m"], steps=steps)
-  return None
+  return deepest(NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
