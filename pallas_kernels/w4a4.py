@@ -643,7 +643,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     p = p.replace(w=w, sw=sw)
   tiles = in_registers or int8_hopper.tiling(n, out_dtype, rank)
   if tiles is not None:
-    cta_n = (tiles.get("compute_wgs", 2) * w4a8_hopper.ROWS if in_registers
+    cta_n = (w4a8_hopper.cta_rows(tiles) if in_registers
              else int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]))
     gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))

@@ -112,6 +112,11 @@ def set_narrow_tiles(on: bool) -> None:
   _narrow_tiles = bool(on)
 
 
+def cta_rows(tiles: dict) -> int:
+  """Weight rows (output columns) of one CTA tile of ``tiling``'s ``tiles``."""
+  return tiles.get("compute_wgs", 2) * ROWS
+
+
 def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) -> dict | None:
   """``w4a8_gemm_t``'s tile arguments for an [M, K] x [K, N] problem with a rank-``rank``
   branch on ``num_sms`` SMs (default ``sm_count()``), or None if it does not take it (K not
@@ -123,8 +128,8 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
             if smem_bytes(t["tile_m"], s, rank, t.get("compute_wgs", 2)) <= SMEM_BYTES]
     return dict(t, steps=fits[0]) if fits else None
 
-  if _three_wgs and n % (THREE_WGS["compute_wgs"] * ROWS) == 0 and deepest(THREE_WGS):
-    return deepest(THREE_WGS)
+  if _three_wgs and n % cta_rows(THREE_WGS) == 0 and (three := deepest(THREE_WGS)):
+    return three
   num_sms = num_sms or sm_count()
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
   return deepest(NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE)
@@ -269,8 +274,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
     args.append(bias.astype(jnp.float32))
-  lr_cols, wgs = (rank if has_lr else 64), compute_wgs
+  lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
+  wgs = compute_wgs
   y = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
       grid=(num_sms,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",

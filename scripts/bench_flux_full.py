@@ -101,14 +101,14 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
           jnp.full((batch,), 3.5, jnp.bfloat16))
 
 
-# --flag: the svdquant model also timed with this kernel choice switched off, '<name>_<flag>'
-OFF_SWITCHES = (("joined_inputs", w4a4.set_input_parts),
-                ("next_layer_gelu", w4a4.set_epilogue_gelu),
-                ("xla_gemv", w4a16_gemv.set_enabled),
-                ("expansion_pass", w4a4.set_register_expansion),
-                ("wide_tiles_only", w4a8_hopper.set_narrow_tiles))
-# --flag: the svdquant model also timed with this kernel choice switched on, '<name>_<flag>'
-ON_SWITCHES = (("three_warpgroups", w4a8_hopper.set_three_warpgroups),)
+# --flag: the svdquant model also timed with this kernel choice flipped from its default,
+# '<name>_<flag>': (flag, switch, default)
+SWITCHES = (("joined_inputs", w4a4.set_input_parts, True),
+            ("next_layer_gelu", w4a4.set_epilogue_gelu, True),
+            ("xla_gemv", w4a16_gemv.set_enabled, True),
+            ("expansion_pass", w4a4.set_register_expansion, True),
+            ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True),
+            ("three_warpgroups", w4a8_hopper.set_three_warpgroups, False))
 
 
 def _stacked_rope(x, pe):
@@ -450,16 +450,11 @@ def main():
       if args.stacked_rope:
         with stacked_rope():
           measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
-      for flag, switch in OFF_SWITCHES:   # a kernel choice switched off (on by default)
+      for flag, switch, default in SWITCHES:   # a kernel choice flipped, then restored
         if getattr(args, flag):
-          switch(False)
+          switch(not default)
           measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
-          switch(True)
-      for flag, switch in ON_SWITCHES:    # a kernel choice switched on (off by default)
-        if getattr(args, flag):
-          switch(True)
-          measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
-          switch(False)
+          switch(default)
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
