@@ -6,7 +6,7 @@ The arithmetic of ``int8_hopper.int8_gemm`` on ``act_rowscaled.expand_two_level`
 (bit for bit, bf16 output), without the expanded copy: the packed codes become the register
 operand of wgmma. One memory warpgroup streams, per K step of 128, the activation tile
 [tile_m, 128] (int8), the packed codes [2 x 64 rows, 64 bytes] and a multiplier byte per row
-into shared memory (TMA); each of two (``compute_wgs=3``: three, not yet timed) compute
+into shared memory (TMA); each of two (``compute_wgs=3``: three, 192 rows a CTA) compute
 warpgroups owns 64 weight rows, expands its codes
 to the int8 products m * q in registers (``_expand``) and issues wgmma(acc [64, tile_m] int32,
 w, activations^T), the activations K-major in shared memory as 8-bit wgmma wants them. The
@@ -60,8 +60,9 @@ def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2)
   if k % TILE_K or codes.dtype != jnp.uint8 or codes.shape != (n, k // 2):
     raise ValueError(f"packed int4_2l weights must be uint8 [N, K/2] with K % {TILE_K} == 0, "
                      f"got {codes.dtype} {codes.shape} for activations [M, K] = {a.shape}")
-  if n % (compute_wgs * ROWS):
-    raise ValueError(f"N={n} is not a multiple of {compute_wgs * ROWS}")
+  if n % (compute_wgs * ROWS) or n < mult_box(compute_wgs):
+    raise ValueError(f"N={n} is not a multiple of {compute_wgs * ROWS} of at least "
+                     f"{mult_box(compute_wgs)}")
   if w_mult.dtype != jnp.uint8 or w_mult.shape != (k // TILE_K, n):
     raise ValueError(f"packed multipliers must be uint8 [K/128, N] = [{k // TILE_K}, {n}], "
                      f"got {w_mult.dtype} {w_mult.shape}")
@@ -71,10 +72,17 @@ def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2)
                      f"{lr.shape[1]}")
 
 
+def mult_box(compute_wgs: int) -> int:
+  """Multiplier bytes a pipeline step loads: a CTA's rows rounded up to 128, since TMA writes
+  only to 128-byte aligned shared memory (192-byte stages misaligned every other one:
+  CUDA_ERROR_MISALIGNED_ADDRESS on the H200, 2026-12-04)."""
+  return -(-compute_wgs * ROWS // 128) * 128
+
+
 def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> int:
   """Shared memory of ``w4a8_gemm_t``'s pipeline buffers and scratch, in bytes."""
   lr_cols, w = (rank if rank else 64), compute_wgs
-  return (steps * (tile_m * TILE_K + w * ROWS * (TILE_K // 2 + 1))   # activations, codes, m
+  return (steps * (tile_m * TILE_K + w * ROWS * TILE_K // 2 + mult_box(w))  # a, codes, m
           + w * tile_m * ROWS * 2                                    # bf16 output staging
           + w * 4 * (tile_m + 2 * ROWS)                              # scales, bias
           + ((tile_m if rank else 8) + w * (ROWS if rank else 8)) * lr_cols * 2)  # lr, up
@@ -91,15 +99,20 @@ WIDE, NARROW = dict(tile_m=256, steps=3), dict(tile_m=128, steps=4)
 MIN_WAVES, MIN_STEPS = 2, 2
 
 _narrow_tiles = True
-# compute_wgs=3's tiling where N allows it, when switched on (built 2026-12-04, not yet timed:
-# 128 tokens fit the registers and, 4 deep, shared memory with a rank-32 branch)
-THREE_WGS = dict(tile_m=128, steps=4, compute_wgs=3)
-_three_wgs = False
+# Three compute warpgroups (192 weight rows a CTA, 192 tokens 3 deep), where N divides by 192
+# and the wide tiling would run: H200, M = 4608, rank 32 + bias (2026-12-04), 0.077 / 0.262 /
+# 0.227 / 0.291 ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 / 15360 -> 3072 against
+# 0.090 / 0.280 / 0.281 / 0.333 for WIDE (the last two under XLA's int8 GEMM, 0.238 / 0.298),
+# but 0.447 against 0.435 at 3072 -> 21504, hence THREE_WGS_MAX_N; 128 tokens 4 or 5 deep
+# ran 7-17% behind WIDE.
+THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
+_three_wgs = True
 
 
 def set_three_warpgroups(on: bool) -> None:
-  """Whether ``tiling`` takes THREE_WGS (three compute warpgroups, 192 weight rows a tile) for
-  N a multiple of 192 (off by default; scripts/bench_flux_full.py --three-warpgroups)."""
+  """Whether ``tiling`` takes THREE_WGS (three compute warpgroups, 192 weight rows a tile)
+  where it applies (the default) or two warpgroups always (as before 2026-12-04; kept to time
+  the difference, scripts/bench_flux_full.py --two-warpgroups)."""
   global _three_wgs
   _three_wgs = bool(on)
 
@@ -128,11 +141,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
             if smem_bytes(t["tile_m"], s, rank, t.get("compute_wgs", 2)) <= SMEM_BYTES]
     return dict(t, steps=fits[0]) if fits else None
 
-  if _three_wgs and n % cta_rows(THREE_WGS) == 0 and (three := deepest(THREE_WGS)):
-    return three
   num_sms = num_sms or sm_count()
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
-  return deepest(NARROW if _narrow_tiles and waves < MIN_WAVES else WIDE)
+  if _narrow_tiles and waves < MIN_WAVES:
+    return deepest(NARROW)
+  if (_three_wgs and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
+      and (three := deepest(THREE_WGS))):
+    return three
+  return deepest(WIDE)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
@@ -158,7 +174,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
   check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs)
   m_out, k = a.shape
   n = codes.shape[0]
-  cta_n = compute_wgs * ROWS
+  cta_n, box = compute_wgs * ROWS, mult_box(compute_wgs)
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -193,7 +209,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
               plgpu.BlockSpec((cta_n, TILE_K // 2), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K // 2, jnp.int8),
                               memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM)],
+              plgpu.BlockSpec((1, box), lambda kk: (kk, 0), memory_space=plgpu.SMEM)],
           wg_axis="wg", num_compute_wgs=compute_wgs, max_concurrent_steps=steps,
           compute_context=context)
 
@@ -211,6 +227,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)
+        # the multiplier box: the CTA's rows, within N (the last tile's sit at its end)
+        box_start = jnp.minimum(n_idx * cta_n, n - box)
+        mult_rows = pl.ds(n_idx * cta_n - box_start + wg * ROWS, ROWS)
 
         def context(eval_pipeline):
           bar = lambda i: barriers.at[5 * wg + i]
@@ -254,7 +273,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
         def body(_, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next
           # step's expansion writes them again
-          w = _expand(codes_smem.at[rows], mult_smem.at[0, rows], interpret)
+          w = _expand(codes_smem.at[rows], mult_smem.at[0, mult_rows], interpret)
           if interpret:  # interpret mode takes wgmma operands from refs only
             stage[0][wg] = w
             w = stage[0].at[wg]
@@ -263,7 +282,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           return acc
 
         pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
-                                mult_gmem.at[:, n_slice], allocations=allocs)
+                                mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

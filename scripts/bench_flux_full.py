@@ -108,7 +108,7 @@ SWITCHES = (("joined_inputs", w4a4.set_input_parts, True),
             ("xla_gemv", w4a16_gemv.set_enabled, True),
             ("expansion_pass", w4a4.set_register_expansion, True),
             ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True),
-            ("three_warpgroups", w4a8_hopper.set_three_warpgroups, False))
+            ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True))
 
 
 def _stacked_rope(x, pe):
@@ -368,10 +368,10 @@ def main():
   ap.add_argument("--wide-tiles-only", action="store_true",
                   help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
                        "for every layer (the text stream's too), '<name>_wide_tiles_only'")
-  ap.add_argument("--three-warpgroups", action="store_true",
-                  help="the svdquant model also timed with the W4A8 kernel's three compute "
-                       "warpgroups (192 weight rows a tile) where N allows, "
-                       "'<name>_three_warpgroups'")
+  ap.add_argument("--two-warpgroups", action="store_true",
+                  help="the svdquant model also timed with the W4A8 kernel's two compute "
+                       "warpgroups everywhere (not three where N allows, as before "
+                       "2026-12-04), '<name>_two_warpgroups'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")

@@ -81,28 +81,33 @@ def test_tiling():
   """256-token tiles where they make two waves of the SMs, 128-token tiles under that; a
   LoRA-wide branch: a shallower pipeline; shapes the kernel does not take: None."""
   tiling = w4a8_hopper.tiling
-  assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 3.3 waves
+  assert tiling(4608, 3072, 3200, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 3.4 waves
   assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 1.5 waves
   assert tiling(512, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 2.5 waves
-  assert tiling(512, 3072, 12288, 32, num_sms=96) == dict(tile_m=256, steps=3)   # fewer SMs
+  assert tiling(512, 3072, 12288, 32, num_sms=96) == w4a8_hopper.THREE_WGS  # fewer SMs
   assert tiling(4608, 256, 128, 96, num_sms=1)["steps"] == 2
   w4a8_hopper.set_narrow_tiles(False)
   try:
-    assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=256, steps=3)
+    assert tiling(512, 3072, 12288, 32, num_sms=132) == w4a8_hopper.THREE_WGS
   finally:
     w4a8_hopper.set_narrow_tiles(True)
   assert tiling(256, 192, 128) is None and tiling(256, 256, 192) is None
-  w4a8_hopper.set_three_warpgroups(True)   # where N allows (a wider branch: shallower)
+  # three warpgroups where N divides by 192 up to THREE_WGS_MAX_N and 256-token tiles would
+  # run (a wider branch: shallower); off: two
+  assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=192, steps=3, compute_wgs=3)
+  assert tiling(4608, 3072, 12288, 64, num_sms=132) == dict(tile_m=192, steps=2,
+                                                             compute_wgs=3)
+  assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # too wide
+  assert tiling(4608, 3072, 256, 32, num_sms=1) == dict(tile_m=256, steps=3)   # not / 192
+  w4a8_hopper.set_three_warpgroups(False)
   try:
-    assert tiling(4608, 3072, 3072, 32) == dict(tile_m=128, steps=4, compute_wgs=3)
-    assert tiling(4608, 3072, 3072, 160) == dict(tile_m=128, steps=2, compute_wgs=3)
-    assert tiling(4608, 3072, 256, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 2 wgs
+    assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
   finally:
-    w4a8_hopper.set_three_warpgroups(False)
+    w4a8_hopper.set_three_warpgroups(True)
 
 
 def test_layer_on_three_warpgroups(monkeypatch):
-  """``set_three_warpgroups(True)``: a layer with N = 384 runs the kernel's three compute
+  """Three warpgroups (the default where the tiling takes them): a layer with N = 384 runs the kernel's three compute
   warpgroups, the GELU from column 192 (a CTA tile's first there, not on two warpgroups'
   grid of 128: left to the consumer) in the epilogue, with the same values as two."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
@@ -116,7 +121,9 @@ def test_layer_on_three_warpgroups(monkeypatch):
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(
       k.get("compute_wgs", 2)) or real(*a, **k))
   run = lambda: qlinear.apply(layer, x.astype(jnp.bfloat16), gelu_from=192)
+  monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)   # 72 tokens: narrow otherwise
   with qlinear.backend("interpret"):
+    monkeypatch.setattr(w4a8_hopper, "_three_wgs", False)
     want = run()
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", True)
     got = run()
