@@ -566,13 +566,15 @@ def set_register_expansion(on: bool) -> None:
   _register_expansion = bool(on)
 
 
-def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype) -> dict | None:
-  """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer, or None where it does not run it."""
+def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
+                     gelu: bool) -> dict | None:
+  """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer (``gelu``: the GELU epilogue is
+  wanted), or None where it does not run it."""
   from svdq_jax.pallas_kernels import w4a8_hopper
   if (not _register_expansion or layer.weight_format != "int4_2l"
       or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16)):
     return None
-  return w4a8_hopper.tiling(m, k, n, rank)
+  return w4a8_hopper.tiling(m, k, n, rank, gelu=gelu)
 
 
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -636,8 +638,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]
   # a prepared layer holds its expanded weights: the int8 GEMM reads them
-  in_registers = (None if prepared
-                  else _register_tiling(p.layer, a.shape[0], k, n, rank, out_dtype))
+  in_registers = (None if prepared else _register_tiling(
+      p.layer, a.shape[0], k, n, rank, out_dtype, _epilogue_gelu and gelu_from is not None))
   if in_registers is None and not prepared:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)

@@ -104,7 +104,9 @@ _narrow_tiles = True
 # 0.227 / 0.291 ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 / 15360 -> 3072 against
 # 0.090 / 0.280 / 0.281 / 0.333 for WIDE (the last two under XLA's int8 GEMM, 0.238 / 0.298),
 # but 0.447 against 0.435 at 3072 -> 21504, hence THREE_WGS_MAX_N; 128 tokens 4 or 5 deep
-# ran 7-17% behind WIDE.
+# ran 7-17% behind WIDE. In the FLUX step (M = 4096 / 4608) the non-GELU layers' kernels took
+# 19.26 ms against 20.70 on two warpgroups, but fc1 with the GELU epilogue 5.09 against 4.83:
+# the GELU stays on two.
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
 
@@ -130,10 +132,12 @@ def cta_rows(tiles: dict) -> int:
   return tiles.get("compute_wgs", 2) * ROWS
 
 
-def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) -> dict | None:
+def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
+           gelu: bool = False) -> dict | None:
   """``w4a8_gemm_t``'s tile arguments for an [M, K] x [K, N] problem with a rank-``rank``
-  branch on ``num_sms`` SMs (default ``sm_count()``), or None if it does not take it (K not
-  a multiple of 128, N of 128, or a low-rank branch too wide for shared memory)."""
+  branch on ``num_sms`` SMs (default ``sm_count()``), the GELU epilogue if ``gelu``, or None
+  if it does not take it (K not a multiple of 128, N of 128, or a low-rank branch too wide
+  for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
   def deepest(t):  # t with the deepest pipeline that fits shared memory, down to MIN_STEPS
@@ -145,7 +149,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None) ->
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
   if _narrow_tiles and waves < MIN_WAVES:
     return deepest(NARROW)
-  if (_three_wgs and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
+  if (_three_wgs and not gelu and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
       and (three := deepest(THREE_WGS))):
     return three
   return deepest(WIDE)

@@ -99,6 +99,7 @@ def test_tiling():
                                                              compute_wgs=3)
   assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # too wide
   assert tiling(4608, 3072, 256, 32, num_sms=1) == dict(tile_m=256, steps=3)   # not / 192
+  assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu=True) == dict(tile_m=256, steps=3)
   w4a8_hopper.set_three_warpgroups(False)
   try:
     assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
@@ -107,9 +108,8 @@ def test_tiling():
 
 
 def test_layer_on_three_warpgroups(monkeypatch):
-  """Three warpgroups (the default where the tiling takes them): a layer with N = 384 runs the kernel's three compute
-  warpgroups, the GELU from column 192 (a CTA tile's first there, not on two warpgroups'
-  grid of 128: left to the consumer) in the epilogue, with the same values as two."""
+  """Where the tiling takes three warpgroups (the default), a layer with N = 384 runs them,
+  with the same values as two; a layer asking for the GELU epilogue stays on two."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 384))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
@@ -120,17 +120,18 @@ def test_layer_on_three_warpgroups(monkeypatch):
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(
       k.get("compute_wgs", 2)) or real(*a, **k))
-  run = lambda: qlinear.apply(layer, x.astype(jnp.bfloat16), gelu_from=192)
+  run = lambda **k: qlinear.apply(layer, x.astype(jnp.bfloat16), **k)
   monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)   # 72 tokens: narrow otherwise
   with qlinear.backend("interpret"):
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", False)
     want = run()
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", True)
     got = run()
-  assert calls == [2, 3] and got.applied and not want.applied
-  f32 = lambda v: np.asarray(v, np.float32)
-  np.testing.assert_array_equal(f32(got.x[:, :192]), f32(want.x[:, :192]))
-  np.testing.assert_array_equal(f32(got.x[:, 192:]), f32(qlinear.join(want)))  # the GELU'd
+    gelu = run(gelu_from=128)
+  assert calls == [2, 3, 2] and gelu.applied
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_array_equal(np.asarray(gelu.x[:, :128], np.float32),
+                                np.asarray(want[:, :128], np.float32))
 
 
 @pytest.mark.parametrize("afmt,lora_rank,tiles", [("int8", 0, (128, 4)), ("int4_2l", 0, (128, 4)),
