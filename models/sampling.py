@@ -80,8 +80,9 @@ def _euler(graph, state, img, img_ids, txt, txt_ids, y, sigmas, guidance, progre
            hoist_modulation=False):
   # read by the model and its quantized layers at trace time; static so a change retraces
   del attention, kernels
-  if hoist_weights:  # weight-only work done once, before the loop
-    state = qlinear.prepare(state)
+  # weight-only work done once, before the loop: the small operands always, the int8
+  # weight values with hoist_weights
+  state = qlinear.prepare(state, expand=hoist_weights)
   model = nnx.merge(graph, state)
   batch, steps = img.shape[0], sigmas.shape[0] - 1
   ts = jnp.broadcast_to(sigmas[:-1, None], (steps, batch)).astype(img.dtype)

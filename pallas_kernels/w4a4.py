@@ -589,15 +589,19 @@ def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
 def prepare_row_scaled(layer, *, interpret: bool = False,
                        expand: bool = True) -> qlinear.PreparedLinear:
   """A row-scaled QuantizedLinear's weight-side operands (``qlinear.PreparedLinear``): what
-  ``row_scaled_linear`` computes from the layer alone. expand=False leaves the weight operand
-  (``w``, ``sw``) None: ``row_scaled_linear`` computes it only for the int8 GEMM."""
+  ``row_scaled_linear`` computes from the layer alone. expand=False leaves the int8 weight
+  operand ``w`` None (``row_scaled_linear`` computes it only for the int8 GEMM) and, for
+  int4_2l, holds the register kernel's multipliers ``mult_t`` and scales ``sw``."""
   w, sw = _row_scaled_weight(layer, interpret) if expand else (None, None)
+  mult_t = None
+  if not expand and layer.weight_format == "int4_2l":
+    mult_t, sw = layer.wscale.T, layer.wcscale.astype(jnp.float32)
   inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
   up_t = None
   if layer.lora_up is not None:
     up_t = _pad_rank(layer.lora_up.astype(jnp.bfloat16).T, 1)  # wgmma takes K in steps of 16
   return qlinear.PreparedLinear(layer=layer, w=w, sw=sw, inv_smooth=inv, down=down,
-                                up_t=up_t)
+                                up_t=up_t, mult_t=mult_t)
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
@@ -637,10 +641,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]
-  # a prepared layer holds its expanded weights: the int8 GEMM reads them
-  in_registers = (None if prepared else _register_tiling(
+  # weights prepared expanded (``qlinear.prepare``): the int8 GEMM reads them
+  in_registers = (None if p.w is not None else _register_tiling(
       p.layer, a.shape[0], k, n, rank, out_dtype, _epilogue_gelu and gelu_from is not None))
-  if in_registers is None and not prepared:
+  if in_registers is None and p.w is None:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)
   tiles = in_registers or int8_hopper.tiling(n, out_dtype, rank)
@@ -650,7 +654,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     if in_registers:
-      y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.layer.wscale.T, p.layer.wcscale,
+      y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
                                   lr, p.up_t, bias, gelu_from=gelu_from if gelu else None,
                                   interpret=interpret, **tiles)
     else:

@@ -186,7 +186,8 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
   fusion kernels named in a profile (kernel names are HLO names with '.' and '-' as '_'),
   read from the optimized HLO's metadata and its stack-frame tables."""
   tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
-  table, comps, comp, instr = None, {}, None, {}
+  # comps: a computation's root, or (a tuple root has no frame) its last instruction with one
+  table, comps, comp, instr, framed = None, {}, None, {}, None
   for line in hlo.splitlines():
     if line in tables:
       table = line
@@ -196,11 +197,13 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
       continue
     table = None
     if m := re.match(r'(?:ENTRY )?%([\w.\-]+) \(.*\{$', line):
-      comp = m.group(1)
+      comp, framed = m.group(1), None
     elif (m := re.match(r'\s*(ROOT )?%([\w.\-]+) = (\S+) ', line)):
       instr[m.group(2)] = line
+      if "stack_frame_id=" in line:
+        framed = line
       if m.group(1):
-        comps[comp] = line
+        comps[comp] = line if "stack_frame_id=" in line or framed is None else framed
   field = lambda s, k: (m.group(1) if (m := re.search(k + r'=("[^"]*"|\d+)', s)) else None)
 
   def where(frame_id):

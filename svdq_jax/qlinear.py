@@ -214,20 +214,23 @@ class PreparedLinear:
   Data:
     layer: the QuantizedLinear as stored.
     w: int8 [N, K] weight values (``QuantizedLinear.row_scaled_weight``; ``m * q`` for
-      int4_2l: twice the bytes of the packed codes). sw: f32 [N] weight row scales. Both None
-      only inside ``w4a4.row_scaled_linear`` (``prepare_row_scaled(expand=False)``), which
-      computes them only where the int8 GEMM runs.
+      int4_2l: twice the bytes of the packed codes), or None (``prepare(expand=False)``): the
+      weights stay packed, and ``w4a4.row_scaled_linear`` expands them where the int8 GEMM
+      runs. sw: f32 [N] weight row scales (None with w None for all but int4_2l).
+    mult_t: uint8 [K/128, N], int4_2l's packed multipliers transposed (the W4A8 register
+      kernel's operand) when w is None; else None.
     inv_smooth: f32 [K] 1 / lambda, down: bf16 [K, r] L_down / lambda (``folded_smoothing``);
-      up_t: bf16 [N, r16] L_up^T zero-padded to a multiple of 16 ranks (the int8 GEMM's
-      epilogue operand). None where the layer has no smoothing / low-rank branch.
+      up_t: bf16 [N, r16] L_up^T zero-padded to a multiple of 16 ranks (the GEMMs' epilogue
+      operand). None where the layer has no smoothing / low-rank branch.
   """
 
   layer: QuantizedLinear
-  w: jax.Array
-  sw: jax.Array
+  w: jax.Array | None
+  sw: jax.Array | None
   inv_smooth: jax.Array | None = None
   down: jax.Array | None = None
   up_t: jax.Array | None = None
+  mult_t: jax.Array | None = None
 
   in_features = property(lambda self: self.layer.in_features)
   out_features = property(lambda self: self.layer.out_features)
@@ -250,14 +253,17 @@ def runs_row_scaled_kernels() -> bool:
   return _backend != "reference"
 
 
-def prepare(tree):
+def prepare(tree, expand: bool = True):
   """``tree`` with every row-scaled QuantizedLinear replaced by a ``PreparedLinear``, when
   the kernels will run them (``runs_row_scaled_kernels``; else ``tree`` itself).
 
-  Inside a jitted loop, before it, on the loop's weights: the int8 weight values (and the
-  smoothing reciprocal, L_down / lambda, L_up^T) are computed once instead of at every step,
-  at a cost of N * K bytes per layer for as long as the loop runs. FLUX.1-dev W4A8, H200:
-  the 28-step loop 4% faster for 8.6 GB over the 6.4 GB model (docs/benchmarks, 2026-12-03).
+  Inside a jitted loop, before it, on the loop's weights: the work that depends on the
+  weights alone is done once instead of at every step. ``expand``: the int8 weight values
+  too, at a cost of N * K bytes per layer for as long as the loop runs (FLUX.1-dev W4A8,
+  H200: the 28-step loop 4% faster for 8.6 GB over the 6.4 GB model, docs/benchmarks,
+  2026-12-03); else only the small operands (1 / lambda, L_down / lambda, L_up^T, the
+  transposed multipliers and f32 scales: ~2 ms of small kernels a FLUX.1-dev step on an
+  H200, 2026-12-04), which ``sampling.sample`` always hoists.
   """
   if not runs_row_scaled_kernels():
     return tree
@@ -266,7 +272,7 @@ def prepare(tree):
   def prep(node):
     if (isinstance(node, QuantizedLinear) and node.weight_format in formats.ROW_SCALED
         and node.act_format in formats.ROW_SCALED):
-      return w4a4.prepare_row_scaled(node, interpret=_backend == "interpret")
+      return w4a4.prepare_row_scaled(node, interpret=_backend == "interpret", expand=expand)
     return node
 
   return jax.tree_util.tree_map(prep, tree, is_leaf=lambda n: isinstance(n, QuantizedLinear))

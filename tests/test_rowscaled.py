@@ -9,7 +9,7 @@ import pytest
 
 from svdq_jax import formats, qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec, preset
-from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
 
 
 def _x(m, k, seed=0):
@@ -397,10 +397,12 @@ def test_fused_layer_matches_reference(afmt):
 
 
 @pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
-def test_prepared_layer_is_the_layer_bit_for_bit(afmt):
+def test_prepared_layer_is_the_layer_bit_for_bit(afmt, monkeypatch):
   """qlinear.prepare: the weight-side operands (int8 weights, 1 / lambda, folded low-rank
-  factors) computed once give the layer's own results on the kernels; only row-scaled layers
-  are prepared, and only when the kernels run them."""
+  factors) computed once give the layer's own results on the kernels, and so do those of
+  expand=False (packed weights, on the W4A8 register kernel); only row-scaled layers are
+  prepared, and only when the kernels run them."""
+  real = w4a8_hopper.w4a8_gemm_t
   x, w = _x(72, 256), jax.random.normal(jax.random.key(1), (256, 128))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
   (layer,), _ = transforms.quantize_group(
@@ -422,6 +424,18 @@ def test_prepared_layer_is_the_layer_bit_for_bit(afmt):
     assert isinstance(p, qlinear.PreparedLinear) and p.w.dtype == jnp.int8
     assert prepared["b"] is w4a16 and prepared["c"] is w
     np.testing.assert_array_equal(np.asarray(qlinear.apply(p, x)), want)
+    # weights left packed: bf16 inputs take the register kernel, f32 ones the int8 GEMM
+    light = qlinear.prepare(tree, expand=False)["a"]
+    assert light.w is None and light.mult_t.shape == (2, 128) and light.sw.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(qlinear.apply(light, x)), want)
+    calls = []
+    monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    xb = x.astype(jnp.bfloat16)
+    got = np.asarray(qlinear.apply(light, xb), np.float32)
+    monkeypatch.setattr(w4a4, "_register_expansion", False)   # the expansion pass + int8 GEMM
+    np.testing.assert_array_equal(got, np.asarray(qlinear.apply(layer, xb), np.float32))
+    assert calls == [1]
   np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(p, x)),
                                 np.asarray(qlinear.reference_apply(layer, x)))
   with pytest.raises(ValueError, match="bias given twice"):
