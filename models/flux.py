@@ -352,7 +352,8 @@ def default_formats(method: str) -> tuple[str, str | None]:
 
   W4A8 (``int4_2l`` weights, per-token ``int8`` activations) for a method that quantizes
   activations when the default device is a Hopper GPU: there it runs on the int8 tensor cores
-  (FLUX.1-dev 1024x1024 step 1.27-1.29x of bf16, where exact INT4's ran 0.68x; H200) and it
+  (FLUX.1-dev 1024x1024 step 1.26-1.29x of bf16, 28-step loop 1.35x, where exact INT4's step
+  ran 0.68x; H200) and it
   measured closer to 16-bit than exact INT4 (demo 38.2 vs 37.3 dB PSNR, one FLUX-sized layer
   31.7 vs 28.2 dB SQNR; docs/benchmarks, docs/demo, docs/example). Elsewhere the paper's INT4
   (activations in the weight format), whose Triton kernels run on any GPU.

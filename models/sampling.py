@@ -198,7 +198,10 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
     hoist_weights: on the Hopper kernels, expand the quantized layers' 4-bit weights to the
       int8 GEMM's operand once before the loop instead of at every step (``qlinear.prepare``;
       same results). N * K bytes per layer while the loop runs: FLUX.1-dev W4A8 +8.6 GB over
-      its 6.4 GB of weights, for a 4% faster loop (H200).
+      its 6.4 GB of weights, for a 4% faster loop (H200, 2026-12-03, before the W4A8 GEMM
+      expanded the weights itself). Without it the layers' small weight-side operands are
+      still computed once before the loop (``qlinear.prepare(expand=False)``: 0.29 GB for
+      FLUX.1-dev, its 28-step W4A8 loop 2.658 -> 2.614 s on an H200, 2026-12-04).
     hoist_modulation: compute every step's modulations (shifts, scales, gates: linears of
       the timestep, guidance and pooled-text embedding only) before the loop, as one batch
       of ``steps`` rows per image (``Flux.modulations``), instead of one row per step: their
