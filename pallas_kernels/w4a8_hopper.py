@@ -159,10 +159,10 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
-                                             "num_sms", "interpret"))
+                                             "chain", "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
                 steps: int = 3, gelu_from: int | None = None, compute_wgs: int = 2,
-                num_sms: int | None = None, interpret: bool = False):
+                chain: bool = False, num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -171,7 +171,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
     there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
-    multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs (default:
+    multiples of 192, more warpgroups to hide each other's expansion). chain: a program's
+    tiles as one pipeline of pipelines (``pipeline_state``; where every program has two tiles
+    or more and steps divides K / 128; not yet timed). num_sms: programs (default:
     the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
     >= 4, tests/conftest.py).
   Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
@@ -199,6 +201,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
+  # a program's consecutive tiles as one pipeline of pipelines: the memory warpgroup loads a
+  # tile's first K steps while the compute warpgroups run the previous tile's epilogue. Only
+  # where every program has two tiles or more (a single tile would need START and STOP at
+  # once) and the K steps divide by the depth (jax's pipeline requires it).
+  chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
@@ -207,9 +214,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both,
      *stage) = it
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40,
+          body, grid=(k_iters,), memory_registers=40, pipeline_state=state,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
@@ -231,6 +238,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
+        state = None
+        if chain:
+          last = info.local_index == info.num_local_steps - 1
+          state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
+                            jnp.where(last, plgpu.PipelinePipeline.STOP,
+                                      plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)
@@ -288,13 +301,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
+        pipeline(body, context, state)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'' if gelu_from is None else 'gelu'}")
+                     f"{'c' if chain else ''}{'' if gelu_from is None else 'gelu'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]

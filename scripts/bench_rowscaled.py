@@ -20,7 +20,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                                                             # GEMM tilings (t: tile order)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3" --out $OUT
                   # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
-                  # w3: three compute warpgroups, 192 weight rows a CTA)
+                  # w3: three compute warpgroups, 192 weight rows a CTA; ch: the tiles' K
+                  # pipelines chained)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -72,13 +73,15 @@ TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_
 def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
   wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``; w3: its
-  three compute warpgroups)."""
+  three compute warpgroups; ch: its tiles' K pipelines chained)."""
   kw = {}
   for tok in name.split():
     if tok == "wt":
       kw["transposed"] = True
     elif tok == "w3":
       kw["compute_wgs"] = 3
+    elif tok == "ch":
+      kw["chain"] = True
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):

@@ -77,6 +77,17 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
 
+@pytest.mark.parametrize("compute_wgs,n", [(2, 256), (3, 768)])
+def test_chained_tile_pipelines(compute_wgs, n):
+  """chain=True: 3 programs walking 8 / 16 tiles (3, 3, 2 or 6, 5, 5 each) with their K
+  pipelines chained (START, STEADY..., STOP) give the unchained kernel's values bit for bit."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
+  run = lambda **k: np.asarray(w4a8_hopper.w4a8_gemm_t(
+      a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64, compute_wgs=compute_wgs,
+      interpret=True, **k), np.float32)
+  np.testing.assert_array_equal(run(chain=True, num_sms=3), run())
+
+
 def test_tiling():
   """256-token tiles where they make two waves of the SMs, 128-token tiles under that; a
   LoRA-wide branch: a shallower pipeline; shapes the kernel does not take: None."""
