@@ -22,6 +22,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                   # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
                   # w3: three compute warpgroups, 192 weight rows a CTA; ch: the tiles' K
                   # pipelines chained)
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --gelu --extra-m '' --shapes 3072x12288,3072x21504 --variants "wt m256 s3;wt m192 s3 w3" --out $OUT
+                  # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
@@ -154,7 +156,12 @@ def checks(layer, x, interpret):
   return out
 
 
-def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
+# FLUX.1's GELU epilogues (--gelu): fc1 (N = 12288) through all its columns, the single
+# blocks' linear1 (N = 21504) from its MLP part on (after q, k, v)
+FLUX_GELU_FROM = {12288: 0, 21504: 9216}
+
+
+def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu=False):
   res = dict(M=m, K=k, N=n, rank=rank)
   kx, kw, kl = jax.random.split(key, 3)
   x = activations(m, k, kx)
@@ -186,6 +193,8 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False):
   for v in variants:
     try:
       kw = variant_kwargs(v)
+      if gelu and n in FLUX_GELU_FROM:
+        kw["gelu_from"] = FLUX_GELU_FROM[n]
       gemm_fn, w_ops = int8_hopper.int8_gemm, (w8, sw, *epi)
       if kw.pop("transposed", False):  # the packed weights, expanded in the kernel
         gemm_fn, w_ops = w4a8_hopper.w4a8_gemm_t, (layer.qweight, layer.wscale.T, sw, *epi)
@@ -524,6 +533,9 @@ def main():
                        "and the fused W4A8 per act path; no checks of the rest, no sweeps")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
                   help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
+  ap.add_argument("--gelu", action="store_true",
+                  help="--gemm-only: every variant with FLUX.1's GELU epilogue where N has one "
+                       "(fc1's N = 12288 from column 0, linear1's 21504 from 9216)")
   ap.add_argument("--with-lr", action="store_true",
                   help="time and check the --variants with the low-rank branch and a bias")
   ap.add_argument("--act-only", action="store_true",
@@ -594,7 +606,7 @@ def main():
     try:
       r = run_shape(m, k, n, args.rank, variants if full or args.gemm_only
                     else [best.get((k, n), variants[0])],
-                    key, args.interpret, full, args.with_lr)
+                    key, args.interpret, full, args.with_lr, args.gelu)
     except Exception:
       traceback.print_exc()
       continue
