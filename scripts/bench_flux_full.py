@@ -37,6 +37,7 @@ from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, qua
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
+from svdq_jax import qlinear
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -250,6 +251,11 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     mem = compiled.memory_analysis()
     r[f"step{res}_temp_bytes"] = int(mem.temp_size_in_bytes)
     r[f"step{res}_ms"] = median_seconds(compiled, state, *x, reps=3, rounds=3) * 1e3
+    if args.prepared_step and name != "bf16":   # as the sampling loop runs each step
+      prepared = jax.jit(lambda st: qlinear.prepare(st, expand=False))(state)
+      r[f"step{res}_prepared_ms"] = median_seconds(
+          step.lower(prepared, *x).compile(), prepared, *x, reps=3, rounds=3) * 1e3
+      del prepared
     print(json.dumps({name: r}), flush=True)
   res = args.resolutions[0]
   if args.loop_steps:
@@ -371,6 +377,10 @@ def main():
   ap.add_argument("--wide-tiles-only", action="store_true",
                   help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
                        "for every layer (the text stream's too), '<name>_wide_tiles_only'")
+  ap.add_argument("--prepared-step", action="store_true",
+                  help="quantized models: the step also timed on qlinear.prepare(state, "
+                       "expand=False), the weight-side operands computed once as the sampling "
+                       "loop does ('step<res>_prepared_ms')")
   ap.add_argument("--two-warpgroups", action="store_true",
                   help="the svdquant model also timed with the W4A8 kernel's two compute "
                        "warpgroups everywhere (not three where N allows, as before "

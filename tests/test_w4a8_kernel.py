@@ -88,6 +88,18 @@ def test_chained_tile_pipelines(compute_wgs, n):
   np.testing.assert_array_equal(run(chain=True, num_sms=3), run())
 
 
+@pytest.mark.parametrize("compute_wgs", [2, 3])
+def test_pipeline_stages_keep_tma_alignment(compute_wgs):
+  """Every pipeline stage a TMA copy writes starts 128-byte aligned in shared memory (interpret
+  mode cannot see it; on the H200 192-byte multiplier stages failed with
+  CUDA_ERROR_MISALIGNED_ADDRESS): the multiplier box covers the CTA's rows in whole 128s."""
+  box, rows = w4a8_hopper.mult_box(compute_wgs), w4a8_hopper.cta_rows(
+      dict(compute_wgs=compute_wgs))
+  assert box % 128 == 0 and rows <= box < rows + 128
+  for tile_m in range(64, 257, 8):   # activations [tile_m, 128], codes [rows, 64] int8
+    assert (tile_m * w4a8_hopper.TILE_K) % 128 == 0 and (rows * w4a8_hopper.TILE_K // 2) % 128 == 0
+
+
 def test_tiling():
   """256-token tiles where they make two waves of the SMs, 128-token tiles under that; a
   LoRA-wide branch: a shallower pipeline; shapes the kernel does not take: None."""
