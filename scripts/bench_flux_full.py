@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 import svdq_jax
+from svdq_jax import qlinear
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
-from svdq_jax import qlinear
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_seconds, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
