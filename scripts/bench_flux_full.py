@@ -464,12 +464,10 @@ def main():
         with stacked_rope():
           measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
       for flag, switch, default in SWITCHES:   # a kernel choice flipped, then restored
-        if getattr(args, flag):   # traced anew: the jitted loop's cache does not see it
+        if getattr(args, flag):
           switch(not default)
-          jax.clear_caches()
           measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
           switch(default)
-          jax.clear_caches()
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)

@@ -84,6 +84,25 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   assert sampling._euler._cache_size() == traced + 2
 
 
+@pytest.mark.parametrize("module,setter,flag", [
+    ("w4a4", "set_input_parts", "_input_parts"), ("w4a4", "set_epilogue_gelu", "_epilogue_gelu"),
+    ("w4a4", "set_register_expansion", "_register_expansion"),
+    ("w4a16_gemv", "set_enabled", "_enabled"), ("w4a8_hopper", "set_narrow_tiles", "_narrow_tiles"),
+    ("w4a8_hopper", "set_three_warpgroups", "_three_wgs")])
+def test_every_kernel_switch_is_a_trace_setting(monkeypatch, module, setter, flag):
+  """Each kernel module's on/off switch changes ``qlinear.trace_settings()``, so the jitted
+  loop retraces when it flips (a switch missing there silently kept the first trace)."""
+  import importlib
+
+  from svdq_jax import qlinear
+  mod = importlib.import_module(f"svdq_jax.pallas_kernels.{module}")
+  monkeypatch.setattr(mod, flag, getattr(mod, flag))   # restored after the test
+  getattr(mod, setter)(False)
+  off = qlinear.trace_settings()
+  getattr(mod, setter)(True)
+  assert qlinear.trace_settings() != off
+
+
 def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
   """sample(hoist_weights=True): the quantized layers' int8 weights and other weight-only
   operands computed once before the jitted loop give the same latents as at every step, on
