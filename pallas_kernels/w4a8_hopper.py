@@ -114,6 +114,16 @@ THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
 
 
+_chain = False
+
+
+def set_chained_pipelines(on: bool) -> None:
+  """Whether ``tiling`` asks for ``chain=True`` (off by default: built 2026-12-04, not yet
+  timed; scripts/bench_flux_full.py --chained-pipelines)."""
+  global _chain
+  _chain = bool(on)
+
+
 def set_three_warpgroups(on: bool) -> None:
   """Whether ``tiling`` takes THREE_WGS (three compute warpgroups, 192 weight rows a tile)
   where it applies (the default) or two warpgroups always (as before 2026-12-04; kept to time
@@ -151,11 +161,13 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   num_sms = num_sms or sm_count()
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
   if _narrow_tiles and waves < MIN_WAVES:
-    return deepest(NARROW)
-  if (_three_wgs and not gelu and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
-      and (three := deepest(THREE_WGS))):
-    return three
-  return deepest(WIDE)
+    tiles = deepest(NARROW)
+  elif (_three_wgs and not gelu and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
+        and (three := deepest(THREE_WGS))):
+    tiles = three
+  else:
+    tiles = deepest(WIDE)
+  return dict(tiles, chain=True) if tiles and _chain else tiles
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",

@@ -109,7 +109,8 @@ SWITCHES = (("joined_inputs", w4a4.set_input_parts, True),
             ("xla_gemv", w4a16_gemv.set_enabled, True),
             ("expansion_pass", w4a4.set_register_expansion, True),
             ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True),
-            ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True))
+            ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True),
+            ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False))
 
 
 def _stacked_rope(x, pe):
@@ -377,6 +378,9 @@ def main():
   ap.add_argument("--wide-tiles-only", action="store_true",
                   help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
                        "for every layer (the text stream's too), '<name>_wide_tiles_only'")
+  ap.add_argument("--chained-pipelines", action="store_true",
+                  help="the svdquant model also timed with the W4A8 kernel's tiles chained "
+                       "(w4a8_gemm_t(chain=True)), '<name>_chained_pipelines'")
   ap.add_argument("--prepared-step", action="store_true",
                   help="quantized models: the step also timed on qlinear.prepare(state, "
                        "expand=False), the weight-side operands computed once as the sampling "

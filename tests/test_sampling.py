@@ -88,7 +88,8 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
     ("w4a4", "set_input_parts", "_input_parts"), ("w4a4", "set_epilogue_gelu", "_epilogue_gelu"),
     ("w4a4", "set_register_expansion", "_register_expansion"),
     ("w4a16_gemv", "set_enabled", "_enabled"), ("w4a8_hopper", "set_narrow_tiles", "_narrow_tiles"),
-    ("w4a8_hopper", "set_three_warpgroups", "_three_wgs")])
+    ("w4a8_hopper", "set_three_warpgroups", "_three_wgs"),
+    ("w4a8_hopper", "set_chained_pipelines", "_chain")])
 def test_every_kernel_switch_is_a_trace_setting(monkeypatch, module, setter, flag):
   """Each kernel module's on/off switch changes ``qlinear.trace_settings()``, so the jitted
   loop retraces when it flips (a switch missing there silently kept the first trace)."""

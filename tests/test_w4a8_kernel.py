@@ -128,6 +128,12 @@ def test_tiling():
     assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
   finally:
     w4a8_hopper.set_three_warpgroups(True)
+  w4a8_hopper.set_chained_pipelines(True)   # every tiling asks for chained tiles
+  try:
+    assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=128, steps=4, chain=True)
+    assert tiling(4608, 3072, 3072, 32, num_sms=132)["chain"]
+  finally:
+    w4a8_hopper.set_chained_pipelines(False)
 
 
 def test_layer_on_three_warpgroups(monkeypatch):
