@@ -90,19 +90,19 @@ def test_chained_tile_pipelines(compute_wgs, n):
 
 @pytest.mark.parametrize("compute_wgs", [2, 3])
 def test_pipeline_stages_keep_tma_alignment(compute_wgs):
-  """Every pipeline stage a TMA copy writes starts 128-byte aligned in shared memory (interpret
-  mode cannot see it; on the H200 192-byte multiplier stages failed with
-  CUDA_ERROR_MISALIGNED_ADDRESS): the multiplier box covers the CTA's rows in whole 128s."""
+  """The multiplier stages a TMA copy writes stay 128-byte aligned in shared memory (interpret
+  mode cannot see it; on the H200 192-byte stages failed with CUDA_ERROR_MISALIGNED_ADDRESS):
+  the box covers the CTA's rows in whole 128s. (The activation and code stages, tile_m x 128
+  and rows x 64 bytes, always are.)"""
   box, rows = w4a8_hopper.mult_box(compute_wgs), w4a8_hopper.cta_rows(
       dict(compute_wgs=compute_wgs))
   assert box % 128 == 0 and rows <= box < rows + 128
-  for tile_m in range(64, 257, 8):   # activations [tile_m, 128], codes [rows, 64] int8
-    assert (tile_m * w4a8_hopper.TILE_K) % 128 == 0 and (rows * w4a8_hopper.TILE_K // 2) % 128 == 0
 
 
 def test_tiling():
-  """256-token tiles where they make two waves of the SMs, 128-token tiles under that; a
-  LoRA-wide branch: a shallower pipeline; shapes the kernel does not take: None."""
+  """256-token tiles where they make two waves of the SMs, 128-token tiles under that, three
+  warpgroups on 192-token tiles where N allows; a LoRA-wide branch: a shallower pipeline;
+  shapes the kernel does not take: None."""
   tiling = w4a8_hopper.tiling
   assert tiling(4608, 3072, 3200, 32, num_sms=132) == dict(tile_m=256, steps=3)  # 3.4 waves
   assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 1.5 waves
@@ -159,8 +159,9 @@ def test_layer_on_three_warpgroups(monkeypatch):
     gelu = run(gelu_from=128)
   assert calls == [2, 3, 2] and gelu.applied
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  np.testing.assert_array_equal(np.asarray(gelu.x[:, :128], np.float32),
-                                np.asarray(want[:, :128], np.float32))
+  f32 = lambda v: np.asarray(v, np.float32)
+  np.testing.assert_array_equal(f32(gelu.x[:, :128]), f32(want[:, :128]))
+  np.testing.assert_array_equal(f32(gelu.x[:, 128:]), f32(qlinear.join(qlinear.Gelu(want, 128))))
 
 
 @pytest.mark.parametrize("afmt,lora_rank,tiles", [("int8", 0, (128, 4)), ("int4_2l", 0, (128, 4)),
