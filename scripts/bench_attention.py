@@ -8,6 +8,8 @@ step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, t
   cudnn-fp8:     cuDNN's FP8 flash attention (``svdq_jax.attention.cudnn_fp8_attention``):
                  q, k (minus its token mean), v as E4M3 with one scale each, P with scale
                  448, the E4M3 output scaled back (includes the quantization passes);
+  cudnn-fp8-kernel: its kernel alone on operands quantized outside the timed call (what
+                 quantization fused into the producers of q, k, v would leave);
   fp8-ref:       ``svdq_jax.attention.fp8_attention``, cudnn-fp8's numerics by XLA (unfused);
   int8-ref:      ``svdq_jax.attention.int8_attention`` run by XLA (unfused: it materializes the
                  scores; its time is not a kernel's, its error is the INT8/FP8 format's);
@@ -34,7 +36,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
+from svdq_jax.attention import (cudnn_fp8_attention, cudnn_fp8_kernel, cudnn_fp8_operands,
+                                fp8_attention, int8_attention)
 from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.timing import median_seconds
 
@@ -74,7 +77,11 @@ KERNEL_PV = {"int8qk": "bf16", "int8fp8": "fp8"}   # attention_int8's variants: 
 def variant(name: str):
   """(fn, prepared, pv): a VARIANTS entry on (q, k, v); 'int8qk' / 'int8fp8', the kernel with
   its quantization pass; or 'int8qk-kernel[:spec]' / 'int8fp8-kernel[:spec]', the kernel on
-  ``attention_int8.prepare``'s operands (prepared). pv: the kernel's P V format, else None."""
+  ``attention_int8.prepare``'s operands (prepared True); 'cudnn-fp8-kernel': cuDNN's FP8
+  kernel on ``cudnn_fp8_operands`` (prepared: that function). pv: the kernel's P V format,
+  else None."""
+  if name == "cudnn-fp8-kernel":
+    return cudnn_fp8_kernel, cudnn_fp8_operands, None
   base, _, spec = name.partition(":")
   kernel, _, alone = base.partition("-")
   if kernel in KERNEL_PV and alone in ("", "kernel"):
@@ -92,7 +99,7 @@ def main():
   ap.add_argument("--heads", type=int, default=24)
   ap.add_argument("--head-dim", type=int, default=128)
   # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
-  ap.add_argument("--variants", default=",".join([*VARIANTS, *KERNEL_PV]))
+  ap.add_argument("--variants", default=",".join([*VARIANTS, "cudnn-fp8-kernel", *KERNEL_PV]))
   args = ap.parse_args()
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
@@ -109,8 +116,12 @@ def main():
     fn, prepared, pv = variant(name)
     fn = jax.jit(fn)
     try:
-      operands = attention_int8.prepare(q, k, v, pv) if prepared else (q, k, v)
-      out = fn(*operands).astype(jnp.float32)
+      if callable(prepared):   # cudnn-fp8-kernel: the output in units of s_v
+        *operands, sv = prepared(q, k, v)
+        out = fn(*operands).astype(jnp.float32) * sv
+      else:
+        operands = attention_int8.prepare(q, k, v, pv) if prepared else (q, k, v)
+        out = fn(*operands).astype(jnp.float32)
       err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
       ms = median_seconds(fn, *operands, reps=10, rounds=5) * 1e3
       rows.append(dict(variant=name, ms=round(ms, 4), rel_error=round(err, 5)))

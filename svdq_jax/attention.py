@@ -113,20 +113,36 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return (f32(out.astype(jnp.float8_e4m3fn)) * sv).astype(dtype)
 
 
-def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """``fp8_attention`` on cuDNN's FP8 flash attention kernel (NVIDIA GPUs with cuDNN >= 9;
-  jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
-  bf16 -> bf16."""
-  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention, fp8_params_keys
+def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple:
+  """q, k, v [B, L, H, D] -> (q8, k8, v8 E4M3 [B, L, H, D], the cuDNN FP8 parameters, f32
+  s_v): ``cudnn_fp8_attention``'s quantization passes (k minus its token mean, one scale per
+  tensor), the operands of ``cudnn_fp8_kernel``."""
+  from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
   (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   # the API asks for the backward pass's scales too; a forward-only call never reads them
   params = {name: one(1.0) for name in fp8_params_keys}
   params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
                 descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
+  return q8, k8, v8, params, sv
+
+
+def cudnn_fp8_kernel(q8: jax.Array, k8: jax.Array, v8: jax.Array, params: dict) -> jax.Array:
+  """cuDNN's FP8 flash attention alone on ``cudnn_fp8_operands``' q8, k8, v8 and parameters:
+  the E4M3 output [B, L, H, D] in units of s_v."""
+  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
   out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
-                                    scale=q.shape[-1] ** -0.5, use_fp8=True)
-  return (out.astype(jnp.float32) * sv).astype(q.dtype)
+                                    scale=q8.shape[-1] ** -0.5, use_fp8=True)
+  return out
 
 
-__all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "FP8_MAX"]
+def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """``fp8_attention`` on cuDNN's FP8 flash attention kernel (NVIDIA GPUs with cuDNN >= 9;
+  jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
+  bf16 -> bf16."""
+  q8, k8, v8, params, sv = cudnn_fp8_operands(q, k, v)
+  return (cudnn_fp8_kernel(q8, k8, v8, params).astype(jnp.float32) * sv).astype(q.dtype)
+
+
+__all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
+           "cudnn_fp8_kernel", "FP8_MAX"]

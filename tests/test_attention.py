@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from svdq_jax import parallel
-from svdq_jax.attention import fp8_attention, int8_attention
+from svdq_jax.attention import cudnn_fp8_operands, fp8_attention, int8_attention
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import Flux, FluxConfig
 
@@ -38,6 +38,23 @@ def test_close_to_exact_attention_and_key_offset_free():
   # FP8 throughout (cuDNN's numerics): E4M3 q and k add to the P V error (measured 6.0%)
   fp8 = rel(fp8_attention(q, k, v))
   assert rel(got) < fp8 < 8e-2, (fp8, rel(got))
+
+
+def test_cudnn_fp8_operands_are_fp8_attentions_quantization():
+  """The cuDNN FP8 kernel's operands (built on any machine; the kernel needs cuDNN): E4M3 q,
+  k minus its token mean, v, each within E4M3's rounding of its tensor, and the scales the
+  kernel descales by; P quantized with 448."""
+  q, k, v = _qkv()
+  q8, k8, v8, params, sv = cudnn_fp8_operands(q, k, v)
+  assert {t.dtype for t in (q8, k8, v8)} == {jnp.dtype(jnp.float8_e4m3fn)}
+  centred = k - k.mean(axis=1, keepdims=True)
+  for t8, key, want in ((q8, "descale_q", q), (k8, "descale_k", centred), (v8, "descale_v", v)):
+    got = t8.astype(jnp.float32) * params[key][0, 0, 0, 0]
+    # E4M3 rounds to 3 mantissa bits (relative 2^-4) above its subnormals (scaled: max / 2^14)
+    tol = 2.0 ** -4 * jnp.abs(want) + float(jnp.abs(want).max()) * 2.0 ** -14
+    assert bool(jnp.all(jnp.abs(got - want) <= tol)), key
+  assert float(params["scale_s"][0, 0, 0, 0]) == 448.0
+  assert float(params["scale_o"][0, 0, 0, 0]) == float(1.0 / sv)
 
 
 def test_bad_shapes_are_clear_errors():
