@@ -141,6 +141,12 @@ def _specs(x, start, offset, inv_smooth, block_m, span):
   return grid, in_specs, args
 
 
+def _kernel_name(kind: str, x, start: int, gelu: bool) -> str:
+  """A pass's kernel name with the part's shape (tokens x columns; 'g': a GELU part), so
+  that a profile tells the layers apart."""
+  return f"{kind}_{x.shape[0]}x{x.shape[1] - start}{'g' if gelu else ''}"
+
+
 def _split_smooth(has_smooth, refs):
   return (refs[0], list(refs[1:])) if has_smooth else (None, list(refs))
 
@@ -172,7 +178,7 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
         out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
         out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name="svdq_absmax")(*args))
+        interpret=interpret, name=_kernel_name("svdq_absmax", x, start, gelu))(*args))
   partial = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
   amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
   return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
@@ -223,7 +229,7 @@ def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, bl
         kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=f"svdq_codes_{act_format}")(*args)
+        interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", x, start, gelu))(*args)
     if down_p is not None:
       lr = part_lr[0].sum(0) if lr is None else lr + part_lr[0].sum(0)
   return a, (lr[:, :down.shape[1]] if down is not None else None)

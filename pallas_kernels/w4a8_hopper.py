@@ -318,8 +318,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'c' if chain else ''}{'' if gelu_from is None else 'gelu'}")
+                     f"{'c' if chain else ''}{'' if gelu_from is None else 'gelu'}"
+                     f"_{m_out}x{k}x{n}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
