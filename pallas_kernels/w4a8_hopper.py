@@ -112,9 +112,7 @@ _narrow_tiles = True
 # the GELU stays on two.
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
-
-
-_chain = False
+_chain = False   # w4a8_gemm_t(chain=True) from ``tiling``: built 2026-12-04, not yet timed
 
 
 def set_chained_pipelines(on: bool) -> None:
