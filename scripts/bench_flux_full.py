@@ -103,14 +103,28 @@ def inputs(cfg, resolution, batch=1, txt_len=512, seed=0):
 
 
 # --flag: the svdquant model also timed with this kernel choice flipped from its default,
-# '<name>_<flag>': (flag, switch, default)
-SWITCHES = (("joined_inputs", w4a4.set_input_parts, True),
-            ("next_layer_gelu", w4a4.set_epilogue_gelu, True),
-            ("xla_gemv", w4a16_gemv.set_enabled, True),
-            ("expansion_pass", w4a4.set_register_expansion, True),
-            ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True),
-            ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True),
-            ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False))
+# '<name>_<flag>': (flag, switch, default, what the flipped choice does)
+SWITCHES = (
+    ("joined_inputs", w4a4.set_input_parts, True,
+     "its layers' input parts joined by XLA before the activation kernel (as before "
+     "2026-12-03)"),
+    ("next_layer_gelu", w4a4.set_epilogue_gelu, True,
+     "fc1's / linear1's GELU left to the next layer's activation kernel instead of the GEMM's "
+     "epilogue (as before 2026-12-03)"),
+    ("xla_gemv", w4a16_gemv.set_enabled, True,
+     "its weight-only layers (the modulation) left to XLA's fusion instead of the Pallas GEMV "
+     "(as before 2026-12-03)"),
+    ("expansion_pass", w4a4.set_register_expansion, True,
+     "its int4_2l weights expanded by a separate pass for the int8 GEMM instead of in the "
+     "W4A8 kernel's registers"),
+    ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True,
+     "the W4A8 kernel's 256-token tiles for every layer (the text stream's too)"),
+    ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
+     "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
+     "before 2026-12-04)"),
+    ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
+     "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
+)
 
 
 def _stacked_rope(x, pe):
@@ -350,20 +364,6 @@ def main():
                   help="also time the svdquant model with each of these activation paths of "
                        "the row-scaled layers (w4a4.ACT_KERNELS, e.g. pallas,wide_k; the "
                        "library default is wide_k): '<name>_act_<kernel>'")
-  ap.add_argument("--joined-inputs", action="store_true",
-                  help="also time the svdquant model with its layers' input parts joined by "
-                       "XLA before the activation kernel (w4a4.set_input_parts(False), the "
-                       "behaviour before 2026-12-03): '<name>_joined_inputs'")
-  ap.add_argument("--next-layer-gelu", action="store_true",
-                  help="also time the svdquant model with fc1's / linear1's GELU left to the "
-                       "next layer's activation kernel instead of the int8 GEMM's epilogue "
-                       "(w4a4.set_epilogue_gelu(False), the behaviour before 2026-12-03): "
-                       "'<name>_next_layer_gelu'")
-  ap.add_argument("--xla-gemv", action="store_true",
-                  help="also time the svdquant model with its weight-only layers (the "
-                       "modulation) left to XLA's fusion instead of the Pallas GEMV "
-                       "(w4a16_gemv.set_enabled(False), the behaviour before 2026-12-03): "
-                       "'<name>_xla_gemv'")
   ap.add_argument("--svdq-attention", default="",
                   help="also time the svdquant model with each of these attention "
                        "implementations (e.g. int8qk: INT8 q k^T, on Hopper the Pallas "
@@ -371,24 +371,13 @@ def main():
   ap.add_argument("--no-split-store", dest="split_store", action="store_false",
                   help="int8_hopper.SPLIT_STORE off: wide low-rank branches (LoRAs) give up "
                        "pipeline depth instead of storing the output in halves")
-  ap.add_argument("--expansion-pass", action="store_true",
-                  help="the svdquant model also timed with its int4_2l weights expanded by a "
-                       "separate pass for the int8 GEMM instead of in the W4A8 kernel's "
-                       "registers, '<name>_expansion_pass'")
-  ap.add_argument("--wide-tiles-only", action="store_true",
-                  help="the svdquant model also timed with the W4A8 kernel's 256-token tiles "
-                       "for every layer (the text stream's too), '<name>_wide_tiles_only'")
-  ap.add_argument("--chained-pipelines", action="store_true",
-                  help="the svdquant model also timed with the W4A8 kernel's tiles chained "
-                       "(w4a8_gemm_t(chain=True)), '<name>_chained_pipelines'")
   ap.add_argument("--prepared-step", action="store_true",
                   help="quantized models: the step also timed on qlinear.prepare(state, "
                        "expand=False), the weight-side operands computed once as the sampling "
                        "loop does ('step<res>_prepared_ms')")
-  ap.add_argument("--two-warpgroups", action="store_true",
-                  help="the svdquant model also timed with the W4A8 kernel's two compute "
-                       "warpgroups everywhere (not three where N allows, as before "
-                       "2026-12-04), '<name>_two_warpgroups'")
+  for flag, _, _, what in SWITCHES:
+    ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
+                    help=f"the svdquant model also timed with {what}: '<name>_{flag}'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
@@ -467,7 +456,7 @@ def main():
       if args.stacked_rope:
         with stacked_rope():
           measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
-      for flag, switch, default in SWITCHES:   # a kernel choice flipped, then restored
+      for flag, switch, default, _ in SWITCHES:   # a kernel choice flipped, then restored
         if getattr(args, flag):
           switch(not default)
           measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
