@@ -84,24 +84,43 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   assert sampling._euler._cache_size() == traced + 2
 
 
-@pytest.mark.parametrize("module,setter,flag", [
-    ("w4a4", "set_input_parts", "_input_parts"), ("w4a4", "set_epilogue_gelu", "_epilogue_gelu"),
-    ("w4a4", "set_register_expansion", "_register_expansion"),
-    ("w4a16_gemv", "set_enabled", "_enabled"), ("w4a8_hopper", "set_narrow_tiles", "_narrow_tiles"),
-    ("w4a8_hopper", "set_three_warpgroups", "_three_wgs"),
-    ("w4a8_hopper", "set_chained_pipelines", "_chain")])
-def test_every_kernel_switch_is_a_trace_setting(monkeypatch, module, setter, flag):
-  """Each kernel module's on/off switch changes ``qlinear.trace_settings()``, so the jitted
-  loop retraces when it flips (a switch missing there silently kept the first trace)."""
+def _kernel_switches():
+  """Every on/off switch of the kernel modules: their ``set_*(flag: bool)`` functions."""
   import importlib
+  import inspect
+  import pkgutil
 
+  from svdq_jax import pallas_kernels
+  found = []
+  for info in pkgutil.iter_modules(pallas_kernels.__path__):
+    mod = importlib.import_module(f"svdq_jax.pallas_kernels.{info.name}")
+    for name, fn in inspect.getmembers(mod, inspect.isfunction):
+      params = list(inspect.signature(fn).parameters.values())
+      if (name.startswith("set_") and fn.__module__ == mod.__name__ and len(params) == 1
+          and params[0].annotation in (bool, "bool")):
+        found.append(pytest.param(mod, fn, id=f"{info.name}.{name}"))
+  return found
+
+
+@pytest.mark.parametrize("mod,setter", _kernel_switches())
+def test_every_kernel_switch_is_a_trace_setting(monkeypatch, mod, setter):
+  """Each kernel module's on/off switch (found by its ``set_*(bool)`` signature, so a new one
+  is checked too) changes ``qlinear.trace_settings()``, so the jitted loop retraces when it
+  flips (a switch missing there silently kept the first trace)."""
   from svdq_jax import qlinear
-  mod = importlib.import_module(f"svdq_jax.pallas_kernels.{module}")
-  monkeypatch.setattr(mod, flag, getattr(mod, flag))   # restored after the test
-  getattr(mod, setter)(False)
+  for name, value in list(vars(mod).items()):   # the module's flags, restored after the test
+    if isinstance(value, bool):
+      monkeypatch.setattr(mod, name, value)
+  setter(False)
   off = qlinear.trace_settings()
-  getattr(mod, setter)(True)
+  setter(True)
   assert qlinear.trace_settings() != off
+
+
+def test_switch_discovery_finds_the_known_switches():
+  names = {p.id for p in _kernel_switches()}
+  assert {"w4a4.set_input_parts", "w4a16_gemv.set_enabled", "w4a8_hopper.set_three_warpgroups",
+          "w4a8_hopper.set_chained_pipelines"} <= names and len(names) >= 7, names
 
 
 def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
