@@ -216,10 +216,9 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
       comp, framed = m.group(1), None
     elif (m := re.match(r'\s*(ROOT )?%([\w.\-]+) = (\S+) ', line)):
       instr[m.group(2)] = line
-      if "stack_frame_id=" in line:
-        framed = line
+      framed = line if "stack_frame_id=" in line else framed
       if m.group(1):
-        comps[comp] = line if "stack_frame_id=" in line or framed is None else framed
+        comps[comp] = framed or line
   field = lambda s, k: (m.group(1) if (m := re.search(k + r'=("[^"]*"|\d+)', s)) else None)
 
   def where(frame_id):
