@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.attention import cudnn_fp8_attention, fp8_attention, int8_attention
+from svdq_jax.attention import (cudnn_fp8_attention, fp8_attention, int8_attention,
+                                rms_norm_bound)
 from svdq_jax.pallas_kernels import attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
@@ -121,6 +122,9 @@ class QKNorm(nnx.Module):
     self.query_norm = RMSNorm(head_dim)
     self.key_norm = RMSNorm(head_dim)
 
+  def norms(self) -> tuple[RMSNorm, RMSNorm]:
+    return self.query_norm, self.key_norm
+
 
 _attention_implementation: str | None = None
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "int8", "int8qk", "fp8", "cudnn_fp8")
@@ -146,17 +150,20 @@ def attention_implementation() -> str | None:
   return _attention_implementation
 
 
-def attention(q, k, v, pe):
-  """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v."""
+def attention(q, k, v, pe, norms=()):
+  """q, k, v [B, L, H, D] -> [B, L, H*D]: RoPE, then softmax(q k^T / sqrt(D)) v. norms: the
+  RMSNorms that made q and k; they bound |q|, |k|, so FP8 attention scales them statically
+  (``attention.rms_norm_bound``) and their quantization fuses into RoPE."""
   q, k = apply_rope(q, pe), apply_rope(k, pe)
+  bound = (rms_norm_bound(q.shape[-1], *(n.scale[...] for n in norms)) if norms else None)
   if _attention_implementation in ("int8", "int8qk"):
     pv = "fp8" if _attention_implementation == "int8" else "bf16"
     out = (attention_int8.int8qk_attention(q, k, v, pv) if attention_int8.supports(q)
            else int8_attention(q, k, v, pv=pv))
   elif _attention_implementation == "fp8":
-    out = fp8_attention(q, k, v)
+    out = fp8_attention(q, k, v, bound)
   elif _attention_implementation == "cudnn_fp8":
-    out = cudnn_fp8_attention(q, k, v)
+    out = cudnn_fp8_attention(q, k, v, bound)
   else:
     out = jax.nn.dot_product_attention(q, k, v, implementation=_default_attention(q)
                                        if _attention_implementation is None
@@ -237,7 +244,8 @@ class DoubleStreamBlock(nnx.Module):
     img_mod, txt_mod = mod
     iq, ik, iv = self._qkv(img, img_mod, self.img_attn)
     tq, tk, tv = self._qkv(txt, txt_mod, self.txt_attn)
-    joint = attention(*(jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv))), pe)
+    joint = attention(*(jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv))), pe,
+                      norms=(*self.txt_attn.norm.norms(), *self.img_attn.norm.norms()))
     txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
     img = img + img_mod[2] * self.img_attn.proj(img_out)
     img = img + img_mod[5] * self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3])
@@ -263,7 +271,8 @@ class SingleStreamBlock(nnx.Module):
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
     q, k, v = split_heads(qkv_mlp.x[..., :3 * self.hidden], self.num_heads)
-    attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
+    attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe,
+                     norms=self.norm.norms())
     out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out
 

@@ -89,20 +89,47 @@ def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") ->
   return (out * (sv / FP8_MAX) / rowsum).astype(dtype)
 
 
-def _e4m3_tensor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x f32 -> (E4M3 codes of x / s, s = max|x| / 448): one scale for the whole tensor."""
-  s = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(jnp.float32).tiny) / FP8_MAX
-  return (x / s).astype(jnp.float8_e4m3fn), s
+def _e4m3_tensor(x: jax.Array, bound: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """x f32 -> (E4M3 codes of x / s, s): one scale for the whole tensor, s = max|x| / 448, or
+  with a static ``bound`` on |x| the power of two at or above bound / 448 (x / s is exact, and
+  no pass over x has to find its maximum first). Codes saturate at +-448: E4M3FN has no
+  infinity, an overflow would be NaN."""
+  if bound is None:
+    s = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(jnp.float32).tiny) / FP8_MAX
+    return (x / s).astype(jnp.float8_e4m3fn), s
+  s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(bound, jnp.finfo(jnp.float32).tiny) / FP8_MAX)))
+  return jnp.clip(x * (1.0 / s), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), s
 
 
-def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _e4m3_qkv(q, k, v, qk_bound) -> tuple:
+  """The three E4M3 operands and scales of FP8 attention (k minus its token mean first).
+  qk_bound: None (every scale from its tensor's maximum) or a bound on |q| and |k| (static
+  scales for q and k; |k - mean| <= 2 qk_bound); v's scale always from its maximum."""
+  q, k, v = _smoothed_f32(q, k, v)
+  bq, bk = (None, None) if qk_bound is None else (qk_bound, 2.0 * qk_bound)
+  return _e4m3_tensor(q, bq), _e4m3_tensor(k, bk), _e4m3_tensor(v)
+
+
+def rms_norm_bound(head_dim: int, *scales: jax.Array) -> jax.Array:
+  """A bound on |x| for x the output of an RMSNorm with any of these scale vectors, then
+  rotated in pairs (RoPE): sqrt(head_dim) max|scale| (sum of x^2 / rms^2 is head_dim, and a
+  rotation keeps each pair's norm), times 1 + 2^-7 for two bf16 roundings. f32 scalar."""
+  amax = jnp.max(jnp.stack([jnp.max(jnp.abs(s)) for s in scales]))
+  return amax.astype(jnp.float32) * (head_dim ** 0.5 * (1.0 + 2.0 ** -7))
+
+
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                  qk_bound: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v as cuDNN's FP8 flash attention computes it (the reference of
   ``cudnn_fp8_attention``): k minus its token mean, then q, k, v as E4M3 with one scale per
   tensor, scores in f32 from the E4M3 products, P~ = exp(s - row max) as E4M3 x448, P V
   summed in f32, and the output itself rounded to E4M3 with the scale max|v| / 448 (it is a
-  convex combination of V's rows). q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype."""
+  convex combination of V's rows). q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype.
+  qk_bound (f32 scalar, e.g. ``rms_norm_bound``): q's and k's scales static powers of two
+  (``_e4m3_tensor``), so their quantization fuses into the op that produces them; E4M3 is a
+  float format, so a scale with headroom costs precision only below its normal range."""
   dtype = q.dtype
-  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
+  (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
   f32 = lambda t: t.astype(jnp.float32)
   scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q8), f32(k8),
                       precision=jax.lax.Precision.HIGHEST) * (sq * sk * q.shape[-1] ** -0.5)
@@ -113,12 +140,13 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return (f32(out.astype(jnp.float8_e4m3fn)) * sv).astype(dtype)
 
 
-def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple:
+def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
+                       qk_bound: jax.Array | None = None) -> tuple:
   """q, k, v [B, L, H, D] -> (q8, k8, v8 E4M3 [B, L, H, D], the cuDNN FP8 parameters, f32
   s_v): ``cudnn_fp8_attention``'s quantization passes (k minus its token mean, one scale per
-  tensor), the operands of ``cudnn_fp8_kernel``."""
+  tensor; qk_bound as in ``fp8_attention``), the operands of ``cudnn_fp8_kernel``."""
   from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
-  (q8, sq), (k8, sk), (v8, sv) = (_e4m3_tensor(t) for t in _smoothed_f32(q, k, v))
+  (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   # the API asks for the backward pass's scales too; a forward-only call never reads them
   params = {name: one(1.0) for name in fp8_params_keys}
@@ -136,13 +164,14 @@ def cudnn_fp8_kernel(q8: jax.Array, k8: jax.Array, v8: jax.Array, params: dict) 
   return out
 
 
-def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        qk_bound: jax.Array | None = None) -> jax.Array:
   """``fp8_attention`` on cuDNN's FP8 flash attention kernel (NVIDIA GPUs with cuDNN >= 9;
   jax's private ``jax._src.cudnn.fused_attention_stablehlo`` API). q, k, v [B, L, H, D]
   bf16 -> bf16."""
-  q8, k8, v8, params, sv = cudnn_fp8_operands(q, k, v)
+  q8, k8, v8, params, sv = cudnn_fp8_operands(q, k, v, qk_bound)
   return (cudnn_fp8_kernel(q8, k8, v8, params).astype(jnp.float32) * sv).astype(q.dtype)
 
 
 __all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
-           "cudnn_fp8_kernel", "FP8_MAX"]
+           "cudnn_fp8_kernel", "rms_norm_bound", "FP8_MAX"]

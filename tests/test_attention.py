@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from svdq_jax import parallel
-from svdq_jax.attention import cudnn_fp8_operands, fp8_attention, int8_attention
+from svdq_jax.attention import (cudnn_fp8_operands, fp8_attention, int8_attention,
+                                rms_norm_bound)
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import Flux, FluxConfig
 
@@ -57,6 +58,40 @@ def test_cudnn_fp8_operands_are_fp8_attentions_quantization():
   assert float(params["scale_o"][0, 0, 0, 0]) == float(1.0 / sv)
 
 
+def test_rms_norm_bound_holds_and_is_reached():
+  """|RoPE(RMSNorm(x))| <= rms_norm_bound, and a one-hot row comes within 1% of it (so a bound
+  without sqrt(D) or without the largest scale would fail)."""
+  d = 32
+  norm = flux.RMSNorm(d)
+  norm.scale[...] = jax.random.uniform(jax.random.key(3), (d,), minval=-3.0, maxval=2.0)
+  x = jax.random.normal(jax.random.key(4), (1, 64, 2, d)) ** 3   # heavy-tailed rows
+  x = x.at[0, 0, 0].set(jnp.zeros(d).at[int(jnp.argmax(jnp.abs(norm.scale[...])))].set(5.0))
+  pe = flux.rope(jnp.arange(64 * 3.0).reshape(64, 3), (8, 12, 12), 10_000)
+  y = flux.apply_rope(norm(x.astype(jnp.bfloat16)), pe).astype(jnp.float32)
+  bound = float(rms_norm_bound(d, norm.scale[...]))
+  assert 0.99 * bound < float(jnp.abs(y).max()) <= bound
+
+
+def test_fp8_attention_with_static_qk_scales():
+  """q and k scaled by powers of two from their bound instead of their maxima: as close to
+  exact attention as the dynamic scales (E4M3 is a float format), and the cuDNN operands
+  carry those scales."""
+  q, k, v = _qkv()
+  want = jax.nn.dot_product_attention(q, k, v)
+  rel = lambda x: float(jnp.linalg.norm(x - want) / jnp.linalg.norm(want))
+  bound = 4.0 * float(jnp.abs(jnp.stack([q, k])).max())   # headroom: 4x the largest |q|, |k|
+  dynamic, static = rel(fp8_attention(q, k, v)), rel(fp8_attention(q, k, v, bound))
+  assert abs(static - dynamic) < 0.1 * dynamic, (static, dynamic)
+  q8, k8, _, params, _ = cudnn_fp8_operands(q, k, v, bound)
+  sq, sk = float(params["descale_q"][0, 0, 0, 0]), float(params["descale_k"][0, 0, 0, 0])
+  assert sq == 2.0 ** np.ceil(np.log2(bound / 448)) and sk == 2 * sq
+  np.testing.assert_array_equal(np.asarray(q8.astype(jnp.float32)),
+                                np.asarray((q / sq).astype(jnp.float8_e4m3fn), np.float32))
+  # a bound too small saturates at 448 instead of overflowing to NaN
+  q8, *_ = cudnn_fp8_operands(q, k, v, bound / 16)
+  assert float(jnp.abs(q8.astype(jnp.float32)).max()) == 448.0
+
+
 def test_bad_shapes_are_clear_errors():
   q, k, v = _qkv()
   with pytest.raises(ValueError, match=r"\[B, L, H, D\] of one shape"):
@@ -85,6 +120,28 @@ def test_flux_sampling_switches_attention_without_stale_traces():
   np.testing.assert_array_equal(np.asarray(again), np.asarray(exact))
   rel = float(jnp.linalg.norm(eight - exact) / jnp.linalg.norm(exact))
   assert 0 < rel < 5e-2, rel
+
+
+def test_flux_blocks_give_fp8_attention_their_norms_bound(monkeypatch):
+  """Both block kinds hand attention the RMSNorms of their q and k (four in a double block:
+  both streams'), whose bound sets FP8's static scales."""
+  cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                   hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
+                   axes_dim=(8, 12, 12), guidance_embed=True)
+  model = Flux(cfg, nnx.Rngs(0))
+  model.double_blocks[0].txt_attn.norm.key_norm.scale[...] = jnp.full((32,), -7.0)
+  model.single_blocks[0].norm.query_norm.scale[...] = jnp.full((32,), 3.0)
+  bounds = []
+  monkeypatch.setattr(flux, "fp8_attention",
+                      lambda q, k, v, bound: (bounds.append(float(bound)), v)[1])
+  flux.set_attention_implementation("fp8")
+  try:
+    model(jnp.zeros((1, 16, 16)), jnp.zeros((16, 3)), jnp.zeros((1, 8, 32)), jnp.zeros((8, 3)),
+          jnp.zeros((1,)), jnp.zeros((1, 32)), guidance=jnp.zeros((1,)))
+  finally:
+    flux.set_attention_implementation(None)
+  np.testing.assert_allclose(bounds, np.array([7.0, 3.0]) * 32 ** 0.5 * (1 + 2 ** -7),
+                             rtol=1e-6)
 
 
 def test_default_attention_is_cudnn_on_gpus_for_16_bit_activations(monkeypatch):
