@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from svdq_jax import attention as attention_module
 from svdq_jax import parallel
 from svdq_jax.attention import (cudnn_fp8_operands, fp8_attention, int8_attention,
                                 rms_norm_bound)
@@ -56,6 +57,19 @@ def test_cudnn_fp8_operands_are_fp8_attentions_quantization():
     assert bool(jnp.all(jnp.abs(got - want) <= tol)), key
   assert float(params["scale_s"][0, 0, 0, 0]) == 448.0
   assert float(params["scale_o"][0, 0, 0, 0]) == float(1.0 / sv)
+
+
+def test_long_sequences_smooth_k_with_a_strided_samples_mean():
+  """L >= 512: k minus the mean of every (L // 256)-th key, which still removes a vector
+  shared by all keys (and so keeps FP8 attention's error where the full mean keeps it)."""
+  q, k, v = _qkv(shape=(1, 1024, 2, 32))
+  _, smoothed, _ = attention_module._smoothed_f32(q, k, v)
+  np.testing.assert_allclose(smoothed, k - k[:, ::4].mean(axis=1, keepdims=True), atol=1e-6)
+  _, shifted, _ = attention_module._smoothed_f32(q, k + 10.0 * jnp.arange(32.0) / 32, v)
+  np.testing.assert_allclose(shifted, smoothed, atol=1e-5)
+  want = jax.nn.dot_product_attention(q, k, v)
+  rel = lambda x: float(jnp.linalg.norm(x - want) / jnp.linalg.norm(want))
+  assert rel(fp8_attention(q, k + 10.0 * jnp.arange(32.0) / 32, v)) < 8e-2
 
 
 def test_rms_norm_bound_holds_and_is_reached():
