@@ -109,9 +109,12 @@ _narrow_tiles = True
 # but 0.447 against 0.435 at 3072 -> 21504, hence THREE_WGS_MAX_N; 128 tokens 4 or 5 deep
 # ran 7-17% behind WIDE. In the FLUX step (M = 4096 / 4608) the non-GELU layers' kernels took
 # 19.26 ms against 20.70 on two warpgroups, but fc1 with the GELU epilogue 5.09 against 4.83:
-# the GELU stays on two.
+# the GELU stays on two. Alone (M = 4608) the GELU layers ran the other way: 0.301 / 0.478 ms
+# on three against 0.319 / 0.486 at 3072 -> 12288 / 21504 (2026-12-04, eighteenth session),
+# hence ``set_three_warpgroups_gelu`` to A/B them in the step.
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
+_three_wgs_gelu = False
 _chain = False   # w4a8_gemm_t(chain=True) from ``tiling``: built 2026-12-04, not yet timed
 
 
@@ -128,6 +131,14 @@ def set_three_warpgroups(on: bool) -> None:
   the difference, scripts/bench_flux_full.py --two-warpgroups)."""
   global _three_wgs
   _three_wgs = bool(on)
+
+
+def set_three_warpgroups_gelu(on: bool) -> None:
+  """Whether ``tiling`` takes THREE_WGS for the GELU epilogue's layers too (FLUX.1's fc1 and
+  linear1, the latter's N = 21504 included; off by default, see THREE_WGS;
+  scripts/bench_flux_full.py --three-warpgroups-gelu)."""
+  global _three_wgs_gelu
+  _three_wgs_gelu = bool(on)
 
 
 def set_narrow_tiles(on: bool) -> None:
@@ -160,7 +171,8 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
   if _narrow_tiles and waves < MIN_WAVES:
     tiles = deepest(NARROW)
-  elif (_three_wgs and not gelu and n % cta_rows(THREE_WGS) == 0 and n <= THREE_WGS_MAX_N
+  elif (_three_wgs and n % cta_rows(THREE_WGS) == 0
+        and (_three_wgs_gelu if gelu else n <= THREE_WGS_MAX_N)
         and (three := deepest(THREE_WGS))):
     tiles = three
   else:

@@ -122,6 +122,8 @@ SWITCHES = (
     ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
      "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
      "before 2026-12-04)"),
+    ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, False,
+     "the W4A8 kernel's three compute warpgroups for the GELU layers (fc1, linear1) too"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
