@@ -165,6 +165,10 @@ def cudnn_fp8_kernel(q8: jax.Array, k8: jax.Array, v8: jax.Array, params: dict) 
   """cuDNN's FP8 flash attention alone on ``cudnn_fp8_operands``' q8, k8, v8 and parameters:
   the E4M3 output [B, L, H, D] in units of s_v."""
   from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+  if jax.default_backend() != "gpu":
+    raise RuntimeError(f"cuDNN's FP8 attention runs on NVIDIA GPUs only, not on "
+                       f"{jax.default_backend()!r}: its numerics there are fp8_attention "
+                       f"(attention implementation 'fp8')")
   out, _, _ = dot_product_attention(q8, k8, v8, fp8_params=params,
                                     scale=q8.shape[-1] ** -0.5, use_fp8=True)
   return out

@@ -8,8 +8,8 @@ from flax import nnx
 
 from svdq_jax import attention as attention_module
 from svdq_jax import parallel
-from svdq_jax.attention import (cudnn_fp8_operands, fp8_attention, int8_attention,
-                                rms_norm_bound)
+from svdq_jax.attention import (cudnn_fp8_attention, cudnn_fp8_operands, fp8_attention,
+                                int8_attention, rms_norm_bound)
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import Flux, FluxConfig
 
@@ -114,6 +114,8 @@ def test_bad_shapes_are_clear_errors():
     int8_attention(q, k, v, pv="fp4")
   with pytest.raises(ValueError, match="'int8'"):
     flux.set_attention_implementation("fp4")
+  with pytest.raises(RuntimeError, match="NVIDIA GPUs only.*'fp8'"):   # this CPU
+    cudnn_fp8_attention(q, k, v)
 
 
 def test_flux_sampling_switches_attention_without_stale_traces():
