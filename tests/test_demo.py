@@ -111,6 +111,10 @@ def test_demo_end_to_end_orders_methods(tmp_path):
   assert psnr["svdquant-int4"] > psnr["smoothquant"] and psnr["svdquant-int4"] > psnr["rtn"]
   # the built-in sepia LoRA moves the images far; quantized + LoRA stays near 16-bit + LoRA
   assert psnr["bf16+lora"] < 20 < psnr["svdquant-int4+lora"]
+  # the prediction error on held-out inputs orders them too, without the sampling's noise
+  err = {r["key"]: r["velocity_error"] for r in data["results"]}
+  assert err["bf16"] == 0 and 0 < err["svdquant-int4"] < min(err["smoothquant"], err["rtn"])
+  assert err["svdquant-int4+lora"] < 0.5 * err["bf16+lora"]
   weights = {r["key"]: r["weight_bytes"] for r in data["results"]}
   assert weights["svdquant-int4"] < 0.5 * weights["bf16"]
   grid = Image.open(out / "grid.png")

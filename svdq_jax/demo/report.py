@@ -34,15 +34,17 @@ def grid(images: list[np.ndarray], columns: list[str], rows: list[str]) -> Image
 
 def table(results) -> str:
   """Markdown table of Result rows."""
-  lines = ["| method | PSNR vs 16-bit (dB) | SSIM vs 16-bit | transformer weights (MB) | "
-           "quantize (s) | sample (s, incl. jit) |", "|---|---:|---:|---:|---:|---:|"]
+  lines = ["| method | PSNR vs 16-bit (dB) | SSIM vs 16-bit | velocity error vs 16-bit (%) | "
+           "transformer weights (MB) | quantize (s) | sample (s, incl. jit) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     psnr = "identical" if r.key == "bf16" else f"{r.psnr_db:.2f}"
     ssim = "1" if r.key == "bf16" else f"{r.ssim:.4f}"
     if r.reference:   # compared with another row than the 16-bit one
       psnr += f" (vs {results[r.reference].label})"
-    lines.append(f"| {r.label} | {psnr} | {ssim} | {r.weight_bytes / 1e6:.2f} | "
-                 f"{r.quantize_seconds:.1f} | {r.sample_seconds:.1f} |")
+    lines.append(f"| {r.label} | {psnr} | {ssim} | {100 * r.velocity_error:.2f} | "
+                 f"{r.weight_bytes / 1e6:.2f} | {r.quantize_seconds:.1f} | "
+                 f"{r.sample_seconds:.1f} |")
   return "\n".join(lines)
 
 

@@ -5,12 +5,16 @@ Pipeline: load the bf16 model -> calibrate its transformer on built-in calibrati
 (noised training-distribution images at the sampler's timesteps) -> for each method,
 quantize the transformer (``models.flux.quant_config``: attention/MLP get the method,
 modulation W4A16, embedders 16-bit) and sample -> PSNR/SSIM of every image against the
-16-bit image of the same prompt and seed.
+16-bit image of the same prompt and seed, and the relative error of the transformer's
+prediction against the 16-bit one on held-out inputs (``velocity_error``: one forward pass,
+so not subject to the sampling's amplification of ulp-level differences, which moves the
+PSNRs by up to 2 dB between CPUs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import dm_pix
@@ -54,6 +58,7 @@ class Result:
   sample_seconds: float
   images: np.ndarray = dataclasses.field(repr=False)   # u8 [B, 32, 32, 3]
   reference: int = 0         # index of the row PSNR/SSIM (and diff.png) compare against
+  velocity_error: float = 0.0   # ||v - v_ref|| / ||v_ref||, ``velocity_error``
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:
@@ -83,6 +88,51 @@ def calibration_batches(num_batches: int, batch: int, steps: int, seed: int = 12
     t = jnp.asarray(sigmas[(i * batch + np.arange(batch)) % len(sigmas)])
     noise = jax.random.normal(jax.random.key(seed + i), x0.shape)
     yield ids, t[:, None, None] * noise + (1 - t[:, None, None]) * x0, t
+
+
+# held-out inputs of the prediction error: 2 batches of 16, other captions and noise than
+# calibration's (seed 1234)
+EVAL_BATCHES, EVAL_BATCH, EVAL_SEED = 2, 16, 4321
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "settings"))
+def _predict(graph, state, inputs, settings):
+  """The transformer's velocity f32 [B, 256, 12] on (x_t, img_ids, txt, txt_ids, t, y);
+  settings: the attention implementation and kernel switches read while tracing (a static
+  key, so that changing them retraces)."""
+  del settings
+  return nnx.merge(graph, state)(*inputs).astype(jnp.float32)
+
+
+def velocities(graph, state, inputs, attention: str | None = None) -> list[jax.Array]:
+  """The transformer ``nnx.merge(graph, state)``'s predictions on each of ``inputs`` (from
+  ``eval_inputs``), with ``attention`` (None: the current implementation)."""
+  from svdq_jax import qlinear
+  previous = flux.attention_implementation()
+  flux.set_attention_implementation(attention or previous)
+  try:
+    settings = (flux.attention_implementation(), qlinear.trace_settings())
+    return [_predict(graph, state, x, settings) for x in inputs]
+  finally:
+    flux.set_attention_implementation(previous)
+
+
+def velocity_error(got: list[jax.Array], want: list[jax.Array]) -> float:
+  """||got - want|| / ||want|| over all batches (f32)."""
+  num = sum(float(jnp.sum(jnp.square(g - w))) for g, w in zip(got, want))
+  return (num / sum(float(jnp.sum(jnp.square(w))) for w in want)) ** 0.5
+
+
+def eval_inputs(model, steps: int) -> list[tuple]:
+  """Held-out transformer inputs (EVAL_BATCHES of EVAL_BATCH, ``calibration_batches`` with
+  EVAL_SEED), text encoded once: tuples of the transformer's positional arguments, bf16."""
+  img_ids = sampling.image_ids(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+  out = []
+  for ids, xt, t in calibration_batches(EVAL_BATCHES, EVAL_BATCH, steps, seed=EVAL_SEED):
+    txt, y = model.text(jnp.asarray(ids))
+    out.append((xt.astype(jnp.bfloat16), img_ids, txt.astype(jnp.bfloat16),
+                jnp.zeros((txt.shape[1], 3)), t.astype(jnp.bfloat16), y.astype(jnp.bfloat16)))
+  return out
 
 
 def outlier_table(calib: dict[str, LayerStats]) -> list[tuple[str, float, float]]:
@@ -149,6 +199,8 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
                                hessian=any(residual_uses_gptq(METHODS[m].residual)
                                            for m in methods))
 
+  held_out = eval_inputs(model, steps)
+  reference_v = velocities(graph, state, held_out)
   results: list[Result] = []
   states = {}
   quantized = {}   # columns that differ only in attention share their weights
@@ -178,26 +230,32 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
     sample_seconds = time.perf_counter() - start
     ref = results[0].images if results else images
     psnr, ssim = quality(images, ref)
+    v_err = velocity_error(velocities(graph, qstate, held_out, m.attention), reference_v)
     results.append(Result(key, m.label, psnr, ssim, tree_bytes(qstate), quantize_seconds,
-                          sample_seconds, images))
+                          sample_seconds, images, velocity_error=v_err))
     if progress and m.method is not None:
-      print(f"{m.label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
+      print(f"{m.label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}, velocity error {v_err:.2%}",
+            flush=True)
   if lora is not None:
     from svdq_jax.lora import apply_loras, load_lora
     if "svdquant-int4" not in states:
       raise ValueError("the LoRA rows need the 'svdquant-int4' method")
     adapter = load_lora(lora, model.flux.cfg)
+    v_ref = reference_v
     for key, label in (("bf16", "16-bit + LoRA"),
                        ("svdquant-int4", "SVDQuant INT4 + LoRA")):
       lstate = apply_loras(states[key], [adapter], [lora_strength])
+      v = velocities(graph, lstate, held_out)
+      v_err, v_ref = velocity_error(v, v_ref), v   # the second row: against the first
       start = time.perf_counter()
       out = sampling.sample(nnx.merge(graph, lstate), noise, txt, txt_ids, y, sigmas)
       images = to_uint8(out)
       ref = 0 if key == "bf16" else len(results) - 1
       psnr, ssim = quality(images, results[ref].images)
       results.append(Result(key + "+lora", label, psnr, ssim, tree_bytes(lstate), 0.0,
-                            time.perf_counter() - start, images, ref))
+                            time.perf_counter() - start, images, ref, velocity_error=v_err))
       if progress:
-        print(f"{label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
+        print(f"{label}: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}, velocity error {v_err:.2%}",
+              flush=True)
   outliers = outlier_table(calib) if calib else []
   return results, outliers, [f"{p} (seed {s})" for p, s in rows]
