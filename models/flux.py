@@ -215,7 +215,8 @@ class StreamMLP(nnx.Module):
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(self.fc1(x, gelu_from=0))   # fc2(gelu(fc1(x))): a Gelu part
+    # fc2(gelu(fc1(x))): a Gelu part, whose activation maxima fc1's GEMM may find for fc2
+    return self.fc2(self.fc1(x, gelu_from=0, feeds=(self.fc2, 0)))
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -269,7 +270,8 @@ class SingleStreamBlock(nnx.Module):
     """mod: ``self.modulation(vec)``, (shift, scale, gate)."""
     shift, scale, gate = mod
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
-    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
+    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
+                           feeds=(self.linear2, self.hidden))   # after attn in linear2's input
     q, k, v = split_heads(qkv_mlp.x[..., :3 * self.hidden], self.num_heads)
     attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe,
                      norms=self.norm.norms())

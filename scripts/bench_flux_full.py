@@ -124,6 +124,9 @@ SWITCHES = (
      "before 2026-12-04)"),
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, False,
      "the W4A8 kernel's three compute warpgroups for the GELU layers (fc1, linear1) too"),
+    ("epilogue_row_max", w4a4.set_epilogue_row_max, False,
+     "the GELU layers' GEMM finding the next layer's activation maxima (fc2's, linear2's MLP "
+     "part) in its epilogue, sparing that layer's pass over them"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
