@@ -482,6 +482,9 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
+  if feeds is not None and (gelu_from is None or len(feeds) != 2):
+    raise ValueError("feeds is (the next layer's kernel, the column of its input where the "
+                     "GELU columns start), given with gelu_from")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
   y = None
   if parallel.token_mesh() is not None:

@@ -329,6 +329,8 @@ def test_gemm_finds_the_next_layers_activation_maxima(monkeypatch, prepared):
                                             None)[0][128:])   # fc2's 1 / lambda there
   np.testing.assert_array_equal(np.asarray(g_on.row_max),
                                 np.asarray(want.reshape(72, -1, 64).max(-1).T))
+  with pytest.raises(ValueError, match="given with gelu_from"):
+    dense(x, fc1, feeds=(fc2, 128))
   with pytest.raises(ValueError, match="do not fit"):
     with qlinear.backend("interpret"):
       dense(x, fc1, gelu_from=start, feeds=(fc2, 200))
