@@ -155,7 +155,9 @@ def attention(q, k, v, pe, norms=()):
   RMSNorms that made q and k; they bound |q|, |k|, so FP8 attention scales them statically
   (``attention.rms_norm_bound``) and their quantization fuses into RoPE."""
   q, k = apply_rope(q, pe), apply_rope(k, pe)
-  bound = (rms_norm_bound(q.shape[-1], *(n.scale[...] for n in norms)) if norms else None)
+  fp8 = _attention_implementation in ("fp8", "cudnn_fp8")
+  bound = (rms_norm_bound(q.shape[-1], *(n.scale[...] for n in norms)) if fp8 and norms
+           else None)
   if _attention_implementation in ("int8", "int8qk"):
     pv = "fp8" if _attention_implementation == "int8" else "bf16"
     out = (attention_int8.int8qk_attention(q, k, v, pv) if attention_int8.supports(q)
