@@ -382,6 +382,10 @@ def main():
   for flag, _, _, what in SWITCHES:
     ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                     help=f"the svdquant model also timed with {what}: '<name>_{flag}'")
+  ap.add_argument("--flipped", default="",
+                  help="comma-separated switches (the flags above, e.g. epilogue_row_max) "
+                       "flipped from their default for the whole run: every model and "
+                       "variant is timed with them (the result records them)")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
@@ -394,6 +398,12 @@ def main():
   for att in (v for v in args.svdq_attention.split(",") if v):
     if att not in ATTENTION_IMPLEMENTATIONS:
       ap.error(f"--svdq-attention {att!r}: not one of {ATTENTION_IMPLEMENTATIONS}")
+  flipped = {v.replace("-", "_") for v in args.flipped.split(",") if v}
+  if unknown := flipped - {flag for flag, *_ in SWITCHES}:
+    ap.error(f"--flipped {sorted(unknown)}: not among {[flag for flag, *_ in SWITCHES]}")
+  base = {flag: default != (flag in flipped) for flag, _, default, _ in SWITCHES}
+  for flag, switch, _, _ in SWITCHES:
+    switch(base[flag])
   stages = set(args.stages.split(","))
   models = args.models.split(",") if "step" in stages else []
   depth, single = (int(v) for v in args.blocks.split(","))
@@ -404,6 +414,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   result = dict(device=jax.devices()[0].device_kind, blocks=[depth, single],
                 attention=args.attention, split_store=args.split_store,
+                flipped=sorted(flipped),
                 loop_steps=args.loop_steps)
 
   t0 = time.perf_counter()
@@ -460,11 +471,11 @@ def main():
       if args.stacked_rope:
         with stacked_rope():
           measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
-      for flag, switch, default, _ in SWITCHES:   # a kernel choice flipped, then restored
+      for flag, switch, _, _ in SWITCHES:   # a kernel choice flipped, then restored
         if getattr(args, flag):
-          switch(not default)
+          switch(not base[flag])
           measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
-          switch(default)
+          switch(base[flag])
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
