@@ -73,6 +73,7 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
 
 
 @pytest.mark.parametrize("compute_wgs,tiles", [(2, dict(tile_m=256, steps=3)),
+                                               (2, dict(tile_m=128, steps=4)),
                                                (3, dict(tile_m=192, steps=3))])
 def test_w4a8_register_gemm_row_maxima_lower(compute_wgs, tiles):
   """The GELU columns' per-token maxima for the next layer (``max_scale``): a reduction over
