@@ -23,8 +23,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                   # w3: three compute warpgroups, 192 weight rows a CTA; ch: the tiles' K
                   # pipelines chained)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --gelu --extra-m '' --shapes 3072x12288,3072x21504 --variants "wt m256 s3;wt m192 s3 w3" --out $OUT
-                  # (rm: the next layer's activation maxima too, checked exactly)
-                  # the variants with FLUX.1's GELU epilogues (fc1, linear1)
+                  # the variants with FLUX.1's GELU epilogues (fc1, linear1); rm: with the
+                  # next layer's activation maxima too, checked exactly
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
 """
