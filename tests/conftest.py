@@ -18,3 +18,23 @@ import jax
 # CPU tests compare against float64 references; keep jax's default f32 but make every
 # matmul exact f32 (the CPU default already is; this guards against backend changes).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest
+from jax._src import compilation_cache
+
+
+@pytest.fixture(autouse=True)
+def _persistent_cache_stays_with_its_test():
+  """A test that runs the CLI turns jax's persistent compilation cache on for the process
+  (``cli._use_compile_cache``); turned off again after it, so that later tests do not write
+  every compiled program to disk, among them the interpreted kernels' per-warpgroup programs
+  that threads compile concurrently (the full suite once segfaulted inside such a compile,
+  2026-12-04, with the cache on)."""
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  yield
+  if jax.config.jax_compilation_cache_dir != before[0]:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()
