@@ -20,17 +20,29 @@ import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import gc
+
 import pytest
 from jax._src import compilation_cache
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_released_per_module():
+  """Every compiled XLA CPU program holds memory mappings of its own, and the interpreted
+  kernels compile one per warpgroup thread: one pytest process over the whole suite reached
+  Linux's default limit of 65530 mappings (vm.max_map_count) near its end, where a compile's
+  mmap failed and XLA segfaulted (2026-12-04: 59019 mappings at ~80% of the suite). Dropping
+  jax's caches after each test module releases them."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(autouse=True)
 def _persistent_cache_stays_with_its_test():
   """A test that runs the CLI turns jax's persistent compilation cache on for the process
   (``cli._use_compile_cache``); turned off again after it, so that later tests do not write
-  every compiled program to disk, among them the interpreted kernels' per-warpgroup programs
-  that threads compile concurrently (the full suite once segfaulted inside such a compile,
-  2026-12-04, with the cache on)."""
+  every compiled program to disk."""
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
   yield
