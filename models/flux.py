@@ -11,6 +11,7 @@ Shapes: B batch, L_img image tokens (2x2 latent patches), L_txt text tokens, h h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -148,6 +149,17 @@ def set_attention_implementation(name: str | None) -> None:
 
 def attention_implementation() -> str | None:
   return _attention_implementation
+
+
+@contextlib.contextmanager
+def attention_as(name: str | None):
+  """Context manager form of ``set_attention_implementation``."""
+  previous = _attention_implementation
+  set_attention_implementation(name)
+  try:
+    yield
+  finally:
+    set_attention_implementation(previous)
 
 
 def attention(q, k, v, pe, norms=()):

@@ -116,3 +116,6 @@ def test_attention_implementation_switch():
       flux.set_attention_implementation("flash")
   finally:
     flux.set_attention_implementation(None)
+  with flux.attention_as("int8"):   # the context manager form, restored on the way out
+    assert flux.attention_implementation() == "int8"
+  assert flux.attention_implementation() is None

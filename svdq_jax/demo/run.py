@@ -104,17 +104,12 @@ def _predict(graph, state, inputs, settings):
   return nnx.merge(graph, state)(*inputs).astype(jnp.float32)
 
 
-def velocities(graph, state, inputs, attention: str | None = None) -> list[jax.Array]:
+def velocities(graph, state, inputs) -> list[jax.Array]:
   """The transformer ``nnx.merge(graph, state)``'s predictions on each of ``inputs`` (from
-  ``eval_inputs``), with ``attention`` (None: the current implementation)."""
+  ``eval_inputs``), with the current attention implementation and kernel switches."""
   from svdq_jax import qlinear
-  previous = flux.attention_implementation()
-  flux.set_attention_implementation(attention or previous)
-  try:
-    settings = (flux.attention_implementation(), qlinear.trace_settings())
-    return [_predict(graph, state, x, settings) for x in inputs]
-  finally:
-    flux.set_attention_implementation(previous)
+  settings = (flux.attention_implementation(), qlinear.trace_settings())
+  return [_predict(graph, state, x, settings) for x in inputs]
 
 
 def velocity_error(got: list[jax.Array], want: list[jax.Array]) -> float:
@@ -220,17 +215,13 @@ def run(prompts=PROMPTS, seeds=(0,), steps: int = 20, methods=tuple(METHODS), ra
     quantize_seconds = time.perf_counter() - start
     states[key] = qstate
     start = time.perf_counter()
-    previous = flux.attention_implementation()
-    flux.set_attention_implementation(m.attention or previous)
-    try:
+    with flux.attention_as(m.attention or flux.attention_implementation()):
       out = sampling.sample(nnx.merge(graph, qstate), noise, txt, txt_ids, y, sigmas)
-    finally:
-      flux.set_attention_implementation(previous)
-    images = to_uint8(out)
-    sample_seconds = time.perf_counter() - start
+      images = to_uint8(out)
+      sample_seconds = time.perf_counter() - start
+      v_err = velocity_error(velocities(graph, qstate, held_out), reference_v)
     ref = results[0].images if results else images
     psnr, ssim = quality(images, ref)
-    v_err = velocity_error(velocities(graph, qstate, held_out, m.attention), reference_v)
     results.append(Result(key, m.label, psnr, ssim, tree_bytes(qstate), quantize_seconds,
                           sample_seconds, images, velocity_error=v_err))
     if progress and m.method is not None:
