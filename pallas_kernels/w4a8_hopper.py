@@ -114,10 +114,11 @@ _narrow_tiles = True
 # 19.26 ms against 20.70 on two warpgroups, but fc1 with the GELU epilogue 5.09 against 4.83:
 # the GELU stays on two. Alone (M = 4608) the GELU layers ran the other way: 0.301 / 0.478 ms
 # on three against 0.319 / 0.486 at 3072 -> 12288 / 21504 (2026-12-04, eighteenth session),
-# hence ``set_three_warpgroups_gelu`` to A/B them in the step.
+# and in the step of 2026-12-04 (nineteenth session) too: 18.22 + 5.16 ms against run 21's
+# 18.46 + 5.20 on two, hence on for them as well (``set_three_warpgroups_gelu``).
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
-_three_wgs_gelu = False
+_three_wgs_gelu = True
 _chain = False   # w4a8_gemm_t(chain=True) from ``tiling``: built 2026-12-04, not yet timed
 
 
@@ -138,8 +139,8 @@ def set_three_warpgroups(on: bool) -> None:
 
 def set_three_warpgroups_gelu(on: bool) -> None:
   """Whether ``tiling`` takes THREE_WGS for the GELU epilogue's layers too (FLUX.1's fc1 and
-  linear1, the latter's N = 21504 included; off by default, see THREE_WGS;
-  scripts/bench_flux_full.py --three-warpgroups-gelu)."""
+  linear1, the latter's N = 21504 included; on by default, see THREE_WGS;
+  scripts/bench_flux_full.py --three-warpgroups-gelu times them off)."""
   global _three_wgs_gelu
   _three_wgs_gelu = bool(on)
 

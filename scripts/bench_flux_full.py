@@ -122,8 +122,9 @@ SWITCHES = (
     ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
      "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
      "before 2026-12-04)"),
-    ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, False,
-     "the W4A8 kernel's three compute warpgroups for the GELU layers (fc1, linear1) too"),
+    ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
+     "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
+     "before 2026-12-04's nineteenth session"),
     ("epilogue_row_max", w4a4.set_epilogue_row_max, False,
      "the GELU layers' GEMM finding the next layer's activation maxima (fc2's, linear2's MLP "
      "part) in its epilogue, sparing that layer's pass over them"),

@@ -142,13 +142,14 @@ def test_tiling():
                                                              compute_wgs=3)
   assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # too wide
   assert tiling(4608, 3072, 256, 32, num_sms=1) == dict(tile_m=256, steps=3)   # not / 192
-  assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu=True) == dict(tile_m=256, steps=3)
-  w4a8_hopper.set_three_warpgroups_gelu(True)   # GELU layers too, N = 21504 included
+  # the GELU layers too by default, N = 21504 included
+  assert tiling(4608, 3072, 21504, 32, num_sms=132, gelu=True) == w4a8_hopper.THREE_WGS
+  assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)
+  w4a8_hopper.set_three_warpgroups_gelu(False)
   try:
-    assert tiling(4608, 3072, 21504, 32, num_sms=132, gelu=True) == w4a8_hopper.THREE_WGS
-    assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)
+    assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu=True) == dict(tile_m=256, steps=3)
   finally:
-    w4a8_hopper.set_three_warpgroups_gelu(False)
+    w4a8_hopper.set_three_warpgroups_gelu(True)
   w4a8_hopper.set_three_warpgroups(False)
   try:
     assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
