@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.attention import (cudnn_fp8_attention, fp8_attention, int8_attention,
-                                rms_norm_bound)
-from svdq_jax.pallas_kernels import attention_int8
+from svdq_jax.attention import (cudnn_fp8_attention, cudnn_fp8_kernel, cudnn_fp8_params,
+                                fp8_attention, int8_attention, pow2_scale, rms_norm_bound,
+                                sample_stride, sample_v_bound)
+from svdq_jax.pallas_kernels import attention_fp8, attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
 from svdq_jax.parallel import token_mesh
@@ -185,6 +186,63 @@ def attention(q, k, v, pe, norms=()):
   return out.reshape(*out.shape[:2], -1)
 
 
+def joint_attention(streams, pe, num_heads):
+  """Attention over the streams' tokens joined in order -> [B, sum Ls, h]. streams: ((x [B,
+  Ls, >= 3h] with q | k | v in its first 3h columns, the stream's QKNorm), ...). On cuDNN's
+  FP8 attention one kernel pass per stream makes the E4M3 operands (``fp8_operands``)."""
+  if _attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams):
+    q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
+    out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
+    out = (out.astype(jnp.float32) * sv).astype(streams[0][0].dtype)
+  else:
+    q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0]
+               for t in zip(*(_normed_heads(x, qk, num_heads) for x, qk in streams)))
+    return attention(q, k, v, pe, norms=[n for _, qk in streams for n in qk.norms()])
+  return out.reshape(*out.shape[:2], -1)
+
+
+def _normed_heads(x, qk, num_heads):
+  """x [B, L, >= 3h] -> q, k through qk's RMSNorms and v, [B, L, H, D] each."""
+  q, k, v = split_heads(x[..., :3 * num_heads * qk.query_norm.scale.shape[0]], num_heads)
+  return qk.query_norm(q), qk.key_norm(k), v
+
+
+def _fused_fp8_operands(streams) -> bool:
+  """Whether ``fp8_operands``' kernel runs: on a GPU (not under sequence parallelism) for
+  bf16 projections and a power-of-two head dimension."""
+  d = streams[0][1].query_norm.scale.shape[0]
+  return (jax.default_backend() == "gpu" and token_mesh() is None and d >= 16
+          and d & (d - 1) == 0 and all(x.dtype == jnp.bfloat16 for x, _ in streams))
+
+
+def fp8_operands(streams, pe, num_heads, interpret=False):
+  """``joint_attention``'s FP8 operands from its streams in one kernel pass each
+  (``pallas_kernels.attention_fp8``): q8, k8, v8 E4M3 [B, L, H, D] and their scales (sq, sk,
+  sv). The same as the unfused path's ``attention._e4m3_qkv`` with the norms' bound: k's mean
+  and v's bound come from the joint sequence's ``token_sample``, normed and rotated here."""
+  d = streams[0][1].query_norm.scale.shape[0]
+  total = sum(x.shape[1] for x, _ in streams)
+  stride = sample_stride(total)
+  k_sample, v_sample, off = [], [], 0
+  for x, qk in streams:   # the joint sample's tokens that lie in this stream
+    first = -off % stride
+    _, k, v = _normed_heads(x[:, first::stride], qk, num_heads)
+    k_sample.append(apply_rope(k, tuple(p[off + first:off + x.shape[1]:stride] for p in pe)))
+    v_sample.append(v)
+    off += x.shape[1]
+  kmean = jnp.mean(jnp.concatenate(k_sample, 1).astype(jnp.float32), axis=1)
+  bound = rms_norm_bound(d, *(n.scale[...] for _, qk in streams for n in qk.norms()))
+  scales = (pow2_scale(bound), pow2_scale(2.0 * bound),
+            pow2_scale(sample_v_bound(jnp.concatenate(v_sample, 1))))
+  eps = {n.eps for _, qk in streams for n in qk.norms()}
+  if len(eps) != 1:
+    raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
+  q8, k8, v8 = attention_fp8.fp8_operands(
+      [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,
+      kmean, 1.0 / jnp.stack(scales), num_heads, eps.pop(), interpret=interpret)
+  return q8, k8, v8, scales
+
+
 def _default_attention(q) -> str:
   """cuDNN's flash attention where it runs (NVIDIA GPU, bf16/fp16): jax's own default is
   XLA's, which writes the [B, H, L, L] scores to memory (4x cuDNN's time at FLUX.1's 1024x1024
@@ -247,9 +305,9 @@ class DoubleStreamBlock(nnx.Module):
     self.txt_mlp = StreamMLP(h, cfg.mlp_dim, rngs)
 
   def _qkv(self, x, mod, attn):
+    """(the stream's q | k | v [B, L, 3h], its QKNorm): a ``joint_attention`` stream."""
     shift, scale = mod[0], mod[1]
-    q, k, v = split_heads(attn.qkv((1 + scale) * layer_norm(x) + shift), self.num_heads)
-    return attn.norm.query_norm(q), attn.norm.key_norm(k), v
+    return attn.qkv((1 + scale) * layer_norm(x) + shift), attn.norm
 
   def modulation(self, vec):
     return self.img_mod(vec), self.txt_mod(vec)
@@ -257,10 +315,8 @@ class DoubleStreamBlock(nnx.Module):
   def __call__(self, img, txt, mod, pe):
     """mod: ``modulation(vec)``, each stream's (shift, scale, gate) x (attention, MLP)."""
     img_mod, txt_mod = mod
-    iq, ik, iv = self._qkv(img, img_mod, self.img_attn)
-    tq, tk, tv = self._qkv(txt, txt_mod, self.txt_attn)
-    joint = attention(*(jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv))), pe,
-                      norms=(*self.txt_attn.norm.norms(), *self.img_attn.norm.norms()))
+    joint = joint_attention((self._qkv(txt, txt_mod, self.txt_attn),
+                             self._qkv(img, img_mod, self.img_attn)), pe, self.num_heads)
     txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
     img = img + img_mod[2] * self.img_attn.proj(img_out)
     img = img + img_mod[5] * self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3])
@@ -286,9 +342,7 @@ class SingleStreamBlock(nnx.Module):
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
                            feeds=(self.linear2, self.hidden))   # after attn in linear2's input
-    q, k, v = split_heads(qkv_mlp.x[..., :3 * self.hidden], self.num_heads)
-    attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe,
-                     norms=self.norm.norms())
+    attn = joint_attention(((qkv_mlp.x, self.norm),), pe, self.num_heads)
     out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out
 

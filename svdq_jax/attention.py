@@ -50,9 +50,14 @@ def _e4m3_channels(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def token_sample(x: jax.Array) -> jax.Array:
-  """x [B, L, ...] -> every (L // 256)-th token of it when L >= 512, else x: the sample that
-  FP8 attention's per-tensor statistics (k's mean, v's maximum) are taken over."""
-  return x[:, ::max(1, x.shape[1] // SMOOTHING_SAMPLES)]
+  """x [B, L, ...] -> every ``sample_stride(L)``-th token of it: the sample that FP8
+  attention's per-tensor statistics (k's mean, v's maximum) are taken over."""
+  return x[:, ::sample_stride(x.shape[1])]
+
+
+def sample_stride(length: int) -> int:
+  """L // 256 for sequences of L >= 512 tokens, else 1 (every token)."""
+  return max(1, length // SMOOTHING_SAMPLES)
 
 
 def _smoothed_f32(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -68,12 +73,16 @@ def _smoothed_f32(q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def v_bound(v: jax.Array) -> jax.Array:
-  """The bound FP8 attention scales v [B, L, H, D] by: V_HEADROOM x the largest |v| of
-  ``token_sample`` (f32 scalar). A pass over all of v for its maximum cost 1.0 ms of a
+  """The bound FP8 attention scales v [B, L, H, D] by: ``sample_v_bound(token_sample(v))``."""
+  return sample_v_bound(token_sample(v))
+
+
+def sample_v_bound(v_sample: jax.Array) -> jax.Array:
+  """V_HEADROOM x the largest |v| of v's ``token_sample`` (f32 scalar). A pass over all of v for its maximum cost 1.0 ms of a
   FLUX.1-dev step (H200); E4M3 is a float format, so headroom costs precision only in its
   subnormals (values under bound / 2^14.8; on random inputs the error is 6.52% at 1x and
   16x, 6.54% at 64x, 7.6% at 256x), and a value past the bound saturates at 448."""
-  return V_HEADROOM * jnp.max(jnp.abs(token_sample(v))).astype(jnp.float32)
+  return V_HEADROOM * jnp.max(jnp.abs(v_sample)).astype(jnp.float32)
 
 
 def int8_attention(q: jax.Array, k: jax.Array, v: jax.Array, pv: str = "fp8") -> jax.Array:
@@ -118,8 +127,15 @@ def _e4m3_tensor(x: jax.Array, bound: jax.Array | None = None) -> tuple[jax.Arra
   if bound is None:
     s = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(jnp.float32).tiny) / FP8_MAX
     return (x / s).astype(jnp.float8_e4m3fn), s
-  s = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(bound, jnp.finfo(jnp.float32).tiny) / FP8_MAX)))
+  s = pow2_scale(bound)
   return jnp.clip(x * (1.0 / s), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), s
+
+
+def pow2_scale(bound: jax.Array) -> jax.Array:
+  """The E4M3 scale for values bounded by ``bound``: the power of two at or above bound /
+  448 (f32 scalar)."""
+  return jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(bound, jnp.finfo(jnp.float32).tiny)
+                                    / FP8_MAX)))
 
 
 def _e4m3_qkv(q, k, v, qk_bound) -> tuple:
@@ -166,14 +182,20 @@ def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
   """q, k, v [B, L, H, D] -> (q8, k8, v8 E4M3 [B, L, H, D], the cuDNN FP8 parameters, f32
   s_v): ``cudnn_fp8_attention``'s quantization passes (k minus its token mean, one scale per
   tensor; qk_bound as in ``fp8_attention``), the operands of ``cudnn_fp8_kernel``."""
-  from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
   (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
+  return q8, k8, v8, cudnn_fp8_params(sq, sk, sv), sv
+
+
+def cudnn_fp8_params(sq: jax.Array, sk: jax.Array, sv: jax.Array) -> dict:
+  """The cuDNN FP8 parameters for E4M3 q, k, v in units of sq, sk, sv (f32 scalars): P
+  quantized with 448, the output in units of sv."""
+  from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   # the API asks for the backward pass's scales too; a forward-only call never reads them
   params = {name: one(1.0) for name in fp8_params_keys}
   params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
                 descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
-  return q8, k8, v8, params, sv
+  return params
 
 
 def cudnn_fp8_kernel(q8: jax.Array, k8: jax.Array, v8: jax.Array, params: dict) -> jax.Array:
@@ -199,4 +221,5 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 __all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
-           "cudnn_fp8_kernel", "rms_norm_bound", "FP8_MAX"]
+           "cudnn_fp8_params", "cudnn_fp8_kernel", "rms_norm_bound", "pow2_scale",
+           "sample_stride", "sample_v_bound", "token_sample", "FP8_MAX"]

@@ -1,0 +1,75 @@
+"""FP8 attention's operands in one kernel pass (pallas_kernels.attention_fp8, interpret mode)
+against FLUX's unfused path: split heads, RMSNorms, join the streams, RoPE, quantize."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import attention
+from svdq_jax.models import flux
+from svdq_jax.pallas_kernels import attention_fp8
+
+H, D = 2, 32
+
+
+def _streams(lengths, extra=0, seed=0):
+  """Streams of ``joint_attention``: random projections (a column outside the qkv part too)
+  and QKNorms with random scales of both signs."""
+  streams = []
+  for i, length in enumerate(lengths):
+    kx, kq, kk = jax.random.split(jax.random.key(seed + i), 3)
+    x = 3.0 * jax.random.normal(kx, (1, length, 3 * H * D + extra))
+    x = x.at[..., H * D:2 * H * D].add(2.0)   # keys sharing an offset: smoothing matters
+    qk = flux.QKNorm(D)
+    qk.query_norm.scale[...] = jax.random.uniform(kq, (D,), minval=-2.0, maxval=3.0)
+    qk.key_norm.scale[...] = jax.random.uniform(kk, (D,), minval=-1.0, maxval=2.0)
+    streams.append((x.astype(jnp.bfloat16), qk))
+  total = sum(lengths)
+  ids = jax.random.randint(jax.random.key(seed + 9), (total, 3), 0, 64).astype(jnp.float32)
+  return streams, flux.rope(ids, (8, 12, 12), 10_000)
+
+
+def _unfused(streams, pe):
+  """The definition: the model's unfused path and attention._e4m3_qkv."""
+  heads = [flux._normed_heads(x, qk, H) for x, qk in streams]
+  q, k, v = (jnp.concatenate(t, axis=1) for t in zip(*heads))
+  q, k = flux.apply_rope(q, pe), flux.apply_rope(k, pe)
+  bound = attention.rms_norm_bound(D, *(n.scale[...] for _, qk in streams for n in qk.norms()))
+  return attention._e4m3_qkv(q, k, v, bound)
+
+
+def _codes_agree(got, want):
+  """E4M3 codes equal but for rare one-step differences (the kernel's RMSNorm sums the
+  pairs' halves apart, so a bf16 rounding can fall the other way)."""
+  got, want = (np.asarray(t.astype(jnp.float32)) for t in (got, want))
+  differ = got != want
+  assert differ.mean() < 2e-3, differ.mean()
+  step = 2.0 ** -3 * np.maximum(np.abs(got), np.abs(want)) + 2.0 ** -9
+  assert np.all(np.abs(got - want)[differ] <= step[differ])
+
+
+@pytest.mark.parametrize("lengths,extra", [((25, 519), 0), ((40,), 64)])
+def test_kernel_matches_the_unfused_path(lengths, extra):
+  """Two streams (ragged tiles, a stream starting mid-tile, a sampled k mean and v bound
+  over 544 tokens) and one wide projection (single blocks: its MLP columns after qkv)."""
+  streams, pe = _streams(lengths, extra)
+  (q8, sq), (k8, sk), (v8, sv) = _unfused(streams, pe)
+  gq, gk, gv, scales = flux.fp8_operands(streams, pe, H, interpret=True)
+  assert [float(s) for s in scales] == [float(sq), float(sk), float(sv)]
+  assert gq.shape == q8.shape == (1, sum(lengths), H, D) and gq.dtype == q8.dtype
+  np.testing.assert_array_equal(np.asarray(gv.astype(jnp.float32)),
+                                np.asarray(v8.astype(jnp.float32)))
+  _codes_agree(gq, q8)
+  _codes_agree(gk, k8)
+
+
+def test_bad_inputs_are_clear_errors():
+  streams, pe = _streams((16,))
+  (x, qk), = streams
+  args = lambda xs, cos: ([(t, qk.query_norm.scale[...], qk.key_norm.scale[...]) for t in xs],
+                          cos, pe[1], jnp.zeros((1, H, D)), jnp.ones(3), H, 1e-6)
+  with pytest.raises(ValueError, match="a stream must be"):
+    attention_fp8.fp8_operands(*args([x[..., :-1]], pe[0]), interpret=True)
+  with pytest.raises(ValueError, match="cos, sin must be"):
+    attention_fp8.fp8_operands(*args([x], pe[0][:8]), interpret=True)
