@@ -21,7 +21,14 @@ step runs this 57 times (19 double + 38 single blocks). Variants, each jitted, t
 The kernel's own error is also checked against its jnp reference ('vs reference' column).
 A variant that fails prints its error and the rest go on; the table comes last.
 
+--operands instead times FLUX's FP8 attention from the qkv projections' outputs (a double
+block's two streams, a single block's one wide projection; ``flux.joint_attention`` under
+'cudnn_fp8'): the operands made by XLA's unfused passes (split heads, RMSNorms, join, RoPE,
+quantization) vs ``pallas_kernels.attention_fp8``'s one pass, alone and with the attention;
+'differing' counts the E4M3 codes in which the two disagree.
+
     python3 scripts/bench_attention.py --out $OUT
+    python3 scripts/bench_attention.py --operands --out $OUT
     .venv/bin/python scripts/bench_attention.py --tokens 256 --heads 2 --variants xla-bf16,int8-ref
 """
 
@@ -92,6 +99,64 @@ def variant(name: str):
   return VARIANTS[name], False, None
 
 
+def operands_table(args) -> None:
+  """--operands (module docstring): per block kind, ms of the unfused and the fused path."""
+  from flax import nnx
+  from svdq_jax.attention import _e4m3_qkv, rms_norm_bound
+  from svdq_jax.models import flux
+  h, d, txt = args.heads * args.head_dim, args.head_dim, 512
+  pe = flux.rope(jnp.zeros((args.tokens, 3)).at[:, 1].set(jnp.arange(args.tokens) % 64),
+                 (16, 56, 56) if d == 128 else (d // 4, 3 * d // 8, 3 * d // 8), 10_000)
+  qk = flux.QKNorm(d)
+  qk.query_norm.scale[...] = jax.random.uniform(jax.random.key(1), (d,), minval=0.5, maxval=2)
+  qk.key_norm.scale[...] = jax.random.uniform(jax.random.key(2), (d,), minval=0.5, maxval=2)
+  x = lambda length, width, seed: jax.random.normal(jax.random.key(seed), (1, length, width),
+                                                    jnp.bfloat16)
+  kinds = {"double": ((x(txt, 3 * h, 3), qk), (x(args.tokens - txt, 3 * h, 4), qk)),
+           "single": ((x(args.tokens, 7 * h, 5), qk),)}
+  graph, state = nnx.split(qk)
+
+  def unfused_operands(streams, pe):
+    heads = [flux._normed_heads(t, n, args.heads) for t, n in streams]
+    q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0] for t in zip(*heads))
+    q, k = flux.apply_rope(q, pe), flux.apply_rope(k, pe)
+    bound = rms_norm_bound(d, *(n.scale[...] for _, s in streams for n in s.norms()))
+    return tuple(t for t, _ in _e4m3_qkv(q, k, v, bound))
+
+  rows = []
+  flux.set_attention_implementation("cudnn_fp8")
+  fused_switch = flux._fused_fp8_operands
+  for kind, streams in kinds.items():
+    xs = [t for t, _ in streams]
+    rebuilt = lambda xs: [(t, nnx.merge(graph, state)) for t in xs]
+    ops = {"unfused": lambda xs: unfused_operands(rebuilt(xs), pe),
+           "fused": lambda xs: flux.fp8_operands(rebuilt(xs), pe, args.heads)[:3]}
+    row = dict(kind=kind)
+    got = {name: jax.jit(f)(xs) for name, f in ops.items()}
+    row["differing"] = [int(jnp.sum(a.astype(jnp.float32) != b.astype(jnp.float32)))
+                        for a, b in zip(got["unfused"], got["fused"])]
+    for name, f in ops.items():
+      row[f"{name}_operands_ms"] = median_seconds(jax.jit(f), xs, reps=10, rounds=5) * 1e3
+    for name, on in (("unfused", False), ("fused", True)):
+      flux._fused_fp8_operands = (lambda s: on) if not on else fused_switch
+      f = jax.jit(lambda xs: flux.joint_attention(rebuilt(xs), pe, args.heads))
+      row[f"{name}_attention_ms"] = median_seconds(f, xs, reps=10, rounds=5) * 1e3
+    flux._fused_fp8_operands = fused_switch
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  result = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
+                tokens=args.tokens, heads=args.heads, head_dim=d, rows=rows)
+  with open(os.path.join(args.out, "attention_operands.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print("\n| block | operands unfused / fused ms | with attention unfused / fused ms | "
+        "differing q, k, v codes |")
+  print("| --- | ---: | ---: | ---: |")
+  for r in rows:
+    print(f"| {r['kind']} | {r['unfused_operands_ms']:.4f} / {r['fused_operands_ms']:.4f} | "
+          f"{r['unfused_attention_ms']:.4f} / {r['fused_attention_ms']:.4f} | "
+          f"{r['differing']} |")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/bench_attention"))
@@ -100,7 +165,12 @@ def main():
   ap.add_argument("--head-dim", type=int, default=128)
   # also int8qk-kernel[:spec], int8fp8-kernel[:spec]
   ap.add_argument("--variants", default=",".join([*VARIANTS, "cudnn-fp8-kernel", *KERNEL_PV]))
+  ap.add_argument("--operands", action="store_true",
+                  help="FLUX's FP8 attention operands: XLA's passes vs one kernel pass")
   args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  if args.operands:
+    return operands_table(args)
   shape = (1, args.tokens, args.heads, args.head_dim)
   kq, kk, kv, ko = jax.random.split(jax.random.key(0), 4)
   # keys with a shared offset per channel, as RoPE'd, RMS-normed FLUX keys have
