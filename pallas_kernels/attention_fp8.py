@@ -25,43 +25,48 @@ from jax.experimental.pallas import triton as plgpu
 from svdq_jax.attention import FP8_MAX
 
 
+TILING = dict(block_m=64, heads_per_program=1, num_warps=4)
+
+
 def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, swap_ref, kmean_ref, inv_ref, *refs, ls,
-            off, heads, eps, block_m):
+            off, heads, eps, block_m, heads_per_program):
   q8_ref, k8_ref, v8_ref = refs[-3:]   # (a later stream's aliased inputs come first)
-  b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, i = pl.program_id(0), pl.program_id(1)
   d = qs_ref.shape[0]
   ok = ((i * block_m + jnp.arange(block_m)) < ls)[:, None]
   rows, out_rows = pl.ds(i * block_m, block_m), pl.ds(off + i * block_m, block_m)
   f32 = jnp.float32
 
-  def load(which):   # [block_m, d] of q (0), k (1) or v (2), f32
+  def load(which, h):   # [block_m, d] of head h of q (0), k (1) or v (2), f32
     cols = pl.ds((which * heads + h) * d, d)
     return plgpu.load(x_ref.at[b, rows, cols], mask=ok, other=0).astype(f32)
 
   def e4m3(t, inv):
     return jnp.clip(t * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
 
-  def store(ref, value):
+  def store(ref, h, value):
     plgpu.store(ref.at[b, out_rows, h, :], value, mask=ok)
 
-  cos = plgpu.load(cos_ref.at[out_rows, :], mask=ok, other=0)
+  cos = plgpu.load(cos_ref.at[out_rows, :], mask=ok, other=0)   # shared by the heads
   sin = plgpu.load(sin_ref.at[out_rows, :], mask=ok, other=0)
-  for which, scale_ref, out_ref in ((0, qs_ref, q8_ref), (1, ks_ref, k8_ref)):
-    x = load(which)
-    rs = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / d) + eps)
-    x = (x * rs * scale_ref[...][None, :]).astype(jnp.bfloat16)
-    # each pair swapped, (im, re), by a permutation product: exact, and no lane shuffles
-    swapped = plgpu.dot(x, swap_ref[...])
-    x = (x.astype(f32) * cos + swapped * sin).astype(jnp.bfloat16).astype(f32)
-    if which == 1:   # k smoothing
-      x = x - kmean_ref[b, h, :][None, :]
-    store(out_ref, e4m3(x, inv_ref[which]))
-  store(v8_ref, e4m3(load(2), inv_ref[2]))
+  for h in range(heads_per_program):
+    h = pl.program_id(2) * heads_per_program + h
+    for which, scale_ref, out_ref in ((0, qs_ref, q8_ref), (1, ks_ref, k8_ref)):
+      x = load(which, h)
+      rs = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / d) + eps)
+      x = (x * rs * scale_ref[...][None, :]).astype(jnp.bfloat16)
+      # each pair swapped, (im, re), by a permutation product: exact, and no lane shuffles
+      swapped = plgpu.dot(x, swap_ref[...])
+      x = (x.astype(f32) * cos + swapped * sin).astype(jnp.bfloat16).astype(f32)
+      if which == 1:   # k smoothing
+        x = x - kmean_ref[b, h, :][None, :]
+      store(out_ref, h, e4m3(x, inv_ref[which]))
+    store(v8_ref, h, e4m3(load(2, h), inv_ref[2]))
 
 
 def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
-                 inv_scales: jax.Array, num_heads: int, eps: float, *, block_m: int = 64,
-                 num_warps: int = 4, interpret: bool = False):
+                 inv_scales: jax.Array, num_heads: int, eps: float, *,
+                 tiling: dict | None = None, interpret: bool = False):
   """FP8 attention's E4M3 operands of the joint sequence of ``streams`` (module docstring).
 
   Args:
@@ -71,6 +76,8 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
     kmean: f32 [B, H, D], subtracted from k after RoPE.
     inv_scales: f32 [3], 1 / s for q, k, v (powers of two).
     eps: the RMSNorms' epsilon.
+    tiling: dict(block_m, heads_per_program, num_warps): a program's tokens and heads
+      (dividing H) and its warps; None: TILING.
 
   Returns:
     (q8, k8, v8) float8_e4m3fn [B, L, H, D].
@@ -84,6 +91,10 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
   cos = jnp.repeat(cos, 2, axis=1)
   sin = (jnp.repeat(sin, 2, axis=1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), d // 2))
   swap = jnp.eye(d, dtype=jnp.bfloat16).reshape(d // 2, 2, d)[:, ::-1].reshape(d, d).T
+  tiling = tiling or TILING
+  block_m, heads_per_program = tiling["block_m"], tiling["heads_per_program"]
+  if num_heads % heads_per_program:
+    raise ValueError(f"heads_per_program={heads_per_program} must divide H={num_heads}")
   shape = jax.ShapeDtypeStruct((b, total, num_heads, d), jnp.float8_e4m3fn)
   outs, off = None, 0
   for x, q_scale, k_scale in streams:
@@ -95,11 +106,13 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
       aliases = {len(args) + j: j for j in range(3)}
       args += list(outs)
     kernel = lambda *refs, ls=x.shape[1], off=off: _kernel(
-        *refs, ls=ls, off=off, heads=num_heads, eps=eps, block_m=block_m)
+        *refs, ls=ls, off=off, heads=num_heads, eps=eps, block_m=block_m,
+        heads_per_program=heads_per_program)
     outs = pl.pallas_call(
-        kernel, grid=(b, pl.cdiv(x.shape[1], block_m), num_heads), out_shape=[shape] * 3,
+        kernel, grid=(b, pl.cdiv(x.shape[1], block_m), num_heads // heads_per_program),
+        out_shape=[shape] * 3,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling["num_warps"], num_stages=1),
         interpret=interpret, name=f"fp8_qkv_{x.shape[1]}x{num_heads}x{d}")(*args)
     off += x.shape[1]
   return tuple(outs)

@@ -28,7 +28,7 @@ quantization) vs ``pallas_kernels.attention_fp8``'s one pass, alone and with the
 'differing' counts the E4M3 codes in which the two disagree.
 
     python3 scripts/bench_attention.py --out $OUT
-    python3 scripts/bench_attention.py --operands --out $OUT
+    python3 scripts/bench_attention.py --operands --tilings 64x2w4,128x1w8 --out $OUT
     .venv/bin/python scripts/bench_attention.py --tokens 256 --heads 2 --variants xla-bf16,int8-ref
 """
 
@@ -104,6 +104,7 @@ def operands_table(args) -> None:
   from flax import nnx
   from svdq_jax.attention import _e4m3_qkv, rms_norm_bound
   from svdq_jax.models import flux
+  from svdq_jax.pallas_kernels import attention_fp8
   h, d, txt = args.heads * args.head_dim, args.head_dim, 512
   pe = flux.rope(jnp.zeros((args.tokens, 3)).at[:, 1].set(jnp.arange(args.tokens) % 64),
                  (16, 56, 56) if d == 128 else (d // 4, 3 * d // 8, 3 * d // 8), 10_000)
@@ -137,6 +138,17 @@ def operands_table(args) -> None:
                         for a, b in zip(got["unfused"], got["fused"])]
     for name, f in ops.items():
       row[f"{name}_operands_ms"] = median_seconds(jax.jit(f), xs, reps=10, rounds=5) * 1e3
+    default_tiling = attention_fp8.TILING
+    for spec in (t for t in args.tilings.split(",") if t):   # e.g. 64x2w4
+      m = re.fullmatch(r"(\d+)x(\d+)w(\d+)", spec)
+      attention_fp8.TILING = dict(block_m=int(m[1]), heads_per_program=int(m[2]),
+                                  num_warps=int(m[3]))
+      try:
+        row[f"fused_{spec}_ms"] = median_seconds(jax.jit(ops["fused"]), xs, reps=10,
+                                                 rounds=5) * 1e3
+      except Exception as e:  # noqa: BLE001 - one tiling's failure is a result too
+        row[f"fused_{spec}_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
+      attention_fp8.TILING = default_tiling
     for name, on in (("unfused", False), ("fused", True)):
       flux._fused_fp8_operands = (lambda s: on) if not on else fused_switch
       f = jax.jit(lambda xs: flux.joint_attention(rebuilt(xs), pe, args.heads))
@@ -149,12 +161,14 @@ def operands_table(args) -> None:
   with open(os.path.join(args.out, "attention_operands.json"), "w") as f:
     json.dump(result, f, indent=1)
   print("\n| block | operands unfused / fused ms | with attention unfused / fused ms | "
-        "differing q, k, v codes |")
-  print("| --- | ---: | ---: | ---: |")
+        "differing q, k, v codes | fused, other tilings ms |")
+  print("| --- | ---: | ---: | ---: | --- |")
   for r in rows:
+    other = ", ".join(f"{k[6:-3]} {v:.4f}" if isinstance(v, float) else f"{k[6:-3]} failed"
+                      for k, v in r.items() if k.startswith("fused_") and k[6].isdigit())
     print(f"| {r['kind']} | {r['unfused_operands_ms']:.4f} / {r['fused_operands_ms']:.4f} | "
           f"{r['unfused_attention_ms']:.4f} / {r['fused_attention_ms']:.4f} | "
-          f"{r['differing']} |")
+          f"{r['differing']} | {other} |")
 
 
 def main():
@@ -167,6 +181,9 @@ def main():
   ap.add_argument("--variants", default=",".join([*VARIANTS, "cudnn-fp8-kernel", *KERNEL_PV]))
   ap.add_argument("--operands", action="store_true",
                   help="FLUX's FP8 attention operands: XLA's passes vs one kernel pass")
+  ap.add_argument("--tilings", default="",
+                  help="--operands: the kernel also timed with these tilings, "
+                       "<block_m>x<heads per program>w<warps>, e.g. 64x2w4,128x1w8")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.operands:

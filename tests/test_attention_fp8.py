@@ -49,10 +49,14 @@ def _codes_agree(got, want):
   assert np.all(np.abs(got - want)[differ] <= step[differ])
 
 
-@pytest.mark.parametrize("lengths,extra", [((25, 519), 0), ((40,), 64)])
-def test_kernel_matches_the_unfused_path(lengths, extra):
+@pytest.mark.parametrize("lengths,extra,heads_per_program",
+                         [((25, 519), 0, 1), ((40,), 64, 2)])
+def test_kernel_matches_the_unfused_path(lengths, extra, heads_per_program, monkeypatch):
   """Two streams (ragged tiles, a stream starting mid-tile, a sampled k mean and v bound
-  over 544 tokens) and one wide projection (single blocks: its MLP columns after qkv)."""
+  over 544 tokens) and one wide projection (single blocks: its MLP columns after qkv), its
+  programs doing both heads."""
+  monkeypatch.setattr(attention_fp8, "TILING",
+                      dict(attention_fp8.TILING, heads_per_program=heads_per_program))
   streams, pe = _streams(lengths, extra)
   (q8, sq), (k8, sk), (v8, sv) = _unfused(streams, pe)
   gq, gk, gv, scales = flux.fp8_operands(streams, pe, H, interpret=True)
