@@ -207,11 +207,23 @@ def _normed_heads(x, qk, num_heads):
   return qk.query_norm(q), qk.key_norm(k), v
 
 
+# Off: on an H200 (2026-12-04) the kernel took 0.15-0.18 ms a block at every tiling tried,
+# XLA's unfused passes 0.12-0.13 ms (docs/benchmarks/README.md).
+_fused_fp8 = False
+
+
+def set_fused_fp8_operands(on: bool) -> None:
+  """Whether cuDNN FP8 attention takes its operands from ``fp8_operands``' one kernel pass
+  per stream (off by default: slower than XLA's passes) instead of XLA's passes."""
+  global _fused_fp8
+  _fused_fp8 = bool(on)
+
+
 def _fused_fp8_operands(streams) -> bool:
-  """Whether ``fp8_operands``' kernel runs: on a GPU (not under sequence parallelism) for
-  bf16 projections and a power-of-two head dimension."""
+  """Whether ``fp8_operands``' kernel runs: switched on, on a GPU (not under sequence
+  parallelism), for bf16 projections and a power-of-two head dimension."""
   d = streams[0][1].query_norm.scale.shape[0]
-  return (jax.default_backend() == "gpu" and token_mesh() is None and d >= 16
+  return (_fused_fp8 and jax.default_backend() == "gpu" and token_mesh() is None and d >= 16
           and d & (d - 1) == 0 and all(x.dtype == jnp.bfloat16 for x, _ in streams))
 
 

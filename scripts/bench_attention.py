@@ -126,7 +126,6 @@ def operands_table(args) -> None:
 
   rows = []
   flux.set_attention_implementation("cudnn_fp8")
-  fused_switch = flux._fused_fp8_operands
   for kind, streams in kinds.items():
     xs = [t for t, _ in streams]
     rebuilt = lambda xs: [(t, nnx.merge(graph, state)) for t in xs]
@@ -150,10 +149,10 @@ def operands_table(args) -> None:
         row[f"fused_{spec}_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
       attention_fp8.TILING = default_tiling
     for name, on in (("unfused", False), ("fused", True)):
-      flux._fused_fp8_operands = (lambda s: on) if not on else fused_switch
+      flux.set_fused_fp8_operands(on)
       f = jax.jit(lambda xs: flux.joint_attention(rebuilt(xs), pe, args.heads))
       row[f"{name}_attention_ms"] = median_seconds(f, xs, reps=10, rounds=5) * 1e3
-    flux._fused_fp8_operands = fused_switch
+    flux.set_fused_fp8_operands(False)
     rows.append(row)
     print(json.dumps(row), flush=True)
   result = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
