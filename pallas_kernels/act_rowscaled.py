@@ -158,22 +158,14 @@ def _offsets(parts):
 
 
 def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
-               interpret, given=None):
+               interpret):
   """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
-  parts: ((x [M, K_i + start], start, gelu), ...); inv_smooth: f32 [K] 1 / lambda or None;
-  given: per part, its partial maxima [P, M] found already (``qlinear.Gelu.row_max``) or
-  None (this pass computes them)."""
+  parts: ((x [M, K_i + start], start, gelu), ...); inv_smooth: f32 [K] 1 / lambda or None."""
   m = parts[0][0].shape[0]
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
-  given = given or [None] * len(parts)
-  for (x, start, gelu), offset, found in zip(parts, _offsets(parts), given):
-    if found is not None:
-      if found.ndim != 2 or found.shape[1] != m:
-        raise ValueError(f"a part's row maxima must be [P, M={m}], got {found.shape}")
-      partials.append(found)
-      continue
+  for (x, start, gelu), offset in zip(parts, _offsets(parts)):
     grid, in_specs, args = _specs(x, start, offset, inv_smooth, block_m, span)
 
     def kernel(x_ref, *refs, gelu=gelu):
@@ -294,13 +286,11 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
   check_act_inputs(_joined_shape(x), inv_smooth, down)
   parts = qlinear.input_parts(x)
-  # maxima a producing GEMM found for a part (``qlinear.Gelu.row_max``)
-  given = [getattr(p, "row_max", None) for p in (x if isinstance(x, tuple) else (x,))]
   if any(start % GROUP or x.shape[1] % GROUP for x, start, _ in parts):
-    parts, given = qlinear.input_parts(qlinear.join(x)), None
+    parts = qlinear.input_parts(qlinear.join(x))
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
-  scale = row_scales(parts, inv_smooth, act_format, given=given, **tiling)
+  scale = row_scales(parts, inv_smooth, act_format, **tiling)
   a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
 

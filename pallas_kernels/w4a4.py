@@ -479,8 +479,7 @@ def hopper_gemm(m: int, k: int, n: int, interpret: bool, weight_format: str = "i
 
 
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
-                gelu_from: int | None = None, feeds: tuple | None = None,
-                interpret: bool = False):
+                gelu_from: int | None = None, interpret: bool = False):
   """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype);
   with ``gelu_from``, an applied ``qlinear.Gelu`` where the GEMM computed the GELU
   (``row_scaled_linear``)."""
@@ -492,7 +491,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
     lead = qlinear.input_parts(x)[0][0].shape[:-1]
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
-                          bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret)
+                          bias, gelu_from=gelu_from, interpret=interpret)
     return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
@@ -544,37 +543,6 @@ def set_input_parts(read: bool) -> None:
 
 
 _epilogue_gelu = True
-# the GELU layers' GEMM also finds the next layer's activation maxima over its GELU columns
-# (``w4a8_hopper.w4a8_gemm_t(max_scale=)``), sparing that layer's activation kernel its pass
-# over them (FLUX.1-dev: ~2 ms of the step at K = 12288, H200 profile 2026-12-04); off until
-# timed on a GPU (scripts/bench_flux_full.py --epilogue-row-max)
-_epilogue_row_max = False
-
-
-def set_epilogue_row_max(on: bool) -> None:
-  """Whether a W4A8 layer asked for ``gelu_from`` with ``feeds`` also computes the next
-  layer's activation maxima in its GEMM's epilogue (``qlinear.Gelu.row_max``; off by
-  default: not yet timed)."""
-  global _epilogue_row_max
-  _epilogue_row_max = bool(on)
-
-
-def _feeds_scale(feeds: tuple, width: int) -> jax.Array | None:
-  """The 1 / lambda [width] that the layer ``feeds`` names (its kernel, the column where
-  these GELU columns start in its input) multiplies them by in its activation kernel, or
-  None where that layer does not run the row-scaled activation kernel."""
-  nxt, offset = feeds
-  base = nxt.layer if isinstance(nxt, qlinear.PreparedLinear) else nxt
-  if (not isinstance(base, qlinear.QuantizedLinear)
-      or base.act_format not in formats.ROW_SCALED):
-    return None
-  if not 0 <= offset <= base.in_features - width:
-    raise ValueError(f"feeds: {width} columns from {offset} do not fit the next layer's "
-                     f"{base.in_features} inputs")
-  inv = (nxt.inv_smooth if isinstance(nxt, qlinear.PreparedLinear)
-         else qlinear.folded_smoothing(base.smooth, None)[0])
-  return (jnp.ones((width,), jnp.float32) if inv is None
-          else inv[offset:offset + width])
 
 
 def set_epilogue_gelu(on: bool) -> None:
@@ -599,14 +567,14 @@ def set_register_expansion(on: bool) -> None:
 
 
 def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
-                     gelu: bool, row_max: bool = False) -> dict | None:
+                     gelu: bool) -> dict | None:
   """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer (``gelu``: the GELU epilogue is
-  wanted, ``row_max``: with the next layer's maxima), or None where it does not run it."""
+  wanted), or None where it does not run it."""
   from svdq_jax.pallas_kernels import w4a8_hopper
   if (not _register_expansion or layer.weight_format != "int4_2l"
       or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16)):
     return None
-  return w4a8_hopper.tiling(m, k, n, rank, gelu=gelu, row_max=row_max)
+  return w4a8_hopper.tiling(m, k, n, rank, gelu=gelu)
 
 
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -637,8 +605,7 @@ def prepare_row_scaled(layer, *, interpret: bool = False,
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
-                      gelu_from: int | None = None, feeds: tuple | None = None,
-                      interpret: bool = False):
+                      gelu_from: int | None = None, interpret: bool = False):
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), then
@@ -652,8 +619,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   reads where they lie (``set_input_parts``). ``gelu_from``: with ``set_epilogue_gelu`` and
   a tiling whose CTA tiles it falls between, the GEMM stores the output's columns from there
   through the GELU and the result is ``qlinear.Gelu(y, gelu_from, applied=True)``; otherwise
-  the plain output (the caller marks the GELU as still to be computed). ``feeds``: see
-  ``qlinear.apply`` (``set_epilogue_row_max``).
+  the plain output (the caller marks the GELU as still to be computed).
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
@@ -676,12 +642,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]
   # weights prepared expanded (``qlinear.prepare``): the int8 GEMM reads them
-  max_scale = (_feeds_scale(feeds, n - gelu_from)
-               if _epilogue_row_max and _epilogue_gelu and feeds is not None
-               and gelu_from is not None else None)
   in_registers = (None if p.w is not None else _register_tiling(
-      p.layer, a.shape[0], k, n, rank, out_dtype, _epilogue_gelu and gelu_from is not None,
-      max_scale is not None))
+      p.layer, a.shape[0], k, n, rank, out_dtype, _epilogue_gelu and gelu_from is not None))
   if in_registers is None and p.w is None:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)
@@ -691,12 +653,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
              else int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]))
     gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
-    row_max = None
-    if in_registers and gelu and max_scale is not None:
-      y, row_max = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw, lr,
-                                           p.up_t, bias, max_scale, gelu_from=gelu_from,
-                                           interpret=interpret, **tiles)
-    elif in_registers:
+    if in_registers:
       y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
                                   lr, p.up_t, bias, gelu_from=gelu_from if gelu else None,
                                   interpret=interpret, **tiles)
@@ -704,8 +661,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
       y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                                 gelu_from=gelu_from if gelu else None, interpret=interpret,
                                 **tiles)
-    return (qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max) if gelu
-            else y.astype(dtype))
+    return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)

@@ -82,15 +82,12 @@ def mult_box(compute_wgs: int) -> int:
   return -(-compute_wgs * ROWS // 128) * 128
 
 
-def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2,
-               row_max: bool = False) -> int:
-  """Shared memory of ``w4a8_gemm_t``'s pipeline buffers and scratch, in bytes (row_max: with
-  its ``max_scale`` output)."""
+def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> int:
+  """Shared memory of ``w4a8_gemm_t``'s pipeline buffers and scratch, in bytes."""
   lr_cols, w = (rank if rank else 64), compute_wgs
   return (steps * (tile_m * TILE_K + w * ROWS * TILE_K // 2 + mult_box(w))  # a, codes, m
           + w * tile_m * ROWS * 2                                    # bf16 output staging
           + w * 4 * (tile_m + 2 * ROWS)                              # scales, bias
-          + (w * 4 * (tile_m + ROWS) if row_max else 0)              # maxima, their scales
           + ((tile_m if rank else 8) + w * (ROWS if rank else 8)) * lr_cols * 2)  # lr, up
 
 
@@ -159,17 +156,16 @@ def cta_rows(tiles: dict) -> int:
 
 
 def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
-           gelu: bool = False, row_max: bool = False) -> dict | None:
+           gelu: bool = False) -> dict | None:
   """``w4a8_gemm_t``'s tile arguments for an [M, K] x [K, N] problem with a rank-``rank``
-  branch on ``num_sms`` SMs (default ``sm_count()``), the GELU epilogue if ``gelu`` (and its
-  row maxima if ``row_max``), or None if it does not take it (K not a multiple of 128, N of
-  128, or a low-rank branch too wide for shared memory)."""
+  branch on ``num_sms`` SMs (default ``sm_count()``), the GELU epilogue if ``gelu``, or None
+  if it does not take it (K not a multiple of 128, N of 128, or a low-rank branch too wide
+  for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
   def deepest(t):  # t with the deepest pipeline that fits shared memory, down to MIN_STEPS
     fits = [s for s in range(t["steps"], MIN_STEPS - 1, -1)
-            if smem_bytes(t["tile_m"], s, rank, t.get("compute_wgs", 2), row_max)
-            <= SMEM_BYTES]
+            if smem_bytes(t["tile_m"], s, rank, t.get("compute_wgs", 2)) <= SMEM_BYTES]
     return dict(t, steps=fits[0]) if fits else None
 
   num_sms = num_sms or sm_count()
@@ -187,10 +183,9 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
                                              "chain", "num_sms", "interpret"))
-def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_scale=None, *,
-                tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
-                compute_wgs: int = 2, chain: bool = False, num_sms: int | None = None,
-                interpret: bool = False):
+def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
+                steps: int = 3, gelu_from: int | None = None, compute_wgs: int = 2,
+                chain: bool = False, num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -203,12 +198,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
     tiles as one pipeline of pipelines (``pipeline_state``; where every program has two tiles
     or more and steps divides K / 128; not yet timed). num_sms: programs (default:
     the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
-    >= 4, tests/conftest.py). max_scale: f32 [N - gelu_from] or None: with ``gelu_from``,
-    the kernel also returns, for the GELU's columns, per token and 64 columns the maximum of
-    |f32(y) * max_scale| (the next layer's activation maxima, max_scale its 1 / lambda
-    there: ``act_rowscaled.row_scales`` reads them instead of the output).
-  Returns: bf16 [M, N]; with max_scale also f32 [(N - gelu_from) / 64, M], those maxima. M
-  ragged (the TMA unit masks the last tile; padded to 8 rows).
+    >= 4, tests/conftest.py).
+  Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
   if compute_wgs not in (2, 3):
     raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
@@ -220,10 +211,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
-  has_lr, has_bias, has_max = lr is not None, bias is not None, max_scale is not None
-  if has_max and (gelu_from is None or max_scale.shape != (n - gelu_from,)):
-    raise ValueError(f"max_scale needs gelu_from and shape [N - gelu_from], got "
-                     f"{getattr(max_scale, 'shape', None)} for N={n}, gelu_from={gelu_from}")
+  has_lr, has_bias = lr is not None, bias is not None
   rank = lr.shape[1] if has_lr else 0
   pad = -m_out % ROW_ALIGN
   if pad:
@@ -241,19 +229,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
   # where every program has two tiles or more (a single tile would need START and STOP at
   # once) and the K steps divide by the depth (jax's pipeline requires it).
   chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
-  nbar = 6 if has_max else 5   # barriers per compute warpgroup (its epilogue operands)
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
-    ms_gmem = next(it) if has_max else None
-    out_gmem = next(it)
-    max_gmem = next(it) if has_max else None
-    out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both = (
-        next(it) for _ in range(8))
-    ms_smem, max_smem = (next(it), next(it)) if has_max else (None, None)
-    stage = list(it)
+    (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both,
+     *stage) = it
 
     def pipeline(body, context, state=None):
       return plgpu.emit_pipeline_warp_specialized(
@@ -293,7 +275,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
         mult_rows = pl.ds(n_idx * cta_n - box_start + wg * ROWS, ROWS)
 
         def context(eval_pipeline):
-          bar = lambda i: barriers.at[nbar * wg + i]
+          bar = lambda i: barriers.at[5 * wg + i]
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
           plgpu.copy_gmem_to_smem(sw_gmem.at[n_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
@@ -304,8 +286,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
             plgpu.copy_gmem_to_smem(up_gmem.at[n_slice].at[rows], up_smem.at[wg], bar(3))
           if has_bias:
             plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice].at[rows], bias_smem.at[wg], bar(4))
-          if has_max:
-            plgpu.copy_gmem_to_smem(ms_gmem.at[n_slice].at[rows], ms_smem.at[wg], bar(5))
 
           def accumulate(acc):
             eval_pipeline(acc)
@@ -324,24 +304,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
             plgpu.barrier_wait(bar(4))
             total = plus_bias(total, bias_smem.at[wg], token_axis=1)
 
-          if has_max:
-            plgpu.barrier_wait(bar(5))
-
           def store(gelu):
             y = total.astype(jnp.bfloat16)
-            y = _gelu(y) if gelu else y
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem.at[wg].transpose((1, 0))[...] = y
-            if has_max and gelu:   # per token, over this warpgroup's 64 columns
-              ms = plgpu.load(ms_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-              max_smem.at[wg][...] = jnp.max(
-                  jnp.abs(y.astype(jnp.float32) * lax.broadcast_in_dim(ms, y.shape, [0])),
-                  axis=0)
+            out_smem.at[wg].transpose((1, 0))[...] = _gelu(y) if gelu else y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
-            if has_max and gelu:
-              plgpu.copy_smem_to_gmem(max_smem.at[wg],
-                                      max_gmem.at[n_idx * compute_wgs + wg, m_slice])
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
@@ -370,16 +338,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
     args.append(bias.astype(jnp.float32))
-  if has_max:   # read like the bias, by the CTA's columns: zeros before the GELU's
-    args.append(jnp.pad(max_scale.astype(jnp.float32), (gelu_from, 0)))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
   wgs = compute_wgs
-  out_type = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
-  if has_max:
-    out_type = (out_type, jax.ShapeDtypeStruct((n // ROWS, m), jnp.float32))
-  out = plgpu.kernel(
-      kernel, out_type=out_type,
+  y = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
       grid=(num_sms,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((wgs, tile_m, ROWS), jnp.bfloat16,
@@ -391,20 +354,16 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, max_sca
           plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((wgs, ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=nbar * wgs),
+          plgpu.Barrier(num_barriers=5 * wgs),
           plgpu.Barrier(num_arrivals=wgs),
-      ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32), plgpu.SMEM((wgs, tile_m), jnp.float32)]
-           if has_max else [])
-      + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
+      ] + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
           approx_math=gelu_from is not None),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
-  if has_max:
-    return out[0][:m_out], out[1][gelu_from // ROWS:, :m_out]
-  return out[:m_out]
+  return y[:m_out]
 
 
 def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:

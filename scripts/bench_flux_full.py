@@ -125,9 +125,6 @@ SWITCHES = (
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
      "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
      "before 2026-12-04's nineteenth session"),
-    ("epilogue_row_max", w4a4.set_epilogue_row_max, False,
-     "the GELU layers' GEMM finding the next layer's activation maxima (fc2's, linear2's MLP "
-     "part) in its epilogue, sparing that layer's pass over them"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
@@ -384,7 +381,7 @@ def main():
     ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                     help=f"the svdquant model also timed with {what}: '<name>_{flag}'")
   ap.add_argument("--flipped", default="",
-                  help="comma-separated switches (the flags above, e.g. epilogue_row_max) "
+                  help="comma-separated switches (the flags above, e.g. three_warpgroups_gelu) "
                        "flipped from their default for the whole run: every model and "
                        "variant is timed with them (the result records them)")
   ap.add_argument("--stacked-rope", action="store_true",

@@ -15,8 +15,7 @@ from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, apply, join
 __all__ = ["Gelu", "Linear", "dense", "lookup"]
 
 
-def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None,
-          feeds: tuple | None = None):
+def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
   """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
   ``PreparedLinear``).
 
@@ -26,11 +25,10 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   of x and kernel; quantized ones return x's dtype. ``gelu_from``: the output's columns from
   there on feed a GELU, and the output is returned as ``Gelu(y, gelu_from)`` to be given to
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
-  epilogue: ``qlinear.apply``); columns before it are y's as they are. ``feeds``: (the next
-  layer's kernel, where the GELU columns start in its input), a hint for ``qlinear.apply``.
+  epilogue: ``qlinear.apply``); columns before it are y's as they are.
   """
   if isinstance(kernel, (QuantizedLinear, PreparedLinear)):
-    return apply(kernel, x, bias, gelu_from, feeds)
+    return apply(kernel, x, bias, gelu_from)
   y = jnp.matmul(join(x), kernel)
   y = y if bias is None else y + bias
   return y if gelu_from is None else Gelu(y, gelu_from)
@@ -46,9 +44,7 @@ def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 
-  def __call__(self, x, gelu_from: int | None = None, feeds: tuple | None = None):
-    """x: [..., K], or its parts; ``gelu_from``: see ``dense``; ``feeds``: (the Linear the
-    GELU columns feed, the column of its input where they start)."""
+  def __call__(self, x, gelu_from: int | None = None):
+    """x: [..., K], or its parts; ``gelu_from``: see ``dense``."""
     bias = None if self.bias is None else self.bias.get_value()
-    feeds = None if feeds is None else (feeds[0].kernel.get_value(), feeds[1])
-    return dense(x, self.kernel.get_value(), bias, gelu_from, feeds)
+    return dense(x, self.kernel.get_value(), bias, gelu_from)

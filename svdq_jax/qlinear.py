@@ -81,17 +81,11 @@ class Gelu:
   ``applied``: the columns from ``start`` on already hold the GELU's values (a layer given
   ``gelu_from`` returns its output so when a kernel computed the GELU in its epilogue, and
   as a plain Gelu part otherwise: ``apply``).
-
-  ``row_max``: f32 [(width - start) / 64, M] or None: for the layer this part ``feeds``
-  (``apply``), each token's maximum of |x[:, start:] / lambda| over each 64 columns, its
-  smoothing's lambda, as the GEMM that produced x found them in its epilogue; that layer's
-  activation kernel then skips its own pass over x for them (M: the tokens flattened).
   """
 
   x: jax.Array
   start: int = struct.field(pytree_node=False, default=0)
   applied: bool = struct.field(pytree_node=False, default=False)
-  row_max: jax.Array | None = None
 
 
 def input_parts(x) -> tuple[tuple[jax.Array, int, bool], ...]:
@@ -440,8 +434,7 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
-                    ("w4a16_gemv", "_enabled"),
+                    ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
                     ("w4a8_hopper", "_chain"))
@@ -458,8 +451,7 @@ def trace_settings() -> tuple:
 
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
-          bias: jax.Array | None = None, gelu_from: int | None = None,
-          feeds: tuple | None = None) -> jax.Array | Gelu:
+          bias: jax.Array | None = None, gelu_from: int | None = None) -> jax.Array | Gelu:
   """Forward pass. x [..., K] -> [..., N] in x's dtype, on the backend ``set_backend`` chose.
 
   x may also be given as parts (``Gelu``): a tuple of arrays [..., K_i] and Gelu parts whose
@@ -467,10 +459,7 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   ``layer.bias``; pass it when the bias lives outside the layer (a Flax module's own ``bias``
   parameter). Giving both is an error. ``gelu_from``: the output's columns from there on
   feed a GELU (FLUX's fc1, linear1's MLP half); the result is then ``Gelu(y, gelu_from)``,
-  with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue. ``feeds``:
-  (the next layer's kernel, the column of its input where these GELU columns start): with
-  ``w4a4.set_epilogue_row_max`` the W4A8 GEMM also finds that layer's activation maxima
-  over them (``Gelu.row_max``); ignored everywhere else.
+  with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue.
   """
   k = layer.in_features
   if input_width(x) != k:
@@ -482,21 +471,18 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
-  if feeds is not None and (gelu_from is None or len(feeds) != 2):
-    raise ValueError("feeds is (the next layer's kernel, the column of its input where the "
-                     "GELU columns start), given with gelu_from")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
   y = None
   if parallel.token_mesh() is not None:
     x = join(x)
     y = parallel.split_tokens(_dispatch, layer, x, bias)
   if y is None:
-    y = _dispatch(layer, x, bias, gelu_from, feeds)
+    y = _dispatch(layer, x, bias, gelu_from)
   return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
-              gelu_from: int | None = None, feeds: tuple | None = None) -> jax.Array | Gelu:
+              gelu_from: int | None = None) -> jax.Array | Gelu:
   """``apply`` on the backend ``set_backend`` chose (inputs already checked); an applied
   ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output."""
   k = layer.in_features
@@ -521,9 +507,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
-      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds)
+      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from)
     return reference_apply(layer, x, bias)
-  return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds,
+  return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from,
                           interpret=_backend == "interpret")
 
 

@@ -72,22 +72,6 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
   assert calls == [MOSAIC], calls
 
 
-@pytest.mark.parametrize("compute_wgs,tiles", [(2, dict(tile_m=256, steps=3)),
-                                               (2, dict(tile_m=128, steps=4)),
-                                               (3, dict(tile_m=192, steps=3))])
-def test_w4a8_register_gemm_row_maxima_lower(compute_wgs, tiles):
-  """The GELU columns' per-token maxima for the next layer (``max_scale``): a reduction over
-  each warpgroup's 64 rows of the transposed tile."""
-  n = 768
-  args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((n, K // 2), jnp.uint8),
-          jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((M, R), jnp.bfloat16),
-          jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n - 384,), jnp.float32)]
-  calls = _custom_calls(lambda *a: w4a8_hopper.w4a8_gemm_t(
-      *a, gelu_from=384, compute_wgs=compute_wgs, **tiles), *args)
-  assert calls == [MOSAIC], calls
-
-
 @pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
                                                      (12288, R, jnp.bfloat16),
                                                      (N, 160, jnp.bfloat16),

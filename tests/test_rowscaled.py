@@ -287,55 +287,6 @@ def test_gelu_from_computes_the_gelu_in_the_gemm_epilogue():
                           out_dtype=jnp.float32, tile_m=64, tile_n=128, interpret=True)
 
 
-@pytest.mark.parametrize("prepared", [False, True])
-def test_gemm_finds_the_next_layers_activation_maxima(monkeypatch, prepared):
-  """set_epilogue_row_max: a GELU layer told which layer it ``feeds`` returns, with its GELU
-  part, that layer's activation maxima over those columns (Gelu.row_max), and the next
-  layer, given (attn, part) as FLUX's linear2 is, skips its pass over them: the same output
-  bit for bit (off: no maxima, the pass runs). Layers and their prepared operands alike."""
-  from svdq_jax.layers import dense
-  x = _x(72, 256).astype(jnp.bfloat16)
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  spec = method_spec("svdquant", "int4_2l", False, "int8")
-  def layer(w, xs):
-    (q,), _ = transforms.quantize_group([w], spec, 8, None, cfg, jax.random.key(0),
-                                        jnp.abs(xs).max(0), xs)
-    return q
-  start = 128
-  fc1 = layer(jax.random.normal(jax.random.key(1), (256, 384)), x.astype(jnp.float32))
-  h = jax.nn.gelu(x.astype(jnp.float32) @ jax.random.normal(jax.random.key(1), (256, 384)))
-  attn = _x(72, 128, seed=5).astype(jnp.bfloat16)
-  fc2 = layer(jax.random.normal(jax.random.key(2), (384, 256)) * 0.05,
-              jnp.concatenate([attn.astype(jnp.float32), h[:, start:]], -1))
-  monkeypatch.setattr(w4a4, "_act_choice", "pallas")   # the activation kernel at any K
-  def run(fc1, fc2):
-    g = dense(x, fc1, gelu_from=start, feeds=(fc2, 128))
-    passes = str(jax.make_jaxpr(lambda g: dense((attn, g), fc2))(g)).count("svdq_absmax")
-    return g, np.asarray(dense((attn, g), fc2)), passes
-  with qlinear.backend("interpret"):
-    if prepared:
-      fc1, fc2 = qlinear.prepare((fc1, fc2), expand=False)
-      assert isinstance(fc2, qlinear.PreparedLinear)
-    g_off, off, passes_off = run(fc1, fc2)
-    monkeypatch.setattr(w4a4, "_epilogue_row_max", True)
-    g_on, on, passes_on = run(fc1, fc2)
-  assert 0 < passes_on == passes_off // 2   # of two absmax kernels, attn's only
-  assert g_off.row_max is None and g_on.applied
-  assert g_on.row_max.shape == ((384 - start) // 64, 72)
-  np.testing.assert_array_equal(on, off)
-  np.testing.assert_array_equal(np.asarray(g_on.x), np.asarray(g_off.x))
-  want = jnp.abs(g_on.x[:, start:].astype(jnp.float32)
-                 * qlinear.folded_smoothing((fc2.layer if prepared else fc2).smooth,
-                                            None)[0][128:])   # fc2's 1 / lambda there
-  np.testing.assert_array_equal(np.asarray(g_on.row_max),
-                                np.asarray(want.reshape(72, -1, 64).max(-1).T))
-  with pytest.raises(ValueError, match="given with gelu_from"):
-    dense(x, fc1, feeds=(fc2, 128))
-  with pytest.raises(ValueError, match="do not fit"):
-    with qlinear.backend("interpret"):
-      dense(x, fc1, gelu_from=start, feeds=(fc2, 200))
-
-
 def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
   """set_act_kernel('wide_k'): the Pallas kernel, in its wide tiling, for K >= WIDE_K only."""
   calls = []
