@@ -567,14 +567,14 @@ def set_register_expansion(on: bool) -> None:
 
 
 def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
-                     gelu: bool) -> dict | None:
-  """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer (``gelu``: the GELU epilogue is
-  wanted), or None where it does not run it."""
+                     gelu_from: int | None) -> dict | None:
+  """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer (``gelu_from``: the GELU epilogue
+  is wanted from that column on), or None where it does not run it."""
   from svdq_jax.pallas_kernels import w4a8_hopper
   if (not _register_expansion or layer.weight_format != "int4_2l"
       or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16)):
     return None
-  return w4a8_hopper.tiling(m, k, n, rank, gelu=gelu)
+  return w4a8_hopper.tiling(m, k, n, rank, gelu_from=gelu_from)
 
 
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -643,7 +643,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   rank = 0 if lr is None else lr.shape[1]
   # weights prepared expanded (``qlinear.prepare``): the int8 GEMM reads them
   in_registers = (None if p.w is not None else _register_tiling(
-      p.layer, a.shape[0], k, n, rank, out_dtype, _epilogue_gelu and gelu_from is not None))
+      p.layer, a.shape[0], k, n, rank, out_dtype, gelu_from if _epilogue_gelu else None))
   if in_registers is None and p.w is None:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)

@@ -156,11 +156,12 @@ def cta_rows(tiles: dict) -> int:
 
 
 def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
-           gelu: bool = False) -> dict | None:
+           gelu_from: int | None = None) -> dict | None:
   """``w4a8_gemm_t``'s tile arguments for an [M, K] x [K, N] problem with a rank-``rank``
-  branch on ``num_sms`` SMs (default ``sm_count()``), the GELU epilogue if ``gelu``, or None
-  if it does not take it (K not a multiple of 128, N of 128, or a low-rank branch too wide
-  for shared memory)."""
+  branch on ``num_sms`` SMs (default ``sm_count()``), the GELU epilogue from column
+  ``gelu_from`` on if given (three warpgroups only where their 192-row CTAs divide it), or
+  None if it does not take it (K not a multiple of 128, N of 128, or a low-rank branch too
+  wide for shared memory)."""
   if k % TILE_K or n % CTA_N or rank % 16:
     return None
   def deepest(t):  # t with the deepest pipeline that fits shared memory, down to MIN_STEPS
@@ -173,7 +174,8 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   if _narrow_tiles and waves < MIN_WAVES:
     tiles = deepest(NARROW)
   elif (_three_wgs and n % cta_rows(THREE_WGS) == 0
-        and (_three_wgs_gelu if gelu else n <= THREE_WGS_MAX_N)
+        and (n <= THREE_WGS_MAX_N if gelu_from is None
+             else _three_wgs_gelu and gelu_from % cta_rows(THREE_WGS) == 0)
         and (three := deepest(THREE_WGS))):
     tiles = three
   else:

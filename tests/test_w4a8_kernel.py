@@ -122,12 +122,14 @@ def test_tiling():
                                                              compute_wgs=3)
   assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)  # too wide
   assert tiling(4608, 3072, 256, 32, num_sms=1) == dict(tile_m=256, steps=3)   # not / 192
-  # the GELU layers too by default, N = 21504 included
-  assert tiling(4608, 3072, 21504, 32, num_sms=132, gelu=True) == w4a8_hopper.THREE_WGS
+  # the GELU layers too by default, N = 21504 included, where 192 divides gelu_from
+  assert tiling(4608, 3072, 21504, 32, num_sms=132, gelu_from=9216) == w4a8_hopper.THREE_WGS
+  assert tiling(4608, 3072, 12288, 32, num_sms=132, gelu_from=0) == w4a8_hopper.THREE_WGS
   assert tiling(4608, 3072, 21504, 32, num_sms=132) == dict(tile_m=256, steps=3)
+  assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu_from=128) == dict(tile_m=256, steps=3)
   w4a8_hopper.set_three_warpgroups_gelu(False)
   try:
-    assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu=True) == dict(tile_m=256, steps=3)
+    assert tiling(4608, 3072, 3072, 32, num_sms=132, gelu_from=0) == dict(tile_m=256, steps=3)
   finally:
     w4a8_hopper.set_three_warpgroups_gelu(True)
   w4a8_hopper.set_three_warpgroups(False)
@@ -145,7 +147,8 @@ def test_tiling():
 
 def test_layer_on_three_warpgroups(monkeypatch):
   """Where the tiling takes three warpgroups (the default), a layer with N = 384 runs them,
-  with the same values as two; a layer asking for the GELU epilogue stays on two."""
+  with the same values as two; a layer asking for the GELU epilogue too (by default), or on
+  two with ``set_three_warpgroups_gelu(False)``, the same values either way."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 384))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
@@ -163,12 +166,17 @@ def test_layer_on_three_warpgroups(monkeypatch):
     want = run()
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", True)
     got = run()
-    gelu = run(gelu_from=128)
-  assert calls == [2, 3, 2] and gelu.applied
+    gelu = run(gelu_from=192)
+    gelu_128 = run(gelu_from=128)   # not a multiple of 192: two warpgroups keep the epilogue
+    monkeypatch.setattr(w4a8_hopper, "_three_wgs_gelu", False)
+    gelu_two = run(gelu_from=0)
+  assert calls == [2, 3, 3, 2, 2] and gelu.applied and gelu_128.applied and gelu_two.applied
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   f32 = lambda v: np.asarray(v, np.float32)
-  np.testing.assert_array_equal(f32(gelu.x[:, :128]), f32(want[:, :128]))
-  np.testing.assert_array_equal(f32(gelu.x[:, 128:]), f32(qlinear.join(qlinear.Gelu(want, 128))))
+  for g in (gelu, gelu_128, gelu_two):
+    np.testing.assert_array_equal(f32(g.x[:, :g.start]), f32(want[:, :g.start]))
+    np.testing.assert_array_equal(f32(g.x[:, g.start:]),
+                                  f32(qlinear.join(qlinear.Gelu(want, g.start))))
 
 
 @pytest.mark.parametrize("afmt,lora_rank,tiles", [("int8", 0, (128, 4)), ("int4_2l", 0, (128, 4)),
