@@ -189,15 +189,15 @@ def attention(q, k, v, pe, norms=()):
 def joint_attention(streams, pe, num_heads):
   """Attention over the streams' tokens joined in order -> [B, sum Ls, h]. streams: ((x [B,
   Ls, >= 3h] with q | k | v in its first 3h columns, the stream's QKNorm), ...). On cuDNN's
-  FP8 attention one kernel pass per stream makes the E4M3 operands (``fp8_operands``)."""
-  if _attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams):
-    q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
-    out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
-    out = (out.astype(jnp.float32) * sv).astype(streams[0][0].dtype)
-  else:
+  FP8 attention with ``set_fused_fp8_operands(True)`` one kernel pass per stream makes the
+  E4M3 operands (``fp8_operands``)."""
+  if not (_attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams)):
     q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0]
                for t in zip(*(_normed_heads(x, qk, num_heads) for x, qk in streams)))
     return attention(q, k, v, pe, norms=[n for _, qk in streams for n in qk.norms()])
+  q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
+  out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
+  out = (out.astype(jnp.float32) * sv).astype(streams[0][0].dtype)
   return out.reshape(*out.shape[:2], -1)
 
 

@@ -161,20 +161,26 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   ``cudnn_fp8_attention``): k minus its token mean, then q, k, v as E4M3 with one scale per
   tensor, scores in f32 from the E4M3 products, P~ = exp(s - row max) as E4M3 x448, P V
   summed in f32, and the output itself rounded to E4M3 with v's scale (it is a convex
-  combination of V's rows; v's scale is a power of two from ``v_bound``). q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype.
+  combination of V's rows; v's scale is a power of two from ``v_bound``). q, k, v [B, L,
+  H, D] -> [B, L, H, D] in q's dtype.
   qk_bound (f32 scalar, e.g. ``rms_norm_bound``): q's and k's scales static powers of two
   (``_e4m3_tensor``), so their quantization fuses into the op that produces them; E4M3 is a
   float format, so a scale with headroom costs precision only below its normal range."""
-  dtype = q.dtype
   (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
+  return (fp8_kernel_reference(q8, k8, v8, sq, sk).astype(jnp.float32) * sv).astype(q.dtype)
+
+
+def fp8_kernel_reference(q8, k8, v8, sq, sk) -> jax.Array:
+  """``cudnn_fp8_kernel``'s numerics on E4M3 q8, k8, v8 [B, L, H, D] in units of the f32
+  scalars sq, sk (and v's): the E4M3 output [B, L, H, D] in v's units."""
   f32 = lambda t: t.astype(jnp.float32)
   scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q8), f32(k8),
-                      precision=jax.lax.Precision.HIGHEST) * (sq * sk * q.shape[-1] ** -0.5)
+                      precision=jax.lax.Precision.HIGHEST) * (sq * sk * q8.shape[-1] ** -0.5)
   p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
   p8 = (p * FP8_MAX).astype(jnp.float8_e4m3fn)
   out = jnp.einsum("bhqk,bkhd->bqhd", f32(p8), f32(v8), precision=jax.lax.Precision.HIGHEST)
   out = out / FP8_MAX / jnp.sum(p, axis=-1).transpose(0, 2, 1)[..., None]   # in V's codes
-  return (f32(out.astype(jnp.float8_e4m3fn)) * sv).astype(dtype)
+  return out.astype(jnp.float8_e4m3fn)
 
 
 def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -221,5 +227,6 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 __all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
-           "cudnn_fp8_params", "cudnn_fp8_kernel", "rms_norm_bound", "pow2_scale",
+           "cudnn_fp8_params", "cudnn_fp8_kernel", "fp8_kernel_reference", "rms_norm_bound",
+           "pow2_scale",
            "sample_stride", "sample_v_bound", "token_sample", "FP8_MAX"]

@@ -77,3 +77,26 @@ def test_bad_inputs_are_clear_errors():
     attention_fp8.fp8_operands(*args([x[..., :-1]], pe[0]), interpret=True)
   with pytest.raises(ValueError, match="cos, sin must be"):
     attention_fp8.fp8_operands(*args([x], pe[0][:8]), interpret=True)
+
+
+def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
+  """``joint_attention`` with the fused operands (the kernel in interpret mode, cuDNN's kernel
+  by its jnp numerics) gives what the unfused 'fp8' reference gives, for two streams."""
+  streams, pe = _streams((25, 519))
+  flux.set_attention_implementation("fp8")
+  try:
+    want = flux.joint_attention(streams, pe, H)
+  finally:
+    flux.set_attention_implementation(None)
+  fused = flux.fp8_operands
+  monkeypatch.setattr(flux, "fp8_operands", lambda *a: fused(*a, interpret=True))
+  monkeypatch.setattr(flux, "_fused_fp8_operands", lambda s: True)
+  monkeypatch.setattr(flux, "cudnn_fp8_kernel", lambda q8, k8, v8, p: attention.fp8_kernel_reference(
+      q8, k8, v8, p["descale_q"][0, 0, 0, 0], p["descale_k"][0, 0, 0, 0]))
+  flux.set_attention_implementation("cudnn_fp8")
+  try:
+    got = flux.joint_attention(streams, pe, H)
+  finally:
+    flux.set_attention_implementation(None)
+  assert got.shape == want.shape == (1, 544, H * D) and got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
