@@ -152,6 +152,13 @@ def attention_implementation() -> str | None:
   return _attention_implementation
 
 
+def attention_settings() -> tuple:
+  """Every attention switch read while the model is traced (the implementation,
+  ``set_fused_fp8_operands``): a jitted loop takes it as a static argument, so that changing
+  one retraces it."""
+  return _attention_implementation, _fused_fp8
+
+
 @contextlib.contextmanager
 def attention_as(name: str | None):
   """Context manager form of ``set_attention_implementation``."""

@@ -235,7 +235,7 @@ def sample(model: nnx.Module, noise: jax.Array, txt: jax.Array, txt_ids: jax.Arr
     x = _euler(graph, state, img, img_ids, txt, txt_ids, y,
                jnp.asarray(sigmas, jnp.float32), g, progress=progress,
                token_mesh=mesh if parallel == "sequence" else None,
-               attention=flux.attention_implementation(),
+               attention=flux.attention_settings(),
                kernels=qlinear.trace_settings(), hoist_weights=bool(hoist_weights),
                hoist_modulation=bool(hoist_modulation))[:b]
     x = jax.block_until_ready(x)

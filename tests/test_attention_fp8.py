@@ -100,3 +100,15 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
     flux.set_attention_implementation(None)
   assert got.shape == want.shape == (1, 544, H * D) and got.dtype == want.dtype
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_the_fused_switch_retraces_jitted_loops():
+  """``set_fused_fp8_operands`` is part of ``attention_settings``, the static argument by
+  which the sampling loop and the demo's predictions are retraced."""
+  before = flux.attention_settings()
+  flux.set_fused_fp8_operands(True)
+  try:
+    assert flux.attention_settings() != before
+  finally:
+    flux.set_fused_fp8_operands(False)
+  assert flux.attention_settings() == before

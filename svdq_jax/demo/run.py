@@ -108,7 +108,7 @@ def velocities(graph, state, inputs) -> list[jax.Array]:
   """The transformer ``nnx.merge(graph, state)``'s predictions on each of ``inputs`` (from
   ``eval_inputs``), with the current attention implementation and kernel switches."""
   from svdq_jax import qlinear
-  settings = (flux.attention_implementation(), qlinear.trace_settings())
+  settings = (flux.attention_settings(), qlinear.trace_settings())
   return [_predict(graph, state, x, settings) for x in inputs]
 
 
