@@ -8,11 +8,17 @@ q | k | v, head-major), in tiles of [block_m tokens, one head]:
   q, k, v: times the power-of-two reciprocal scale, clipped to +-448, rounded to E4M3.
 
 Written to rows off..off + Ls of the joint [B, L, H, D] E4M3 outputs (a later stream writes
-the earlier ones' outputs in place, aliased), so nothing in between is stored: the unfused
-path wrote the heads' norms, RoPE and v's copy as separate passes (3.6 ms of a FLUX.1-dev
-step with FP8 attention, H200). The definition is FLUX's unfused path (``models.flux``:
-``split_heads``, ``RMSNorm``, ``apply_rope``, then ``attention._e4m3_qkv``'s quantization with
-the same scales); tests/test_attention_fp8.py checks the kernel against it in interpret mode.
+the earlier ones' outputs in place, aliased), so nothing in between is stored, where XLA's
+unfused passes write the normed heads and read them again. The pair swap of RoPE is an
+exact product with a signed permutation (the interpreter has no strided loads). The
+definition is FLUX's unfused path (``models.flux``: ``split_heads``, ``RMSNorm``,
+``apply_rope``, then ``attention._e4m3_qkv``'s quantization with the same scales);
+tests/test_attention_fp8.py checks the kernel against it in interpret mode.
+
+Measured slower than XLA's passes (H200, 2026-12-04: 0.15-0.18 against 0.12-0.13 ms a FLUX
+block at every tiling tried), so ``flux.set_fused_fp8_operands`` leaves it off: a copy of the
+same bytes in Pallas runs as fast as XLA's, the arithmetic is what costs (the permutation
+product alone 0.03 ms a block; docs/benchmarks/README.md).
 """
 
 from __future__ import annotations
