@@ -9,16 +9,18 @@ q | k | v, head-major), in tiles of [block_m tokens, one head]:
 
 Written to rows off..off + Ls of the joint [B, L, H, D] E4M3 outputs (a later stream writes
 the earlier ones' outputs in place, aliased), so nothing in between is stored, where XLA's
-unfused passes write the normed heads and read them again. The pair swap of RoPE is an
-exact product with a signed permutation (the interpreter has no strided loads). The
-definition is FLUX's unfused path (``models.flux``: ``split_heads``, ``RMSNorm``,
+unfused passes write the normed heads and read them again. RoPE's pairs are split apart
+and joined again in registers (``jnp.unstack`` / ``jnp.stack`` on a trailing axis of 2:
+Triton's split / join). The definition is FLUX's unfused path (``models.flux``: ``split_heads``, ``RMSNorm``,
 ``apply_rope``, then ``attention._e4m3_qkv``'s quantization with the same scales);
 tests/test_attention_fp8.py checks the kernel against it in interpret mode.
 
-Measured slower than XLA's passes (H200, 2026-12-04: 0.15-0.18 against 0.12-0.13 ms a FLUX
-block at every tiling tried), so ``flux.set_fused_fp8_operands`` leaves it off: a copy of the
-same bytes in Pallas runs as fast as XLA's, the arithmetic is what costs (the permutation
-product alone 0.03 ms a block; docs/benchmarks/README.md).
+Off (``flux.set_fused_fp8_operands``): its first version, which swapped the pairs by a
+product with a signed permutation and read cos / sin repeated per column, ran 0.15-0.18 ms a
+FLUX block at every tiling tried against XLA's 0.12-0.13 (H200, 2026-12-04); a Pallas copy of
+the same bytes ran as fast as XLA's, the permutation product alone cost 0.03 ms a block
+(docs/benchmarks/README.md). This version (split / join, cos / sin read once per pair) is not
+yet timed: ``scripts/bench_attention.py --operands``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from svdq_jax.attention import FP8_MAX
 TILING = dict(block_m=64, heads_per_program=1, num_warps=4)
 
 
-def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, swap_ref, kmean_ref, inv_ref, *refs, ls,
-            off, heads, eps, block_m, heads_per_program):
+def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, kmean_ref, inv_ref, *refs, ls, off,
+            heads, eps, block_m, heads_per_program):
   q8_ref, k8_ref, v8_ref = refs[-3:]   # (a later stream's aliased inputs come first)
   b, i = pl.program_id(0), pl.program_id(1)
   d = qs_ref.shape[0]
@@ -60,10 +62,10 @@ def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, swap_ref, kmean_ref, inv_re
     for which, scale_ref, out_ref in ((0, qs_ref, q8_ref), (1, ks_ref, k8_ref)):
       x = load(which, h)
       rs = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / d) + eps)
-      x = (x * rs * scale_ref[...][None, :]).astype(jnp.bfloat16)
-      # each pair swapped, (im, re), by a permutation product: exact, and no lane shuffles
-      swapped = plgpu.dot(x, swap_ref[...])
-      x = (x.astype(f32) * cos + swapped * sin).astype(jnp.bfloat16).astype(f32)
+      x = (x * rs * scale_ref[...][None, :]).astype(jnp.bfloat16).astype(f32)
+      re, im = jnp.unstack(x.reshape(block_m, d // 2, 2), axis=-1)   # each [block_m, d / 2]
+      re, im = re * cos + im * (sin * -1.0), im * cos + re * sin    # apply_rope's products
+      x = jnp.stack([re, im], axis=-1).reshape(block_m, d).astype(jnp.bfloat16).astype(f32)
       if which == 1:   # k smoothing
         x = x - kmean_ref[b, h, :][None, :]
       store(out_ref, h, e4m3(x, inv_ref[which]))
@@ -93,10 +95,6 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
   total = sum(x.shape[1] for x, *_ in streams)
   if cos.shape != (total, d // 2) or sin.shape != cos.shape:
     raise ValueError(f"cos, sin must be [L={total}, {d // 2}], got {cos.shape}, {sin.shape}")
-  # per column: (cos, cos) and (-sin, sin) for each pair, times the swapped pair (im, re)
-  cos = jnp.repeat(cos, 2, axis=1)
-  sin = (jnp.repeat(sin, 2, axis=1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), d // 2))
-  swap = jnp.eye(d, dtype=jnp.bfloat16).reshape(d // 2, 2, d)[:, ::-1].reshape(d, d).T
   tiling = tiling or TILING
   block_m, heads_per_program = tiling["block_m"], tiling["heads_per_program"]
   if num_heads % heads_per_program:
@@ -106,7 +104,7 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
   for x, q_scale, k_scale in streams:
     if x.ndim != 3 or x.shape[0] != b or x.shape[2] < 3 * num_heads * d:
       raise ValueError(f"a stream must be [B={b}, Ls, >= {3 * num_heads * d}], got {x.shape}")
-    args = [x, q_scale, k_scale, cos, sin, swap, kmean, inv_scales]
+    args = [x, q_scale, k_scale, cos, sin, kmean, inv_scales]
     aliases = {}
     if outs is not None:   # the earlier streams' rows, kept
       aliases = {len(args) + j: j for j in range(3)}
