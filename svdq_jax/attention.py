@@ -80,8 +80,9 @@ def v_bound(v: jax.Array) -> jax.Array:
 def sample_v_bound(v_sample: jax.Array) -> jax.Array:
   """V_HEADROOM x the largest |v| of v's ``token_sample`` (f32 scalar). A pass over all of v
   for its maximum cost 1.0 ms of a FLUX.1-dev step (H200); E4M3 is a float format, so
-  headroom costs precision only in its subnormals (values under bound / 2^14.8; on random inputs the error is 6.52% at 1x and
-  16x, 6.54% at 64x, 7.6% at 256x), and a value past the bound saturates at 448."""
+  headroom costs precision only in its subnormals (values under bound / 2^14.8; on random
+  inputs the error is 6.52% at 1x and 16x, 6.54% at 64x, 7.6% at 256x), and a value past the
+  bound saturates at 448."""
   return V_HEADROOM * jnp.max(jnp.abs(v_sample)).astype(jnp.float32)
 
 
