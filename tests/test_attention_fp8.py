@@ -91,8 +91,9 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
   fused = flux.fp8_operands
   monkeypatch.setattr(flux, "fp8_operands", lambda *a: fused(*a, interpret=True))
   monkeypatch.setattr(flux, "_fused_fp8_operands", lambda s: True)
-  monkeypatch.setattr(flux, "cudnn_fp8_kernel", lambda q8, k8, v8, p: attention.fp8_kernel_reference(
-      q8, k8, v8, p["descale_q"][0, 0, 0, 0], p["descale_k"][0, 0, 0, 0]))
+  monkeypatch.setattr(flux, "cudnn_fp8_kernel", lambda q8, k8, v8, p: (
+      attention.fp8_kernel_reference(q8, k8, v8, p["descale_q"][0, 0, 0, 0],
+                                     p["descale_k"][0, 0, 0, 0])))
   flux.set_attention_implementation("cudnn_fp8")
   try:
     got = flux.joint_attention(streams, pe, H)
