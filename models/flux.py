@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from svdq_jax.attention import (cudnn_fp8_attention, cudnn_fp8_kernel, cudnn_fp8_params,
-                                fp8_attention, int8_attention, pow2_scale, rms_norm_bound,
-                                sample_stride, sample_v_bound)
+                                e4m3_operands, fp8_attention, int8_attention, pow2_scale,
+                                rms_norm_bound, sample_stride, sample_v_bound)
 from svdq_jax.pallas_kernels import attention_fp8, attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
@@ -199,13 +199,22 @@ def joint_attention(streams, pe, num_heads):
   FP8 attention with ``set_fused_fp8_operands(True)`` one kernel pass per stream makes the
   E4M3 operands (``fp8_operands``)."""
   if not (_attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams)):
-    q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0]
-               for t in zip(*(_normed_heads(x, qk, num_heads) for x, qk in streams)))
-    return attention(q, k, v, pe, norms=[n for _, qk in streams for n in qk.norms()])
+    return attention(*_joined_heads(streams, num_heads), pe, norms=_qk_norms(streams))
   q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
   out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
   out = (out.astype(jnp.float32) * sv).astype(streams[0][0].dtype)
   return out.reshape(*out.shape[:2], -1)
+
+
+def _joined_heads(streams, num_heads):
+  """``joint_attention``'s q, k (through their streams' RMSNorms) and v, [B, sum Ls, H, D]."""
+  return tuple(jnp.concatenate(t, axis=1) if len(t) > 1 else t[0]
+               for t in zip(*(_normed_heads(x, qk, num_heads) for x, qk in streams)))
+
+
+def _qk_norms(streams) -> list:
+  """The streams' q and k RMSNorms, whose scales bound q and k (``rms_norm_bound``)."""
+  return [n for _, qk in streams for n in qk.norms()]
 
 
 def _normed_heads(x, qk, num_heads):
@@ -237,8 +246,8 @@ def _fused_fp8_operands(streams) -> bool:
 def fp8_operands(streams, pe, num_heads, interpret=False):
   """``joint_attention``'s FP8 operands from its streams in one kernel pass each
   (``pallas_kernels.attention_fp8``): q8, k8, v8 E4M3 [B, L, H, D] and their scales (sq, sk,
-  sv). The same as the unfused path's ``attention._e4m3_qkv`` with the norms' bound: k's mean
-  and v's bound come from the joint sequence's ``token_sample``, normed and rotated here."""
+  sv). The same as ``fp8_operands_reference``: k's mean and v's bound come from the joint
+  sequence's ``token_sample``, normed and rotated here."""
   d = streams[0][1].query_norm.scale.shape[0]
   total = sum(x.shape[1] for x, _ in streams)
   stride = sample_stride(total)
@@ -250,16 +259,25 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
     v_sample.append(v)
     off += x.shape[1]
   kmean = jnp.mean(jnp.concatenate(k_sample, 1).astype(jnp.float32), axis=1)
-  bound = rms_norm_bound(d, *(n.scale[...] for _, qk in streams for n in qk.norms()))
+  bound = rms_norm_bound(d, *(n.scale[...] for n in _qk_norms(streams)))
   scales = (pow2_scale(bound), pow2_scale(2.0 * bound),
             pow2_scale(sample_v_bound(jnp.concatenate(v_sample, 1))))
-  eps = {n.eps for _, qk in streams for n in qk.norms()}
+  eps = {n.eps for n in _qk_norms(streams)}
   if len(eps) != 1:
     raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
   q8, k8, v8 = attention_fp8.fp8_operands(
       [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,
       kmean, 1.0 / jnp.stack(scales), num_heads, eps.pop(), interpret=interpret)
   return q8, k8, v8, scales
+
+
+def fp8_operands_reference(streams, pe, num_heads):
+  """``fp8_operands``' definition, the unfused path's operands: the streams' heads joined,
+  RoPE, then ``attention.e4m3_operands`` with the norms' bound. Same outputs."""
+  q, k, v = _joined_heads(streams, num_heads)
+  bound = rms_norm_bound(q.shape[-1], *(n.scale[...] for n in _qk_norms(streams)))
+  (q8, sq), (k8, sk), (v8, sv) = e4m3_operands(apply_rope(q, pe), apply_rope(k, pe), v, bound)
+  return q8, k8, v8, (sq, sk, sv)
 
 
 def _default_attention(q) -> str:

@@ -11,10 +11,10 @@ Written to rows off..off + Ls of the joint [B, L, H, D] E4M3 outputs (a later st
 the earlier ones' outputs in place, aliased), so nothing in between is stored, where XLA's
 unfused passes write the normed heads and read them again. RoPE's pairs are split apart
 and joined again in registers (``jnp.unstack`` / ``jnp.stack`` on a trailing axis of 2:
-Triton's split / join). The definition is FLUX's unfused path (``models.flux``:
-``split_heads``, ``RMSNorm``, ``apply_rope``, then ``attention._e4m3_qkv``'s quantization
-with the same scales); tests/test_attention_fp8.py checks the kernel against it in
-interpret mode.
+Triton's split / join). The definition is FLUX's unfused path (``models.flux.fp8_operands_reference``:
+``split_heads``, ``RMSNorm``, ``apply_rope``, then ``attention.e4m3_operands``'
+quantization with the same scales); tests/test_attention_fp8.py checks the kernel against it
+in interpret mode.
 
 Off (``flux.set_fused_fp8_operands``): its first version, which swapped the pairs by a
 product with a signed permutation and read cos / sin repeated per column, ran 0.15-0.18 ms a

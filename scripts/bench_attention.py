@@ -102,7 +102,6 @@ def variant(name: str):
 def operands_table(args) -> None:
   """--operands (module docstring): per block kind, ms of the unfused and the fused path."""
   from flax import nnx
-  from svdq_jax.attention import _e4m3_qkv, rms_norm_bound
   from svdq_jax.models import flux
   from svdq_jax.pallas_kernels import attention_fp8
   h, d, txt = args.heads * args.head_dim, args.head_dim, 512
@@ -117,19 +116,12 @@ def operands_table(args) -> None:
            "single": ((x(args.tokens, 7 * h, 5), qk),)}
   graph, state = nnx.split(qk)
 
-  def unfused_operands(streams, pe):
-    heads = [flux._normed_heads(t, n, args.heads) for t, n in streams]
-    q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0] for t in zip(*heads))
-    q, k = flux.apply_rope(q, pe), flux.apply_rope(k, pe)
-    bound = rms_norm_bound(d, *(n.scale[...] for _, s in streams for n in s.norms()))
-    return tuple(t for t, _ in _e4m3_qkv(q, k, v, bound))
-
   rows = []
   flux.set_attention_implementation("cudnn_fp8")
   for kind, streams in kinds.items():
     xs = [t for t, _ in streams]
     rebuilt = lambda xs: [(t, nnx.merge(graph, state)) for t in xs]
-    ops = {"unfused": lambda xs: unfused_operands(rebuilt(xs), pe),
+    ops = {"unfused": lambda xs: flux.fp8_operands_reference(rebuilt(xs), pe, args.heads)[:3],
            "fused": lambda xs: flux.fp8_operands(rebuilt(xs), pe, args.heads)[:3]}
     row = dict(kind=kind)
     got = {name: jax.jit(f)(xs) for name, f in ops.items()}

@@ -139,8 +139,9 @@ def pow2_scale(bound: jax.Array) -> jax.Array:
                                     / FP8_MAX)))
 
 
-def _e4m3_qkv(q, k, v, qk_bound) -> tuple:
-  """The three E4M3 operands and scales of FP8 attention (k minus its token mean first).
+def e4m3_operands(q, k, v, qk_bound) -> tuple:
+  """The three E4M3 operands and scales of FP8 attention, ((q8, sq), (k8, sk), (v8, sv)) (k
+  minus its token mean first; q, k, v [B, L, H, D], codes [B, L, H, D], f32 scalar scales).
   qk_bound: None (q's and k's scales from their maxima) or a bound on |q| and |k| (static
   scales for q and k; |k - mean| <= 2 qk_bound); v's scale from ``v_bound``."""
   q, k, v = _smoothed_f32(q, k, v)
@@ -167,7 +168,7 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   qk_bound (f32 scalar, e.g. ``rms_norm_bound``): q's and k's scales static powers of two
   (``_e4m3_tensor``), so their quantization fuses into the op that produces them; E4M3 is a
   float format, so a scale with headroom costs precision only below its normal range."""
-  (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
+  (q8, sq), (k8, sk), (v8, sv) = e4m3_operands(q, k, v, qk_bound)
   return (fp8_kernel_reference(q8, k8, v8, sq, sk).astype(jnp.float32) * sv).astype(q.dtype)
 
 
@@ -189,7 +190,7 @@ def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
   """q, k, v [B, L, H, D] -> (q8, k8, v8 E4M3 [B, L, H, D], the cuDNN FP8 parameters, f32
   s_v): ``cudnn_fp8_attention``'s quantization passes (k minus its token mean, one scale per
   tensor; qk_bound as in ``fp8_attention``), the operands of ``cudnn_fp8_kernel``."""
-  (q8, sq), (k8, sk), (v8, sv) = _e4m3_qkv(q, k, v, qk_bound)
+  (q8, sq), (k8, sk), (v8, sv) = e4m3_operands(q, k, v, qk_bound)
   return q8, k8, v8, cudnn_fp8_params(sq, sk, sv), sv
 
 
@@ -228,6 +229,7 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 __all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
-           "cudnn_fp8_params", "cudnn_fp8_kernel", "fp8_kernel_reference", "rms_norm_bound",
+           "cudnn_fp8_params", "cudnn_fp8_kernel", "e4m3_operands", "fp8_kernel_reference",
+           "rms_norm_bound",
            "pow2_scale",
            "sample_stride", "sample_v_bound", "token_sample", "FP8_MAX"]
