@@ -196,8 +196,8 @@ def attention(q, k, v, pe, norms=()):
 def joint_attention(streams, pe, num_heads):
   """Attention over the streams' tokens joined in order -> [B, sum Ls, h]. streams: ((x [B,
   Ls, >= 3h] with q | k | v in its first 3h columns, the stream's QKNorm), ...). On cuDNN's
-  FP8 attention with ``set_fused_fp8_operands(True)`` one kernel pass per stream makes the
-  E4M3 operands (``fp8_operands``)."""
+  FP8 attention one kernel pass per stream makes the E4M3 operands (``fp8_operands``; XLA's
+  passes instead after ``set_fused_fp8_operands(False)``)."""
   if not (_attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams)):
     return attention(*_joined_heads(streams, num_heads), pe, norms=_qk_norms(streams))
   q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
@@ -223,14 +223,14 @@ def _normed_heads(x, qk, num_heads):
   return qk.query_norm(q), qk.key_norm(k), v
 
 
-# Off: on an H200 (2026-12-04) the kernel took 0.15-0.18 ms a block at every tiling tried,
-# XLA's unfused passes 0.12-0.13 ms (docs/benchmarks/README.md).
-_fused_fp8 = False
+# On an H200 (2026-12-04) the kernel took 0.077-0.089 ms a FLUX block, XLA's unfused passes
+# 0.11-0.12 ms, and 1.4 ms less of the step's fusions (docs/benchmarks/README.md).
+_fused_fp8 = True
 
 
 def set_fused_fp8_operands(on: bool) -> None:
   """Whether cuDNN FP8 attention takes its operands from ``fp8_operands``' one kernel pass
-  per stream (off by default: slower than XLA's passes) instead of XLA's passes."""
+  per stream (the default) instead of XLA's passes."""
   global _fused_fp8
   _fused_fp8 = bool(on)
 

@@ -116,7 +116,7 @@ def operands_table(args) -> None:
            "single": ((x(args.tokens, 7 * h, 5), qk),)}
   graph, state = nnx.split(qk)
 
-  rows = []
+  rows, fused_default = [], flux.attention_settings()[1]
   flux.set_attention_implementation("cudnn_fp8")
   for kind, streams in kinds.items():
     xs = [t for t, _ in streams]
@@ -144,7 +144,7 @@ def operands_table(args) -> None:
       flux.set_fused_fp8_operands(on)
       f = jax.jit(lambda xs: flux.joint_attention(rebuilt(xs), pe, args.heads))
       row[f"{name}_attention_ms"] = median_seconds(f, xs, reps=10, rounds=5) * 1e3
-    flux.set_fused_fp8_operands(False)
+    flux.set_fused_fp8_operands(fused_default)
     rows.append(row)
     print(json.dumps(row), flush=True)
   result = dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),

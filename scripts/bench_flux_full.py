@@ -125,9 +125,9 @@ SWITCHES = (
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
      "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
      "before 2026-12-04's nineteenth session"),
-    ("fused_fp8_operands", flux.set_fused_fp8_operands, False,
-     "cuDNN FP8 attention's operands from pallas_kernels.attention_fp8's one pass instead of "
-     "XLA's (only with --attention cudnn_fp8)"),
+    ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
+     "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
+     "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )

@@ -97,10 +97,10 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
 def test_the_fused_switch_retraces_jitted_loops():
   """``set_fused_fp8_operands`` is part of ``attention_settings``, the static argument by
   which the sampling loop and the demo's predictions are retraced."""
-  before = flux.attention_settings()
-  flux.set_fused_fp8_operands(True)
+  before, fused = flux.attention_settings(), flux._fused_fp8
+  flux.set_fused_fp8_operands(not fused)
   try:
     assert flux.attention_settings() != before
   finally:
-    flux.set_fused_fp8_operands(False)
+    flux.set_fused_fp8_operands(fused)
   assert flux.attention_settings() == before
