@@ -26,6 +26,7 @@ from svdq_jax.pallas_kernels import attention_fp8, attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
 from svdq_jax.parallel import token_mesh
+from svdq_jax.qlinear import Scaled, join
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +155,9 @@ def attention_implementation() -> str | None:
 
 def attention_settings() -> tuple:
   """Every attention switch read while the model is traced (the implementation,
-  ``set_fused_fp8_operands``): a jitted loop takes it as a static argument, so that changing
+  ``set_fused_fp8_operands``, ``set_fp8_output_part``): a jitted loop takes it as a static argument, so that changing
   one retraces it."""
-  return _attention_implementation, _fused_fp8
+  return _attention_implementation, _fused_fp8, _fp8_output_part
 
 
 @contextlib.contextmanager
@@ -193,17 +194,19 @@ def attention(q, k, v, pe, norms=()):
   return out.reshape(*out.shape[:2], -1)
 
 
-def joint_attention(streams, pe, num_heads):
+def joint_attention(streams, pe, num_heads, as_part=False):
   """Attention over the streams' tokens joined in order -> [B, sum Ls, h]. streams: ((x [B,
   Ls, >= 3h] with q | k | v in its first 3h columns, the stream's QKNorm), ...). On cuDNN's
   FP8 attention one kernel pass per stream makes the E4M3 operands (``fp8_operands``; XLA's
-  passes instead after ``set_fused_fp8_operands(False)``)."""
+  passes instead after ``set_fused_fp8_operands(False)``); there ``as_part`` (with
+  ``set_fp8_output_part``) returns the E4M3 output [B, L, h] and its scale as a
+  ``qlinear.Scaled`` part, for a linear layer to descale as it reads it."""
   if not (_attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams)):
     return attention(*_joined_heads(streams, num_heads), pe, norms=_qk_norms(streams))
   q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
   out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
-  out = (out.astype(jnp.float32) * sv).astype(streams[0][0].dtype)
-  return out.reshape(*out.shape[:2], -1)
+  out = Scaled(out.reshape(*out.shape[:2], -1), sv)
+  return out if as_part and _fp8_output_part else join(out)
 
 
 def _joined_heads(streams, num_heads):
@@ -233,6 +236,17 @@ def set_fused_fp8_operands(on: bool) -> None:
   per stream (the default) instead of XLA's passes."""
   global _fused_fp8
   _fused_fp8 = bool(on)
+
+
+# Off until timed on the GPU.
+_fp8_output_part = False
+
+
+def set_fp8_output_part(on: bool) -> None:
+  """Whether ``joint_attention(as_part=True)`` (the single blocks') leaves cuDNN FP8
+  attention's output in E4M3 for linear2 to descale as it reads it (``qlinear.Scaled``)."""
+  global _fp8_output_part
+  _fp8_output_part = bool(on)
 
 
 def _fused_fp8_operands(streams) -> bool:
@@ -377,7 +391,7 @@ class SingleStreamBlock(nnx.Module):
     shift, scale, gate = mod
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
-    attn = joint_attention(((qkv_mlp.x, self.norm),), pe, self.num_heads)
+    attn = joint_attention(((qkv_mlp.x, self.norm),), pe, self.num_heads, as_part=True)
     out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out
 

@@ -52,11 +52,14 @@ def kernel_gelu(x: jax.Array, interpret: bool) -> jax.Array:
   return qlinear.gelu_tanh(x, tanh=lambda u: _asm("tanh.approx.f32", u))
 
 
-def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret):
-  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (and through
-  ``kernel_gelu`` for a GELU part) and times 1 / lambda (rows past M: 0)."""
+def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret, scale_ref=None):
+  """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (descaled
+  to bf16 for a Scaled part, through ``kernel_gelu`` for a GELU part) and times 1 / lambda
+  (rows past M: 0)."""
   cols = pl.ds(start, width)
   x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
+  if scale_ref is not None:
+    x = (x.astype(jnp.float32) * scale_ref[0]).astype(jnp.bfloat16)
   if gelu_part:
     x = kernel_gelu(x, interpret)
   v = x.astype(jnp.float32)
@@ -69,20 +72,20 @@ def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax_kernel(x_ref, smooth_ref, amax_ref, *, m, block_k, gelu, interpret):
+def _absmax_kernel(x_ref, smooth_ref, scale_ref, amax_ref, *, m, block_k, gelu, interpret):
   bm, width = x_ref.shape
   row_ok = _rows_ok(bm, m)
   amax = has_nan = jnp.zeros((bm,), jnp.float32)
   for start in range(0, width, block_k):  # unrolled: the loads are issued together
-    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret)
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret, scale_ref)
     amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
     # max() drops NaN on the GPU: a block's NaN is reported on its own
     has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
   plgpu.store(amax_ref, jnp.where(has_nan > 0, jnp.nan, amax), mask=row_ok[:, 0])
 
 
-def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_format,
-                  block_k, gelu, interpret):
+def _codes_kernel(x_ref, smooth_ref, scale_ref, s_ref, down_ref, a_ref, lr_ref, *, m,
+                  act_format, block_k, gelu, interpret):
   bm, bk = x_ref.shape
   row_ok = _rows_ok(bm, m)
   scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
@@ -103,7 +106,7 @@ def _codes_kernel(x_ref, smooth_ref, s_ref, down_ref, a_ref, lr_ref, *, m, act_f
   width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
-    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret)
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret, scale_ref)
     a = jnp.where(is_nan, 0.0, codes(v))
     plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
                 mask=row_ok)
@@ -118,7 +121,7 @@ def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide every
   part's width and start (multiples of 64)."""
   k = 0
-  for x, start, _ in parts:
+  for x, start, *_ in parts:
     k = math.gcd(k, x.shape[1] - start, start)
   while k % block_k:
     block_k //= 2
@@ -128,9 +131,11 @@ def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   return block_k, chunks
 
 
-def _specs(x, start, offset, inv_smooth, block_m, span):
-  """Grid, the x tile's spec and the inputs (x, 1 / lambda) both passes share, for the part
-  x[:, start:] of the layer's input, at its columns offset.. (``qlinear.Gelu``)."""
+def _specs(part, offset, inv_smooth, block_m, span):
+  """Grid, the x tile's spec and the inputs (x, 1 / lambda, the part's scale) both passes
+  share, for the part x[:, start:] of the layer's input, at its columns offset..
+  (``qlinear.Part``)."""
+  x, start = part.x, part.start
   grid = (pl.cdiv(x.shape[0], block_m), (x.shape[1] - start) // span)
   first, at = start // span, offset // span
   in_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j + first))]
@@ -138,39 +143,47 @@ def _specs(x, start, offset, inv_smooth, block_m, span):
   if inv_smooth is not None:
     in_specs.append(pl.BlockSpec((span,), lambda i, j: (j + at,)))
     args.append(inv_smooth)
+  if part.scale is not None:
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+    args.append(jnp.reshape(part.scale, (1,)).astype(jnp.float32))
   return grid, in_specs, args
 
 
-def _kernel_name(kind: str, x, start: int, gelu: bool) -> str:
-  """A pass's kernel name with the part's shape (tokens x columns; 'g': a GELU part), so
-  that a profile tells the layers apart."""
-  return f"{kind}_{x.shape[0]}x{x.shape[1] - start}{'g' if gelu else ''}"
+def _kernel_name(kind: str, part) -> str:
+  """A pass's kernel name with the part's shape (tokens x columns; 'g': a GELU part, 's': a
+  Scaled one), so that a profile tells the layers apart."""
+  x = part.x
+  return (f"{kind}_{x.shape[0]}x{x.shape[1] - part.start}{'g' if part.gelu else ''}"
+          f"{'s' if part.scale is not None else ''}")
 
 
-def _split_smooth(has_smooth, refs):
-  return (refs[0], list(refs[1:])) if has_smooth else (None, list(refs))
+def _split_inputs(has_smooth, has_scale, refs):
+  """(1 / lambda's ref or None, the part's scale's ref or None, the other refs)."""
+  refs = list(refs)
+  smooth = refs.pop(0) if has_smooth else None
+  return smooth, (refs.pop(0) if has_scale else None), refs
 
 
 def _offsets(parts):
   """Each part's first column in the layer's input."""
-  widths = [x.shape[1] - start for x, start, _ in parts]
+  widths = [p.x.shape[1] - p.start for p in parts]
   return [sum(widths[:i]) for i in range(len(parts))]
 
 
 def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
                interpret):
   """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
-  parts: ((x [M, K_i + start], start, gelu), ...); inv_smooth: f32 [K] 1 / lambda or None."""
-  m = parts[0][0].shape[0]
+  parts: ``qlinear.Part``s, x [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
+  m = parts[0].x.shape[0]
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
-  for (x, start, gelu), offset in zip(parts, _offsets(parts)):
-    grid, in_specs, args = _specs(x, start, offset, inv_smooth, block_m, span)
+  for part, offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
 
-    def kernel(x_ref, *refs, gelu=gelu):
-      sm, (amax_ref,) = _split_smooth(inv_smooth is not None, refs)
-      _absmax_kernel(x_ref, sm, amax_ref, m=m, block_k=block_k, gelu=gelu,
+    def kernel(x_ref, *refs, part=part):
+      sm, sc, (amax_ref,) = _split_inputs(inv_smooth is not None, part.scale is not None, refs)
+      _absmax_kernel(x_ref, sm, sc, amax_ref, m=m, block_k=block_k, gelu=part.gelu,
                      interpret=interpret)
 
     partials.append(pl.pallas_call(
@@ -178,7 +191,7 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
         out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
         out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=_kernel_name("svdq_absmax", x, start, gelu))(*args))
+        interpret=interpret, name=_kernel_name("svdq_absmax", part))(*args))
   partial = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
   amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
   return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
@@ -190,14 +203,14 @@ def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, bl
   parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
   lambda folded in (``qlinear.folded_down``) or None. A part after the first writes its
   columns of the first part's output in place (aliased), so the codes are never joined."""
-  m = parts[0][0].shape[0]
-  k = sum(x.shape[1] - start for x, start, _ in parts)
+  m = parts[0].x.shape[0]
+  k = sum(p.x.shape[1] - p.start for p in parts)
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   down_p = None if down is None else _pad_rank(down, 1)
   a, lr = None, None
-  for (x, start, gelu), offset in zip(parts, _offsets(parts)):
-    grid, in_specs, args = _specs(x, start, offset, inv_smooth, block_m, span)
+  for part, offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
     at = offset // span
     codes_spec = pl.BlockSpec((block_m, span), lambda i, j: (i, j + at))
     in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
@@ -216,20 +229,21 @@ def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, bl
       aliases = {len(args): 0}
       args.append(a)
 
-    def kernel(x_ref, *refs, gelu=gelu, has_prev=a is not None):
-      sm, (s_ref, *rest) = _split_smooth(inv_smooth is not None, refs)
+    def kernel(x_ref, *refs, part=part, has_prev=a is not None):
+      sm, sc, (s_ref, *rest) = _split_inputs(inv_smooth is not None, part.scale is not None,
+                                             refs)
       down_ref = rest.pop(0) if down_p is not None else None
       if has_prev:
         rest.pop(0)
       a_ref, lr_ref = rest if down_p is not None else (*rest, None)
-      _codes_kernel(x_ref, sm, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
-                    block_k=block_k, gelu=gelu, interpret=interpret)
+      _codes_kernel(x_ref, sm, sc, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
+                    block_k=block_k, gelu=part.gelu, interpret=interpret)
 
     a, *part_lr = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", x, start, gelu))(*args)
+        interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", part))(*args)
     if down_p is not None:
       lr = part_lr[0].sum(0) if lr is None else lr + part_lr[0].sum(0)
   return a, (lr[:, :down.shape[1]] if down is not None else None)
@@ -286,7 +300,7 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
   check_act_inputs(_joined_shape(x), inv_smooth, down)
   parts = qlinear.input_parts(x)
-  if any(start % GROUP or x.shape[1] % GROUP for x, start, _ in parts):
+  if any(p.start % GROUP or p.x.shape[1] % GROUP for p in parts):
     parts = qlinear.input_parts(qlinear.join(x))
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
@@ -299,11 +313,11 @@ def _joined_shape(x) -> jax.ShapeDtypeStruct:
   """The shape of ``qlinear.join(x)`` ([M, K] for 2-D parts), after checking that each
   part is 2-D."""
   parts = qlinear.input_parts(x)
-  if len(parts) > 1 and any(a.ndim != 2 for a, _, _ in parts):
+  if len(parts) > 1 and any(p.x.ndim != 2 for p in parts):
     raise ValueError("activation kernel takes x [M, K] or parts [M, K_i], got shapes "
-                     f"{[a.shape for a, _, _ in parts]}")
-  a = parts[0][0]
-  return jax.ShapeDtypeStruct((*a.shape[:-1], qlinear.input_width(x)), a.dtype)
+                     f"{[p.x.shape for p in parts]}")
+  return jax.ShapeDtypeStruct((*parts[0].x.shape[:-1], qlinear.input_width(x)),
+                              qlinear.input_dtype(x))
 
 
 def reference(x, smooth, down, act_format: str):

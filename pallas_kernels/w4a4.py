@@ -489,7 +489,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                      f"{KERNEL_FORMATS}")
   bias = layer.bias if bias is None else bias
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
-    lead = qlinear.input_parts(x)[0][0].shape[:-1]
+    lead = qlinear.input_parts(x)[0].x.shape[:-1]
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
                           bias, gelu_from=gelu_from, interpret=interpret)
     return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
@@ -625,7 +625,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   prepared = isinstance(layer, qlinear.PreparedLinear)
   p = layer if prepared else prepare_row_scaled(layer, interpret=interpret, expand=False)
   n = p.out_features
-  dtype = qlinear.input_parts(x)[0][0].dtype
+  dtype = qlinear.input_dtype(x)
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
   k = qlinear.input_width(x)

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import sys
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -88,44 +89,84 @@ class Gelu:
   applied: bool = struct.field(pytree_node=False, default=False)
 
 
-def input_parts(x) -> tuple[tuple[jax.Array, int, bool], ...]:
-  """A layer input (an array, a Gelu, or a tuple of both) as (array, start, gelu) parts:
-  ``gelu`` whether the GELU is still to be computed on the array's columns from ``start``."""
+@struct.dataclass
+class Scaled:
+  """Part of a linear layer's input: ``(x.astype(float32) * scale).astype(bfloat16)``, an FP8
+  array and its f32 scale (a scalar) left to the layer.
+
+  FLUX's single blocks give linear2 cuDNN FP8 attention's E4M3 output so: the Hopper
+  activation kernel reads it at one byte an element and descales it while it quantizes,
+  where the bf16 output would be written and read once more ([4608, 3072] per block);
+  every other path joins the parts first (``join``), the same values.
+  """
+
+  x: jax.Array
+  scale: jax.Array
+
+
+class Part(NamedTuple):
+  """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, through
+  the GELU if ``gelu``, times ``scale`` (f32 scalar, or None) and rounded to bf16."""
+  x: jax.Array
+  start: int
+  gelu: bool
+  scale: jax.Array | None
+
+
+def input_parts(x) -> tuple[Part, ...]:
+  """A layer input (an array, a Gelu or a Scaled part, or a tuple of them) as ``Part`` tuples."""
   parts = x if isinstance(x, tuple) else (x,)
-  out = tuple((p.x, p.start, not p.applied) if isinstance(p, Gelu) else (p, 0, False)
-              for p in parts)
-  if not out or any(not hasattr(a, "shape") or a.ndim < 1 for a, _, _ in out):
-    raise ValueError("a linear layer's input must be an array, a Gelu part or a tuple of "
-                     f"them, got {x!r:.200}")
-  if any(not 0 <= s < a.shape[-1] for a, s, _ in out):
+  out = tuple(Part(p.x, p.start, not p.applied, None) if isinstance(p, Gelu)
+              else Part(p.x, 0, False, p.scale) if isinstance(p, Scaled)
+              else Part(p, 0, False, None) for p in parts)
+  if not out or any(not hasattr(p.x, "shape") or p.x.ndim < 1 for p in out):
+    raise ValueError("a linear layer's input must be an array, a Gelu or Scaled part or a "
+                     f"tuple of them, got {x!r:.200}")
+  if any(not 0 <= p.start < p.x.shape[-1] for p in out):
     raise ValueError("a Gelu part's start must be a column of its array, got start "
-                     f"{[s for _, s, _ in out]} for widths {[a.shape[-1] for a, _, _ in out]}")
-  if len({a.shape[:-1] for a, _, _ in out}) > 1:
+                     f"{[p.start for p in out]} for widths {[p.x.shape[-1] for p in out]}")
+  if len({p.x.shape[:-1] for p in out}) > 1:
     raise ValueError("the parts of a linear layer's input must share their leading "
-                     f"dimensions, got {[a.shape for a, _, _ in out]}")
+                     f"dimensions, got {[p.x.shape for p in out]}")
+  if any(p.scale is not None and jnp.shape(p.scale) != () for p in out):
+    raise ValueError("a Scaled part's scale must be a scalar, got shapes "
+                     f"{[jnp.shape(p.scale) for p in out if p.scale is not None]}")
   return out
+
+
+def part_values(p: Part) -> jax.Array:
+  """The columns a ``Part`` stands for."""
+  v = p.x[..., p.start:]
+  if p.scale is not None:
+    v = (v.astype(jnp.float32) * p.scale).astype(jnp.bfloat16)
+  return jax.nn.gelu(v, approximate=True) if p.gelu else v
 
 
 def join(x) -> jax.Array:
   """The input array a layer input stands for: an array itself; parts concatenated along the
-  last axis, each Gelu part computed (``Gelu``)."""
-  if not isinstance(x, (tuple, Gelu)):
+  last axis, each Gelu or Scaled part computed (``Gelu``, ``Scaled``)."""
+  if not isinstance(x, (tuple, Gelu, Scaled)):
     return x
-  cols = [jax.nn.gelu(a[..., s:], approximate=True) if g else a[..., s:]
-          for a, s, g in input_parts(x)]
+  cols = [part_values(p) for p in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
+def input_dtype(x):
+  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16)."""
+  p = input_parts(x)[0]
+  return jnp.dtype(jnp.bfloat16) if p.scale is not None else p.x.dtype
+
+
 def map_parts(x, f):
-  """A layer input with ``f`` applied to each part's array (Gelu starts and flags kept)."""
+  """A layer input with ``f`` applied to each part's array (starts, flags, scales kept)."""
   if isinstance(x, tuple):
     return tuple(map_parts(p, f) for p in x)
-  return x.replace(x=f(x.x)) if isinstance(x, Gelu) else f(x)
+  return x.replace(x=f(x.x)) if isinstance(x, (Gelu, Scaled)) else f(x)
 
 
 def input_width(x) -> int:
   """K, the last dimension of ``join(x)``, without computing it."""
-  return sum(a.shape[-1] - s for a, s, _ in input_parts(x))
+  return sum(p.x.shape[-1] - p.start for p in input_parts(x))
 
 
 @struct.dataclass
@@ -463,9 +504,9 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   """
   k = layer.in_features
   if input_width(x) != k:
-    shapes = [(a.shape, s) if s else a.shape for a, s, _ in input_parts(x)]
+    shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
-                     f"{shapes if isinstance(x, (tuple, Gelu)) else shapes[0]}")
+                     f"{shapes if isinstance(x, (tuple, Gelu, Scaled)) else shapes[0]}")
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
@@ -490,9 +531,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
     return reference_apply(layer, x, bias)
   if layer.act_format is None and not isinstance(layer, PreparedLinear):
     from svdq_jax.pallas_kernels import w4a16_gemv
-    first = input_parts(x)[0][0]
+    first = input_parts(x)[0].x
     if ((_backend != "auto" or jax.default_backend() == "gpu")
-        and w4a16_gemv.supports_layer(layer, math.prod(first.shape[:-1]), first.dtype)):
+        and w4a16_gemv.supports_layer(layer, math.prod(first.shape[:-1]), input_dtype(x))):
       return reference_apply(layer, x, bias, functools.partial(
           w4a16_gemv.layer_product, interpret=_backend == "interpret"))
     if _backend == "auto":  # XLA fuses the dequantization into the matmul
@@ -503,7 +544,7 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
     on_gpu = jax.default_backend() == "gpu"
     if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
       from svdq_jax.pallas_kernels import int8_hopper
-      dtype = input_parts(x)[0][0].dtype
+      dtype = input_dtype(x)
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import attention
+from svdq_jax import attention, qlinear
 from svdq_jax.models import flux
 from svdq_jax.pallas_kernels import attention_fp8
 
@@ -86,21 +86,30 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
       attention.fp8_kernel_reference(q8, k8, v8, p["descale_q"][0, 0, 0, 0],
                                      p["descale_k"][0, 0, 0, 0])))
   flux.set_attention_implementation("cudnn_fp8")
+  flux.set_fp8_output_part(True)
   try:
     got = flux.joint_attention(streams, pe, H)
+    part = flux.joint_attention(streams, pe, H, as_part=True)
   finally:
     flux.set_attention_implementation(None)
+    flux.set_fp8_output_part(False)
   assert got.shape == want.shape == (1, 544, H * D) and got.dtype == want.dtype
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  # the single blocks' linear2 input: the E4M3 output and its scale, the same values joined
+  assert isinstance(part, qlinear.Scaled) and part.x.dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(np.asarray(qlinear.join(part), np.float32),
+                                np.asarray(want, np.float32))
 
 
 def test_the_fused_switch_retraces_jitted_loops():
-  """``set_fused_fp8_operands`` is part of ``attention_settings``, the static argument by
+  """``set_fused_fp8_operands`` and ``set_fp8_output_part`` are part of ``attention_settings``, the static argument by
   which the sampling loop and the demo's predictions are retraced."""
-  before, fused = flux.attention_settings(), flux._fused_fp8
-  flux.set_fused_fp8_operands(not fused)
-  try:
-    assert flux.attention_settings() != before
-  finally:
-    flux.set_fused_fp8_operands(fused)
-  assert flux.attention_settings() == before
+  for switch, value in ((flux.set_fused_fp8_operands, flux._fused_fp8),
+                        (flux.set_fp8_output_part, flux._fp8_output_part)):
+    before = flux.attention_settings()
+    switch(not value)
+    try:
+      assert flux.attention_settings() != before
+    finally:
+      switch(value)
+    assert flux.attention_settings() == before

@@ -209,6 +209,44 @@ def test_activation_kernel_reads_input_parts_bit_exact(afmt, widths):
   assert np.isnan(want[1]).sum() == 1
 
 
+def _scaled_parts(m=40):
+  """(an E4M3 part with an f32 scale, NaN in token 5; a GELU part): linear2's input with
+  FP8 attention's output left in E4M3 (``qlinear.Scaled``). The scale is not a power of two,
+  so that the descaled values round to bf16."""
+  a = jnp.clip(_x(m, 192) * 40, -448, 448).at[5, 7].set(jnp.nan).astype(jnp.float8_e4m3fn)
+  h = _x(m, 448, seed=1).at[3].set(0.0).astype(jnp.bfloat16)
+  return (qlinear.Scaled(a, jnp.float32(0.0371)), qlinear.Gelu(h, start=128))
+
+
+def test_scaled_part_joins_descaled_to_bf16():
+  s, g = _scaled_parts()
+  want = (s.x.astype(jnp.float32) * s.scale).astype(jnp.bfloat16)
+  joined = qlinear.join((s, g))
+  assert joined.dtype == jnp.bfloat16 and qlinear.input_dtype((s, g)) == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(joined[:, :192], np.float32),
+                                np.asarray(want, np.float32))
+  assert qlinear.input_width((s, g)) == 512
+  with pytest.raises(ValueError, match="scale must be a scalar"):
+    qlinear.input_parts((qlinear.Scaled(s.x, jnp.ones(2)), g))
+
+
+@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
+def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
+  """An E4M3 part descaled in the kernel as it is read: codes and scales bit for bit those
+  of the joined bf16 input (the NaN token's included)."""
+  x = _scaled_parts()
+  smooth = jax.random.uniform(jax.random.key(1), (512,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (512, 20)).astype(jnp.bfloat16)
+  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
+      x, smooth, down, act_format=afmt, block_k=64, interpret=True)]
+  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  ok = ~np.isnan(want[1])
+  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
+  assert np.isnan(want[1]).sum() == 1
+
+
 @pytest.mark.parametrize("read_parts", [True, False])
 def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
