@@ -57,7 +57,9 @@ def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret, scale_
   to bf16 for a Scaled part, through ``kernel_gelu`` for a GELU part) and times 1 / lambda
   (rows past M: 0)."""
   cols = pl.ds(start, width)
-  x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0)
+  # (Triton has no int -> FP8 cast for a 0 in the FP8 part's masked rows: they are left
+  # undefined there, and every result of such a row is masked in turn)
+  x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0 if scale_ref is None else None)
   if scale_ref is not None:
     x = (x.astype(jnp.float32) * scale_ref[0]).astype(jnp.bfloat16)
   if gelu_part:

@@ -128,9 +128,10 @@ SWITCHES = (
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
-    ("fp8_output_part", flux.set_fp8_output_part, False,
-     "the single blocks' cuDNN FP8 attention output left in E4M3 for linear2's activation "
-     "kernel to descale (qlinear.Scaled; acts only on cudnn_fp8 attention)"),
+    ("descaled_fp8_output", flux.set_fp8_output_part, True,
+     "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
+     "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
+     "session (acts only on cudnn_fp8 attention)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )

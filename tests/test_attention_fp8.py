@@ -86,13 +86,12 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
       attention.fp8_kernel_reference(q8, k8, v8, p["descale_q"][0, 0, 0, 0],
                                      p["descale_k"][0, 0, 0, 0])))
   flux.set_attention_implementation("cudnn_fp8")
-  flux.set_fp8_output_part(True)
+  monkeypatch.setattr(flux, "_fp8_output_part", True)
   try:
     got = flux.joint_attention(streams, pe, H)
     part = flux.joint_attention(streams, pe, H, as_part=True)
   finally:
     flux.set_attention_implementation(None)
-    flux.set_fp8_output_part(False)
   assert got.shape == want.shape == (1, 544, H * D) and got.dtype == want.dtype
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   # the single blocks' linear2 input: the E4M3 output and its scale, the same values joined
