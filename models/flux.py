@@ -155,8 +155,8 @@ def attention_implementation() -> str | None:
 
 def attention_settings() -> tuple:
   """Every attention switch read while the model is traced (the implementation,
-  ``set_fused_fp8_operands``, ``set_fp8_output_part``): a jitted loop takes it as a static argument, so that changing
-  one retraces it."""
+  ``set_fused_fp8_operands``, ``set_fp8_output_part``): a jitted loop takes it as a static
+  argument, so that changing one retraces it."""
   return _attention_implementation, _fused_fp8, _fp8_output_part
 
 

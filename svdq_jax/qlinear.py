@@ -105,8 +105,9 @@ class Scaled:
 
 
 class Part(NamedTuple):
-  """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, through
-  the GELU if ``gelu``, times ``scale`` (f32 scalar, or None) and rounded to bf16."""
+  """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, times
+  ``scale`` and rounded to bf16 (an f32 scalar; None: as they are), then through the GELU if
+  ``gelu`` (``part_values``)."""
   x: jax.Array
   start: int
   gelu: bool

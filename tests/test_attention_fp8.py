@@ -100,9 +100,10 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
                                 np.asarray(want, np.float32))
 
 
-def test_the_fused_switch_retraces_jitted_loops():
-  """``set_fused_fp8_operands`` and ``set_fp8_output_part`` are part of ``attention_settings``, the static argument by
-  which the sampling loop and the demo's predictions are retraced."""
+def test_the_fp8_switches_retrace_jitted_loops():
+  """``set_fused_fp8_operands`` and ``set_fp8_output_part`` are part of
+  ``attention_settings``, the static argument by which the sampling loop and the demo's
+  predictions are retraced."""
   for switch, value in ((flux.set_fused_fp8_operands, flux._fused_fp8),
                         (flux.set_fp8_output_part, flux._fp8_output_part)):
     before = flux.attention_settings()
