@@ -39,7 +39,7 @@ from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, qua
 from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
-from svdq_jax.timing import device_kernel_seconds, median_seconds
+from svdq_jax.timing import device_kernel_profile, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
 
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
@@ -179,14 +179,15 @@ def category(kernel: str) -> str:
 
 
 def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
-  """{category: ms per call}, plus the ``top`` most expensive kernels by name; with the
-  compiled program's optimized ``hlo``, the last category's time by model line too."""
-  times = device_kernel_seconds(fn, *args, calls=3)
+  """{category: ms per call}, the kernel launches and the streams' idle ms between them per
+  call (``timing.device_kernel_profile``), plus the ``top`` most expensive kernels by name;
+  with the compiled program's optimized ``hlo``, the last category's time by model line too."""
+  times, timeline = device_kernel_profile(fn, *args, calls=3)
   kinds = {name: category(name) for name in times}
   cats: dict[str, float] = {}
   for name, sec in times.items():
     cats[kinds[name]] = cats.get(kinds[name], 0.0) + sec * 1e3
-  prof = {"categories_ms": cats, "total_ms": sum(cats.values()),
+  prof = {"categories_ms": cats, "total_ms": sum(cats.values()), **timeline,
           "top_kernels_ms": {k[:120]: v * 1e3 for k, v in
                              sorted(times.items(), key=lambda kv: -kv[1])[:top]}}
   if hlo is not None:
@@ -313,7 +314,7 @@ def measure(name, graph, state, cfg, args, result, variant=False):
         r[f"loop{res}_profile_per_step{suffix}"] = {
             "categories_ms": {c: v / args.loop_steps
                               for c, v in prof["categories_ms"].items()},
-            "total_ms": prof["total_ms"] / args.loop_steps}
+            **{k: prof[k] / args.loop_steps for k in ("total_ms", "launches", "idle_ms")}}
       if tag:   # the same computation but for what runs before the loop
         r[f"{tag}_max_abs_diff"] = float(jnp.abs(latents[-1] - latents[0]).max())
     del latents

@@ -42,6 +42,18 @@ def median_seconds(fn, *args, reps: int = 10, rounds: int = 5, warmup: int = 1) 
 def device_kernel_seconds(fn, *args, calls: int = 3) -> dict[str, float]:
   """Seconds per call of ``fn(*args)`` spent in each device kernel, by kernel name, from a
   ``jax.profiler`` trace of ``calls`` calls (after one warm-up call). Empty on a CPU."""
+  return device_kernel_profile(fn, *args, calls=calls)[0]
+
+
+# Gaps between consecutive kernels up to this long count as the stream's idle time between
+# launches; longer ones are the host's time between calls.
+LAUNCH_GAP_NS = 100_000
+
+
+def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], dict]:
+  """(``device_kernel_seconds``, the streams' timeline per call: kernel launches, and the
+  idle ms between consecutive kernels of a stream, gaps up to ``LAUNCH_GAP_NS``) from one
+  trace. Empty on a CPU."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
@@ -51,6 +63,7 @@ def device_kernel_seconds(fn, *args, calls: int = 3) -> dict[str, float]:
     files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
     data = ProfileData.from_file(files[0])
   totals: dict[str, float] = collections.defaultdict(float)
+  launches, idle_ns = 0, 0
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
       continue
@@ -58,6 +71,10 @@ def device_kernel_seconds(fn, *args, calls: int = 3) -> dict[str, float]:
       # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
       if not line.name.startswith("Stream"):
         continue
+      spans = sorted((e.start_ns, e.end_ns) for e in line.events)
+      launches += len(spans)
+      idle_ns += sum(g for g in (b[0] - a[1] for a, b in zip(spans, spans[1:]))
+                     if 0 < g <= LAUNCH_GAP_NS)
       for event in line.events:
         totals[event.name] += event.duration_ns * 1e-9 / calls
-  return dict(totals)
+  return dict(totals), {"launches": launches / calls, "idle_ms": idle_ns * 1e-6 / calls}
