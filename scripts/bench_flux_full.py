@@ -37,7 +37,8 @@ from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
+from svdq_jax.attention import pow2_scale, rms_norm_bound
+from svdq_jax.pallas_kernels import attention_fp8, int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_profile, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -157,6 +158,36 @@ def stacked_rope():
     yield
   finally:
     flux.apply_rope = saved
+    sampling._euler.clear_cache()
+
+
+def _fp8_operands_without_statistics(streams, pe, num_heads, interpret=False):
+  """``flux.fp8_operands`` with its token sample's statistics replaced by constants (k not
+  smoothed, v's scale 1): not a model, a timing probe (--free-fp8-stats) of the most that a
+  cheaper computation of the statistics could save."""
+  d = streams[0][1].query_norm.scale.shape[0]
+  b = streams[0][0].shape[0]
+  norms = [n for _, qk in streams for n in qk.norms()]
+  bound = rms_norm_bound(d, *(n.scale[...] for n in norms))
+  scales = (pow2_scale(bound), pow2_scale(2.0 * bound), jnp.float32(1.0))
+  q8, k8, v8 = attention_fp8.fp8_operands(
+      [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,
+      jnp.zeros((b, num_heads, d), jnp.float32), 1.0 / jnp.stack(scales), num_heads,
+      norms[0].eps, interpret=interpret)
+  return q8, k8, v8, scales
+
+
+@contextlib.contextmanager
+def free_fp8_stats():
+  """Models traced inside make FP8 attention's operands without the token sample's
+  statistics (``_fp8_operands_without_statistics``; the loop's cache dropped on the way in
+  and out)."""
+  saved, flux.fp8_operands = flux.fp8_operands, _fp8_operands_without_statistics
+  sampling._euler.clear_cache()
+  try:
+    yield
+  finally:
+    flux.fp8_operands = saved
     sampling._euler.clear_cache()
 
 
@@ -392,6 +423,10 @@ def main():
                   help="comma-separated switches (the flags above, e.g. three_warpgroups_gelu) "
                        "flipped from their default for the whole run: every model and "
                        "variant is timed with them (the result records them)")
+  ap.add_argument("--free-fp8-stats", action="store_true",
+                  help="a timing probe: the svdquant model with FP8 attention (--attention or "
+                       "--svdq-attention cudnn_fp8) also timed with its operands' token "
+                       "sample statistics replaced by constants, '<name>_free_fp8_stats'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
@@ -485,7 +520,14 @@ def main():
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
+        if args.free_fp8_stats and att == "cudnn_fp8":
+          with free_fp8_stats():
+            measure(f"{name}_att_{att}_free_fp8_stats", graph, qstate, cfg, args, result,
+                    variant=True)
         set_attention_implementation(args.attention)
+      if args.free_fp8_stats and args.attention == "cudnn_fp8":
+        with free_fp8_stats():
+          measure(f"{name}_free_fp8_stats", graph, qstate, cfg, args, result, variant=True)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
         result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r
