@@ -133,6 +133,9 @@ SWITCHES = (
      "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
      "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
      "session (acts only on cudnn_fp8 attention)"),
+    ("bf16_lowrank_down", w4a4.set_bf16_lowrank_down, False,
+     "the low-rank down projection of the layers XLA quantizes (K = 3072) written in bf16 by "
+     "its dot (w4a4.set_bf16_lowrank_down)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
