@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, apply, join
+from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
 
-__all__ = ["Gelu", "Linear", "dense", "lookup"]
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup"]
 
 
 def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
@@ -20,9 +20,10 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   ``PreparedLinear``).
 
   x may be given as parts (``Gelu``: e.g. ``(attn, Gelu(h))`` for
-  ``concatenate([attn, gelu(h)], -1)``), which a quantized kernel on the Hopper path reads
-  where they lie; float kernels join them first. Float kernels compute in the promoted dtype
-  of x and kernel; quantized ones return x's dtype. ``gelu_from``: the output's columns from
+  ``concatenate([attn, gelu(h)], -1)``; ``Scaled``: an FP8 array and its scale), which a
+  quantized kernel on the Hopper path reads where they lie; float kernels join them first.
+  Float kernels compute in the promoted dtype of x and kernel; quantized ones return x's
+  dtype (bf16 for a Scaled first part). ``gelu_from``: the output's columns from
   there on feed a GELU, and the output is returned as ``Gelu(y, gelu_from)`` to be given to
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
   epilogue: ``qlinear.apply``); columns before it are y's as they are.

@@ -226,6 +226,10 @@ def test_scaled_part_joins_descaled_to_bf16():
   np.testing.assert_array_equal(np.asarray(joined[:, :192], np.float32),
                                 np.asarray(want, np.float32))
   assert qlinear.input_width((s, g)) == 512
+  from svdq_jax.layers import dense
+  w = jax.random.normal(jax.random.key(3), (512, 8), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(dense((s, g), w), np.float32),
+                                np.asarray(joined @ w, np.float32))
   with pytest.raises(ValueError, match="scale must be a scalar"):
     qlinear.input_parts((qlinear.Scaled(s.x, jnp.ones(2)), g))
 
