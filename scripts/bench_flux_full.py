@@ -152,15 +152,17 @@ def _stacked_rope(x, pe):
 
 
 @contextlib.contextmanager
-def stacked_rope():
-  """Models traced inside use ``_stacked_rope`` (--stacked-rope; the loop's cache is dropped
-  on the way in and out, its key does not hold the RoPE)."""
-  saved, flux.apply_rope = flux.apply_rope, _stacked_rope
+def flux_patched(name: str, replacement):
+  """Models traced inside use ``replacement`` for ``flux.<name>`` (--stacked-rope's
+  ``_stacked_rope``, --free-fp8-stats' probe; the loop's cache is dropped on the way in and
+  out: its key does not hold the function)."""
+  saved = getattr(flux, name)
+  setattr(flux, name, replacement)
   sampling._euler.clear_cache()
   try:
     yield
   finally:
-    flux.apply_rope = saved
+    setattr(flux, name, saved)
     sampling._euler.clear_cache()
 
 
@@ -179,19 +181,6 @@ def _fp8_operands_without_statistics(streams, pe, num_heads, interpret=False):
       norms[0].eps, interpret=interpret)
   return q8, k8, v8, scales
 
-
-@contextlib.contextmanager
-def free_fp8_stats():
-  """Models traced inside make FP8 attention's operands without the token sample's
-  statistics (``_fp8_operands_without_statistics``; the loop's cache dropped on the way in
-  and out)."""
-  saved, flux.fp8_operands = flux.fp8_operands, _fp8_operands_without_statistics
-  sampling._euler.clear_cache()
-  try:
-    yield
-  finally:
-    flux.fp8_operands = saved
-    sampling._euler.clear_cache()
 
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
@@ -473,7 +462,7 @@ def main():
   if "bf16" in models:
     measure("bf16", graph, state, cfg, args, result)
     if args.stacked_rope:
-      with stacked_rope():
+      with flux_patched("apply_rope", _stacked_rope):
         measure("bf16_stacked_rope", graph, state, cfg, args, result)
   if "w4a16" in models:
     wstate = svdq_jax.quantize(state, None, W4A16_FLUX, progress=False)
@@ -513,7 +502,7 @@ def main():
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result, variant=True)
         w4a4.set_act_kernel(default_act)
       if args.stacked_rope:
-        with stacked_rope():
+        with flux_patched("apply_rope", _stacked_rope):
           measure(f"{name}_stacked_rope", graph, qstate, cfg, args, result, variant=True)
       for flag, switch, _, _ in SWITCHES:   # a kernel choice flipped, then restored
         if getattr(args, flag):
@@ -524,12 +513,12 @@ def main():
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
         if args.free_fp8_stats and att == "cudnn_fp8":
-          with free_fp8_stats():
+          with flux_patched("fp8_operands", _fp8_operands_without_statistics):
             measure(f"{name}_att_{att}_free_fp8_stats", graph, qstate, cfg, args, result,
                     variant=True)
         set_attention_implementation(args.attention)
       if args.free_fp8_stats and args.attention == "cudnn_fp8":
-        with free_fp8_stats():
+        with flux_patched("fp8_operands", _fp8_operands_without_statistics):
           measure(f"{name}_free_fp8_stats", graph, qstate, cfg, args, result, variant=True)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
