@@ -11,9 +11,10 @@ Written to rows off..off + Ls of the joint [B, L, H, D] E4M3 outputs (a later st
 the earlier ones' outputs in place, aliased), so nothing in between is stored, where XLA's
 unfused passes write the normed heads and read them again. RoPE's pairs are split apart
 and joined again in registers (``jnp.unstack`` / ``jnp.stack`` on a trailing axis of 2:
-Triton's split / join). The definition is FLUX's unfused path (``models.flux.fp8_operands_reference``:
-``split_heads``, ``RMSNorm``, ``apply_rope``, then ``attention.e4m3_operands``'
-quantization with the same scales); tests/test_attention_fp8.py checks the kernel against it
+Triton's split / join). The definition is FLUX's unfused path
+(``models.flux.fp8_operands_reference``: ``split_heads``, ``RMSNorm``, ``apply_rope``, then
+``attention.e4m3_operands``' quantization with the same scales);
+tests/test_attention_fp8.py checks the kernel against it
 in interpret mode.
 
 On by default (``flux.set_fused_fp8_operands``). Its first version, which swapped the pairs
@@ -21,6 +22,10 @@ by a product with a signed permutation and read cos / sin repeated per column, r
 ms a FLUX block against XLA's unfused 0.12-0.13; this one (split / join, cos / sin read once
 per pair) runs 0.077-0.089 ms against XLA's 0.11-0.12 and takes 1.4 ms off the FP8 step (H200,
 2026-12-04, ``scripts/bench_attention.py --operands``, docs/benchmarks/README.md).
+
+``sample_statistics``: the statistics the operands need first (k's mean after the norm and
+RoPE, v's maximum) over the token sample, one program per head (``flux.set_fused_fp8_stats``;
+off, not yet timed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,18 @@ from svdq_jax.attention import FP8_MAX
 
 
 TILING = dict(block_m=64, heads_per_program=1, num_warps=4)
+
+
+def _normed_rotated(x, scale, cos, sin, eps):
+  """Rows x f32 [rows, d] of heads through the RMSNorm (``scale`` [1 or rows, d]) and RoPE
+  (cos, sin [rows, d / 2]), each rounded to bf16 as the model rounds them; f32."""
+  f32 = jnp.float32
+  rows, d = x.shape
+  rs = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / d) + eps)
+  x = (x * rs * scale).astype(jnp.bfloat16).astype(f32)
+  re, im = jnp.unstack(x.reshape(rows, d // 2, 2), axis=-1)   # each [rows, d / 2]
+  re, im = re * cos + im * (sin * -1.0), im * cos + re * sin    # apply_rope's products
+  return jnp.stack([re, im], axis=-1).reshape(rows, d).astype(jnp.bfloat16).astype(f32)
 
 
 def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, kmean_ref, inv_ref, *refs, ls, off,
@@ -60,12 +77,7 @@ def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, kmean_ref, inv_ref, *refs, 
   for h in range(heads_per_program):
     h = pl.program_id(2) * heads_per_program + h
     for which, scale_ref, out_ref in ((0, qs_ref, q8_ref), (1, ks_ref, k8_ref)):
-      x = load(which, h)
-      rs = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / d) + eps)
-      x = (x * rs * scale_ref[...][None, :]).astype(jnp.bfloat16).astype(f32)
-      re, im = jnp.unstack(x.reshape(block_m, d // 2, 2), axis=-1)   # each [block_m, d / 2]
-      re, im = re * cos + im * (sin * -1.0), im * cos + re * sin    # apply_rope's products
-      x = jnp.stack([re, im], axis=-1).reshape(block_m, d).astype(jnp.bfloat16).astype(f32)
+      x = _normed_rotated(load(which, h), scale_ref[...][None, :], cos, sin, eps)
       if which == 1:   # k smoothing
         x = x - kmean_ref[b, h, :][None, :]
       store(out_ref, h, e4m3(x, inv_ref[which]))
@@ -120,3 +132,58 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
         interpret=interpret, name=f"fp8_qkv_{x.shape[1]}x{num_heads}x{d}")(*args)
     off += x.shape[1]
   return tuple(outs)
+
+
+STATS_CHUNK = 32   # sample rows a statistics program loads at a time
+
+
+def _stats_kernel(s_ref, ks_ref, cos_ref, sin_ref, kmean_ref, vmax_ref, *, n, heads, eps):
+  b, h = pl.program_id(0), pl.program_id(1)
+  d = ks_ref.shape[1]
+  total, vmax = jnp.zeros((d,), jnp.float32), jnp.zeros((d,), jnp.float32)
+  # rows past the sample are zeros (padding): 0 through the norm and RoPE, 0 for v's max
+  for start in range(0, s_ref.shape[1], STATS_CHUNK):   # unrolled: a few hundred rows
+    rows = pl.ds(start, STATS_CHUNK)
+    load = lambda cols: s_ref[b, rows, cols].astype(jnp.float32)
+    k = _normed_rotated(load(pl.ds(h * d, d)), ks_ref[rows, :], cos_ref[rows, :],
+                        sin_ref[rows, :], eps)
+    total = total + jnp.sum(k, axis=0)
+    vmax = jnp.maximum(vmax, jnp.max(jnp.abs(load(pl.ds((heads + h) * d, d))), axis=0))
+  kmean_ref[b, h, :] = total / n
+  vmax_ref[b, h, :] = vmax
+
+
+def sample_statistics(sample: jax.Array, k_scale: jax.Array, cos: jax.Array, sin: jax.Array,
+                      num_heads: int, eps: float, *, interpret: bool = False):
+  """FP8 attention's statistics of its token sample in one pass (``models.flux
+  .fp8_operands``): k's mean after the RMSNorm and RoPE, and v's largest |v|.
+
+  Args:
+    sample: bf16 [B, S, 2 H D], the sampled tokens' k | v columns (head-major).
+    k_scale: f32 [S, D], each sampled token's key RMSNorm scale (its stream's).
+    cos, sin: f32 [S, D / 2], RoPE's angles at the sampled tokens' positions.
+    eps: the RMSNorms' epsilon.
+
+  Returns:
+    (kmean f32 [B, H, D], vmax f32 [B, H, D]: per channel, over the sample). kmean is the
+    sum over the sample in the kernel's order, divided by S: equal to the jnp mean up to f32
+    summation order; vmax exactly.
+  """
+  b, n, width = sample.shape
+  d = k_scale.shape[1]
+  if width != 2 * num_heads * d or k_scale.shape != (n, d) or cos.shape != (n, d // 2) \
+      or sin.shape != cos.shape:
+    raise ValueError(f"sample_statistics: sample [B, S, 2 H D], k_scale [S, D], cos / sin "
+                     f"[S, D / 2] with H={num_heads}, got {sample.shape}, {k_scale.shape}, "
+                     f"{cos.shape}, {sin.shape}")
+  pad = -n % STATS_CHUNK
+  if pad:
+    sample = jnp.pad(sample, ((0, 0), (0, pad), (0, 0)))
+    k_scale, cos, sin = (jnp.pad(t, ((0, pad), (0, 0))) for t in (k_scale, cos, sin))
+  out = jax.ShapeDtypeStruct((b, num_heads, d), jnp.float32)
+  return pl.pallas_call(
+      lambda *refs: _stats_kernel(*refs, n=n, heads=num_heads, eps=eps),
+      grid=(b, num_heads), out_shape=[out, out],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret, name=f"fp8_sample_stats_{n}x{num_heads}x{d}")(
+          sample, k_scale, cos, sin)

@@ -133,6 +133,9 @@ SWITCHES = (
      "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
      "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
      "session (acts only on cudnn_fp8 attention)"),
+    ("fused_fp8_stats", flux.set_fused_fp8_stats, False,
+     "FP8 attention's token-sample statistics (k's mean, v's maximum) from one kernel pass "
+     "(attention_fp8.sample_statistics) instead of XLA's (acts only on cudnn_fp8 attention)"),
     ("bf16_lowrank_down", w4a4.set_bf16_lowrank_down, False,
      "the low-rank down projection of the layers XLA quantizes (K = 3072) written in bf16 by "
      "its dot (w4a4.set_bf16_lowrank_down)"),
