@@ -279,8 +279,10 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
   if len(eps) != 1:
     raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
   eps = eps.pop()
-  kmean, v_bound = (_sample_statistics if _fused_fp8_stats else _sample_statistics_reference)(
-      streams, pe, num_heads, eps, interpret)
+  if _fused_fp8_stats:
+    kmean, v_bound = _sample_statistics(streams, pe, num_heads, eps, interpret)
+  else:
+    kmean, v_bound = _sample_statistics_reference(streams, pe, num_heads)
   bound = rms_norm_bound(d, *(n.scale[...] for n in _qk_norms(streams)))
   scales = (pow2_scale(bound), pow2_scale(2.0 * bound), pow2_scale(v_bound))
   q8, k8, v8 = attention_fp8.fp8_operands(
@@ -302,10 +304,9 @@ def _sample_rows(streams, pe):
   return out
 
 
-def _sample_statistics_reference(streams, pe, num_heads, eps, interpret=False):
+def _sample_statistics_reference(streams, pe, num_heads):
   """(k's mean over the joint token sample after the RMSNorms and RoPE, f32 [B, H, D];
   ``sample_v_bound`` of v's sample), by XLA: ``fp8_operands``' statistics."""
-  del eps, interpret   # the streams' RMSNorms hold theirs
   k_sample, v_sample = [], []
   for (x, qk), (rows, pe_rows) in zip(streams, _sample_rows(streams, pe)):
     _, k, v = _normed_heads(x[:, rows], qk, num_heads)

@@ -66,7 +66,7 @@ def test_sample_statistics_in_one_pass(lengths, extra, monkeypatch):
   scales, q and v codes, k's codes but for rare one-step differences."""
   streams, pe = _streams(lengths, extra)
   eps = streams[0][1].query_norm.eps
-  want_mean, want_bound = flux._sample_statistics_reference(streams, pe, H, eps)
+  want_mean, want_bound = flux._sample_statistics_reference(streams, pe, H)
   mean, bound = flux._sample_statistics(streams, pe, H, eps, interpret=True)
   # f32 sums of the sample's |k| <= ~20 in two orders: ~1 ulp of a partial sum per addition
   np.testing.assert_allclose(np.asarray(mean), np.asarray(want_mean), rtol=1e-5, atol=5e-5)
