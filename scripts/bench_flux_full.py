@@ -538,7 +538,9 @@ def main():
 
 def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
   """Updates the "flux_dev_step" part of docs/benchmarks/summary.json from this run (needs
-  the bf16 and svdquant models timed in it)."""
+  the bf16 and svdquant models timed in it): its own keys (times, ratios, format, date, the
+  loops' scalars) are replaced; the rest (the records of other runs and the defaults' notes,
+  written by hand) is kept."""
   models = result.get("models", {})
   bf16 = models.get("bf16", {}).get(f"step{res}_ms")
   quant = models.get("svdquant_" + svdq_format.replace("/", "_"), {})
@@ -547,6 +549,10 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
     return
   wfmt, _, afmt = svdq_format.partition("/")
   summary = json.load(open(path)) if os.path.exists(path) else {}
+  owned = {"resolution", "format", "bf16_ms", "quantized_ms", "speedup", "weight_bytes",
+           "device", "date", "quantize_s", "quantize_fast_search"}
+  kept = {k: v for k, v in summary.get("flux_dev_step", {}).items()
+          if k not in owned and (isinstance(v, dict) or not k.startswith("loop"))}
   summary["flux_dev_step"] = dict(
       resolution=res, format=f"{wfmt}/{afmt or wfmt}", bf16_ms=bf16,
       quantized_ms=quant[f"step{res}_ms"], speedup=bf16 / quant[f"step{res}_ms"],
@@ -570,6 +576,7 @@ def write_summary(path: str, result: dict, svdq_format: str, res: int) -> None:
   if "quantize_s" in result:   # one alpha and one low-rank iteration with --fast-search
     summary["flux_dev_step"].update(quantize_s=result["quantize_s"],
                                     quantize_fast_search=result["fast_search"])
+  summary["flux_dev_step"].update(kept)
   with open(path, "w") as f:
     json.dump(summary, f, indent=1)
 
