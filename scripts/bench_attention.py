@@ -167,13 +167,14 @@ def operands_table(args) -> None:
   print("\n| block | operands unfused / fused ms | with attention unfused / fused ms | "
         "differing q, k, v codes | fused, other tilings ms | sample statistics XLA / kernel ms |")
   print("| --- | ---: | ---: | ---: | --- | --- |")
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v
   for r in rows:
     other = ", ".join(f"{k[6:-3]} {v:.4f}" if isinstance(v, float) else f"{k[6:-3]} failed"
                       for k, v in r.items() if k.startswith("fused_") and k[6].isdigit())
     print(f"| {r['kind']} | {r['unfused_operands_ms']:.4f} / {r['fused_operands_ms']:.4f} | "
           f"{r['unfused_attention_ms']:.4f} / {r['fused_attention_ms']:.4f} | "
-          f"{r['differing']} | {other} | {r.get('stats_xla_ms', '-')} / "
-          f"{r['stats_kernel_ms']} |")
+          f"{r['differing']} | {other} | {fmt(r.get('stats_xla_ms', '-'))} / "
+          f"{fmt(r['stats_kernel_ms'])} |")
 
 
 def main():
