@@ -50,6 +50,15 @@ def device_kernel_seconds(fn, *args, calls: int = 3) -> dict[str, float]:
 LAUNCH_GAP_NS = 100_000
 
 
+def launch_gaps(spans) -> tuple[int, int]:
+  """(kernels, ns of the stream idle between consecutive ones) for one stream's kernel
+  (start_ns, end_ns) spans: gaps up to ``LAUNCH_GAP_NS`` (longer ones are the host's time
+  between calls; overlaps count nothing)."""
+  spans = sorted(spans)
+  gaps = (b[0] - a[1] for a, b in zip(spans, spans[1:]))
+  return len(spans), sum(g for g in gaps if 0 < g <= LAUNCH_GAP_NS)
+
+
 def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], dict]:
   """(``device_kernel_seconds``, the streams' timeline per call: kernel launches, and the
   idle ms between consecutive kernels of a stream, gaps up to ``LAUNCH_GAP_NS``) from one
@@ -71,10 +80,8 @@ def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], 
       # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
       if not line.name.startswith("Stream"):
         continue
-      spans = sorted((e.start_ns, e.end_ns) for e in line.events)
-      launches += len(spans)
-      idle_ns += sum(g for g in (b[0] - a[1] for a, b in zip(spans, spans[1:]))
-                     if 0 < g <= LAUNCH_GAP_NS)
+      n, idle = launch_gaps([(e.start_ns, e.end_ns) for e in line.events])
+      launches, idle_ns = launches + n, idle_ns + idle
       for event in line.events:
         totals[event.name] += event.duration_ns * 1e-9 / calls
   return dict(totals), {"launches": launches / calls, "idle_ms": idle_ns * 1e-6 / calls}
