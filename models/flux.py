@@ -275,7 +275,8 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
   sv). The same as ``fp8_operands_reference``: k's mean and v's bound come from the joint
   sequence's ``token_sample``, normed and rotated here."""
   d = streams[0][1].query_norm.scale.shape[0]
-  eps = {n.eps for n in _qk_norms(streams)}
+  norms = _qk_norms(streams)
+  eps = {n.eps for n in norms}
   if len(eps) != 1:
     raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
   eps = eps.pop()
@@ -283,7 +284,7 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
     kmean, v_bound = _sample_statistics(streams, pe, num_heads, eps, interpret)
   else:
     kmean, v_bound = _sample_statistics_reference(streams, pe, num_heads)
-  bound = rms_norm_bound(d, *(n.scale[...] for n in _qk_norms(streams)))
+  bound = rms_norm_bound(d, *(n.scale[...] for n in norms))
   scales = (pow2_scale(bound), pow2_scale(2.0 * bound), pow2_scale(v_bound))
   q8, k8, v8 = attention_fp8.fp8_operands(
       [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,

@@ -124,8 +124,8 @@ def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide every
   part's width and start (multiples of 64)."""
   k = 0
-  for x, start, *_ in parts:
-    k = math.gcd(k, x.shape[1] - start, start)
+  for p in parts:
+    k = math.gcd(k, p.x.shape[1] - p.start, p.start)
   while k % block_k:
     block_k //= 2
   block_k = max(block_k, GROUP)

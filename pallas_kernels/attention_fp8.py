@@ -13,9 +13,8 @@ unfused passes write the normed heads and read them again. RoPE's pairs are spli
 and joined again in registers (``jnp.unstack`` / ``jnp.stack`` on a trailing axis of 2:
 Triton's split / join). The definition is FLUX's unfused path
 (``models.flux.fp8_operands_reference``: ``split_heads``, ``RMSNorm``, ``apply_rope``, then
-``attention.e4m3_operands``' quantization with the same scales);
-tests/test_attention_fp8.py checks the kernel against it
-in interpret mode.
+``attention.e4m3_operands``' quantization with the same scales); tests/test_attention_fp8.py
+checks the kernel against it in interpret mode.
 
 On by default (``flux.set_fused_fp8_operands``). Its first version, which swapped the pairs
 by a product with a signed permutation and read cos / sin repeated per column, ran 0.15-0.18

@@ -37,8 +37,7 @@ from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.attention import pow2_scale, rms_norm_bound
-from svdq_jax.pallas_kernels import attention_fp8, int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
+from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_profile, median_seconds
 from svdq_jax.tree import find_kernels, tree_bytes
@@ -169,21 +168,12 @@ def flux_patched(name: str, replacement):
     sampling._euler.clear_cache()
 
 
-def _fp8_operands_without_statistics(streams, pe, num_heads, interpret=False):
-  """``flux.fp8_operands`` with its token sample's statistics replaced by constants (k not
-  smoothed, v's scale 1): not a model, a timing probe (--free-fp8-stats) of the most that a
-  cheaper computation of the statistics could save."""
+def _constant_fp8_statistics(streams, pe, num_heads):
+  """In place of ``flux._sample_statistics_reference``: k not smoothed and v's bound 448 (its
+  scale 1), no pass over the token sample. Not a model, a timing probe (--free-fp8-stats) of
+  the most that a cheaper computation of the statistics could save."""
   d = streams[0][1].query_norm.scale.shape[0]
-  b = streams[0][0].shape[0]
-  norms = [n for _, qk in streams for n in qk.norms()]
-  bound = rms_norm_bound(d, *(n.scale[...] for n in norms))
-  scales = (pow2_scale(bound), pow2_scale(2.0 * bound), jnp.float32(1.0))
-  q8, k8, v8 = attention_fp8.fp8_operands(
-      [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,
-      jnp.zeros((b, num_heads, d), jnp.float32), 1.0 / jnp.stack(scales), num_heads,
-      norms[0].eps, interpret=interpret)
-  return q8, k8, v8, scales
-
+  return jnp.zeros((streams[0][0].shape[0], num_heads, d), jnp.float32), jnp.float32(448.0)
 
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
@@ -516,12 +506,12 @@ def main():
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
         if args.free_fp8_stats and att == "cudnn_fp8":
-          with flux_patched("fp8_operands", _fp8_operands_without_statistics):
+          with flux_patched("_sample_statistics_reference", _constant_fp8_statistics):
             measure(f"{name}_att_{att}_free_fp8_stats", graph, qstate, cfg, args, result,
                     variant=True)
         set_attention_implementation(args.attention)
       if args.free_fp8_stats and args.attention == "cudnn_fp8":
-        with flux_patched("fp8_operands", _fp8_operands_without_statistics):
+        with flux_patched("_sample_statistics_reference", _constant_fp8_statistics):
           measure(f"{name}_free_fp8_stats", graph, qstate, cfg, args, result, variant=True)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
