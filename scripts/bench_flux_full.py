@@ -490,6 +490,7 @@ def main():
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
+      default_act = w4a4.act_kernel()
       for act in (v for v in args.act_kernels.split(",") if v):  # the sampling loop retraces
         w4a4.set_act_kernel(act)
         measure(f"{name}_act_{act}", graph, qstate, cfg, args, result, variant=True)
