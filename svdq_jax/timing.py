@@ -59,9 +59,26 @@ def launch_gaps(spans) -> tuple[int, int]:
   return len(spans), sum(g for g in gaps if 0 < g <= LAUNCH_GAP_NS)
 
 
+def busy_span(spans) -> tuple[int, int]:
+  """(ns with at least one kernel running, ns from the first kernel's start to the last's
+  end) for (start_ns, end_ns) spans of all of a device's streams: span - busy is the time the
+  device sat idle, short gaps and the host's long ones alike."""
+  if not spans:
+    return 0, 0
+  spans = sorted(spans)
+  busy, (lo, hi) = 0, spans[0]
+  for a, b in spans[1:]:
+    if a > hi:
+      busy, lo, hi = busy + hi - lo, a, b
+    else:
+      hi = max(hi, b)
+  return busy + hi - lo, hi - spans[0][0]
+
+
 def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], dict]:
-  """(``device_kernel_seconds``, the streams' timeline per call: kernel launches, and the
-  idle ms between consecutive kernels of a stream, gaps up to ``LAUNCH_GAP_NS``) from one
+  """(``device_kernel_seconds``, the streams' timeline per call: kernel launches, the idle
+  ms between consecutive kernels of a stream, gaps up to ``LAUNCH_GAP_NS``, and ``busy_ms`` /
+  ``span_ms``, ``busy_span`` over all streams, the gaps between calls included) from one
   trace. Empty on a CPU."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
@@ -72,10 +89,13 @@ def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], 
     files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
     data = ProfileData.from_file(files[0])
   totals: dict[str, float] = collections.defaultdict(float)
-  launches, idle_ns = 0, 0
+  launches, idle_ns, busy_ns, span_ns = 0, 0, 0, 0
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
       continue
+    streams = [line for line in plane.lines if line.name.startswith("Stream")]
+    busy, span = busy_span([(e.start_ns, e.end_ns) for line in streams for e in line.events])
+    busy_ns, span_ns = busy_ns + busy, span_ns + span
     for line in plane.lines:
       # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
       if not line.name.startswith("Stream"):
@@ -84,4 +104,5 @@ def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], 
       launches, idle_ns = launches + n, idle_ns + idle
       for event in line.events:
         totals[event.name] += event.duration_ns * 1e-9 / calls
-  return dict(totals), {"launches": launches / calls, "idle_ms": idle_ns * 1e-6 / calls}
+  return dict(totals), {"launches": launches / calls, "idle_ms": idle_ns * 1e-6 / calls,
+                        "busy_ms": busy_ns * 1e-6 / calls, "span_ms": span_ns * 1e-6 / calls}

@@ -1,4 +1,4 @@
-"""The profile timeline's arithmetic (``timing.launch_gaps``); the trace itself needs a GPU."""
+"""The profile timeline's arithmetic (``timing.launch_gaps``, ``timing.busy_span``); the trace itself needs a GPU."""
 
 from svdq_jax import timing
 
@@ -15,3 +15,11 @@ def test_launch_gaps_count_short_gaps_only():
   assert timing.launch_gaps([(0, 1), (timing.LAUNCH_GAP_NS + 2, timing.LAUNCH_GAP_NS + 3)]) \
       == (2, 0)
   assert timing.launch_gaps([]) == (0, 0)
+
+
+def test_busy_span_unions_streams():
+  """Two streams overlapping, one kernel inside another, a gap: busy is the union's length."""
+  spans = [(50, 60), (0, 10), (5, 20), (30, 40), (32, 35)]
+  assert timing.busy_span(spans) == (20 + 10 + 10, 60)
+  assert timing.busy_span([(0, 10), (10, 20)]) == (20, 20)
+  assert timing.busy_span([]) == (0, 0)
