@@ -195,8 +195,8 @@ def category(kernel: str) -> str:
 
 
 def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
-  """{category: ms per call}, the kernel launches, the streams' idle ms between them, busy and span ms per
-  call (``timing.device_kernel_profile``), plus the ``top`` most expensive kernels by name;
+  """{category: ms per call}, the kernel launches, the streams' idle ms between them, busy and
+  span ms per call (``timing.device_kernel_profile``), plus the ``top`` most expensive kernels by name;
   with the compiled program's optimized ``hlo``, the last category's time by model line too."""
   times, timeline = device_kernel_profile(fn, *args, calls=3)
   kinds = {name: category(name) for name in times}
@@ -330,7 +330,8 @@ def measure(name, graph, state, cfg, args, result, variant=False):
         r[f"loop{res}_profile_per_step{suffix}"] = {
             "categories_ms": {c: v / args.loop_steps
                               for c, v in prof["categories_ms"].items()},
-            **{k: prof[k] / args.loop_steps for k in ("total_ms", "launches", "idle_ms", "busy_ms", "span_ms")}}
+            **{k: prof[k] / args.loop_steps
+               for k in ("total_ms", "launches", "idle_ms", "busy_ms", "span_ms")}}
       if tag:   # the same computation but for what runs before the loop
         r[f"{tag}_max_abs_diff"] = float(jnp.abs(latents[-1] - latents[0]).max())
     del latents
