@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
-import sys
 from typing import NamedTuple
 
 import jax
@@ -488,10 +488,10 @@ def trace_settings() -> tuple:
   """Every switch ``apply`` reads while a function is traced (``set_backend``, the kernel
   modules' choices), as a hashable tuple: a jitted function that closes over quantized layers
   takes it as a static argument so that changing a switch retraces it (``models.sampling``).
-  A kernel module not yet imported holds its defaults (None here)."""
-  mods = [sys.modules.get(f"svdq_jax.pallas_kernels.{m}") for m, _ in _KERNEL_SWITCHES]
-  return (_backend, *(None if mod is None else getattr(mod, switch)
-                      for mod, (_, switch) in zip(mods, _KERNEL_SWITCHES)))
+  The kernel modules are imported here: a module first imported while tracing would change
+  the tuple after the first trace, and the second call would trace again."""
+  mods = [importlib.import_module(f"svdq_jax.pallas_kernels.{m}") for m, _ in _KERNEL_SWITCHES]
+  return (_backend, *(getattr(mod, switch) for mod, (_, switch) in zip(mods, _KERNEL_SWITCHES)))
 
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,

@@ -84,6 +84,22 @@ def test_the_sampling_loop_retraces_when_a_kernel_switch_changes(monkeypatch):
   assert sampling._euler._cache_size() == traced + 2
 
 
+def test_trace_settings_do_not_change_when_a_kernel_module_is_first_imported():
+  """A kernel module first imported while the loop traces (the Hopper GEMMs are imported on
+  first use) must not change the settings the loop was traced with: the second sample()
+  traced again (on a CPU, 15 s at FLUX.1-dev's depth). A fresh interpreter, where nothing
+  has imported them yet."""
+  import subprocess
+  import sys
+  code = ("from svdq_jax import qlinear; first = qlinear.trace_settings()\n"
+          "import pkgutil, importlib; from svdq_jax import pallas_kernels\n"
+          "for m in pkgutil.iter_modules(pallas_kernels.__path__):\n"
+          "  importlib.import_module('svdq_jax.pallas_kernels.' + m.name)\n"
+          "assert qlinear.trace_settings() == first, (first, qlinear.trace_settings())\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _kernel_switches():
   """Every on/off switch of the kernel modules: their ``set_*(flag: bool)`` functions."""
   import importlib
