@@ -291,9 +291,9 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     compiled_first = compiled_first or compiled
     mem = compiled.memory_analysis()
     r[f"step{res}_temp_bytes"] = int(mem.temp_size_in_bytes)
-    # 10 back-to-back calls a round: the first call's host work (flattening the weights'
-    # arrays, ~7 ms for FLUX.1-dev) is not hidden behind a previous step; over 3 calls it
-    # added 5-7 ms to every step time (2026-12-04: step 127.6 ms, profiled device span 121.7)
+    # 10 back-to-back calls a round: a round's first call waits for its host work (the
+    # weights' arrays flattened in Python) with no step running behind it; with 3 calls the
+    # step times sat 5-7 ms above the profiled device span (2026-12-04: bf16 127.6 vs 121.7)
     r[f"step{res}_ms"] = median_seconds(compiled, state, *x, reps=10, rounds=3) * 1e3
     if args.prepared_step and name != "bf16":   # as the sampling loop runs each step
       prepared = jax.jit(lambda st: qlinear.prepare(st, expand=False))(state)
