@@ -121,7 +121,7 @@ def _tick(i):
     _bar.update(1)
 
 
-@functools.partial(nnx.jit, graph_updates=False)   # no copy of the weights per call
+@jax.jit   # the model as a pytree, as in _euler: no graph walk per call
 def _velocity(model, x, img_ids, txt, txt_ids, t, y, guidance):
   return model(x, img_ids, txt, txt_ids, t, y, guidance)
 
