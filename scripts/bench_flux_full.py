@@ -7,7 +7,8 @@ weight values). Stages:
   quantize: wall time of calibrate (random inputs) + svdq_jax.quantize on the GPU;
   step:     per model in --models, one at a time (only one quantized copy resident): one
             jitted denoising step (batch 1) at each --resolutions, its XLA memory plan, a full
-            --loop-steps jitted sampling loop at the first resolution, and with --profile the
+            --loop-steps jitted sampling loop at the first resolution (median of 3 calls
+            after the compiling one), and with --profile the
             device time per kernel category of one step (and per step of the loop).
 
     python3 scripts/bench_flux_full.py --out $OUT [--blocks 19,38] [--stages memory,quantize,step]
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import re
+import statistics
 import time
 
 import jax
@@ -340,11 +342,14 @@ def measure(name, graph, state, cfg, args, result, variant=False):
       t0 = time.perf_counter()
       latents.append(loop())
       first = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      loop()
+      times = []
+      for _ in range(3):   # one call's time moved up to 4% between calls (2026-12-04)
+        t0 = time.perf_counter()
+        loop()   # sample() returns once its latents are ready
+        times.append(round(time.perf_counter() - t0, 3))
       suffix = f"_{tag}" if tag else ""
       key = f"loop{res}_{args.loop_steps}steps{suffix}"
-      r[f"{key}_s"] = round(time.perf_counter() - t0, 3)
+      r[f"{key}_s"], r[f"{key}_calls_s"] = statistics.median(times), times
       r[f"{key}_first_call_s"] = round(first, 1)
       print(json.dumps({name: {key: r[f"{key}_s"]}}), flush=True)
       if args.profile:   # per step inside the jitted loop: what XLA hoisted out of it is gone
