@@ -198,8 +198,9 @@ def category(kernel: str) -> str:
 
 def kernel_profile(fn, *args, top: int = 12, hlo: str | None = None) -> dict:
   """{category: ms per call}, the kernel launches, the streams' idle ms between them, busy and
-  span ms per call (``timing.device_kernel_profile``), plus the ``top`` most expensive kernels by name;
-  with the compiled program's optimized ``hlo``, the last category's time by model line too."""
+  span ms per call (``timing.device_kernel_profile``), plus the ``top`` most expensive kernels
+  by name; with the compiled program's optimized ``hlo``, the last category's time by model
+  line too."""
   times, timeline = device_kernel_profile(fn, *args, calls=3)
   kinds = {name: category(name) for name in times}
   cats: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""The profile timeline's arithmetic (``timing.launch_gaps``, ``timing.busy_span``); the trace itself needs a GPU."""
+"""The profile timeline's arithmetic (``timing.launch_gaps``, ``timing.busy_span``); the
+trace itself needs a GPU."""
 
 from svdq_jax import timing
 
