@@ -542,19 +542,6 @@ def set_input_parts(read: bool) -> None:
   _input_parts = bool(read)
 
 
-# Off until timed on the GPU.
-_bf16_lowrank_down = False
-
-
-def set_bf16_lowrank_down(on: bool) -> None:
-  """Whether a row-scaled layer whose activations XLA quantizes (K below
-  ``act_rowscaled.WIDE_K`` by default) takes its low-rank down projection from a dot that
-  writes bf16 (the same values: f32 accumulation rounded once) instead of an f32 dot and a
-  conversion pass (one small kernel a layer, ~150 a FLUX step)."""
-  global _bf16_lowrank_down
-  _bf16_lowrank_down = bool(on)
-
-
 _epilogue_gelu = True
 
 
@@ -649,10 +636,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))
-  else:   # XLA's fusions; the GEMM takes the low-rank product in bf16
-    a, sa, lr = act_rowscaled.reference_folded(
-        x, p.inv_smooth, p.down, p.act_format,
-        lr_dtype=jnp.bfloat16 if _bf16_lowrank_down else jnp.float32)
+  else:
+    a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]

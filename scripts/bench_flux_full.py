@@ -137,9 +137,6 @@ SWITCHES = (
     ("fused_fp8_stats", flux.set_fused_fp8_stats, False,
      "FP8 attention's token-sample statistics (k's mean, v's maximum) from one kernel pass "
      "(attention_fp8.sample_statistics) instead of XLA's (acts only on cudnn_fp8 attention)"),
-    ("bf16_lowrank_down", w4a4.set_bf16_lowrank_down, False,
-     "the low-rank down projection of the layers XLA quantizes (K = 3072) written in bf16 by "
-     "its dot (w4a4.set_bf16_lowrank_down)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )

@@ -407,12 +407,10 @@ LOWRANK_DTYPE = jnp.bfloat16
 
 
 
-def bf16_dot(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-  """a @ b of bf16-rounded operands, accumulated in f32 (the low-rank branch's tensor-core
-  precision); ``out_dtype`` bf16: rounded once to bf16 by the product itself (on the GPU
-  cuBLAS writes bf16, where a separate conversion would be one more kernel)."""
+def bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """f32 a @ b of bf16-rounded operands (the low-rank branch's tensor-core precision)."""
   return jnp.matmul(a.astype(LOWRANK_DTYPE), b.astype(LOWRANK_DTYPE),
-                    preferred_element_type=out_dtype)
+                    preferred_element_type=jnp.float32)
 
 
 def folded_down(down: jax.Array, smooth: jax.Array | None) -> jax.Array:
@@ -481,7 +479,7 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
-                    ("w4a8_hopper", "_chain"), ("w4a4", "_bf16_lowrank_down"))
+                    ("w4a8_hopper", "_chain"))
 
 
 def trace_settings() -> tuple:

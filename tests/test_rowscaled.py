@@ -251,31 +251,6 @@ def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
   assert np.isnan(want[1]).sum() == 1
 
 
-def test_bf16_lowrank_down_gives_the_same_layer_outputs():
-  """``set_bf16_lowrank_down``: the low-rank product of a layer whose activations XLA
-  quantizes, written in bf16 by its dot, gives the layer's outputs bit for bit (it is the
-  same f32 accumulation, rounded once)."""
-  x = jax.random.normal(jax.random.key(0), (40, 256), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(1), (256, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 16, None, cfg, jax.random.key(0),
-      jnp.abs(x.astype(jnp.float32)).max(0), x.astype(jnp.float32))
-  default_act = w4a4.act_kernel()
-  w4a4.set_act_kernel("xla")
-  try:
-    with qlinear.backend("interpret"):
-      outs = []
-      for on in (False, True):
-        w4a4.set_bf16_lowrank_down(on)
-        outs.append(np.asarray(qlinear.apply(layer, x), np.float32))
-  finally:
-    w4a4.set_bf16_lowrank_down(False)
-    w4a4.set_act_kernel(default_act)
-  np.testing.assert_array_equal(outs[1], outs[0])
-  assert np.abs(outs[0]).max() > 0
-
-
 @pytest.mark.parametrize("read_parts", [True, False])
 def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
