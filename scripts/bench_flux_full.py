@@ -276,23 +276,22 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
   return result
 
 
-def loop_cost(model, noise, x, res, steps, short=2, calls=3) -> dict:
+def loop_cost(model, noise, x, res, steps, steps_s, short=2) -> dict:
   """A ``sample()`` call's cost split into a per-step and a fixed part (the host's work
-  before the loop starts, what runs once before and after it) from the best of ``calls``
-  calls at ``short`` and ``steps`` steps (the short loop compiles once more)."""
-  best = {}
-  for n in (short, steps):
-    sigmas = sampling.schedule(n, x[0].shape[1])
-    call = lambda: sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
-    call()
-    times = []
-    for _ in range(calls):
-      t0 = time.perf_counter()
-      call()   # sample() returns once its latents are ready
-      times.append(time.perf_counter() - t0)
-    best[n] = min(times) * 1e3
-  per_step = (best[steps] - best[short]) / (steps - short)
-  return {f"loop{res}_per_step_ms": per_step, f"loop{res}_fixed_ms": best[short] - short * per_step}
+  before the loop starts, what runs once before and after it) from the best of the
+  ``steps``-step loop's timed calls ``steps_s`` and of as many calls at ``short`` steps
+  (that loop compiles once more)."""
+  sigmas = sampling.schedule(short, x[0].shape[1])
+  call = lambda: sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
+  call()
+  times = []
+  for _ in steps_s:
+    t0 = time.perf_counter()
+    call()   # sample() returns once its latents are ready
+    times.append(time.perf_counter() - t0)
+  best_short, best = min(times) * 1e3, min(steps_s) * 1e3
+  per_step = (best - best_short) / (steps - short)
+  return {f"loop{res}_per_step_ms": per_step, f"loop{res}_fixed_ms": best_short - short * per_step}
 
 
 def measure(name, graph, state, cfg, args, result, variant=False):
@@ -361,7 +360,8 @@ def measure(name, graph, state, cfg, args, result, variant=False):
         r[f"{tag}_max_abs_diff"] = float(jnp.abs(latents[-1] - latents[0]).max())
     del latents
     if args.loop_fixed:
-      r.update(loop_cost(model, noise, x, res, args.loop_steps))
+      r.update(loop_cost(model, noise, x, res, args.loop_steps,
+                         r[f"loop{res}_{args.loop_steps}steps_calls_s"]))
     stats = jax.devices()[0].memory_stats() or {}
     r["bytes_in_use_after_loop"] = stats.get("bytes_in_use")
     r["peak_bytes_in_use_so_far"] = stats.get("peak_bytes_in_use")
@@ -390,8 +390,8 @@ def main():
                   type=lambda v: [int(r) for r in v.split(",")])
   ap.add_argument("--loop-steps", type=int, default=28, help="0: no sampling loop")
   ap.add_argument("--loop-fixed", action="store_true",
-                  help="also split the loop's time into per-step and fixed ms (best of 3 calls "
-                       "at 2 and --loop-steps steps)")
+                  help="also split the loop's time into per-step and fixed ms (best of its 3 "
+                       "calls and of 3 at 2 steps)")
   ap.add_argument("--hoist-weights", action="store_true",
                   help="also time the quantized models' loop with sample(hoist_weights=True)")
   ap.add_argument("--modulation-in-loop", action="store_true",

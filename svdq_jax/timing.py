@@ -93,13 +93,11 @@ def device_kernel_profile(fn, *args, calls: int = 3) -> tuple[dict[str, float], 
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
       continue
+    # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
     streams = [line for line in plane.lines if line.name.startswith("Stream")]
     busy, span = busy_span([(e.start_ns, e.end_ns) for line in streams for e in line.events])
     busy_ns, span_ns = busy_ns + busy, span_ns + span
-    for line in plane.lines:
-      # Kernel activity lives on the stream lines; "XLA Modules"/"XLA Ops" repeat it by HLO.
-      if not line.name.startswith("Stream"):
-        continue
+    for line in streams:
       n, idle = launch_gaps([(e.start_ns, e.end_ns) for e in line.events])
       launches, idle_ns = launches + n, idle_ns + idle
       for event in line.events:
