@@ -155,9 +155,9 @@ def attention_implementation() -> str | None:
 
 def attention_settings() -> tuple:
   """Every attention switch read while the model is traced (the implementation,
-  ``set_fused_fp8_operands``, ``set_fp8_output_part``, ``set_fused_fp8_stats``): a jitted
+  ``set_fused_fp8_operands``, ``set_fp8_output_part``): a jitted
   loop takes it as a static argument, so that changing one retraces it."""
-  return _attention_implementation, _fused_fp8, _fp8_output_part, _fused_fp8_stats
+  return _attention_implementation, _fused_fp8, _fp8_output_part
 
 
 @contextlib.contextmanager
@@ -238,18 +238,6 @@ def set_fused_fp8_operands(on: bool) -> None:
   _fused_fp8 = bool(on)
 
 
-# Off: with one program per head it cost 0.65 ms more of the FP8 step than XLA's statistics
-# (H200, 2026-12-04, docs/benchmarks); one program per head and 32-row chunk, not yet timed.
-_fused_fp8_stats = False
-
-
-def set_fused_fp8_stats(on: bool) -> None:
-  """Whether ``fp8_operands`` takes its token sample's statistics (k's mean, v's maximum) from
-  one kernel pass (``attention_fp8.sample_statistics``) instead of XLA's passes."""
-  global _fused_fp8_stats
-  _fused_fp8_stats = bool(on)
-
-
 # H200, 2026-12-04: bit-exact, linear2's activation kernel 0.224 against 0.239 ms with XLA's
 # descale first, 0.35 ms less device time a step (docs/benchmarks/README.md).
 _fp8_output_part = True
@@ -281,10 +269,7 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
   if len(eps) != 1:
     raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
   eps = eps.pop()
-  if _fused_fp8_stats:
-    kmean, v_bound = _sample_statistics(streams, pe, num_heads, eps, interpret)
-  else:
-    kmean, v_bound = _sample_statistics_reference(streams, pe, num_heads)
+  kmean, v_bound = _sample_statistics(streams, pe, num_heads)
   bound = rms_norm_bound(d, *(n.scale[...] for n in norms))
   scales = (pow2_scale(bound), pow2_scale(2.0 * bound), pow2_scale(v_bound))
   q8, k8, v8 = attention_fp8.fp8_operands(
@@ -306,7 +291,7 @@ def _sample_rows(streams, pe):
   return out
 
 
-def _sample_statistics_reference(streams, pe, num_heads):
+def _sample_statistics(streams, pe, num_heads):
   """(k's mean over the joint token sample after the RMSNorms and RoPE, f32 [B, H, D];
   ``sample_v_bound`` of v's sample), by XLA: ``fp8_operands``' statistics."""
   k_sample, v_sample = [], []
@@ -316,22 +301,6 @@ def _sample_statistics_reference(streams, pe, num_heads):
     v_sample.append(v)
   kmean = jnp.mean(jnp.concatenate(k_sample, 1).astype(jnp.float32), axis=1)
   return kmean, sample_v_bound(jnp.concatenate(v_sample, 1))
-
-
-def _sample_statistics(streams, pe, num_heads, eps, interpret=False):
-  """``_sample_statistics_reference`` by one kernel pass over the sample
-  (``attention_fp8.sample_statistics``; XLA gathers the sampled rows' k | v columns first):
-  the same up to the f32 order of the mean's sum."""
-  d = streams[0][1].query_norm.scale.shape[0]
-  h = num_heads * d
-  parts = list(zip(streams, _sample_rows(streams, pe)))
-  sample = jnp.concatenate([x[:, rows, h:3 * h] for (x, _), (rows, _) in parts], 1)
-  k_scale = jnp.concatenate([jnp.broadcast_to(qk.key_norm.scale[...], (c.shape[0], d))
-                             for (_, qk), (_, (c, _)) in parts])
-  cos, sin = (jnp.concatenate([pr[i] for _, (_, pr) in parts]) for i in (0, 1))
-  kmean, vmax = attention_fp8.sample_statistics(sample, k_scale, cos, sin, num_heads, eps,
-                                                interpret=interpret)
-  return kmean, sample_v_bound(vmax)   # vmax >= 0: its largest |v| is its maximum
 
 
 def fp8_operands_reference(streams, pe, num_heads):

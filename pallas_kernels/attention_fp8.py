@@ -22,10 +22,9 @@ ms a FLUX block against XLA's unfused 0.12-0.13; this one (split / join, cos / s
 per pair) runs 0.077-0.089 ms against XLA's 0.11-0.12 and takes 1.4 ms off the FP8 step (H200,
 2026-12-04, ``scripts/bench_attention.py --operands``, docs/benchmarks/README.md).
 
-``sample_statistics``: the statistics the operands need first (k's mean after the norm and
-RoPE, v's maximum) over the token sample, one program per head and chunk of 32 sampled rows,
-the chunks' partial sums and maxima combined by XLA (``flux.set_fused_fp8_stats``; off: its
-first version, one program per head, measured slower than XLA's statistics in the step).
+The statistics the operands need first (k's mean over a token sample, v's bound) stay XLA's
+fusions: a Pallas pass for them ran no faster in the 28-step loop (2.378 against 2.377 s,
+H200, 2026-12-04) and was removed.
 """
 
 from __future__ import annotations
@@ -132,58 +131,3 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
         interpret=interpret, name=f"fp8_qkv_{x.shape[1]}x{num_heads}x{d}")(*args)
     off += x.shape[1]
   return tuple(outs)
-
-
-STATS_CHUNK = 32   # sample rows a statistics program reads
-
-
-def _stats_kernel(s_ref, ks_ref, cos_ref, sin_ref, ksum_ref, vmax_ref, *, heads, eps):
-  b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  d = ks_ref.shape[1]
-  rows = pl.ds(c * STATS_CHUNK, STATS_CHUNK)
-  load = lambda cols: s_ref[b, rows, cols].astype(jnp.float32)
-  # rows past the sample are zeros (padding): 0 through the norm and RoPE, 0 for v's max
-  k = _normed_rotated(load(pl.ds(h * d, d)), ks_ref[rows, :], cos_ref[rows, :],
-                      sin_ref[rows, :], eps)
-  ksum_ref[b, c, h, :] = jnp.sum(k, axis=0)
-  vmax_ref[b, c, h, :] = jnp.max(jnp.abs(load(pl.ds((heads + h) * d, d))), axis=0)
-
-
-def sample_statistics(sample: jax.Array, k_scale: jax.Array, cos: jax.Array, sin: jax.Array,
-                      num_heads: int, eps: float, *, interpret: bool = False):
-  """FP8 attention's statistics of its token sample in one pass (``models.flux
-  .fp8_operands``): k's mean after the RMSNorm and RoPE, and v's largest |v|.
-
-  Args:
-    sample: bf16 [B, S, 2 H D], the sampled tokens' k | v columns (head-major).
-    k_scale: f32 [S, D], each sampled token's key RMSNorm scale (its stream's).
-    cos, sin: f32 [S, D / 2], RoPE's angles at the sampled tokens' positions.
-    eps: the RMSNorms' epsilon.
-
-  Returns:
-    (kmean f32 [B, H, D], vmax f32 [B, H, D]: per channel, over the sample). kmean is the
-    sum of 32-row chunks' sums, divided by S: equal to the jnp mean up to f32 summation
-    order; vmax exactly.
-  """
-  b, n, width = sample.shape
-  d = k_scale.shape[1]
-  if width != 2 * num_heads * d or k_scale.shape != (n, d) or cos.shape != (n, d // 2) \
-      or sin.shape != cos.shape:
-    raise ValueError(f"sample_statistics: sample [B, S, 2 H D], k_scale [S, D], cos / sin "
-                     f"[S, D / 2] with H={num_heads}, got {sample.shape}, {k_scale.shape}, "
-                     f"{cos.shape}, {sin.shape}")
-  pad = -n % STATS_CHUNK
-  if pad:
-    sample = jnp.pad(sample, ((0, 0), (0, pad), (0, 0)))
-    k_scale, cos, sin = (jnp.pad(t, ((0, pad), (0, 0))) for t in (k_scale, cos, sin))
-  chunks = sample.shape[1] // STATS_CHUNK
-  # one program per (image, head, chunk of rows): a program per head, walking the chunks in
-  # turn, took 0.65 ms more of the FP8 step than XLA's statistics (H200, 2026-12-04)
-  out = jax.ShapeDtypeStruct((b, chunks, num_heads, d), jnp.float32)
-  ksum, vmax = pl.pallas_call(
-      lambda *refs: _stats_kernel(*refs, heads=num_heads, eps=eps),
-      grid=(b, num_heads, chunks), out_shape=[out, out],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret, name=f"fp8_sample_stats_{n}x{num_heads}x{d}")(
-          sample, k_scale, cos, sin)
-  return jnp.sum(ksum, axis=1) / n, jnp.max(vmax, axis=1)

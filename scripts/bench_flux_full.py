@@ -134,9 +134,6 @@ SWITCHES = (
      "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
      "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
      "session (acts only on cudnn_fp8 attention)"),
-    ("fused_fp8_stats", flux.set_fused_fp8_stats, False,
-     "FP8 attention's token-sample statistics (k's mean, v's maximum) from one kernel pass "
-     "(attention_fp8.sample_statistics) instead of XLA's (acts only on cudnn_fp8 attention)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
@@ -155,7 +152,7 @@ def _stacked_rope(x, pe):
 @contextlib.contextmanager
 def flux_patched(name: str, replacement):
   """Models traced inside use ``replacement`` for ``flux.<name>`` (--stacked-rope's
-  ``_stacked_rope``, --free-fp8-stats' probe; the loop's cache is dropped on the way in and
+  ``_stacked_rope``; the loop's cache is dropped on the way in and
   out: its key does not hold the function)."""
   saved = getattr(flux, name)
   setattr(flux, name, replacement)
@@ -165,14 +162,6 @@ def flux_patched(name: str, replacement):
   finally:
     setattr(flux, name, saved)
     sampling._euler.clear_cache()
-
-
-def _constant_fp8_statistics(streams, pe, num_heads):
-  """In place of ``flux._sample_statistics_reference``: k not smoothed and v's bound 448 (its
-  scale 1), no pass over the token sample. Not a model, a timing probe (--free-fp8-stats) of
-  the most that a cheaper computation of the statistics could save."""
-  d = streams[0][1].query_norm.scale.shape[0]
-  return jnp.zeros((streams[0][0].shape[0], num_heads, d), jnp.float32), jnp.float32(448.0)
 
 
 KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first match wins
@@ -439,10 +428,6 @@ def main():
                   help="comma-separated switches (the flags above, e.g. three_warpgroups_gelu) "
                        "flipped from their default for the whole run: every model and "
                        "variant is timed with them (the result records them)")
-  ap.add_argument("--free-fp8-stats", action="store_true",
-                  help="a timing probe: the svdquant model with FP8 attention (--attention or "
-                       "--svdq-attention cudnn_fp8) also timed with its operands' token "
-                       "sample statistics replaced by constants, '<name>_free_fp8_stats'")
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
@@ -537,14 +522,7 @@ def main():
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)
         measure(f"{name}_att_{att}", graph, qstate, cfg, args, result, variant=True)
-        if args.free_fp8_stats and att == "cudnn_fp8":
-          with flux_patched("_sample_statistics_reference", _constant_fp8_statistics):
-            measure(f"{name}_att_{att}_free_fp8_stats", graph, qstate, cfg, args, result,
-                    variant=True)
         set_attention_implementation(args.attention)
-      if args.free_fp8_stats and args.attention == "cudnn_fp8":
-        with flux_patched("_sample_statistics_reference", _constant_fp8_statistics):
-          measure(f"{name}_free_fp8_stats", graph, qstate, cfg, args, result, variant=True)
       for r in (int(v) for v in args.lora_ranks.split(",") if v):
         lstate = apply_loras(qstate, [random_lora(qstate, r)], [1.0])
         result.setdefault("models", {}).setdefault(f"{name}_lora{r}", {})["lora_rank"] = r

@@ -59,28 +59,6 @@ def test_kernel_matches_the_unfused_path(lengths, extra, heads_per_program, monk
   _codes_agree(gk, k8)
 
 
-@pytest.mark.parametrize("lengths,extra", [((25, 519), 0), ((40,), 64)])
-def test_sample_statistics_in_one_pass(lengths, extra, monkeypatch):
-  """The token sample's statistics by one kernel pass (``set_fused_fp8_stats``): k's mean
-  XLA's up to f32 summation order, v's bound exactly; through ``fp8_operands`` the same
-  scales, q and v codes, k's codes but for rare one-step differences."""
-  streams, pe = _streams(lengths, extra)
-  eps = streams[0][1].query_norm.eps
-  want_mean, want_bound = flux._sample_statistics_reference(streams, pe, H)
-  mean, bound = flux._sample_statistics(streams, pe, H, eps, interpret=True)
-  # f32 sums of the sample's |k| <= ~20 in two orders: ~1 ulp of a partial sum per addition
-  np.testing.assert_allclose(np.asarray(mean), np.asarray(want_mean), rtol=1e-5, atol=5e-5)
-  assert float(bound) == float(want_bound) and float(bound) > 0
-  want = flux.fp8_operands(streams, pe, H, interpret=True)
-  monkeypatch.setattr(flux, "_fused_fp8_stats", True)
-  got = flux.fp8_operands(streams, pe, H, interpret=True)
-  assert [float(s) for s in got[3]] == [float(s) for s in want[3]]
-  for i in (0, 2):
-    np.testing.assert_array_equal(np.asarray(got[i].astype(jnp.float32)),
-                                  np.asarray(want[i].astype(jnp.float32)))
-  _codes_agree(got[1], want[1])
-
-
 def test_bad_inputs_are_clear_errors():
   streams, pe = _streams((16,))
   (x, qk), = streams
@@ -90,9 +68,6 @@ def test_bad_inputs_are_clear_errors():
     attention_fp8.fp8_operands(*args([x[..., :-1]], pe[0]), interpret=True)
   with pytest.raises(ValueError, match="cos, sin must be"):
     attention_fp8.fp8_operands(*args([x], pe[0][:8]), interpret=True)
-  with pytest.raises(ValueError, match=r"sample \[B, S, 2 H D\]"):
-    attention_fp8.sample_statistics(x[..., :2 * H * D], jnp.ones((16, D)), pe[0][:8],
-                                    pe[1][:8], H, 1e-6, interpret=True)
 
 
 def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
@@ -126,12 +101,11 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
 
 
 def test_the_fp8_switches_retrace_jitted_loops():
-  """``set_fused_fp8_operands``, ``set_fp8_output_part`` and ``set_fused_fp8_stats`` are
-  part of ``attention_settings``, the static argument by which the sampling loop and the demo's
+  """``set_fused_fp8_operands`` and ``set_fp8_output_part`` are part of
+  ``attention_settings``, the static argument by which the sampling loop and the demo's
   predictions are retraced."""
   for switch, value in ((flux.set_fused_fp8_operands, flux._fused_fp8),
-                        (flux.set_fp8_output_part, flux._fp8_output_part),
-                        (flux.set_fused_fp8_stats, flux._fused_fp8_stats)):
+                        (flux.set_fp8_output_part, flux._fp8_output_part)):
     before = flux.attention_settings()
     switch(not value)
     try:
