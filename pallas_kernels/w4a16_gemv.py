@@ -3,11 +3,13 @@
 A weight-only (W4A16) layer's product, as ``qlinear.weight_only_product`` defines it: the
 weight dequantized to bf16, ``w[n, k] = bf16(q[n, k] * (m[n, g] * unit[n]))``, times the bf16
 input with f32 accumulation. Its callers in FLUX (the modulation linears, ``models.flux.
-quant_config``) take one vector per image, M = batch. XLA computes that from the jnp
-definition as a reduction over the dequantized weight (46 us per 3072 -> 18432 layer at M = 1
-on an H200, against 28 us for the bf16 GEMV) and, from M = 2, as a GEMM on a materialized
-weight (173 us). This kernel reads the packed codes once: N / block_n programs, each owning
-block_n output features, step over K ``groups_per_step`` 64-groups at a time:
+quant_config``) take one vector per image, M = batch, or, with the sampling loop's
+modulations computed before it (``sampling.sample(hoist_modulation=True)``), one per image and
+step (FLUX.1-dev's 28 steps: M = 28 a image). XLA computes that from the jnp definition as a
+reduction over the dequantized weight (46 us per 3072 -> 18432 layer at M = 1 on an H200,
+against 28 us for the bf16 GEMV) and, from M = 2, as a GEMM on a materialized weight (173
+us). This kernel reads the packed codes once: N / block_n programs, each owning block_n
+output features, step over K ``groups_per_step`` 64-groups at a time:
 
   b = codes[n, cols]                       uint8 [block_n, 32 groups_per_step], both nibbles
   s = f32(m[n, g]) * unit[n]               dequantize's scale, broadcast over its 32 bytes
@@ -15,7 +17,7 @@ block_n output features, step over K ``groups_per_step`` 64-groups at a time:
                                            64-group's first 32 values, then its last 32)
   M = 1:  acc[n] += sum_cols w_lo * x_lo[cols] + w_hi * x_hi[cols]      (CUDA cores)
   M > 1:  acc[r, n] += x_lo[r, cols] . w_lo[n, cols] + x_hi . w_hi       (bf16 tensor cores,
-                                                                        rows padded to 16)
+                                                              rows padded to a multiple of 16)
 
 where x_lo / x_hi [M, K/2] are x's groups' first / last halves (split before the call).
 
@@ -35,12 +37,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 
-MAX_ROWS = 16        # rows of x one call takes; a GEMM's business beyond that
+MAX_ROWS = 64        # rows of x one call takes; a GEMM's business beyond that
 # (block_n, groups_per_step, num_warps, num_stages) by path, the fastest of the sweeps at
 # K = 3072, N = 9216 and 18432 on an H200 (scripts/bench_gemv.py, 2026-12-03; device us):
 # 'rows' at M = 1 22.0 / 35.4 (16 features x 8 groups 36.5 / 22.1, 32 x 4 27.2 / 42.0, 64 x 4
 # 37.2 / 51.7); 'mma' at M = 2 23.6 / 37.4 (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6).
 TILING = {"rows": (16, 16, 4, 3), "mma": (32, 8, 4, 3)}
+# The 'mma' tiling's x tiles, [16 rows, 8 groups' halves] a pipeline stage: more rows take
+# fewer groups a step, keeping a stage's shared memory at the size measured above.
+MMA_TILE_ROWS_X_GROUPS = 16 * 8
 
 
 _enabled = True
@@ -121,14 +126,15 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
-    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 16.
+    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 64.
     codes: uint8 [N, K/2], ``formats.pack``'s layout. mults: uint8 [N, K/128] (K/64
       multipliers, ``formats.pack_multipliers``). unit: f32 [N] the row units.
-    mma: the products on the bf16 tensor cores (rows padded to 16) or, for M = 1 only, on
-      the CUDA cores; None: by M. block_n: output features per program (a power of two
-      dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2 dividing
-      K/64); num_warps, num_stages: Triton's. None: ``TILING`` of the path (its
-      groups_per_step reduced to what divides K/64).
+    mma: the products on the bf16 tensor cores (rows padded to a multiple of 16) or, for
+      M = 1 only, on the CUDA cores; None: by M. block_n: output features per program (a
+      power of two dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2
+      dividing K/64); num_warps, num_stages: Triton's. None: ``TILING`` of the path (its
+      groups_per_step reduced for more than 16 rows, ``MMA_TILE_ROWS_X_GROUPS``, and to what
+      divides K/64).
   """
   m, k = x.shape
   n = codes.shape[0]
@@ -136,7 +142,10 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if m > 1 and not mma:
     raise ValueError(f"the CUDA-core path takes one row, got x {x.shape}")
   groups = k // GROUP
+  rows = -(-m // _MIN_DOT) * _MIN_DOT if mma else 1
   tile_n, tile_groups, warps, stages = TILING["mma" if mma else "rows"]
+  if mma:
+    tile_groups = max(2, min(tile_groups, MMA_TILE_ROWS_X_GROUPS // rows))
   block_n = tile_n if block_n is None else block_n
   if groups_per_step is None:   # the largest power of two up to the tiling's dividing K/64
     groups_per_step = math.gcd(tile_groups, groups)
@@ -152,7 +161,6 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if groups_per_step < 2 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
     raise ValueError(f"groups_per_step={groups_per_step} must be a power of two >= 2 "
                      f"dividing K/64={groups}")
-  rows = _MIN_DOT if mma else 1
   halves = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0))).reshape(rows, groups, 2, HALF)
   y = pl.pallas_call(
       functools.partial(_kernel, groups_per_step=groups_per_step, mma=mma,
@@ -172,4 +180,5 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   return y[:m]
 
 
-__all__ = ["MAX_ROWS", "TILING", "gemv", "layer_product", "set_enabled", "supports", "supports_layer"]
+__all__ = ["MAX_ROWS", "MMA_TILE_ROWS_X_GROUPS", "TILING", "gemv", "layer_product", "set_enabled",
+           "supports", "supports_layer"]
