@@ -168,6 +168,7 @@ KERNEL_CATEGORIES = (  # (category, regex on the device kernel name); first matc
     ("activation quantization kernels", r"svdq_quantize_act|svdq_absmax|svdq_codes"),
     ("int4_2l weight expansion", r"svdq_expand"),
     ("W4A16 GEMV kernel (modulation)", r"svdq_w4a16_gemv"),
+    ("FP8 attention operands kernel", r"fp8_qkv"),
     ("attention (INT8 q k^T kernel)", r"int8qk_flash"),
     ("quantized GEMM kernels (W4A4, W4A8, int8)", r"svdq_w4a4_gemm|mosaic_gpu"),  # Triton / Mosaic
     ("attention (cuDNN)", r"(?i)fmha|flash|cudnn"),
