@@ -441,6 +441,9 @@ def main():
   for att in (v for v in args.svdq_attention.split(",") if v):
     if att not in ATTENTION_IMPLEMENTATIONS:
       ap.error(f"--svdq-attention {att!r}: not one of {ATTENTION_IMPLEMENTATIONS}")
+  if args.loop_fixed and args.loop_steps <= 2:
+    ap.error(f"--loop-fixed compares the loop with a 2-step one: needs --loop-steps > 2, "
+             f"got {args.loop_steps}")
   flipped = {v.replace("-", "_") for v in args.flipped.split(",") if v}
   if unknown := flipped - {flag for flag, *_ in SWITCHES}:
     ap.error(f"--flipped {sorted(unknown)}: not among {[flag for flag, *_ in SWITCHES]}")
