@@ -19,6 +19,10 @@ output features, step over K ``groups_per_step`` 64-groups at a time:
   M > 1:  acc[r, n] += x_lo[r, cols] . w_lo[n, cols] + x_hi . w_hi       (bf16 tensor cores,
                                                               rows padded to a multiple of 16)
 
+Past ``ROW_BLOCK`` rows (padded to a multiple of it) a second grid axis takes the row blocks,
+each program reading its weight tile again (from L2, after the first: FLUX.1-dev's largest
+modulation weight is 28 MB packed).
+
 where x_lo / x_hi [M, K/2] are x's groups' first / last halves (split before the call).
 
 Numerics: the weight values are the reference's bit for bit; the f32 sums are ordered
@@ -37,7 +41,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 
-MAX_ROWS = 64        # rows of x one call takes; a GEMM's business beyond that
+MAX_ROWS = 256       # rows of x one call takes; a GEMM's business beyond that
+ROW_BLOCK = 64       # rows of x a program takes: more rows, more programs over the same weight
 # (block_n, groups_per_step, num_warps, num_stages) by path, the fastest of the sweeps at
 # K = 3072, N = 9216 and 18432 on an H200 (scripts/bench_gemv.py, 2026-12-03; device us):
 # 'rows' at M = 1 22.0 / 35.4 (16 features x 8 groups 36.5 / 22.1, 32 x 4 27.2 / 42.0, 64 x 4
@@ -126,15 +131,15 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
-    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 64.
+    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 256.
     codes: uint8 [N, K/2], ``formats.pack``'s layout. mults: uint8 [N, K/128] (K/64
       multipliers, ``formats.pack_multipliers``). unit: f32 [N] the row units.
     mma: the products on the bf16 tensor cores (rows padded to a multiple of 16) or, for
       M = 1 only, on the CUDA cores; None: by M. block_n: output features per program (a
       power of two dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2
       dividing K/64); num_warps, num_stages: Triton's. None: ``TILING`` of the path (its
-      groups_per_step reduced for more than 16 rows, ``MMA_TILE_ROWS_X_GROUPS``, and to what
-      divides K/64).
+      groups_per_step reduced for a program's rows past 16, ``MMA_TILE_ROWS_X_GROUPS``, and to
+      what divides K/64).
   """
   m, k = x.shape
   n = codes.shape[0]
@@ -142,7 +147,10 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if m > 1 and not mma:
     raise ValueError(f"the CUDA-core path takes one row, got x {x.shape}")
   groups = k // GROUP
-  rows = -(-m // _MIN_DOT) * _MIN_DOT if mma else 1
+  rows = -(-m // _MIN_DOT) * _MIN_DOT if mma else 1   # a program's rows
+  if rows > ROW_BLOCK:
+    rows = ROW_BLOCK
+  blocks = -(-m // rows)
   tile_n, tile_groups, warps, stages = TILING["mma" if mma else "rows"]
   if mma:
     tile_groups = max(2, min(tile_groups, MMA_TILE_ROWS_X_GROUPS // rows))
@@ -161,24 +169,26 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if groups_per_step < 2 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
     raise ValueError(f"groups_per_step={groups_per_step} must be a power of two >= 2 "
                      f"dividing K/64={groups}")
-  halves = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0))).reshape(rows, groups, 2, HALF)
+  padded = blocks * rows
+  halves = jnp.pad(x.astype(jnp.bfloat16), ((0, padded - m), (0, 0)))
+  halves = halves.reshape(padded, groups, 2, HALF)
   y = pl.pallas_call(
       functools.partial(_kernel, groups_per_step=groups_per_step, mma=mma,
                         interpret=interpret),
-      grid=(n // block_n,),
-      in_specs=[pl.BlockSpec((rows, k // 2), lambda i: (0, 0)),
-                pl.BlockSpec((rows, k // 2), lambda i: (0, 0)),
-                pl.BlockSpec((block_n, k // 2), lambda i: (i, 0)),
-                pl.BlockSpec((block_n, groups // 2), lambda i: (i, 0)),
-                pl.BlockSpec((block_n,), lambda i: (i,))],
-      out_specs=pl.BlockSpec((rows, block_n), lambda i: (0, i)),
-      out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32),
+      grid=(n // block_n, blocks),
+      in_specs=[pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
+                pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
+                pl.BlockSpec((block_n, k // 2), lambda i, j: (i, 0)),
+                pl.BlockSpec((block_n, groups // 2), lambda i, j: (i, 0)),
+                pl.BlockSpec((block_n,), lambda i, j: (i,))],
+      out_specs=pl.BlockSpec((rows, block_n), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((padded, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="svdq_w4a16_gemv")(
-          halves[:, :, 0].reshape(rows, k // 2), halves[:, :, 1].reshape(rows, k // 2), codes,
-          mults, unit.astype(jnp.float32))
+          halves[:, :, 0].reshape(padded, k // 2), halves[:, :, 1].reshape(padded, k // 2),
+          codes, mults, unit.astype(jnp.float32))
   return y[:m]
 
 
-__all__ = ["MAX_ROWS", "MMA_TILE_ROWS_X_GROUPS", "TILING", "gemv", "layer_product", "set_enabled",
-           "supports", "supports_layer"]
+__all__ = ["MAX_ROWS", "MMA_TILE_ROWS_X_GROUPS", "ROW_BLOCK", "TILING", "gemv", "layer_product",
+           "set_enabled", "supports", "supports_layer"]
