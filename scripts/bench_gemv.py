@@ -1,6 +1,7 @@
 """Checks and times the weight-only int4_2l GEMV (``pallas_kernels.w4a16_gemv``) on the GPU.
 
-FLUX's modulation linears (W4A16, one vector per image): for each shape and row count M,
+FLUX's modulation linears (W4A16, one vector per image, or per image and step when the
+sampling loop computes them before it): for each shape and row count M,
   checks   the kernel's product against ``qlinear.weight_only_product`` (f32) and the layer
            through ``qlinear.apply`` against ``qlinear.reference_apply`` (bf16);
   timings  (device time per call, jax.profiler) XLA bf16 ``x @ w + b`` (the baseline), the layer through the jnp reference (XLA
@@ -9,6 +10,7 @@ FLUX's modulation linears (W4A16, one vector per image): for each shape and row 
 Prints a table last; writes gemv.json to --out.
 
     python3 scripts/bench_gemv.py --out $OUT
+    python3 scripts/bench_gemv.py --ms 28,56,112,224 --configs "32,8,4,3,mma;32,4,4,3,mma" --out $OUT
     python3 scripts/bench_gemv.py --interpret --shapes 256x128 --ms 1,2 --configs 16,2,4,3,mma
 """
 
@@ -98,8 +100,10 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/gemv"))
   ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-  ap.add_argument("--ms", default="1,2,4", help="row counts (images per call)")
-  ap.add_argument("--configs", default=";".join(CONFIGS))
+  ap.add_argument("--ms", default="1,2,4,28", help="row counts (images, or images x steps)")
+  ap.add_argument("--configs", default=";".join(CONFIGS),
+                  help="';'-separated kernel tilings to time alone: block_n,groups_per_step,"
+                       "num_warps,num_stages,path (path 'rows' at M = 1 only)")
   ap.add_argument("--interpret", action="store_true")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
