@@ -39,6 +39,9 @@ METHODS = {
                                    "svdquant", "int4_2l", "int8", attention="fp8"),
     "svdquant-w4a8-att8qk": Method("SVDQuant W4A8 + INT8 q k^T attention", "svdquant",
                                    "int4_2l", "int8", attention="int8qk"),
+    # FLUX.1-dev's 1.5x configuration on the H200 (cuDNN FP8 attention) with GPTQ residuals
+    "svdquant-w4a8-gptq-attfp8": Method("SVDQuant W4A8 + GPTQ + FP8 attention", "svdquant",
+                                        "int4_2l", "int8", residual="gptq", attention="fp8"),
     "smoothquant": Method("SmoothQuant W4A4", "smoothquant", "int4"),
     "rtn": Method("RTN W4A4", "rtn", "int4"),
     "w4a16": Method("W4A16 (AWQ-style)", "w4a16", "int4"),
