@@ -146,11 +146,11 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   mma = m > 1 if mma is None else mma
   if m > 1 and not mma:
     raise ValueError(f"the CUDA-core path takes one row, got x {x.shape}")
+  if not 0 < m <= MAX_ROWS:
+    raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K], got x {x.shape}")
   groups = k // GROUP
-  rows = -(-m // _MIN_DOT) * _MIN_DOT if mma else 1   # a program's rows
-  if rows > ROW_BLOCK:
-    rows = ROW_BLOCK
-  blocks = -(-m // rows)
+  # a program's rows: padded to a dot's smallest M, at most ROW_BLOCK
+  rows = min(-(-m // _MIN_DOT) * _MIN_DOT, ROW_BLOCK) if mma else 1
   tile_n, tile_groups, warps, stages = TILING["mma" if mma else "rows"]
   if mma:
     tile_groups = max(2, min(tile_groups, MMA_TILE_ROWS_X_GROUPS // rows))
@@ -159,9 +159,9 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
     groups_per_step = math.gcd(tile_groups, groups)
   num_warps = warps if num_warps is None else num_warps
   num_stages = stages if num_stages is None else num_stages
-  if not (0 < m <= MAX_ROWS and k % (2 * GROUP) == 0 and n % block_n == 0):
-    raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K % 128 == 0] and N % "
-                     f"{block_n} == 0, got x {x.shape}, N={n}")
+  if not (k % (2 * GROUP) == 0 and n % block_n == 0):
+    raise ValueError(f"the W4A16 GEMV takes x [M, K % 128 == 0] and N % {block_n} == 0, "
+                     f"got x {x.shape}, N={n}")
   if codes.shape != (n, k // 2) or mults.shape != (n, groups // 2) or unit.shape != (n,):
     raise ValueError(f"int4_2l weight operands must be codes [N, K/2], multipliers "
                      f"[N, K/128], units [N] for K={k}; got {codes.shape}, {mults.shape}, "
@@ -169,13 +169,13 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if groups_per_step < 2 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
     raise ValueError(f"groups_per_step={groups_per_step} must be a power of two >= 2 "
                      f"dividing K/64={groups}")
-  padded = blocks * rows
+  padded = -(-m // rows) * rows
   halves = jnp.pad(x.astype(jnp.bfloat16), ((0, padded - m), (0, 0)))
   halves = halves.reshape(padded, groups, 2, HALF)
   y = pl.pallas_call(
       functools.partial(_kernel, groups_per_step=groups_per_step, mma=mma,
                         interpret=interpret),
-      grid=(n // block_n, blocks),
+      grid=(n // block_n, padded // rows),
       in_specs=[pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
                 pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
                 pl.BlockSpec((block_n, k // 2), lambda i, j: (i, 0)),

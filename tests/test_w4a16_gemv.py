@@ -102,6 +102,8 @@ def test_errors_name_the_problem():
   layer = _layer()
   with pytest.raises(ValueError, match="M <= 256"):
     _gemv(layer, jnp.zeros((257, K), jnp.bfloat16))
+  with pytest.raises(ValueError, match="M <= 256"):   # no rows: an error, not a division by 0
+    _gemv(layer, jnp.zeros((0, K), jnp.bfloat16), mma=True)
   with pytest.raises(ValueError, match="one row"):
     _gemv(layer, jnp.zeros((2, K), jnp.bfloat16), mma=False)
   with pytest.raises(ValueError, match="codes \\[N, K/2\\]"):
