@@ -266,6 +266,18 @@ def hlo_kernel_sources(hlo: str, kernels) -> dict:
   return result
 
 
+def call_seconds(fn, calls: int = 3) -> list[float]:
+  """Seconds of each of ``calls`` calls of ``fn`` in turn, each alone (``sample()`` returns
+  once its latents are ready): one loop call's time moved up to 4% between calls
+  (2026-12-04)."""
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def loop_cost(model, noise, x, res, steps, steps_s, short=2) -> dict:
   """A ``sample()`` call's cost split into a per-step and a fixed part (the host's work
   before the loop starts, what runs once before and after it) from the best of the
@@ -274,12 +286,7 @@ def loop_cost(model, noise, x, res, steps, steps_s, short=2) -> dict:
   sigmas = sampling.schedule(short, x[0].shape[1])
   call = lambda: sampling.sample(model, noise, x[2], x[3], x[5], sigmas, guidance=3.5)
   call()
-  times = []
-  for _ in steps_s:
-    t0 = time.perf_counter()
-    call()   # sample() returns once its latents are ready
-    times.append(time.perf_counter() - t0)
-  best_short, best = min(times) * 1e3, min(steps_s) * 1e3
+  best_short, best = min(call_seconds(call, len(steps_s))) * 1e3, min(steps_s) * 1e3
   per_step = (best - best_short) / (steps - short)
   return {f"loop{res}_per_step_ms": per_step, f"loop{res}_fixed_ms": best_short - short * per_step}
 
@@ -329,11 +336,7 @@ def measure(name, graph, state, cfg, args, result, variant=False):
       t0 = time.perf_counter()
       latents.append(loop())
       first = time.perf_counter() - t0
-      times = []
-      for _ in range(3):   # one call's time moved up to 4% between calls (2026-12-04)
-        t0 = time.perf_counter()
-        loop()   # sample() returns once its latents are ready
-        times.append(round(time.perf_counter() - t0, 3))
+      times = [round(t, 3) for t in call_seconds(loop)]
       suffix = f"_{tag}" if tag else ""
       key = f"loop{res}_{args.loop_steps}steps{suffix}"
       r[f"{key}_s"], r[f"{key}_calls_s"] = statistics.median(times), times
