@@ -1,18 +1,25 @@
 """The one linear dispatch: a float kernel or a QuantizedLinear, same call.
 
 Models call ``dense`` (or use ``Linear``) for every linear layer, so a parameter tree
-returned by ``svdq_jax.quantize`` runs in the same model code, jitted.
+returned by ``svdq_jax.quantize`` runs in the same model code, jitted. Models written with
+Flax's own linears run unchanged too: ``svdq_jax.quantize`` on an NNX module turns its
+quantized ``nnx.Linear``s into ``Linear``s (``runnable``), and a Linen model's ``nn.Dense``
+layers run their quantized kernels inside ``quantized_dense()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
 
-__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup"]
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
+           "runs_quantized"]
 
 
 def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
@@ -49,3 +56,80 @@ class Linear(nnx.Linear):
     """x: [..., K], or its parts; ``gelu_from``: see ``dense``."""
     bias = None if self.bias is None else self.bias.get_value()
     return dense(x, self.kernel.get_value(), bias, gelu_from)
+
+
+def _is_quantized(kernel) -> bool:
+  return isinstance(kernel, (QuantizedLinear, PreparedLinear))
+
+
+def runs_quantized(module) -> bool:
+  """Whether a module holding a kernel can run a quantized one: not one of Flax's own
+  classes (nnx.LinearGeneral, nnx.Conv, nn.DenseGeneral, ...: their calls read the kernel as
+  an array), unless nnx.Linear or nn.Dense (which ``runnable`` / ``quantized_dense`` run)."""
+  return (not type(module).__module__.startswith("flax.")
+          or isinstance(module, (nnx.Linear, nn.Dense)))
+
+
+def unrunnable_error(path: str, module) -> ValueError:
+  """The error for a quantized kernel in a Flax module that cannot run it."""
+  return ValueError(
+      f"layer {path or '(root)'} is a Flax {type(module).__name__}, which cannot run a "
+      f"quantized kernel (only nnx.Linear / nn.Dense can): leave it out with "
+      f"Rule({path!r}, 'skip'), or have the model call svdq_jax.layers.dense for it")
+
+
+def runnable(model: nnx.Module) -> nnx.Module:
+  """``model`` with every ``nnx.Linear`` whose kernel is a QuantizedLinear turned into a
+  ``Linear`` (its subclass that runs one; same fields), in place; returns it.
+  ``svdq_jax.quantize`` does this to the module it returns.
+
+  Raises ValueError for any other Flax module (nnx.LinearGeneral, nnx.Conv, ...) holding a
+  quantized kernel."""
+  for path, node in nnx.iter_graph(model):
+    kernel = getattr(node, "kernel", None)
+    if not (isinstance(node, nnx.Module) and isinstance(kernel, nnx.Variable)
+            and _is_quantized(kernel.get_value())):
+      continue
+    if not runs_quantized(node):
+      raise unrunnable_error("/".join(str(p) for p in path), node)
+    if type(node) is nnx.Linear:
+      node.__class__ = Linear   # a subclass adding no fields: only its __call__ differs
+  return model
+
+
+def _dense_interceptor(next_fun, args, kwargs, context):
+  """``quantized_dense``'s interceptor: an ``nn.Dense`` whose 'kernel' parameter is a
+  QuantizedLinear runs it through ``dense``; everything else runs as it is."""
+  module = context.module
+  if (context.method_name != "__call__" or not type(module).__module__.startswith("flax.")
+      or not module.has_variable("params", "kernel")
+      or not _is_quantized(module.get_variable("params", "kernel"))):
+    return next_fun(*args, **kwargs)
+  path = "/".join(module.path)
+  if not runs_quantized(module):
+    raise unrunnable_error(path, module)
+  if len(args) != 1 or kwargs:
+    raise TypeError(f"layer {path}: nn.Dense takes one input, got {len(args)} positional "
+                    f"and {sorted(kwargs)} keyword arguments")
+  x = args[0]
+  if module.dtype is not None:   # nn.Dense computes in its dtype
+    x = jnp.asarray(x, module.dtype)
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  return dense(x, module.get_variable("params", "kernel"), bias)
+
+
+@contextlib.contextmanager
+def quantized_dense():
+  """Within it, Flax Linen ``nn.Dense`` layers whose 'kernel' parameter is a QuantizedLinear
+  (``svdq_jax.quantize`` on Linen params) run it, the model's code unchanged::
+
+      qparams = svdq_jax.quantize(params, calib, config)
+      with svdq_jax.layers.quantized_dense():
+        y = model.apply(qparams, x)
+
+  It acts where the model is traced: under ``jax.jit``, enter it inside the jitted function.
+  x [..., K] -> [..., N] in x's dtype (``nn.Dense``'s ``dtype`` if set), as ``dense``; the
+  dense's ``precision`` and ``dot_general`` do not apply to a quantized kernel. Other Linen
+  modules holding a quantized kernel (nn.DenseGeneral, nn.Conv, ...) raise ValueError."""
+  with nn.intercept_methods(_dense_interceptor):
+    yield

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from svdq_jax import formats
-from svdq_jax.calibrate import LayerStats
+from svdq_jax import formats, layers
+from svdq_jax.calibrate import LayerStats, is_nnx_linear
 from svdq_jax.config import QuantConfig, Rule
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.transforms import LayerReport, quantize_group
@@ -146,12 +146,25 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
 
   Returns:
     A tree of the same type and structure (a module for a module), selected kernels
-    replaced by QuantizedLinear.
+    replaced by QuantizedLinear. In a module, the ``nnx.Linear``s whose kernels were
+    quantized come back as ``svdq_jax.layers.Linear`` (``layers.runnable``), so the model
+    runs as it is; Linen params run inside ``svdq_jax.layers.quantized_dense()``.
+
+  Raises:
+    ValueError: for a selected layer in any other Flax module class (nnx.LinearGeneral,
+      nnx.Conv, ...), whose call cannot take a quantized kernel; a bad rule, shape or
+      calibration (naming the layer).
   """
   if isinstance(params, nnx.Module):
+    for path, node in nnx.iter_graph(params):   # before the work, not after it
+      path = "/".join(str(p) for p in path)
+      rule = config.rule_for(path)
+      if (is_nnx_linear(node) and not layers.runs_quantized(node) and rule is not None
+          and rule.method != "skip"):
+        raise layers.unrunnable_error(path, node)
     graph, state = nnx.split(params)
-    return nnx.merge(graph, quantize(state, calib, config, report=report, progress=progress,
-                                     devices=devices))
+    return layers.runnable(nnx.merge(graph, quantize(
+        state, calib, config, report=report, progress=progress, devices=devices)))
   kernels = find_kernels(params)
   if not kernels:
     raise ValueError("no linear layer found: the tree has no 2-D leaf named 'kernel'")

@@ -181,3 +181,106 @@ def test_same_input_in_different_modules_is_not_shared():
   assert report["a/q"] is report["a/k"] is report["a/v"]   # siblings, same input: shared
   assert report["a/q"] is not report["b/q"]                # same input, other attention
   assert report["mod_a"] is not report["mod_b"]            # weight-only: never shared
+
+
+class FlaxLinears(nnx.Module):
+  """A model written with Flax's own nnx.Linear (not svdq_jax.layers.Linear)."""
+
+  def __init__(self, rngs, general=False):
+    self.fc1 = nnx.Linear(128, 128, rngs=rngs)
+    self.fc2 = (nnx.LinearGeneral(128, 64, rngs=rngs) if general
+                else nnx.Linear(128, 64, rngs=rngs))
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+def _flax_batches():
+  return [outlier_activations(jax.random.key(i), 32, 128, outlier_channels=2)[None]
+          for i in range(2)]
+
+
+def test_nnx_linear_model_runs_quantized_as_written():
+  """quantize on a module of plain nnx.Linears returns one that runs (eager and jitted), each
+  quantized layer's output its QuantizedLinear's (``svdq_jax.apply``); the input unchanged."""
+  model = FlaxLinears(nnx.Rngs(0))
+  batches = _flax_batches()
+  calib = svdq_jax.calibrate(lambda b: model(b), batches, model=model, progress=False)
+  cfg = QuantConfig(rules=(Rule("fc2", "skip"), Rule(".*", "svdquant", fmt="int4_2l",
+                                                     act_fmt="int8", rank=8)), **FAST)
+  qmodel = svdq_jax.quantize(model, calib, cfg, progress=False)
+  assert type(qmodel.fc1) is Linear and type(qmodel.fc2) is nnx.Linear   # fc2 not quantized
+  assert type(model.fc1) is nnx.Linear
+  x = batches[0]
+  kernel = qmodel.fc1.kernel.get_value()
+  want = qmodel.fc2(jax.nn.gelu(svdq_jax.apply(kernel, x, qmodel.fc1.bias.get_value())))
+  np.testing.assert_array_equal(np.asarray(qmodel(x)), np.asarray(want))
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(qmodel, x)),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+  ref = model(x)
+  assert 0 < float(jnp.linalg.norm(qmodel(x) - ref) / jnp.linalg.norm(ref)) < 0.05
+
+
+def test_flax_module_that_cannot_run_a_quantized_kernel_is_named_before_the_work():
+  model = FlaxLinears(nnx.Rngs(0), general=True)
+  calib = svdq_jax.calibrate(lambda b: model(b), _flax_batches(), model=model, progress=False)
+  with pytest.raises(ValueError, match=r"layer fc2 is a Flax LinearGeneral, which cannot run "
+                                       r"a quantized kernel .*Rule\('fc2', 'skip'\)"):
+    svdq_jax.quantize(model, calib, preset("rtn"), progress=False)
+  # checked first: before the plan finds that svdquant has no calibration data here
+  with pytest.raises(ValueError, match="layer fc2 is a Flax LinearGeneral"):
+    svdq_jax.quantize(model, None, preset("svdquant"), progress=False)
+  # skipped, it stays as it is
+  out = svdq_jax.quantize(model, calib, QuantConfig(rules=(Rule("fc2", "skip"),
+                                                           Rule(".*", "rtn"))), progress=False)
+  assert type(out.fc1) is Linear and type(out.fc2) is nnx.LinearGeneral
+
+
+def test_linen_dense_runs_quantized_inside_quantized_dense():
+  """Linen nn.Dense layers with quantized kernels run them inside ``quantized_dense()``
+  (each layer's output its QuantizedLinear's, jitted too); nn.DenseGeneral raises."""
+  import flax.linen as nn
+  from svdq_jax.layers import quantized_dense
+
+  class Mlp(nn.Module):
+    general: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.gelu(nn.Dense(128, name="fc1")(x))
+      return (nn.DenseGeneral(64, name="fc2") if self.general else
+              nn.Dense(64, name="fc2", dtype=jnp.bfloat16))(h)
+
+  x = _flax_batches()[0]
+  model = Mlp()
+  params = model.init(jax.random.key(0), x)
+  calib = svdq_jax.calibrate(lambda b: model.apply(params, b), _flax_batches(), progress=False)
+  assert set(calib) == {"fc1", "fc2"}
+  qparams = svdq_jax.quantize(params, calib, preset("svdquant", "int4_2l", rank=8,
+                                                    act_fmt="int8", **FAST), progress=False)
+  fc1, fc2 = (qparams["params"][n] for n in ("fc1", "fc2"))
+  want = svdq_jax.apply(fc2["kernel"], jax.nn.gelu(
+      svdq_jax.apply(fc1["kernel"], x, fc1["bias"])).astype(jnp.bfloat16), fc2["bias"])
+  with quantized_dense():
+    got = model.apply(qparams, x)
+  assert got.dtype == jnp.bfloat16   # fc2's dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+  @jax.jit
+  def run(p, x):
+    with quantized_dense():
+      return model.apply(p, x)
+  np.testing.assert_allclose(np.asarray(run(qparams, x), np.float32),
+                             np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+  ref = model.apply(params, x).astype(jnp.float32)
+  # a random-init MLP's W4A8 error (0.067 measured), far from a wrong layer's ~1
+  assert 0 < float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.15
+  # the float model runs as before inside it
+  with quantized_dense():
+    np.testing.assert_array_equal(np.asarray(model.apply(params, x)), np.asarray(ref))
+
+  general = Mlp(general=True)
+  gparams = general.init(jax.random.key(0), x)
+  gq = svdq_jax.quantize(gparams, calib, preset("rtn"), progress=False)
+  with quantized_dense(), pytest.raises(ValueError, match="layer fc2 is a Flax DenseGeneral"):
+    general.apply(gq, x)
