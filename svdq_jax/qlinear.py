@@ -494,7 +494,8 @@ def trace_settings() -> tuple:
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
           bias: jax.Array | None = None, gelu_from: int | None = None) -> jax.Array | Gelu:
-  """Forward pass. x [..., K] -> [..., N] in x's dtype, on the backend ``set_backend`` chose.
+  """Forward pass. x [..., K] -> [..., N] in x's dtype (f32 for integer x), on the backend
+  ``set_backend`` chose.
 
   x may also be given as parts (``Gelu``): a tuple of arrays [..., K_i] and Gelu parts whose
   widths sum to K, meaning their concatenation. ``bias`` (optional, [N]) is added like
@@ -508,8 +509,12 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
     shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
                      f"{shapes if isinstance(x, (tuple, Gelu, Scaled)) else shapes[0]}")
+  if not jnp.issubdtype(input_dtype(x), jnp.inexact):   # as x @ a float kernel would
+    x = map_parts(x, lambda a: a.astype(jnp.float32))
   if bias is not None and layer.bias is not None:
     raise ValueError("bias given twice: the layer already holds one")
+  if bias is not None and jnp.shape(bias) != (layer.out_features,):
+    raise ValueError(f"bias must be [N={layer.out_features}], got {jnp.shape(bias)}")
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
@@ -537,8 +542,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
         and w4a16_gemv.supports_layer(layer, math.prod(first.shape[:-1]), input_dtype(x))):
       return reference_apply(layer, x, bias, functools.partial(
           w4a16_gemv.layer_product, interpret=_backend == "interpret"))
-    if _backend == "auto":  # XLA fuses the dequantization into the matmul
-      return reference_apply(layer, x, bias)
+    # on every backend: XLA fuses the dequantization into the matmul (no W4A4 kernel exists
+    # for weight-only layers)
+    return reference_apply(layer, x, bias)
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":

@@ -113,6 +113,30 @@ def test_bad_inputs():
     apply(layer, jnp.ones((2, 100)))
   with pytest.raises(ValueError, match="bias given twice"):
     apply(layer, jnp.ones((2, 128)), jnp.ones(64))
+  with pytest.raises(ValueError, match=r"bias must be \[N=64\], got \(10,\)"):
+    apply(_layer(bias=False), jnp.ones((2, 128)), jnp.ones(10))
+
+
+def test_integer_inputs_are_promoted_to_f32():
+  """As x @ a float kernel: an integer input gives the f32 output of its float values (not
+  an output truncated to integers)."""
+  layer = _layer()
+  x = jnp.asarray(np.random.default_rng(4).integers(-3, 4, (2, 128)), jnp.int32)
+  y = apply(layer, x)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(apply(layer, x.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("backend", ["pallas", "interpret"])
+def test_weight_only_layers_without_a_kernel_take_the_reference_on_every_backend(backend):
+  """A W4A16 layer the GEMV does not take (f32 input) has no W4A4 kernel either: on a
+  kernels backend it runs the reference, as on 'auto', instead of failing."""
+  from svdq_jax import qlinear
+  layer = _layer(act=None, fmt="int4")
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 128)), jnp.float32)
+  with qlinear.backend(backend):
+    y = apply(layer, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(qlinear.reference_apply(layer, x)))
 
 
 def test_orbax_round_trip_bit_exact(tmp_path):
