@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from svdq_jax import layers
+
 log = logging.getLogger(__name__)
 
 
@@ -319,8 +321,9 @@ def is_saved_model(path) -> bool:
 
 def restore_model(path, model_cls, cfg_cls, device=None):
   """A model written by ``save_model``: ``model_cls(cfg_cls(**config.json), rngs)``'s
-  structure, quantized layers as recorded in structure.json, parameters restored onto
-  ``device`` one group at a time."""
+  structure, quantized layers as recorded in structure.json (runnable in plain
+  ``nnx.Linear``s too: ``layers.runnable``), parameters restored onto ``device`` one group at
+  a time."""
   path = pathlib.Path(path)
   raw = json.loads((path / "config.json").read_text())
   cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
@@ -329,7 +332,7 @@ def restore_model(path, model_cls, cfg_cls, device=None):
   like = (like_from_spec(json.loads(structure.read_text())) if structure.exists()
           else nnx.to_pure_dict(state))   # float checkpoints written by `convert`
   nnx.replace_by_pure_dict(state, restore_tree(path, like=like, device=device))
-  return nnx.merge(graph, state)
+  return layers.runnable(nnx.merge(graph, state))
 
 
 def merge_trees(trees) -> dict:

@@ -284,3 +284,28 @@ def test_linen_dense_runs_quantized_inside_quantized_dense():
   gq = svdq_jax.quantize(gparams, calib, preset("rtn"), progress=False)
   with quantized_dense(), pytest.raises(ValueError, match="layer fc2 is a Flax DenseGeneral"):
     general.apply(gq, x)
+
+
+def test_quantized_nnx_linear_model_saved_and_restored_runs(tmp_path):
+  """``convert.save_model`` / ``restore_model`` on a model of plain nnx.Linears: the restored
+  model runs its quantized layers, bit for bit as before saving."""
+  import dataclasses
+
+  from svdq_jax.convert.checkpoint import restore_model, save_model
+
+  @dataclasses.dataclass(frozen=True)
+  class Cfg:
+    general: bool = False
+
+  class Model(FlaxLinears):
+    def __init__(self, cfg, rngs):
+      super().__init__(rngs, cfg.general)
+      self.cfg = cfg
+
+  model = Model(Cfg(), nnx.Rngs(0))
+  qmodel = svdq_jax.quantize(model, None, preset("rtn"), progress=False)
+  save_model(tmp_path / "q", qmodel)
+  restored = restore_model(tmp_path / "q", Model, Cfg)
+  assert type(restored.fc1) is Linear and type(restored.fc2) is Linear
+  x = _flax_batches()[0]
+  np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(qmodel(x)))
