@@ -108,10 +108,10 @@ def _dense_interceptor(next_fun, args, kwargs, context):
   path = "/".join(module.path)
   if not runs_quantized(module):
     raise unrunnable_error(path, module)
-  if len(args) != 1 or kwargs:
+  if len(args) + len(kwargs) != 1 or (kwargs and "inputs" not in kwargs):
     raise TypeError(f"layer {path}: nn.Dense takes one input, got {len(args)} positional "
                     f"and {sorted(kwargs)} keyword arguments")
-  x = args[0]
+  x = args[0] if args else kwargs["inputs"]
   if module.dtype is not None:   # nn.Dense computes in its dtype
     x = jnp.asarray(x, module.dtype)
   bias = module.get_variable("params", "bias") if module.use_bias else None

@@ -247,7 +247,7 @@ def test_linen_dense_runs_quantized_inside_quantized_dense():
 
     @nn.compact
     def __call__(self, x):
-      h = nn.gelu(nn.Dense(128, name="fc1")(x))
+      h = nn.gelu(nn.Dense(128, name="fc1")(inputs=x))   # its argument by name too
       return (nn.DenseGeneral(64, name="fc2") if self.general else
               nn.Dense(64, name="fc2", dtype=jnp.bfloat16))(h)
 
