@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax import nnx
 from tqdm.auto import tqdm
 
+from svdq_jax.layers import dense_input
 from svdq_jax.qlinear import join
 
 
@@ -191,7 +192,8 @@ def _intercept_nnx(model, record):
 def _linen_interceptor(record):
   def interceptor(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-      record("/".join(context.module.path), args[0])
+      path = "/".join(context.module.path)
+      record(path, dense_input(path, args, kwargs))
     return next_fun(*args, **kwargs)
   return interceptor
 

@@ -19,7 +19,7 @@ from flax import nnx
 from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
 
 __all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
-           "runs_quantized"]
+           "runs_quantized", "dense_input"]
 
 
 def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
@@ -97,6 +97,15 @@ def runnable(model: nnx.Module) -> nnx.Module:
   return model
 
 
+def dense_input(path: str, args: tuple, kwargs: dict):
+  """The input of an ``nn.Dense`` call seen by a Linen interceptor: its one argument, by
+  position or by name (``inputs``)."""
+  if len(args) + len(kwargs) != 1 or (kwargs and "inputs" not in kwargs):
+    raise TypeError(f"layer {path}: nn.Dense takes one input, got {len(args)} positional "
+                    f"and {sorted(kwargs)} keyword arguments")
+  return args[0] if args else kwargs["inputs"]
+
+
 def _dense_interceptor(next_fun, args, kwargs, context):
   """``quantized_dense``'s interceptor: an ``nn.Dense`` whose 'kernel' parameter is a
   QuantizedLinear runs it through ``dense``; everything else runs as it is."""
@@ -108,10 +117,7 @@ def _dense_interceptor(next_fun, args, kwargs, context):
   path = "/".join(module.path)
   if not runs_quantized(module):
     raise unrunnable_error(path, module)
-  if len(args) + len(kwargs) != 1 or (kwargs and "inputs" not in kwargs):
-    raise TypeError(f"layer {path}: nn.Dense takes one input, got {len(args)} positional "
-                    f"and {sorted(kwargs)} keyword arguments")
-  x = args[0] if args else kwargs["inputs"]
+  x = dense_input(path, args, kwargs)
   if module.dtype is not None:   # nn.Dense computes in its dtype
     x = jnp.asarray(x, module.dtype)
   bias = module.get_variable("params", "bias") if module.use_bias else None
