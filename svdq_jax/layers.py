@@ -110,13 +110,14 @@ def _dense_interceptor(next_fun, args, kwargs, context):
   """``quantized_dense``'s interceptor: an ``nn.Dense`` whose 'kernel' parameter is a
   QuantizedLinear runs it through ``dense``; everything else runs as it is."""
   module = context.module
-  if (context.method_name != "__call__" or not type(module).__module__.startswith("flax.")
-      or not module.has_variable("params", "kernel")
+  if (context.method_name != "__call__" or not module.has_variable("params", "kernel")
       or not _is_quantized(module.get_variable("params", "kernel"))):
     return next_fun(*args, **kwargs)
   path = "/".join(module.path)
   if not runs_quantized(module):
     raise unrunnable_error(path, module)
+  if type(module) is not nn.Dense:   # the model's own module, which runs its kernel itself
+    return next_fun(*args, **kwargs)
   x = dense_input(path, args, kwargs)
   if module.dtype is not None:   # nn.Dense computes in its dtype
     x = jnp.asarray(x, module.dtype)
