@@ -26,9 +26,14 @@ ATTENTION_HELP = ("attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a 
 def _example(args) -> int:
   from svdq_jax import example
 
-  rows = example.layer_error_table(args.k, args.n, calib_tokens=args.calib_tokens,
-                                   eval_tokens=args.eval_tokens, max_samples=args.max_samples,
-                                   seed=args.seed, progress=not args.quiet)
+  try:
+    rows = example.layer_error_table(args.k, args.n, calib_tokens=args.calib_tokens,
+                                     eval_tokens=args.eval_tokens,
+                                     max_samples=args.max_samples, seed=args.seed,
+                                     progress=not args.quiet)
+  except ValueError as e:
+    print(f"svdq-jax example: error: {e}", file=sys.stderr)
+    return 2
   table = example.format_table(rows)
   print(table)
   if args.out:

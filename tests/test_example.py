@@ -23,6 +23,15 @@ def test_example_table_orders_methods(tmp_path):
   assert rows["RTN W4A4 (INT4)"]["weight_bytes"] < 0.3 * rows["BF16 (reference)"]["weight_bytes"]
 
 
+def test_example_bad_shape_is_a_clean_error(tmp_path, capsys):
+  """A layer width off the formats' 64-groups: the command's error, no traceback, no files."""
+  assert cli.main(["example", "--k", "100", "--n", "64", "--calib-tokens", "64",
+                   "--eval-tokens", "64", "--max-samples", "64", "--quiet",
+                   "--out", str(tmp_path / "out")]) == 2
+  assert "svdq-jax example: error: layer proj: K=100 is not a multiple" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
 def test_cli_keeps_compiled_programs_on_disk(tmp_path):
   """--compile-cache DIR turns on jax's persistent cache there, 'off' leaves it off, and a
   directory already chosen (JAX_COMPILATION_CACHE_DIR) is kept."""
