@@ -95,13 +95,18 @@ def layer_error_table(k: int = 3072, n: int = 3072, *, calib_tokens: int = 1024,
                       seed: int = 0, progress: bool = True) -> list[Row]:
   """Quantizes ExampleNet(k, n) with each method and measures output error on held-out
   outlier activations (bf16 weights -> the 16-bit row is the reference)."""
+  for name, value in (("k", k), ("n", n), ("calib_tokens", calib_tokens),
+                      ("eval_tokens", eval_tokens), ("batch_tokens", batch_tokens)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
   methods = default_methods() if methods is None else methods
+  batch_tokens = min(batch_tokens, calib_tokens)
   model = ExampleNet(k, n, rngs=nnx.Rngs(seed))
   graph, params = nnx.split(model)
   fwd = nnx.jit(lambda m, x: m(x), graph_updates=False)
   key = jax.random.key(seed + 1)
   batches = [outlier_activations(jax.random.fold_in(key, i), batch_tokens, k, seed_channels=seed)
-             for i in range(max(1, calib_tokens // batch_tokens))]
+             for i in range(calib_tokens // batch_tokens)]
   calib = calibrate(lambda x: fwd(model, x), batches, model=model, max_samples=max_samples,
                     progress=progress)
   x_eval = outlier_activations(jax.random.fold_in(key, 10_000), eval_tokens, k,

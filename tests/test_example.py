@@ -30,6 +30,9 @@ def test_example_bad_shape_is_a_clean_error(tmp_path, capsys):
                    "--out", str(tmp_path / "out")]) == 2
   assert "svdq-jax example: error: layer proj: K=100 is not a multiple" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+  assert cli.main(["example", "--k", "128", "--n", "128", "--eval-tokens", "0", "--quiet",
+                   "--out", str(tmp_path / "out")]) == 2
+  assert "svdq-jax example: error: eval_tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_keeps_compiled_programs_on_disk(tmp_path):
