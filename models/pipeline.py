@@ -100,7 +100,7 @@ class FluxPipeline:
       raise ValueError(f"height and width must be positive multiples of {m}, got "
                        f"{height}x{width}")
     dev = self.transformer.cfg.guidance_embed
-    steps = steps or (28 if dev else 4)
+    steps = (28 if dev else 4) if steps is None else steps   # 0 is an error, not the default
     txt, y = self.encode_text(prompts)
     down = self.vae.cfg.downscale
     c = self.vae.cfg.latent_channels

@@ -79,6 +79,12 @@ def _sample(args) -> int:
   from svdq_jax.convert import load_flux
   from svdq_jax.models import sampling
 
+  bad = [f"--{name} must be >= 1, got {value}" for name, value in
+         (("steps", args.steps), ("height", args.height), ("width", args.width))
+         if value is not None and value < 1]
+  if bad:   # before the checkpoint is read
+    print(f"svdq-jax sample: error: {'; '.join(bad)}", file=sys.stderr)
+    return 2
   try:
     model = load_flux(args.checkpoint)
     cond = np.load(args.text)
@@ -92,7 +98,7 @@ def _sample(args) -> int:
     return 2
   cfg = model.cfg
   noise = sampling.initial_noise(args.seed, txt.shape[0], args.height, args.width)
-  steps = args.steps or (28 if cfg.guidance_embed else 4)
+  steps = (28 if cfg.guidance_embed else 4) if args.steps is None else args.steps
   sigmas = sampling.schedule(steps, (noise.shape[2] // 2) * (noise.shape[3] // 2),
                              shift=cfg.guidance_embed)
   latents = sampling.sample(model, noise, txt, jnp.zeros((txt.shape[1], 3)), y, sigmas,

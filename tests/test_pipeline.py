@@ -58,6 +58,15 @@ def test_generate_errors_name_the_problem(pipeline_dir, tmp_path, capsys):
                    str(tmp_path / "o"), "--quiet"]) == 2
   assert "multiples of 8" in capsys.readouterr().err
   assert not list((tmp_path / "o").glob("*.png"))
+  # 0 steps is an error, not the default number of steps
+  assert cli.main(["generate", str(pipeline_dir), "x", "--steps", "0", "--height", "16",
+                   "--width", "16", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+  assert "num_steps must be >= 1, got 0" in capsys.readouterr().err
+  assert not list((tmp_path / "o").glob("*.png"))
+  assert cli.main(["sample", str(tmp_path / "none"), str(tmp_path / "none.npz"), "--steps",
+                   "0", "--width", "-16"]) == 2
+  assert ("--steps must be >= 1, got 0; --width must be >= 1, got -16"
+          in capsys.readouterr().err)
   assert cli.main(["generate", str(pipeline_dir), "x", "--attention", "int4", "--out",
                    str(tmp_path / "o")]) == 2
   assert "attention implementation must be one of" in capsys.readouterr().err
