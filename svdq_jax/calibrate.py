@@ -243,7 +243,16 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
 
   with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
     for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
-      jax.block_until_ready(forward(batch))
+      try:
+        jax.block_until_ready(forward(batch))
+      except ValueError as e:   # Flax's words for a callback in a linen.scan body
+        if "data dependency on the scan body" not in str(e):
+          raise
+        raise ValueError(
+            "calibrate cannot watch linear layers inside flax.linen.scan: the scan's body "
+            "may not call the callbacks that record their inputs (and svdq_jax.quantize "
+            "takes 2-D kernels, not a scan's stacked ones); calibrate and quantize a model "
+            "whose layers are not scanned") from e
       jax.effects_barrier()
       bad = sorted(p for p, a in accumulators.items() if a.nonfinite)
       if bad:

@@ -101,6 +101,27 @@ def test_nan_in_calibration_names_layer_and_batch():
     calibrate(lambda b: model.apply(params, b), batches, progress=False)
 
 
+def test_linen_scan_is_a_clear_error():
+  """nn.scan's body may not hold the recording callbacks: the error says so, not Flax's
+  'broadcasted variable has a data dependency on the scan body'."""
+  class Step(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return x + nn.Dense(16, name="fc")(x), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=2)(name="steps")(x, None)[0]
+
+  model = Scanned()
+  batches = _batches(16)
+  params = model.init(jax.random.key(0), batches[0])
+  with pytest.raises(ValueError, match="cannot watch linear layers inside flax.linen.scan"):
+    calibrate(lambda b: model.apply(params, b), batches, progress=False)
+
+
 def test_no_linear_called_is_an_error():
   with pytest.raises(ValueError, match="saw no linear layer"):
     calibrate(lambda b: b * 2, _batches(4), progress=False)
