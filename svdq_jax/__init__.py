@@ -3,7 +3,7 @@
 from svdq_jax.calibrate import LayerStats, calibrate
 from svdq_jax.config import QuantConfig, Rule, preset
 from svdq_jax.qlinear import QuantizedLinear, apply
-from svdq_jax.tree import find_kernels, quantize
+from svdq_jax.tree import calibrate_and_quantize, find_kernels, quantize
 
 __all__ = ["LayerStats", "QuantConfig", "QuantizedLinear", "Rule", "apply", "calibrate",
-           "find_kernels", "preset", "quantize"]
+           "calibrate_and_quantize", "find_kernels", "preset", "quantize"]

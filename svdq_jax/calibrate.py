@@ -106,6 +106,12 @@ class _Accumulator:
       self.hessian = jnp.zeros((x.shape[-1],) * 2, jnp.float32, device=x.sharding)
     self.hessian = _add_xtx(self.hessian, x)
 
+  def add_host_hessian(self, x: np.ndarray) -> None:
+    """X^T X of x [..., K] on the host, in f64 (sums of many tokens)."""
+    x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+    xtx = x.T.astype(np.float64) @ x.astype(np.float64)
+    self.hessian = xtx if self.hessian is None else self.hessian + xtx
+
   def add(self, x: np.ndarray, hessian: bool = True) -> None:
     """Absmax and samples of x [..., K]; and X^T X on the host when this accumulator keeps
     a Hessian and ``hessian`` (False: ``add_device_hessian`` takes it)."""
@@ -118,9 +124,8 @@ class _Accumulator:
     rng = np.random.default_rng([self.seed, self.calls])
     self.calls += 1
     self.num_tokens += x.shape[0]
-    if self.with_hessian and hessian:  # f64: sums of many tokens
-      xtx = x.T.astype(np.float64) @ x.astype(np.float64)
-      self.hessian = xtx if self.hessian is None else self.hessian + xtx
+    if self.with_hessian and hessian:
+      self.add_host_hessian(x)
     amax = np.abs(x).max(axis=0)
     self.absmax = amax if self.absmax is None else np.maximum(self.absmax, amax)
     keys = rng.random(x.shape[0])
@@ -198,6 +203,75 @@ def _linen_interceptor(record):
   return interceptor
 
 
+# The running calibration's host-side recorder: traced callbacks look it up when they run,
+# so a jitted forward traced by an earlier calibration records into this one.
+_on_host: list[Callable] = []
+
+
+def _host_record(path: str, traced: bool, x) -> None:
+  if _on_host:
+    _on_host[-1](path, x, traced)
+
+
+def to_host(path: str, x) -> None:
+  """Hands x (concrete, or traced: when the compiled call runs) to the running
+  calibration's host recorder, ``on_host(path, x, traced)``."""
+  traced = isinstance(x, jax.core.Tracer)
+  jax.debug.callback(functools.partial(_host_record, path, traced), x)
+
+
+def _watch(forward, batches, model, record, on_host, accumulators, progress, desc) -> None:
+  """``forward(batch)`` for every batch with ``record(path, x)`` called on each watched
+  linear layer's input as the forward pass is traced or run, and ``on_host(path, x,
+  traced)`` on what ``to_host`` sends; a NaN or Inf an accumulator saw stops it, naming
+  the layers. A ``jax.jit`` forward's compiled calls are dropped before and after: one traced
+  before would record nothing, one traced here would keep recording. Every traced layer
+  input goes to the host (whatever this recorder keeps), so that a trace made here serves
+  any later calibration unchanged."""
+  clear = getattr(forward, "clear_cache", lambda: None)
+  clear()
+  seen = set()
+
+  def watched(path, x):
+    seen.add(path)
+    record(path, x)
+
+  def watched_on_host(path, x, traced):
+    seen.add(path)
+    on_host(path, x, traced)
+
+  _on_host.append(watched_on_host)
+  try:
+    _run(forward, batches, model, watched, accumulators, progress, desc)
+  finally:
+    _on_host.pop()
+    clear()
+  if not seen:
+    raise ValueError("calibration saw no linear layer call: is forward running the model "
+                     "(for NNX, was the model passed as model=)? A jitted function inside "
+                     "forward that was traced before calibration keeps its uninstrumented "
+                     "trace: pass the jax.jit function itself, or an un-jitted forward")
+
+
+def _run(forward, batches, model, record, accumulators, progress, desc) -> None:
+  with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
+    for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+      try:
+        jax.block_until_ready(forward(batch))
+      except ValueError as e:   # Flax's words for a callback in a linen.scan body
+        if "data dependency on the scan body" not in str(e):
+          raise
+        raise ValueError(
+            "calibrate cannot watch linear layers inside flax.linen.scan: the scan's body "
+            "may not call the callbacks that record their inputs (and svdq_jax.quantize "
+            "takes 2-D kernels, not a scan's stacked ones); calibrate and quantize a model "
+            "whose layers are not scanned") from e
+      jax.effects_barrier()
+      bad = sorted(p for p, a in accumulators.items() if a.nonfinite)
+      if bad:
+        raise ValueError(f"calibration batch {i}: NaN or Inf in the input of layers {bad}")
+
+
 def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None = None,
               max_samples: int = 256, seed: int = 0, progress: bool = True,
               hessian: bool = False) -> dict[str, LayerStats]:
@@ -235,29 +309,50 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
   def accumulator(path):
     return accumulators.setdefault(path, _Accumulator(max_samples, seed, hessian))
 
-  def record(path, x):
-    on_device = hessian and not isinstance(x, jax.core.Tracer)
-    if on_device:   # an eager forward: X^T X where x is, not through the host
+  def record(path, x):   # as the forward pass is traced, or run eagerly
+    if hessian and not isinstance(x, jax.core.Tracer):   # X^T X where x is
       accumulator(path).add_device_hessian(x)
-    jax.debug.callback(lambda v: accumulator(path).add(v, hessian=not on_device), x)
+    to_host(path, x)
 
-  with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
-    for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
-      try:
-        jax.block_until_ready(forward(batch))
-      except ValueError as e:   # Flax's words for a callback in a linen.scan body
-        if "data dependency on the scan body" not in str(e):
-          raise
-        raise ValueError(
-            "calibrate cannot watch linear layers inside flax.linen.scan: the scan's body "
-            "may not call the callbacks that record their inputs (and svdq_jax.quantize "
-            "takes 2-D kernels, not a scan's stacked ones); calibrate and quantize a model "
-            "whose layers are not scanned") from e
-      jax.effects_barrier()
-      bad = sorted(p for p, a in accumulators.items() if a.nonfinite)
-      if bad:
-        raise ValueError(f"calibration batch {i}: NaN or Inf in the input of layers {bad}")
-  if not accumulators:
-    raise ValueError("calibration saw no linear layer call: is forward running the model "
-                     "(and, for NNX, was the model passed as model=)?")
+  def on_host(path, x, traced):
+    accumulator(path).add(x, hessian=hessian and traced)
+
+  _watch(forward, batches, model, record, on_host, accumulators, progress, "calibrating")
   return {p: a.stats() for p, a in accumulators.items()}
+
+
+def input_hessians(forward: Callable, batches: Iterable, paths, *,
+                   model: nnx.Module | None = None, progress: bool = True) -> dict:
+  """X^T X, f32 [K, K], of the inputs of the linear layers at ``paths`` over every token of
+  ``batches``: the Hessians ``calibrate(..., hessian=True)`` adds to its stats, the same
+  sums, for these layers alone and with nothing else recorded, so that a model's Hessians can
+  be summed a few layers at a time (``svdq_jax.calibrate_and_quantize``). As in
+  ``calibrate``: on the input's device for an eager forward, on the host in f64 under jit.
+
+  Returns {path: Hessian} (jax.Array or np.ndarray). Raises ValueError for a path no
+  batch's forward pass reached, or a layer whose inputs held NaN or Inf."""
+  paths = set(paths)
+  accumulators: dict[str, _Accumulator] = {}
+
+  def accumulator(path):
+    return accumulators.setdefault(path, _Accumulator(1, 0, hessian=True))
+
+  def record(path, x):
+    if isinstance(x, jax.core.Tracer):
+      to_host(path, x)   # every layer: the trace may serve a later calibration
+    elif path in paths:
+      accumulator(path).add_device_hessian(x)
+
+  def on_host(path, x, traced):
+    if traced and path in paths:
+      accumulator(path).add_host_hessian(x)
+
+  _watch(forward, batches, model, record, on_host, accumulators, progress, "input Hessians")
+  missing = sorted(paths - set(accumulators))
+  if missing:
+    raise ValueError(f"the forward pass never called the layers {missing}")
+  out = {p: a.hessian.astype(np.float32) for p, a in accumulators.items()}
+  bad = sorted(p for p, h in out.items() if not bool(jnp.isfinite(h).all()))
+  if bad:
+    raise ValueError(f"NaN or Inf in the input of layers {bad}")
+  return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from svdq_jax import formats, layers
-from svdq_jax.calibrate import LayerStats, is_nnx_linear
+from svdq_jax.calibrate import LayerStats, calibrate, input_hessians, is_nnx_linear
 from svdq_jax.config import QuantConfig, Rule
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.transforms import LayerReport, quantize_group
@@ -127,7 +127,7 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
 
 def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig, *,
              report: dict | None = None, progress: bool = True,
-             devices: Sequence[jax.Device] | None = None):
+             devices: Sequence[jax.Device] | None = None, only: Collection[str] | None = None):
   """Returns a copy of ``params`` with every selected linear kernel quantized.
 
   Args:
@@ -143,6 +143,11 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
       the next layer group as it frees up); the result is the same as on one device (each
       group's random key depends on its place in the plan only) and every QuantizedLinear
       comes back on the device its kernel was on. None: everything on the default device.
+    only: module paths: quantize just these of the selected layers (with any layer sharing
+      a decomposition with one of them), the others left as they are, each with the random
+      key a full call gives it: calls on disjoint sets, merged, equal one full call. Their
+      calibration stats alone need a Hessian (GPTQ), and of layers sharing an input, the
+      first's (``calibrate_and_quantize`` sums them a few at a time).
 
   Returns:
     A tree of the same type and structure (a module for a module), selected kernels
@@ -156,12 +161,7 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
       calibration (naming the layer).
   """
   if isinstance(params, nnx.Module):
-    for path, node in nnx.iter_graph(params):   # before the work, not after it
-      path = "/".join(str(p) for p in path)
-      rule = config.rule_for(path)
-      if (is_nnx_linear(node) and not layers.runs_quantized(node) and rule is not None
-          and rule.method != "skip"):
-        raise layers.unrunnable_error(path, node)
+    _check_runnable(params, config)
     graph, state = nnx.split(params)
     return layers.runnable(nnx.merge(graph, quantize(
         state, calib, config, report=report, progress=progress, devices=devices)))
@@ -169,9 +169,11 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
   if not kernels:
     raise ValueError("no linear layer found: the tree has no 2-D leaf named 'kernel'")
   jobs = _plan(kernels, calib, config)
+  todo = [i for i, j in enumerate(jobs) if only is None or not set(j.paths).isdisjoint(only)]
   replaced: dict[str, object] = {}
   key = jax.random.key(config.seed)
-  bar = tqdm(total=sum(len(j.paths) for j in jobs), desc="quantizing", disable=not progress)
+  bar = tqdm(total=sum(len(jobs[i].paths) for i in todo), desc="quantizing",
+             disable=not progress)
 
   def run(i: int, device: jax.Device | None) -> None:
     job = jobs[i]
@@ -193,18 +195,29 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
     bar.update(len(job.paths))
 
   if devices is None or len(devices) < 2:
-    for i in range(len(jobs)):
+    for i in todo:
       run(i, None if not devices else devices[0])
   else:
-    _on_devices(run, len(jobs), list(devices))
+    _on_devices(run, todo, list(devices))
   bar.close()
   return replace_kernels(params, replaced)
 
 
-def _on_devices(run, n_jobs: int, devices: list[jax.Device]) -> None:
-  """``run(i, device)`` for i in range(n_jobs), one thread per device pulling the next i;
-  the first error stops the others' pulling and is raised here."""
-  todo = iter(range(n_jobs))
+def _check_runnable(model: nnx.Module, config: QuantConfig) -> None:
+  """Raises ValueError (before any work) for a layer the config selects in a Flax module
+  that cannot run a quantized kernel (``layers.runs_quantized``)."""
+  for path, node in nnx.iter_graph(model):
+    path = "/".join(str(p) for p in path)
+    rule = config.rule_for(path)
+    if (is_nnx_linear(node) and not layers.runs_quantized(node) and rule is not None
+        and rule.method != "skip"):
+      raise layers.unrunnable_error(path, node)
+
+
+def _on_devices(run, indices: Sequence[int], devices: list[jax.Device]) -> None:
+  """``run(i, device)`` for i in indices, one thread per device pulling the next i; the
+  first error stops the others' pulling and is raised here."""
+  todo = iter(indices)
   lock = threading.Lock()
   failed: list[BaseException] = []
 
@@ -228,9 +241,72 @@ def _on_devices(run, n_jobs: int, devices: list[jax.Device]) -> None:
     raise failed[0]
 
 
+def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: QuantConfig, *,
+                           hessian_bytes: int | None = None, max_samples: int = 256,
+                           report: dict | None = None, progress: bool = True,
+                           devices: Sequence[jax.Device] | None = None):
+  """``calibrate`` then ``quantize``, with GPTQ's Hessians (``config.uses_gptq``) held for at
+  most ``hessian_bytes`` of layers at a time.
+
+  ``calibrate(hessian=True)`` keeps every layer's K x K Hessian until ``quantize`` has used
+  them all: about 67 GB for FLUX.1-dev, more than an 80 GB GPU holds beside the model. Here
+  one ``calibrate`` pass takes the stats alone; then, for each group of layers whose
+  Hessians (4 K^2 bytes each, one per decomposition) fit ``hessian_bytes``, one more pass
+  over the batches sums just those (``input_hessians``), ``quantize(only=...)`` uses and
+  drops them. A layer over the budget alone is a group of its own. The result equals the
+  single pass's (same sums, same random keys), at the cost of a forward pass per group.
+
+  Args:
+    forward, batches: as ``calibrate``; batches is iterated once per pass (a sequence).
+    model: an NNX module (watched through ``calibrate(model=...)``; its quantized copy
+      comes back) or Linen params that ``forward`` applies.
+    config, report, progress, devices: as ``quantize``; max_samples: as ``calibrate``.
+    hessian_bytes: the budget; None: everything in one pass (``calibrate(hessian=True)``).
+  """
+  watched = model if isinstance(model, nnx.Module) else None
+  passes = config.uses_gptq and hessian_bytes is not None
+  if passes and iter(batches) is batches:
+    raise TypeError("calibrate_and_quantize with hessian_bytes iterates the batches once "
+                    "per pass: give a sequence, not an iterator")
+  if watched is not None:
+    _check_runnable(watched, config)
+  calib = calibrate(forward, batches, model=watched, max_samples=max_samples,
+                    progress=progress, hessian=config.uses_gptq and not passes)
+  if not passes:
+    return quantize(model, calib, config, report=report, progress=progress, devices=devices)
+  state = nnx.state(model) if watched is not None else model
+  kernels = find_kernels(state)
+  groups, size = [[]], 0
+  for job in _plan(kernels, calib, config):
+    nbytes = 4 * kernels[job.paths[0]].shape[0] ** 2
+    if groups[-1] and size + nbytes > hessian_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(job.paths)
+    size += nbytes
+  out = {}
+  for group in groups:
+    firsts = [paths[0] for paths in group]
+    hessians = input_hessians(forward, batches, firsts, model=watched, progress=progress)
+    stats = dict(calib) | {p: dataclasses.replace(calib[p], hessian=hessians[p])
+                           for p in firsts}
+    del hessians
+    done = quantize(state, stats, config, report=report, progress=progress, devices=devices,
+                    only=[p for paths in group for p in paths])
+    del stats   # the group's Hessians
+    out |= {p: q for p, q in find_kernels(done, quantized=True).items()
+            if isinstance(q, QuantizedLinear)}
+  state = replace_kernels(state, out)
+  if watched is None:
+    return state
+  graph, _ = nnx.split(model)
+  return layers.runnable(nnx.merge(graph, state))
+
+
 def tree_bytes(tree) -> int:
   """Bytes of every array leaf of a tree (float or quantized parameters)."""
   return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
-__all__ = ["quantize", "find_kernels", "module_path", "tree_bytes", "LayerReport"]
+__all__ = ["calibrate_and_quantize", "quantize", "find_kernels", "module_path", "tree_bytes",
+           "LayerReport"]

@@ -82,6 +82,51 @@ def test_nnx_paths_with_and_without_jit(jit):
   np.testing.assert_array_equal(np.asarray(fwd(model, batches[0])), before)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_input_hessians_are_calibrates_for_the_layers_asked(jit):
+  """input_hessians: the Hessians calibrate(hessian=True) gives those layers (device f32
+  sums eagerly, host f64 under jit), no other layer's; a layer never called is an error."""
+  from svdq_jax.calibrate import input_hessians
+  model = NnxNet(nnx.Rngs(0))
+  fwd = nnx.jit(lambda m, b: m(b)) if jit else (lambda m, b: m(b))
+  batches = _batches(16)
+  # first: under jit its trace is the one calibrate then reuses (and must find complete)
+  got = input_hessians(lambda b: fwd(model, b), batches, ["blocks/0/q", "blocks/1/out"],
+                       model=model, progress=False)
+  stats = calibrate(lambda b: fwd(model, b), batches, model=model, progress=False,
+                    hessian=True)
+  assert len(stats) == 6 and all(s.num_tokens == 60 for s in stats.values())
+  assert set(got) == {"blocks/0/q", "blocks/1/out"}
+  for p, h in got.items():
+    assert h.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(stats[p].hessian))
+  with pytest.raises(ValueError, match=r"never called the layers \['blocks/2/q'\]"):
+    input_hessians(lambda b: fwd(model, b), batches, ["blocks/2/q"], model=model,
+                   progress=False)
+
+
+def test_a_jitted_forward_calibrates_whenever_it_was_traced():
+  """A jax.jit forward traced before calibration, or by an earlier one, records into this
+  calibration; afterwards it runs without the recording. Inside an un-clearable wrapper, a
+  trace made before calibration is a clear error."""
+  model = LinenNet()
+  batches = _batches(16)
+  params = model.init(jax.random.key(0), batches[0])
+  forward = jax.jit(lambda b: model.apply(params, b))
+  forward(batches[0])   # traced before: no recording in it
+  first = calibrate(forward, batches, progress=False)
+  again = calibrate(forward, batches[:2], progress=False)
+  assert first["fc1"].num_tokens == 60 and again["fc1"].num_tokens == 40
+  np.testing.assert_array_equal(
+      again["fc1"].absmax, np.abs(np.concatenate([np.asarray(b) for b in batches[:2]])
+                                  ).reshape(-1, 16).max(0))
+  assert forward._cache_size() == 0   # the instrumented trace is not kept
+  wrapped = jax.jit(lambda b: model.apply(params, b))
+  wrapped(batches[0])
+  with pytest.raises(ValueError, match="traced before calibration keeps its uninstrumented"):
+    calibrate(lambda b: wrapped(b), batches, progress=False)
+
+
 def test_sampling_is_deterministic_and_bounded():
   model = LinenNet()
   batches = _batches(16, n=5)

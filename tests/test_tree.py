@@ -309,3 +309,59 @@ def test_quantized_nnx_linear_model_saved_and_restored_runs(tmp_path):
   assert type(restored.fc1) is Linear and type(restored.fc2) is Linear
   x = _flax_batches()[0]
   np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(qmodel(x)))
+
+
+def _same_leaves(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_quantize_only_some_layers_then_merged_equals_one_call(net_and_calib):
+  """``only``: disjoint calls keep a full call's random keys, so their layers merged give
+  its result bit for bit; a path of a shared decomposition brings its siblings along."""
+  from svdq_jax.tree import find_kernels, replace_kernels
+  model, calib, _ = net_and_calib
+  state = nnx.state(model)
+  cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=8),), **FAST)
+  full = svdq_jax.quantize(state, calib, cfg, progress=False)
+  first = svdq_jax.quantize(state, calib, cfg, progress=False, only=["attn/q", "head"])
+  quantized = {p for p, k in find_kernels(first, quantized=True).items()
+               if isinstance(k, QuantizedLinear)}
+  assert quantized == {"attn/q", "attn/k", "attn/v", "head"}
+  rest = svdq_jax.quantize(state, calib, cfg, progress=False, only=["embed", "attn/o"])
+  merged = replace_kernels(state, {p: k for t in (first, rest)
+                                   for p, k in find_kernels(t, quantized=True).items()
+                                   if isinstance(k, QuantizedLinear)})
+  _same_leaves(merged, full)
+
+
+def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monkeypatch):
+  """calibrate_and_quantize with a Hessian budget: one stats pass, then a pass per group of
+  layers whose Hessians fit (here three), the result bit for bit the all-at-once one's."""
+  from svdq_jax import tree
+  model, _, batches = net_and_calib
+  cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=8),), residual="gptq", **FAST)
+  forward = lambda b: model(b)
+  calib = svdq_jax.calibrate(forward, batches, model=model, max_samples=64, progress=False,
+                             hessian=True)
+  want = svdq_jax.quantize(model, calib, cfg, progress=False)
+  groups = []
+  real = tree.input_hessians
+  monkeypatch.setattr(tree, "input_hessians", lambda *a, **k: groups.append(sorted(a[2]))
+                      or real(*a, **k))
+  # in plan order (k|q|v's one decomposition, o, embed, head; K = 128 but embed's 64):
+  # k|q|v alone, o with embed, head alone
+  got = svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, max_samples=64,
+                                        hessian_bytes=4 * (64 ** 2 + 128 ** 2),
+                                        progress=False)
+  assert groups == [["attn/k"], ["attn/o", "embed"], ["head"]]
+  assert type(got) is type(model)
+  _same_leaves(nnx.state(got), nnx.state(want))
+  with pytest.raises(TypeError, match="give a sequence, not an iterator"):
+    svdq_jax.calibrate_and_quantize(forward, iter(batches), model, cfg, hessian_bytes=1)
+  # no budget: calibrate(hessian=True) and quantize, as before
+  _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
+                                                         max_samples=64, progress=False)),
+               nnx.state(want))
