@@ -138,11 +138,13 @@ class FluxPipeline:
   def quantize(self, config, prompts: Sequence[str], *, steps: int | None = None,
                guidance: float = 3.5, seed: int = 0, height: int = 512, width: int = 512,
                batch_size: int = 4, max_samples: int = 256, progress: bool = True,
-               report: dict | None = None, devices=None) -> Flux:
+               report: dict | None = None, devices=None,
+               hessian_bytes: int | None = None) -> Flux:
     """The transformer quantized with ``config`` (``svdq_jax.quantize``), calibrated on the
     activations of real denoising trajectories: every step of sampling each prompt (batches
     of ``batch_size``, noise from ``seed + batch index``) at height x width. With
-    ``config.uses_gptq`` calibration also accumulates each layer's Hessian;
+    ``config.uses_gptq`` calibration also accumulates each layer's Hessian, at most
+    ``hessian_bytes`` of them at a time (``svdq_jax.calibrate_and_quantize``; None: all);
     ``devices`` spreads the layers' searches over several devices."""
     import svdq_jax
     model = self.transformer
@@ -151,11 +153,10 @@ class FluxPipeline:
       _, args, _ = self._prepare(prompts[i:i + batch_size], steps, guidance, seed + i,
                                  height, width)
       inputs += sampling.trajectory_inputs(model, *args)
-    calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), inputs, model=model,
-                               max_samples=max_samples, progress=progress,
-                               hessian=config.uses_gptq)
-    return svdq_jax.quantize(model, calib, config, report=report, progress=progress,
-                             devices=devices)
+    return svdq_jax.calibrate_and_quantize(
+        lambda a: model(*a[:6], guidance=a[6]), inputs, model, config,
+        hessian_bytes=hessian_bytes, max_samples=max_samples, report=report,
+        progress=progress, devices=devices)
 
 
 def calibration_prompts() -> list[str]:

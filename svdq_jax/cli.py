@@ -206,6 +206,8 @@ def _quantize(args) -> int:
                           residual=args.residual, **search)
     # the formats as chosen (--fmt unset: flux.default_formats), for quantize.json
     args.fmt, args.act_fmt = config.rules[-1].fmt, config.rules[-1].act_fmt
+    if args.hessian_memory is not None and args.hessian_memory <= 0:
+      raise ValueError(f"--hessian-memory must be > 0 GB, got {args.hessian_memory}")
     if args.devices < 0 or args.devices > len(jax.devices()):
       raise ValueError(f"--devices {args.devices}: this machine has {len(jax.devices())}")
     devices = jax.devices()[:args.devices or None]
@@ -214,7 +216,9 @@ def _quantize(args) -> int:
     qmodel = pipe.quantize(config, prompts, steps=args.calib_steps, seed=args.seed,
                            height=args.calib_size, width=args.calib_size,
                            batch_size=args.batch_size, max_samples=args.max_samples,
-                           progress=not args.quiet, report=report, devices=devices)
+                           progress=not args.quiet, report=report, devices=devices,
+                           hessian_bytes=None if args.hessian_memory is None
+                           else int(args.hessian_memory * 1e9))
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     errors = [r.error for r in report.values()]
     summary = dict(settings=settings, layers_quantized=len(report), calibration_prompts=len(
@@ -414,6 +418,11 @@ def main(argv=None) -> int:
                        "(error feedback through each layer's input Hessian) once after the "
                        "low-rank refinement, or gptq_loop: in every refinement step "
                        "(docs/gptq.md)")
+  qz.add_argument("--hessian-memory", type=float, default=None, metavar="GB",
+                  help="with --residual gptq: hold the layers' Hessians (4 K^2 bytes each; "
+                       "FLUX.1-dev: 67 GB in all) at most this many GB (1e9 bytes) at a "
+                       "time, one more calibration pass per group (same result; e.g. 30 on "
+                       "an 80 GB GPU). Default: all at once")
   qz.add_argument("--devices", type=int, default=1,
                   help="spread the layers' searches over this many devices (0: all)")
   qz.add_argument("--t5-max-length", type=int, default=None)

@@ -98,6 +98,14 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   from svdq_jax.qlinear import QuantizedLinear
   qmodel = load_flux(qdir)
   assert isinstance(qmodel.double_blocks[0].img_attn.qkv.kernel.get_value(), QuantizedLinear)
+  # the Hessians a few layers at a time (several calibration passes): the same checkpoint
+  assert cli.main(["quantize", str(pipeline_dir), str(tmp_path / "q_passes"), "--batch-file",
+                   str(prompts), "--calib-steps", "2", "--calib-size", "16", "--rank", "8",
+                   "--fast-search", "--residual", "gptq", "--hessian-memory", "0.0005",
+                   "--quiet"]) == 0
+  for a, b in zip(*(jax.tree_util.tree_leaves(nnx.state(m))
+                    for m in (qmodel, load_flux(tmp_path / "q_passes")))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   from svdq_jax.convert import load_t5
   qt5 = load_t5(qdir / "text_encoder_2")
   wo = qt5.encoder.block[0].layer[1].DenseReluDense.wo.kernel.get_value()
@@ -115,6 +123,8 @@ def test_quantize_then_generate_quantized(pipeline_dir, tmp_path):
   assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--quiet"]) == 2   # exists
   assert cli.main(["quantize", str(pipeline_dir), str(tmp_path / "q2"), "--devices", "99",
                    "--quiet"]) == 2
+  assert cli.main(["quantize", str(pipeline_dir), str(tmp_path / "q2"), "--residual", "gptq",
+                   "--hessian-memory", "0", "--quiet"]) == 2
   assert not (tmp_path / "q2").exists()
 
 
