@@ -407,6 +407,10 @@ def main():
   ap.add_argument("--residual", choices=["rtn", "gptq", "gptq_loop"], default="rtn",
                   help="gptq: Hessians summed on the GPU during calibration (~67 GB at full "
                        "size), GPTQ on every residual")
+  ap.add_argument("--hessian-memory", type=float, default=None, metavar="GB",
+                  help="with --residual gptq: at most this many GB of Hessians at a time "
+                       "(svdq_jax.calibrate_and_quantize; one calibration pass per group); "
+                       "records the peak device memory after quantization")
   ap.add_argument("--lora-ranks", default="",
                   help="also time the svdquant model with a random LoRA of each rank on every "
                        "linear (e.g. 32,64; issue 18)")
@@ -496,20 +500,31 @@ def main():
     batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
                for i in range(args.calib_batches)]
     model = nnx.merge(graph, state)
-    calib = svdq_jax.calibrate(lambda a: model(*a[:6], guidance=a[6]), batches, model=model,
-                               max_samples=256, hessian=config.uses_gptq)
-    del model
-    t1 = time.perf_counter()
+    forward = lambda a: model(*a[:6], guidance=a[6])
     report = {}
-    qstate = svdq_jax.quantize(state, calib, config, report=report)
+    if args.hessian_memory is None:
+      calib = svdq_jax.calibrate(forward, batches, model=model, max_samples=256,
+                                 hessian=config.uses_gptq)
+      t1 = time.perf_counter()
+      qstate = svdq_jax.quantize(state, calib, config, report=report)
+      del calib
+    else:   # calibration passes and quantization interleaved: one time for both
+      qstate = nnx.state(svdq_jax.calibrate_and_quantize(
+          forward, batches, model, config, hessian_bytes=int(args.hessian_memory * 1e9),
+          report=report))
+      t1 = t0
+      result["hessian_memory_gb"] = args.hessian_memory
+    del model
     jax.block_until_ready(qstate)
     t2 = time.perf_counter()
+    stats = jax.devices()[0].memory_stats() or {}
     result.update(fast_search=args.fast_search,
                   calibrate_s=round(t1 - t0, 1), quantize_s=round(t2 - t1, 1),
+                  quantize_peak_bytes=stats.get("peak_bytes_in_use"),
                   quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
                   mean_rel_error=sum(r.error for r in report.values()) / len(report))
     print(json.dumps(result), flush=True)
-    del calib, state, batches   # only the quantized model stays resident
+    del state, batches   # only the quantized model stays resident
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
