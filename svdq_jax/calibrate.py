@@ -279,7 +279,9 @@ def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None 
 
   Args:
     forward: calls the model on one batch (may be jitted). Linen ``nn.Dense`` layers are
-      seen inside any ``module.apply``; for NNX, the linear modules of ``model``.
+      seen inside any ``module.apply``; for NNX, the linear modules of ``model``. A
+      ``jax.jit`` forward has its compiled calls dropped before and after, so that it is
+      traced with the recording in it and runs without it later.
     batches: iterable of whatever ``forward`` takes.
     model: the NNX model whose linear modules to watch (not needed for Linen).
     max_samples: tokens kept per layer for the output-error searches (memory is
@@ -325,9 +327,9 @@ def input_hessians(forward: Callable, batches: Iterable, paths, *,
                    model: nnx.Module | None = None, progress: bool = True) -> dict:
   """X^T X, f32 [K, K], of the inputs of the linear layers at ``paths`` over every token of
   ``batches``: the Hessians ``calibrate(..., hessian=True)`` adds to its stats, the same
-  sums, for these layers alone and with nothing else recorded, so that a model's Hessians can
-  be summed a few layers at a time (``svdq_jax.calibrate_and_quantize``). As in
-  ``calibrate``: on the input's device for an eager forward, on the host in f64 under jit.
+  sums, for these layers alone and nothing else kept, so that a model's Hessians can be
+  summed a few layers at a time (``svdq_jax.calibrate_and_quantize``). As in ``calibrate``:
+  on the input's device for an eager forward, on the host in f64 under jit.
 
   Returns {path: Hessian} (jax.Array or np.ndarray). Raises ValueError for a path no
   batch's forward pass reached, or a layer whose inputs held NaN or Inf."""
