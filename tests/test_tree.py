@@ -365,3 +365,25 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
   _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
                                                          max_samples=64, progress=False)),
                nnx.state(want))
+
+
+def test_gptq_hessians_in_passes_for_linen_params():
+  """calibrate_and_quantize on Linen params with a jitted forward (host f64 Hessians): the
+  per-group passes give the one-pass params bit for bit."""
+  import flax.linen as nn
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, name="fc2")(nn.gelu(nn.Dense(128, name="fc1")(x)))
+
+  batches = _flax_batches()
+  model = Mlp()
+  params = model.init(jax.random.key(0), batches[0])
+  forward = jax.jit(lambda b: model.apply(params, b))
+  cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=8),), residual="gptq", **FAST)
+  one = svdq_jax.calibrate_and_quantize(forward, batches, params, cfg, progress=False)
+  two = svdq_jax.calibrate_and_quantize(forward, batches, params, cfg, progress=False,
+                                        hessian_bytes=4 * 128 ** 2)
+  assert isinstance(two["params"]["fc1"]["kernel"], QuantizedLinear)
+  _same_leaves(two, one)
