@@ -263,6 +263,8 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
     config, report, progress, devices: as ``quantize``; max_samples: as ``calibrate``.
     hessian_bytes: the budget; None: everything in one pass (``calibrate(hessian=True)``).
   """
+  if hessian_bytes is not None and hessian_bytes <= 0:
+    raise ValueError(f"hessian_bytes must be > 0, got {hessian_bytes}")
   watched = model if isinstance(model, nnx.Module) else None
   passes = config.uses_gptq and hessian_bytes is not None
   if passes and iter(batches) is batches:

@@ -361,6 +361,8 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
   _same_leaves(nnx.state(got), nnx.state(want))
   with pytest.raises(TypeError, match="give a sequence, not an iterator"):
     svdq_jax.calibrate_and_quantize(forward, iter(batches), model, cfg, hessian_bytes=1)
+  with pytest.raises(ValueError, match="hessian_bytes must be > 0, got 0"):
+    svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, hessian_bytes=0)
   # no budget: calibrate(hessian=True) and quantize, as before
   _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
                                                          max_samples=64, progress=False)),
