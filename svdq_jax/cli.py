@@ -235,6 +235,14 @@ def _quantize(args) -> int:
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"svdq-jax quantize: error: {e}", file=sys.stderr)
     return 2
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) or args.residual == "rtn":
+      raise
+    print(f"svdq-jax quantize: error: out of device memory with GPTQ's Hessians held "
+          f"{'all at once' if args.hessian_memory is None else f'{args.hessian_memory} GB at a time'}"
+          f" (FLUX.1-dev: 67 GB in all): give --hessian-memory a smaller budget, e.g. 30 on "
+          f"an 80 GB GPU ({str(e).splitlines()[0][:200]})", file=sys.stderr)
+    return 2
   print(f"wrote {args.qdir}: {len(report)} layers quantized ({args.method} {args.fmt}"
         f"{'/' + args.act_fmt if args.act_fmt else ''}, rank {args.rank}), calibrated on "
         f"{len(prompts)} prompts x {args.calib_steps} steps")

@@ -176,3 +176,20 @@ def test_a_call_leaves_every_weight_buffer_in_place(pipeline_dir):
   _, args, _ = pipe._prepare(["a red circle"], 2, 3.5, 0, 16, 16)
   sampling.trajectory_inputs(pipe.transformer, *args[:5], guidance=args[5])
   assert buffers() == before
+
+
+def test_quantize_out_of_memory_with_gptq_points_at_the_hessian_budget(pipeline_dir, tmp_path,
+                                                                        capsys, monkeypatch):
+  """GPTQ's Hessians exhausting the device memory: the command's error names the budget
+  flag, and no checkpoint is left; without GPTQ the error is not dressed up."""
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 944 MB")
+  monkeypatch.setattr(FluxPipeline, "quantize", exhausted)
+  qdir = tmp_path / "q"
+  assert cli.main(["quantize", str(pipeline_dir), str(qdir), "--residual", "gptq",
+                   "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "out of device memory with GPTQ's Hessians held all at once" in err
+  assert "--hessian-memory" in err and not qdir.exists()
+  with pytest.raises(jax.errors.JaxRuntimeError):
+    cli.main(["quantize", str(pipeline_dir), str(qdir), "--quiet"])
