@@ -255,11 +255,13 @@ def save_groups(dst: str | os.PathLike, groups, overwrite: bool = False,
 def save_tree(dst: str | os.PathLike, tree, overwrite: bool = False,
               extra: dict[str, str] | None = None) -> None:
   """Saves a nested dict (float params or a quantized tree) as an orbax checkpoint at
-  ``dst``, one group (``tree_groups``) at a time, with ``extra`` text files beside it; all or
+  ``dst``, one group (``tree_groups``) at a time, with its structure (``tree_spec``: what
+  ``restore_tree(dst)`` rebuilds it from) and ``extra`` text files beside it; all or
   nothing."""
   if not isinstance(tree, dict):
     raise TypeError(f"save_tree takes a nested dict (e.g. nnx.to_pure_dict(state)), got "
                     f"{type(tree).__name__}")
+  extra = {STRUCTURE_FILE: json.dumps(tree_spec(tree))} | (extra or {})
   save_groups(dst, tree_groups(tree), overwrite, extra)
 
 
@@ -388,7 +390,7 @@ def _restore_item(ckpt, path: pathlib.Path, like, src, device):
   return ckpt.restore(path, jax.tree_util.tree_map_with_path(abstract, like))
 
 
-def restore_tree(src: str | os.PathLike, like, device=None):
+def restore_tree(src: str | os.PathLike, like=None, device=None):
   """Restores a tree saved by ``save_tree`` or ``convert``, one group at a time.
 
   Args:
@@ -396,7 +398,8 @@ def restore_tree(src: str | os.PathLike, like, device=None):
     like: a tree (arrays or ShapeDtypeStructs) of the saved structure, e.g. the model's
       ``nnx.to_pure_dict(nnx.state(nnx.eval_shape(...)))``; needed for int keys and for
       custom nodes such as QuantizedLinear. Arrays come back in the dtypes they were saved
-      in (bf16 stays bf16), whatever ``like`` says.
+      in (bf16 stays bf16), whatever ``like`` says. None: the structure ``save_tree`` wrote
+      beside the checkpoint (digit keys as ints, as in NNX's pure dicts).
     device: a jax device to restore onto (each group goes there before the next is read, so
       host memory holds about one group), or a sharding: ``parallel.replicated(mesh)`` puts
       every parameter on every device of a mesh (data- or sequence-parallel sampling)
@@ -405,6 +408,12 @@ def restore_tree(src: str | os.PathLike, like, device=None):
   path = pathlib.Path(src).absolute() / "params"
   if not path.exists():
     raise FileNotFoundError(f"no svdq-jax orbax checkpoint at {src}")
+  if like is None:
+    structure = path.parent / STRUCTURE_FILE
+    if not structure.exists():
+      raise ValueError(f"{src} holds no {STRUCTURE_FILE} (save_tree writes it since "
+                       f"2026-12-05): give restore_tree a like= tree of its structure")
+    like = like_from_spec(json.loads(structure.read_text()))
   with ocp.StandardCheckpointer() as ckpt:
     if not (path / GROUPS_FILE).exists():  # one item: checkpoints written before 2026-11-29
       return _restore_item(ckpt, path, like, src, device)

@@ -193,5 +193,7 @@ def test_single_item_checkpoints_of_earlier_versions_still_restore(tmp_path):
   with ocp.StandardCheckpointer() as ckpt:  # the 2026-11-22 layout: params/ is one item
     ckpt.save(tmp_path / "old" / "params", tree)
   back = restore_tree(tmp_path / "old", like=tree)
+  with pytest.raises(ValueError, match="holds no structure.json .*give restore_tree a like="):
+    restore_tree(tmp_path / "old")   # no structure beside it: like= is needed
   np.testing.assert_array_equal(np.asarray(back["a"]["kernel"]), tree["a"]["kernel"])
   np.testing.assert_array_equal(np.asarray(back["blocks"][0]["b"]), tree["blocks"][0]["b"])

@@ -389,3 +389,30 @@ def test_gptq_hessians_in_passes_for_linen_params():
                                         hessian_bytes=4 * 128 ** 2)
   assert isinstance(two["params"]["fc1"]["kernel"], QuantizedLinear)
   _same_leaves(two, one)
+
+
+def test_quantized_state_saved_and_restored_without_a_like_tree(tmp_path):
+  """save_tree writes the structure beside the checkpoint, so restore_tree(src) rebuilds a
+  quantized tree (QuantizedLinear nodes, int keys of an nnx.List) with no like= given; put
+  into the float model's abstract state it runs as the quantized model did."""
+  from svdq_jax.convert import restore_tree, save_tree
+  from svdq_jax.layers import runnable
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(128, 128, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = jax.nn.gelu(layer(x))
+      return x
+
+  qmodel = svdq_jax.quantize(Stack(nnx.Rngs(0)), None, preset("rtn"), progress=False)
+  save_tree(tmp_path / "ckpt", nnx.to_pure_dict(nnx.state(qmodel)))
+  tree = restore_tree(tmp_path / "ckpt")
+  assert isinstance(tree["layers"][1]["kernel"], QuantizedLinear)
+  graph, state = nnx.split(nnx.eval_shape(lambda: Stack(nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, tree)
+  restored = runnable(nnx.merge(graph, state))
+  x = _flax_batches()[0]
+  np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(qmodel(x)))
