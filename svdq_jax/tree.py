@@ -169,6 +169,10 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
   if not kernels:
     raise ValueError("no linear layer found: the tree has no 2-D leaf named 'kernel'")
   jobs = _plan(kernels, calib, config)
+  if only is not None:
+    unknown = sorted(set(only) - {p for j in jobs for p in j.paths})
+    if unknown:
+      raise ValueError(f"only= names layers the config does not select: {unknown[:20]}")
   todo = [i for i, j in enumerate(jobs) if only is None or not set(j.paths).isdisjoint(only)]
   replaced: dict[str, object] = {}
   key = jax.random.key(config.seed)

@@ -335,6 +335,9 @@ def test_quantize_only_some_layers_then_merged_equals_one_call(net_and_calib):
                                    for p, k in find_kernels(t, quantized=True).items()
                                    if isinstance(k, QuantizedLinear)})
   _same_leaves(merged, full)
+  with pytest.raises(ValueError, match=r"only= names layers the config does not select: "
+                                       r"\['attn/x'\]"):
+    svdq_jax.quantize(state, calib, cfg, progress=False, only=["attn/q", "attn/x"])
 
 
 def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monkeypatch):
