@@ -512,14 +512,15 @@ def main():
       qstate = nnx.state(svdq_jax.calibrate_and_quantize(
           forward, batches, model, config, hessian_bytes=int(args.hessian_memory * 1e9),
           report=report))
-      t1 = t0
+      t1 = None
       result["hessian_memory_gb"] = args.hessian_memory
     del model
     jax.block_until_ready(qstate)
     t2 = time.perf_counter()
     stats = jax.devices()[0].memory_stats() or {}
     result.update(fast_search=args.fast_search,
-                  calibrate_s=round(t1 - t0, 1), quantize_s=round(t2 - t1, 1),
+                  calibrate_s=None if t1 is None else round(t1 - t0, 1),
+                  quantize_s=round(t2 - (t0 if t1 is None else t1), 1),
                   quantize_peak_bytes=stats.get("peak_bytes_in_use"),
                   quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
                   mean_rel_error=sum(r.error for r in report.values()) / len(report))

@@ -35,7 +35,7 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
   epilogue: ``qlinear.apply``); columns before it are y's as they are.
   """
-  if isinstance(kernel, (QuantizedLinear, PreparedLinear)):
+  if _is_quantized(kernel):
     return apply(kernel, x, bias, gelu_from)
   y = jnp.matmul(join(x), kernel)
   y = y if bias is None else y + bias
