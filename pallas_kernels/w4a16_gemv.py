@@ -41,7 +41,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 
-MAX_ROWS = 256       # rows of x one call takes; a GEMM's business beyond that
+# rows of x one call takes: past it XLA's GEMM on the dequantized weight is faster (H200,
+# 2026-12-05, scripts/bench_gemv.py, 3072 -> 18432 / 9216: the layer 0.086 / 0.053 ms against
+# XLA's 0.115 / 0.062 at 112 rows, 0.159 / 0.085 against 0.124 / 0.067 at 224)
+MAX_ROWS = 128
 ROW_BLOCK = 64       # rows of x a program takes: more rows, more programs over the same weight
 # (block_n, groups_per_step, num_warps, num_stages) by path, the fastest of the sweeps at
 # K = 3072, N = 9216 and 18432 on an H200 (scripts/bench_gemv.py, 2026-12-03; device us):
@@ -131,7 +134,7 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
-    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= 256.
+    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= MAX_ROWS (128).
     codes: uint8 [N, K/2], ``formats.pack``'s layout. mults: uint8 [N, K/128] (K/64
       multipliers, ``formats.pack_multipliers``). unit: f32 [N] the row units.
     mma: the products on the bf16 tensor cores (rows padded to a multiple of 16) or, for

@@ -48,11 +48,11 @@ def test_weight_values_bit_exact(mma):
     np.testing.assert_array_equal(y, _bf16_weight(layer)[:, cols].T)
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 28, 64, 100, 256])
+@pytest.mark.parametrize("m", [1, 3, 16, 28, 64, 100, 128])
 def test_product_matches_reference(m):
   """M = 28: a 28-step loop's modulations computed before it (rows padded to 32, fewer
   groups a step); 64: one program's most rows; 100: two row blocks, the last one padded;
-  256: the most rows a call takes."""
+  128: the most rows a call takes."""
   layer = _layer()
   x = (jax.random.normal(jax.random.key(m), (m, K)) * 2.0).at[:, 5].multiply(40.0)
   x = x.astype(jnp.bfloat16)
@@ -87,8 +87,8 @@ def test_layer_dispatch_runs_the_kernel():
                              rtol=2 ** -7, atol=1e-6)
   assert w4a16_gemv.supports_layer(layer, 10, jnp.bfloat16)
   assert not w4a16_gemv.supports_layer(layer, 10, jnp.float32)
-  assert w4a16_gemv.supports_layer(layer, 256, jnp.bfloat16)
-  assert not w4a16_gemv.supports_layer(layer, 257, jnp.bfloat16)
+  assert w4a16_gemv.supports_layer(layer, 128, jnp.bfloat16)
+  assert not w4a16_gemv.supports_layer(layer, 129, jnp.bfloat16)
   settings = qlinear.trace_settings()
   w4a16_gemv.set_enabled(False)   # jitted loops retrace when it is switched
   try:
@@ -100,9 +100,9 @@ def test_layer_dispatch_runs_the_kernel():
 
 def test_errors_name_the_problem():
   layer = _layer()
-  with pytest.raises(ValueError, match="M <= 256"):
-    _gemv(layer, jnp.zeros((257, K), jnp.bfloat16))
-  with pytest.raises(ValueError, match="M <= 256"):   # no rows: an error, not a division by 0
+  with pytest.raises(ValueError, match="M <= 128"):
+    _gemv(layer, jnp.zeros((129, K), jnp.bfloat16))
+  with pytest.raises(ValueError, match="M <= 128"):   # no rows: an error, not a division by 0
     _gemv(layer, jnp.zeros((0, K), jnp.bfloat16), mma=True)
   with pytest.raises(ValueError, match="one row"):
     _gemv(layer, jnp.zeros((2, K), jnp.bfloat16), mma=False)
