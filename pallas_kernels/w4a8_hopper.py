@@ -116,12 +116,14 @@ _narrow_tiles = True
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
 _three_wgs_gelu = True
-_chain = False   # w4a8_gemm_t(chain=True) from ``tiling``: built 2026-12-04, not yet timed
+# w4a8_gemm_t(chain=True) from ``tiling``: per layer (H200, M = 4608, 2026-12-04) 1-2%
+# faster at N = 12288 / 21504, 4-5% slower at 3072 -> 3072; not yet timed in the step
+_chain = False
 
 
 def set_chained_pipelines(on: bool) -> None:
-  """Whether ``tiling`` asks for ``chain=True`` (off by default: built 2026-12-04, not yet
-  timed; scripts/bench_flux_full.py --chained-pipelines)."""
+  """Whether ``tiling`` asks for ``chain=True`` (off by default, see ``_chain``; the step's
+  A/B: scripts/bench_flux_full.py --chained-pipelines)."""
   global _chain
   _chain = bool(on)
 
