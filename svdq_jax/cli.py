@@ -445,9 +445,15 @@ def main(argv=None) -> int:
   _use_compile_cache(args.compile_cache)
   if getattr(args, "attention", None) is None:
     return args.func(args)
+  import jax
   from svdq_jax.models import flux   # --attention: for this command only
   previous = flux.attention_implementation()
   try:
+    if args.attention in ("cudnn", "cudnn_fp8") and jax.default_backend() != "gpu":
+      # refused before the checkpoint is read, not when the sampler is traced
+      raise ValueError(f"--attention {args.attention} is cuDNN's kernel, for NVIDIA GPUs; "
+                       f"this machine runs jax on {jax.default_backend()!r} (its numerics "
+                       "there: --attention xla / fp8)")
     flux.set_attention_implementation(args.attention)
   except ValueError as e:
     print(f"svdq-jax {args.command}: error: {e}", file=sys.stderr)

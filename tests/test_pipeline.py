@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline_helpers import write_pipeline
 from svdq_jax import cli
-from svdq_jax.models import sampling
+from svdq_jax.models import flux, sampling
 from svdq_jax.models.pipeline import FluxPipeline
 
 
@@ -70,6 +70,11 @@ def test_generate_errors_name_the_problem(pipeline_dir, tmp_path, capsys):
   assert cli.main(["generate", str(pipeline_dir), "x", "--attention", "int4", "--out",
                    str(tmp_path / "o")]) == 2
   assert "attention implementation must be one of" in capsys.readouterr().err
+  for name in ("cudnn", "cudnn_fp8"):   # CPU: refused before the checkpoint is read
+    assert cli.main(["sample", str(tmp_path / "none"), str(tmp_path / "none.npz"),
+                     "--attention", name]) == 2
+    assert f"--attention {name} is cuDNN's kernel, for NVIDIA GPUs" in capsys.readouterr().err
+    assert flux.attention_implementation() is None
   assert cli.main(["generate", str(pipeline_dir / "vae"), "x", "--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert "not a FLUX.1 pipeline folder" in err and "tokenizer_2/" in err
