@@ -139,12 +139,13 @@ class FluxPipeline:
                guidance: float = 3.5, seed: int = 0, height: int = 512, width: int = 512,
                batch_size: int = 4, max_samples: int = 256, progress: bool = True,
                report: dict | None = None, devices=None,
-               hessian_bytes: int | None = None) -> Flux:
+               hessian_bytes: int | str | None = "auto") -> Flux:
     """The transformer quantized with ``config`` (``svdq_jax.quantize``), calibrated on the
     activations of real denoising trajectories: every step of sampling each prompt (batches
     of ``batch_size``, noise from ``seed + batch index``) at height x width. With
     ``config.uses_gptq`` calibration also accumulates each layer's Hessian, at most
-    ``hessian_bytes`` of them at a time (``svdq_jax.calibrate_and_quantize``; None: all);
+    ``hessian_bytes`` of them at a time (``svdq_jax.calibrate_and_quantize``; None: all;
+    'auto': all where the device's free memory holds them, else half of it at a time);
     ``devices`` spreads the layers' searches over several devices."""
     import svdq_jax
     model = self.transformer

@@ -217,7 +217,7 @@ def _quantize(args) -> int:
                            height=args.calib_size, width=args.calib_size,
                            batch_size=args.batch_size, max_samples=args.max_samples,
                            progress=not args.quiet, report=report, devices=devices,
-                           hessian_bytes=None if args.hessian_memory is None
+                           hessian_bytes="auto" if args.hessian_memory is None
                            else int(args.hessian_memory * 1e9))
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     errors = [r.error for r in report.values()]
@@ -238,8 +238,9 @@ def _quantize(args) -> int:
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e) or args.residual == "rtn":
       raise
-    print(f"svdq-jax quantize: error: out of device memory with GPTQ's Hessians held "
-          f"{'all at once' if args.hessian_memory is None else f'{args.hessian_memory} GB at a time'}"
+    held = (f"{args.hessian_memory} GB at a time" if args.hessian_memory is not None else
+            "all at once, or half the free memory at a time where they did not fit")
+    print(f"svdq-jax quantize: error: out of device memory with GPTQ's Hessians held {held}"
           f" (FLUX.1-dev: 67 GB in all): give --hessian-memory a smaller budget, e.g. 30 on "
           f"an 80 GB GPU ({str(e).splitlines()[0][:200]})", file=sys.stderr)
     return 2
@@ -430,7 +431,8 @@ def main(argv=None) -> int:
                   help="with --residual gptq: hold the layers' Hessians (4 K^2 bytes each; "
                        "FLUX.1-dev: 67 GB in all) at most this many GB (1e9 bytes) at a "
                        "time, one more calibration pass per group (same result; e.g. 30 on "
-                       "an 80 GB GPU). Default: all at once")
+                       "an 80 GB GPU). Default: all at once where the device's free memory "
+                       "holds them, else half of it at a time")
   qz.add_argument("--devices", type=int, default=1,
                   help="spread the layers' searches over this many devices (0: all)")
   qz.add_argument("--t5-max-length", type=int, default=None)

@@ -245,8 +245,29 @@ def _on_devices(run, indices: Sequence[int], devices: list[jax.Device]) -> None:
     raise failed[0]
 
 
+def _device_free_bytes() -> int | None:
+  """The default device's free memory as its allocator reports it (its limit less what is in
+  use); None where it reports none (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def auto_hessian_bytes(params) -> int | None:
+  """``calibrate_and_quantize(hessian_bytes='auto')``'s budget for a model's parameters:
+  None (every layer's Hessian in the one calibration pass) where they all fit in the default
+  device's free memory, or where the device does not say (CPU); else half that free memory,
+  the other half left to calibration's and quantization's working sets."""
+  free = _device_free_bytes()
+  need = sum(4 * k.shape[0] ** 2 for k in find_kernels(params).values())
+  if free is None or need <= free:
+    return None
+  return max(free // 2, 1)
+
+
 def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: QuantConfig, *,
-                           hessian_bytes: int | None = None, max_samples: int = 256,
+                           hessian_bytes: int | str | None = None, max_samples: int = 256,
                            report: dict | None = None, progress: bool = True,
                            devices: Sequence[jax.Device] | None = None):
   """``calibrate`` then ``quantize``, with GPTQ's Hessians (``config.uses_gptq``) held for at
@@ -265,11 +286,18 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
     model: an NNX module (watched through ``calibrate(model=...)``; its quantized copy
       comes back) or Linen params that ``forward`` applies.
     config, report, progress, devices: as ``quantize``; max_samples: as ``calibrate``.
-    hessian_bytes: the budget; None: everything in one pass (``calibrate(hessian=True)``).
+    hessian_bytes: the budget; None: everything in one pass (``calibrate(hessian=True)``);
+      'auto': ``auto_hessian_bytes`` (one pass where the device's free memory holds it).
   """
-  if hessian_bytes is not None and hessian_bytes <= 0:
-    raise ValueError(f"hessian_bytes must be > 0, got {hessian_bytes}")
   watched = model if isinstance(model, nnx.Module) else None
+  if hessian_bytes == "auto":
+    hessian_bytes = (auto_hessian_bytes(nnx.state(model) if watched is not None else model)
+                     if config.uses_gptq else None)
+    if hessian_bytes is not None and progress:
+      print(f"GPTQ: the layers' Hessians exceed the device's free memory; "
+            f"{hessian_bytes / 1e9:.1f} GB of them at a time, a calibration pass each")
+  elif hessian_bytes is not None and (isinstance(hessian_bytes, str) or not hessian_bytes > 0):
+    raise ValueError(f"hessian_bytes must be > 0 or 'auto', got {hessian_bytes!r}")
   passes = config.uses_gptq and hessian_bytes is not None
   if passes and iter(batches) is batches:
     raise TypeError("calibrate_and_quantize with hessian_bytes iterates the batches once "
@@ -314,5 +342,5 @@ def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
-__all__ = ["calibrate_and_quantize", "quantize", "find_kernels", "module_path", "tree_bytes",
+__all__ = ["auto_hessian_bytes", "calibrate_and_quantize", "quantize", "find_kernels", "module_path", "tree_bytes",
            "LayerReport"]

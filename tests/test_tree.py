@@ -364,8 +364,20 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
   _same_leaves(nnx.state(got), nnx.state(want))
   with pytest.raises(TypeError, match="give a sequence, not an iterator"):
     svdq_jax.calibrate_and_quantize(forward, iter(batches), model, cfg, hessian_bytes=1)
-  with pytest.raises(ValueError, match="hessian_bytes must be > 0, got 0"):
-    svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, hessian_bytes=0)
+  for bad in (0, "all"):
+    with pytest.raises(ValueError, match=f"hessian_bytes must be > 0 or 'auto', got {bad!r}"):
+      svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, hessian_bytes=bad)
+  # 'auto': one pass where every Hessian (4 K^2 bytes a layer: 64 and 5 x 128) fits the
+  # device's free memory or the device does not say; else half the free memory at a time
+  need = 4 * (64 ** 2 + 5 * 128 ** 2)
+  for free, passes in ((None, []), (need, []),
+                       (need - 1, [["attn/k", "attn/o", "embed"], ["head"]])):
+    groups.clear()
+    monkeypatch.setattr(tree, "_device_free_bytes", lambda: free)
+    got = svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, max_samples=64,
+                                          hessian_bytes="auto", progress=False)
+    assert groups == passes, free
+    _same_leaves(nnx.state(got), nnx.state(want))
   # no budget: calibrate(hessian=True) and quantize, as before
   _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
                                                          max_samples=64, progress=False)),
