@@ -134,7 +134,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
-    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <= MAX_ROWS (128).
+    x: [M, K] (any float dtype; rounded to bf16 as the reference's matmul does), M <=
+      MAX_ROWS (128).
     codes: uint8 [N, K/2], ``formats.pack``'s layout. mults: uint8 [N, K/128] (K/64
       multipliers, ``formats.pack_multipliers``). unit: f32 [N] the row units.
     mma: the products on the bf16 tensor cores (rows padded to a multiple of 16) or, for
