@@ -342,5 +342,5 @@ def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
-__all__ = ["auto_hessian_bytes", "calibrate_and_quantize", "quantize", "find_kernels", "module_path", "tree_bytes",
-           "LayerReport"]
+__all__ = ["auto_hessian_bytes", "calibrate_and_quantize", "quantize", "find_kernels",
+           "module_path", "tree_bytes", "LayerReport"]
