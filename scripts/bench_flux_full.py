@@ -42,7 +42,7 @@ from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_profile, median_seconds
-from svdq_jax.tree import find_kernels, tree_bytes
+from svdq_jax.tree import auto_hessian_bytes, find_kernels, tree_bytes
 
 W4A16_FLUX = quant_config("w4a16_rtn", "int4")
 
@@ -407,10 +407,13 @@ def main():
   ap.add_argument("--residual", choices=["rtn", "gptq", "gptq_loop"], default="rtn",
                   help="gptq: Hessians summed on the GPU during calibration (~67 GB at full "
                        "size), GPTQ on every residual")
-  ap.add_argument("--hessian-memory", type=float, default=None, metavar="GB",
+  ap.add_argument("--hessian-memory", type=lambda v: v if v == "auto" else float(v),
+                  default=None, metavar="GB",
                   help="with --residual gptq: at most this many GB of Hessians at a time "
-                       "(svdq_jax.calibrate_and_quantize; one calibration pass per group); "
-                       "records the peak device memory after quantization")
+                       "(svdq_jax.calibrate_and_quantize; one calibration pass per group), or "
+                       "'auto' (its hessian_bytes='auto'; to try it as on an 80 GB GPU, set "
+                       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 on an H200); records the peak "
+                       "device memory after quantization")
   ap.add_argument("--lora-ranks", default="",
                   help="also time the svdquant model with a random LoRA of each rank on every "
                        "linear (e.g. 32,64; issue 18)")
@@ -509,11 +512,12 @@ def main():
       qstate = svdq_jax.quantize(state, calib, config, report=report)
       del calib
     else:   # calibration passes and quantization interleaved: one time for both
+      budget = (auto_hessian_bytes(state) if args.hessian_memory == "auto"
+                else int(args.hessian_memory * 1e9))
       qstate = nnx.state(svdq_jax.calibrate_and_quantize(
-          forward, batches, model, config, hessian_bytes=int(args.hessian_memory * 1e9),
-          report=report))
+          forward, batches, model, config, hessian_bytes=budget, report=report))
       t1 = None
-      result["hessian_memory_gb"] = args.hessian_memory
+      result.update(hessian_memory_gb=args.hessian_memory, hessian_bytes=budget)
     del model
     jax.block_until_ready(qstate)
     t2 = time.perf_counter()
