@@ -59,8 +59,10 @@ EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
-  bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
+  """'block_m,block_k,chunks,num_warps[,row_chunk]' -> quantize_rows' tiling arguments."""
+  bm, bk, chunks, warps, *rows = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps,
+              row_chunk=rows[0] if rows else 0)
 
 
 def _expand_kwargs(cfg):
@@ -292,10 +294,12 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8":  # the first pass alone
+      if afmt == "int8" and not _act_kwargs(cfg)["row_chunk"]:  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
-                                     "int8", interpret=interpret, **_act_kwargs(c))),
+                                     "int8", interpret=interpret,
+                                     **{k: v for k, v in _act_kwargs(c).items()
+                                        if k != "row_chunk"})),
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
@@ -532,7 +536,9 @@ def main():
                   help="at --m: bf16, XLA int8, the --variants (checked against the reference) "
                        "and the fused W4A8 per act path; no checks of the rest, no sweeps")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
-                  help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
+                  help="--act-only tilings: block_m,block_k,chunks,num_warps[,row_chunk];... "
+                       "(row_chunk: both passes per that many tokens, the second reading x "
+                       "from L2)")
   ap.add_argument("--gelu", action="store_true",
                   help="--gemm-only: every variant with FLUX.1's GELU epilogue where N has one "
                        "(fc1's N = 12288 from column 0, linear1's 21504 from 9216)")
