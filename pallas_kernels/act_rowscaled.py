@@ -269,9 +269,23 @@ TILINGS = {"narrow": dict(block_m=64, block_k=256, chunks=1, num_warps=4),
            "wide": dict(block_m=64, block_k=128, chunks=4, num_warps=4)}
 
 
+# Tokens per chunk with ``set_row_chunks``: at K = 15360 / 12288, 31 / 25 MB of bf16 x, so
+# that a chunk's second read can come from an H200's 50 MB L2.
+ROW_CHUNK = 1024
+_row_chunks = False
+
+
+def set_row_chunks(on: bool) -> None:
+  """Whether ``tiling`` asks for ``row_chunk=ROW_CHUNK`` (off by default: built 2026-12-05,
+  not yet timed; scripts/bench_flux_full.py --row-chunks, bench_rowscaled.py --act-sweep)."""
+  global _row_chunks
+  _row_chunks = bool(on)
+
+
 def tiling(k: int) -> dict:
   """``quantize_rows``' tile arguments for K input features."""
-  return TILINGS["wide" if k >= WIDE_K else "narrow"]
+  return dict(TILINGS["wide" if k >= WIDE_K else "narrow"],
+              row_chunk=ROW_CHUNK if _row_chunks else 0)
 
 
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,

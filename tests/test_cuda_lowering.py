@@ -162,5 +162,5 @@ def test_activation_kernel_in_row_chunks_lowers():
   x = jax.random.normal(jax.random.key(2), (M, K), jnp.bfloat16)
   down = jnp.zeros((K, R), jnp.bfloat16)
   calls = _custom_calls(lambda x, s, d: act_rowscaled.quantize_rows(
-      x, s, d, row_chunk=64, **act_rowscaled.tiling(K)), x, jnp.ones((K,)), down)
+      x, s, d, **{**act_rowscaled.tiling(K), "row_chunk": 64}), x, jnp.ones((K,)), down)
   assert calls == [TRITON] * 8, calls

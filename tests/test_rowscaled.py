@@ -275,6 +275,18 @@ def test_activation_kernel_in_row_chunks_bit_exact(afmt, down_rank):
     np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
 
 
+def test_row_chunks_switch_reaches_the_tiling_and_retraces():
+  settings = qlinear.trace_settings()
+  assert act_rowscaled.tiling(15360)["row_chunk"] == 0   # off by default
+  act_rowscaled.set_row_chunks(True)
+  try:
+    assert act_rowscaled.tiling(15360)["row_chunk"] == act_rowscaled.ROW_CHUNK
+    assert qlinear.trace_settings() != settings   # jitted loops retrace
+  finally:
+    act_rowscaled.set_row_chunks(False)
+  assert qlinear.trace_settings() == settings
+
+
 @pytest.mark.parametrize("read_parts", [True, False])
 def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
