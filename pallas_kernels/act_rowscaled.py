@@ -13,10 +13,10 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
 
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
 definition take 7 (docs/benchmarks). With ``row_chunk`` both passes run on a chunk of tokens
-before the next chunk's, so that the second read can come from L2 (not yet timed). X may be given as parts (``qlinear.Gelu``,
-``qlinear.Scaled``): each pass runs once per part, reading it where it lies (through
-``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the parts'
-codes land in one [M, K] array. Per token:
+before the next chunk's, so that the second read can come from L2 (not yet timed). X may be
+given as parts (``qlinear.Gelu``, ``qlinear.Scaled``): each pass runs once per part, reading
+it where it lies (through ``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled
+part), and the parts' codes land in one [M, K] array. Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
