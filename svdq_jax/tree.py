@@ -260,10 +260,15 @@ def auto_hessian_bytes(params) -> int | None:
   device's free memory, or where the device does not say (CPU); else half that free memory,
   the other half left to calibration's and quantization's working sets."""
   free = _device_free_bytes()
-  need = sum(4 * k.shape[0] ** 2 for k in find_kernels(params).values())
-  if free is None or need <= free:
+  if free is None or _hessians_bytes(params) <= free:
     return None
   return max(free // 2, 1)
+
+
+def _hessians_bytes(params) -> int:
+  """Bytes of every linear layer's f32 K x K Hessian (what ``calibrate(hessian=True)``
+  holds)."""
+  return sum(4 * k.shape[0] ** 2 for k in find_kernels(params).values())
 
 
 def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: QuantConfig, *,
@@ -291,11 +296,12 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
   """
   watched = model if isinstance(model, nnx.Module) else None
   if hessian_bytes == "auto":
-    hessian_bytes = (auto_hessian_bytes(nnx.state(model) if watched is not None else model)
-                     if config.uses_gptq else None)
+    params = nnx.state(model) if watched is not None else model
+    hessian_bytes = auto_hessian_bytes(params) if config.uses_gptq else None
     if hessian_bytes is not None and progress:
-      print(f"GPTQ: the layers' Hessians exceed the device's free memory; "
-            f"{hessian_bytes / 1e9:.1f} GB of them at a time, a calibration pass each")
+      print(f"GPTQ: the layers' Hessians ({_hessians_bytes(params) / 1e9:.1f} GB) exceed the "
+            f"device's free memory; {hessian_bytes / 1e9:.1f} GB of them at a time, a "
+            "calibration pass each (--hessian-memory / hessian_bytes to choose)")
   elif hessian_bytes is not None and (isinstance(hessian_bytes, str) or not hessian_bytes > 0):
     raise ValueError(f"hessian_bytes must be > 0 or 'auto', got {hessian_bytes!r}")
   passes = config.uses_gptq and hessian_bytes is not None

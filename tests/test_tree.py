@@ -340,7 +340,8 @@ def test_quantize_only_some_layers_then_merged_equals_one_call(net_and_calib):
     svdq_jax.quantize(state, calib, cfg, progress=False, only=["attn/q", "attn/x"])
 
 
-def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monkeypatch):
+def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monkeypatch,
+                                                             capsys):
   """calibrate_and_quantize with a Hessian budget: one stats pass, then a pass per group of
   layers whose Hessians fit (here three), the result bit for bit the all-at-once one's."""
   from svdq_jax import tree
@@ -375,9 +376,11 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
     groups.clear()
     monkeypatch.setattr(tree, "_device_free_bytes", lambda: free)
     got = svdq_jax.calibrate_and_quantize(forward, batches, model, cfg, max_samples=64,
-                                          hessian_bytes="auto", progress=False)
+                                          hessian_bytes="auto", progress=True)
     assert groups == passes, free
     _same_leaves(nnx.state(got), nnx.state(want))
+    said = "exceed the device's free memory" in capsys.readouterr().out
+    assert said == bool(passes)   # the budget chosen is said
   # no budget: calibrate(hessian=True) and quantize, as before
   _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
                                                          max_samples=64, progress=False)),
