@@ -62,7 +62,7 @@ def _act_kwargs(cfg):
   """'block_m,block_k,chunks,num_warps[,row_chunk]' -> quantize_rows' tiling arguments."""
   bm, bk, chunks, warps, *rows = (int(v) for v in cfg.split(","))
   return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps,
-              row_chunk=rows[0] if rows else 0)
+              **({"row_chunk": rows[0]} if rows else {}))
 
 
 def _expand_kwargs(cfg):
@@ -294,12 +294,10 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8" and not _act_kwargs(cfg)["row_chunk"]:  # the first pass alone
+      if afmt == "int8" and "row_chunk" not in _act_kwargs(cfg):  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
-                                     "int8", interpret=interpret,
-                                     **{k: v for k, v in _act_kwargs(c).items()
-                                        if k != "row_chunk"})),
+                                     "int8", interpret=interpret, **_act_kwargs(c))),
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))

@@ -265,10 +265,14 @@ def auto_hessian_bytes(params) -> int | None:
   return max(free // 2, 1)
 
 
+def _hessian_nbytes(kernel) -> int:
+  """Bytes of the f32 K x K Hessian of a kernel [K, N]'s input."""
+  return 4 * kernel.shape[0] ** 2
+
+
 def _hessians_bytes(params) -> int:
-  """Bytes of every linear layer's f32 K x K Hessian (what ``calibrate(hessian=True)``
-  holds)."""
-  return sum(4 * k.shape[0] ** 2 for k in find_kernels(params).values())
+  """Bytes of every linear layer's Hessian (what ``calibrate(hessian=True)`` holds)."""
+  return sum(_hessian_nbytes(k) for k in find_kernels(params).values())
 
 
 def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: QuantConfig, *,
@@ -295,11 +299,11 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
       'auto': ``auto_hessian_bytes`` (one pass where the device's free memory holds it).
   """
   watched = model if isinstance(model, nnx.Module) else None
+  state = nnx.state(model) if watched is not None else model
   if hessian_bytes == "auto":
-    params = nnx.state(model) if watched is not None else model
-    hessian_bytes = auto_hessian_bytes(params) if config.uses_gptq else None
+    hessian_bytes = auto_hessian_bytes(state) if config.uses_gptq else None
     if hessian_bytes is not None and progress:
-      print(f"GPTQ: the layers' Hessians ({_hessians_bytes(params) / 1e9:.1f} GB) exceed the "
+      print(f"GPTQ: the layers' Hessians ({_hessians_bytes(state) / 1e9:.1f} GB) exceed the "
             f"device's free memory; {hessian_bytes / 1e9:.1f} GB of them at a time, a "
             "calibration pass each (--hessian-memory / hessian_bytes to choose)")
   elif hessian_bytes is not None and (isinstance(hessian_bytes, str) or not hessian_bytes > 0):
@@ -314,11 +318,10 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
                     progress=progress, hessian=config.uses_gptq and not passes)
   if not passes:
     return quantize(model, calib, config, report=report, progress=progress, devices=devices)
-  state = nnx.state(model) if watched is not None else model
   kernels = find_kernels(state)
   groups, size = [[]], 0
   for job in _plan(kernels, calib, config):
-    nbytes = 4 * kernels[job.paths[0]].shape[0] ** 2
+    nbytes = _hessian_nbytes(kernels[job.paths[0]])
     if groups[-1] and size + nbytes > hessian_bytes:
       groups.append([])
       size = 0
