@@ -12,11 +12,10 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
    operands, f32, tensor cores); XLA sums the [K / block_k, M, r] partials.
 
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
-definition take 7 (docs/benchmarks). With ``row_chunk`` both passes run on a chunk of tokens
-before the next chunk's, so that the second read can come from L2 (not yet timed). X may be
-given as parts (``qlinear.Gelu``, ``qlinear.Scaled``): each pass runs once per part, reading
-it where it lies (through ``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled
-part), and the parts' codes land in one [M, K] array. Per token:
+definition take 7 (docs/benchmarks). X may be given as parts (``qlinear.Gelu``,
+``qlinear.Scaled``): each pass runs once per part, reading it where it lies (through
+``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the parts'
+codes land in one [M, K] array. Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
@@ -73,7 +72,6 @@ def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret, scale_
 
 
 def _rows_ok(block_m, m):
-  """Which of the program's rows exist; m: the rows of this call's chunk (``_specs``)."""
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
@@ -136,15 +134,14 @@ def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   return block_k, chunks
 
 
-def _specs(part, offset, inv_smooth, block_m, span, rows):
+def _specs(part, offset, inv_smooth, block_m, span):
   """Grid, the x tile's spec and the inputs (x, 1 / lambda, the part's scale) both passes
-  share, for the part x[r0:r0 + rc, start:] of the layer's input, at its columns offset..
-  (``qlinear.Part``; rows = (r0, rc), r0 a multiple of block_m)."""
+  share, for the part x[:, start:] of the layer's input, at its columns offset..
+  (``qlinear.Part``)."""
   x, start = part.x, part.start
-  r0, rc = rows
-  grid = (pl.cdiv(rc, block_m), (x.shape[1] - start) // span)
-  first, at, row0 = start // span, offset // span, r0 // block_m
-  in_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i + row0, j + first))]
+  grid = (pl.cdiv(x.shape[0], block_m), (x.shape[1] - start) // span)
+  first, at = start // span, offset // span
+  in_specs = [pl.BlockSpec((block_m, span), lambda i, j: (i, j + first))]
   args = [x]
   if inv_smooth is not None:
     in_specs.append(pl.BlockSpec((span,), lambda i, j: (j + at,)))
@@ -177,16 +174,15 @@ def _offsets(parts):
 
 
 def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
-               interpret, rows=None):
-  """f32 [rc] token scales (NaN for a token holding a NaN) of rows r0..r0 + rc (rows; None:
-  all M), from [K / span, rc] partial maxima; parts: ``qlinear.Part``s, x [M, K_i + start];
-  inv_smooth: f32 [K] 1 / lambda or None."""
-  m = rows[1] if rows else parts[0].x.shape[0]
+               interpret):
+  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
+  parts: ``qlinear.Part``s, x [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
+  m = parts[0].x.shape[0]
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
   for part, offset in zip(parts, _offsets(parts)):
-    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span, rows or (0, m))
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
 
     def kernel(x_ref, *refs, part=part):
       sm, sc, (amax_ref,) = _split_inputs(inv_smooth is not None, part.scale is not None, refs)
@@ -205,27 +201,24 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
 
 
 def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
-                      num_warps, interpret, rows=None, codes=None):
-  """(int8 [M, K] codes, f32 [rc, r] ``x @ down`` or None) of rows r0..r0 + rc (rows; None:
-  all M) for their token scales [rc]; parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda
-  or None; down: bf16 [K, r] with lambda folded in (``qlinear.folded_down``) or None. The
-  codes are written in place (aliased) into ``codes`` if given (other rows' codes from an
-  earlier call), and a part after the first into the first part's output, so the codes
-  are never joined."""
-  m_all = parts[0].x.shape[0]
-  r0, m = rows or (0, m_all)
+                      num_warps, interpret):
+  """(int8 [M, K] codes, f32 [M, r] ``x @ down`` or None) for given token scales [M];
+  parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
+  lambda folded in (``qlinear.folded_down``) or None. A part after the first writes its
+  columns of the first part's output in place (aliased), so the codes are never joined."""
+  m = parts[0].x.shape[0]
   k = sum(p.x.shape[1] - p.start for p in parts)
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   down_p = None if down is None else _pad_rank(down, 1)
-  a, lr = codes, None
+  a, lr = None, None
   for part, offset in zip(parts, _offsets(parts)):
-    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span, (r0, m))
-    at, row0 = offset // span, r0 // block_m
-    codes_spec = pl.BlockSpec((block_m, span), lambda i, j: (i + row0, j + at))
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
+    at = offset // span
+    codes_spec = pl.BlockSpec((block_m, span), lambda i, j: (i, j + at))
     in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
     args.append(scale)
-    out_shape = [jax.ShapeDtypeStruct((m_all, k), jnp.int8)]
+    out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8)]
     out_specs = [codes_spec]
     if down_p is not None:
       rp = down_p.shape[1]
@@ -269,29 +262,14 @@ TILINGS = {"narrow": dict(block_m=64, block_k=256, chunks=1, num_warps=4),
            "wide": dict(block_m=64, block_k=128, chunks=4, num_warps=4)}
 
 
-# Tokens per chunk with ``set_row_chunks``: at K = 15360 / 12288, 31 / 25 MB of bf16 x, so
-# that a chunk's second read can come from an H200's 50 MB L2.
-ROW_CHUNK = 1024
-_row_chunks = False
-
-
-def set_row_chunks(on: bool) -> None:
-  """Whether ``tiling`` asks for ``row_chunk=ROW_CHUNK`` (off by default: built 2026-12-05,
-  not yet timed; scripts/bench_flux_full.py --row-chunks, bench_rowscaled.py --act-sweep)."""
-  global _row_chunks
-  _row_chunks = bool(on)
-
-
 def tiling(k: int) -> dict:
   """``quantize_rows``' tile arguments for K input features."""
-  return dict(TILINGS["wide" if k >= WIDE_K else "narrow"],
-              row_chunk=ROW_CHUNK if _row_chunks else 0)
+  return TILINGS["wide" if k >= WIDE_K else "narrow"]
 
 
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
                   act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                  chunks: int = 1, num_warps: int = 4, row_chunk: int = 0,
-                  interpret: bool = False):
+                  chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
@@ -301,9 +279,6 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
     block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
       chunks * block_k columns, loading block_k at a time (both reduced to divisors of K).
-    row_chunk: 0, or both passes run on row_chunk tokens (rounded down to a multiple of
-      block_m) before the next ones, so that the second pass can read x from L2 (x of
-      FLUX.1-dev's linear2 at 1024x1024 is 141 MB, an H200's L2 50 MB).
 
   Returns:
     (int8 [M, K] values, f32 [M] token scales, f32 [M, r] lr or None): identical to
@@ -313,16 +288,14 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   check_act_inputs(_joined_shape(x), smooth, down)
   return quantize_rows_folded(x, *qlinear.folded_smoothing(smooth, down),
                               act_format=act_format, block_m=block_m, block_k=block_k,
-                              chunks=chunks, num_warps=num_warps, row_chunk=row_chunk,
-                              interpret=interpret)
+                              chunks=chunks, num_warps=num_warps, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
-                                              "num_warps", "row_chunk", "interpret"))
+                                              "num_warps", "interpret"))
 def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Array | None,
                          *, act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                         chunks: int = 1, num_warps: int = 4, row_chunk: int = 0,
-                         interpret: bool = False):
+                         chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """``quantize_rows`` on the layer's smoothing already folded into its operands
   (``qlinear.folded_smoothing``: inv_smooth f32 [K] = 1 / lambda, down bf16 [K, r] =
   L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
@@ -334,17 +307,9 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
     parts = qlinear.input_parts(qlinear.join(x))
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
-  m = parts[0].x.shape[0]
-  step = max(row_chunk // block_m, 1) * block_m if row_chunk else m
-  a, scales, lrs = None, [], []
-  for r0 in range(0, m, step):
-    rows = (r0, min(step, m - r0))
-    scales.append(row_scales(parts, inv_smooth, act_format, rows=rows, **tiling))
-    a, lr = codes_and_lowrank(parts, inv_smooth, scales[-1], down, act_format, rows=rows,
-                              codes=a, **tiling)
-    lrs.append(lr)
-  join = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-  return a, join(scales), None if down is None else join(lrs)
+  scale = row_scales(parts, inv_smooth, act_format, **tiling)
+  a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
+  return a, scale, lr
 
 
 def _joined_shape(x) -> jax.ShapeDtypeStruct:

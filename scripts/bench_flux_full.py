@@ -39,7 +39,7 @@ from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
 from svdq_jax.lora import LoRA, apply_loras
-from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
+from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
 from svdq_jax.timing import device_kernel_profile, median_seconds
 from svdq_jax.tree import auto_hessian_bytes, find_kernels, tree_bytes
@@ -136,9 +136,6 @@ SWITCHES = (
      "session (acts only on cudnn_fp8 attention)"),
     ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
      "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
-    ("row_chunks", act_rowscaled.set_row_chunks, False,
-     "the wide-K activation kernel's two passes a chunk of act_rowscaled.ROW_CHUNK tokens at "
-     "a time (the second read of x from L2)"),
 )
 
 

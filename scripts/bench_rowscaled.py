@@ -59,10 +59,8 @@ EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
-  """'block_m,block_k,chunks,num_warps[,row_chunk]' -> quantize_rows' tiling arguments."""
-  bm, bk, chunks, warps, *rows = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps,
-              **({"row_chunk": rows[0]} if rows else {}))
+  bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
 
 
 def _expand_kwargs(cfg):
@@ -294,7 +292,7 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8" and "row_chunk" not in _act_kwargs(cfg):  # the first pass alone
+      if afmt == "int8":  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
                                      "int8", interpret=interpret, **_act_kwargs(c))),
@@ -534,9 +532,7 @@ def main():
                   help="at --m: bf16, XLA int8, the --variants (checked against the reference) "
                        "and the fused W4A8 per act path; no checks of the rest, no sweeps")
   ap.add_argument("--act-sweep", default=";".join(ACT_SWEEP),
-                  help="--act-only tilings: block_m,block_k,chunks,num_warps[,row_chunk];... "
-                       "(row_chunk: both passes per that many tokens, the second reading x "
-                       "from L2)")
+                  help="--act-only tilings: block_m,block_k,chunks,num_warps;...")
   ap.add_argument("--gelu", action="store_true",
                   help="--gemm-only: every variant with FLUX.1's GELU epilogue where N has one "
                        "(fc1's N = 12288 from column 0, linear1's 21504 from 9216)")

@@ -153,14 +153,3 @@ def test_layer_reads_input_parts_on_the_kernels(monkeypatch, applied):
     calls = _custom_calls(lambda l, a, b: qlinear.apply(
         l, (a, qlinear.Gelu(b, 0, applied))), layer, x[:, :128], x[:, 128:])
   assert calls == [TRITON] * 4 + [MOSAIC], calls   # row maxima and codes, per part
-
-
-def test_activation_kernel_in_row_chunks_lowers():
-  """``quantize_rows(row_chunk=)``: both passes per chunk of tokens (200 = 3 x 64 + 8), the
-  codes written in place: Triton kernels whose x and codes blocks start at the chunk."""
-  from svdq_jax.pallas_kernels import act_rowscaled
-  x = jax.random.normal(jax.random.key(2), (M, K), jnp.bfloat16)
-  down = jnp.zeros((K, R), jnp.bfloat16)
-  calls = _custom_calls(lambda x, s, d: act_rowscaled.quantize_rows(
-      x, s, d, **{**act_rowscaled.tiling(K), "row_chunk": 64}), x, jnp.ones((K,)), down)
-  assert calls == [TRITON] * 8, calls

@@ -251,42 +251,6 @@ def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
   assert np.isnan(want[1]).sum() == 1
 
 
-@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
-@pytest.mark.parametrize("down_rank", [20, None])
-def test_activation_kernel_in_row_chunks_bit_exact(afmt, down_rank):
-  """row_chunk: both passes over 16 tokens (the third chunk ragged: 8 of 40), then the next
-  16, the codes written in place: the whole call's results, bit for bit, on linear2-like
-  parts (E4M3 with a NaN token, GELU)."""
-  x = _scaled_parts()
-  smooth = jax.random.uniform(jax.random.key(1), (512,), minval=0.5, maxval=2.0)
-  down = (None if down_rank is None else
-          jax.random.normal(jax.random.key(2), (512, down_rank)).astype(jnp.bfloat16))
-  run = lambda **kw: [None if v is None else np.asarray(v) for v in act_rowscaled.quantize_rows(
-      x, smooth, down, act_format=afmt, block_m=16, block_k=64, interpret=True, **kw)]
-  got, whole = run(row_chunk=20), run()   # 20 rows: rounded down to one 16-row block
-  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  if down is None:
-    assert got[2] is None
-  else:
-    np.testing.assert_array_equal(got[2], whole[2])   # the same tiles, summed alike
-    ok = ~np.isnan(want[1])
-    np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
-
-
-def test_row_chunks_switch_reaches_the_tiling_and_retraces():
-  settings = qlinear.trace_settings()
-  assert act_rowscaled.tiling(15360)["row_chunk"] == 0   # off by default
-  act_rowscaled.set_row_chunks(True)
-  try:
-    assert act_rowscaled.tiling(15360)["row_chunk"] == act_rowscaled.ROW_CHUNK
-    assert qlinear.trace_settings() != settings   # jitted loops retrace
-  finally:
-    act_rowscaled.set_row_chunks(False)
-  assert qlinear.trace_settings() == settings
-
-
 @pytest.mark.parametrize("read_parts", [True, False])
 def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
