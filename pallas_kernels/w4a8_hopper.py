@@ -116,18 +116,6 @@ _narrow_tiles = True
 THREE_WGS, THREE_WGS_MAX_N = dict(tile_m=192, steps=3, compute_wgs=3), 12288
 _three_wgs = True
 _three_wgs_gelu = True
-# w4a8_gemm_t(chain=True) from ``tiling``: per layer (H200, M = 4608, 2026-12-04) 1-2%
-# faster at N = 12288 / 21504, 4-5% slower at 3072 -> 3072; not yet timed in the step
-_chain = False
-
-
-def set_chained_pipelines(on: bool) -> None:
-  """Whether ``tiling`` asks for ``chain=True`` (off by default, see ``_chain``; the step's
-  A/B: scripts/bench_flux_full.py --chained-pipelines)."""
-  global _chain
-  _chain = bool(on)
-
-
 def set_three_warpgroups(on: bool) -> None:
   """Whether ``tiling`` takes THREE_WGS (three compute warpgroups, 192 weight rows a tile)
   where it applies (the default) or two warpgroups always (as before 2026-12-04; kept to time
@@ -182,14 +170,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
     tiles = three
   else:
     tiles = deepest(WIDE)
-  return dict(tiles, chain=True) if tiles and _chain else tiles
+  return tiles
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
-                                             "chain", "num_sms", "interpret"))
+                                             "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
                 steps: int = 3, gelu_from: int | None = None, compute_wgs: int = 2,
-                chain: bool = False, num_sms: int | None = None, interpret: bool = False):
+                num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -198,10 +186,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
     there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
-    multiples of 192, more warpgroups to hide each other's expansion). chain: a program's
-    tiles as one pipeline of pipelines (``pipeline_state``; where every program has two tiles
-    or more and steps divides K / 128; not yet timed). num_sms: programs (default:
-    the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
+    multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs
+    (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
     >= 4, tests/conftest.py).
   Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
@@ -228,11 +214,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
-  # a program's consecutive tiles as one pipeline of pipelines: the memory warpgroup loads a
-  # tile's first K steps while the compute warpgroups run the previous tile's epilogue. Only
-  # where every program has two tiles or more (a single tile would need START and STOP at
-  # once) and the K steps divide by the depth (jax's pipeline requires it).
-  chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
@@ -241,9 +222,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both,
      *stage) = it
 
-    def pipeline(body, context, state=None):
+    def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40, pipeline_state=state,
+          body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
@@ -265,12 +246,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        state = None
-        if chain:
-          last = info.local_index == info.num_local_steps - 1
-          state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
-                            jnp.where(last, plgpu.PipelinePipeline.STOP,
-                                      plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)
@@ -328,14 +303,14 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(body, context, state)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
+        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'c' if chain else ''}{'' if gelu_from is None else 'gelu'}"
+                     f"{'' if gelu_from is None else 'gelu'}"
                      f"_{m_out}x{k}x{n}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:

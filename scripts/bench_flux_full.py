@@ -134,8 +134,6 @@ SWITCHES = (
      "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
      "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
      "session (acts only on cudnn_fp8 attention)"),
-    ("chained_pipelines", w4a8_hopper.set_chained_pipelines, False,
-     "the W4A8 kernel's tiles chained (w4a8_gemm_t(chain=True))"),
 )
 
 

@@ -20,8 +20,7 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                                                             # GEMM tilings (t: tile order)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3" --out $OUT
                   # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
-                  # w3: three compute warpgroups, 192 weight rows a CTA; ch: the tiles' K
-                  # pipelines chained)
+                  # w3: three compute warpgroups, 192 weight rows a CTA)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --gelu --extra-m '' --shapes 3072x12288,3072x21504 --variants "wt m256 s3;wt m192 s3 w3" --out $OUT
                   # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
@@ -75,15 +74,13 @@ TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_
 def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
   wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``; w3: its
-  three compute warpgroups; ch: its tiles' K pipelines chained)."""
+  three compute warpgroups)."""
   kw = {}
   for tok in name.split():
     if tok == "wt":
       kw["transposed"] = True
     elif tok == "w3":
       kw["compute_wgs"] = 3
-    elif tok == "ch":
-      kw["chain"] = True
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
     elif tok in ("gm", "gn"):

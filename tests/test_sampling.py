@@ -152,7 +152,7 @@ def test_every_kernel_switch_is_a_trace_setting(monkeypatch, mod, setter):
 def test_switch_discovery_finds_the_known_switches():
   names = {p.id for p in _kernel_switches()}
   assert {"w4a4.set_input_parts", "w4a16_gemv.set_enabled", "w4a8_hopper.set_three_warpgroups",
-          "w4a8_hopper.set_chained_pipelines"} <= names and len(names) >= 7, names
+          "w4a8_hopper.set_three_warpgroups_gelu"} <= names and len(names) >= 7, names
 
 
 def test_hoisting_weight_work_out_of_the_loop_changes_nothing():

@@ -77,17 +77,6 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
 
-@pytest.mark.parametrize("compute_wgs,n", [(2, 256), (3, 768)])
-def test_chained_tile_pipelines(compute_wgs, n):
-  """chain=True: 3 programs walking 8 / 16 tiles (3, 3, 2 or 6, 5, 5 each) with their K
-  pipelines chained (START, STEADY..., STOP) give the unchained kernel's values bit for bit."""
-  a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
-  run = lambda **k: np.asarray(w4a8_hopper.w4a8_gemm_t(
-      a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64, compute_wgs=compute_wgs,
-      interpret=True, **k), np.float32)
-  np.testing.assert_array_equal(run(chain=True, num_sms=3), run())
-
-
 @pytest.mark.parametrize("compute_wgs", [2, 3])
 def test_pipeline_stages_keep_tma_alignment(compute_wgs):
   """The multiplier stages a TMA copy writes stay 128-byte aligned in shared memory (interpret
@@ -137,12 +126,6 @@ def test_tiling():
     assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
   finally:
     w4a8_hopper.set_three_warpgroups(True)
-  w4a8_hopper.set_chained_pipelines(True)   # every tiling asks for chained tiles
-  try:
-    assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(tile_m=128, steps=4, chain=True)
-    assert tiling(4608, 3072, 3072, 32, num_sms=132)["chain"]
-  finally:
-    w4a8_hopper.set_chained_pipelines(False)
 
 
 def test_layer_on_three_warpgroups(monkeypatch):
