@@ -46,14 +46,26 @@ from svdq_jax.pallas_kernels.w4a4 import _MIN_DOT, GROUP, HALF, _unpack
 # XLA's 0.115 / 0.062 at 112 rows, 0.159 / 0.085 against 0.124 / 0.067 at 224)
 MAX_ROWS = 128
 ROW_BLOCK = 64       # rows of x a program takes: more rows, more programs over the same weight
-# (block_n, groups_per_step, num_warps, num_stages) by path, the fastest of the sweeps at
-# K = 3072, N = 9216 and 18432 on an H200 (scripts/bench_gemv.py, 2026-12-03; device us):
-# 'rows' at M = 1 22.0 / 35.4 (16 features x 8 groups 36.5 / 22.1, 32 x 4 27.2 / 42.0, 64 x 4
-# 37.2 / 51.7); 'mma' at M = 2 23.6 / 37.4 (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6).
-TILING = {"rows": (16, 16, 4, 3), "mma": (32, 8, 4, 3)}
-# The 'mma' tiling's x tiles, [16 rows, 8 groups' halves] a pipeline stage: more rows take
-# fewer groups a step, keeping a stage's shared memory at the size measured above.
-MMA_TILE_ROWS_X_GROUPS = 16 * 8
+# (block_n, groups_per_step, num_warps, num_stages), the fastest of the sweeps at K = 3072,
+# N = 9216 and 18432 on an H200 (scripts/bench_gemv.py; kernel alone, us): the CUDA-core path
+# at M = 1 (2026-12-03) 22.0 / 35.4 (16 features x 8 groups 36.5 / 22.1, 32 x 4 27.2 / 42.0,
+# 64 x 4 37.2 / 51.7).
+TILING_ROWS = (16, 16, 4, 3)
+# The tensor-core path by a program's rows (up to): 16 rows at M = 2 (2026-12-03) 23.6 / 37.4
+# (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6); 32 rows at M = 28 (FLUX.1-dev's hoisted
+# modulations, 2026-12-05) 37.1 / 50.4 (32 x 4 39.9 / 63.6, 64 x 2 37.3 / 52.6, 32 x 2
+# 40.2 / 65.5, 32 x 8 43.8 / 67.6, 16 x 8 46.1 / 74.3); 64 rows not swept: 2 groups a step
+# keep a stage's x tile at the size of the 16-row tiling's.
+TILING_MMA = ((16, (32, 8, 4, 3)), (32, (64, 4, 4, 3)), (ROW_BLOCK, (32, 2, 4, 3)))
+
+
+def _rows_and_tiling(m: int, mma: bool) -> tuple[int, tuple]:
+  """A program's rows of x (padded to a dot's smallest M, at most ROW_BLOCK; 1 on the CUDA
+  cores) and the default (block_n, groups_per_step, num_warps, num_stages) for them."""
+  if not mma:
+    return 1, TILING_ROWS
+  rows = min(-(-m // _MIN_DOT) * _MIN_DOT, ROW_BLOCK)
+  return rows, next(t for most, t in TILING_MMA if rows <= most)
 
 
 _enabled = True
@@ -68,9 +80,8 @@ def set_enabled(on: bool) -> None:
 
 def supports(weight_format: str, m: int, k: int, n: int) -> bool:
   """Whether ``gemv`` takes an [m, k] input to a weight-only layer of this format."""
-  block_n = max(t[0] for t in TILING.values())
   return (weight_format == "int4_2l" and 0 < m <= MAX_ROWS and k % (2 * GROUP) == 0
-          and n % block_n == 0)
+          and n % _rows_and_tiling(m, m > 1)[1][0] == 0)
 
 
 def supports_layer(layer, m: int, dtype) -> bool:
@@ -141,9 +152,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
     mma: the products on the bf16 tensor cores (rows padded to a multiple of 16) or, for
       M = 1 only, on the CUDA cores; None: by M. block_n: output features per program (a
       power of two dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2
-      dividing K/64); num_warps, num_stages: Triton's. None: ``TILING`` of the path (its
-      groups_per_step reduced for a program's rows past 16, ``MMA_TILE_ROWS_X_GROUPS``, and to
-      what divides K/64).
+      dividing K/64); num_warps, num_stages: Triton's. None: ``TILING_ROWS``, or
+      ``TILING_MMA`` by a program's rows (groups_per_step reduced to what divides K/64).
   """
   m, k = x.shape
   n = codes.shape[0]
@@ -153,11 +163,7 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if not 0 < m <= MAX_ROWS:
     raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K], got x {x.shape}")
   groups = k // GROUP
-  # a program's rows: padded to a dot's smallest M, at most ROW_BLOCK
-  rows = min(-(-m // _MIN_DOT) * _MIN_DOT, ROW_BLOCK) if mma else 1
-  tile_n, tile_groups, warps, stages = TILING["mma" if mma else "rows"]
-  if mma:
-    tile_groups = max(2, min(tile_groups, MMA_TILE_ROWS_X_GROUPS // rows))
+  rows, (tile_n, tile_groups, warps, stages) = _rows_and_tiling(m, mma)
   block_n = tile_n if block_n is None else block_n
   if groups_per_step is None:   # the largest power of two up to the tiling's dividing K/64
     groups_per_step = math.gcd(tile_groups, groups)
@@ -194,5 +200,5 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   return y[:m]
 
 
-__all__ = ["MAX_ROWS", "MMA_TILE_ROWS_X_GROUPS", "ROW_BLOCK", "TILING", "gemv", "layer_product",
+__all__ = ["MAX_ROWS", "ROW_BLOCK", "TILING_MMA", "TILING_ROWS", "gemv", "layer_product",
            "set_enabled", "supports", "supports_layer"]

@@ -62,6 +62,14 @@ def test_product_matches_reference(m):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
+def test_supports_follows_the_tiling_of_the_rows():
+  """A program of 17-32 rows takes 64 output features (TILING_MMA), fewer rows 32: N = 96
+  is taken at 2 and 16 rows and left to XLA at 28; the CUDA-core path (1 row) takes 16."""
+  assert [w4a16_gemv.supports("int4_2l", m, K, 96) for m in (1, 2, 16, 17, 28, 33)] == \
+      [True, True, True, False, False, True]
+  assert not w4a16_gemv.supports("int4_2l", 1, K, 24)
+
+
 def test_layer_dispatch_runs_the_kernel():
   """Under the 'interpret' backend a bf16 W4A16 int4_2l layer runs the kernel (smoothing,
   bias and rounding around it as the reference); f32 inputs and wide M do not."""
