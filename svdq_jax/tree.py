@@ -319,14 +319,17 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
   if not passes:
     return quantize(model, calib, config, report=report, progress=progress, devices=devices)
   kernels = find_kernels(state)
-  groups, size = [[]], 0
+  groups, sizes = [[]], [0]
   for job in _plan(kernels, calib, config):
     nbytes = _hessian_nbytes(kernels[job.paths[0]])
-    if groups[-1] and size + nbytes > hessian_bytes:
+    if groups[-1] and sizes[-1] + nbytes > hessian_bytes:
       groups.append([])
-      size = 0
+      sizes.append(0)
     groups[-1].append(job.paths)
-    size += nbytes
+    sizes[-1] += nbytes
+  if progress:
+    print(f"GPTQ: {len(groups)} groups of Hessians "
+          f"({', '.join(f'{b / 1e9:.1f}' for b in sizes)} GB), a calibration pass each")
   out = {}
   for group in groups:
     firsts = [paths[0] for paths in group]

@@ -379,8 +379,9 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
                                           hessian_bytes="auto", progress=True)
     assert groups == passes, free
     _same_leaves(nnx.state(got), nnx.state(want))
-    said = "exceed the device's free memory" in capsys.readouterr().out
-    assert said == bool(passes)   # the budget chosen is said
+    out = capsys.readouterr().out
+    assert ("exceed the device's free memory" in out) == bool(passes)   # the budget is said
+    assert ("GPTQ: 2 groups of Hessians" in out) == bool(passes), out   # and its groups
   # no budget: calibrate(hessian=True) and quantize, as before
   _same_leaves(nnx.state(svdq_jax.calibrate_and_quantize(forward, batches, model, cfg,
                                                          max_samples=64, progress=False)),
