@@ -11,9 +11,11 @@ Variants:
                   own process with one alpha / one low-rank iteration on random calibration
                   inputs, saved and loaded as `svdq-jax quantize` / `generate --quantized`
                   do), T5 bf16;
-  svdquant_t5w4:  the same with T5's linears W4A16 (data-free RTN).
+  svdquant_t5w4:  the same with T5's linears W4A16 (data-free RTN);
+  <svdquant variant>_fp8: that pipeline with cuDNN's FP8 attention (``--attention
+                  cudnn_fp8``; off a GPU its reference numerics, 'fp8', for a smoke run).
 
-    python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4]
+    python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4,svdquant_t5w4_fp8]
         [--svdq-format int4_2l/int8] [--steps 28] [--size 1024]
     .venv/bin/python scripts/bench_pipeline.py --tiny --size 64 --steps 2   # CPU smoke run
 
@@ -129,19 +131,24 @@ def quantize_stage(args, fcfg, tcfg) -> None:
 def measure_stage(args, fcfg, tcfg, ccfg, vcfg) -> dict:
   """One variant in this (fresh) process: peak memory is the pipeline's alone."""
   from svdq_jax.convert import load_flux, load_t5
+  from svdq_jax.models import flux
   q = pathlib.Path(args.qdir) if args.qdir else None
-  transformer = (load_flux(q / "transformer") if args.variant.startswith("svdquant")
+  variant = args.variant.removesuffix("_fp8")
+  if variant != args.variant:   # this process only
+    flux.set_attention_implementation("cudnn_fp8" if jax.default_backend() == "gpu" else "fp8")
+  transformer = (load_flux(q / "transformer") if variant.startswith("svdquant")
                  else random_module(lambda: Flux(fcfg, nnx.Rngs(0))))
-  t5 = (load_t5(q / "text_encoder_2") if args.variant.endswith("t5w4")
+  t5 = (load_t5(q / "text_encoder_2") if variant.endswith("t5w4")
         else random_module(lambda: T5EncoderModel(tcfg, nnx.Rngs(0)), seed=1))
-  log("transformer and T5 ready", variant=args.variant)
+  log("transformer and T5 ready", variant=args.variant,
+      attention=flux.attention_implementation())
   pipe = FluxPipeline(
       transformer=transformer, t5=t5,
       clip=random_module(lambda: CLIPTextModel(ccfg, nnx.Rngs(0)), seed=2),
       vae=random_module(lambda: AutoencoderKL(vcfg, nnx.Rngs(0)), seed=3),
       clip_tokenizer=clip_tokenizer(GOLDEN / "clip_tokenizer"),
       t5_tokenizer=t5_tokenizer(GOLDEN / "t5_tokenizer"))
-  return measure(pipe, args)
+  return dict(measure(pipe, args), attention=flux.attention_implementation())
 
 
 def stream(cmd: list[str]) -> dict | None:
