@@ -52,12 +52,12 @@ ROW_BLOCK = 64       # rows of x a program takes: more rows, more programs over 
 # 64 x 4 37.2 / 51.7).
 TILING_ROWS = (16, 16, 4, 3)
 # The tensor-core path by a program's rows (up to): 16 rows at M = 2 (2026-12-03) 23.6 / 37.4
-# (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6; at M = 16, 2026-12-05, still the fastest:
-# 22.8 / 36.2 against 32 x 2 25.5 / 37.6, 64 x 4 28.4 / 39.1); 32 rows at M = 28 (FLUX.1-dev's hoisted
-# modulations, 2026-12-05) 37.1 / 50.4 (32 x 4 39.9 / 63.6, 64 x 2 37.3 / 52.6, 32 x 2
-# 40.2 / 65.5, 32 x 8 43.8 / 67.6, 16 x 8 46.1 / 74.3); 64 rows at M = 56 and 112 (the same
-# day) 31.1 / 52.9 and 51.3 / 84.5 (64 x 2 38.2 / 50.2 and 50.2 / 81.3: slower at N = 9216,
-# M = 56; more groups a step slower at both).
+# (64 x 4 x 4 stages 29.8 / 40.8, 16 x 8 37.4 / 62.6; at M = 16, 2026-12-05, still the
+# fastest: 22.8 / 36.2 against 32 x 2 25.5 / 37.6, 64 x 4 28.4 / 39.1); 32 rows at M = 28
+# (FLUX.1-dev's hoisted modulations, 2026-12-05) 37.1 / 50.4 (32 x 4 39.9 / 63.6, 64 x 2
+# 37.3 / 52.6, 32 x 2 40.2 / 65.5, 32 x 8 43.8 / 67.6, 16 x 8 46.1 / 74.3); 64 rows at M = 56
+# and 112 (the same day) 31.1 / 52.9 and 51.3 / 84.5 (64 x 2 38.2 / 50.2 and 50.2 / 81.3:
+# slower at N = 9216, M = 56; more groups a step slower at both).
 TILING_MMA = ((16, (32, 8, 4, 3)), (32, (64, 4, 4, 3)), (ROW_BLOCK, (32, 2, 4, 3)))
 
 

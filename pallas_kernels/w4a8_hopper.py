@@ -187,8 +187,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
     multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs
-    (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU; PJRT_NPROC
-    >= 4, tests/conftest.py).
+    (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
+    PJRT_NPROC >= 4, tests/conftest.py).
   Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
   """
   if compute_wgs not in (2, 3):

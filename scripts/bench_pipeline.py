@@ -15,7 +15,8 @@ Variants:
   <svdquant variant>_fp8: that pipeline with cuDNN's FP8 attention (``--attention
                   cudnn_fp8``; off a GPU its reference numerics, 'fp8', for a smoke run).
 
-    python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4,svdquant_t5w4_fp8]
+    python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4]
+        # (+ svdquant_t5w4_fp8: the fast configuration)
         [--svdq-format int4_2l/int8] [--steps 28] [--size 1024]
     .venv/bin/python scripts/bench_pipeline.py --tiny --size 64 --steps 2   # CPU smoke run
 
