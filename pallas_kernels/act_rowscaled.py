@@ -12,10 +12,11 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
    operands, f32, tensor cores); XLA sums the [K / block_k, M, r] partials.
 
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
-definition take 7 (docs/benchmarks). X may be given as parts (``qlinear.Gelu``,
-``qlinear.Scaled``): each pass runs once per part, reading it where it lies (through
-``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the parts'
-codes land in one [M, K] array. Per token:
+definition take 7 (docs/benchmarks; both passes over 512-2048 tokens at a time, so that the
+second read came from L2, measured slower: 2026-12-05). X may be given as parts
+(``qlinear.Gelu``, ``qlinear.Scaled``): each pass runs once per part, reading it where it lies
+(through ``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the
+parts' codes land in one [M, K] array. Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group

@@ -243,6 +243,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * ROWS, ROWS)
 
+      # a pipeline per tile (chained into one, the next tile's loads during this one's
+      # epilogue, the step was no faster: docs/benchmarks, 2026-12-05)
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
