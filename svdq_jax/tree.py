@@ -328,8 +328,9 @@ def calibrate_and_quantize(forward: Callable, batches: Iterable, model, config: 
     groups[-1].append(job.paths)
     sizes[-1] += nbytes
   if progress:
+    unit, scale = ("GB", 1e9) if max(sizes) >= 1e8 else ("MB", 1e6)
     print(f"GPTQ: {len(groups)} groups of Hessians "
-          f"({', '.join(f'{b / 1e9:.1f}' for b in sizes)} GB), a calibration pass each")
+          f"({', '.join(f'{b / scale:.3g}' for b in sizes)} {unit}), a calibration pass each")
   out = {}
   for group in groups:
     firsts = [paths[0] for paths in group]
