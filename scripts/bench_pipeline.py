@@ -16,8 +16,8 @@ Variants:
                   cudnn_fp8``; off a GPU its reference numerics, 'fp8', for a smoke run).
 
     python3 scripts/bench_pipeline.py --out $OUT [--variants bf16,svdquant,svdquant_t5w4]
-        # (+ svdquant_t5w4_fp8: the fast configuration)
         [--svdq-format int4_2l/int8] [--steps 28] [--size 1024]
+        # svdquant_t5w4_fp8 as a variant: the fast configuration end to end
     .venv/bin/python scripts/bench_pipeline.py --tiny --size 64 --steps 2   # CPU smoke run
 
 Every stage prints a JSON line as it ends (children's output is echoed as it comes): a run cut
