@@ -388,10 +388,12 @@ def test_gptq_hessians_a_few_layers_at_a_time_equal_one_pass(net_and_calib, monk
                nnx.state(want))
 
 
-def test_gptq_hessians_in_passes_for_linen_params():
-  """calibrate_and_quantize on Linen params with a jitted forward (host f64 Hessians): the
-  per-group passes give the one-pass params bit for bit."""
+def test_gptq_hessians_in_passes_for_linen_params(monkeypatch):
+  """calibrate_and_quantize on Linen params with a jitted forward (host f64 Hessians): a
+  pass per layer at a budget of one 128-wide Hessian, giving the one-pass params bit for
+  bit."""
   import flax.linen as nn
+  from svdq_jax import tree
 
   class Mlp(nn.Module):
     @nn.compact
@@ -404,8 +406,13 @@ def test_gptq_hessians_in_passes_for_linen_params():
   forward = jax.jit(lambda b: model.apply(params, b))
   cfg = QuantConfig(rules=(Rule(".*", "svdquant", rank=8),), residual="gptq", **FAST)
   one = svdq_jax.calibrate_and_quantize(forward, batches, params, cfg, progress=False)
+  groups = []
+  real = tree.input_hessians
+  monkeypatch.setattr(tree, "input_hessians", lambda *a, **k: groups.append(sorted(a[2]))
+                      or real(*a, **k))
   two = svdq_jax.calibrate_and_quantize(forward, batches, params, cfg, progress=False,
                                         hessian_bytes=4 * 128 ** 2)
+  assert groups == [["fc1"], ["fc2"]], groups
   assert isinstance(two["params"]["fc1"]["kernel"], QuantizedLinear)
   _same_leaves(two, one)
 
