@@ -14,9 +14,10 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
 definition take 7 (docs/benchmarks; both passes over 512-2048 tokens at a time, so that the
 second read came from L2, measured slower: 2026-12-05). X may be given as parts
-(``qlinear.Gelu``, ``qlinear.Scaled``): each pass runs once per part, reading it where it lies
-(through ``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the
-parts' codes land in one [M, K] array. Per token:
+(``qlinear.Gelu``, ``qlinear.Scaled``, ``qlinear.Modulated``): each pass runs once per part,
+reading it where it lies (through ``kernel_gelu`` for a GELU part, descaled to bf16 for an
+FP8 Scaled part, normalized and modulated for a Modulated part, its token statistics from
+XLA), and the parts' codes land in one [M, K] array. Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
@@ -327,8 +328,9 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
-    x: [M, K] (bf16 or f32), K a multiple of 64, or parts [M, K_i] (``qlinear.Gelu``) read
-      where they lie (a part off the 64-column grid is joined by XLA first).
+    x: [M, K] (bf16 or f32), K a multiple of 64, or parts [M, K_i] (``qlinear.Gelu``,
+      ``Scaled``, ``Modulated``) read where they lie (a part off the 64-column grid is joined
+      by XLA first; so is a Modulated part the kernel cannot take: ``_norms``).
       smooth: f32 [K] or None.
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
     block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
