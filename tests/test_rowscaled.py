@@ -188,6 +188,23 @@ def test_join_is_the_concatenation():
     qlinear.input_parts((a, qlinear.Gelu(g.x, start=448)))
 
 
+def _check_kernel_on_parts(x, afmt):
+  """``quantize_rows`` on a layer input given as parts vs the reference on ``join(x)``:
+  codes and scales bit for bit (the one NaN token's scale included), the low-rank down
+  projection up to f32 summation order."""
+  k = qlinear.input_width(x)
+  smooth = jax.random.uniform(jax.random.key(1), (k,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (k, 20)).astype(jnp.bfloat16)
+  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
+      x, smooth, down, act_format=afmt, block_k=64, interpret=True)]
+  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  ok = ~np.isnan(want[1])
+  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
+  assert np.isnan(want[1]).sum() == 1
+
+
 @pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
 @pytest.mark.parametrize("widths", [(192, 320), (96, 160)])
 def test_activation_kernel_reads_input_parts_bit_exact(afmt, widths):
@@ -196,17 +213,7 @@ def test_activation_kernel_reads_input_parts_bit_exact(afmt, widths):
   the 64-column grid (96 + 160) are joined first, same results."""
   a, g = _parts()
   x = (a[:, :widths[0]], qlinear.Gelu(g.x, start=448 - widths[1]))
-  k = sum(widths)
-  smooth = jax.random.uniform(jax.random.key(1), (k,), minval=0.5, maxval=2.0)
-  down = jax.random.normal(jax.random.key(2), (k, 20)).astype(jnp.bfloat16)
-  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
-      x, smooth, down, act_format=afmt, block_k=64, interpret=True)]
-  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])   # the NaN token's scale included
-  ok = ~np.isnan(want[1])
-  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
-  assert np.isnan(want[1]).sum() == 1
+  _check_kernel_on_parts(x, afmt)
 
 
 def _scaled_parts(m=40):
@@ -239,16 +246,7 @@ def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
   """An E4M3 part descaled in the kernel as it is read: codes and scales bit for bit those
   of the joined bf16 input (the NaN token's included)."""
   x = _scaled_parts()
-  smooth = jax.random.uniform(jax.random.key(1), (512,), minval=0.5, maxval=2.0)
-  down = jax.random.normal(jax.random.key(2), (512, 20)).astype(jnp.bfloat16)
-  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
-      x, smooth, down, act_format=afmt, block_k=64, interpret=True)]
-  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(x), smooth, down, afmt)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  ok = ~np.isnan(want[1])
-  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
-  assert np.isnan(want[1]).sum() == 1
+  _check_kernel_on_parts(x, afmt)
 
 
 def _modulated(sets=2, tokens=64, k=256):
@@ -290,16 +288,7 @@ def test_activation_kernel_reads_a_modulated_part_bit_exact(afmt, sets, tokens):
   computed by XLA first; one sequence of 40 tokens, a ragged block): codes and scales bit for
   bit those of the joined input, the NaN token's included."""
   p = _modulated(sets, tokens)
-  smooth = jax.random.uniform(jax.random.key(1), (256,), minval=0.5, maxval=2.0)
-  down = jax.random.normal(jax.random.key(2), (256, 20)).astype(jnp.bfloat16)
-  got = [np.asarray(v) for v in act_rowscaled.quantize_rows(
-      p, smooth, down, act_format=afmt, block_k=64, interpret=True)]
-  want = [np.asarray(v) for v in act_rowscaled.reference(qlinear.join(p), smooth, down, afmt)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  ok = ~np.isnan(want[1])
-  np.testing.assert_allclose(got[2][ok], want[2][ok], rtol=1e-4, atol=1e-3)
-  assert np.isnan(want[1]).sum() == 1
+  _check_kernel_on_parts(p, afmt)
   _, norms = act_rowscaled._norms(qlinear.input_parts(p), 64)
   assert (norms[0] is not None) == (tokens % 64 == 0 or sets == 1)
 
