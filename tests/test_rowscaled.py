@@ -293,6 +293,17 @@ def test_activation_kernel_reads_a_modulated_part_bit_exact(afmt, sets, tokens):
   assert (norms[0] is not None) == (tokens % 64 == 0 or sets == 1)
 
 
+def _w4a8_layer(x, n):
+  """A rank-8 SVDQuant W4A8 layer [K, n] (random weights) calibrated on x [M, K]."""
+  xf = x.astype(jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (x.shape[-1], n))
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  (layer,), _ = transforms.quantize_group(
+      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
+      jnp.abs(xf).max(0), xf)
+  return layer
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_layer_on_a_modulated_input_is_the_layer_on_the_joined_input(on):
   """qlinear.apply on a Modulated input at K below act_rowscaled.WIDE_K: with
@@ -301,11 +312,7 @@ def test_layer_on_a_modulated_input_is_the_layer_on_the_joined_input(on):
   p = _modulated()
   p = p.replace(x=p.x.at[69, 7].set(1.0))
   joined = qlinear.join(p)
-  w = jax.random.normal(jax.random.key(1), (256, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
-      jnp.abs(joined.astype(jnp.float32)).max(0), joined.astype(jnp.float32))
+  layer = _w4a8_layer(joined, 128)
   seen, kernel = [], act_rowscaled.quantize_rows_folded
 
   def spy(x, *a, **kw):
@@ -334,11 +341,8 @@ def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   x = _parts(72)
   x = (jnp.nan_to_num(x[0]), x[1])
   joined = qlinear.join(x)
+  layer = _w4a8_layer(joined, 128)
   w = jax.random.normal(jax.random.key(1), (512, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
-      jnp.abs(joined.astype(jnp.float32)).max(0), joined.astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(qlinear.reference_apply(layer, x)),
                                 np.asarray(qlinear.reference_apply(layer, joined)))
   np.testing.assert_array_equal(np.asarray(dense(x, w.astype(jnp.bfloat16))),
@@ -365,11 +369,8 @@ def test_gelu_from_computes_the_gelu_in_the_gemm_epilogue():
   float kernels the GELU is left to the next layer (the same values once joined)."""
   from svdq_jax.layers import dense
   x = _x(72, 256).astype(jnp.bfloat16)
+  layer = _w4a8_layer(x, 384)
   w = jax.random.normal(jax.random.key(1), (256, 384))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
-      jnp.abs(x.astype(jnp.float32)).max(0), x.astype(jnp.float32))
   start = 128
   with qlinear.backend("interpret"):  # one interpreted kernel in flight at a time
     plain = np.asarray(dense(x, layer))
