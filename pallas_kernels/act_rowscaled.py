@@ -371,8 +371,9 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
 
 def _norms(parts, block_m):
   """(parts, a ``Norm`` or None per part): a Modulated part's statistics and modulation
-  rows for the kernels; one they cannot take (not bf16, or sequences of a number of tokens
-  that is not a multiple of block_m) computed by XLA first (the same values)."""
+  rows for the kernels; one they cannot take (x, shift or scale not bf16, or sequences of a
+  number of tokens that is not a multiple of block_m) computed by XLA first (the same
+  values)."""
   out, norms = [], []
   for p in parts:
     mod = p.modulation
@@ -380,7 +381,8 @@ def _norms(parts, block_m):
     if mod is not None:
       one_plus, shift = qlinear.modulation_sets(mod)
       rows = p.x.shape[0] // one_plus.shape[0]
-      if p.x.dtype == jnp.bfloat16 and (one_plus.shape[0] == 1 or rows % block_m == 0):
+      bf16 = all(a.dtype == jnp.bfloat16 for a in (p.x, one_plus, shift))
+      if bf16 and (one_plus.shape[0] == 1 or rows % block_m == 0):
         mean, rstd = qlinear.layer_norm_stats(p.x, mod.eps)
         norm = Norm(mean[:, 0], rstd[:, 0], one_plus, shift, rows)
       else:

@@ -116,7 +116,8 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6
 class Modulated:
   """Part of a linear layer's input: ``modulate(x, shift, scale, eps)``, FLUX's LayerNorm and
   modulation of the residual stream x [..., L, K], left to the layer; shift and scale
-  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K], x's dtype.
+  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K]. Its values take
+  the dtypes' promotion, as the expression does (the kernels take bf16 ones).
 
   Every path joins it (``join``: the same values as the model computing it) unless
   ``w4a4.set_modulated_inputs`` is on; then the Hopper activation kernel reads x where it
@@ -198,9 +199,6 @@ def _check_modulation(p: Modulated) -> None:
     if not fits:
       raise ValueError(f"a Modulated part's {name} must be [K] or [..., 1, K] with x's "
                        f"leading dimensions, got {shape or type(v)} for x {p.x.shape}")
-    if v.dtype != p.x.dtype:
-      raise ValueError(f"a Modulated part's {name} must have x's dtype {p.x.dtype}, got "
-                       f"{v.dtype}")
 
 
 def modulation_sets(p: Modulated) -> tuple[jax.Array, jax.Array]:
@@ -247,8 +245,11 @@ def join_modulated(x):
 
 
 def input_dtype(x):
-  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16)."""
+  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16, a Modulated
+  part's that of x, shift and scale promoted together)."""
   p = input_parts(x)[0]
+  if p.modulation is not None:
+    return jnp.result_type(p.x.dtype, p.modulation.shift.dtype, p.modulation.scale.dtype)
   return jnp.dtype(jnp.bfloat16) if p.scale is not None else p.x.dtype
 
 
