@@ -13,6 +13,10 @@ weight values). Stages:
 
     python3 scripts/bench_flux_full.py --out $OUT [--blocks 19,38] [--stages memory,quantize,step]
         [--models bf16,w4a16,svdquant] [--resolutions 1024,512] [--profile]
+
+With ``--qdir /tmp/qf`` the quantized model is written there, and a later call with the same
+quantization arguments on the same (still warm) machine restores it instead of calibrating
+and quantizing again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import re
 import statistics
 import time
@@ -38,6 +43,8 @@ from svdq_jax import qlinear
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
+from svdq_jax.convert import load_flux, save_model
+from svdq_jax.convert.checkpoint import is_saved_model
 from svdq_jax.lora import LoRA, apply_loras
 from svdq_jax.pallas_kernels import int8_hopper, w4a16_gemv, w4a4, w4a8_hopper
 from svdq_jax.qlinear import QuantizedLinear
@@ -374,6 +381,78 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     print(json.dumps({name: r[f"profile{res}"]}), flush=True)
 
 
+def quantized_state(graph, state, cfg, args, result):
+  """The SVDQuant state of the random model (``--svdq-format``, ``--residual``), calibrated
+  on random inputs; its times and sizes recorded in ``result``."""
+  wfmt, _, afmt = args.svdq_format.partition("/")
+  config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None,
+                        residual=args.residual)
+  result["svdq_format"], result["residual"] = args.svdq_format, args.residual
+  if args.fast_search:
+    config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
+  t0 = time.perf_counter()
+  batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
+             for i in range(args.calib_batches)]
+  model = nnx.merge(graph, state)
+  forward = lambda a: model(*a[:6], guidance=a[6])
+  report = {}
+  # calibrated on the default attention whatever --attention times, as `svdq-jax quantize`
+  # does (under cuDNN FP8 the eager calibration took 82 s instead of ~30, 2026-12-05)
+  with flux.attention_as(None):
+    if args.hessian_memory is None:
+      calib = svdq_jax.calibrate(forward, batches, model=model, max_samples=256,
+                                 hessian=config.uses_gptq)
+      t1 = time.perf_counter()
+      qstate = svdq_jax.quantize(state, calib, config, report=report)
+      del calib
+    else:   # calibration passes and quantization interleaved: one time for both
+      budget = (auto_hessian_bytes(state) if args.hessian_memory == "auto"
+                else int(args.hessian_memory * 1e9))
+      qstate = nnx.state(svdq_jax.calibrate_and_quantize(
+          forward, batches, model, config, hessian_bytes=budget, report=report))
+      t1 = None
+      result.update(hessian_memory_gb=args.hessian_memory, hessian_bytes=budget)
+  del model
+  jax.block_until_ready(qstate)
+  t2 = time.perf_counter()
+  stats = jax.devices()[0].memory_stats() or {}
+  result.update(fast_search=args.fast_search,
+                calibrate_s=None if t1 is None else round(t1 - t0, 1),
+                quantize_s=round(t2 - (t0 if t1 is None else t1), 1),
+                quantize_peak_bytes=stats.get("peak_bytes_in_use"),
+                quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
+                mean_rel_error=sum(r.error for r in report.values()) / len(report))
+  return qstate
+
+
+# beside a --qdir checkpoint: the arguments that made it (a later call must ask for the same)
+QDIR_FILE = "bench_flux_full.json"
+
+
+def _qdir_key(args) -> str:
+  return json.dumps(dict(blocks=args.blocks, svdq_format=args.svdq_format,
+                         residual=args.residual, fast_search=args.fast_search,
+                         calib_batches=args.calib_batches,
+                         calib_resolution=args.calib_resolution), sort_keys=True)
+
+
+def restored_state(args, result):
+  """The quantized state a former call with the same quantization arguments saved under
+  --qdir (calibration and quantization skipped)."""
+  saved = (pathlib.Path(args.qdir) / QDIR_FILE)
+  if not saved.exists() or saved.read_text() != _qdir_key(args):
+    raise SystemExit(f"--qdir {args.qdir} holds a model quantized with other arguments "
+                     f"({saved.read_text() if saved.exists() else 'unknown'}); this call asks "
+                     f"for {_qdir_key(args)}: give another folder")
+  t0 = time.perf_counter()
+  qstate = nnx.state(load_flux(args.qdir))
+  jax.block_until_ready(qstate)
+  result.update(svdq_format=args.svdq_format, residual=args.residual,
+                fast_search=args.fast_search, quantized_from=args.qdir,
+                restore_s=round(time.perf_counter() - t0, 1), quantized_bytes=tree_bytes(qstate))
+  return qstate
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out/flux_full"))
@@ -444,6 +523,11 @@ def main():
   ap.add_argument("--stacked-rope", action="store_true",
                   help="each model also timed with the RoPE written as before (jnp.stack of "
                        "the rotated halves), '<name>_stacked_rope'")
+  ap.add_argument("--qdir", default="",
+                  help="the quantized model's checkpoint folder: restored when it holds one "
+                       "made with the same quantization arguments (calibration and "
+                       "quantization skipped: ~70 s of a lent GPU's time at full size), else "
+                       "written after quantizing, for the next call on the same warm machine")
   ap.add_argument("--summary", default="",
                   help="summary.json whose flux_dev_step this run rewrites (bf16 + svdquant)")
   ap.add_argument("--svdq-format", default="int4",
@@ -495,46 +579,14 @@ def main():
     del wstate
 
   if stages & {"quantize", "memory"} or "svdquant" in models:
-    wfmt, _, afmt = args.svdq_format.partition("/")
-    config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None,
-                          residual=args.residual)
-    result["svdq_format"], result["residual"] = args.svdq_format, args.residual
-    if args.fast_search:
-      config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
-    t0 = time.perf_counter()
-    batches = [inputs(cfg, args.calib_resolution, txt_len=64, seed=i)
-               for i in range(args.calib_batches)]
-    model = nnx.merge(graph, state)
-    forward = lambda a: model(*a[:6], guidance=a[6])
-    report = {}
-    # calibrated on the default attention whatever --attention times, as `svdq-jax quantize`
-    # does (under cuDNN FP8 the eager calibration took 82 s instead of ~30, 2026-12-05)
-    with flux.attention_as(None):
-      if args.hessian_memory is None:
-        calib = svdq_jax.calibrate(forward, batches, model=model, max_samples=256,
-                                   hessian=config.uses_gptq)
-        t1 = time.perf_counter()
-        qstate = svdq_jax.quantize(state, calib, config, report=report)
-        del calib
-      else:   # calibration passes and quantization interleaved: one time for both
-        budget = (auto_hessian_bytes(state) if args.hessian_memory == "auto"
-                  else int(args.hessian_memory * 1e9))
-        qstate = nnx.state(svdq_jax.calibrate_and_quantize(
-            forward, batches, model, config, hessian_bytes=budget, report=report))
-        t1 = None
-        result.update(hessian_memory_gb=args.hessian_memory, hessian_bytes=budget)
-    del model
-    jax.block_until_ready(qstate)
-    t2 = time.perf_counter()
-    stats = jax.devices()[0].memory_stats() or {}
-    result.update(fast_search=args.fast_search,
-                  calibrate_s=None if t1 is None else round(t1 - t0, 1),
-                  quantize_s=round(t2 - (t0 if t1 is None else t1), 1),
-                  quantize_peak_bytes=stats.get("peak_bytes_in_use"),
-                  quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
-                  mean_rel_error=sum(r.error for r in report.values()) / len(report))
+    if args.qdir and is_saved_model(args.qdir):
+      qstate = restored_state(args, result)
+    else:
+      qstate = quantized_state(graph, state, cfg, args, result)
+      if args.qdir:
+        save_model(args.qdir, nnx.merge(graph, qstate), extra={QDIR_FILE: _qdir_key(args)})
     print(json.dumps(result), flush=True)
-    del state, batches   # only the quantized model stays resident
+    del state   # only the quantized model stays resident
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
       measure(name, graph, qstate, cfg, args, result)
