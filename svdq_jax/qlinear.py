@@ -108,7 +108,7 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
   """``(1 + scale) * layer_norm(x) + shift`` (FLUX's adaLN modulation), each operation in
-  x's dtype."""
+  its operands' promoted dtype (x's, for shift and scale of x's dtype)."""
   return (1 + scale) * layer_norm(x, eps) + shift
 
 
@@ -193,17 +193,18 @@ def _check_modulation(p: Modulated) -> None:
     v = getattr(p, name)
     shape = getattr(v, "shape", None)
     # [..., 1, K] with x's leading dimensions, or x flattened to [M, K] (a kernel's view)
-    fits = shape is not None and (
-        shape == (k,) or (len(shape) >= 2 and shape[-2:] == (1, k) and (
-            shape[:-2] == lead[:-1] or (len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0))))
+    sets = shape is not None and len(shape) >= 2 and shape[-2:] == (1, k)
+    fits = shape == (k,) or (sets and (shape[:-2] == lead[:-1] or (
+        len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0)))
     if not fits:
       raise ValueError(f"a Modulated part's {name} must be [K] or [..., 1, K] with x's "
                        f"leading dimensions, got {shape or type(v)} for x {p.x.shape}")
 
 
 def modulation_sets(p: Modulated) -> tuple[jax.Array, jax.Array]:
-  """A Modulated part's (1 + scale, shift), each [S, K] in x's dtype: one row per sequence
-  (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to [M, K]."""
+  """A Modulated part's (1 + scale, shift), each [S, K] in its own dtype: one row per
+  sequence (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to
+  [M, K]."""
   k = p.x.shape[-1]
   return (1 + p.scale).reshape(-1, k), p.shift.reshape(-1, k)
 
