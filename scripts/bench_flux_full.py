@@ -439,11 +439,12 @@ def _qdir_key(args) -> str:
 def restored_state(args, result):
   """The quantized state a former call with the same quantization arguments saved under
   --qdir (calibration and quantization skipped)."""
-  saved = (pathlib.Path(args.qdir) / QDIR_FILE)
-  if not saved.exists() or saved.read_text() != _qdir_key(args):
+  saved = pathlib.Path(args.qdir) / QDIR_FILE
+  made_with = saved.read_text() if saved.exists() else "unknown"
+  if made_with != _qdir_key(args):
     raise SystemExit(f"--qdir {args.qdir} holds a model quantized with other arguments "
-                     f"({saved.read_text() if saved.exists() else 'unknown'}); this call asks "
-                     f"for {_qdir_key(args)}: give another folder")
+                     f"({made_with}); this call asks for {_qdir_key(args)}: give another "
+                     f"folder")
   t0 = time.perf_counter()
   qstate = nnx.state(load_flux(args.qdir))
   jax.block_until_ready(qstate)

@@ -60,6 +60,7 @@ EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
 def _act_kwargs(cfg):
+  """'block_m,block_k,chunks,num_warps' -> quantize_rows' tiling arguments."""
   bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
   return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
 
@@ -221,7 +222,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
   res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
       q, s, interpret=interpret)), layer.qweight, layer.wscale)
   if full:
-    res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
+    res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
     try:  # a tiling that fits without the low-rank operands may not fit with them
       if best_int8 is None:
         raise ValueError("no int8_gemm tiling among the --variants")
@@ -282,7 +283,7 @@ def act_shape(m, k, n, rank, key, interpret):
   res = dict(M=m, K=k, N=n, rank=rank, checks=act_checks(layer, x, interpret, ACT_SWEEP))
   print(f"{k}x{n} checks: {sum(v for c, v in res['checks'].items() if 'mismatch' in c)} "
         "mismatches", flush=True)
-  res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
+  res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
   ops = (x, layer.smooth, layer.lora_down)
   for afmt in formats.ROW_SCALED:
     res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
@@ -401,6 +402,16 @@ MODULATED_LAYERS = {"double qkv": (3072, 9216), "double fc1": (3072, 12288),
 MOD_SWEEP = ["64,256,1,4", "32,256,1,4", "64,128,1,4", "64,512,1,8"]
 
 
+def modulated_input(m, k, key):
+  """(a bf16 ``qlinear.Modulated`` input [m, k] with one modulation, the key left for the
+  layer's weights)."""
+  kx, ks, kc, kl = jax.random.split(key, 4)
+  x = (activations(m, k, kx) + 1.0).astype(jnp.bfloat16)
+  shift = (jax.random.normal(ks, (1, k)) * 0.5).astype(jnp.bfloat16)
+  scale = (jax.random.normal(kc, (1, k)) * 0.3).astype(jnp.bfloat16)
+  return qlinear.Modulated(x, shift, scale), kl
+
+
 def modulated_act(m, key, interpret):
   """--modulated: the activation path of a Modulated input (K = 3072): the kernel's codes and
   scales vs XLA's reference on the joined input, and vs the kernel on the joined input (what
@@ -408,11 +419,7 @@ def modulated_act(m, key, interpret):
   quantization + low-rank down: the default path), of the LayerNorm statistics alone and of
   the kernel reading the part in each MOD_SWEEP tiling (statistics included)."""
   k = 3072
-  kx, ks, kc, kl = jax.random.split(key, 4)
-  x = (activations(m, k, kx) + 1.0).astype(jnp.bfloat16)
-  shift = (jax.random.normal(ks, (1, k)) * 0.5).astype(jnp.bfloat16)
-  scale = (jax.random.normal(kc, (1, k)) * 0.3).astype(jnp.bfloat16)
-  p = qlinear.Modulated(x, shift, scale)
+  p, kl = modulated_input(m, k, key)
   layer = make_layer(k, 128, 32, kl, "int4_2l", "int8")
   inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
   quant = jax.jit(lambda p, inv, down, cfg=MOD_SWEEP[0]: act_rowscaled.quantize_rows_folded(
@@ -429,8 +436,8 @@ def modulated_act(m, key, interpret):
   print(json.dumps(res), flush=True)
   t = timer(interpret, "modulated act")
   res["act_xla_ms"] = t(xla, p, inv, down)
-  res["stats_ms"] = t(jax.jit(lambda x: qlinear.layer_norm_stats(x)), x)
-  res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
+  res["stats_ms"] = t(jax.jit(lambda x: qlinear.layer_norm_stats(x)), p.x)
+  res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
   for cfg in MOD_SWEEP:
     res[f"act_kernel_{cfg}_ms"] = t(lambda *a, c=cfg: quant(*a, cfg=c), p, inv, down)
   return res
@@ -442,11 +449,7 @@ def modulated_shape(m, name, key, interpret):
   vs the reference on the joined input, device times, bf16 (join + matmul) the baseline."""
   k, n = MODULATED_LAYERS[name]
   n = min(n, 256) if interpret else n   # CPU smoke run: the interpreted GEMM takes minutes
-  kx, ks, kc, kl = jax.random.split(key, 4)
-  x = (activations(m, k, kx) + 1.0).astype(jnp.bfloat16)
-  shift = (jax.random.normal(ks, (1, k)) * 0.5).astype(jnp.bfloat16)
-  scale = (jax.random.normal(kc, (1, k)) * 0.3).astype(jnp.bfloat16)
-  p = qlinear.Modulated(x, shift, scale)
+  p, kl = modulated_input(m, k, key)
   layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
   res = dict(layer=name, M=m, K=k, N=n)
   t = timer(interpret, name)
