@@ -383,11 +383,10 @@ def measure(name, graph, state, cfg, args, result, variant=False):
 
 def quantized_state(graph, state, cfg, args, result):
   """The SVDQuant state of the random model (``--svdq-format``, ``--residual``), calibrated
-  on random inputs; its times and sizes recorded in ``result``."""
+  on random inputs; its times and sizes recorded in ``result`` (main records the arguments)."""
   wfmt, _, afmt = args.svdq_format.partition("/")
   config = quant_config("svdquant", wfmt, rank=32, act_fmt=afmt or None,
                         residual=args.residual)
-  result["svdq_format"], result["residual"] = args.svdq_format, args.residual
   if args.fast_search:
     config = dataclasses.replace(config, alpha_grid=1, lowrank_iters=1)
   t0 = time.perf_counter()
@@ -416,8 +415,7 @@ def quantized_state(graph, state, cfg, args, result):
   jax.block_until_ready(qstate)
   t2 = time.perf_counter()
   stats = jax.devices()[0].memory_stats() or {}
-  result.update(fast_search=args.fast_search,
-                calibrate_s=None if t1 is None else round(t1 - t0, 1),
+  result.update(calibrate_s=None if t1 is None else round(t1 - t0, 1),
                 quantize_s=round(t2 - (t0 if t1 is None else t1), 1),
                 quantize_peak_bytes=stats.get("peak_bytes_in_use"),
                 quantized_bytes=tree_bytes(qstate), layers_quantized=len(report),
@@ -448,9 +446,8 @@ def restored_state(args, result):
   t0 = time.perf_counter()
   qstate = nnx.state(load_flux(args.qdir))
   jax.block_until_ready(qstate)
-  result.update(svdq_format=args.svdq_format, residual=args.residual,
-                fast_search=args.fast_search, quantized_from=args.qdir,
-                restore_s=round(time.perf_counter() - t0, 1), quantized_bytes=tree_bytes(qstate))
+  result.update(quantized_from=args.qdir, restore_s=round(time.perf_counter() - t0, 1),
+                quantized_bytes=tree_bytes(qstate))
   return qstate
 
 
@@ -580,6 +577,8 @@ def main():
     del wstate
 
   if stages & {"quantize", "memory"} or "svdquant" in models:
+    result.update(svdq_format=args.svdq_format, residual=args.residual,
+                  fast_search=args.fast_search)
     if args.qdir and is_saved_model(args.qdir):
       qstate = restored_state(args, result)
     else:
