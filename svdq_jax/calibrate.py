@@ -242,10 +242,13 @@ def _watch(forward, batches, model, record, on_host, accumulators, progress, des
 
   _on_host.append(watched_on_host)
   try:
-    _run(forward, batches, model, watched, accumulators, progress, desc)
+    count = _run(forward, batches, model, watched, accumulators, progress, desc)
   finally:
     _on_host.pop()
     clear()
+  if not count:
+    raise ValueError("calibration got no batches: the batches iterable is empty (or an "
+                     "iterator already used up)")
   if not seen:
     raise ValueError("calibration saw no linear layer call: is forward running the model "
                      "(for NNX, was the model passed as model=)? A jitted function inside "
@@ -253,9 +256,12 @@ def _watch(forward, batches, model, record, on_host, accumulators, progress, des
                      "trace: pass the jax.jit function itself, or an un-jitted forward")
 
 
-def _run(forward, batches, model, record, accumulators, progress, desc) -> None:
+def _run(forward, batches, model, record, accumulators, progress, desc) -> int:
+  """Runs the forward on every batch; returns how many there were."""
+  count = 0
   with nn.intercept_methods(_linen_interceptor(record)), _intercept_nnx(model, record):
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+      count += 1
       try:
         jax.block_until_ready(forward(batch))
       except ValueError as e:   # Flax's words for a callback in a linen.scan body
@@ -270,6 +276,7 @@ def _run(forward, batches, model, record, accumulators, progress, desc) -> None:
       bad = sorted(p for p, a in accumulators.items() if a.nonfinite)
       if bad:
         raise ValueError(f"calibration batch {i}: NaN or Inf in the input of layers {bad}")
+  return count
 
 
 def calibrate(forward: Callable, batches: Iterable, *, model: nnx.Module | None = None,

@@ -172,6 +172,16 @@ def test_no_linear_called_is_an_error():
     calibrate(lambda b: b * 2, _batches(4), progress=False)
 
 
+def test_no_batches_is_an_error():
+  """An empty (or used-up) iterable is named as such, not as a model that calls nothing."""
+  model = nn.Dense(8)
+  batches = iter(_batches(16, n=2))
+  params = model.init(jax.random.key(0), _batches(16, n=1)[0])
+  calibrate(lambda b: model.apply(params, b), batches, progress=False)
+  with pytest.raises(ValueError, match="got no batches"):
+    calibrate(lambda b: model.apply(params, b), batches, progress=False)
+
+
 def test_from_inputs_and_validate():
   x = np.random.default_rng(0).standard_normal((4, 8, 16)).astype(np.float32)
   st = LayerStats.from_inputs(x)
