@@ -100,19 +100,20 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
   for path, rule in selected.items():
     k, n = kernels[path].shape
     spec = rule.spec
+    name = f"layer {path or '(root)'}"   # a bare linear's kernel has the empty path
     for fmt_name in (spec.weight_format, spec.act_format):
       if fmt_name is not None:
-        formats.check_groups(k, formats.get_format(fmt_name), f"layer {path}")
+        formats.check_groups(k, formats.get_format(fmt_name), name)
     if spec.lowrank and rule.rank > min(k, n):
-      raise ValueError(f"layer {path}: rank {rule.rank} exceeds min(K, N) = {min(k, n)} "
+      raise ValueError(f"{name}: rank {rule.rank} exceeds min(K, N) = {min(k, n)} "
                        f"of its kernel [{k}, {n}]")
     if spec.needs_calibration:
       stats = None if calib is None else calib.get(path)
       if stats is None:
         raise ValueError(
-            f"layer {path}: method {rule.method!r} needs calibration statistics, but the "
+            f"{name}: method {rule.method!r} needs calibration statistics, but the "
             f"calibration data has none for this path (it has {len(calib or {})} layers)")
-      stats.validate(f"layer {path}", k)
+      stats.validate(path or "(root)", k)
   # Siblings (same parent module) with the same low-rank rule and identical input statistics
   # got the same input (q, k, v of one attention): one shared decomposition. Layers elsewhere
   # that see the same input (every modulation linear reads SiLU(vec)) stay separate.

@@ -149,10 +149,20 @@ def test_error_missing_or_bad_calibration():
     svdq_jax.quantize(_tree(), {}, preset("svdquant", rank=8), progress=False)
   bad = _stats()
   bad["blk/lin"].absmax[3] = np.nan
-  with pytest.raises(ValueError, match="layer blk/lin: calibration statistics contain NaN or Inf"):
+  with pytest.raises(ValueError, match="^layer blk/lin: calibration statistics contain NaN or Inf"):
     svdq_jax.quantize(_tree(), bad, preset("smoothquant"), progress=False)
-  with pytest.raises(ValueError, match="layer blk/lin: calibration statistics have absmax"):
+  with pytest.raises(ValueError, match="^layer blk/lin: calibration statistics have absmax"):
     svdq_jax.quantize(_tree(), _stats(k=64), preset("smoothquant"), progress=False)
+
+
+def test_errors_name_a_bare_linear_the_root():
+  """A kernel at the tree's top (a bare ``nnx.Linear`` quantized) has the empty path."""
+  tree = {"kernel": jnp.ones((96, 64), jnp.float32)}
+  with pytest.raises(ValueError, match=r"^layer \(root\): K=96 is not a multiple"):
+    svdq_jax.quantize(tree, None, preset("rtn"), progress=False)
+  tree = {"kernel": jnp.ones((128, 64), jnp.float32)}
+  with pytest.raises(ValueError, match=r"^layer \(root\): method 'svdquant' needs calibration"):
+    svdq_jax.quantize(tree, {}, preset("svdquant", rank=8), progress=False)
 
 
 def test_error_tree_without_kernels():
