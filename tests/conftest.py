@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # The Mosaic GPU interpreter runs each warpgroup of a kernel as its own XLA computation on a
@@ -12,8 +14,17 @@ os.environ.setdefault("PJRT_NPROC", str(max(32, os.cpu_count() or 1)))
 # the CLI keeps compiled programs under $XDG_CACHE_HOME (svdq-jax --compile-cache): not the
 # user's cache for test runs
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="svdq_jax_test_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import jax
+
+# Tests build many identical programs from fresh function objects (jax's in-memory caches
+# are keyed by the function, the persistent cache by the program): kept on disk for this
+# run, a program compiles once. 5-10% off test_sampling / test_w4a8_kernel / test_demo /
+# test_pipeline on 2 cores (2026-12-05).
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ["XDG_CACHE_HOME"], "jax-tests"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 # CPU tests compare against float64 references; keep jax's default f32 but make every
 # matmul exact f32 (the CPU default already is; this guards against backend changes).
@@ -40,9 +51,9 @@ def _compiled_programs_released_per_module():
 
 @pytest.fixture(autouse=True)
 def _persistent_cache_stays_with_its_test():
-  """A test that runs the CLI turns jax's persistent compilation cache on for the process
-  (``cli._use_compile_cache``); turned off again after it, so that later tests do not write
-  every compiled program to disk."""
+  """A test that runs the CLI may point jax's persistent compilation cache elsewhere
+  (``cli._use_compile_cache``; tests/test_example.py turns it off and on): set back to this
+  run's cache after it."""
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
   yield
