@@ -173,10 +173,10 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
     return dict(t, steps=fits[0]) if fits else None
 
   num_sms = num_sms or sm_count()
-  waves = pl.cdiv(m, WIDE["tile_m"]) * (n // CTA_N) / num_sms
-  if _narrow_tiles and waves < MIN_WAVES:
+  waves = lambda t: pl.cdiv(m, t["tile_m"]) * (n // CTA_N) / num_sms   # of t's two-wg grid
+  if _narrow_tiles and waves(WIDE) < MIN_WAVES:
     tiles = deepest(NARROW)
-    if _narrowest_tiles and pl.cdiv(m, NARROW["tile_m"]) * (n // CTA_N) < num_sms:
+    if _narrowest_tiles and waves(NARROW) < 1:
       tiles = deepest(NARROWEST) or tiles
   elif (_three_wgs and n % cta_rows(THREE_WGS) == 0
         and (n <= THREE_WGS_MAX_N if gelu_from is None

@@ -100,7 +100,8 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
   for path, rule in selected.items():
     k, n = kernels[path].shape
     spec = rule.spec
-    name = f"layer {path or '(root)'}"   # a bare linear's kernel has the empty path
+    label = path or "(root)"   # a bare linear's kernel has the empty path
+    name = f"layer {label}"
     for fmt_name in (spec.weight_format, spec.act_format):
       if fmt_name is not None:
         formats.check_groups(k, formats.get_format(fmt_name), name)
@@ -113,7 +114,7 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
         raise ValueError(
             f"{name}: method {rule.method!r} needs calibration statistics, but the "
             f"calibration data has none for this path (it has {len(calib or {})} layers)")
-      stats.validate(path or "(root)", k)
+      stats.validate(label, k)
   # Siblings (same parent module) with the same low-rank rule and identical input statistics
   # got the same input (q, k, v of one attention): one shared decomposition. Layers elsewhere
   # that see the same input (every modulation linear reads SiLU(vec)) stay separate.
