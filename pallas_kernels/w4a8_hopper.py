@@ -98,16 +98,12 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> 
 # 0.060 / 0.085 (256-token tiles: under two waves of the 132 SMs), but N = 21504 in 0.090
 # against 0.070 (2.5 waves; 2026-12-04). The narrow tiling serves grids of wide tiles under
 # MIN_WAVES waves; a wider low-rank branch gives up pipeline depth down to MIN_STEPS.
+# (64-token tiles where even 128-token grids fill under one wave, the text stream's proj and
+# fc2: the FLUX.1-dev step 101.8 ms against 100.4, H100, 2026-12-05: not taken.)
 WIDE, NARROW = dict(tile_m=256, steps=3), dict(tile_m=128, steps=4)
 MIN_WAVES, MIN_STEPS = 2, 2
-# 64-token tiles where even the narrow tiling's grid leaves SMs idle (at M = 512, N = 3072:
-# 96 CTAs of 128 tokens for 132 SMs, 192 of 64): the text stream's proj and fc2 (its four
-# GEMMs took 2.86 ms of a FLUX.1-dev step for 3.7% of the GEMM work, 2026-12-04 profile).
-# Not yet timed: off (``set_narrowest_tiles``; scripts/bench_flux_full.py --narrowest-tiles).
-NARROWEST = dict(tile_m=64, steps=4)
 
 _narrow_tiles = True
-_narrowest_tiles = False
 # Three compute warpgroups (192 weight rows a CTA, 192 tokens 3 deep), where N divides by 192
 # and the wide tiling would run: H200, M = 4608, rank 32 + bias (2026-12-04), 0.077 / 0.262 /
 # 0.227 / 0.291 ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 / 15360 -> 3072 against
@@ -146,13 +142,6 @@ def set_narrow_tiles(on: bool) -> None:
   _narrow_tiles = bool(on)
 
 
-def set_narrowest_tiles(on: bool) -> None:
-  """Whether ``tiling`` takes 64-token tiles (NARROWEST) where the narrow tiling's grid would
-  not fill one wave of the SMs (off: 128-token tiles there, the default until timed)."""
-  global _narrowest_tiles
-  _narrowest_tiles = bool(on)
-
-
 def cta_rows(tiles: dict) -> int:
   """Weight rows (output columns) of one CTA tile of ``tiling``'s ``tiles``."""
   return tiles.get("compute_wgs", 2) * ROWS
@@ -176,8 +165,6 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   waves = lambda t: pl.cdiv(m, t["tile_m"]) * (n // CTA_N) / num_sms   # of t's two-wg grid
   if _narrow_tiles and waves(WIDE) < MIN_WAVES:
     tiles = deepest(NARROW)
-    if _narrowest_tiles and waves(NARROW) < 1:
-      tiles = deepest(NARROWEST) or tiles
   elif (_three_wgs and n % cta_rows(THREE_WGS) == 0
         and (n <= THREE_WGS_MAX_N if gelu_from is None
              else _three_wgs_gelu and gelu_from % cta_rows(THREE_WGS) == 0)

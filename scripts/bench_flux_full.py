@@ -132,9 +132,6 @@ SWITCHES = (
      "W4A8 kernel's registers"),
     ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True,
      "the W4A8 kernel's 256-token tiles for every layer (the text stream's too)"),
-    ("narrowest_tiles", w4a8_hopper.set_narrowest_tiles, False,
-     "the W4A8 kernel's 64-token tiles where 128-token ones would not fill one wave of the "
-     "SMs (the text stream's N = 3072 layers; not yet the default: first timed by this flag)"),
     ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
      "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
      "before 2026-12-04)"),

@@ -103,15 +103,6 @@ def test_tiling():
     assert tiling(512, 3072, 12288, 32, num_sms=132) == w4a8_hopper.THREE_WGS
   finally:
     w4a8_hopper.set_narrow_tiles(True)
-  # 64-token tiles where 128-token ones leave SMs idle, once switched on
-  assert tiling(512, 12288, 3072, 32, num_sms=132) == dict(tile_m=128, steps=4)
-  w4a8_hopper.set_narrowest_tiles(True)
-  try:
-    assert tiling(512, 12288, 3072, 32, num_sms=132) == dict(tile_m=64, steps=4)  # 96 CTAs
-    assert tiling(512, 3072, 9216, 32, num_sms=132) == dict(tile_m=128, steps=4)  # 288
-    assert tiling(4608, 3072, 3072, 32, num_sms=132) == w4a8_hopper.THREE_WGS
-  finally:
-    w4a8_hopper.set_narrowest_tiles(False)
   assert tiling(256, 192, 128) is None and tiling(256, 256, 192) is None
   # three warpgroups where N divides by 192 up to THREE_WGS_MAX_N and 256-token tiles would
   # run (a wider branch: shallower); off: two
