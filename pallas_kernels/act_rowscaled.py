@@ -14,10 +14,9 @@ programs in flight: the work is bound by HBM bandwidth, not by any tile's latenc
 Reads X twice and writes int8 once (5 bytes per element), where XLA's fusions of the same
 definition take 7 (docs/benchmarks; both passes over 512-2048 tokens at a time, so that the
 second read came from L2, measured slower: 2026-12-05). X may be given as parts
-(``qlinear.Gelu``, ``qlinear.Scaled``, ``qlinear.Modulated``): each pass runs once per part,
-reading it where it lies (through ``kernel_gelu`` for a GELU part, descaled to bf16 for an
-FP8 Scaled part, normalized and modulated for a Modulated part, its token statistics from
-XLA), and the parts' codes land in one [M, K] array. Per token:
+(``qlinear.Gelu``, ``qlinear.Scaled``): each pass runs once per part, reading it where it lies
+(through ``kernel_gelu`` for a GELU part, descaled to bf16 for an FP8 Scaled part), and the
+parts' codes land in one [M, K] array. Per token:
 
   int8:    s = absmax * f32(1/127),  a = clip(round(x_hat * (1 / s)), -127, 127)
   int4_2l: s = unit = absmax * f32(1/112) (1 for an all-zero token), per 64-group
@@ -328,9 +327,8 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
-    x: [M, K] (bf16 or f32), K a multiple of 64, or parts [M, K_i] (``qlinear.Gelu``,
-      ``Scaled``, ``Modulated``) read where they lie (a part off the 64-column grid is joined
-      by XLA first; so is a Modulated part the kernel cannot take: ``_norms``).
+    x: [M, K] (bf16 or f32), K a multiple of 64, or parts [M, K_i] (``qlinear.Gelu``) read
+      where they lie (a part off the 64-column grid is joined by XLA first).
       smooth: f32 [K] or None.
     down: [K, r] or None. act_format: 'int8' or 'int4_2l'.
     block_m, block_k, chunks, num_warps: tiling: a program covers block_m tokens and
@@ -371,9 +369,8 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
 
 def _norms(parts, block_m):
   """(parts, a ``Norm`` or None per part): a Modulated part's statistics and modulation
-  rows for the kernels; one they cannot take (x, shift or scale not bf16, or sequences of a
-  number of tokens that is not a multiple of block_m) computed by XLA first (the same
-  values)."""
+  rows for the kernels; one they cannot take (not bf16, or sequences of a number of tokens
+  that is not a multiple of block_m) computed by XLA first (the same values)."""
   out, norms = [], []
   for p in parts:
     mod = p.modulation
@@ -381,8 +378,7 @@ def _norms(parts, block_m):
     if mod is not None:
       one_plus, shift = qlinear.modulation_sets(mod)
       rows = p.x.shape[0] // one_plus.shape[0]
-      bf16 = all(a.dtype == jnp.bfloat16 for a in (p.x, one_plus, shift))
-      if bf16 and (one_plus.shape[0] == 1 or rows % block_m == 0):
+      if p.x.dtype == jnp.bfloat16 and (one_plus.shape[0] == 1 or rows % block_m == 0):
         mean, rstd = qlinear.layer_norm_stats(p.x, mod.eps)
         norm = Norm(mean[:, 0], rstd[:, 0], one_plus, shift, rows)
       else:

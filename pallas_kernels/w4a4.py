@@ -629,10 +629,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   (``int8_hopper``); both take the scales, the low-rank up projection and the bias in their
   epilogue, and compute the same bf16 values. ``layer``: a
   QuantizedLinear, or a PreparedLinear (``qlinear.prepare``) holding the weight-side operands.
-  x may be given as parts [M, K_i] (``qlinear.Gelu``, ``Scaled``), which the Pallas
-  activation kernel reads where they lie (``set_input_parts``); a ``qlinear.Modulated``
-  part goes to that kernel too with ``set_modulated_inputs``, else XLA computes it first.
-  ``gelu_from``: with ``set_epilogue_gelu`` and
+  x may be given as parts [M, K_i] (``qlinear.Gelu``), which the Pallas activation kernel
+  reads where they lie (``set_input_parts``). ``gelu_from``: with ``set_epilogue_gelu`` and
   a tiling whose CTA tiles it falls between, the GEMM stores the output's columns from there
   through the GELU and the result is ``qlinear.Gelu(y, gelu_from, applied=True)``; otherwise
   the plain output (the caller marks the GELU as still to be computed).

@@ -117,10 +117,6 @@ SWITCHES = (
     ("joined_inputs", w4a4.set_input_parts, True,
      "its layers' input parts joined by XLA before the activation kernel (as before "
      "2026-12-03)"),
-    ("modulated_inputs", w4a4.set_modulated_inputs, False,
-     "the LayerNorm + modulation before qkv, fc1, linear1 (qlinear.Modulated) computed by the "
-     "Pallas activation kernel as it reads the residual stream, not by XLA's fusions with the "
-     "quantization (not yet the default: first timed by this flag)"),
     ("next_layer_gelu", w4a4.set_epilogue_gelu, True,
      "fc1's / linear1's GELU left to the next layer's activation kernel instead of the GEMM's "
      "epilogue (as before 2026-12-03)"),

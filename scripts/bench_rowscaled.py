@@ -25,8 +25,6 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                   # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
-    python3 scripts/bench_rowscaled.py --modulated --out $OUT   # LayerNorm + modulation
-                                                                # (qlinear.Modulated) in the kernel
 """
 
 from __future__ import annotations
@@ -395,97 +393,6 @@ def parts_shape(m, name, key, interpret):
   return res
 
 
-# FLUX.1 layers whose input is LayerNorm + modulation of the residual stream
-# (qlinear.Modulated): K -> N
-MODULATED_LAYERS = {"double qkv": (3072, 9216), "double fc1": (3072, 12288),
-                    "single linear1": (3072, 21504)}
-MOD_SWEEP = ["64,256,1,4", "32,256,1,4", "64,128,1,4", "64,512,1,8"]
-
-
-def modulated_input(m, k, key):
-  """(a bf16 ``qlinear.Modulated`` input [m, k] with one modulation, the key left for the
-  layer's weights)."""
-  kx, ks, kc, kl = jax.random.split(key, 4)
-  x = (activations(m, k, kx) + 1.0).astype(jnp.bfloat16)
-  shift = (jax.random.normal(ks, (1, k)) * 0.5).astype(jnp.bfloat16)
-  scale = (jax.random.normal(kc, (1, k)) * 0.3).astype(jnp.bfloat16)
-  return qlinear.Modulated(x, shift, scale), kl
-
-
-def modulated_act(m, key, interpret):
-  """--modulated: the activation path of a Modulated input (K = 3072): the kernel's codes and
-  scales vs XLA's reference on the joined input, and vs the kernel on the joined input (what
-  the in-kernel LayerNorm and modulation move); device times of XLA's fusions (join +
-  quantization + low-rank down: the default path), of the LayerNorm statistics alone and of
-  the kernel reading the part in each MOD_SWEEP tiling (statistics included)."""
-  k = 3072
-  p, kl = modulated_input(m, k, key)
-  layer = make_layer(k, 128, 32, kl, "int4_2l", "int8")
-  inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
-  quant = jax.jit(lambda p, inv, down, cfg=MOD_SWEEP[0]: act_rowscaled.quantize_rows_folded(
-      p, inv, down, act_format="int8", interpret=interpret, **_act_kwargs(cfg)),
-      static_argnames="cfg")
-  xla = jax.jit(lambda p, inv, down: act_rowscaled.reference_folded(
-      qlinear.join(p), inv, down, "int8"))
-  ra, rs, rlr = (np.asarray(v) for v in xla(p, inv, down))
-  a, s_, lr = (np.asarray(v) for v in quant(p, inv, down))
-  ja = np.asarray(quant(qlinear.join(p), inv, down)[0])
-  res = dict(layer="modulated act", M=m, K=k, code_mismatches=int((a != ra).sum()),
-             scale_mismatches=int((s_ != rs).sum()), lr_rel=rel(lr, rlr),
-             vs_joined_kernel_code_mismatches=int((a != ja).sum()))
-  print(json.dumps(res), flush=True)
-  t = timer(interpret, "modulated act")
-  res["act_xla_ms"] = t(xla, p, inv, down)
-  res["stats_ms"] = t(jax.jit(lambda x: qlinear.layer_norm_stats(x)), p.x)
-  res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
-  for cfg in MOD_SWEEP:
-    res[f"act_kernel_{cfg}_ms"] = t(lambda *a, c=cfg: quant(*a, cfg=c), p, inv, down)
-  return res
-
-
-def modulated_shape(m, name, key, interpret):
-  """--modulated: the fused W4A8 layer on a Modulated input, XLA computing the LayerNorm and
-  modulation (set_modulated_inputs off, the default) vs the activation kernel (on): results
-  vs the reference on the joined input, device times, bf16 (join + matmul) the baseline."""
-  k, n = MODULATED_LAYERS[name]
-  n = min(n, 256) if interpret else n   # CPU smoke run: the interpreted GEMM takes minutes
-  p, kl = modulated_input(m, k, key)
-  layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
-  res = dict(layer=name, M=m, K=k, N=n)
-  t = timer(interpret, name)
-  res["bf16_ms"] = t(jax.jit(lambda p, w, b: qlinear.join(p) @ w + b), p,
-                     jnp.zeros((k, n), jnp.bfloat16), layer.bias)
-  want = qlinear.reference_apply(layer, qlinear.join(p))
-  with qlinear.backend("interpret" if interpret else "pallas"):
-    for tag, on in (("xla", False), ("kernel", True)):
-      w4a4.set_modulated_inputs(on)
-      try:
-        fused = jax.jit(lambda l, p: qlinear.apply(l, p))
-        res[f"fused_{tag}_rel"] = rel(fused(layer, p), want)
-        res[f"fused_{tag}_ms"] = t(fused, layer, p)
-      finally:
-        w4a4.set_modulated_inputs(False)
-  print(json.dumps(res), flush=True)
-  return res
-
-
-def modulated_table(act, layers) -> str:
-  lines = [f"activation path, M = {act['M']}, K = 3072: code / scale mismatches vs XLA "
-           f"{act['code_mismatches']} / {act['scale_mismatches']} (vs the kernel on the "
-           f"joined input: {act['vs_joined_kernel_code_mismatches']} codes); copy "
-           f"{act['copy_ms']:.3f} ms, XLA {act['act_xla_ms']:.3f} ms, statistics alone "
-           f"{act['stats_ms']:.3f} ms, kernel + statistics "
-           + ", ".join(f"{c}: {act[f'act_kernel_{c}_ms']:.3f}" for c in MOD_SWEEP) + " ms",
-           "", "| layer | M | K -> N | bf16 ms | fused W4A8, XLA modulation ms | in the kernel ms "
-           "| vs bf16 |", "|" + " --- |" * 7]
-  for r in layers:
-    lines.append(f"| {r['layer']} | {r['M']} | {r['K']} -> {r['N']} | {r['bf16_ms']:.3f} | "
-                 f"{r['fused_xla_ms']:.3f} | {r['fused_kernel_ms']:.3f} | "
-                 f"{r['bf16_ms'] / r['fused_xla_ms']:.2f}x / "
-                 f"{r['bf16_ms'] / r['fused_kernel_ms']:.2f}x |")
-  return "\n".join(lines)
-
-
 # FLUX.1 layers whose output feeds a GELU from a column on (``gelu_from``): (K, N, gelu_from)
 GELU_PRODUCERS = {"mlp fc1": (3072, 12288, 0), "single linear1": (3072, 21504, 9216)}
 
@@ -635,9 +542,6 @@ def main():
   ap.add_argument("--parts", action="store_true",
                   help="the layers FLUX gives input parts (qlinear.Gelu): checks and times, "
                        "joined by XLA vs read as parts")
-  ap.add_argument("--modulated", action="store_true",
-                  help="the layers FLUX gives a Modulated input (LayerNorm + modulation): "
-                       "checks and times, XLA computing it vs the activation kernel")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -655,15 +559,6 @@ def main():
       results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
-    return
-  if args.modulated:
-    act = modulated_act(args.m, key, args.interpret)
-    save_results(os.path.join(args.out, "rowscaled_modulated.json"), [act])
-    layers = []
-    for name in MODULATED_LAYERS:
-      layers.append(modulated_shape(args.m, name, key, args.interpret))
-      save_results(os.path.join(args.out, "rowscaled_modulated.json"), [act] + layers)
-    print(modulated_table(act, layers))
     return
   if args.parts:
     check = gelu_check(args.interpret)

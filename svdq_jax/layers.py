@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import (Gelu, Modulated, PreparedLinear, QuantizedLinear, Scaled, apply,
-                              join)
+from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
 
-__all__ = ["Gelu", "Linear", "Modulated", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
            "runs_quantized", "dense_input"]
 
 

@@ -108,7 +108,7 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
   """``(1 + scale) * layer_norm(x) + shift`` (FLUX's adaLN modulation), each operation in
-  its operands' promoted dtype (x's, for shift and scale of x's dtype)."""
+  x's dtype."""
   return (1 + scale) * layer_norm(x, eps) + shift
 
 
@@ -116,8 +116,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6
 class Modulated:
   """Part of a linear layer's input: ``modulate(x, shift, scale, eps)``, FLUX's LayerNorm and
   modulation of the residual stream x [..., L, K], left to the layer; shift and scale
-  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K]. Its values take
-  the dtypes' promotion, as the expression does (the kernels take bf16 ones).
+  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K], x's dtype.
 
   Every path joins it (``join``: the same values as the model computing it) unless
   ``w4a4.set_modulated_inputs`` is on; then the Hopper activation kernel reads x where it
@@ -193,18 +192,20 @@ def _check_modulation(p: Modulated) -> None:
     v = getattr(p, name)
     shape = getattr(v, "shape", None)
     # [..., 1, K] with x's leading dimensions, or x flattened to [M, K] (a kernel's view)
-    sets = shape is not None and len(shape) >= 2 and shape[-2:] == (1, k)
-    fits = shape == (k,) or (sets and (shape[:-2] == lead[:-1] or (
-        len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0)))
+    fits = shape is not None and (
+        shape == (k,) or (len(shape) >= 2 and shape[-2:] == (1, k) and (
+            shape[:-2] == lead[:-1] or (len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0))))
     if not fits:
       raise ValueError(f"a Modulated part's {name} must be [K] or [..., 1, K] with x's "
                        f"leading dimensions, got {shape or type(v)} for x {p.x.shape}")
+    if v.dtype != p.x.dtype:
+      raise ValueError(f"a Modulated part's {name} must have x's dtype {p.x.dtype}, got "
+                       f"{v.dtype}")
 
 
 def modulation_sets(p: Modulated) -> tuple[jax.Array, jax.Array]:
-  """A Modulated part's (1 + scale, shift), each [S, K] in its own dtype: one row per
-  sequence (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to
-  [M, K]."""
+  """A Modulated part's (1 + scale, shift), each [S, K] in x's dtype: one row per sequence
+  (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to [M, K]."""
   k = p.x.shape[-1]
   return (1 + p.scale).reshape(-1, k), p.shift.reshape(-1, k)
 
@@ -246,11 +247,8 @@ def join_modulated(x):
 
 
 def input_dtype(x):
-  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16, a Modulated
-  part's that of x, shift and scale promoted together)."""
+  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16)."""
   p = input_parts(x)[0]
-  if p.modulation is not None:
-    return jnp.result_type(p.x.dtype, p.modulation.shift.dtype, p.modulation.scale.dtype)
   return jnp.dtype(jnp.bfloat16) if p.scale is not None else p.x.dtype
 
 
