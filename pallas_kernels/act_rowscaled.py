@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,54 +54,16 @@ def kernel_gelu(x: jax.Array, interpret: bool) -> jax.Array:
   return qlinear.gelu_tanh(x, tanh=lambda u: _asm("tanh.approx.f32", u))
 
 
-class Norm(NamedTuple):
-  """A ``qlinear.Modulated`` part's operands in the kernels: f32 [M] token means and
-  1 / sqrt(var + eps) (``qlinear.layer_norm_stats``, from XLA), bf16 [S, K] 1 + scale and
-  shift (``qlinear.modulation_sets``), ``rows`` = M / S tokens per set (a multiple of the
-  token block, or S = 1)."""
-  mean: jax.Array
-  rstd: jax.Array
-  one_plus: jax.Array
-  shift: jax.Array
-  rows: int
-
-
-def _load_norm(refs, row_ok):
-  """(mean, rstd [block_m, 1] values, 1 + scale and shift refs [span]) of a Norm's refs."""
-  if refs is None:
-    return None
-  mean_ref, rstd_ref, one_plus_ref, shift_ref = refs
-  load = lambda r: plgpu.load(r, mask=row_ok[:, 0], other=0.0)[:, None]
-  return load(mean_ref), load(rstd_ref), one_plus_ref, shift_ref
-
-
-def _normalized(x, norm, cols):
-  """``qlinear.modulate`` of a bf16 tile from its tokens' statistics: the LayerNorm in f32
-  rounded to bf16, the product with 1 + scale rounded by ``qlinear.round_bf16_bits`` (so
-  that no compiler contracts it with the sum into one fma: one rounding where the definition
-  has two), the sum with shift rounded to bf16. A NaN product is kept as NaN (the bit
-  rounding may turn the GPU's NaN into -0)."""
-  mean, rstd, one_plus_ref, shift_ref = norm
-  ln = ((x.astype(jnp.float32) - mean) * rstd).astype(jnp.bfloat16).astype(jnp.float32)
-  prod = ln * one_plus_ref[cols].astype(jnp.float32)[None, :]   # exact in f32
-  prod = jnp.where(prod != prod, prod, qlinear.round_bf16_bits(prod))
-  return (prod + shift_ref[cols].astype(jnp.float32)[None, :]).astype(jnp.bfloat16)
-
-
-def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret, scale_ref=None,
-           norm=None):
+def _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu_part, interpret, scale_ref=None):
   """(x, f32 x / lambda) [block_m, width]: columns start.. of the tile as loaded (descaled
-  to bf16 for a Scaled part, through ``kernel_gelu`` for a GELU part, normalized and
-  modulated for a Modulated one: ``norm``, ``_load_norm``'s) and times 1 / lambda (rows
-  past M: 0)."""
+  to bf16 for a Scaled part, through ``kernel_gelu`` for a GELU part) and times 1 / lambda
+  (rows past M: 0)."""
   cols = pl.ds(start, width)
   # (Triton has no int -> FP8 cast for a 0 in the FP8 part's masked rows: they are left
   # undefined there, and every result of such a row is masked in turn)
   x = plgpu.load(x_ref.at[:, cols], mask=row_ok, other=0 if scale_ref is None else None)
   if scale_ref is not None:
     x = (x.astype(jnp.float32) * scale_ref[0]).astype(jnp.bfloat16)
-  if norm is not None:
-    x = _normalized(x, norm, cols)
   if gelu_part:
     x = kernel_gelu(x, interpret)
   v = x.astype(jnp.float32)
@@ -115,26 +76,22 @@ def _rows_ok(block_m, m):
   return ((pl.program_id(0) * block_m + jnp.arange(block_m)) < m)[:, None]
 
 
-def _absmax_kernel(x_ref, smooth_ref, scale_ref, norm_refs, amax_ref, *, m, block_k, gelu,
-                   interpret):
+def _absmax_kernel(x_ref, smooth_ref, scale_ref, amax_ref, *, m, block_k, gelu, interpret):
   bm, width = x_ref.shape
   row_ok = _rows_ok(bm, m)
-  norm = _load_norm(norm_refs, row_ok)
   amax = has_nan = jnp.zeros((bm,), jnp.float32)
   for start in range(0, width, block_k):  # unrolled: the loads are issued together
-    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret, scale_ref,
-                  norm)
+    _, v = _x_hat(x_ref, smooth_ref, row_ok, start, block_k, gelu, interpret, scale_ref)
     amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
     # max() drops NaN on the GPU: a block's NaN is reported on its own
     has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
   plgpu.store(amax_ref, jnp.where(has_nan > 0, jnp.nan, amax), mask=row_ok[:, 0])
 
 
-def _codes_kernel(x_ref, smooth_ref, scale_ref, norm_refs, s_ref, down_ref, a_ref, lr_ref, *,
-                  m, act_format, block_k, gelu, interpret):
+def _codes_kernel(x_ref, smooth_ref, scale_ref, s_ref, down_ref, a_ref, lr_ref, *, m,
+                  act_format, block_k, gelu, interpret):
   bm, bk = x_ref.shape
   row_ok = _rows_ok(bm, m)
-  norm = _load_norm(norm_refs, row_ok)
   scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
   is_nan = (scale != scale)[:, None]
   div_by = jnp.where((scale == 0) | is_nan[:, 0], 1.0, scale)[:, None]
@@ -153,7 +110,7 @@ def _codes_kernel(x_ref, smooth_ref, scale_ref, norm_refs, s_ref, down_ref, a_re
   width = block_k if act_format == "int8" else GROUP
   lr = None
   for start in range(0, bk, width):
-    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret, scale_ref, norm)
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret, scale_ref)
     a = jnp.where(is_nan, 0.0, codes(v))
     plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
                 mask=row_ok)
@@ -178,10 +135,10 @@ def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   return block_k, chunks
 
 
-def _specs(part, norm, offset, inv_smooth, block_m, span):
-  """Grid, the x tile's spec and the inputs (x, 1 / lambda, the part's scale, its Norm's
-  arrays) both passes share, for the part x[:, start:] of the layer's input, at its columns
-  offset.. (``qlinear.Part``; norm: a ``Norm`` for a Modulated part, else None)."""
+def _specs(part, offset, inv_smooth, block_m, span):
+  """Grid, the x tile's spec and the inputs (x, 1 / lambda, the part's scale) both passes
+  share, for the part x[:, start:] of the layer's input, at its columns offset..
+  (``qlinear.Part``)."""
   x, start = part.x, part.start
   grid = (pl.cdiv(x.shape[0], block_m), (x.shape[1] - start) // span)
   first, at = start // span, offset // span
@@ -193,30 +150,22 @@ def _specs(part, norm, offset, inv_smooth, block_m, span):
   if part.scale is not None:
     in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
     args.append(jnp.reshape(part.scale, (1,)).astype(jnp.float32))
-  if norm is not None:
-    rows = norm.rows
-    in_specs += [pl.BlockSpec((block_m,), lambda i, j: (i,))] * 2
-    in_specs += [pl.BlockSpec((None, span), lambda i, j: (i * block_m // rows, j + first))] * 2
-    args += [norm.mean, norm.rstd, norm.one_plus, norm.shift]
   return grid, in_specs, args
 
 
-def _kernel_name(kind: str, part, norm) -> str:
+def _kernel_name(kind: str, part) -> str:
   """A pass's kernel name with the part's shape (tokens x columns; 'g': a GELU part, 's': a
-  Scaled one, 'n': a Modulated one), so that a profile tells the layers apart."""
+  Scaled one), so that a profile tells the layers apart."""
   x = part.x
   return (f"{kind}_{x.shape[0]}x{x.shape[1] - part.start}{'g' if part.gelu else ''}"
-          f"{'s' if part.scale is not None else ''}{'n' if norm is not None else ''}")
+          f"{'s' if part.scale is not None else ''}")
 
 
-def _split_inputs(has_smooth, has_scale, has_norm, refs):
-  """(1 / lambda's ref or None, the part's scale's ref or None, its Norm's four refs or
-  None, the other refs)."""
+def _split_inputs(has_smooth, has_scale, refs):
+  """(1 / lambda's ref or None, the part's scale's ref or None, the other refs)."""
   refs = list(refs)
   smooth = refs.pop(0) if has_smooth else None
-  scale = refs.pop(0) if has_scale else None
-  norm = tuple(refs.pop(0) for _ in range(4)) if has_norm else None
-  return smooth, scale, norm, refs
+  return smooth, (refs.pop(0) if has_scale else None), refs
 
 
 def _offsets(parts):
@@ -225,22 +174,20 @@ def _offsets(parts):
   return [sum(widths[:i]) for i in range(len(parts))]
 
 
-def row_scales(parts, norms, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
+def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
                interpret):
   """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
-  parts: ``qlinear.Part``s, x [M, K_i + start], with ``norms`` (``_norms``); inv_smooth:
-  f32 [K] 1 / lambda or None."""
+  parts: ``qlinear.Part``s, x [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
   m = parts[0].x.shape[0]
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
-  for part, norm, offset in zip(parts, norms, _offsets(parts)):
-    grid, in_specs, args = _specs(part, norm, offset, inv_smooth, block_m, span)
+  for part, offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
 
-    def kernel(x_ref, *refs, part=part, norm=norm):
-      sm, sc, nr, (amax_ref,) = _split_inputs(inv_smooth is not None, part.scale is not None,
-                                              norm is not None, refs)
-      _absmax_kernel(x_ref, sm, sc, nr, amax_ref, m=m, block_k=block_k, gelu=part.gelu,
+    def kernel(x_ref, *refs, part=part):
+      sm, sc, (amax_ref,) = _split_inputs(inv_smooth is not None, part.scale is not None, refs)
+      _absmax_kernel(x_ref, sm, sc, amax_ref, m=m, block_k=block_k, gelu=part.gelu,
                      interpret=interpret)
 
     partials.append(pl.pallas_call(
@@ -248,16 +195,16 @@ def row_scales(parts, norms, inv_smooth, act_format, *, block_m, block_k, chunks
         out_specs=pl.BlockSpec((None, block_m), lambda i, j: (j, i)),
         out_shape=jax.ShapeDtypeStruct((grid[1], m), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=_kernel_name("svdq_absmax", part, norm))(*args))
+        interpret=interpret, name=_kernel_name("svdq_absmax", part))(*args))
   partial = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
   amax = jnp.where(jnp.isnan(partial).any(0), jnp.nan, jnp.max(partial, axis=0))
   return amax * formats.INV_127 if act_format == "int8" else formats.two_level_unit(amax)
 
 
-def codes_and_lowrank(parts, norms, inv_smooth, scale, down, act_format, *, block_m, block_k,
-                      chunks, num_warps, interpret):
+def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
+                      num_warps, interpret):
   """(int8 [M, K] codes, f32 [M, r] ``x @ down`` or None) for given token scales [M];
-  parts, norms as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
+  parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
   lambda folded in (``qlinear.folded_down``) or None. A part after the first writes its
   columns of the first part's output in place (aliased), so the codes are never joined."""
   m = parts[0].x.shape[0]
@@ -266,8 +213,8 @@ def codes_and_lowrank(parts, norms, inv_smooth, scale, down, act_format, *, bloc
   span = block_k * chunks
   down_p = None if down is None else _pad_rank(down, 1)
   a, lr = None, None
-  for part, norm, offset in zip(parts, norms, _offsets(parts)):
-    grid, in_specs, args = _specs(part, norm, offset, inv_smooth, block_m, span)
+  for part, offset in zip(parts, _offsets(parts)):
+    grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
     at = offset // span
     codes_spec = pl.BlockSpec((block_m, span), lambda i, j: (i, j + at))
     in_specs.append(pl.BlockSpec((block_m,), lambda i, j: (i,)))
@@ -286,21 +233,21 @@ def codes_and_lowrank(parts, norms, inv_smooth, scale, down, act_format, *, bloc
       aliases = {len(args): 0}
       args.append(a)
 
-    def kernel(x_ref, *refs, part=part, norm=norm, has_prev=a is not None):
-      sm, sc, nr, (s_ref, *rest) = _split_inputs(inv_smooth is not None,
-                                                 part.scale is not None, norm is not None, refs)
+    def kernel(x_ref, *refs, part=part, has_prev=a is not None):
+      sm, sc, (s_ref, *rest) = _split_inputs(inv_smooth is not None, part.scale is not None,
+                                             refs)
       down_ref = rest.pop(0) if down_p is not None else None
       if has_prev:
         rest.pop(0)
       a_ref, lr_ref = rest if down_p is not None else (*rest, None)
-      _codes_kernel(x_ref, sm, sc, nr, s_ref, down_ref, a_ref, lr_ref, m=m,
-                    act_format=act_format, block_k=block_k, gelu=part.gelu, interpret=interpret)
+      _codes_kernel(x_ref, sm, sc, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
+                    block_k=block_k, gelu=part.gelu, interpret=interpret)
 
     a, *part_lr = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", part, norm))(*args)
+        interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", part))(*args)
     if down_p is not None:
       lr = part_lr[0].sum(0) if lr is None else lr + part_lr[0].sum(0)
   return a, (lr[:, :down.shape[1]] if down is not None else None)
@@ -359,33 +306,11 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
   parts = qlinear.input_parts(x)
   if any(p.start % GROUP or p.x.shape[1] % GROUP for p in parts):
     parts = qlinear.input_parts(qlinear.join(x))
-  parts, norms = _norms(parts, block_m)
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
-  scale = row_scales(parts, norms, inv_smooth, act_format, **tiling)
-  a, lr = codes_and_lowrank(parts, norms, inv_smooth, scale, down, act_format, **tiling)
+  scale = row_scales(parts, inv_smooth, act_format, **tiling)
+  a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
-
-
-def _norms(parts, block_m):
-  """(parts, a ``Norm`` or None per part): a Modulated part's statistics and modulation
-  rows for the kernels; one they cannot take (not bf16, or sequences of a number of tokens
-  that is not a multiple of block_m) computed by XLA first (the same values)."""
-  out, norms = [], []
-  for p in parts:
-    mod = p.modulation
-    norm = None
-    if mod is not None:
-      one_plus, shift = qlinear.modulation_sets(mod)
-      rows = p.x.shape[0] // one_plus.shape[0]
-      if p.x.dtype == jnp.bfloat16 and (one_plus.shape[0] == 1 or rows % block_m == 0):
-        mean, rstd = qlinear.layer_norm_stats(p.x, mod.eps)
-        norm = Norm(mean[:, 0], rstd[:, 0], one_plus, shift, rows)
-      else:
-        p = qlinear.Part(qlinear.part_values(p), 0, False, None)
-    out.append(p)
-    norms.append(norm)
-  return out, norms
 
 
 def _joined_shape(x) -> jax.ShapeDtypeStruct:

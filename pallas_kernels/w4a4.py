@@ -542,20 +542,6 @@ def set_input_parts(read: bool) -> None:
   _input_parts = bool(read)
 
 
-_modulated_inputs = False
-
-
-def set_modulated_inputs(on: bool) -> None:
-  """Whether a row-scaled layer given a ``qlinear.Modulated`` input (FLUX's qkv, fc1,
-  linear1: LayerNorm + modulation of the residual stream) has the Pallas activation kernel
-  normalize and modulate it as it reads it, whatever ``set_act_kernel`` chose, or computes
-  it in XLA first (the default, as before 2026-12-05: XLA fuses it with the activation
-  quantization at K = 3072; the kernel path is not yet timed on a GPU,
-  scripts/bench_flux_full.py --modulated-inputs)."""
-  global _modulated_inputs
-  _modulated_inputs = bool(on)
-
-
 _epilogue_gelu = True
 
 
@@ -646,11 +632,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
-  modulated = any(q.modulation is not None for q in qlinear.input_parts(x))
-  if modulated and not _modulated_inputs:
-    x, modulated = qlinear.join_modulated(x), False
-  if (_act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K)
-      or modulated):
+  if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))

@@ -292,9 +292,8 @@ def act_shape(m, k, n, rank, key, interpret):
                                       **_act_kwargs(c))), *ops)
       if afmt == "int8":  # the first pass alone
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
-            act_rowscaled.row_scales(qlinear.input_parts(x), [None],
-                                     qlinear.folded_smoothing(s, None)[0], "int8",
-                                     interpret=interpret, **_act_kwargs(c))),
+            act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
+                                     "int8", interpret=interpret, **_act_kwargs(c))),
             x, layer.smooth)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))

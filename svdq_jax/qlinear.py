@@ -89,48 +89,6 @@ class Gelu:
   applied: bool = struct.field(pytree_node=False, default=False)
 
 
-def layer_norm_stats(x: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-  """f32 (mean, 1 / sqrt(var + eps)) [..., 1] of x [..., K] over its last axis: the
-  statistics ``layer_norm`` normalizes with (two passes over x: the mean, then the mean
-  squared deviation)."""
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  return mean, lax.rsqrt(var + eps)
-
-
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters: f32 ``(x - mean) / sqrt(var + eps)``, rounded to
-  x's dtype."""
-  mean, rstd = layer_norm_stats(x, eps)
-  return ((x.astype(jnp.float32) - mean) * rstd).astype(x.dtype)
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """``(1 + scale) * layer_norm(x) + shift`` (FLUX's adaLN modulation), each operation in
-  x's dtype."""
-  return (1 + scale) * layer_norm(x, eps) + shift
-
-
-@struct.dataclass
-class Modulated:
-  """Part of a linear layer's input: ``modulate(x, shift, scale, eps)``, FLUX's LayerNorm and
-  modulation of the residual stream x [..., L, K], left to the layer; shift and scale
-  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K], x's dtype.
-
-  Every path joins it (``join``: the same values as the model computing it) unless
-  ``w4a4.set_modulated_inputs`` is on; then the Hopper activation kernel reads x where it
-  lies and normalizes and modulates each tile as it quantizes it, the token statistics from a
-  small XLA reduction (``layer_norm_stats``), where XLA would write the modulated bf16 input
-  and read it again ([4608, 3072] per double-block stream and single block at 1024x1024).
-  """
-
-  x: jax.Array
-  shift: jax.Array
-  scale: jax.Array
-  eps: float = struct.field(pytree_node=False, default=1e-6)
-
-
 @struct.dataclass
 class Scaled:
   """Part of a linear layer's input: ``(x.astype(float32) * scale).astype(bfloat16)``, an FP8
@@ -149,16 +107,11 @@ class Scaled:
 class Part(NamedTuple):
   """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, times
   ``scale`` and rounded to bf16 (an f32 scalar; None: as they are), then through the GELU if
-  ``gelu`` (``part_values``); or, with ``modulation`` (a ``Modulated`` part), x normalized
-  and modulated by it."""
+  ``gelu`` (``part_values``)."""
   x: jax.Array
   start: int
   gelu: bool
   scale: jax.Array | None
-  modulation: Modulated | None = None
-
-
-PARTS = (tuple, Gelu, Scaled, Modulated)   # a layer input given as parts, not an array
 
 
 def input_parts(x) -> tuple[Part, ...]:
@@ -166,14 +119,10 @@ def input_parts(x) -> tuple[Part, ...]:
   parts = x if isinstance(x, tuple) else (x,)
   out = tuple(Part(p.x, p.start, not p.applied, None) if isinstance(p, Gelu)
               else Part(p.x, 0, False, p.scale) if isinstance(p, Scaled)
-              else Part(p.x, 0, False, None, p) if isinstance(p, Modulated)
               else Part(p, 0, False, None) for p in parts)
   if not out or any(not hasattr(p.x, "shape") or p.x.ndim < 1 for p in out):
-    raise ValueError("a linear layer's input must be an array, a Gelu, Scaled or Modulated "
-                     f"part or a tuple of them, got {x!r:.200}")
-  for p in out:
-    if p.modulation is not None:
-      _check_modulation(p.modulation)
+    raise ValueError("a linear layer's input must be an array, a Gelu or Scaled part or a "
+                     f"tuple of them, got {x!r:.200}")
   if any(not 0 <= p.start < p.x.shape[-1] for p in out):
     raise ValueError("a Gelu part's start must be a column of its array, got start "
                      f"{[p.start for p in out]} for widths {[p.x.shape[-1] for p in out]}")
@@ -186,43 +135,8 @@ def input_parts(x) -> tuple[Part, ...]:
   return out
 
 
-def _check_modulation(p: Modulated) -> None:
-  k, lead = p.x.shape[-1], p.x.shape[:-1]
-  for name in ("shift", "scale"):
-    v = getattr(p, name)
-    shape = getattr(v, "shape", None)
-    # [..., 1, K] with x's leading dimensions, or x flattened to [M, K] (a kernel's view)
-    fits = shape is not None and (
-        shape == (k,) or (len(shape) >= 2 and shape[-2:] == (1, k) and (
-            shape[:-2] == lead[:-1] or (len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0))))
-    if not fits:
-      raise ValueError(f"a Modulated part's {name} must be [K] or [..., 1, K] with x's "
-                       f"leading dimensions, got {shape or type(v)} for x {p.x.shape}")
-    if v.dtype != p.x.dtype:
-      raise ValueError(f"a Modulated part's {name} must have x's dtype {p.x.dtype}, got "
-                       f"{v.dtype}")
-
-
-def modulation_sets(p: Modulated) -> tuple[jax.Array, jax.Array]:
-  """A Modulated part's (1 + scale, shift), each [S, K] in x's dtype: one row per sequence
-  (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to [M, K]."""
-  k = p.x.shape[-1]
-  return (1 + p.scale).reshape(-1, k), p.shift.reshape(-1, k)
-
-
-def _modulated(p: Modulated) -> jax.Array:
-  """``modulate`` of a Modulated part, x [..., K] taken as S sequences (``modulation_sets``)."""
-  k = p.x.shape[-1]
-  sets = math.prod(p.shift.shape[:-1])
-  x = p.x.reshape(sets, -1, k)
-  y = modulate(x, p.shift.reshape(sets, 1, k), p.scale.reshape(sets, 1, k), p.eps)
-  return y.reshape(p.x.shape)
-
-
 def part_values(p: Part) -> jax.Array:
   """The columns a ``Part`` stands for."""
-  if p.modulation is not None:
-    return _modulated(p.modulation)
   v = p.x[..., p.start:]
   if p.scale is not None:
     v = (v.astype(jnp.float32) * p.scale).astype(jnp.bfloat16)
@@ -231,19 +145,11 @@ def part_values(p: Part) -> jax.Array:
 
 def join(x) -> jax.Array:
   """The input array a layer input stands for: an array itself; parts concatenated along the
-  last axis, each Gelu, Scaled or Modulated part computed (``Gelu``, ``Scaled``,
-  ``Modulated``)."""
-  if not isinstance(x, PARTS):
+  last axis, each Gelu or Scaled part computed (``Gelu``, ``Scaled``)."""
+  if not isinstance(x, (tuple, Gelu, Scaled)):
     return x
   cols = [part_values(p) for p in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
-def join_modulated(x):
-  """A layer input with its Modulated parts computed (``join``), every other part kept."""
-  if isinstance(x, tuple):
-    return tuple(join_modulated(p) for p in x)
-  return join(x) if isinstance(x, Modulated) else x
 
 
 def input_dtype(x):
@@ -253,11 +159,10 @@ def input_dtype(x):
 
 
 def map_parts(x, f):
-  """A layer input with ``f`` applied to each part's array (starts, flags, scales and
-  modulations kept)."""
+  """A layer input with ``f`` applied to each part's array (starts, flags, scales kept)."""
   if isinstance(x, tuple):
     return tuple(map_parts(p, f) for p in x)
-  return x.replace(x=f(x.x)) if isinstance(x, PARTS) else f(x)
+  return x.replace(x=f(x.x)) if isinstance(x, (Gelu, Scaled)) else f(x)
 
 
 def input_width(x) -> int:
@@ -570,8 +475,7 @@ def backend(name: str):
 
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
-                    ("w4a4", "_input_parts"), ("w4a4", "_modulated_inputs"),
-                    ("int8_hopper", "SPLIT_STORE"),
+                    ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
                     ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))
@@ -603,7 +507,7 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if input_width(x) != k:
     shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
-                     f"{shapes if isinstance(x, PARTS) else shapes[0]}")
+                     f"{shapes if isinstance(x, (tuple, Gelu, Scaled)) else shapes[0]}")
   if not jnp.issubdtype(input_dtype(x), jnp.inexact):   # as x @ a float kernel would
     x = map_parts(x, lambda a: a.astype(jnp.float32))
   if bias is not None and layer.bias is not None:

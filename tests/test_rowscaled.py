@@ -249,50 +249,6 @@ def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
   _check_kernel_on_parts(x, afmt)
 
 
-def _modulated(sets=2, tokens=64, k=256):
-  """A ``qlinear.Modulated`` part of bf16 x [sets * tokens, k] (flattened, as a layer's
-  kernels see it) with a modulation per sequence [sets, 1, k], a NaN in token 69."""
-  x = (_x(sets * tokens, k) + 3.0).astype(jnp.bfloat16).at[69 % (sets * tokens), 7].set(jnp.nan)
-  shift = (jax.random.normal(jax.random.key(4), (sets, 1, k)) * 0.5).astype(jnp.bfloat16)
-  scale = (jax.random.normal(jax.random.key(5), (sets, 1, k)) * 0.3).astype(jnp.bfloat16)
-  return qlinear.Modulated(x, shift, scale)
-
-
-def test_modulated_part_joins_to_the_models_expression():
-  """join(Modulated(x, shift, scale)) is ``(1 + scale) * layer_norm(x) + shift`` bit for bit,
-  given x [S, L, K] or flattened to [S L, K]; bad shapes and dtypes are named."""
-  p = _modulated()
-  x3 = p.x.reshape(2, 64, 256)
-  want = np.asarray((1 + p.scale) * qlinear.layer_norm(x3) + p.shift, np.float32)
-  f32 = lambda v: np.asarray(v, np.float32)
-  np.testing.assert_array_equal(f32(qlinear.join(p.replace(x=x3))), want)
-  np.testing.assert_array_equal(f32(qlinear.join(p)), want.reshape(128, 256))
-  mean, rstd = qlinear.layer_norm_stats(x3[0, :3])
-  xf = np.asarray(x3[0, :3], np.float32)
-  np.testing.assert_allclose(np.asarray(mean[:, 0]), xf.mean(-1), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(rstd[:, 0]), 1 / np.sqrt(xf.var(-1) + 1e-6), rtol=1e-5)
-  assert qlinear.input_width(p) == 256 and qlinear.input_dtype(p) == jnp.bfloat16
-  with pytest.raises(ValueError, match=r"shift must be \[K\] or"):
-    qlinear.input_parts(p.replace(shift=p.shift[:, :, :128]))
-  with pytest.raises(ValueError, match=r"shift must be \[K\] or .* for x \(127, 256\)"):
-    qlinear.input_parts(p.replace(x=p.x[:127]))   # 2 sequences do not divide 127 tokens
-  with pytest.raises(ValueError, match="x's dtype"):
-    qlinear.input_parts(p.replace(scale=p.scale.astype(jnp.float32)))
-
-
-@pytest.mark.parametrize("afmt", ["int8", "int4_2l"])
-@pytest.mark.parametrize("sets,tokens", [(2, 64), (2, 40), (1, 40)])
-def test_activation_kernel_reads_a_modulated_part_bit_exact(afmt, sets, tokens):
-  """A Modulated part normalized and modulated in the kernel as it is read (a modulation per
-  64-token sequence; 40-token sequences, which the kernel's 64-token blocks would straddle,
-  computed by XLA first; one sequence of 40 tokens, a ragged block): codes and scales bit for
-  bit those of the joined input, the NaN token's included."""
-  p = _modulated(sets, tokens)
-  _check_kernel_on_parts(p, afmt)
-  _, norms = act_rowscaled._norms(qlinear.input_parts(p), 64)
-  assert (norms[0] is not None) == (tokens % 64 == 0 or sets == 1)
-
-
 def _w4a8_layer(x, n):
   """A rank-8 SVDQuant W4A8 layer [K, n] (random weights) calibrated on x [M, K]."""
   xf = x.astype(jnp.float32)
@@ -302,34 +258,6 @@ def _w4a8_layer(x, n):
       [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
       jnp.abs(xf).max(0), xf)
   return layer
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_layer_on_a_modulated_input_is_the_layer_on_the_joined_input(on):
-  """qlinear.apply on a Modulated input at K below act_rowscaled.WIDE_K: with
-  set_modulated_inputs the Pallas activation kernel receives the part (else XLA computes it
-  first and quantizes it itself); either way the result of the joined input, bit for bit."""
-  p = _modulated()
-  p = p.replace(x=p.x.at[69, 7].set(1.0))
-  joined = qlinear.join(p)
-  layer = _w4a8_layer(joined, 128)
-  seen, kernel = [], act_rowscaled.quantize_rows_folded
-
-  def spy(x, *a, **kw):
-    seen.append(type(x).__name__)
-    return kernel(x, *a, **kw)
-
-  act_rowscaled.quantize_rows_folded = spy
-  w4a4.set_modulated_inputs(on)
-  try:
-    with qlinear.backend("interpret"):
-      want = np.asarray(qlinear.apply(layer, joined))
-      got = np.asarray(qlinear.apply(layer, p))
-  finally:
-    act_rowscaled.quantize_rows_folded = kernel
-    w4a4.set_modulated_inputs(False)
-  assert seen == (["Modulated"] if on else [])
-  np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("read_parts", [True, False])
