@@ -356,7 +356,8 @@ class StreamMLP(nnx.Module):
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(self.fc1(x, gelu_from=0))   # fc2(gelu(fc1(x))): a Gelu part
+    # fc2(gelu(fc1(x))): a Gelu part
+    return self.fc2(self.fc1(x, gelu_from=0, feeds=self.fc2))
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -408,7 +409,8 @@ class SingleStreamBlock(nnx.Module):
     """mod: ``self.modulation(vec)``, (shift, scale, gate)."""
     shift, scale, gate = mod
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
-    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden)
+    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
+                           feeds=self.linear2)
     attn = joint_attention(((qkv_mlp.x, self.norm),), pe, self.num_heads, as_part=True)
     out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out

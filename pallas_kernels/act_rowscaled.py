@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -121,6 +122,24 @@ def _codes_kernel(x_ref, smooth_ref, scale_ref, s_ref, down_ref, a_ref, lr_ref, 
     plgpu.store(lr_ref, lr, mask=row_ok)
 
 
+def row_max_partials(x: jax.Array, inv_smooth: jax.Array, group: int = GROUP) -> jax.Array:
+  """f32 [C / group, M]: each ``group`` columns' per-token max |f32(x) * inv_smooth| (NaN
+  where one is NaN) of x [M, C] (bf16) and inv_smooth f32 [C] (a layer's 1 / lambda): partial
+  maxima of ``row_scales``, as a GEMM's epilogue computes them for the layer its output feeds
+  (``w4a8_hopper.w4a8_gemm_t(row_max_inv=)``)."""
+  m, c = x.shape
+  bits = abs_bits(x.astype(jnp.float32) * inv_smooth)
+  return lax.bitcast_convert_type(jnp.max(bits.reshape(m, c // group, group), axis=2).T,
+                                  jnp.float32)
+
+
+def abs_bits(v: jax.Array) -> jax.Array:
+  """int32 bits of f32 |v|: ordered as the values, every NaN above inf, so that an integer
+  max is the absmax with NaN propagated (a float max need not propagate it: XLA's CPU
+  reductions return -inf for an all-NaN row)."""
+  return lax.bitcast_convert_type(jnp.abs(v), jnp.int32)
+
+
 def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide every
   part's width and start (multiples of 64)."""
@@ -176,13 +195,17 @@ def _offsets(parts):
 
 def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_warps,
                interpret):
-  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima;
-  parts: ``qlinear.Part``s, x [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
+  """f32 [M] token scales (NaN for a token holding a NaN), from [K / span, M] partial maxima
+  (a part's ``row_max`` where it has them: no pass over it); parts: ``qlinear.Part``s, x
+  [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
   m = parts[0].x.shape[0]
   block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
   for part, offset in zip(parts, _offsets(parts)):
+    if part.row_max is not None:   # computed by the GEMM that wrote the part
+      partials.append(part.row_max)
+      continue
     grid, in_specs, args = _specs(part, offset, inv_smooth, block_m, span)
 
     def kernel(x_ref, *refs, part=part):

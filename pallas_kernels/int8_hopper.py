@@ -287,6 +287,12 @@ def scaled(acc, sa_ref, sw_ref, token_axis: int):
           * lax.broadcast_in_dim(s_w, acc.shape, [chan_axis]))
 
 
+def scaled_rows(total, scale_ref, token_axis: int):
+  """total * scale along the output channels (the axis other than ``token_axis``)."""
+  c = plgpu.load(scale_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis))
+  return total * lax.broadcast_in_dim(c, total.shape, [1 - token_axis])
+
+
 def plus_bias(total, bias_ref, token_axis: int):
   """total + bias along the output channels (the axis other than ``token_axis``)."""
   b = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis))

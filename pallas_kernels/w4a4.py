@@ -479,10 +479,10 @@ def hopper_gemm(m: int, k: int, n: int, interpret: bool, weight_format: str = "i
 
 
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
-                gelu_from: int | None = None, interpret: bool = False):
+                gelu_from: int | None = None, feeds=None, interpret: bool = False):
   """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype);
   with ``gelu_from``, an applied ``qlinear.Gelu`` where the GEMM computed the GELU
-  (``row_scaled_linear``)."""
+  (``row_scaled_linear``; ``feeds``: its ``feeds``)."""
   if not supports(layer.weight_format, layer.act_format):
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
                      f"{layer.act_format!r}; supported (weights: activations): "
@@ -491,7 +491,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
     lead = qlinear.input_parts(x)[0].x.shape[:-1]
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
-                          bias, gelu_from=gelu_from, interpret=interpret)
+                          bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret)
     return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
@@ -566,6 +566,37 @@ def set_register_expansion(on: bool) -> None:
   _register_expansion = bool(on)
 
 
+_epilogue_row_max = False
+
+
+def set_epilogue_row_max(on: bool) -> None:
+  """Whether the W4A8 register GEMM computing a GELU in its epilogue for a layer that
+  ``feeds`` a row-scaled one (FLUX's fc1 -> fc2, linear1 -> linear2) also computes, per 64
+  GELU columns, each token's max |y / lambda| of that layer (``qlinear.Gelu.row_max``), so
+  that its activation kernel skips the pass that finds the token scales (off: not yet timed
+  on a GPU, scripts/bench_flux_full.py --epilogue-row-max)."""
+  global _epilogue_row_max
+  _epilogue_row_max = bool(on)
+
+
+def _fed_inv_smooth(feeds, width: int) -> jax.Array | None:
+  """f32 [width]: the 1 / lambda of the last ``width`` input columns of the layer ``feeds``
+  (``row_scaled_linear``), where the epilogue maxima serve it: a row-scaled quantized layer
+  with smoothing whose activations go to the Pallas kernel reading input parts; else None."""
+  from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
+  if (not _epilogue_row_max or not _input_parts
+      or not isinstance(feeds, (qlinear.QuantizedLinear, qlinear.PreparedLinear))
+      or feeds.act_format not in act_rowscaled.ACT_FORMATS):
+    return None
+  k = feeds.in_features
+  if width > k or not (_act_choice == "pallas"
+                       or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K)):
+    return None
+  inv = (feeds.inv_smooth if isinstance(feeds, qlinear.PreparedLinear)
+         else qlinear.folded_smoothing(feeds.smooth, None)[0])
+  return None if inv is None else inv[k - width:]
+
+
 def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
                      gelu_from: int | None) -> dict | None:
   """``w4a8_hopper.w4a8_gemm_t``'s tiling for this layer (``gelu_from``: the GELU epilogue
@@ -605,7 +636,7 @@ def prepare_row_scaled(layer, *, interpret: bool = False,
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
-                      gelu_from: int | None = None, interpret: bool = False):
+                      gelu_from: int | None = None, feeds=None, interpret: bool = False):
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), then
@@ -619,7 +650,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   reads where they lie (``set_input_parts``). ``gelu_from``: with ``set_epilogue_gelu`` and
   a tiling whose CTA tiles it falls between, the GEMM stores the output's columns from there
   through the GELU and the result is ``qlinear.Gelu(y, gelu_from, applied=True)``; otherwise
-  the plain output (the caller marks the GELU as still to be computed).
+  the plain output (the caller marks the GELU as still to be computed). ``feeds``: the layer
+  whose input ends with the GELU columns; with ``set_epilogue_row_max``, where the W4A8
+  register GEMM computes the GELU and that layer's activations go to the Pallas kernel, the
+  epilogue also computes their token maxima for it (``qlinear.Gelu.row_max``).
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
@@ -653,15 +687,21 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
              else int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]))
     gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
+    inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
+    row_max = None
     if in_registers:
       y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
-                                  lr, p.up_t, bias, gelu_from=gelu_from if gelu else None,
+                                  lr, p.up_t, bias, inv_next,
+                                  gelu_from=gelu_from if gelu else None,
                                   interpret=interpret, **tiles)
+      if inv_next is not None:
+        y, row_max = y
     else:
       y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                                 gelu_from=gelu_from if gelu else None, interpret=interpret,
                                 **tiles)
-    return qlinear.Gelu(y, gelu_from, applied=True) if gelu else y.astype(dtype)
+    return qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max) if gelu else y.astype(
+        dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)

@@ -46,13 +46,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from svdq_jax.pallas_kernels import act_rowscaled
 from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, check_epilogue, plus_bias,
-                                                  scaled, store_with_gelu)
+                                                  scaled, scaled_rows, store_with_gelu)
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, sm_count
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
+BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv
 
 
 def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
@@ -87,7 +89,7 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> 
   lr_cols, w = (rank if rank else 64), compute_wgs
   return (steps * (tile_m * TILE_K + w * ROWS * TILE_K // 2 + mult_box(w))  # a, codes, m
           + w * tile_m * ROWS * 2                                    # bf16 output staging
-          + w * 4 * (tile_m + 2 * ROWS)                              # scales, bias
+          + w * 4 * (2 * tile_m + 3 * ROWS)       # scales, bias, row maxima, their 1 / lambda
           + ((tile_m if rank else 8) + w * (ROWS if rank else 8)) * lr_cols * 2)  # lr, up
 
 
@@ -177,9 +179,9 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
                                              "num_sms", "interpret"))
-def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 256,
-                steps: int = 3, gelu_from: int | None = None, compute_wgs: int = 2,
-                num_sms: int | None = None, interpret: bool = False):
+def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
+                tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
+                compute_wgs: int = 2, num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -190,8 +192,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
     multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs
     (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
-    PJRT_NPROC >= 4, tests/conftest.py).
-  Returns: bf16 [M, N]. M ragged (the TMA unit masks the last tile; padded to 8 rows).
+    PJRT_NPROC >= 4, tests/conftest.py). row_max_inv: f32 [N - gelu_from] or None, with
+    gelu_from: the 1 / lambda of the layer input columns that the GELU columns feed.
+  Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
+  columns' max |y * row_max_inv| per token (NaN where one is NaN;
+  ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
+  masks the last tile; padded to 8 rows).
   """
   if compute_wgs not in (2, 3):
     raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
@@ -203,7 +209,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
-  has_lr, has_bias = lr is not None, bias is not None
+  has_lr, has_bias, has_rmax = lr is not None, bias is not None, row_max_inv is not None
+  if has_rmax and (gelu_from is None or row_max_inv.shape != (n - gelu_from,)):
+    raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
+                     f"{row_max_inv.shape} and gelu_from={gelu_from} for N={n}")
   rank = lr.shape[1] if has_lr else 0
   pad = -m_out % ROW_ALIGN
   if pad:
@@ -221,8 +230,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     it = iter(refs)
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
-    (out_gmem, out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, barriers, both,
-     *stage) = it
+    rinv_gmem = next(it) if has_rmax else None
+    out_gmem = next(it)
+    rmax_gmem = next(it) if has_rmax else None
+    (out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, rinv_smem, rmax_smem, barriers,
+     both, *stage) = it
 
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -258,7 +270,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
         mult_rows = pl.ds(n_idx * cta_n - box_start + wg * ROWS, ROWS)
 
         def context(eval_pipeline):
-          bar = lambda i: barriers.at[5 * wg + i]
+          bar = lambda i: barriers.at[BARRIERS * wg + i]
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
           plgpu.copy_gmem_to_smem(sw_gmem.at[n_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
@@ -269,6 +281,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
             plgpu.copy_gmem_to_smem(up_gmem.at[n_slice].at[rows], up_smem.at[wg], bar(3))
           if has_bias:
             plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice].at[rows], bias_smem.at[wg], bar(4))
+          if has_rmax:  # the GELU tiles' (where the maxima are computed)
+            pl.when(n_idx * cta_n >= gelu_from)(lambda: plgpu.copy_gmem_to_smem(
+                rinv_gmem.at[pl.ds(n_idx * cta_n - gelu_from, cta_n)].at[rows],
+                rinv_smem.at[wg], bar(5)))
 
           def accumulate(acc):
             eval_pipeline(acc)
@@ -293,6 +309,19 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
             out_smem.at[wg].transpose((1, 0))[...] = _gelu(y) if gelu else y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
+            if gelu and has_rmax:
+              # the next layer's per-token maxima over these 64 columns, from the stored
+              # tile read back tokens x columns: a reduction within each warp (over the
+              # accumulator's rows it would cross warps, through scratch shared by the
+              # warpgroups)
+              plgpu.barrier_wait(bar(5))
+              y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
+              v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
+              rmax_smem.at[wg][...] = lax.bitcast_convert_type(
+                  jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
+              plgpu.commit_smem()
+              group = (n_idx * cta_n - gelu_from) // ROWS + wg
+              plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
@@ -321,11 +350,15 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
     args.append(bias.astype(jnp.float32))
+  out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
+  if has_rmax:
+    args.append(row_max_inv.astype(jnp.float32))
+    out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m), jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
   wgs = compute_wgs
-  y = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+  outs = plgpu.kernel(
+      kernel, out_type=out_type,
       grid=(num_sms,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((wgs, tile_m, ROWS), jnp.bfloat16,
@@ -337,7 +370,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((wgs, ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=5 * wgs),
+          plgpu.SMEM((wgs, ROWS if has_rmax else 8), jnp.float32),
+          plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
+          plgpu.Barrier(num_barriers=BARRIERS * wgs),
           plgpu.Barrier(num_arrivals=wgs),
       ] + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
@@ -346,7 +381,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, *, tile
           approx_math=gelu_from is not None),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
-  return y[:m_out]
+  if has_rmax:
+    return outs[0][:m_out], outs[1][:, :m_out]
+  return outs[0][:m_out]
 
 
 def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:

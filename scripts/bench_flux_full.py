@@ -128,6 +128,10 @@ SWITCHES = (
      "W4A8 kernel's registers"),
     ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True,
      "the W4A8 kernel's 256-token tiles for every layer (the text stream's too)"),
+    ("epilogue_row_max", w4a4.set_epilogue_row_max, False,
+     "fc2's / linear2's token maxima over the GELU columns computed in fc1's / linear1's GEMM "
+     "epilogue, so that their activation kernel skips that pass (not yet the default: first "
+     "timed by this flag)"),
     ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
      "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
      "before 2026-12-04)"),
@@ -296,9 +300,11 @@ def loop_cost(model, noise, x, res, steps, steps_s, short=2) -> dict:
   return {f"loop{res}_per_step_ms": per_step, f"loop{res}_fixed_ms": best_short - short * per_step}
 
 
-def measure(name, graph, state, cfg, args, result, variant=False):
+def measure(name, graph, state, cfg, args, result, variant=False, against=None):
   """Step times, memory plan, sampling loop and (optionally) profile of one model; a
-  ``variant`` of the svdquant model skips the --hoist-weights / --modulation-in-loop loops."""
+  ``variant`` of the svdquant model skips the --hoist-weights / --modulation-in-loop loops.
+  Returns the step's output at the first resolution (f32 numpy); ``against``: the default
+  model's, whose max |difference| is recorded (0 for a switch that keeps every value)."""
   step = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a[:6], guidance=a[6]))
   r = result.setdefault("models", {}).setdefault(name, {})
   r["weight_bytes"] = tree_bytes(state)
@@ -308,7 +314,11 @@ def measure(name, graph, state, cfg, args, result, variant=False):
     t0 = time.perf_counter()
     compiled = step.lower(state, *x).compile()
     r[f"step{res}_compile_s"] = round(time.perf_counter() - t0, 1)
-    compiled_first = compiled_first or compiled
+    if compiled_first is None:
+      compiled_first = compiled
+      out = np.asarray(compiled(state, *x), np.float32)
+      if against is not None:
+        r["step_max_abs_diff_vs_default"] = float(np.abs(out - against).max())
     mem = compiled.memory_analysis()
     r[f"step{res}_temp_bytes"] = int(mem.temp_size_in_bytes)
     # 10 back-to-back calls a round: a round's first call waits for its host work (the
@@ -375,6 +385,7 @@ def measure(name, graph, state, cfg, args, result, variant=False):
       with open(os.path.join(args.out, f"{name}_step{res}_hlo.txt"), "w") as f:
         f.write(hlo)
     print(json.dumps({name: r[f"profile{res}"]}), flush=True)
+  return out
 
 
 def quantized_state(graph, state, cfg, args, result):
@@ -585,7 +596,7 @@ def main():
     del state   # only the quantized model stays resident
     if "svdquant" in models:
       name = "svdquant_" + args.svdq_format.replace("/", "_")
-      measure(name, graph, qstate, cfg, args, result)
+      out = measure(name, graph, qstate, cfg, args, result)
       default_act = w4a4.act_kernel()
       for act in (v for v in args.act_kernels.split(",") if v):  # the sampling loop retraces
         w4a4.set_act_kernel(act)
@@ -597,7 +608,8 @@ def main():
       for flag, switch, _, _ in SWITCHES:   # a kernel choice flipped, then restored
         if getattr(args, flag):
           switch(not base[flag])
-          measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True)
+          measure(f"{name}_{flag}", graph, qstate, cfg, args, result, variant=True,
+                  against=out)
           switch(base[flag])
       for att in (v for v in args.svdq_attention.split(",") if v):
         set_attention_implementation(att)

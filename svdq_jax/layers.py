@@ -22,7 +22,8 @@ __all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "ru
            "runs_quantized", "dense_input"]
 
 
-def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None):
+def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None,
+          feeds=None):
   """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
   ``PreparedLinear``).
 
@@ -33,10 +34,11 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   dtype (bf16 for a Scaled first part). ``gelu_from``: the output's columns from
   there on feed a GELU, and the output is returned as ``Gelu(y, gelu_from)`` to be given to
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
-  epilogue: ``qlinear.apply``); columns before it are y's as they are.
+  epilogue: ``qlinear.apply``); columns before it are y's as they are. ``feeds``: the
+  kernel of the layer whose input ends with those GELU columns (``qlinear.apply``).
   """
   if _is_quantized(kernel):
-    return apply(kernel, x, bias, gelu_from)
+    return apply(kernel, x, bias, gelu_from, feeds)
   y = jnp.matmul(join(x), kernel)
   y = y if bias is None else y + bias
   return y if gelu_from is None else Gelu(y, gelu_from)
@@ -52,10 +54,12 @@ def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 
-  def __call__(self, x, gelu_from: int | None = None):
-    """x: [..., K], or its parts; ``gelu_from``: see ``dense``."""
+  def __call__(self, x, gelu_from: int | None = None, feeds: nnx.Linear | None = None):
+    """x: [..., K], or its parts; ``gelu_from``: see ``dense``; ``feeds``: the linear layer
+    whose input ends with the GELU columns (``dense``)."""
     bias = None if self.bias is None else self.bias.get_value()
-    return dense(x, self.kernel.get_value(), bias, gelu_from)
+    fed = None if feeds is None else feeds.kernel.get_value()
+    return dense(x, self.kernel.get_value(), bias, gelu_from, fed)
 
 
 def _is_quantized(kernel) -> bool:

@@ -82,11 +82,18 @@ class Gelu:
   ``applied``: the columns from ``start`` on already hold the GELU's values (a layer given
   ``gelu_from`` returns its output so when a kernel computed the GELU in its epilogue, and
   as a plain Gelu part otherwise: ``apply``).
+
+  ``row_max``: f32 [(K_part) / 64, M] or None, with ``applied``: per 64 columns, each token's
+  max |value / lambda| for the layer that the part feeds (its last columns), which the GEMM
+  that wrote x computed in its epilogue (``apply(..., feeds=)``), so that that layer's
+  activation kernel skips its pass over the part for the token scales. Valid for that layer
+  only; every other path ignores it.
   """
 
   x: jax.Array
   start: int = struct.field(pytree_node=False, default=0)
   applied: bool = struct.field(pytree_node=False, default=False)
+  row_max: jax.Array | None = None
 
 
 @struct.dataclass
@@ -107,17 +114,18 @@ class Scaled:
 class Part(NamedTuple):
   """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, times
   ``scale`` and rounded to bf16 (an f32 scalar; None: as they are), then through the GELU if
-  ``gelu`` (``part_values``)."""
+  ``gelu`` (``part_values``); ``row_max``: a Gelu part's (``Gelu``)."""
   x: jax.Array
   start: int
   gelu: bool
   scale: jax.Array | None
+  row_max: jax.Array | None = None
 
 
 def input_parts(x) -> tuple[Part, ...]:
   """A layer input (an array, a Gelu or a Scaled part, or a tuple of them) as ``Part`` tuples."""
   parts = x if isinstance(x, tuple) else (x,)
-  out = tuple(Part(p.x, p.start, not p.applied, None) if isinstance(p, Gelu)
+  out = tuple(Part(p.x, p.start, not p.applied, None, p.row_max) if isinstance(p, Gelu)
               else Part(p.x, 0, False, p.scale) if isinstance(p, Scaled)
               else Part(p, 0, False, None) for p in parts)
   if not out or any(not hasattr(p.x, "shape") or p.x.ndim < 1 for p in out):
@@ -132,6 +140,12 @@ def input_parts(x) -> tuple[Part, ...]:
   if any(p.scale is not None and jnp.shape(p.scale) != () for p in out):
     raise ValueError("a Scaled part's scale must be a scalar, got shapes "
                      f"{[jnp.shape(p.scale) for p in out if p.scale is not None]}")
+  for p in out:
+    want = ((p.x.shape[-1] - p.start) // 64, math.prod(p.x.shape[:-1]))
+    if p.row_max is not None and (p.gelu or jnp.shape(p.row_max) != want):
+      raise ValueError(f"a Gelu part's row_max must be [{want[0]}, {want[1]}] (64-column "
+                       f"groups, tokens) on an applied part, got {jnp.shape(p.row_max)}, "
+                       f"applied={not p.gelu}")
   return out
 
 
@@ -476,7 +490,8 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a4", "_epilogue_gelu"), ("w4a16_gemv", "_enabled"),
+                    ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
+                    ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))
 
@@ -492,7 +507,8 @@ def trace_settings() -> tuple:
 
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
-          bias: jax.Array | None = None, gelu_from: int | None = None) -> jax.Array | Gelu:
+          bias: jax.Array | None = None, gelu_from: int | None = None,
+          feeds=None) -> jax.Array | Gelu:
   """Forward pass. x [..., K] -> [..., N] in x's dtype (f32 for integer x), on the backend
   ``set_backend`` chose.
 
@@ -501,7 +517,10 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   ``layer.bias``; pass it when the bias lives outside the layer (a Flax module's own ``bias``
   parameter). Giving both is an error. ``gelu_from``: the output's columns from there on
   feed a GELU (FLUX's fc1, linear1's MLP half); the result is then ``Gelu(y, gelu_from)``,
-  with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue.
+  with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue. ``feeds``:
+  the layer (a QuantizedLinear, PreparedLinear or float kernel) whose input ends with those
+  GELU columns: the W4A8 GEMM may then compute its activation kernel's token maxima over them
+  in its epilogue (``Gelu.row_max``; ``w4a4.set_epilogue_row_max``).
   """
   k = layer.in_features
   if input_width(x) != k:
@@ -523,12 +542,12 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
     x = join(x)
     y = parallel.split_tokens(_dispatch, layer, x, bias)
   if y is None:
-    y = _dispatch(layer, x, bias, gelu_from)
+    y = _dispatch(layer, x, bias, gelu_from, feeds)
   return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
-              gelu_from: int | None = None) -> jax.Array | Gelu:
+              gelu_from: int | None = None, feeds=None) -> jax.Array | Gelu:
   """``apply`` on the backend ``set_backend`` chose (inputs already checked); an applied
   ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output."""
   k = layer.in_features
@@ -554,9 +573,9 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
-      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from)
+      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds)
     return reference_apply(layer, x, bias)
-  return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from,
+  return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds,
                           interpret=_backend == "interpret")
 
 

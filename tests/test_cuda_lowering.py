@@ -43,16 +43,19 @@ def _epilogue(rank=R):
                                    w4a8_hopper.tiling(M, K, N, R, num_sms=132),
                                    w4a8_hopper.tiling(4608, K, N, 96, num_sms=1)],
                          ids=["wide", "narrow", "lora_wide"])
-@pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu"])
+@pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu", "gelu_row_max"])
 def test_w4a8_register_gemm_lowers(tiles, epilogue):
   """256- and 128-token tiles, the shallower pipeline of a LoRA-wide branch; without and
-  with the epilogue (scales only / + low-rank up projection and bias / + GELU)."""
+  with the epilogue (scales only / + low-rank up projection and bias / + GELU / + the next
+  layer's token maxima over the GELU columns)."""
   rank = 96 if tiles["steps"] == 2 else R
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
   if epilogue != "none":
     args += _epilogue(rank)
-  gelu_from = 128 if epilogue == "gelu" else None
+  gelu_from = 128 if epilogue.startswith("gelu") else None
+  if epilogue == "gelu_row_max":
+    args.append(jnp.zeros((N - gelu_from,)))
   calls = _custom_calls(
       lambda *a: w4a8_hopper.w4a8_gemm_t(*a, gelu_from=gelu_from, **tiles), *args)
   assert calls == [MOSAIC], calls
@@ -60,11 +63,13 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
 
 @pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
 def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
-  """compute_wgs=3 (192 weight rows a CTA) with the low-rank branch, bias and GELU."""
+  """compute_wgs=3 (192 weight rows a CTA) with the low-rank branch, bias, GELU and the
+  next layer's token maxima."""
   n = 384
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((n, K // 2), jnp.uint8),
           jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((M, R), jnp.bfloat16),
-          jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32)]
+          jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32),
+          jnp.zeros((n - 192,), jnp.float32)]
   calls = _custom_calls(lambda *a: w4a8_hopper.w4a8_gemm_t(
       *a, gelu_from=192, compute_wgs=3, **tiles), *args)
   assert calls == [MOSAIC], calls

@@ -190,7 +190,8 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   """FLUX's single blocks hand linear2 ``(attn, Gelu(qkv_mlp, start=3 hidden))``: on the
   kernels (interpret mode, Pallas activation path) the kernel receives the parts unjoined,
   the MLP half GELU'd by linear1's epilogue (or, with set_epilogue_gelu(False), still to be
-  GELU'd), and the model's output equals the one with the parts joined by XLA first, bit
+  GELU'd; with set_epilogue_row_max, with linear2's token maxima over it from linear1's
+  epilogue), and the model's output equals the one with the parts joined by XLA first, bit
   for bit."""
   import svdq_jax
   from svdq_jax import qlinear
@@ -222,7 +223,9 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   kernel = act_rowscaled.quantize_rows_folded
 
   def spy(x, *a, **kw):
-    seen.append([(p.x.shape, p.start, p.applied) if isinstance(p, qlinear.Gelu) else p.shape
+    seen.append([(p.x.shape, p.start, p.applied) + (("row_max",) if p.row_max is not None
+                                                    else ())
+                 if isinstance(p, qlinear.Gelu) else p.shape
                  for p in (x if isinstance(x, tuple) else (x,))])
     return kernel(x, *a, **kw)
 
@@ -231,22 +234,27 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   w4a4.set_act_kernel("pallas")
   try:
     with qlinear.backend("interpret"):
-      for parts, epilogue in ((True, True), (True, False), (False, True)):
+      for parts, epilogue, row_max in ((True, True, False), (True, False, False),
+                                       (False, True, False), (True, True, True)):
         w4a4.set_input_parts(parts)
         w4a4.set_epilogue_gelu(epilogue)
+        w4a4.set_epilogue_row_max(row_max)
         outs.append(np.asarray(jax.jit(lambda *a: qmodel(*a))(*inputs)))
   finally:
     act_rowscaled.quantize_rows_folded = kernel
     w4a4.set_act_kernel(default_act)
     w4a4.set_input_parts(True)
     w4a4.set_epilogue_gelu(True)
+    w4a4.set_epilogue_row_max(False)
   mlp = cfg.mlp_dim
   tokens = 3 + 4
   for applied in (True, False):   # linear2, unjoined: GELU'd by linear1 or still to be
     assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, applied)] in seen
   assert [(tokens, 128 + mlp)] in seen                                 # linear2, joined
+  assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, True, "row_max")] in seen
   np.testing.assert_array_equal(outs[0], outs[2])
   np.testing.assert_array_equal(outs[1], outs[2])
+  np.testing.assert_array_equal(outs[3], outs[2])
   assert np.abs(outs[0].astype(np.float32)).max() > 0
 
 

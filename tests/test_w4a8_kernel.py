@@ -58,6 +58,28 @@ def test_three_compute_warpgroups():
                             interpret=True)
 
 
+@pytest.mark.parametrize("tile_m,compute_wgs,n,gelu_from", [(64, 2, 384, 128),
+                                                          (128, 2, 256, 0),
+                                                          (64, 3, 768, 384)])
+def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from):
+  """row_max_inv: the GELU columns' per-token maxima of |y / lambda| for the layer they feed,
+  per 64 columns, equal to ``act_rowscaled.row_max_partials`` of the output (a token whose
+  scale is NaN: NaN), and the output as without them."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
+  sa = sa.at[77].set(jnp.nan)
+  inv = jax.random.uniform(jax.random.key(9), (n - gelu_from,), minval=0.1, maxval=4.0)
+  kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
+  y, row_max = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv, **kw)
+  plain = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, **kw)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
+  want = act_rowscaled.row_max_partials(y[:, gelu_from:], inv)
+  assert row_max.shape == want.shape == ((n - gelu_from) // 64, 200)
+  np.testing.assert_array_equal(np.asarray(row_max), np.asarray(want))
+  assert np.isnan(np.asarray(row_max)[:, 77]).all() and np.isfinite(np.asarray(row_max)).sum()
+  with pytest.raises(ValueError, match=r"row_max_inv must come with gelu_from and be \[N - "):
+    w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv[1:], **kw)
+
+
 def test_errors():
   a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
   gemm = lambda *args, **kw: w4a8_hopper.w4a8_gemm_t(*args, interpret=True, **kw)
@@ -214,3 +236,50 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank, tiles):
   assert (got_gelu[:, 128:] != got[:, 128:]).any()
   ref = np.asarray(qlinear.reference_apply(layer, xb)).astype(np.float32)
   np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * float(np.abs(ref).max()))
+
+
+def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
+  """``set_epilogue_row_max``: a layer given ``gelu_from`` and ``feeds`` (FLUX's linear1 ->
+  linear2: the GELU columns are the tail of the next layer's input) returns the GELU part
+  with the next layer's token maxima (``act_rowscaled.row_max_partials`` against that
+  layer's 1 / lambda); the next layer's activation kernel then runs its maxima pass over
+  the other part only, and its output is the one without them, bit for bit. Off (the
+  default), or for a next layer whose activations XLA quantizes: no maxima."""
+  x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
+  xb = x.astype(jnp.bfloat16)
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  spec = method_spec("svdquant", "int4_2l", False, "int8")
+  quant = lambda w, inp: transforms.quantize_group(
+      [w], spec, 8, None, cfg, jax.random.key(0), jnp.abs(inp).max(0), inp)[0][0]
+  lin1 = quant(jax.random.normal(jax.random.key(1), (256, 384)), x)
+  attn = jax.random.normal(jax.random.key(2), (72, 128), jnp.bfloat16)
+  with qlinear.backend("interpret"):
+    h = qlinear.apply(lin1, xb, gelu_from=128)
+  lin2 = quant(jax.random.normal(jax.random.key(3), (384, 256)),
+               qlinear.join((attn, h)).astype(jnp.float32))
+  passes = []
+  real = act_rowscaled._absmax_kernel
+  monkeypatch.setattr(act_rowscaled, "_absmax_kernel",
+                      lambda x_ref, *a, **k: passes.append(x_ref.shape) or real(x_ref, *a, **k))
+  monkeypatch.setattr(w4a4, "_act_choice", "pallas")
+  with qlinear.backend("interpret"):
+    assert qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2).row_max is None   # off
+    monkeypatch.setattr(w4a4, "_epilogue_row_max", True)
+    h = qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2)
+    inv2 = qlinear.folded_smoothing(lin2.smooth, None)[0]
+    assert h.applied and h.row_max.shape == (4, 72)
+    np.testing.assert_array_equal(np.asarray(h.row_max), np.asarray(
+        act_rowscaled.row_max_partials(h.x[:, 128:], inv2[128:])))
+    prepared = w4a4.prepare_row_scaled(lin2, interpret=True, expand=False)  # as a loop's
+    np.testing.assert_array_equal(np.asarray(qlinear.apply(
+        lin1, xb, gelu_from=128, feeds=prepared).row_max), np.asarray(h.row_max))
+    passes.clear()
+    got = np.asarray(qlinear.apply(lin2, (attn, h)), np.float32)
+    assert passes == [(64, 128)]   # the attention part's
+    want = np.asarray(qlinear.apply(lin2, (attn, h.replace(row_max=None))), np.float32)
+    assert passes == [(64, 128)] * 3   # and both parts' (blocks of 128 columns)
+    monkeypatch.setattr(w4a4, "_act_choice", "wide_k")   # K = 384: XLA quantizes lin2's
+    assert qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2).row_max is None
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"row_max must be \[4, 72\]"):
+    qlinear.input_parts(h.replace(row_max=h.row_max[1:]))
