@@ -420,6 +420,59 @@ def producer_shape(m, name, key, interpret):
   return res
 
 
+def row_max_pair(m, name, key, interpret):
+  """--row-max: a GELU producer feeding the layer after it as FLUX chains them (fc1 -> fc2,
+  linear1 -> linear2, ``feeds=``): with ``set_epilogue_row_max`` the producer's output vs
+  without it, its epilogue maxima vs ``act_rowscaled.row_max_partials``, the next layer's
+  codes and scales with and without them; device times of the producer, of the next
+  layer's activation path and of the pair, without / with."""
+  k, n, start = GELU_PRODUCERS[name]
+  plain = 3072 if start else 0   # linear2 also reads the attention output
+  if interpret:   # CPU smoke run: the interpreted kernels would take hours at FLUX's sizes
+    k, n, start, plain = (256, 384, 128, 128) if start else (256, 256, 0, 0)
+  kx, ka, k1, k2 = jax.random.split(key, 4)
+  lin1 = make_layer(k, n, 32, k1, "int4_2l", "int8")
+  lin2 = make_layer(plain + n - start, 256 if interpret else 3072, 32, k2, "int4_2l", "int8")
+  x, attn = activations(m, k, kx), activations(m, plain or 64, ka)
+  inv, down = qlinear.folded_smoothing(lin2.smooth, lin2.lora_down)
+  next_input = lambda h: (attn, h) if plain else h
+  tiles = act_rowscaled.tiling(lin2.in_features)
+  quant = jax.jit(lambda h, attn, inv, down: act_rowscaled.quantize_rows_folded(
+      (attn, h) if plain else h, inv, down, act_format="int8", interpret=interpret, **tiles))
+  res = dict(layer=f"{name} -> next", M=m, K=k, N=n, gelu_from=start)
+  outs, times = {}, {}
+  t = timer(interpret, name)
+  default_act = w4a4.act_kernel()
+  with qlinear.backend("interpret" if interpret else "pallas"):
+    for tag, on in (("plain", False), ("row_max", True)):
+      w4a4.set_epilogue_row_max(on)
+      if interpret:   # the smoke run's next layer is narrower than the wide-K kernel's
+        w4a4.set_act_kernel("pallas")
+      try:
+        produce = jax.jit(lambda a, b, x: qlinear.apply(a, x, gelu_from=start, feeds=b))
+        pair = jax.jit(lambda a, b, x, attn: qlinear.apply(
+            b, next_input(qlinear.apply(a, x, gelu_from=start, feeds=b))))
+        h = produce(lin1, lin2, x)
+        outs[tag] = (h, [np.asarray(v) for v in quant(h, attn, inv, down)])
+        times[f"producer_{tag}_ms"] = t(produce, lin1, lin2, x)
+        times[f"act_{tag}_ms"] = t(quant, h, attn, inv, down)
+        times[f"pair_{tag}_ms"] = t(pair, lin1, lin2, x, attn)
+      finally:
+        w4a4.set_epilogue_row_max(False)
+        w4a4.set_act_kernel(default_act)
+  (h0, (a0, s0, _)), (h1, (a1, s1, _)) = outs["plain"], outs["row_max"]
+  same = lambda u, v: int((~((u == v) | (np.isnan(u) & np.isnan(v)))).sum())
+  res["row_max_computed"] = h1.row_max is not None
+  res["output_mismatches"] = same(np.asarray(h1.x, np.float32), np.asarray(h0.x, np.float32))
+  if h1.row_max is not None:
+    want = act_rowscaled.row_max_partials(h1.x[:, start:], inv[-(n - start):])
+    res["row_max_mismatches"] = same(np.asarray(h1.row_max), np.asarray(want))
+  res["code_mismatches"], res["scale_mismatches"] = int((a1 != a0).sum()), same(s1, s0)
+  res.update(times)
+  print(json.dumps(res), flush=True)
+  return res
+
+
 def gelu_check(interpret) -> dict:
   """The activation kernel's GELU (``act_rowscaled.kernel_gelu``: tanh.approx.f32) on every
   bf16 value vs ``qlinear.gelu_tanh`` and ``jax.nn.gelu`` op by op (XLA's tanh): differing
@@ -541,6 +594,9 @@ def main():
   ap.add_argument("--parts", action="store_true",
                   help="the layers FLUX gives input parts (qlinear.Gelu): checks and times, "
                        "joined by XLA vs read as parts")
+  ap.add_argument("--row-max", action="store_true",
+                  help="the GELU producers' epilogue maxima for the next layer "
+                       "(w4a4.set_epilogue_row_max): checks and times, without / with")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -558,6 +614,17 @@ def main():
       results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
+    return
+  if args.row_max:
+    results = [row_max_pair(args.m, name, key, args.interpret) for name in GELU_PRODUCERS]
+    save_results(os.path.join(args.out, "rowscaled_row_max.json"), results)
+    print("\n| producer -> next layer | M | mismatches: output / maxima / codes / scales | "
+          "producer ms | next layer's activation path ms | both layers ms |\n|" + " --- |" * 6)
+    for r in results:
+      cell = lambda what: f"{r[f'{what}_plain_ms']:.3f} / {r[f'{what}_row_max_ms']:.3f}"
+      print(f"| {r['layer']} | {r['M']} | {r['output_mismatches']} / "
+            f"{r.get('row_max_mismatches', 'none computed')} / {r['code_mismatches']} / "
+            f"{r['scale_mismatches']} | {cell('producer')} | {cell('act')} | {cell('pair')} |")
     return
   if args.parts:
     check = gelu_check(args.interpret)
