@@ -136,7 +136,8 @@ def row_max_partials(x: jax.Array, inv_smooth: jax.Array, group: int = GROUP) ->
 def abs_bits(v: jax.Array) -> jax.Array:
   """int32 bits of f32 |v|: ordered as the values, every NaN above inf, so that an integer
   max is the absmax with NaN propagated (a float max need not: on jax 0.11.2's CPU a max
-  along the last axis of 64 or more rows skips NaNs, -inf for an all-NaN row)."""
+  along the last axis of 64 or more rows skips NaNs, -inf for an all-NaN row: openxla/xla
+  issue 21461)."""
   return lax.bitcast_convert_type(jnp.abs(v), jnp.int32)
 
 
