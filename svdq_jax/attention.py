@@ -34,11 +34,12 @@ V_HEADROOM = 16.0  # v's FP8 scale: this many times the largest |v| of a token s
 
 def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """x f32 [B, L, H, D] -> codes int8 [B, L, H, D], scales f32 [B, L, H, 1] (per token, head).
-  All-zero rows get scale 1 and codes 0."""
-  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax * formats.INV_127, 1.0)
-  codes = jnp.clip(jnp.round(x * formats.reciprocal(scale)), -127, 127).astype(jnp.int8)
-  return codes, scale
+  All-zero rows get scale 1 and codes 0; a row holding a NaN codes 0 and a NaN scale (so
+  that the attention rows it reaches come out NaN, as exact attention's do)."""
+  amax = formats.absmax(x, -1)
+  scale = jnp.where(amax == 0, 1.0, amax * formats.INV_127)
+  codes = jnp.clip(jnp.round(x * formats.reciprocal(scale)), -127, 127)
+  return jnp.where(jnp.isnan(codes), 0, codes).astype(jnp.int8), scale
 
 
 def _e4m3_channels(v: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -179,7 +179,7 @@ def _per_group(ts: jnp.ndarray) -> jnp.ndarray:
   return ts[..., None] if ts.ndim else ts
 
 
-def _absmax(x: jnp.ndarray, axis: int, unsigned: bool = False) -> jnp.ndarray:
+def absmax(x: jnp.ndarray, axis: int, unsigned: bool = False) -> jnp.ndarray:
   """max |x| (max(x, 0) if ``unsigned``) over ``axis``, kept; NaN where any element is NaN
   (XLA's vectorized max reductions may drop NaN, so it is made explicit)."""
   v = jnp.maximum(x, 0.0) if unsigned else jnp.abs(x)
@@ -212,7 +212,7 @@ def quantize(x: jnp.ndarray, fmt: str | Format, *, scale_dtype=None,
   scale_dtype = jnp.float32 if scale_dtype is None else scale_dtype
   xg = _grouped(jnp.asarray(x, jnp.float32), fmt)
   ts = jnp.float32(1.0) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
-  amax = _absmax(xg, -1, unsigned=fmt.qmin == 0)
+  amax = absmax(xg, -1, unsigned=fmt.qmin == 0)
   # int8 is row-scaled (see INV_127); the group formats keep amax / max_value
   scale = amax * INV_127 if fmt.name == "int8" else amax / fmt.max_value
   scale = _safe_div(scale, _per_group(ts))
@@ -283,8 +283,8 @@ def quantize_two_level(x: jnp.ndarray) -> Quantized:
   """int4_2l (module docstring): x [..., K] -> Quantized(q int8 [..., K], multipliers
   f32 [..., K/64], units f32 [..., 1])."""
   xg = _grouped(jnp.asarray(x, jnp.float32), INT4_2L)
-  gmax = _absmax(xg, -1)                                    # [..., G, 1]
-  rowmax = _absmax(gmax, -2)                                # [..., 1, 1]
+  gmax = absmax(xg, -1)                                    # [..., G, 1]
+  rowmax = absmax(gmax, -2)                                # [..., 1, 1]
   unit = two_level_unit(rowmax)
   m, q = two_level_codes(xg, unit, gmax)
   return Quantized(q.astype(jnp.int8).reshape(x.shape), m[..., 0], unit[..., 0])

@@ -42,6 +42,21 @@ def test_close_to_exact_attention_and_key_offset_free():
   assert rel(got) < fp8 < 8e-2, (fp8, rel(got))
 
 
+@pytest.mark.parametrize("pv", ["fp8", "bf16"])
+def test_a_nan_query_gives_its_row_nan_as_exact_attention(pv):
+  """A NaN in one query token: its output row is NaN, every other row as without it, as
+  exact attention does (the INT8 rows' absmax propagates NaN explicitly: on the CPU XLA's max
+  over 64 or more rows drops it, and the row came out finite and wrong)."""
+  q, k, v = _qkv(shape=(1, 128, 2, 32))
+  bad = q.at[0, 5, 0, 3].set(jnp.nan)
+  want = np.asarray(int8_attention(q, k, v, pv=pv))
+  got = np.array(int8_attention(bad, k, v, pv=pv))
+  assert np.isnan(got[0, 5, 0]).all()
+  assert np.isnan(np.asarray(jax.nn.dot_product_attention(bad, k, v))[0, 5, 0]).all()
+  got[0, 5, 0] = want[0, 5, 0]
+  np.testing.assert_array_equal(got, want)
+
+
 def test_cudnn_fp8_operands_are_fp8_attentions_quantization():
   """The cuDNN FP8 kernel's operands (built on any machine; the kernel needs cuDNN): E4M3 q,
   k minus its token mean, v, each within E4M3's rounding of its tensor, and the scales the
