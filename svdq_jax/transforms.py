@@ -198,6 +198,8 @@ def quantize_group(weights: list[jax.Array], method: Method, rank: int, alpha: f
     One QuantizedLinear per weight (bias None) and a report.
   """
   w = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights], axis=1)
+  if not bool(jnp.isfinite(w).all()):  # codes and scales would hide them, or spread them
+    raise ValueError(f"{name}: kernel holds NaN or Inf")
   rank = rank if method.lowrank else 0
   static = dict(rank=rank, weight_format=method.weight_format, act_format=method.act_format,
                 oversample=config.svd_oversample, power_iters=config.svd_power_iters)

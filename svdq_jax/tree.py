@@ -190,7 +190,8 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
         [put(kernels[p]) for p in job.paths], job.rule.spec, job.rule.rank, job.rule.alpha,
         config, put(jax.random.fold_in(key, i)),
         x_absmax=None if stats is None else put(stats.absmax),
-        samples=None if stats is None else put(stats.samples), name="+".join(job.paths),
+        samples=None if stats is None else put(stats.samples),
+        name="layer " + "+".join(p or "(root)" for p in job.paths),
         hessian=None if stats is None else put(stats.hessian))
     for path, layer in zip(job.paths, layers):
       if device is not None:  # back where the kernel was (numpy: the default device)

@@ -155,6 +155,21 @@ def test_error_missing_or_bad_calibration():
     svdq_jax.quantize(_tree(), _stats(k=64), preset("smoothquant"), progress=False)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_error_kernel_not_finite(bad):
+  """A NaN or Inf in a kernel is named, for every method (RTN and SVDQuant would otherwise
+  hide it in codes and scales or spread it through the decomposition)."""
+  tree = _tree()
+  tree["blk"]["lin"]["kernel"] = tree["blk"]["lin"]["kernel"].at[3, 5].set(bad)
+  with pytest.raises(ValueError, match="^layer blk/lin: kernel holds NaN or Inf"):
+    svdq_jax.quantize(tree, None, preset("rtn"), progress=False)
+  with pytest.raises(ValueError, match="^layer blk/lin: kernel holds NaN or Inf"):
+    svdq_jax.quantize(tree, _stats(), preset("svdquant", rank=8), progress=False)
+  with pytest.raises(ValueError, match=r"^layer \(root\): kernel holds NaN or Inf"):
+    svdq_jax.quantize({"kernel": tree["blk"]["lin"]["kernel"]}, None, preset("rtn"),
+                      progress=False)
+
+
 def test_errors_name_a_bare_linear_the_root():
   """A kernel at the tree's top (a bare ``nnx.Linear`` quantized) has the empty path."""
   tree = {"kernel": jnp.ones((96, 64), jnp.float32)}
