@@ -589,12 +589,18 @@ def _fed_inv_smooth(feeds, width: int) -> jax.Array | None:
       or feeds.act_format not in act_rowscaled.ACT_FORMATS):
     return None
   k = feeds.in_features
-  if width > k or not (_act_choice == "pallas"
-                       or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K)):
+  if width > k or not _pallas_activations(k):
     return None
   inv = (feeds.inv_smooth if isinstance(feeds, qlinear.PreparedLinear)
          else qlinear.folded_smoothing(feeds.smooth, None)[0])
   return None if inv is None else inv[k - width:]
+
+
+def _pallas_activations(k: int) -> bool:
+  """Whether a row-scaled layer with K = k input features quantizes its activations with the
+  Pallas kernel (``act_rowscaled``), by ``set_act_kernel``'s choice, rather than XLA."""
+  from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
+  return _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K)
 
 
 def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
@@ -666,7 +672,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
-  if _act_choice == "pallas" or (_act_choice == "wide_k" and k >= act_rowscaled.WIDE_K):
+  if _pallas_activations(k):
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))

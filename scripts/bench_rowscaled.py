@@ -98,6 +98,12 @@ def rel(a, b):
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def mismatches(got, want) -> int:
+  """Elements of got that differ from want (numpy arrays, compared in f32; NaN = NaN)."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  return int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
+
+
 def timer(interpret: bool, tag: str = ""):
   """f, *args -> device ms per call (median); with ``tag``, each timing is printed too."""
   def t(f, *a):
@@ -461,13 +467,12 @@ def row_max_pair(m, name, key, interpret):
         w4a4.set_epilogue_row_max(False)
         w4a4.set_act_kernel(default_act)
   (h0, (a0, s0, _)), (h1, (a1, s1, _)) = outs["plain"], outs["row_max"]
-  same = lambda u, v: int((~((u == v) | (np.isnan(u) & np.isnan(v)))).sum())
   res["row_max_computed"] = h1.row_max is not None
-  res["output_mismatches"] = same(np.asarray(h1.x, np.float32), np.asarray(h0.x, np.float32))
+  res["output_mismatches"] = mismatches(h1.x, h0.x)
   if h1.row_max is not None:
     want = act_rowscaled.row_max_partials(h1.x[:, start:], inv[-(n - start):])
-    res["row_max_mismatches"] = same(np.asarray(h1.row_max), np.asarray(want))
-  res["code_mismatches"], res["scale_mismatches"] = int((a1 != a0).sum()), same(s1, s0)
+    res["row_max_mismatches"] = mismatches(h1.row_max, want)
+  res["code_mismatches"], res["scale_mismatches"] = int((a1 != a0).sum()), mismatches(s1, s0)
   res.update(times)
   print(json.dumps(res), flush=True)
   return res
@@ -490,10 +495,8 @@ def gelu_check(interpret) -> dict:
       out_specs=pl.BlockSpec((16, 256), lambda i: (i, 0)),
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       compiler_params=pltr.CompilerParams(num_warps=4), interpret=interpret)(x))
-  differ = lambda want: int((~((got == want) | (np.isnan(got.astype(np.float32))
-                                                & np.isnan(want.astype(np.float32))))).sum())
-  return dict(gelu_vs_gelu_tanh_mismatches=differ(np.asarray(qlinear.gelu_tanh(x))),
-              gelu_vs_jax_gelu_mismatches=differ(np.asarray(jax.nn.gelu(x, approximate=True))))
+  return dict(gelu_vs_gelu_tanh_mismatches=mismatches(got, qlinear.gelu_tanh(x)),
+              gelu_vs_jax_gelu_mismatches=mismatches(got, jax.nn.gelu(x, approximate=True)))
 
 
 def parts_table(results) -> str:

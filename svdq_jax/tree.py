@@ -82,6 +82,12 @@ def _fingerprint(stats: LayerStats) -> str:
   return h.hexdigest()
 
 
+def _label(path: str) -> str:
+  """A layer's name in errors: its module path ('(root)' for a bare linear's kernel, whose
+  path is empty)."""
+  return path or "(root)"
+
+
 def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
           config: QuantConfig) -> list[_Job]:
   """Assigns rules to layers, validates, and groups layers that share an input."""
@@ -100,7 +106,7 @@ def _plan(kernels: dict[str, jax.Array], calib: Mapping[str, LayerStats] | None,
   for path, rule in selected.items():
     k, n = kernels[path].shape
     spec = rule.spec
-    label = path or "(root)"   # a bare linear's kernel has the empty path
+    label = _label(path)
     name = f"layer {label}"
     for fmt_name in (spec.weight_format, spec.act_format):
       if fmt_name is not None:
@@ -191,7 +197,7 @@ def quantize(params, calib: Mapping[str, LayerStats] | None, config: QuantConfig
         config, put(jax.random.fold_in(key, i)),
         x_absmax=None if stats is None else put(stats.absmax),
         samples=None if stats is None else put(stats.samples),
-        name="layer " + "+".join(p or "(root)" for p in job.paths),
+        name="layer " + "+".join(_label(p) for p in job.paths),
         hessian=None if stats is None else put(stats.hessian))
     for path, layer in zip(job.paths, layers):
       if device is not None:  # back where the kernel was (numpy: the default device)
