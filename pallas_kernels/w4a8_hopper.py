@@ -353,7 +353,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
   if has_rmax:
     args.append(row_max_inv.astype(jnp.float32))
-    out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m), jnp.float32))
+    # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
+    # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
+    out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m_iters * tile_m),
+                                         jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
   wgs = compute_wgs
