@@ -128,10 +128,9 @@ SWITCHES = (
      "W4A8 kernel's registers"),
     ("wide_tiles_only", w4a8_hopper.set_narrow_tiles, True,
      "the W4A8 kernel's 256-token tiles for every layer (the text stream's too)"),
-    ("epilogue_row_max", w4a4.set_epilogue_row_max, False,
-     "fc2's / linear2's token maxima over the GELU columns computed in fc1's / linear1's GEMM "
-     "epilogue, so that their activation kernel skips that pass (not yet the default: first "
-     "timed by this flag)"),
+    ("pass_row_max", w4a4.set_epilogue_row_max, True,
+     "fc2's / linear2's token maxima over the GELU columns found by their activation kernel's "
+     "pass, not computed in fc1's / linear1's GEMM epilogue (as before 2026-12-05)"),
     ("two_warpgroups", w4a8_hopper.set_three_warpgroups, True,
      "the W4A8 kernel's two compute warpgroups everywhere (not three where N allows, as "
      "before 2026-12-04)"),

@@ -448,7 +448,7 @@ def row_max_pair(m, name, key, interpret):
   res = dict(layer=f"{name} -> next", M=m, K=k, N=n, gelu_from=start)
   outs, times = {}, {}
   t = timer(interpret, name)
-  default_act = w4a4.act_kernel()
+  default_act, default_row_max = w4a4.act_kernel(), w4a4._epilogue_row_max
   with qlinear.backend("interpret" if interpret else "pallas"):
     for tag, on in (("plain", False), ("row_max", True)):
       w4a4.set_epilogue_row_max(on)
@@ -464,7 +464,7 @@ def row_max_pair(m, name, key, interpret):
         times[f"act_{tag}_ms"] = t(quant, h, attn, inv, down)
         times[f"pair_{tag}_ms"] = t(pair, lin1, lin2, x, attn)
       finally:
-        w4a4.set_epilogue_row_max(False)
+        w4a4.set_epilogue_row_max(default_row_max)
         w4a4.set_act_kernel(default_act)
   (h0, (a0, s0, _)), (h1, (a1, s1, _)) = outs["plain"], outs["row_max"]
   res["row_max_computed"] = h1.row_max is not None

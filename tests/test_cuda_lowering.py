@@ -75,6 +75,31 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
   assert calls == [MOSAIC], calls
 
 
+@pytest.mark.parametrize("tile_m,compute_wgs", [(128, 2), (192, 3)])
+def test_w4a8_row_maxima_array_holds_whole_token_tiles(tile_m, compute_wgs):
+  """The kernel's token-maxima array spans whole tiles of tokens (sliced to M after it), so
+  that a ragged last tile's copy of one 64-column group stays inside the array: given [G, M]
+  on an H100, the copy past M overwrote the next group's first tokens (FLUX.1's fc1 at
+  M = 4096 in 192-token tiles: 11776 maxima wrong, 2026-12-05). Interpret mode cannot show
+  it (its copies index the array); the GPU benchmark (``bench_rowscaled.py --row-max --m
+  4096``) does."""
+  n, gelu_from = 128 * compute_wgs, 64 * compute_wgs   # two CTA tiles, the second GELU
+  args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((n, K // 2), jnp.uint8),
+          jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)),
+          jnp.zeros((n - gelu_from,), jnp.float32)]
+  jaxpr = jax.make_jaxpr(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a[:5], row_max_inv=a[5], gelu_from=gelu_from, compute_wgs=compute_wgs, tile_m=tile_m,
+      steps=2, num_sms=132))(*args)
+  (call,) = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns if len(e.outvars) == 2]
+  y, row_max = (v.aval.shape for v in call.outvars)
+  assert y == (M, n) and row_max[0] == (n - gelu_from) // 64
+  assert row_max[1] == -(-M // tile_m) * tile_m, row_max
+  out = jax.eval_shape(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a[:5], row_max_inv=a[5], gelu_from=gelu_from, compute_wgs=compute_wgs, tile_m=tile_m,
+      steps=2, num_sms=132), *args)
+  assert out[1].shape == ((n - gelu_from) // 64, M)
+
+
 @pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
                                                      (12288, R, jnp.bfloat16),
                                                      (N, 160, jnp.bfloat16),

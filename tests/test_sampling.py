@@ -245,7 +245,7 @@ def test_single_block_input_parts_reach_the_activation_kernel():
     w4a4.set_act_kernel(default_act)
     w4a4.set_input_parts(True)
     w4a4.set_epilogue_gelu(True)
-    w4a4.set_epilogue_row_max(False)
+    w4a4.set_epilogue_row_max(True)
   mlp = cfg.mlp_dim
   tokens = 3 + 4
   for applied in (True, False):   # linear2, unjoined: GELU'd by linear1 or still to be

@@ -243,8 +243,8 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
   linear2: the GELU columns are the tail of the next layer's input) returns the GELU part
   with the next layer's token maxima (``act_rowscaled.row_max_partials`` against that
   layer's 1 / lambda); the next layer's activation kernel then runs its maxima pass over
-  the other part only, and its output is the one without them, bit for bit. Off (the
-  default), or for a next layer whose activations XLA quantizes: no maxima."""
+  the other part only, and its output is the one without them, bit for bit. Off, or for a
+  next layer whose activations XLA quantizes: no maxima."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   xb = x.astype(jnp.bfloat16)
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
@@ -266,6 +266,7 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
     # (each result waited for: an interpreted kernel left running when the test run ends
     # fails in jax's exit hook)
     run = lambda: jax.block_until_ready(qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2))
+    monkeypatch.setattr(w4a4, "_epilogue_row_max", False)
     assert run().row_max is None   # off
     monkeypatch.setattr(w4a4, "_epilogue_row_max", True)
     h = qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2)
