@@ -87,17 +87,16 @@ def test_w4a8_row_maxima_array_holds_whole_token_tiles(tile_m, compute_wgs):
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((n, K // 2), jnp.uint8),
           jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)),
           jnp.zeros((n - gelu_from,), jnp.float32)]
-  jaxpr = jax.make_jaxpr(lambda *a: w4a8_hopper.w4a8_gemm_t(
+  gemm = lambda *a: w4a8_hopper.w4a8_gemm_t(
       *a[:5], row_max_inv=a[5], gelu_from=gelu_from, compute_wgs=compute_wgs, tile_m=tile_m,
-      steps=2, num_sms=132))(*args)
-  (call,) = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns if len(e.outvars) == 2]
+      steps=2, num_sms=132)
+  # the kernel call: the one equation of the jitted function with two results
+  (call,) = [e for e in jax.make_jaxpr(gemm)(*args).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
+             if len(e.outvars) == 2]
   y, row_max = (v.aval.shape for v in call.outvars)
   assert y == (M, n) and row_max[0] == (n - gelu_from) // 64
   assert row_max[1] == -(-M // tile_m) * tile_m, row_max
-  out = jax.eval_shape(lambda *a: w4a8_hopper.w4a8_gemm_t(
-      *a[:5], row_max_inv=a[5], gelu_from=gelu_from, compute_wgs=compute_wgs, tile_m=tile_m,
-      steps=2, num_sms=132), *args)
-  assert out[1].shape == ((n - gelu_from) // 64, M)
+  assert jax.eval_shape(gemm, *args)[1].shape == ((n - gelu_from) // 64, M)
 
 
 @pytest.mark.parametrize("n_tiled,rank,out_dtype", [(3072, R, jnp.bfloat16),
