@@ -136,15 +136,6 @@ def set_three_warpgroups_gelu(on: bool) -> None:
   _three_wgs_gelu = bool(on)
 
 
-_overlap = False
-def set_overlapped_steps(on: bool) -> None:
-  """Whether ``tiling`` asks for ``overlap=True``: a step's wgmma left in flight while the
-  next step's weights are expanded (its shared-memory stage released a step late), instead of
-  waited for before the next expansion (the default)."""
-  global _overlap
-  _overlap = bool(on)
-
-
 def set_narrow_tiles(on: bool) -> None:
   """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
   MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;
@@ -183,17 +174,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
     tiles = three
   else:
     tiles = deepest(WIDE)
-  if tiles and _overlap:
-    tiles = dict(tiles, overlap=True)
   return tiles
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
-                                             "overlap", "num_sms", "interpret"))
+                                             "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
-                compute_wgs: int = 2, overlap: bool = False, num_sms: int | None = None,
-                interpret: bool = False):
+                compute_wgs: int = 2, num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -202,9 +190,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
     there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
-    multiples of 192, more warpgroups to hide each other's expansion). overlap: each step's
-    wgmma stays in flight while the next step's weights are expanded (its stage released one
-    step late, so ``steps`` >= 2 holds one stage fewer in prefetch). num_sms: programs
+    multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs
     (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
     PJRT_NPROC >= 4, tests/conftest.py). row_max_inv: f32 [N - gelu_from] or None, with
     gelu_from: the 1 / lambda of the layer input columns that the GELU columns feed.
@@ -239,9 +225,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
-  if overlap and steps < 2:
-    raise ValueError(f"overlap needs a pipeline of at least 2 steps, got {steps}")
-  release = dict(delay_release=1) if overlap else {}
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
@@ -258,13 +241,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
-                              transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM,
-                              **release),
+                              transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
               plgpu.BlockSpec((cta_n, TILE_K // 2), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K // 2, jnp.int8),
-                              memory_space=plgpu.SMEM, **release),
-              plgpu.BlockSpec((1, box), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                              **release)],
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((1, box), lambda kk: (kk, 0), memory_space=plgpu.SMEM)],
           wg_axis="wg", num_compute_wgs=compute_wgs, max_concurrent_steps=steps,
           compute_context=context)
 
@@ -345,15 +326,14 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
         def body(_, a_smem, codes_smem, mult_smem, acc):
-          # the wgmma reads w from registers and a from shared memory until it completes:
-          # without overlap waited before the next step's expansion; with it the previous
-          # step's is waited for (its stage released after this body), this one's left running
+          # the wgmma reads w from registers until it completes: waited before the next
+          # step's expansion writes them again
           w = _expand(codes_smem.at[rows], mult_smem.at[0, mult_rows], interpret)
           if interpret:  # interpret mode takes wgmma operands from refs only
             stage[0][wg] = w
             w = stage[0].at[wg]
           plgpu.wgmma(acc, w, a_smem.transpose((1, 0)))
-          plgpu.wgmma_wait(1 if overlap else 0)
+          plgpu.wgmma_wait(0)
           return acc
 
         pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
@@ -363,7 +343,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
 
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'o' if overlap else ''}"
                      f"{'' if gelu_from is None else 'gelu'}"
                      f"_{m_out}x{k}x{n}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
