@@ -18,7 +18,7 @@ HOIST_MODULATION_HELP = ("compute every step's modulations (linears of the times
                          "(default; --no-hoist-modulation: at every step)")
 ATTENTION_HELP = ("attention: cudnn/xla (bf16), int8qk (INT8 q k^T; on Hopper a Pallas kernel), "
                   "int8 (+ FP8 P V), fp8, cudnn_fp8 (cuDNN's FP8 kernel: the fastest on Hopper, "
-                  "FLUX.1-dev's 28-step loop 1.51-1.53x of bf16 with W4A8 vs 1.37-1.38x, H200; "
+                  "FLUX.1-dev's 28-step loop 1.51-1.53x of bf16 with W4A8 vs 1.37-1.39x, H200; "
                   "~2 dB of the demo's PSNR, less with --residual gptq) (default: cudnn on "
                   "NVIDIA GPUs)")
 
