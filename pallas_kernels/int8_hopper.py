@@ -89,7 +89,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
     a: int8 [M, K] activation values (per-token int8, or int4_2l's m * q).
     sa: f32 [M] token scales. w: int8 [N, K] weight values. sw: f32 [N] channel scales.
     lr: bf16 [M, r] low-rank activations and up_t: bf16 [N, r] (``L_up`` transposed), r a
-      multiple of 16, or both None. bias: f32 [N] or None.
+      multiple of 16, or both None. bias: [N] (bf16 or f32 read as given, else as f32) or
+      None.
     tile_m, tile_n: each compute warpgroup's output tile; wg_dim: the axis along which the
       two compute warpgroups split the CTA tile ('m': CTA tile [2 tile_m, tile_n]).
     tile_k: K per pipeline step; steps: pipeline depth. grid_minor, grid_tile_width: the
@@ -250,7 +251,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
-    args.append(bias.astype(jnp.float32))
+    args.append(bias_operand(bias))
+  bias_dtype = args[-1].dtype if has_bias else jnp.float32
   lr_cols = rank if has_lr else 64
   lr_rows = lambda rows: rows if has_lr else 8
   y = plgpu.kernel(
@@ -265,7 +267,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, lr_rows(tile_n), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, tile_n), jnp.float32),
+          plgpu.SMEM((2, tile_n), bias_dtype),
           plgpu.Barrier(num_barriers=10),
       ],
       compiler_params=plgpu.CompilerParams(
@@ -294,9 +296,16 @@ def scaled_rows(total, scale_ref, token_axis: int):
 
 
 def plus_bias(total, bias_ref, token_axis: int):
-  """total + bias along the output channels (the axis other than ``token_axis``)."""
-  b = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis))
+  """total + bias along the output channels (the axis other than ``token_axis``); a bf16
+  bias widened to f32 first (exact)."""
+  b = plgpu.load(bias_ref, layout=plgpu.Layout.WGMMA.reduce(token_axis)).astype(jnp.float32)
   return total + lax.broadcast_in_dim(b, total.shape, [1 - token_axis])
+
+
+def bias_operand(bias):
+  """The bias as the GEMM kernels read it: bf16 or f32 as given (a bf16 bias widened in
+  the epilogue, so that no convert runs before the call), any other dtype as f32."""
+  return bias if bias.dtype in (jnp.bfloat16, jnp.float32) else bias.astype(jnp.float32)
 
 
 def store_with_gelu(store, gelu_from: int | None, first_col):

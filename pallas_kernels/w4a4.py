@@ -583,6 +583,19 @@ def set_epilogue_row_max(on: bool) -> None:
   _epilogue_row_max = bool(on)
 
 
+_bf16_bias = False
+
+
+def set_bf16_bias(on: bool) -> None:
+  """Whether a row-scaled layer's GEMM kernel reads a bf16 bias as it is and widens it in
+  its epilogue (the same values, without the f32 convert XLA otherwise runs before each
+  call: 0.32 ms of small kernels in the FLUX.1-dev W4A8 + FP8 step, H100, 2026-12-05), or
+  gets it converted to f32 first (the default until timed on the GPU;
+  scripts/bench_flux_full.py --bf16-bias)."""
+  global _bf16_bias
+  _bf16_bias = bool(on)
+
+
 def _fed_inv_smooth(feeds, width: int) -> jax.Array | None:
   """f32 [width]: the 1 / lambda of the last ``width`` input columns of the layer ``feeds``
   (``row_scaled_linear``), where the epilogue maxima serve it: a row-scaled quantized layer
@@ -673,6 +686,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   # f32 callers get the f32 result; everything else is rounded once, to bf16
   out_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else jnp.bfloat16
   k = qlinear.input_width(x)
+  if bias is not None and not _bf16_bias:
+    bias = bias.astype(jnp.float32)
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")

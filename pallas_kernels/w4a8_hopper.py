@@ -47,8 +47,9 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels import act_rowscaled
-from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, check_epilogue, plus_bias,
-                                                  scaled, scaled_rows, store_with_gelu)
+from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, bias_operand,
+                                                  check_epilogue, plus_bias, scaled, scaled_rows,
+                                                  store_with_gelu)
 from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, sm_count
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
@@ -186,7 +187,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
     [K/128, N] (``formats.pack_multipliers(m).T``), sw f32 [N]; lr bf16 [M, r], up_t bf16
-    [N, r] (r a multiple of 16) or both None; bias f32 [N] or None. tile_m: tokens per output
+    [N, r] (r a multiple of 16) or both None; bias [N] (bf16 or f32 read as given, else
+    as f32) or None. tile_m: tokens per output
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
     there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
@@ -349,7 +351,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
-    args.append(bias.astype(jnp.float32))
+    args.append(bias_operand(bias))
+  bias_dtype = args[-1].dtype if has_bias else jnp.float32
   out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
   if has_rmax:
     args.append(row_max_inv.astype(jnp.float32))
@@ -372,7 +375,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((wgs, ROWS), jnp.float32),
+          plgpu.SMEM((wgs, ROWS), bias_dtype),
           plgpu.SMEM((wgs, ROWS if has_rmax else 8), jnp.float32),
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=BARRIERS * wgs),

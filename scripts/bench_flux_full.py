@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import os
@@ -137,6 +138,9 @@ SWITCHES = (
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
      "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
      "before 2026-12-04's nineteenth session"),
+    ("bf16_bias", w4a4.set_bf16_bias, False,
+     "the W4A8 / int8 GEMMs reading bf16 biases as they are (widened in the epilogue), not "
+     "converted to f32 by XLA before each call"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
@@ -150,7 +154,7 @@ SWITCHES = (
 # nonzero step_max_abs_diff_vs_default is a bug (2026-12-05: the epilogue maxima's ragged
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
-               "three_warpgroups_gelu"}
+               "three_warpgroups_gelu", "bf16_bias"}
 # a switch renamed in SWITCHES and not here would silently lose its check
 assert not (unknown := KEEP_VALUES - {flag for flag, *_ in SWITCHES}), unknown
 
@@ -388,8 +392,9 @@ def measure(name, graph, state, cfg, args, result, variant=False, against=None):
     # what the most expensive fusions compute, and the model line they come from
     prof["top_kernels_hlo"] = hlo_kernel_sources(hlo, list(prof["top_kernels_ms"])[:20])
     r[f"profile{res}"] = prof
-    if args.dump_hlo:  # every fusion, to map the rest of the profile by hand
-      with open(os.path.join(args.out, f"{name}_step{res}_hlo.txt"), "w") as f:
+    if args.dump_hlo:  # every fusion, to map the rest of the profile by hand; gzipped: the
+      # full model's text (68 MB, 2026-12-05) is over what a lent machine's call returns
+      with gzip.open(os.path.join(args.out, f"{name}_step{res}_hlo.txt.gz"), "wt") as f:
         f.write(hlo)
     print(json.dumps({name: r[f"profile{res}"]}), flush=True)
   return out
@@ -486,7 +491,7 @@ def main():
   ap.add_argument("--profile", action="store_true", help="per-kernel device time of one step")
   ap.add_argument("--dump-hlo", action="store_true",
                   help="with --profile: every kernel's time, and the step's optimized HLO "
-                       "(<model>_step<res>_hlo.txt in --out)")
+                       "(<model>_step<res>_hlo.txt.gz in --out)")
   ap.add_argument("--attention", default="cudnn",
                   choices=[a for a in ATTENTION_IMPLEMENTATIONS if a is not None],
                   help="cudnn (bf16 flash, default), xla, cudnn_fp8 (cuDNN FP8 flash), or a "

@@ -24,14 +24,19 @@ H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.Abst
 M, K, N, R = 200, 384, 256, 32
 
 
-def _custom_calls(fn, *args) -> list[str]:
-  """The custom-call targets of fn(*args) lowered for CUDA (Triton's kernels are not a
-  stable export target: allowed here, as nothing is serialized)."""
+def _lowered(fn, *args) -> str:
+  """fn(*args) lowered for CUDA, as MLIR text (Triton's kernels are not a stable export
+  target: allowed here, as nothing is serialized)."""
   with jax.sharding.use_abstract_mesh(H200):
     exported = jax.export.export(
         jax.jit(fn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
-  return re.findall(r"custom_call @([\w.$]+)", exported.mlir_module())
+  return exported.mlir_module()
+
+
+def _custom_calls(fn, *args) -> list[str]:
+  """The custom-call targets of fn(*args) lowered for CUDA."""
+  return re.findall(r"custom_call @([\w.$]+)", _lowered(fn, *args))
 
 
 def _epilogue(rank=R):
@@ -113,6 +118,23 @@ def test_int8_gemm_lowers(n_tiled, rank, out_dtype):
       *a, out_dtype=out_dtype, gelu_from=gelu_from,
       **int8_hopper.tiling(n_tiled, out_dtype, rank)), *args)
   assert calls == [MOSAIC], calls
+
+
+def test_gemms_lower_with_a_bf16_bias():
+  """A bf16 bias read as given (``w4a4.set_bf16_bias``): its shared-memory copy and the
+  epilogue's widening, in both GEMM kernels at the library's tilings, with no convert of it
+  before the kernel."""
+  epi = (*_epilogue()[:2], jnp.zeros((N,), jnp.bfloat16))
+  texts = [_lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a, **w4a8_hopper.tiling(4608, K, N, R, num_sms=1)), jnp.zeros((M, K), jnp.int8),
+      jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8), jnp.zeros((K // 128, N), jnp.uint8),
+      jnp.zeros((N,)), *epi),
+           _lowered(lambda *a: int8_hopper.int8_gemm(
+      *a, **int8_hopper.tiling(N, jnp.bfloat16, R)), jnp.zeros((M, K), jnp.int8),
+      jnp.zeros((M,)), jnp.zeros((N, K), jnp.int8), jnp.zeros((N,)), *epi)]
+  for text in texts:
+    assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
+    assert f"tensor<{N}xbf16>) -> tensor<{N}xf32>" not in text
 
 
 @pytest.mark.parametrize("mma", ["s8", "e4m3"])

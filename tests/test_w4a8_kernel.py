@@ -43,6 +43,40 @@ def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
     np.testing.assert_array_equal(got.astype(np.float32), np.asarray(ref, np.float32))
 
 
+def test_bf16_bias_read_as_given(monkeypatch):
+  """A bf16 bias goes into both GEMM kernels as it is (``int8_hopper.bias_operand``; no
+  convert before the call) and gives the values of the same bias widened to f32 first; the
+  layer path passes it so with ``w4a4.set_bf16_bias`` (off: converted to f32 before)."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands(m=72)
+  b16 = bias.astype(jnp.bfloat16)
+  w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
+  def gemms(b):
+    return [np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, b, tile_m=64,
+                                               interpret=True).astype(jnp.float32)),
+            np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, lr, up, b, tile_m=64, tile_n=128,
+                                             tile_k=128, interpret=True).astype(jnp.float32))]
+  seen = []
+  real = int8_hopper.bias_operand
+  monkeypatch.setattr(w4a8_hopper, "bias_operand", lambda b: seen.append(b.dtype) or real(b))
+  for got, want in zip(gemms(b16), gemms(b16.astype(jnp.float32))):
+    np.testing.assert_array_equal(got, want)
+  assert seen == [jnp.bfloat16, jnp.float32]
+
+  layer_seen = []
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
+                      lambda *args, **kw: layer_seen.append(args[7].dtype) or args[0][:, :1])
+  monkeypatch.setattr(w4a8_hopper, "tiling", lambda *args, **kw: dict(tile_m=64, steps=2))
+  x = jax.random.normal(jax.random.key(0), (72, 384), jnp.bfloat16)
+  qt = formats.quantize_weight(jax.random.normal(jax.random.key(1), (256, 384)), "int4_2l")
+  layer = qlinear.QuantizedLinear(
+      qweight=formats.pack(qt.q, "int4_2l"), wscale=formats.pack_multipliers(qt.scale),
+      wcscale=qt.tensor_scale[:, 0], weight_format="int4_2l", act_format="int8")
+  for on, dtype in ((False, jnp.float32), (True, jnp.bfloat16)):
+    monkeypatch.setattr(w4a4, "_bf16_bias", on)
+    w4a4.row_scaled_linear(layer, x, b16, interpret=True)
+    assert layer_seen[-1] == dtype
+
+
 def test_three_compute_warpgroups():
   """compute_wgs=3: CTA tiles of 192 weight rows (4 of them over N = 768), the GELU from a
   CTA tile's first column on; the same bf16 values as the expansion pass + int8 GEMM."""
