@@ -596,6 +596,20 @@ def set_bf16_bias(on: bool) -> None:
   _bf16_bias = bool(on)
 
 
+_bf16_lowrank_dot = False
+
+
+def set_bf16_lowrank_dot(on: bool) -> None:
+  """Whether a row-scaled layer whose activations XLA quantizes (``_pallas_activations``
+  false: FLUX.1's K = 3072 layers) has its low-rank down projection's dot return bf16 (the
+  GEMM rounding its f32 sums), or f32 converted to bf16 after it (the default until timed:
+  the low-rank activations' converts, these and the wide-K layers', took 0.69 ms of small
+  kernels in the FLUX.1-dev W4A8 + FP8 step, H100, 2026-12-05;
+  scripts/bench_flux_full.py --bf16-lowrank-dot)."""
+  global _bf16_lowrank_dot
+  _bf16_lowrank_dot = bool(on)
+
+
 def _fed_inv_smooth(feeds, width: int) -> jax.Array | None:
   """f32 [width]: the 1 / lambda of the last ``width`` input columns of the layer ``feeds``
   (``row_scaled_linear``), where the epilogue maxima serve it: a row-scaled quantized layer
@@ -696,7 +710,9 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))
   else:
-    a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
+    a, sa, lr = act_rowscaled.reference_folded(
+        x, p.inv_smooth, p.down, p.act_format,
+        lr_dtype=jnp.bfloat16 if _bf16_lowrank_dot else jnp.float32)
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
   rank = 0 if lr is None else lr.shape[1]

@@ -141,6 +141,9 @@ SWITCHES = (
     ("bf16_bias", w4a4.set_bf16_bias, False,
      "the W4A8 / int8 GEMMs reading bf16 biases as they are (widened in the epilogue), not "
      "converted to f32 by XLA before each call"),
+    ("bf16_lowrank_dot", w4a4.set_bf16_lowrank_dot, False,
+     "the low-rank down projection of the layers XLA quantizes (K = 3072) returning bf16 "
+     "from its dot, not f32 converted after it"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),

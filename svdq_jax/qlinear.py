@@ -421,10 +421,12 @@ LOWRANK_DTYPE = jnp.bfloat16
 
 
 
-def bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """f32 a @ b of bf16-rounded operands (the low-rank branch's tensor-core precision)."""
+def bf16_dot(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+  """a @ b of bf16-rounded operands (the low-rank branch's tensor-core precision), f32
+  accumulation (XLA's, for bf16 operands on GPU and CPU), in ``out_dtype`` (bf16: the sums
+  rounded once, by the GEMM itself)."""
   return jnp.matmul(a.astype(LOWRANK_DTYPE), b.astype(LOWRANK_DTYPE),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=out_dtype)
 
 
 def folded_down(down: jax.Array, smooth: jax.Array | None) -> jax.Array:
@@ -491,7 +493,7 @@ def backend(name: str):
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
                     ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
-                    ("w4a4", "_bf16_bias"),
+                    ("w4a4", "_bf16_bias"), ("w4a4", "_bf16_lowrank_dot"),
                     ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))

@@ -66,15 +66,42 @@ def test_bf16_bias_read_as_given(monkeypatch):
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
                       lambda *args, **kw: layer_seen.append(args[7].dtype) or args[0][:, :1])
   monkeypatch.setattr(w4a8_hopper, "tiling", lambda *args, **kw: dict(tile_m=64, steps=2))
-  x = jax.random.normal(jax.random.key(0), (72, 384), jnp.bfloat16)
-  qt = formats.quantize_weight(jax.random.normal(jax.random.key(1), (256, 384)), "int4_2l")
-  layer = qlinear.QuantizedLinear(
-      qweight=formats.pack(qt.q, "int4_2l"), wscale=formats.pack_multipliers(qt.scale),
-      wcscale=qt.tensor_scale[:, 0], weight_format="int4_2l", act_format="int8")
   for on, dtype in ((False, jnp.float32), (True, jnp.bfloat16)):
     monkeypatch.setattr(w4a4, "_bf16_bias", on)
-    w4a4.row_scaled_linear(layer, x, b16, interpret=True)
+    w4a4.row_scaled_linear(_w4a8_layer(), _X, b16, interpret=True)
     assert layer_seen[-1] == dtype
+
+
+_X = jax.random.normal(jax.random.key(0), (72, 384), jnp.bfloat16)
+
+
+def _w4a8_layer(rank=0):
+  """A W4A8 QuantizedLinear [384 -> 256] (no smoothing), with a rank-``rank`` branch."""
+  ks = jax.random.split(jax.random.key(1), 3)
+  qt = formats.quantize_weight(jax.random.normal(ks[0], (256, 384)), "int4_2l")
+  lora = {} if not rank else dict(
+      lora_down=0.1 * jax.random.normal(ks[1], (384, rank), jnp.bfloat16),
+      lora_up=0.1 * jax.random.normal(ks[2], (rank, 256), jnp.bfloat16))
+  return qlinear.QuantizedLinear(
+      qweight=formats.pack(qt.q, "int4_2l"), wscale=formats.pack_multipliers(qt.scale),
+      wcscale=qt.tensor_scale[:, 0], weight_format="int4_2l", act_format="int8", **lora)
+
+
+def test_bf16_lowrank_dot(monkeypatch):
+  """``w4a4.set_bf16_lowrank_dot``: where XLA quantizes the activations, the low-rank down
+  projection's dot returns bf16 itself (no convert after it), and the layer's output is the
+  same as with the f32 dot rounded after it (XLA accumulates bf16 dots in f32 on the CPU)."""
+  lr_dtypes = []
+  real = act_rowscaled.reference_folded
+  monkeypatch.setattr(act_rowscaled, "reference_folded", lambda *a, **k: (
+      lambda out: lr_dtypes.append(out[2].dtype) or out)(real(*a, **k)))
+  layer, outs = _w4a8_layer(rank=32), []
+  for on in (False, True):
+    monkeypatch.setattr(w4a4, "_bf16_lowrank_dot", on)
+    outs.append(np.asarray(w4a4.row_scaled_linear(layer, _X, None, interpret=True)
+                           .astype(jnp.float32)))
+  assert lr_dtypes == [jnp.float32, jnp.bfloat16]
+  np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_three_compute_warpgroups():
