@@ -132,9 +132,15 @@ def test_gemms_lower_with_a_bf16_bias():
            _lowered(lambda *a: int8_hopper.int8_gemm(
       *a, **int8_hopper.tiling(N, jnp.bfloat16, R)), jnp.zeros((M, K), jnp.int8),
       jnp.zeros((M,)), jnp.zeros((N, K), jnp.int8), jnp.zeros((N,)), *epi)]
+  n = 384   # three compute warpgroups: a [3, 64] bf16 bias buffer
+  texts.append(_lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a, tile_m=192, steps=3, compute_wgs=3), jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)),
+      jnp.zeros((n, K // 2), jnp.uint8), jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)),
+      jnp.zeros((M, R), jnp.bfloat16), jnp.zeros((n, R), jnp.bfloat16),
+      jnp.zeros((n,), jnp.bfloat16)))
   for text in texts:
     assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
-    assert f"tensor<{N}xbf16>) -> tensor<{N}xf32>" not in text
+    assert not re.search(r"tensor<\d+xbf16>\) -> tensor<\d+xf32>", text)
 
 
 @pytest.mark.parametrize("mma", ["s8", "e4m3"])
