@@ -251,8 +251,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
-    args.append(bias_operand(bias))
-  bias_dtype = args[-1].dtype if has_bias else jnp.float32
+    bias = bias_operand(bias)
+    args.append(bias)
   lr_cols = rank if has_lr else 64
   lr_rows = lambda rows: rows if has_lr else 8
   y = plgpu.kernel(
@@ -267,7 +267,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((2, lr_rows(tile_n), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((2, tile_n), bias_dtype),
+          plgpu.SMEM((2, tile_n), bias.dtype if has_bias else jnp.float32),
           plgpu.Barrier(num_barriers=10),
       ],
       compiler_params=plgpu.CompilerParams(

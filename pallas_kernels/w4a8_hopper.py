@@ -351,8 +351,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
   if has_bias:
-    args.append(bias_operand(bias))
-  bias_dtype = args[-1].dtype if has_bias else jnp.float32
+    bias = bias_operand(bias)
+    args.append(bias)
   out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
   if has_rmax:
     args.append(row_max_inv.astype(jnp.float32))
@@ -375,7 +375,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((wgs, ROWS), bias_dtype),
+          plgpu.SMEM((wgs, ROWS), bias.dtype if has_bias else jnp.float32),
           plgpu.SMEM((wgs, ROWS if has_rmax else 8), jnp.float32),
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=BARRIERS * wgs),
