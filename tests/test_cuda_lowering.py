@@ -80,6 +80,21 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
   assert calls == [MOSAIC], calls
 
 
+@pytest.mark.parametrize("compute_wgs", [2, 3])
+def test_w4a8_grouped_gemms_lower(compute_wgs):
+  """Two problems (FLUX's image and text streams) in one launch: one Mosaic kernel, with the
+  low-rank branch, bias, GELU and the next layer's token maxima."""
+  n = 128 * compute_wgs
+  problems = tuple(
+      (jnp.zeros((m, K), jnp.int8), jnp.zeros((m,)), jnp.zeros((n, K // 2), jnp.uint8),
+       jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((m, R), jnp.bfloat16),
+       jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32),
+       jnp.zeros((n - 64 * compute_wgs,), jnp.float32)) for m in (M, 72))
+  calls = _custom_calls(lambda p: w4a8_hopper.w4a8_gemms_t(
+      p, gelu_from=64 * compute_wgs, compute_wgs=compute_wgs, tile_m=192, steps=3), problems)
+  assert calls == [MOSAIC], calls
+
+
 @pytest.mark.parametrize("tile_m,compute_wgs", [(128, 2), (192, 3)])
 def test_w4a8_row_maxima_array_holds_whole_token_tiles(tile_m, compute_wgs):
   """The kernel's token-maxima array spans whole tiles of tokens (sliced to M after it), so

@@ -160,6 +160,47 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
 
+@pytest.mark.parametrize("compute_wgs,gelu_from,epilogue,row_max",
+                         [(2, None, False, False), (2, 128, True, False), (3, 192, True, True)])
+def test_grouped_equals_one_launch_each(compute_wgs, gelu_from, epilogue, row_max):
+  """Two problems of one K and N, each its own tokens (200 and 72: both ragged in 64-token
+  tiles) and weights, in one launch: each output (and its token maxima) bit for bit that of
+  its own ``w4a8_gemm_t`` launch, so the grid sends every tile to its problem's operands."""
+  n = 128 * compute_wgs
+  problems = []
+  for seed, m in ((0, 200), (1, 72)):
+    a, sa, codes, mult, sw, lr, up, bias = _operands(m=m, n=n, seed=seed)
+    inv = jax.random.uniform(jax.random.key(seed), (n - gelu_from,), minval=0.1, maxval=4.0
+                             ) if row_max else None
+    problems.append((a, sa, codes, mult.T, sw, *((lr, up, bias) if epilogue else
+                                                 (None, None, None)), inv))
+  kw = dict(tile_m=64, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
+  grouped = w4a8_hopper.w4a8_gemms_t(tuple(problems), **kw)
+  assert len(grouped) == 2
+  for ops, got in zip(problems, grouped):
+    want = w4a8_hopper.w4a8_gemm_t(*ops, **kw)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.shape == w.shape and g.dtype == w.dtype
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_grouped_errors():
+  a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
+  one = (a, sa, codes, mult.T, sw, lr, up, bias, None)
+  gemms = lambda *problems: w4a8_hopper.w4a8_gemms_t(problems, tile_m=64, interpret=True)
+  with pytest.raises(ValueError, match="no problems"):
+    gemms()
+  with pytest.raises(ValueError, match="share K, N and the optional operands"):
+    gemms(one, (a, sa, codes, mult.T, sw, None, None, bias, None))
+  b, sb, codes_b, mult_b, sw_b, lr_b, up_b, bias_b = _operands(m=16, k=384, n=128)
+  with pytest.raises(ValueError, match="share K, N"):
+    gemms(one, (b, sb, codes_b, mult_b.T, sw_b, lr_b, up_b, bias_b, None))
+  with pytest.raises(ValueError, match="share the rank"):
+    gemms(one, (a, sa, codes, mult.T, sw, lr[:, :16], up[:, :16], bias, None))
+  with pytest.raises(ValueError, match="biases of one dtype"):
+    gemms(one, (a, sa, codes, mult.T, sw, lr, up, bias.astype(jnp.bfloat16), None))
+
+
 @pytest.mark.parametrize("compute_wgs", [2, 3])
 def test_pipeline_stages_keep_tma_alignment(compute_wgs):
   """The multiplier stages a TMA copy writes stay 128-byte aligned in shared memory (interpret
