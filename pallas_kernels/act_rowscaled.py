@@ -353,7 +353,7 @@ def reference(x, smooth, down, act_format: str):
   return reference_folded(x, *qlinear.folded_smoothing(smooth, down), act_format)
 
 
-def reference_folded(x, inv_smooth, down, act_format: str, lr_dtype=jnp.float32):
+def reference_folded(x, inv_smooth, down, act_format: str):
   """``reference`` on folded operands (``quantize_rows_folded``): the same operations; the
   low-rank activations in ``lr_dtype`` (bf16: rounded by the dot itself)."""
   x = qlinear.join(x)
@@ -361,7 +361,7 @@ def reference_folded(x, inv_smooth, down, act_format: str, lr_dtype=jnp.float32)
   if inv_smooth is not None:
     xf = xf * inv_smooth
   a, s = formats.row_scaled(formats.quantize(xf, act_format), act_format)
-  return a, s, (None if down is None else qlinear.bf16_dot(x, down, lr_dtype))
+  return a, s, (None if down is None else qlinear.bf16_dot(x, down))
 
 
 def _expand_kernel(q_ref, m_ref, o_ref):

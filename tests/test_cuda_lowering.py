@@ -136,7 +136,7 @@ def test_int8_gemm_lowers(n_tiled, rank, out_dtype):
 
 
 def test_gemms_lower_with_a_bf16_bias():
-  """A bf16 bias read as given (``w4a4.set_bf16_bias``): its shared-memory copy and the
+  """A bf16 bias read as given (``int8_hopper.bias_operand``): its shared-memory copy and the
   epilogue's widening, in both GEMM kernels at the library's tilings, with no convert of it
   before the kernel."""
   epi = (*_epilogue()[:2], jnp.zeros((N,), jnp.bfloat16))

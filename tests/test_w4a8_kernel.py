@@ -60,8 +60,7 @@ def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
 
 def test_bf16_bias_read_as_given(monkeypatch):
   """A bf16 bias goes into both GEMM kernels as it is (``int8_hopper.bias_operand``; no
-  convert before the call) and gives the values of the same bias widened to f32 first; the
-  layer path passes it so with ``w4a4.set_bf16_bias`` (off: converted to f32 before)."""
+  convert before the call) and gives the values of the same bias widened to f32 first."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(m=72)
   b16 = bias.astype(jnp.bfloat16)
   w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
@@ -76,32 +75,6 @@ def test_bf16_bias_read_as_given(monkeypatch):
   for got, want in zip(gemms(b16), gemms(b16.astype(jnp.float32))):
     np.testing.assert_array_equal(got, want)
   assert seen == [jnp.bfloat16, jnp.float32]
-
-  layer_seen = []
-  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
-                      lambda *args, **kw: layer_seen.append(args[7].dtype) or args[0][:, :1])
-  monkeypatch.setattr(w4a8_hopper, "tiling", lambda *args, **kw: dict(tile_m=64, steps=2))
-  for on, dtype in ((False, jnp.float32), (True, jnp.bfloat16)):
-    monkeypatch.setattr(w4a4, "_bf16_bias", on)
-    w4a4.row_scaled_linear(_w4a8_layer(), _X, b16, interpret=True)
-    assert layer_seen[-1] == dtype
-
-
-def test_bf16_lowrank_dot(monkeypatch):
-  """``w4a4.set_bf16_lowrank_dot``: where XLA quantizes the activations, the low-rank down
-  projection's dot returns bf16 itself (no convert after it), and the layer's output is the
-  same as with the f32 dot rounded after it (XLA accumulates bf16 dots in f32 on the CPU)."""
-  lr_dtypes = []
-  real = act_rowscaled.reference_folded
-  monkeypatch.setattr(act_rowscaled, "reference_folded", lambda *a, **k: (
-      lambda out: lr_dtypes.append(out[2].dtype) or out)(real(*a, **k)))
-  layer, outs = _w4a8_layer(rank=32), []
-  for on in (False, True):
-    monkeypatch.setattr(w4a4, "_bf16_lowrank_dot", on)
-    outs.append(np.asarray(w4a4.row_scaled_linear(layer, _X, None, interpret=True)
-                           .astype(jnp.float32)))
-  assert lr_dtypes == [jnp.float32, jnp.bfloat16]
-  np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_three_compute_warpgroups():
@@ -389,3 +362,49 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
   np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match=r"row_max must be \[4, 72\]"):
     qlinear.input_parts(h.replace(row_max=h.row_max[1:]))
+
+
+def test_grouped_layers_equal_each_alone(monkeypatch):
+  """``qlinear.apply_grouped`` with ``set_grouped_gemms``: two W4A8 layers (their own weights,
+  biases and tokens, 72 and 40 of them, with leading axes) in one W4A8 GEMM launch, plain and
+  with the GELU epilogue plus the next layers' token maxima: each output (and its maxima)
+  that of ``apply`` alone, bit for bit. Off: no grouped launch."""
+  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
+  spec = method_spec("svdquant", "int4_2l", False, "int8")
+  scale = jnp.linspace(0.05, 6.0, 256)
+
+  def quant(seed, k, n, x):
+    (layer,), _ = transforms.quantize_group(
+        [jax.random.normal(jax.random.key(seed), (k, n))], spec, 8, None, cfg,
+        jax.random.key(0), jnp.abs(x).max(0), x)
+    return layer.replace(bias=jax.random.normal(jax.random.key(seed + 1), (n,)))
+
+  xs = [jax.random.normal(jax.random.key(s), (m, 256)) * scale for s, m in ((5, 72), (6, 40))]
+  fc1 = [quant(10 + i, 256, 384, x) for i, x in enumerate(xs)]
+  fc2 = [quant(20 + i, 384, 256, jax.random.normal(jax.random.key(i), (8, 384))) for i in (0, 1)]
+  inputs = [x.astype(jnp.bfloat16).reshape(1, -1, 256) for x in xs]
+  launches = []
+  real = w4a8_hopper.w4a8_gemms_t
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemms_t",
+                      lambda p, **k: launches.append(len(p)) or real(p, **k))
+  monkeypatch.setattr(w4a4, "_act_choice", "pallas")   # fc2's maxima from fc1's epilogue
+  monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)
+  f32 = lambda v: np.asarray(v, np.float32)
+  with qlinear.backend("interpret"):
+    for kw in (dict(), dict(gelu_from=0)):
+      calls = [(l, x, None, kw.get("gelu_from"), f if kw else None)
+               for l, x, f in zip(fc1, inputs, fc2)]
+      monkeypatch.setattr(w4a4, "_grouped_gemms", True)
+      got = jax.block_until_ready(qlinear.apply_grouped(calls))
+      assert launches == [2]
+      monkeypatch.setattr(w4a4, "_grouped_gemms", False)
+      assert len(jax.block_until_ready(qlinear.apply_grouped(calls))) == 2 and launches == [2]
+      launches.clear()
+      for c, g in zip(calls, got):
+        want = jax.block_until_ready(qlinear.apply(*c))
+        if kw:
+          assert g.applied and g.row_max is not None and g.row_max.shape == (6, c[1].shape[1])
+          np.testing.assert_array_equal(f32(g.row_max), f32(want.row_max))
+          g, want = g.x, want.x
+        assert g.shape == want.shape == (1, c[1].shape[1], 384)
+        np.testing.assert_array_equal(f32(g), f32(want))
