@@ -11,7 +11,8 @@ warpgroups owns 64 weight rows, expands its codes
 to the int8 products m * q in registers (``_expand``) and issues wgmma(acc [64, tile_m] int32,
 w, activations^T), the activations K-major in shared memory as 8-bit wgmma wants them. The
 epilogue scales, adds the low-rank up projection (one bf16 wgmma) and the bias, optionally the
-GELU, and stores the tile transposed through shared memory.
+GELU, and stores the tile transposed through shared memory. ``w4a8_gemms_t`` runs several such
+problems of one K and N (FLUX's image and text streams) in one persistent grid.
 
 Measured on an H200 (2026-12-03, docs/benchmarks README, "fourteenth session"), M = 4608 with
 the rank-32 branch and a bias, bit-identical outputs: 0.091 / 0.272 / 0.280 / 0.431 / 0.339

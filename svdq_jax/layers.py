@@ -19,7 +19,7 @@ from flax import nnx
 from svdq_jax.qlinear import (Gelu, PreparedLinear, QuantizedLinear, Scaled, apply,
                               apply_grouped, join)
 
-__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "linears", "lookup", "quantized_dense", "runnable",
            "runs_quantized", "dense_input"]
 
 
