@@ -354,8 +354,7 @@ def reference(x, smooth, down, act_format: str):
 
 
 def reference_folded(x, inv_smooth, down, act_format: str):
-  """``reference`` on folded operands (``quantize_rows_folded``): the same operations; the
-  low-rank activations in ``lr_dtype`` (bf16: rounded by the dot itself)."""
+  """``reference`` on folded operands (``quantize_rows_folded``): the same operations."""
   x = qlinear.join(x)
   xf = x.astype(jnp.float32)
   if inv_smooth is not None:
