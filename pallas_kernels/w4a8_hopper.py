@@ -408,7 +408,8 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
         (lin,) = info.index
         if len(problems) == 1:
           tile(0, lin)
-        for p in range(len(problems) if len(problems) > 1 else 0):
+          return
+        for p in range(len(problems)):
           pl.when((lin >= starts[p]) & (lin < starts[p + 1]))(
               functools.partial(tile, p, lin - starts[p]))
 
