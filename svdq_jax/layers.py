@@ -68,6 +68,10 @@ def linears(*calls) -> list:
   (module, x, keywords of ``Linear.__call__``) -> their outputs in order. Where every kernel
   is quantized they go to ``qlinear.apply_grouped`` together (their W4A8 GEMMs of one shape
   may share a launch: FLUX's image and text streams); otherwise each module is called."""
+  if bad := [c for c in calls if not isinstance(c, tuple) or not 2 <= len(c) <= 3
+              or (len(c) == 3 and not isinstance(c[2], dict))]:
+    raise ValueError(f"linears takes calls (module, x) or (module, x, keywords dict), got "
+                     f"{len(bad)} other")
   calls = [(module, x, kw[0] if kw else {}) for module, x, *kw in calls]
   if unknown := {k for *_, kw in calls for k in kw} - {"gelu_from", "feeds"}:
     raise TypeError(f"linears: Linear takes the keywords gelu_from and feeds, got "

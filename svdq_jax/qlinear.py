@@ -560,6 +560,9 @@ def apply_grouped(calls) -> list:
   projections of one kind). Where all of them run the row-scaled Hopper kernels, their
   GEMMs of one K and N may share one launch (``w4a4.set_grouped_gemms``); the values are
   ``apply``'s either way."""
+  if bad := [c for c in calls if not isinstance(c, (tuple, list)) or not 2 <= len(c) <= 5]:
+    raise ValueError(f"apply_grouped takes calls (layer, x[, bias, gelu_from, feeds]), got "
+                     f"{len(bad)} other: {[type(c).__name__ for c in bad]}")
   calls = [tuple(c) + (None,) * (5 - len(c)) for c in calls]
   from svdq_jax import parallel
   if (len(calls) < 2 or parallel.token_mesh() is not None
