@@ -141,8 +141,9 @@ def test_apply_grouped_and_linears():
   want = [m(x) for m, x in zip(mods, xs)]
   for g, w in zip(linears(*zip(mods, xs)), want):   # float kernels: the modules themselves
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-  for m, l in zip(mods, layers):
+  for i, (m, l) in enumerate(zip(mods, layers)):
     m.kernel = nnx.Param(l.replace(bias=None))
+    m.bias = nnx.Param(jnp.linspace(-1.0, 1.0 + i, 64))   # each module's own, not zero
   for g, m, l, x in zip(linears(*zip(mods, xs)), mods, layers, xs):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(apply(
         l.replace(bias=None), x, m.bias.get_value())))
