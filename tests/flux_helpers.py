@@ -1,4 +1,5 @@
-"""Helpers shared by the FLUX tests: golden files from scripts/make_flux_golden.py."""
+"""Helpers shared by the FLUX tests: golden files from scripts/make_flux_golden.py, small W4A8
+models."""
 
 import json
 import pathlib
@@ -9,8 +10,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+import svdq_jax
+from svdq_jax.config import QuantConfig, Rule
 from svdq_jax.convert import flux_params_from_torch
-from svdq_jax.models.flux import Flux, FluxConfig
+from svdq_jax.models.flux import EMBEDDERS, MODULATION, Flux, FluxConfig
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -23,6 +26,18 @@ def config_from_diffusers(c: dict) -> FluxConfig:
                     num_heads=c["num_attention_heads"], depth=c["num_layers"],
                     depth_single_blocks=c["num_single_layers"],
                     axes_dim=tuple(c["axes_dims_rope"]), guidance_embed=c["guidance_embeds"])
+
+
+def w4a8_model(model, batches, rank: int):
+  """FLUX ``model`` with its attention and MLP linears W4A8 (int4_2l weights, int8
+  activations, rank ``rank``; embedders and modulation left as they are), calibrated on
+  ``batches`` (tuples of the model's call arguments), one alpha, one low-rank iteration."""
+  calib = svdq_jax.calibrate(lambda a: model(*a), batches, model=model, progress=False)
+  graph, state = nnx.split(model)
+  config = QuantConfig(rules=(Rule(EMBEDDERS, "skip"), Rule(MODULATION, "skip"),
+                              Rule(".*", "svdquant", "int4_2l", rank=rank, act_fmt="int8")),
+                       alpha_grid=1, lowrank_iters=1)
+  return nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
 
 
 def load_model(name):

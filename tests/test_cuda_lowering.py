@@ -246,7 +246,7 @@ def test_flux_double_block_projections_grouped(monkeypatch):
   without), the single block's two as before."""
   import dataclasses
   from flax import nnx
-  import svdq_jax
+  from flux_helpers import w4a8_model
   from svdq_jax.models import flux
 
   cfg = dataclasses.replace(flux.FLUX_DEV, in_channels=16, out_channels=16, vec_in_dim=8,
@@ -262,11 +262,7 @@ def test_flux_double_block_projections_grouped(monkeypatch):
           jax.random.normal(ks[1], (1, 24, 16)), jnp.zeros((24, 3)), jnp.full((1,), 0.5),
           jax.random.normal(ks[2], (1, 8)), jnp.full((1,), 3.5))
   args = tuple(a.astype(jnp.bfloat16) if i not in (1, 3) else a for i, a in enumerate(args))
-  calib = svdq_jax.calibrate(lambda a: model(*a), [args], model=model, progress=False)
-  config = QuantConfig(rules=(Rule(flux.EMBEDDERS, "skip"), Rule(flux.MODULATION, "skip"),
-                              Rule(".*", "svdquant", "int4_2l", rank=16, act_fmt="int8")),
-                       alpha_grid=1, lowrank_iters=1)
-  qmodel = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  qmodel = w4a8_model(model, [args], 16)
   counts = []
   for grouped in (False, True):
     monkeypatch.setattr(w4a4, "_grouped_gemms", grouped)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flux_helpers import w4a8_model
 from svdq_jax.models import sampling
 from svdq_jax.models.flux import Flux, FluxConfig
 
@@ -159,10 +160,7 @@ def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
   """sample(hoist_weights=True): the quantized layers' int8 weights and other weight-only
   operands computed once before the jitted loop give the same latents as at every step, on
   the kernels (interpret mode)."""
-  import svdq_jax
   from svdq_jax import qlinear
-  from svdq_jax.config import QuantConfig, Rule
-  from svdq_jax.models import flux
 
   # f32 layers: the int8 GEMM takes N in steps of 128. Single blocks only: one chain of
   # interpreted kernels, none in flight beside another (tests/conftest.py)
@@ -172,13 +170,7 @@ def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
   noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
   args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
           jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
-  steps = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
-  calib = svdq_jax.calibrate(lambda a: model(*a), steps, model=model, progress=False)
-  graph, state = nnx.split(model)
-  config = QuantConfig(rules=(Rule(flux.EMBEDDERS, "skip"), Rule(flux.MODULATION, "skip"),
-                              Rule(".*", "svdquant", "int4_2l", rank=4, act_fmt="int8")),
-                       alpha_grid=1, lowrank_iters=1)
-  qmodel = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  qmodel = w4a8_model(model, sampling.trajectory_inputs(model, noise, *args, guidance=3.5), 4)
   with qlinear.backend("interpret"):
     out = [sampling.sample(qmodel, noise, *args, guidance=3.5, hoist_weights=h)
            for h in (False, True)]
@@ -193,10 +185,7 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   GELU'd; with set_epilogue_row_max, with linear2's token maxima over it from linear1's
   epilogue), and the model's output equals the one with the parts joined by XLA first, bit
   for bit."""
-  import svdq_jax
   from svdq_jax import qlinear
-  from svdq_jax.config import QuantConfig, Rule
-  from svdq_jax.models import flux
   from svdq_jax.pallas_kernels import act_rowscaled, w4a4
 
   # bf16, so that the GELU's every operation is rounded alike in kernel and XLA; single
@@ -214,11 +203,7 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   # (img, img_ids, txt, txt_ids, t, y, guidance): activations in bf16, positions as they are
   inputs = tuple(a if i in (1, 3) or a is None else a.astype(jnp.bfloat16)
                  for i, a in enumerate(inputs))
-  calib = svdq_jax.calibrate(lambda a: model(*a), [inputs], model=model, progress=False)
-  config = QuantConfig(rules=(Rule(flux.EMBEDDERS, "skip"), Rule(flux.MODULATION, "skip"),
-                              Rule(".*", "svdquant", "int4_2l", rank=4, act_fmt="int8")),
-                       alpha_grid=1, lowrank_iters=1)
-  qmodel = nnx.merge(graph, svdq_jax.quantize(state, calib, config, progress=False))
+  qmodel = w4a8_model(model, [inputs], 4)
   seen = []
   kernel = act_rowscaled.quantize_rows_folded
 
