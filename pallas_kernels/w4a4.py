@@ -708,7 +708,7 @@ def row_scaled_linears(calls, *, interpret: bool = False) -> list:
           tuple((i.a, i.sa, i.p.layer.qweight, i.p.mult_t, i.p.sw, i.lr, i.p.up_t, i.bias,
                  inv_next) for i, (_, _, inv_next) in zip(ins, plans)),
           gelu_from=gelu_from if gelu else None, interpret=interpret, **tiles)
-      return [_register_output(y, i.dtype, gelu_from, gelu) for i, y in zip(ins, ys)]
+      return [_gemm_output(y, i.dtype, gelu_from, gelu) for i, y in zip(ins, ys)]
   return [_row_scaled_gemm(i, gelu_from, feeds, interpret)
           for i, (*_, gelu_from, feeds) in zip(ins, calls)]
 
@@ -784,7 +784,7 @@ def _epilogue_gelu_on(gelu_from: int | None, cta_n: int, dtype) -> bool:
           and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
 
 
-def _register_output(y, dtype, gelu_from: int | None, gelu: bool):
+def _gemm_output(y, dtype, gelu_from: int | None, gelu: bool):
   """A GEMM's result as ``row_scaled_linear`` returns it: (y, row maxima) or y."""
   if not gelu:
     return y.astype(dtype)
@@ -803,7 +803,7 @@ def _row_scaled_gemm(i: _Inputs, gelu_from: int | None, feeds, interpret: bool):
     y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias,
                                 inv_next, gelu_from=gelu_from if gelu else None,
                                 interpret=interpret, **tiles)
-    return _register_output(y, dtype, gelu_from, gelu)
+    return _gemm_output(y, dtype, gelu_from, gelu)
   if p.w is None:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)
@@ -815,7 +815,7 @@ def _row_scaled_gemm(i: _Inputs, gelu_from: int | None, feeds, interpret: bool):
     y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                               gelu_from=gelu_from if gelu else None, interpret=interpret,
                               **tiles)
-    return _register_output(y, dtype, gelu_from, gelu)
+    return _gemm_output(y, dtype, gelu_from, gelu)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)
