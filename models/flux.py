@@ -24,7 +24,7 @@ from svdq_jax.attention import (cudnn_fp8_attention, cudnn_fp8_kernel, cudnn_fp8
                                 rms_norm_bound, sample_stride, sample_v_bound)
 from svdq_jax.pallas_kernels import attention_fp8, attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.layers import Linear, linears
+from svdq_jax.layers import Linear
 from svdq_jax.parallel import token_mesh
 from svdq_jax.qlinear import Scaled, join
 
@@ -355,6 +355,10 @@ class StreamMLP(nnx.Module):
     self.fc1 = Linear(hidden, mlp_dim, rngs=rngs)
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
+  def __call__(self, x):
+    # fc2(gelu(fc1(x))): a Gelu part
+    return self.fc2(self.fc1(x, gelu_from=0, feeds=self.fc2))
+
 
 class DoubleStreamBlock(nnx.Module):
   """Image and text streams with their own weights, joint attention over [txt, img]."""
@@ -369,28 +373,25 @@ class DoubleStreamBlock(nnx.Module):
     self.txt_attn = StreamAttention(h, cfg.head_dim, rngs)
     self.txt_mlp = StreamMLP(h, cfg.mlp_dim, rngs)
 
+  def _qkv(self, x, mod, attn):
+    """(the stream's q | k | v [B, L, 3h], its QKNorm): a ``joint_attention`` stream."""
+    shift, scale = mod[0], mod[1]
+    return attn.qkv((1 + scale) * layer_norm(x) + shift), attn.norm
+
   def modulation(self, vec):
     return self.img_mod(vec), self.txt_mod(vec)
 
   def __call__(self, img, txt, mod, pe):
-    """mod: ``modulation(vec)``, each stream's (shift, scale, gate) x (attention, MLP).
-    Each projection runs for both streams at once (``linears``: on the W4A8 kernels one
-    launch for both, each with its own weights)."""
+    """mod: ``modulation(vec)``, each stream's (shift, scale, gate) x (attention, MLP)."""
     img_mod, txt_mod = mod
-    modulated = lambda x, m, i: (1 + m[i + 1]) * layer_norm(x) + m[i]
-    img_qkv, txt_qkv = linears((self.img_attn.qkv, modulated(img, img_mod, 0)),
-                               (self.txt_attn.qkv, modulated(txt, txt_mod, 0)))
-    joint = joint_attention(((txt_qkv, self.txt_attn.norm), (img_qkv, self.img_attn.norm)), pe,
-                            self.num_heads)
+    joint = joint_attention((self._qkv(txt, txt_mod, self.txt_attn),
+                             self._qkv(img, img_mod, self.img_attn)), pe, self.num_heads)
     txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
-    img_out, txt_out = linears((self.img_attn.proj, img_out), (self.txt_attn.proj, txt_out))
-    img, txt = img + img_mod[2] * img_out, txt + txt_mod[2] * txt_out
-    # fc2(gelu(fc1(x))): Gelu parts
-    img_h, txt_h = linears(
-        (self.img_mlp.fc1, modulated(img, img_mod, 3), dict(gelu_from=0, feeds=self.img_mlp.fc2)),
-        (self.txt_mlp.fc1, modulated(txt, txt_mod, 3), dict(gelu_from=0, feeds=self.txt_mlp.fc2)))
-    img_h, txt_h = linears((self.img_mlp.fc2, img_h), (self.txt_mlp.fc2, txt_h))
-    return img + img_mod[5] * img_h, txt + txt_mod[5] * txt_h
+    img = img + img_mod[2] * self.img_attn.proj(img_out)
+    img = img + img_mod[5] * self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3])
+    txt = txt + txt_mod[2] * self.txt_attn.proj(txt_out)
+    txt = txt + txt_mod[5] * self.txt_mlp((1 + txt_mod[4]) * layer_norm(txt) + txt_mod[3])
+    return img, txt
 
 
 class SingleStreamBlock(nnx.Module):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -488,9 +487,12 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
                      f"{layer.act_format!r}; supported (weights: activations): "
                      f"{KERNEL_FORMATS}")
-  if row_scaled(layer.weight_format):
-    return w4a4_linears([(layer, x, bias, gelu_from, feeds)], interpret=interpret)[0]
   bias = layer.bias if bias is None else bias
+  if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
+    lead = qlinear.input_parts(x)[0].x.shape[:-1]
+    y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
+                          bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret)
+    return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)
@@ -507,24 +509,6 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                   out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret,
                   **TRITON_GEMM_TILING[layer.weight_format])
   return y.reshape(*lead, layer.out_features)
-
-
-def w4a4_linears(calls, *, interpret: bool = False) -> list:
-  """``w4a4_linear`` of each call (layer, x [..., K], bias, gelu_from, feeds) of row-scaled
-  layers, independent of each other: ``row_scaled_linears`` (their GEMMs in one launch where
-  ``set_grouped_gemms`` and their shapes allow)."""
-  flat, leads = [], []
-  for layer, x, bias, gelu_from, feeds in calls:
-    if not (supports(layer.weight_format, layer.act_format) and row_scaled(layer.weight_format)):
-      raise ValueError(f"w4a4_linears takes row-scaled layers on the kernels, got weights "
-                       f"{layer.weight_format!r} with activations {layer.act_format!r}")
-    leads.append(qlinear.input_parts(x)[0].x.shape[:-1])
-    # input parts (qlinear.Gelu) stay parts: the activation kernel reads them where they lie
-    flat.append((layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
-                 layer.bias if bias is None else bias, gelu_from, feeds))
-  ys = row_scaled_linears(flat, interpret=interpret)
-  return [qlinear.map_parts(y, lambda a, lead=lead, n=layer.out_features: a.reshape(*lead, n))
-          for y, lead, (layer, *_) in zip(ys, leads, calls)]
 
 
 ACT_KERNELS = ("pallas", "xla", "wide_k")
@@ -681,63 +665,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   register GEMM computes the GELU and that layer's activations go to the Pallas kernel, the
   epilogue also computes their token maxima for it (``qlinear.Gelu.row_max``).
   """
-  return row_scaled_linears([(layer, x, bias, gelu_from, feeds)], interpret=interpret)[0]
-
-
-def row_scaled_linears(calls, *, interpret: bool = False) -> list:
-  """``row_scaled_linear`` of each call (layer, x [M_i, K], bias, gelu_from, feeds), for
-  independent layers (FLUX's image and text streams' projections of one kind). With
-  ``set_grouped_gemms`` and all of them on the W4A8 register GEMM with one K, N, rank,
-  epilogue and tiling (chosen for their tokens together), the GEMMs run in one launch
-  (``w4a8_hopper.w4a8_gemms_t``); else each its own. The values are the same either way."""
-  from svdq_jax.pallas_kernels import w4a8_hopper
-  ins = [_row_scaled_inputs(layer, x, bias, interpret) for layer, x, bias, *_ in calls]
-  if _grouped_gemms and len(calls) > 1:
-    m = sum(i.a.shape[0] for i in ins)
-    plans = [_register_plan(i, gelu_from, feeds, m) for i, (*_, gelu_from, feeds)
-             in zip(ins, calls)]
-    # what one launch needs the same: tiling, epilogue, K, N, rank, the bias's dtype
-    key = lambda i, plan: (plan and (tuple(sorted(plan[0].items())), plan[1], plan[2] is None),
-                           i.a.shape[1], i.p.out_features, None if i.lr is None else
-                           i.lr.shape[1], None if i.bias is None else i.bias.dtype)
-    keys = {key(i, plan) for i, plan in zip(ins, plans)}
-    gelu_froms = {gelu_from for *_, gelu_from, _ in calls}
-    if all(plans) and len(keys) == 1 and len(gelu_froms) == 1:
-      (tiles, gelu, _), (gelu_from,) = plans[0], gelu_froms
-      ys = w4a8_hopper.w4a8_gemms_t(
-          tuple((i.a, i.sa, i.p.layer.qweight, i.p.mult_t, i.p.sw, i.lr, i.p.up_t, i.bias,
-                 inv_next) for i, (_, _, inv_next) in zip(ins, plans)),
-          gelu_from=gelu_from if gelu else None, interpret=interpret, **tiles)
-      return [_gemm_output(y, i.dtype, gelu_from, gelu) for i, y in zip(ins, ys)]
-  return [_row_scaled_gemm(i, gelu_from, feeds, interpret)
-          for i, (*_, gelu_from, feeds) in zip(ins, calls)]
-
-
-_grouped_gemms = False
-
-
-def set_grouped_gemms(on: bool) -> None:
-  """Whether ``row_scaled_linears`` runs its calls' W4A8 GEMMs in one launch where it can
-  (scripts/bench_flux_full.py --grouped-gemms), or each its own."""
-  global _grouped_gemms
-  _grouped_gemms = bool(on)
-
-
-class _Inputs(NamedTuple):
-  """A row-scaled layer's GEMM operands on the activation side (``_row_scaled_inputs``)."""
-  p: qlinear.PreparedLinear
-  a: jax.Array          # int8 [M, K]
-  sa: jax.Array         # f32 [M]
-  lr: jax.Array | None  # bf16 [M, r] (r padded to 16)
-  bias: jax.Array | None
-  dtype: object         # of x: the output's
-  out_dtype: object     # the GEMM's: f32 for f32 callers, else bf16
-
-
-def _row_scaled_inputs(layer, x, bias, interpret: bool) -> _Inputs:
-  """``row_scaled_linear``'s first half: the activations quantized per token, their low-rank
-  down projection, the weight-side operands prepared."""
-  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper
+  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
   p = layer if prepared else prepare_row_scaled(layer, interpret=interpret, expand=False)
   n = p.out_features
@@ -758,64 +686,34 @@ def _row_scaled_inputs(layer, x, bias, interpret: bool) -> _Inputs:
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:
     lr = _pad_rank(lr.astype(jnp.bfloat16), 1)
-  return _Inputs(p, a, sa, lr, bias, dtype, out_dtype)
-
-
-def _register_plan(i: _Inputs, gelu_from: int | None, feeds, m: int):
-  """(tiles, gelu, row_max_inv) of the W4A8 register GEMM for ``i`` with the tiling chosen
-  for ``m`` tokens, or None where it does not run it; gelu: whether the epilogue computes
-  the GELU from ``gelu_from`` on; row_max_inv: ``w4a8_gemm_t``'s (``_fed_inv_smooth``)."""
-  from svdq_jax.pallas_kernels import w4a8_hopper
-  if i.p.w is not None:   # weights prepared expanded (``qlinear.prepare``): the int8 GEMM's
-    return None
-  k, n = i.a.shape[1], i.p.out_features
-  tiles = _register_tiling(i.p.layer, m, k, n, 0 if i.lr is None else i.lr.shape[1],
-                           i.out_dtype, gelu_from if _epilogue_gelu else None)
-  if tiles is None:
-    return None
-  gelu = _epilogue_gelu_on(gelu_from, w4a8_hopper.cta_rows(tiles), i.dtype)
-  return tiles, gelu, _fed_inv_smooth(feeds, n - gelu_from) if gelu else None
-
-
-def _epilogue_gelu_on(gelu_from: int | None, cta_n: int, dtype) -> bool:
-  """Whether a GEMM of CTA tiles ``cta_n`` columns wide computes the GELU from ``gelu_from``
-  on in its epilogue (bf16 callers only)."""
-  return (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
-          and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
-
-
-def _gemm_output(y, dtype, gelu_from: int | None, gelu: bool):
-  """A GEMM's result as ``row_scaled_linear`` returns it: (y, row maxima) or y."""
-  if not gelu:
-    return y.astype(dtype)
-  y, row_max = y if isinstance(y, tuple) else (y, None)
-  return qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max)
-
-
-def _row_scaled_gemm(i: _Inputs, gelu_from: int | None, feeds, interpret: bool):
-  """``row_scaled_linear``'s second half: one GEMM of ``i``'s operands."""
-  from svdq_jax.pallas_kernels import int8_hopper, w4a8_hopper
-  p, a, sa, lr, bias, dtype, out_dtype = i
-  n = p.out_features
-  in_registers = _register_plan(i, gelu_from, feeds, a.shape[0])
-  if in_registers is not None:
-    tiles, gelu, inv_next = in_registers
-    y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias,
-                                inv_next, gelu_from=gelu_from if gelu else None,
-                                interpret=interpret, **tiles)
-    return _gemm_output(y, dtype, gelu_from, gelu)
-  if p.w is None:
+  rank = 0 if lr is None else lr.shape[1]
+  # weights prepared expanded (``qlinear.prepare``): the int8 GEMM reads them
+  in_registers = (None if p.w is not None else _register_tiling(
+      p.layer, a.shape[0], k, n, rank, out_dtype, gelu_from if _epilogue_gelu else None))
+  if in_registers is None and p.w is None:
     w, sw = _row_scaled_weight(p.layer, interpret)
     p = p.replace(w=w, sw=sw)
-  rank = 0 if lr is None else lr.shape[1]
-  tiles = int8_hopper.tiling(n, out_dtype, rank)
+  tiles = in_registers or int8_hopper.tiling(n, out_dtype, rank)
   if tiles is not None:
-    gelu = _epilogue_gelu_on(gelu_from, int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]),
-                             dtype)
-    y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
-                              gelu_from=gelu_from if gelu else None, interpret=interpret,
-                              **tiles)
-    return _gemm_output(y, dtype, gelu_from, gelu)
+    cta_n = (w4a8_hopper.cta_rows(tiles) if in_registers
+             else int8_hopper.cta_cols(tiles["tile_n"], tiles["wg_dim"]))
+    gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
+            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
+    inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
+    row_max = None
+    if in_registers:
+      y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
+                                  lr, p.up_t, bias, inv_next,
+                                  gelu_from=gelu_from if gelu else None,
+                                  interpret=interpret, **tiles)
+      if inv_next is not None:
+        y, row_max = y
+    else:
+      y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
+                                gelu_from=gelu_from if gelu else None, interpret=interpret,
+                                **tiles)
+    return qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max) if gelu else y.astype(
+        dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)

@@ -11,8 +11,7 @@ warpgroups owns 64 weight rows, expands its codes
 to the int8 products m * q in registers (``_expand``) and issues wgmma(acc [64, tile_m] int32,
 w, activations^T), the activations K-major in shared memory as 8-bit wgmma wants them. The
 epilogue scales, adds the low-rank up projection (one bf16 wgmma) and the bias, optionally the
-GELU, and stores the tile transposed through shared memory. ``w4a8_gemms_t`` runs several such
-problems of one K and N (FLUX's image and text streams) in one persistent grid.
+GELU, and stores the tile transposed through shared memory.
 
 Measured on an H200 (2026-12-03, docs/benchmarks README, "fourteenth session"), M = 4608 with
 the rank-32 branch and a bias, bit-identical outputs: 0.091 / 0.272 / 0.280 / 0.431 / 0.339
@@ -202,99 +201,42 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
   masks the last tile; padded to 8 rows).
   """
-  return _gemms(((a, sa, codes, w_mult, sw, lr, up_t, bias, row_max_inv),),
-                tile_m=tile_m, steps=steps, gelu_from=gelu_from,
-                compute_wgs=compute_wgs, num_sms=num_sms, interpret=interpret)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
-                                             "num_sms", "interpret"))
-def w4a8_gemms_t(problems, *, tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
-                 compute_wgs: int = 2, num_sms: int | None = None, interpret: bool = False):
-  """Several ``w4a8_gemm_t`` of one K and N in one launch (grouped): each problem its own
-  tokens and weights, one persistent grid over all their output tiles (problem 0's, then
-  problem 1's, ...), so a short problem (FLUX's text stream, 512 tokens) fills the waves the
-  long one (the image stream) leaves, and its weight tiles are expanded for 192 or 256 tokens
-  like the long one's. Each output equals its ``w4a8_gemm_t`` at the same tiling, bit for bit.
-
-  Args: problems: a tuple of ``w4a8_gemm_t``'s operand tuples (a, sa, codes, w_mult, sw, lr,
-    up_t, bias, row_max_inv), of one K, N and rank, with the same optional operands given
-    (None) and biases of one dtype. The keywords as ``w4a8_gemm_t``'s, for all problems.
-  Returns: a tuple of ``w4a8_gemm_t``'s results, one per problem.
-  """
-  return _gemms(problems, tile_m=tile_m, steps=steps, gelu_from=gelu_from,
-                compute_wgs=compute_wgs, num_sms=num_sms, interpret=interpret)
-
-
-def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpret):
-  """``w4a8_gemms_t`` (both public functions' one kernel), unjitted."""
   if compute_wgs not in (2, 3):
     raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
-  if not problems:
-    raise ValueError("no problems given")
-  for ops in problems:
-    if len(ops) != 9:
-      raise ValueError(f"a problem is (a, sa, codes, w_mult, sw, lr, up_t, bias, row_max_inv), "
-                       f"got {len(ops)} operands")
-    check_shapes(*ops[:8], compute_wgs)
-  given = lambda ops: tuple(v is not None for v in ops[5:])
-  first = problems[0]
-  k, n = first[0].shape[1], first[2].shape[0]
-  for ops in problems[1:]:
-    if (ops[0].shape[1], ops[2].shape[0]) != (k, n) or given(ops) != given(first):
-      raise ValueError(f"grouped problems must share K, N and the optional operands given: "
-                       f"K={k}, N={n}, given {given(first)} against K={ops[0].shape[1]}, "
-                       f"N={ops[2].shape[0]}, given {given(ops)}")
-    if ops[5] is not None and ops[5].shape[1] != first[5].shape[1]:
-      raise ValueError(f"grouped problems must share the rank: {first[5].shape[1]} and "
-                       f"{ops[5].shape[1]}")
+  check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs)
+  m_out, k = a.shape
+  n = codes.shape[0]
   cta_n, box = compute_wgs * ROWS, mult_box(compute_wgs)
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
-  has_lr, has_bias, has_rmax = (first[i] is not None for i in (5, 7, 8))
-  for ops in problems:
-    if has_rmax and (gelu_from is None or ops[8].shape != (n - gelu_from,)):
-      raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
-                       f"{ops[8].shape} and gelu_from={gelu_from} for N={n}")
-  rank = first[5].shape[1] if has_lr else 0
-  n_iters, k_iters = n // cta_n, k // TILE_K
+  has_lr, has_bias, has_rmax = lr is not None, bias is not None, row_max_inv is not None
+  if has_rmax and (gelu_from is None or row_max_inv.shape != (n - gelu_from,)):
+    raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
+                     f"{row_max_inv.shape} and gelu_from={gelu_from} for N={n}")
+  rank = lr.shape[1] if has_lr else 0
+  pad = -m_out % ROW_ALIGN
+  if pad:
+    a = jnp.pad(a, ((0, pad), (0, 0)))
+    lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
+  m = a.shape[0]
+  m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
+  sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * tile_m - m_out))
+  if num_sms is None:
+    num_sms = m_iters * n_iters if interpret else sm_count()
+  k_iters = k // TILE_K
   steps = min(steps, k_iters)
 
-  # each problem's operands as the kernel reads them, and its tiles
-  args, m_outs, m_iters = [], [], []
-  for a, sa, codes, w_mult, sw, lr, up_t, bias, row_max_inv in problems:
-    m_out = a.shape[0]
-    pad = -m_out % ROW_ALIGN
-    if pad:
-      a = jnp.pad(a, ((0, pad), (0, 0)))
-      lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
-    m_iters.append(pl.cdiv(a.shape[0], tile_m))
-    m_outs.append(m_out)
-    ops = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult,
-           jnp.pad(sa.astype(jnp.float32), (0, m_iters[-1] * tile_m - m_out)),
-           sw.astype(jnp.float32)]
-    if has_lr:
-      ops += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
-    if has_bias:
-      ops.append(bias_operand(bias))
-    if has_rmax:
-      ops.append(row_max_inv.astype(jnp.float32))
-    args.append(ops)
-  bias_dtype = args[0][7 if has_lr else 5].dtype if has_bias else jnp.float32
-  if has_bias and any(ops[7 if has_lr else 5].dtype != bias_dtype for ops in args):
-    raise ValueError("grouped problems must have biases of one dtype")
-  starts = np.cumsum([0] + [mi * n_iters for mi in m_iters]).tolist()
-  if num_sms is None:
-    num_sms = starts[-1] if interpret else sm_count()
-  n_in, n_out = len(args[0]), 1 + has_rmax
-
-  def kernel(*refs):
-    ins = [refs[p * n_in:(p + 1) * n_in] for p in range(len(problems))]
-    outs = refs[len(problems) * n_in:][:len(problems) * n_out]
+  def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
+    it = iter(refs)
+    lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
+    bias_gmem = next(it) if has_bias else None
+    rinv_gmem = next(it) if has_rmax else None
+    out_gmem = next(it)
+    rmax_gmem = next(it) if has_rmax else None
     (out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, rinv_smem, rmax_smem, barriers,
-     both, *stage) = refs[len(problems) * (n_in + n_out):]
+     both, *stage) = it
 
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -312,19 +254,17 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
     ignore = lambda *_, **__: None
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(
-        *ins[0][:3]), collective_axes="wg")
+        a_gmem, codes_gmem, mult_gmem), collective_axes="wg")
     def _scope(allocs):
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * ROWS, ROWS)
 
-      def tile(p, lin):   # output tile lin of problem p
-        a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *it = ins[p]
-        it = iter(it)
-        lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
-        bias_gmem = next(it) if has_bias else None
-        rinv_gmem = next(it) if has_rmax else None
-        out_gmem, *rmax_gmem = outs[p * n_out:(p + 1) * n_out]
-        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters[p], n_iters), 1, 8)
+      # a pipeline per tile (chained into one, the next tile's loads during this one's
+      # epilogue, the step was no faster: docs/benchmarks, 2026-12-05)
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tiles(info):
+        (lin,) = info.index
+        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)
         # the multiplier box: the CTA's rows, within N (the last tile's sit at its end)
@@ -383,7 +323,7 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
                   jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
               plgpu.commit_smem()
               group = (n_idx * cta_n - gelu_from) // ROWS + wg
-              plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem[0].at[group, m_slice])
+              plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
@@ -401,32 +341,25 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
         pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
-      # a pipeline per tile (chained into one, the next tile's loads during this one's
-      # epilogue, the step was no faster: docs/benchmarks, 2026-12-05)
-      @plgpu.nd_loop((starts[-1],), collective_axes="sm")
-      def _tiles(info):
-        (lin,) = info.index
-        if len(problems) == 1:
-          tile(0, lin)
-          return
-        for p in range(len(problems)):
-          pl.when((lin >= starts[p]) & (lin < starts[p + 1]))(
-              functools.partial(tile, p, lin - starts[p]))
-
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  # the tiling and the problems [M, K] x [K, N] in the name: a profile tells the layers apart
+  # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}"
-                     f"_{'+'.join(map(str, m_outs))}x{k}x{n}")
-  out_type = []
-  for ops, mi in zip(args, m_iters):
-    out_type.append(jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.bfloat16))
-    if has_rmax:
-      # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
-      # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
-      out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, mi * tile_m),
-                                           jnp.float32))
+                     f"_{m_out}x{k}x{n}")
+  args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
+  if has_lr:
+    args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]
+  if has_bias:
+    bias = bias_operand(bias)
+    args.append(bias)
+  out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
+  if has_rmax:
+    args.append(row_max_inv.astype(jnp.float32))
+    # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
+    # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
+    out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m_iters * tile_m),
+                                         jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
   wgs = compute_wgs
@@ -442,7 +375,7 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
           plgpu.SMEM((wgs, lr_rows(ROWS), lr_cols), jnp.bfloat16,
                      transforms=_swizzled(lr_cols, jnp.bfloat16)),
-          plgpu.SMEM((wgs, ROWS), bias_dtype),
+          plgpu.SMEM((wgs, ROWS), bias.dtype if has_bias else jnp.float32),
           plgpu.SMEM((wgs, ROWS if has_rmax else 8), jnp.float32),
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=BARRIERS * wgs),
@@ -453,12 +386,10 @@ def _gemms(problems, *, tile_m, steps, gelu_from, compute_wgs, num_sms, interpre
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
           approx_math=gelu_from is not None),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(*[v for ops in args for v in ops])
-  results = []
-  for p, m_out in enumerate(m_outs):
-    y = outs[p * n_out][:m_out]
-    results.append((y, outs[p * n_out + 1][:, :m_out]) if has_rmax else y)
-  return tuple(results)
+  )(*args)
+  if has_rmax:
+    return outs[0][:m_out], outs[1][:, :m_out]
+  return outs[0][:m_out]
 
 
 def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import (Gelu, PreparedLinear, QuantizedLinear, Scaled, apply,
-                              apply_grouped, join)
+from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
 
-__all__ = ["Gelu", "Linear", "Scaled", "dense", "linears", "lookup", "quantized_dense", "runnable",
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
            "runs_quantized", "dense_input"]
 
 
@@ -61,30 +60,6 @@ class Linear(nnx.Linear):
     bias = None if self.bias is None else self.bias.get_value()
     fed = None if feeds is None else feeds.kernel.get_value()
     return dense(x, self.kernel.get_value(), bias, gelu_from, fed)
-
-
-def linears(*calls) -> list:
-  """Independent ``Linear`` calls (one's output is no other's input), each (module, x) or
-  (module, x, keywords of ``Linear.__call__``) -> their outputs in order. Where every kernel
-  is quantized they go to ``qlinear.apply_grouped`` together (their W4A8 GEMMs of one shape
-  may share a launch: FLUX's image and text streams); otherwise each module is called."""
-  if bad := [c for c in calls if not isinstance(c, tuple) or not 2 <= len(c) <= 3
-              or (len(c) == 3 and not isinstance(c[2], dict))]:
-    raise ValueError(f"linears takes calls (module, x) or (module, x, keywords dict), got "
-                     f"{len(bad)} other")
-  calls = [(module, x, kw[0] if kw else {}) for module, x, *kw in calls]
-  if unknown := {k for *_, kw in calls for k in kw} - {"gelu_from", "feeds"}:
-    raise TypeError(f"linears: Linear takes the keywords gelu_from and feeds, got "
-                    f"{sorted(unknown)}")
-  if not all(isinstance(m, Linear) and _is_quantized(m.kernel.get_value()) for m, *_ in calls):
-    return [module(x, **kw) for module, x, kw in calls]
-  grouped = []
-  for module, x, kw in calls:
-    feeds = kw.get("feeds")
-    grouped.append((module.kernel.get_value(), x,
-                    None if module.bias is None else module.bias.get_value(),
-                    kw.get("gelu_from"), None if feeds is None else feeds.kernel.get_value()))
-  return apply_grouped(grouped)
 
 
 def _is_quantized(kernel) -> bool:

@@ -492,7 +492,6 @@ def backend(name: str):
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
                     ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
-                    ("w4a4", "_grouped_gemms"),
                     ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))
@@ -524,19 +523,6 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   GELU columns: the W4A8 GEMM may then compute its activation kernel's token maxima over them
   in its epilogue (``Gelu.row_max``; ``w4a4.set_epilogue_row_max``).
   """
-  x = _checked(layer, x, bias, gelu_from)
-  from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
-  y = None
-  if parallel.token_mesh() is not None:
-    x = join(x)
-    y = parallel.split_tokens(_dispatch, layer, x, bias)
-  if y is None:
-    y = _dispatch(layer, x, bias, gelu_from, feeds)
-  return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
-
-
-def _checked(layer, x, bias, gelu_from):
-  """``apply``'s argument checks; x with integer parts as f32."""
   k = layer.in_features
   if input_width(x) != k:
     shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
@@ -551,52 +537,21 @@ def _checked(layer, x, bias, gelu_from):
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
-  return x
-
-
-def apply_grouped(calls) -> list:
-  """``apply`` of each call (layer, x, bias=None, gelu_from=None, feeds=None), for
-  independent layers (one's output is no other's input: FLUX's image and text streams'
-  projections of one kind). Where all of them run the row-scaled Hopper kernels, their
-  GEMMs of one K and N may share one launch (``w4a4.set_grouped_gemms``); the values are
-  ``apply``'s either way."""
-  if bad := [c for c in calls if not isinstance(c, (tuple, list)) or not 2 <= len(c) <= 5]:
-    raise ValueError(f"apply_grouped takes calls (layer, x[, bias, gelu_from, feeds]), got "
-                     f"{len(bad)} other: {[type(c).__name__ for c in bad]}")
-  calls = [tuple(c) + (None,) * (5 - len(c)) for c in calls]
-  from svdq_jax import parallel
-  if (len(calls) < 2 or parallel.token_mesh() is not None
-      or not all(_on_row_scaled_kernels(layer, x) for layer, x, *_ in calls)):
-    return [apply(*c) for c in calls]
-  from svdq_jax.pallas_kernels import w4a4
-  checked = [(layer, _checked(layer, x, bias, gelu_from), bias, gelu_from, feeds)
-             for layer, x, bias, gelu_from, feeds in calls]
-  ys = w4a4.w4a4_linears(checked, interpret=_backend == "interpret")
-  return [y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
-          for y, (*_, gelu_from, _) in zip(ys, calls)]
-
-
-def _on_row_scaled_kernels(layer, x) -> bool:
-  """Whether ``apply`` runs this layer on the row-scaled Hopper kernels
-  (``w4a4.row_scaled_linear``) now."""
-  if _backend == "reference" or layer.act_format is None:
-    return False
-  from svdq_jax.pallas_kernels import int8_hopper, w4a4
-  if not (w4a4.row_scaled(layer.weight_format)
-          and w4a4.supports(layer.weight_format, layer.act_format)):
-    return False
-  if _backend == "interpret":
-    return True
-  dtype = input_dtype(x)
-  return runs_row_scaled_kernels() and int8_hopper.supports(
-      layer.in_features, layer.out_features,
-      jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
+  from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
+  y = None
+  if parallel.token_mesh() is not None:
+    x = join(x)
+    y = parallel.split_tokens(_dispatch, layer, x, bias)
+  if y is None:
+    y = _dispatch(layer, x, bias, gelu_from, feeds)
+  return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
               gelu_from: int | None = None, feeds=None) -> jax.Array | Gelu:
   """``apply`` on the backend ``set_backend`` chose (inputs already checked); an applied
   ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output."""
+  k = layer.in_features
   if _backend == "reference":
     return reference_apply(layer, x, bias)
   if layer.act_format is None and not isinstance(layer, PreparedLinear):
@@ -612,8 +567,13 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
-    if (_on_row_scaled_kernels(layer, x) if w4a4.row_scaled(layer.weight_format)  # Hopper-only
-        else supported and jax.default_backend() == "gpu"):
+    on_gpu = jax.default_backend() == "gpu"
+    if w4a4.row_scaled(layer.weight_format):  # the int8 GEMM is Hopper-only
+      from svdq_jax.pallas_kernels import int8_hopper
+      dtype = input_dtype(x)
+      on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
+          k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
+    if supported and on_gpu:
       return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds)
     return reference_apply(layer, x, bias)
   return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds,

@@ -80,21 +80,6 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
   assert calls == [MOSAIC], calls
 
 
-@pytest.mark.parametrize("compute_wgs", [2, 3])
-def test_w4a8_grouped_gemms_lower(compute_wgs):
-  """Two problems (FLUX's image and text streams) in one launch: one Mosaic kernel, with the
-  low-rank branch, bias, GELU and the next layer's token maxima."""
-  n = 128 * compute_wgs
-  problems = tuple(
-      (jnp.zeros((m, K), jnp.int8), jnp.zeros((m,)), jnp.zeros((n, K // 2), jnp.uint8),
-       jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((m, R), jnp.bfloat16),
-       jnp.zeros((n, R), jnp.bfloat16), jnp.zeros((n,), jnp.float32),
-       jnp.zeros((n - 64 * compute_wgs,), jnp.float32)) for m in (M, 72))
-  calls = _custom_calls(lambda p: w4a8_hopper.w4a8_gemms_t(
-      p, gelu_from=64 * compute_wgs, compute_wgs=compute_wgs, tile_m=192, steps=3), problems)
-  assert calls == [MOSAIC], calls
-
-
 @pytest.mark.parametrize("tile_m,compute_wgs", [(128, 2), (192, 3)])
 def test_w4a8_row_maxima_array_holds_whole_token_tiles(tile_m, compute_wgs):
   """The kernel's token-maxima array spans whole tiles of tokens (sliced to M after it), so
@@ -223,49 +208,3 @@ def test_layer_reads_input_parts_on_the_kernels(monkeypatch, applied):
     calls = _custom_calls(lambda l, a, b: qlinear.apply(
         l, (a, qlinear.Gelu(b, 0, applied))), layer, x[:, :128], x[:, 128:])
   assert calls == [TRITON] * 4 + [MOSAIC], calls   # row maxima and codes, per part
-
-
-@pytest.mark.parametrize("grouped", [False, True])
-def test_grouped_layers_lower_to_one_kernel(monkeypatch, grouped):
-  """``qlinear.apply_grouped`` of two W4A8 layers (their own weights and tokens) on the
-  'pallas' backend: with ``set_grouped_gemms``, one Mosaic kernel for both; off, one each."""
-  layers = [_layer("svdquant", "int4_2l", "int8"), _layer("svdquant", "int4_2l", "int8")]
-  layers[1] = layers[1].replace(qweight=layers[1].qweight[::-1])   # other weights
-  monkeypatch.setattr(w4a4, "_grouped_gemms", grouped)
-  xs = [jax.random.normal(jax.random.key(i), (m, 256), jnp.bfloat16)
-        for i, m in ((2, 72), (3, 40))]
-  with qlinear.backend("pallas"):
-    calls = _custom_calls(lambda ls, xs: qlinear.apply_grouped(
-        [(l, x, None, 128) for l, x in zip(ls, xs)]), layers, xs)
-  assert calls == [MOSAIC] * (1 if grouped else 2), calls
-
-
-def test_flux_double_block_projections_grouped(monkeypatch):
-  """A W4A8 FLUX model's double block on the 'pallas' backend with ``set_grouped_gemms``:
-  its four projections (qkv, proj, fc1, fc2) each one W4A8 kernel for both streams (8
-  without), the single block's two as before."""
-  import dataclasses
-  from flax import nnx
-  from flux_helpers import w4a8_model
-  from svdq_jax.models import flux
-
-  cfg = dataclasses.replace(flux.FLUX_DEV, in_channels=16, out_channels=16, vec_in_dim=8,
-                            context_in_dim=16, hidden_size=128, num_heads=1,
-                            axes_dim=(32, 48, 48), depth=1, depth_single_blocks=1,
-                            mlp_ratio=4.0)
-  graph, state = nnx.split(flux.Flux(cfg, nnx.Rngs(0)))
-  # bf16 as FLUX.1 runs (the register GEMM writes bf16)
-  state = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
-  model = nnx.merge(graph, state)
-  ks = jax.random.split(jax.random.key(1), 3)
-  args = (jax.random.normal(ks[0], (1, 64, 16)), jnp.zeros((64, 3)),
-          jax.random.normal(ks[1], (1, 24, 16)), jnp.zeros((24, 3)), jnp.full((1,), 0.5),
-          jax.random.normal(ks[2], (1, 8)), jnp.full((1,), 3.5))
-  args = tuple(a.astype(jnp.bfloat16) if i not in (1, 3) else a for i, a in enumerate(args))
-  qmodel = w4a8_model(model, [args], 16)
-  counts = []
-  for grouped in (False, True):
-    monkeypatch.setattr(w4a4, "_grouped_gemms", grouped)
-    with qlinear.backend("pallas"), flux.attention_as("xla"):
-      counts.append(_custom_calls(lambda *a: qmodel(*a), *args).count(MOSAIC))
-  assert counts == [8 + 2, 4 + 2], counts

@@ -117,42 +117,6 @@ def test_bad_inputs():
     apply(_layer(bias=False), jnp.ones((2, 128)), jnp.ones(10))
 
 
-def test_apply_grouped_and_linears():
-  """``apply_grouped`` gives ``apply``'s outputs call by call (here on the reference path,
-  where nothing is grouped) and checks each call as ``apply`` does, also on the kernels'
-  path; ``layers.linears`` calls float modules as they are and runs quantized ones through
-  it; malformed calls name the problem."""
-  from flax import nnx
-  from svdq_jax import qlinear
-  from svdq_jax.layers import Linear, linears
-  layers = [_layer(seed=0), _layer(seed=1)]
-  xs = [jnp.ones((2, 128)), jnp.full((3, 128), 0.5)]
-  got = qlinear.apply_grouped([(l, x) for l, x in zip(layers, xs)])
-  for g, l, x in zip(got, layers, xs):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(apply(l, x)))
-  with pytest.raises(ValueError, match="apply_grouped takes calls"):
-    qlinear.apply_grouped([(layers[0],)])
-  row = _layer(k=256, n=128, r=16, fmt="int4_2l", act="int8")
-  with (qlinear.backend("interpret"),
-        pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 256\]")):
-    qlinear.apply_grouped([(row, jnp.ones((2, 256))), (row, jnp.ones((2, 200)))])
-
-  mods = [Linear(128, 64, rngs=nnx.Rngs(i)) for i in (0, 1)]
-  want = [m(x) for m, x in zip(mods, xs)]
-  for g, w in zip(linears(*zip(mods, xs)), want):   # float kernels: the modules themselves
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-  for i, (m, l) in enumerate(zip(mods, layers)):
-    m.kernel = nnx.Param(l.replace(bias=None))
-    m.bias = nnx.Param(jnp.linspace(-1.0, 1.0 + i, 64))   # each module's own, not zero
-  for g, m, l, x in zip(linears(*zip(mods, xs)), mods, layers, xs):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(apply(
-        l.replace(bias=None), x, m.bias.get_value())))
-  with pytest.raises(ValueError, match="linears takes calls"):
-    linears((mods[0], xs[0], "gelu_from"))
-  with pytest.raises(TypeError, match=r"keywords gelu_from and feeds, got \['start'\]"):
-    linears((mods[0], xs[0], dict(start=0)))
-
-
 def test_integer_inputs_are_promoted_to_f32():
   """As x @ a float kernel: an integer input gives the f32 output of its float values (not
   an output truncated to integers)."""

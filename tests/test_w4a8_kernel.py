@@ -133,47 +133,6 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
 
-@pytest.mark.parametrize("compute_wgs,gelu_from,epilogue,row_max",
-                         [(2, None, False, False), (2, 128, True, False), (3, 192, True, True)])
-def test_grouped_equals_one_launch_each(compute_wgs, gelu_from, epilogue, row_max):
-  """Two problems of one K and N, each its own tokens (200 and 72: both ragged in 64-token
-  tiles) and weights, in one launch: each output (and its token maxima) bit for bit that of
-  its own ``w4a8_gemm_t`` launch, so the grid sends every tile to its problem's operands."""
-  n = 128 * compute_wgs
-  problems = []
-  for seed, m in ((0, 200), (1, 72)):
-    a, sa, codes, mult, sw, lr, up, bias = _operands(m=m, n=n, seed=seed)
-    inv = jax.random.uniform(jax.random.key(seed), (n - gelu_from,), minval=0.1, maxval=4.0
-                             ) if row_max else None
-    problems.append((a, sa, codes, mult.T, sw, *((lr, up, bias) if epilogue else
-                                                 (None, None, None)), inv))
-  kw = dict(tile_m=64, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
-  grouped = w4a8_hopper.w4a8_gemms_t(tuple(problems), **kw)
-  assert len(grouped) == 2
-  for ops, got in zip(problems, grouped):
-    want = w4a8_hopper.w4a8_gemm_t(*ops, **kw)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      assert g.shape == w.shape and g.dtype == w.dtype
-      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-
-
-def test_grouped_errors():
-  a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
-  one = (a, sa, codes, mult.T, sw, lr, up, bias, None)
-  gemms = lambda *problems: w4a8_hopper.w4a8_gemms_t(problems, tile_m=64, interpret=True)
-  with pytest.raises(ValueError, match="no problems"):
-    gemms()
-  with pytest.raises(ValueError, match="share K, N and the optional operands"):
-    gemms(one, (a, sa, codes, mult.T, sw, None, None, bias, None))
-  b, sb, codes_b, mult_b, sw_b, lr_b, up_b, bias_b = _operands(m=16, k=384, n=128)
-  with pytest.raises(ValueError, match="share K, N"):
-    gemms(one, (b, sb, codes_b, mult_b.T, sw_b, lr_b, up_b, bias_b, None))
-  with pytest.raises(ValueError, match="share the rank"):
-    gemms(one, (a, sa, codes, mult.T, sw, lr[:, :16], up[:, :16], bias, None))
-  with pytest.raises(ValueError, match="biases of one dtype"):
-    gemms(one, (a, sa, codes, mult.T, sw, lr, up, bias.astype(jnp.bfloat16), None))
-
-
 @pytest.mark.parametrize("compute_wgs", [2, 3])
 def test_pipeline_stages_keep_tma_alignment(compute_wgs):
   """The multiplier stages a TMA copy writes stay 128-byte aligned in shared memory (interpret
@@ -362,49 +321,3 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
   np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match=r"row_max must be \[4, 72\]"):
     qlinear.input_parts(h.replace(row_max=h.row_max[1:]))
-
-
-def test_grouped_layers_equal_each_alone(monkeypatch):
-  """``qlinear.apply_grouped`` with ``set_grouped_gemms``: two W4A8 layers (their own weights,
-  biases and tokens, 72 and 40 of them, with leading axes) in one W4A8 GEMM launch, plain and
-  with the GELU epilogue plus the next layers' token maxima: each output (and its maxima)
-  that of ``apply`` alone, bit for bit. Off: no grouped launch."""
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  spec = method_spec("svdquant", "int4_2l", False, "int8")
-  scale = jnp.linspace(0.05, 6.0, 256)
-
-  def quant(seed, k, n, x):
-    (layer,), _ = transforms.quantize_group(
-        [jax.random.normal(jax.random.key(seed), (k, n))], spec, 8, None, cfg,
-        jax.random.key(0), jnp.abs(x).max(0), x)
-    return layer.replace(bias=jax.random.normal(jax.random.key(seed + 1), (n,)))
-
-  xs = [jax.random.normal(jax.random.key(s), (m, 256)) * scale for s, m in ((5, 72), (6, 40))]
-  fc1 = [quant(10 + i, 256, 384, x) for i, x in enumerate(xs)]
-  fc2 = [quant(20 + i, 384, 256, jax.random.normal(jax.random.key(i), (8, 384))) for i in (0, 1)]
-  inputs = [x.astype(jnp.bfloat16).reshape(1, -1, 256) for x in xs]
-  launches = []
-  real = w4a8_hopper.w4a8_gemms_t
-  monkeypatch.setattr(w4a8_hopper, "w4a8_gemms_t",
-                      lambda p, **k: launches.append(len(p)) or real(p, **k))
-  monkeypatch.setattr(w4a4, "_act_choice", "pallas")   # fc2's maxima from fc1's epilogue
-  monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)
-  f32 = lambda v: np.asarray(v, np.float32)
-  with qlinear.backend("interpret"):
-    for kw in (dict(), dict(gelu_from=0)):
-      calls = [(l, x, None, kw.get("gelu_from"), f if kw else None)
-               for l, x, f in zip(fc1, inputs, fc2)]
-      monkeypatch.setattr(w4a4, "_grouped_gemms", True)
-      got = jax.block_until_ready(qlinear.apply_grouped(calls))
-      assert launches == [2]
-      monkeypatch.setattr(w4a4, "_grouped_gemms", False)
-      assert len(jax.block_until_ready(qlinear.apply_grouped(calls))) == 2 and launches == [2]
-      launches.clear()
-      for c, g in zip(calls, got):
-        want = jax.block_until_ready(qlinear.apply(*c))
-        if kw:
-          assert g.applied and g.row_max is not None and g.row_max.shape == (6, c[1].shape[1])
-          np.testing.assert_array_equal(f32(g.row_max), f32(want.row_max))
-          g, want = g.x, want.x
-        assert g.shape == want.shape == (1, c[1].shape[1], 384)
-        np.testing.assert_array_equal(f32(g), f32(want))
