@@ -422,8 +422,7 @@ LOWRANK_DTYPE = jnp.bfloat16
 
 
 def bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b of bf16-rounded operands (the low-rank branch's tensor-core precision), f32
-  accumulation and result (XLA's, for bf16 operands on GPU and CPU)."""
+  """f32 a @ b of bf16-rounded operands (the low-rank branch's tensor-core precision)."""
   return jnp.matmul(a.astype(LOWRANK_DTYPE), b.astype(LOWRANK_DTYPE),
                     preferred_element_type=jnp.float32)
 

@@ -25,21 +25,6 @@ def _operands(m=200, k=384, n=256, r=32, seed=0):
   return a, sa, codes, mult, sw, lr, up, bias
 
 
-_X = jax.random.normal(jax.random.key(0), (72, 384), jnp.bfloat16)
-
-
-def _w4a8_layer(rank=0):
-  """A W4A8 QuantizedLinear [384 -> 256] (no smoothing), with a rank-``rank`` branch."""
-  ks = jax.random.split(jax.random.key(1), 3)
-  qt = formats.quantize_weight(jax.random.normal(ks[0], (256, 384)), "int4_2l")
-  lora = {} if not rank else dict(
-      lora_down=0.1 * jax.random.normal(ks[1], (384, rank), jnp.bfloat16),
-      lora_up=0.1 * jax.random.normal(ks[2], (rank, 256), jnp.bfloat16))
-  return qlinear.QuantizedLinear(
-      qweight=formats.pack(qt.q, "int4_2l"), wscale=formats.pack_multipliers(qt.scale),
-      wcscale=qt.tensor_scale[:, 0], weight_format="int4_2l", act_format="int8", **lora)
-
-
 @pytest.mark.parametrize("tile_m,epilogue,gelu_from", [(64, False, None), (128, True, None),
                                                        (64, True, 128)])
 def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
