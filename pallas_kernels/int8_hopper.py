@@ -34,8 +34,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels.w4a4_hopper import (ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper,
@@ -77,12 +81,13 @@ def cta_cols(tile_n: int, wg_dim: str) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
-    "delay_release", "out_splits", "out_dtype", "gelu_from", "num_sms", "interpret"))
+    "delay_release", "out_splits", "out_dtype", "gelu_from", "packed_gelu", "num_sms",
+    "interpret"))
 def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               tile_n: int = 128, tile_k: int = 128, steps: int = 4, wg_dim: str = "m",
               grid_minor: str = "n", grid_tile_width: int = 1, delay_release: int = 0,
               out_splits: int = 1, out_dtype=jnp.bfloat16, gelu_from: int | None = None,
-              num_sms: int | None = None, interpret: bool = False):
+              packed_gelu: bool = False, num_sms: int | None = None, interpret: bool = False):
   """Y = (a . w^T) * s_a s_w + lr . up_t^T + bias, on int8 tensor cores.
 
   Args:
@@ -104,7 +109,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       through the tanh GELU (``qlinear.gelu_tanh`` of the bf16 output, each operation rounded
       to bf16, the tanh the GPU's tanh.approx.f32: FLUX's linear1 / fc1, whose GELU'd output
       the next layer's activation kernel then reads as it is); bf16 outputs, a multiple of
-      the CTA tile's N.
+      the CTA tile's N. packed_gelu: that GELU in bf16x2 instructions (``_gelu``; the same
+      bits).
     num_sms: programs (default: the GPU's SMs; interpret: tiles).
     interpret: Pallas' GPU interpret mode (CPU; needs PJRT_NPROC >= 4, tests/conftest.py).
 
@@ -229,7 +235,7 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
               cols = slice(part * out_cols, (part + 1) * out_cols)
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
               y = (total if out_splits == 1 else total[:, cols]).astype(out_dtype)
-              out_smem[wg] = _gelu(y) if gelu else y
+              out_smem[wg] = _gelu(y, packed_gelu, interpret) if gelu else y
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(out_smem.at[wg],
                                       out_tile.at[:, pl.ds(cols.start, out_cols)])
@@ -319,13 +325,70 @@ def store_with_gelu(store, gelu_from: int | None, first_col):
   pl.when(jnp.logical_not(in_gelu))(lambda: store(False))
 
 
-def _gelu(y):
-  """``qlinear.gelu_tanh`` of the bf16 output tile; in the kernel ``jnp.tanh`` is the GPU's
-  tanh.approx.f32 (``approx_math``), as in ``act_rowscaled.kernel_gelu``. Its product that a sum
-  adds is rounded by integer operations (``round_bits``): with casts, 0.22% of an H200's
-  results differed from the definition by a bf16 ulp (2026-12-03)."""
+def _gelu(y, packed: bool = False, interpret: bool = False):
+  """``qlinear.gelu_tanh`` of the bf16 output tile (any shape, the WGMMA layout).
+
+  packed=False: written in f32 operations, ``jnp.tanh`` the GPU's tanh.approx.f32
+  (``approx_math``), as in ``act_rowscaled.kernel_gelu``. Its product that a sum adds is
+  rounded by integer operations (``round_bits``): with casts, 0.22% of an H200's results
+  differed from the definition by a bf16 ulp (2026-12-03). packed=True (GPU only;
+  interpret mode computes the former): two values a 32-bit register in bf16x2 PTX
+  (``GELU_BF16X2``), the same bits."""
+  if packed and not interpret:
+    return _gelu_bf16x2(y)
   from svdq_jax.qlinear import gelu_tanh
   return gelu_tanh(y, round_bits=True)
+
+
+# ``qlinear.gelu_tanh`` on the two bf16 values of $1, into $0. Each of its operations rounds
+# to bf16 the f32 result of two bf16 operands, which is the bf16 operation itself (an f32
+# sum or product of two bf16 values rounded to bf16 equals their correctly rounded bf16
+# result: 24 >= 2 x 8 + 2 bits), so the bf16x2 instructions give the definition's bits at
+# half the instructions of the f32 ones and their conversions; the explicit .rn keeps ptxas
+# from contracting a product into a sum (an fma rounds once where the definition rounds
+# twice). The tanh stays tanh.approx.f32 on each half, as in the f32 form. Constants: bf16
+# 0.044715 (0x3D37), sqrt(2 / pi) (0x3F4C), 1 and 0.5, in both halves.
+GELU_BF16X2 = """{
+.reg .b32 g_t, g_c, g_l, g_h;
+.reg .f32 g_fl, g_fh;
+mul.rn.bf16x2 g_t, $1, $1;
+mul.rn.bf16x2 g_t, g_t, $1;
+mov.b32 g_c, 0x3D373D37;
+mul.rn.bf16x2 g_t, g_t, g_c;
+add.rn.bf16x2 g_t, $1, g_t;
+mov.b32 g_c, 0x3F4C3F4C;
+mul.rn.bf16x2 g_t, g_t, g_c;
+shl.b32 g_l, g_t, 16;
+and.b32 g_h, g_t, 0xFFFF0000;
+mov.b32 g_fl, g_l;
+mov.b32 g_fh, g_h;
+tanh.approx.f32 g_fl, g_fl;
+tanh.approx.f32 g_fh, g_fh;
+cvt.rn.bf16x2.f32 g_t, g_fh, g_fl;
+mov.b32 g_c, 0x3F803F80;
+add.rn.bf16x2 g_t, g_t, g_c;
+mov.b32 g_c, 0x3F003F00;
+mul.rn.bf16x2 g_t, g_t, g_c;
+mul.rn.bf16x2 $0, $1, g_t;
+}"""
+
+
+def _gelu_bf16x2(y):
+  """``GELU_BF16X2`` on each register (two bf16 values) of y, bf16 in the WGMMA layout."""
+  layout = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
+      y.shape, jnp.bfloat16, layout=layout))
+  def gelu(_, frag):
+    i32 = ir.IntegerType.get_signless(32)
+    regs = np.empty_like(frag.registers)
+    for idx in np.ndindex(regs.shape):
+      word = mgpu.utils.bitcast(frag.registers[idx], i32)
+      out = llvm.inline_asm(i32, [word], GELU_BF16X2, "=r,r")
+      regs[idx] = mgpu.utils.bitcast(out, frag.registers[idx].type)
+    return mgpu.FragmentedArray(_registers=regs, _layout=frag.layout, _is_signed=None)
+
+  return gelu(y)
 
 
 def reference(a, sa, w, sw, lr=None, up_t=None, bias=None):

@@ -554,6 +554,17 @@ def set_epilogue_gelu(on: bool) -> None:
   _epilogue_gelu = bool(on)
 
 
+_packed_gelu = False
+
+
+def set_packed_gelu(on: bool) -> None:
+  """Whether the int8 GEMMs' epilogue GELU runs in bf16x2 instructions (``int8_hopper.
+  GELU_BF16X2``) or in f32 ones (the default until timed); the same bits either way
+  (scripts/bench_flux_full.py --packed-gelu)."""
+  global _packed_gelu
+  _packed_gelu = bool(on)
+
+
 _register_expansion = True
 
 
@@ -705,13 +716,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
       y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
                                   lr, p.up_t, bias, inv_next,
                                   gelu_from=gelu_from if gelu else None,
-                                  interpret=interpret, **tiles)
+                                  packed_gelu=_packed_gelu, interpret=interpret, **tiles)
       if inv_next is not None:
         y, row_max = y
     else:
       y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
-                                gelu_from=gelu_from if gelu else None, interpret=interpret,
-                                **tiles)
+                                gelu_from=gelu_from if gelu else None,
+                                packed_gelu=_packed_gelu, interpret=interpret, **tiles)
     return qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max) if gelu else y.astype(
         dtype)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the

@@ -178,11 +178,11 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   return tiles
 
 
-@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "compute_wgs",
-                                             "num_sms", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
+                                             "compute_wgs", "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
-                compute_wgs: int = 2, num_sms: int | None = None, interpret: bool = False):
+                packed_gelu: bool = False, compute_wgs: int = 2, num_sms: int | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -190,7 +190,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     [N, r] (r a multiple of 16) or both None; bias [N] (bf16 or f32 read as given, else
     as f32) or None. tile_m: tokens per output
     tile (the wgmma's N, <= 256); steps: pipeline depth. gelu_from: the output's columns from
-    there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows).
+    there go through ``qlinear.gelu_tanh`` (a multiple of the CTA's weight rows);
+    packed_gelu: in bf16x2 instructions (``int8_hopper._gelu``; the same bits).
     compute_wgs: compute warpgroups of a CTA, 64 weight rows each (2, or 3: N and gelu_from
     multiples of 192, more warpgroups to hide each other's expansion). num_sms: programs
     (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
@@ -308,7 +309,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           def store(gelu):
             y = total.astype(jnp.bfloat16)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem.at[wg].transpose((1, 0))[...] = _gelu(y) if gelu else y
+            out_smem.at[wg].transpose((1, 0))[...] = (_gelu(y, packed_gelu, interpret) if gelu
+                                                      else y)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
             if gelu and has_rmax:

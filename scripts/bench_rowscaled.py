@@ -405,24 +405,33 @@ GELU_PRODUCERS = {"mlp fc1": (3072, 12288, 0), "single linear1": (3072, 21504, 9
 def producer_shape(m, name, key, interpret):
   """--parts: a layer asked for ``gelu_from`` (the int8 GEMM's epilogue GELU): its output
   left of gelu_from vs the plain layer's, right of it vs ``qlinear.gelu_tanh`` of the plain
-  output computed op by op (eagerly: each operation rounded to bf16), and device times of
-  the fused W4A8 layer with and without the epilogue GELU."""
+  output computed op by op (eagerly: each operation rounded to bf16), with the GELU in f32
+  and in bf16x2 instructions (``w4a4.set_packed_gelu``), and device times of the fused W4A8
+  layer without and with the epilogue GELU (each form)."""
   k, n, start = GELU_PRODUCERS[name]
   layer = make_layer(k, n, 32, key, "int4_2l", "int8")
   x = activations(m, k, key)
   res = dict(layer=name, M=m, K=k, N=n, gelu_from=start)
+  t = timer(interpret, name)
+  default_packed = w4a4._packed_gelu
   with qlinear.backend("interpret" if interpret else "pallas"):
     plain = jax.jit(lambda l, x: qlinear.apply(l, x))
-    gelu = jax.jit(lambda l, x: qlinear.apply(l, x, gelu_from=start))
-    y0, y1 = plain(layer, x), gelu(layer, x)
-    res["epilogue_applied"] = bool(y1.applied)
-    res["head_mismatches"] = int((np.asarray(y1.x[:, :start]) != np.asarray(y0[:, :start])).sum())
+    y0 = plain(layer, x)
     want = np.asarray(qlinear.gelu_tanh(y0[:, start:]))
-    res["gelu_mismatches"] = int((np.asarray(y1.x[:, start:]) != want).sum())
-    print(json.dumps(res), flush=True)
-    t = timer(interpret, name)
     res["fused_ms"] = t(plain, layer, x)
-    res["fused_epilogue_gelu_ms"] = t(gelu, layer, x)
+    for form in ("f32", "bf16x2"):
+      w4a4.set_packed_gelu(form == "bf16x2")
+      try:
+        gelu = jax.jit(lambda l, x: qlinear.apply(l, x, gelu_from=start))
+        y1 = gelu(layer, x)
+        res["epilogue_applied"] = bool(y1.applied)
+        res[f"head_mismatches_{form}"] = int(
+            (np.asarray(y1.x[:, :start]) != np.asarray(y0[:, :start])).sum())
+        res[f"gelu_mismatches_{form}"] = mismatches(y1.x[:, start:], want)
+        print(json.dumps(res), flush=True)
+        res[f"fused_epilogue_gelu_{form}_ms"] = t(gelu, layer, x)
+      finally:
+        w4a4.set_packed_gelu(default_packed)
   return res
 
 
@@ -479,9 +488,11 @@ def row_max_pair(m, name, key, interpret):
 
 
 def gelu_check(interpret) -> dict:
-  """The activation kernel's GELU (``act_rowscaled.kernel_gelu``: tanh.approx.f32) on every
-  bf16 value vs ``qlinear.gelu_tanh`` and ``jax.nn.gelu`` op by op (XLA's tanh): differing
-  outputs (NaN = NaN). Its tanh sees bf16 inputs only, so this covers every input."""
+  """The kernels' GELUs on every bf16 value vs ``qlinear.gelu_tanh`` and ``jax.nn.gelu`` op
+  by op (XLA's tanh): differing outputs (NaN = NaN). The activation kernel's
+  (``act_rowscaled.kernel_gelu``, Triton) and the int8 GEMMs' epilogue one
+  (``int8_hopper._gelu``, Mosaic GPU) in its f32 and bf16x2 forms. Their tanh sees bf16
+  inputs only, so this covers every input."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltr
   bits = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16).reshape(256, 256)
@@ -495,8 +506,39 @@ def gelu_check(interpret) -> dict:
       out_specs=pl.BlockSpec((16, 256), lambda i: (i, 0)),
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       compiler_params=pltr.CompilerParams(num_warps=4), interpret=interpret)(x))
-  return dict(gelu_vs_gelu_tanh_mismatches=mismatches(got, qlinear.gelu_tanh(x)),
-              gelu_vs_jax_gelu_mismatches=mismatches(got, jax.nn.gelu(x, approximate=True)))
+  want = qlinear.gelu_tanh(x)
+  res = dict(gelu_vs_gelu_tanh_mismatches=mismatches(got, want),
+             gelu_vs_jax_gelu_mismatches=mismatches(got, jax.nn.gelu(x, approximate=True)))
+  for packed in (False, True):
+    got = epilogue_gelu(x, packed, interpret)
+    res[f"epilogue_gelu_{'bf16x2' if packed else 'f32'}_mismatches"] = mismatches(got, want)
+  return res
+
+
+def epilogue_gelu(x, packed: bool, interpret: bool):
+  """``int8_hopper._gelu`` (packed: bf16x2) on x bf16 [64 B, N] in a Mosaic GPU kernel, 64
+  rows a program, loaded in the WGMMA layout as the GEMM epilogues hold their tiles."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  rows = 64
+
+  def kernel(x_gmem, o_gmem, x_smem, o_smem, bar):
+    part = pl.ds(jax.lax.axis_index("b") * rows, rows)
+    plgpu.copy_gmem_to_smem(x_gmem.at[part], x_smem, bar)
+    plgpu.barrier_wait(bar)
+    y = plgpu.load(x_smem, layout=plgpu.Layout.WGMMA)
+    o_smem[...] = int8_hopper._gelu(y, packed, interpret)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[part])
+    plgpu.wait_smem_to_gmem(0)
+
+  tile = plgpu.SMEM((rows, x.shape[1]), x.dtype)
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(x.shape[0] // rows,),
+      grid_names=("b",), scratch_types=[tile, tile, plgpu.Barrier()],
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None)(x)
 
 
 def parts_table(results) -> str:
@@ -643,12 +685,14 @@ def main():
     results = [parts_shape(args.m, name, key, args.interpret) for name in PART_LAYERS]
     save_results(os.path.join(args.out, "rowscaled_parts.json"), [check] + producers + results)
     print(parts_table(results))
-    print("\n| producer | K -> N | gelu_from | head / GELU mismatches | fused W4A8 ms | with "
-          "epilogue GELU ms |\n|" + " --- |" * 6)
+    print("\n| producer | K -> N | gelu_from | head / GELU mismatches, f32; bf16x2 | fused W4A8 "
+          "ms | with epilogue GELU ms, f32 / bf16x2 |\n|" + " --- |" * 6)
     for r in producers:
       print(f"| {r['layer']} | {r['K']} -> {r['N']} | {r['gelu_from']} | "
-            f"{r['head_mismatches']} / {r['gelu_mismatches']} | {r['fused_ms']:.3f} | "
-            f"{r['fused_epilogue_gelu_ms']:.3f} |")
+            f"{r['head_mismatches_f32']} / {r['gelu_mismatches_f32']}; "
+            f"{r['head_mismatches_bf16x2']} / {r['gelu_mismatches_bf16x2']} | "
+            f"{r['fused_ms']:.3f} | {r['fused_epilogue_gelu_f32_ms']:.3f} / "
+            f"{r['fused_epilogue_gelu_bf16x2_ms']:.3f} |")
     return
   if args.ranks:
     ranks = [int(v) for v in args.ranks.split(",")]

@@ -48,11 +48,13 @@ def _epilogue(rank=R):
                                    w4a8_hopper.tiling(M, K, N, R, num_sms=132),
                                    w4a8_hopper.tiling(4608, K, N, 96, num_sms=1)],
                          ids=["wide", "narrow", "lora_wide"])
-@pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu", "gelu_row_max"])
+@pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu", "gelu_row_max",
+                                      "gelu_packed"])
 def test_w4a8_register_gemm_lowers(tiles, epilogue):
   """256- and 128-token tiles, the shallower pipeline of a LoRA-wide branch; without and
   with the epilogue (scales only / + low-rank up projection and bias / + GELU / + the next
-  layer's token maxima over the GELU columns)."""
+  layer's token maxima over the GELU columns / + GELU in bf16x2 instructions, whose PTX the
+  module holds only then)."""
   rank = 96 if tiles["steps"] == 2 else R
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
@@ -61,9 +63,11 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
   gelu_from = 128 if epilogue.startswith("gelu") else None
   if epilogue == "gelu_row_max":
     args.append(jnp.zeros((N - gelu_from,)))
-  calls = _custom_calls(
-      lambda *a: w4a8_hopper.w4a8_gemm_t(*a, gelu_from=gelu_from, **tiles), *args)
-  assert calls == [MOSAIC], calls
+  packed = epilogue == "gelu_packed"
+  text = _lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(
+      *a, gelu_from=gelu_from, packed_gelu=packed, **tiles), *args)
+  assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
+  assert ("mul.rn.bf16x2" in text) == packed
 
 
 @pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
@@ -114,10 +118,12 @@ def test_int8_gemm_lowers(n_tiled, rank, out_dtype):
   args = (jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K), jnp.int8),
           jnp.zeros((N,)), *_epilogue(rank))
   gelu_from = None if out_dtype == jnp.float32 else 128
-  calls = _custom_calls(lambda *a: int8_hopper.int8_gemm(
-      *a, out_dtype=out_dtype, gelu_from=gelu_from,
+  packed = n_tiled == 3072   # the GELU in bf16x2 instructions at one tiling
+  text = _lowered(lambda *a: int8_hopper.int8_gemm(
+      *a, out_dtype=out_dtype, gelu_from=gelu_from, packed_gelu=packed,
       **int8_hopper.tiling(n_tiled, out_dtype, rank)), *args)
-  assert calls == [MOSAIC], calls
+  assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
+  assert ("mul.rn.bf16x2" in text) == packed
 
 
 def test_gemms_lower_with_a_bf16_bias():
