@@ -346,8 +346,11 @@ def _gelu(y, packed: bool = False, interpret: bool = False):
 # result: 24 >= 2 x 8 + 2 bits), so the bf16x2 instructions give the definition's bits at
 # half the instructions of the f32 ones and their conversions; the explicit .rn keeps ptxas
 # from contracting a product into a sum (an fma rounds once where the definition rounds
-# twice). The tanh stays tanh.approx.f32 on each half, as in the f32 form. Constants: bf16
-# 0.044715 (0x3D37), sqrt(2 / pi) (0x3F4C), 1 and 0.5, in both halves.
+# twice). The tanh stays tanh.approx.f32 on each half, as in the f32 form. Subnormals are
+# kept, as the f32 form keeps them on the GPU (XLA's CPU flushes them: there the definition
+# gives 0 for |x| < 2^-125). Checked on every bf16 input by an emulator of these lines
+# (tests/test_epilogue_gelu.py) and on the GPU (scripts/bench_rowscaled.py --parts).
+# Constants: bf16 0.044715 (0x3D37), sqrt(2 / pi) (0x3F4C), 1 and 0.5, in both halves.
 GELU_BF16X2 = """{
 .reg .b32 g_t, g_c, g_l, g_h;
 .reg .f32 g_fl, g_fh;
