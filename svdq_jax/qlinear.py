@@ -490,8 +490,8 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"), ("w4a4", "_packed_gelu"),
-                    ("w4a16_gemv", "_enabled"),
+                    ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
+                    ("w4a4", "_packed_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))
 
