@@ -554,13 +554,13 @@ def set_epilogue_gelu(on: bool) -> None:
   _epilogue_gelu = bool(on)
 
 
-_packed_gelu = False
+_packed_gelu = True
 
 
 def set_packed_gelu(on: bool) -> None:
   """Whether the int8 GEMMs' epilogue GELU runs in bf16x2 instructions (``int8_hopper.
-  GELU_BF16X2``) or in f32 ones (the default until timed); the same bits either way
-  (scripts/bench_flux_full.py --packed-gelu)."""
+  GELU_BF16X2``; the default since 2026-12-06) or in f32 ones (as before; kept to time the
+  difference, scripts/bench_flux_full.py --f32-gelu); the same bits either way."""
   global _packed_gelu
   _packed_gelu = bool(on)
 

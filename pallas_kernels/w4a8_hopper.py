@@ -182,7 +182,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
                                              "compute_wgs", "num_sms", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
-                packed_gelu: bool = False, compute_wgs: int = 2, num_sms: int | None = None,
+                packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 

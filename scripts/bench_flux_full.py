@@ -138,9 +138,9 @@ SWITCHES = (
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
      "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
      "before 2026-12-04's nineteenth session"),
-    ("packed_gelu", w4a4.set_packed_gelu, False,
-     "fc1's / linear1's epilogue GELU in bf16x2 instructions (int8_hopper.GELU_BF16X2), not "
-     "f32 ones"),
+    ("f32_gelu", w4a4.set_packed_gelu, True,
+     "fc1's / linear1's epilogue GELU in f32 instructions, not bf16x2 ones "
+     "(int8_hopper.GELU_BF16X2), as before 2026-12-06"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
@@ -154,7 +154,7 @@ SWITCHES = (
 # nonzero step_max_abs_diff_vs_default is a bug (2026-12-05: the epilogue maxima's ragged
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
-               "three_warpgroups_gelu", "packed_gelu"}
+               "three_warpgroups_gelu", "f32_gelu"}
 # a switch renamed in SWITCHES and not here would silently lose its check
 assert not (unknown := KEEP_VALUES - {flag for flag, *_ in SWITCHES}), unknown
 
