@@ -146,14 +146,8 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
                                 or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a column of the bf16 output [M, {n}] on "
                      f"the CTA tile's grid ({cta_n} columns)")
-  pad = -m_out % ROW_ALIGN
-  if pad:
-    a = jnp.pad(a, ((0, pad), (0, 0)))
-    lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
-  m = a.shape[0]
-  m_iters, n_iters = pl.cdiv(m, cta_m), n // cta_n
-  # the token scales are read per tile with a 1-D copy: pad them to whole tiles
-  sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * cta_m - m_out))
+  a, sa, lr, m_iters = padded_tokens(a, sa, lr, cta_m)
+  m, n_iters = a.shape[0], n // cta_n
   sw = sw.astype(jnp.float32)
   if num_sms is None:
     num_sms = m_iters * n_iters if interpret else sm_count()
@@ -282,6 +276,20 @@ def int8_gemm(a, sa, w, sw, lr=None, up_t=None, bias=None, *, tile_m: int = 128,
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   return y[:m_out]
+
+
+def padded_tokens(a, sa, lr, tile_rows: int):
+  """The GEMMs' token-side operands for TMA: a [M, K] and lr [M, r] (or None) padded to a
+  multiple of ROW_ALIGN rows (a TMA row tile) where M is not one already, the f32 token
+  scales sa [M] to whole tiles of ``tile_rows`` (a tile reads its scales with one 1-D copy).
+  Returns (a, sa, lr, token tiles)."""
+  m_out = a.shape[0]
+  pad = -m_out % ROW_ALIGN
+  if pad:
+    a = jnp.pad(a, ((0, pad), (0, 0)))
+    lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
+  m_iters = pl.cdiv(a.shape[0], tile_rows)
+  return a, jnp.pad(sa.astype(jnp.float32), (0, m_iters * tile_rows - m_out)), lr, m_iters
 
 
 def scaled(acc, sa_ref, sw_ref, token_axis: int):

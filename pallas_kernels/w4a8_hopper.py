@@ -48,9 +48,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels import act_rowscaled
 from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, bias_operand,
-                                                  check_epilogue, plus_bias, scaled, scaled_rows,
-                                                  store_with_gelu)
-from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled, _wgmma_onto, sm_count
+                                                  check_epilogue, padded_tokens, plus_bias,
+                                                  scaled, scaled_rows, store_with_gelu)
+from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, sm_count
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
@@ -218,13 +218,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
                      f"{row_max_inv.shape} and gelu_from={gelu_from} for N={n}")
   rank = lr.shape[1] if has_lr else 0
-  pad = -m_out % ROW_ALIGN
-  if pad:
-    a = jnp.pad(a, ((0, pad), (0, 0)))
-    lr = None if lr is None else jnp.pad(lr, ((0, pad), (0, 0)))
-  m = a.shape[0]
-  m_iters, n_iters = pl.cdiv(m, tile_m), n // cta_n
-  sa = jnp.pad(sa.astype(jnp.float32), (0, m_iters * tile_m - m_out))
+  a, sa, lr, m_iters = padded_tokens(a, sa, lr, tile_m)
+  m, n_iters = a.shape[0], n // cta_n
   if num_sms is None:
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
