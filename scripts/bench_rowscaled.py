@@ -226,7 +226,7 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
   res["expand_ms"] = t(jax.jit(lambda q, s: act_rowscaled.expand_two_level(
       q, s, interpret=interpret)), layer.qweight, layer.wscale)
   if full:
-    res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
+    res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
     try:  # a tiling that fits without the low-rank operands may not fit with them
       if best_int8 is None:
         raise ValueError("no int8_gemm tiling among the --variants")
@@ -287,8 +287,11 @@ def act_shape(m, k, n, rank, key, interpret):
   res = dict(M=m, K=k, N=n, rank=rank, checks=act_checks(layer, x, interpret, ACT_SWEEP))
   print(f"{k}x{n} checks: {sum(v for c, v in res['checks'].items() if 'mismatch' in c)} "
         "mismatches", flush=True)
-  res["copy_ms"] = t(jax.jit(lambda x: x + 1), p.x)
+  res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
   ops = (x, layer.smooth, layer.lora_down)
+  inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
+  scale = act_rowscaled.row_scales(qlinear.input_parts(x), inv, "int8", interpret=interpret,
+                                   **act_rowscaled.tiling(k))
   for afmt in formats.ROW_SCALED:
     res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
         x, s, d, f)), *ops)
@@ -296,11 +299,17 @@ def act_shape(m, k, n, rank, key, interpret):
       res[f"act_{afmt}_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, d, f=afmt, c=cfg:
           act_rowscaled.quantize_rows(x, s, d, act_format=f, interpret=interpret,
                                       **_act_kwargs(c))), *ops)
-      if afmt == "int8":  # the first pass alone
-        res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=cfg:
+      if afmt == "int8":  # each pass alone
+        tiles = _act_kwargs(cfg)
+        res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=tiles:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
-                                     "int8", interpret=interpret, **_act_kwargs(c))),
+                                     "int8", interpret=interpret, **c)),
             x, layer.smooth)
+        # as FLUX's fc2 / linear2 run it, the token scales given (the GELU epilogue's maxima)
+        res[f"act_codes_pallas_{cfg}_ms"] = t(jax.jit(lambda x, i, sc, d, c=tiles:
+            act_rowscaled.codes_and_lowrank(qlinear.input_parts(x), i, sc, d, "int8",
+                                            interpret=interpret, **c)),
+            x, inv, scale, down)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
   default_act = w4a4.act_kernel()
@@ -556,9 +565,11 @@ def parts_table(results) -> str:
 
 
 def act_table(results) -> str:
-  """int8 activation kernel per tiling, int4_2l's best, and the fused layer per path (ms)."""
+  """int8 activation kernel per tiling (both passes, and the codes pass alone), int4_2l's
+  best, and the fused layer per path (ms)."""
   best = lambda r: min(ACT_SWEEP, key=lambda c: r[f"act_int4_2l_pallas_{c}_ms"])
-  lines = ["| M | K -> N | copy | int8 XLA | " + " | ".join(f"int8 `{c}`" for c in ACT_SWEEP)
+  lines = ["| M | K -> N | copy | int8 XLA | "
+           + " | ".join(f"int8 `{c}` both passes / codes" for c in ACT_SWEEP)
            + " | int4_2l XLA / best Pallas | bf16 matmul | "
            + " | ".join(f"fused act={a}" for a in w4a4.ACT_KERNELS) + " | mismatches |"]
   lines.append("|" + " --- |" * (len(ACT_SWEEP) + len(w4a4.ACT_KERNELS) + 7))
@@ -566,7 +577,8 @@ def act_table(results) -> str:
     bad = sum(v for key_, v in r["checks"].items() if key_.endswith("mismatches"))
     lines.append(
         f"| {r['M']} | {r['K']} -> {r['N']} | {r['copy_ms']:.3f} | {r['act_int8_xla_ms']:.3f} | "
-        + " | ".join(f"{r[f'act_int8_pallas_{c}_ms']:.3f}" for c in ACT_SWEEP)
+        + " | ".join(f"{r[f'act_int8_pallas_{c}_ms']:.3f} / {r[f'act_codes_pallas_{c}_ms']:.3f}"
+                     for c in ACT_SWEEP)
         + f" | {r['act_int4_2l_xla_ms']:.3f} / {r[f'act_int4_2l_pallas_{best(r)}_ms']:.3f} "
         f"`{best(r)}` | {r['bf16_ms']:.3f} | "
         + " | ".join(f"{r[f'fused_w4a8_{a}_ms']:.3f}" for a in w4a4.ACT_KERNELS)
