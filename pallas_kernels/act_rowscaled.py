@@ -90,9 +90,8 @@ def _absmax_kernel(x_ref, smooth_ref, scale_ref, amax_ref, *, m, block_k, gelu, 
 
 
 def _codes_kernel(x_ref, smooth_ref, scale_ref, s_ref, down_ref, a_ref, lr_ref, *, m,
-                  act_format, block_k, gelu, interpret, loops=1):
+                  act_format, block_k, gelu, interpret):
   bm, bk = x_ref.shape
-  bk //= loops  # the columns of one loop step
   row_ok = _rows_ok(bm, m)
   scale = plgpu.load(s_ref, mask=row_ok[:, 0], other=1.0)
   is_nan = (scale != scale)[:, None]
@@ -110,25 +109,15 @@ def _codes_kernel(x_ref, smooth_ref, scale_ref, s_ref, down_ref, a_ref, lr_ref, 
 
   # int8 takes block_k columns at once, int4_2l one 64-group (its multiplier's span)
   width = block_k if act_format == "int8" else GROUP
-
-  def step(first, lr):  # the columns first.. first + bk, unrolled
-    for start in range(0, bk, width):
-      x, v = _x_hat(x_ref, smooth_ref, row_ok, first + start, width, gelu, interpret,
-                    scale_ref)
-      a = jnp.where(is_nan, 0.0, codes(v))
-      plgpu.store(a_ref.at[:, pl.ds(first + start, width)],
-                  a.astype(jnp.int32).astype(jnp.int8), mask=row_ok)
-      if down_ref is not None:
-        part = plgpu.dot(x.astype(jnp.bfloat16), down_ref[pl.ds(first + start, width), :])
-        lr = part if lr is None else lr + part
-    return lr
-
-  if loops == 1:
-    lr = step(0, None)
-  else:  # the low-rank sums carried in registers over the program's steps
-    zero = jnp.zeros((bm, down_ref.shape[1]) if down_ref is not None else (), jnp.float32)
-    lr = lax.fori_loop(0, loops, lambda i, lr: step(i * bk, lr) if down_ref is not None
-                       else (step(i * bk, None), lr)[1], zero)
+  lr = None
+  for start in range(0, bk, width):
+    x, v = _x_hat(x_ref, smooth_ref, row_ok, start, width, gelu, interpret, scale_ref)
+    a = jnp.where(is_nan, 0.0, codes(v))
+    plgpu.store(a_ref.at[:, pl.ds(start, width)], a.astype(jnp.int32).astype(jnp.int8),
+                mask=row_ok)
+    if down_ref is not None:
+      part = plgpu.dot(x.astype(jnp.bfloat16), down_ref[pl.ds(start, width), :])
+      lr = part if lr is None else lr + part
   if down_ref is not None:
     plgpu.store(lr_ref, lr, mask=row_ok)
 
@@ -152,7 +141,7 @@ def abs_bits(v: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(jnp.abs(v), jnp.int32)
 
 
-def _tiling(parts, block_k: int, chunks: int, loops: int = 1) -> tuple[int, int, int]:
+def _tiling(parts, block_k: int, chunks: int) -> tuple[int, int]:
   """(block_k, chunks) reduced so that block_k (a power of two >= 64) and chunks divide every
   part's width and start (multiples of 64)."""
   k = 0
@@ -163,9 +152,7 @@ def _tiling(parts, block_k: int, chunks: int, loops: int = 1) -> tuple[int, int,
   block_k = max(block_k, GROUP)
   while (k // block_k) % chunks:
     chunks -= 1
-  while (k // (block_k * chunks)) % loops:
-    loops -= 1
-  return block_k, chunks, loops
+  return block_k, chunks
 
 
 def _specs(part, offset, inv_smooth, block_m, span):
@@ -213,7 +200,7 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
   (a part's ``row_max`` where it has them: no pass over it); parts: ``qlinear.Part``s, x
   [M, K_i + start]; inv_smooth: f32 [K] 1 / lambda or None."""
   m = parts[0].x.shape[0]
-  block_k, chunks, _ = _tiling(parts, block_k, chunks)
+  block_k, chunks = _tiling(parts, block_k, chunks)
   span = block_k * chunks
   partials = []
   for part, offset in zip(parts, _offsets(parts)):
@@ -239,15 +226,15 @@ def row_scales(parts, inv_smooth, act_format, *, block_m, block_k, chunks, num_w
 
 
 def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, block_k, chunks,
-                      num_warps, interpret, loops=1, num_stages=1):
+                      num_warps, interpret):
   """(int8 [M, K] codes, f32 [M, r] ``x @ down`` or None) for given token scales [M];
   parts as ``row_scales``; inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with
   lambda folded in (``qlinear.folded_down``) or None. A part after the first writes its
   columns of the first part's output in place (aliased), so the codes are never joined."""
   m = parts[0].x.shape[0]
   k = sum(p.x.shape[1] - p.start for p in parts)
-  block_k, chunks, loops = _tiling(parts, block_k, chunks, loops)
-  span = block_k * chunks * loops
+  block_k, chunks = _tiling(parts, block_k, chunks)
+  span = block_k * chunks
   down_p = None if down is None else _pad_rank(down, 1)
   a, lr = None, None
   for part, offset in zip(parts, _offsets(parts)):
@@ -278,12 +265,12 @@ def codes_and_lowrank(parts, inv_smooth, scale, down, act_format, *, block_m, bl
         rest.pop(0)
       a_ref, lr_ref = rest if down_p is not None else (*rest, None)
       _codes_kernel(x_ref, sm, sc, s_ref, down_ref, a_ref, lr_ref, m=m, act_format=act_format,
-                    block_k=block_k, gelu=part.gelu, interpret=interpret, loops=loops)
+                    block_k=block_k, gelu=part.gelu, interpret=interpret)
 
     a, *part_lr = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name=_kernel_name(f"svdq_codes_{act_format}", part))(*args)
     if down_p is not None:
       lr = part_lr[0].sum(0) if lr is None else lr + part_lr[0].sum(0)
@@ -307,8 +294,7 @@ def tiling(k: int) -> dict:
 
 def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None, *,
                   act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                  chunks: int = 1, num_warps: int = 4, loops: int = 1, num_stages: int = 1,
-                  interpret: bool = False):
+                  chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """Per-token activation quantization with the low-rank down projection.
 
   Args:
@@ -327,16 +313,14 @@ def quantize_rows(x: jax.Array, smooth: jax.Array | None, down: jax.Array | None
   check_act_inputs(_joined_shape(x), smooth, down)
   return quantize_rows_folded(x, *qlinear.folded_smoothing(smooth, down),
                               act_format=act_format, block_m=block_m, block_k=block_k,
-                              chunks=chunks, num_warps=num_warps, loops=loops,
-                              num_stages=num_stages, interpret=interpret)
+                              chunks=chunks, num_warps=num_warps, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("act_format", "block_m", "block_k", "chunks",
-                                              "num_warps", "loops", "num_stages", "interpret"))
+                                              "num_warps", "interpret"))
 def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Array | None,
                          *, act_format: str = "int8", block_m: int = 64, block_k: int = 256,
-                         chunks: int = 1, num_warps: int = 4, loops: int = 1,
-                         num_stages: int = 1, interpret: bool = False):
+                         chunks: int = 1, num_warps: int = 4, interpret: bool = False):
   """``quantize_rows`` on the layer's smoothing already folded into its operands
   (``qlinear.folded_smoothing``: inv_smooth f32 [K] = 1 / lambda, down bf16 [K, r] =
   L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
@@ -349,8 +333,7 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
   tiling = dict(block_m=block_m, block_k=block_k, chunks=chunks, num_warps=num_warps,
                 interpret=interpret)
   scale = row_scales(parts, inv_smooth, act_format, **tiling)
-  a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, loops=loops,
-                            num_stages=num_stages, **tiling)
+  a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
 
 

@@ -59,9 +59,8 @@ EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 def _act_kwargs(cfg):
   """'block_m,block_k,chunks,num_warps' -> quantize_rows' tiling arguments."""
-  bm, bk, chunks, warps, *more = (int(v) for v in cfg.split(","))
-  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps) | dict(
-      zip(("loops", "num_stages"), more))
+  bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
+  return dict(block_m=bm, block_k=bk, chunks=chunks, num_warps=warps)
 
 
 def _expand_kwargs(cfg):
@@ -302,7 +301,6 @@ def act_shape(m, k, n, rank, key, interpret):
                                       **_act_kwargs(c))), *ops)
       if afmt == "int8":  # each pass alone
         tiles = _act_kwargs(cfg)
-        codes_only = {k_: tiles.pop(k_) for k_ in ("loops", "num_stages") if k_ in tiles}
         res[f"act_scales_pallas_{cfg}_ms"] = t(jax.jit(lambda x, s, c=tiles:
             act_rowscaled.row_scales(qlinear.input_parts(x), qlinear.folded_smoothing(s, None)[0],
                                      "int8", interpret=interpret, **c)),
@@ -310,7 +308,7 @@ def act_shape(m, k, n, rank, key, interpret):
         # as FLUX's fc2 / linear2 run it, the token scales given (the GELU epilogue's maxima)
         res[f"act_codes_pallas_{cfg}_ms"] = t(jax.jit(lambda x, i, sc, d, c=tiles:
             act_rowscaled.codes_and_lowrank(qlinear.input_parts(x), i, sc, d, "int8",
-                                            interpret=interpret, **c, **codes_only)),
+                                            interpret=interpret, **c)),
             x, inv, scale, down)
   res["bf16_ms"] = t(jax.jit(lambda x, w: x @ w), x,
                      jnp.zeros((k, n), jnp.bfloat16))
