@@ -338,9 +338,15 @@ def measure(name, graph, state, cfg, args, result, variant=False, against=None):
     r[f"step{res}_ms"] = median_seconds(compiled, state, *x, reps=10, rounds=3) * 1e3
     if args.prepared_step and name != "bf16":   # as the sampling loop runs each step
       prepared = jax.jit(lambda st: qlinear.prepare(st, expand=False))(state)
+      # what the prepared operands hold beyond the model (PreparedLinear keeps the layer)
+      r["prepared_extra_bytes"] = tree_bytes(prepared) - tree_bytes(state)
+      compiled_prepared = step.lower(prepared, *x).compile()
+      r["step_prepared_max_abs_diff"] = float(np.abs(
+          np.asarray(compiled_prepared(prepared, *x), np.float32)
+          - np.asarray(compiled(state, *x), np.float32)).max())
       r[f"step{res}_prepared_ms"] = median_seconds(
-          step.lower(prepared, *x).compile(), prepared, *x, reps=10, rounds=3) * 1e3
-      del prepared
+          compiled_prepared, prepared, *x, reps=10, rounds=3) * 1e3
+      del prepared, compiled_prepared
     print(json.dumps({name: r}), flush=True)
   res = args.resolutions[0]
   if args.loop_steps:
