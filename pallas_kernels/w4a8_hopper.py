@@ -179,11 +179,12 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
-                                             "compute_wgs", "num_sms", "interpret"))
+                                             "compute_wgs", "num_sms", "uniform_row_max",
+                                             "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
-                interpret: bool = False):
+                uniform_row_max: bool = False, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -302,6 +303,23 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             plgpu.barrier_wait(bar(4))
             total = plus_bias(total, bias_smem.at[wg], token_axis=1)
 
+          def row_max(when=None):
+            # the next layer's per-token maxima over these 64 columns, from the stored
+            # tile read back tokens x columns: a reduction within each warp (over the
+            # accumulator's rows it would cross warps, through scratch shared by the
+            # warpgroups). when: a traced condition for the wait and the copy (the
+            # maxima computed on every tile, kept for the GELU tiles'), or None: always.
+            only = (lambda f: f()) if when is None else pl.when(when)
+            only(lambda: plgpu.barrier_wait(bar(5)))
+            y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
+            v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
+            rmax_smem.at[wg][...] = lax.bitcast_convert_type(
+                jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
+            plgpu.commit_smem()
+            group = (n_idx * cta_n - gelu_from) // ROWS + wg
+            only(lambda: plgpu.copy_smem_to_gmem(rmax_smem.at[wg],
+                                                 rmax_gmem.at[group, m_slice]))
+
           def store(gelu):
             y = total.astype(jnp.bfloat16)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -309,21 +327,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                                                       else y)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
-            if gelu and has_rmax:
-              # the next layer's per-token maxima over these 64 columns, from the stored
-              # tile read back tokens x columns: a reduction within each warp (over the
-              # accumulator's rows it would cross warps, through scratch shared by the
-              # warpgroups)
-              plgpu.barrier_wait(bar(5))
-              y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
-              v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
-              rmax_smem.at[wg][...] = lax.bitcast_convert_type(
-                  jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
-              plgpu.commit_smem()
-              group = (n_idx * cta_n - gelu_from) // ROWS + wg
-              plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])
+            if gelu and has_rmax and not uniform_row_max:
+              row_max()
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
+          if has_rmax and uniform_row_max:
+            row_max(n_idx * cta_n >= gelu_from)
 
         def body(_, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next

@@ -77,17 +77,20 @@ def test_three_compute_warpgroups():
                             interpret=True)
 
 
-@pytest.mark.parametrize("tile_m,compute_wgs,n,gelu_from", [(64, 2, 384, 128),
-                                                          (128, 2, 256, 0),
-                                                          (64, 3, 768, 384)])
-def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from):
+@pytest.mark.parametrize("tile_m,compute_wgs,n,gelu_from,uniform", [
+    (64, 2, 384, 128, False), (128, 2, 256, 0, False), (64, 3, 768, 384, False),
+    (64, 2, 384, 128, True), (64, 3, 768, 384, True)])
+def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from, uniform):
   """row_max_inv: the GELU columns' per-token maxima of |y / lambda| for the layer they feed,
   per 64 columns, equal to ``act_rowscaled.row_max_partials`` of the output (a token whose
-  scale is NaN: NaN), and the output as without them."""
+  scale is NaN: NaN), and the output as without them; also with the maxima computed on
+  every tile and kept for the GELU tiles' (uniform_row_max)."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
   sa = sa.at[77].set(jnp.nan)
   inv = jax.random.uniform(jax.random.key(9), (n - gelu_from,), minval=0.1, maxval=4.0)
   kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
+  if uniform:
+    kw["uniform_row_max"] = True
   y, row_max = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv, **kw)
   plain = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, **kw)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
