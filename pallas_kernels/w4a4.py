@@ -565,6 +565,20 @@ def set_packed_gelu(on: bool) -> None:
   _packed_gelu = bool(on)
 
 
+_uniform_row_max = False
+
+
+def set_uniform_row_max(on: bool) -> None:
+  """Whether the W4A8 GEMM of a layer whose GELU starts past column 0 (FLUX.1's linear1)
+  computes the next layer's token maxima on every output tile, keeping the GELU tiles'
+  (``w4a8_hopper.w4a8_gemm_t(uniform_row_max=True)``), or inside its GELU branch (the
+  default). The maxima cost linear1 0.050 ms a call and fc1, all of whose tiles take the
+  GELU, nothing (H200, 2026-12-06, docs/benchmarks); off until timed
+  (scripts/bench_flux_full.py --uniform-row-max). The same values either way."""
+  global _uniform_row_max
+  _uniform_row_max = bool(on)
+
+
 _register_expansion = True
 
 
@@ -716,7 +730,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
       y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
                                   lr, p.up_t, bias, inv_next,
                                   gelu_from=gelu_from if gelu else None,
-                                  packed_gelu=_packed_gelu, interpret=interpret, **tiles)
+                                  packed_gelu=_packed_gelu,
+                                  uniform_row_max=(_uniform_row_max and inv_next is not None
+                                                   and gelu_from > 0),
+                                  interpret=interpret, **tiles)
       if inv_next is not None:
         y, row_max = y
     else:

@@ -449,7 +449,8 @@ def row_max_pair(m, name, key, interpret):
   linear1 -> linear2, ``feeds=``): with ``set_epilogue_row_max`` the producer's output vs
   without it, its epilogue maxima vs ``act_rowscaled.row_max_partials``, the next layer's
   codes and scales with and without them; device times of the producer, of the next
-  layer's activation path and of the pair, without / with."""
+  layer's activation path and of the pair, without / with / with the maxima on every
+  producer tile (``set_uniform_row_max``; the same values required)."""
   k, n, start = GELU_PRODUCERS[name]
   plain = 3072 if start else 0   # linear2 also reads the attention output
   if interpret:   # CPU smoke run: the interpreted kernels would take hours at FLUX's sizes
@@ -467,9 +468,12 @@ def row_max_pair(m, name, key, interpret):
   outs, times = {}, {}
   t = timer(interpret, name)
   default_act, default_row_max = w4a4.act_kernel(), w4a4._epilogue_row_max
+  default_uniform = w4a4._uniform_row_max
   with qlinear.backend("interpret" if interpret else "pallas"):
-    for tag, on in (("plain", False), ("row_max", True)):
+    for tag, on, uniform in (("plain", False, False), ("row_max", True, False),
+                             ("uniform", True, True)):
       w4a4.set_epilogue_row_max(on)
+      w4a4.set_uniform_row_max(uniform)
       if interpret:   # the smoke run's next layer is narrower than the wide-K kernel's
         w4a4.set_act_kernel("pallas")
       try:
@@ -483,8 +487,13 @@ def row_max_pair(m, name, key, interpret):
         times[f"pair_{tag}_ms"] = t(pair, lin1, lin2, x, attn)
       finally:
         w4a4.set_epilogue_row_max(default_row_max)
+        w4a4.set_uniform_row_max(default_uniform)
         w4a4.set_act_kernel(default_act)
   (h0, (a0, s0, _)), (h1, (a1, s1, _)) = outs["plain"], outs["row_max"]
+  hu = outs["uniform"][0]
+  res["uniform_output_mismatches"] = mismatches(hu.x, h1.x)
+  if h1.row_max is not None:
+    res["uniform_row_max_mismatches"] = mismatches(hu.row_max, h1.row_max)
   res["row_max_computed"] = h1.row_max is not None
   res["output_mismatches"] = mismatches(h1.x, h0.x)
   if h1.row_max is not None:
@@ -654,7 +663,8 @@ def main():
                        "joined by XLA vs read as parts")
   ap.add_argument("--row-max", action="store_true",
                   help="the GELU producers' epilogue maxima for the next layer "
-                       "(w4a4.set_epilogue_row_max): checks and times, without / with, "
+                       "(w4a4.set_epilogue_row_max): checks and times, without / with / "
+                       "with them on every tile (w4a4.set_uniform_row_max), "
                        "at --m and FLUX.1's 4096 / 512 tokens")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -683,12 +693,16 @@ def main():
                for m in check_ms for name in GELU_PRODUCERS]
     save_results(os.path.join(args.out, "rowscaled_row_max.json"), results)
     print("\n| producer -> next layer | M | mismatches: output / maxima / codes / scales | "
-          "producer ms | next layer's activation path ms | both layers ms |\n|" + " --- |" * 6)
+          "producer ms | next layer's activation path ms | both layers ms |\n|" + " --- |" * 6
+          + "\n(ms: without the maxima / with them / with them on every producer tile)")
     for r in results:
-      cell = lambda what: f"{r[f'{what}_plain_ms']:.3f} / {r[f'{what}_row_max_ms']:.3f}"
+      cell = lambda what: " / ".join(f"{r[f'{what}_{tag}_ms']:.3f}"
+                                     for tag in ("plain", "row_max", "uniform"))
       print(f"| {r['layer']} | {r['M']} | {r['output_mismatches']} / "
             f"{r.get('row_max_mismatches', 'none computed')} / {r['code_mismatches']} / "
-            f"{r['scale_mismatches']} | {cell('producer')} | {cell('act')} | {cell('pair')} |")
+            f"{r['scale_mismatches']} (every tile: {r['uniform_output_mismatches']} / "
+            f"{r.get('uniform_row_max_mismatches', '-')}) | {cell('producer')} | {cell('act')} | "
+            f"{cell('pair')} |")
     return
   if args.parts:
     check = gelu_check(args.interpret)

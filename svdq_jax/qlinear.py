@@ -493,7 +493,8 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
                     ("w4a4", "_packed_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
-                    ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"))
+                    ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
+                    ("w4a4", "_uniform_row_max"))
 
 
 def trace_settings() -> tuple:

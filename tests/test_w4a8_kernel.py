@@ -299,6 +299,11 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
     prepared = w4a4.prepare_row_scaled(lin2, interpret=True, expand=False)  # as a loop's
     np.testing.assert_array_equal(np.asarray(qlinear.apply(
         lin1, xb, gelu_from=128, feeds=prepared).row_max), np.asarray(h.row_max))
+    monkeypatch.setattr(w4a4, "_uniform_row_max", True)   # the maxima on every tile: the same
+    hu = jax.block_until_ready(qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2))
+    np.testing.assert_array_equal(np.asarray(hu.row_max), np.asarray(h.row_max))
+    np.testing.assert_array_equal(np.asarray(hu.x, np.float32), np.asarray(h.x, np.float32))
+    monkeypatch.setattr(w4a4, "_uniform_row_max", False)
     passes.clear()
     got = np.asarray(qlinear.apply(lin2, (attn, h)), np.float32)
     assert passes == [(64, 128)]   # the attention part's
