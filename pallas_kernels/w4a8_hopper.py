@@ -199,6 +199,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
     PJRT_NPROC >= 4, tests/conftest.py). row_max_inv: f32 [N - gelu_from] or None, with
     gelu_from: the 1 / lambda of the layer input columns that the GELU columns feed.
+    uniform_row_max: with row_max_inv, the maxima computed on every output tile after its
+    store and copied out for the GELU tiles only (one epilogue path after the store, the
+    same values), not inside the GELU branch (``w4a4.set_uniform_row_max``).
   Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
   columns' max |y * row_max_inv| per token (NaN where one is NaN;
   ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
