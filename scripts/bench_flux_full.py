@@ -344,9 +344,9 @@ def measure(name, graph, state, cfg, args, result, variant=False, against=None):
       # what the prepared operands hold beyond the model (PreparedLinear keeps the layer)
       r["prepared_extra_bytes"] = tree_bytes(prepared) - tree_bytes(state)
       compiled_prepared = step.lower(prepared, *x).compile()
-      r["step_prepared_max_abs_diff"] = float(np.abs(
-          np.asarray(compiled_prepared(prepared, *x), np.float32)
-          - np.asarray(compiled(state, *x), np.float32)).max())
+      if compiled is compiled_first:   # against the step's output taken above
+        r["step_prepared_max_abs_diff"] = float(np.abs(
+            np.asarray(compiled_prepared(prepared, *x), np.float32) - out).max())
       r[f"step{res}_prepared_ms"] = median_seconds(
           compiled_prepared, prepared, *x, reps=10, rounds=3) * 1e3
       del prepared, compiled_prepared

@@ -88,9 +88,8 @@ def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from, unifo
   a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
   sa = sa.at[77].set(jnp.nan)
   inv = jax.random.uniform(jax.random.key(9), (n - gelu_from,), minval=0.1, maxval=4.0)
-  kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
-  if uniform:
-    kw["uniform_row_max"] = True
+  kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs,
+            uniform_row_max=uniform, interpret=True)
   y, row_max = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv, **kw)
   plain = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, **kw)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
