@@ -411,7 +411,8 @@ class SingleStreamBlock(nnx.Module):
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
                            feeds=self.linear2)
-    attn = joint_attention(((qkv_mlp.x, self.norm),), pe, self.num_heads, as_part=True)
+    attn = joint_attention(((qkv_mlp.before_gelu, self.norm),), pe, self.num_heads,
+                           as_part=True)
     out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
     return x + gate * out
 

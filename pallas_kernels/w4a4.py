@@ -492,7 +492,7 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
     lead = qlinear.input_parts(x)[0].x.shape[:-1]
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
                           bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret)
-    return qlinear.map_parts(y, lambda a: a.reshape(*lead, layer.out_features))
+    return qlinear.map_parts(y, lambda a: a.reshape(*lead, a.shape[-1]))
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)
@@ -565,18 +565,18 @@ def set_packed_gelu(on: bool) -> None:
   _packed_gelu = bool(on)
 
 
-_uniform_row_max = False
+_split_gelu = False
 
 
-def set_uniform_row_max(on: bool) -> None:
-  """Whether the W4A8 GEMM of a layer whose GELU starts past column 0 (FLUX.1's linear1)
-  computes the next layer's token maxima on every output tile, keeping the GELU tiles'
-  (``w4a8_hopper.w4a8_gemm_t(uniform_row_max=True)``), or inside its GELU branch (the
-  default). The maxima cost linear1 0.050 ms a call and fc1, all of whose tiles take the
-  GELU, nothing (H200, 2026-12-06, docs/benchmarks); off until timed
-  (scripts/bench_flux_full.py --uniform-row-max). The same values either way."""
-  global _uniform_row_max
-  _uniform_row_max = bool(on)
+def set_split_gelu(on: bool) -> None:
+  """Whether the W4A8 register GEMM of a layer whose GELU starts past column 0 (FLUX.1's
+  linear1) runs as two launches, the columns before the GELU and the GELU columns (as fc1's,
+  all of whose tiles take the GELU), returning ``qlinear.Gelu(tail, 0, head=head)``, or as
+  one whose tiles take either epilogue (the default). linear1's one launch took 0.502 ms
+  against ~0.46 estimated for two from its parts' rates (H200, 2026-12-06, docs/benchmarks);
+  off until timed (scripts/bench_flux_full.py --split-gelu). The same values either way."""
+  global _split_gelu
+  _split_gelu = bool(on)
 
 
 _register_expansion = True
@@ -727,13 +727,19 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
     row_max = None
     if in_registers:
-      y = w4a8_hopper.w4a8_gemm_t(a, sa, p.layer.qweight, p.mult_t, p.sw,
-                                  lr, p.up_t, bias, inv_next,
-                                  gelu_from=gelu_from if gelu else None,
-                                  packed_gelu=_packed_gelu,
-                                  uniform_row_max=(_uniform_row_max and inv_next is not None
-                                                   and gelu_from > 0),
-                                  interpret=interpret, **tiles)
+      gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(
+          a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias, inv, gelu_from=gelu_from,
+          packed_gelu=_packed_gelu, cols=cols, interpret=interpret, **tiles)
+      if gelu and _split_gelu and gelu_from > 0:
+        tail_tiles = _register_tiling(p.layer, a.shape[0], k, n - gelu_from, rank, out_dtype, 0)
+        if tail_tiles is not None and gelu_from % w4a8_hopper.cta_rows(tail_tiles) == 0:
+          head = gemm(None, None, _register_tiling(p.layer, a.shape[0], k, gelu_from, rank,
+                                                   out_dtype, None), (0, gelu_from))
+          y = gemm(inv_next, 0, tail_tiles, (gelu_from, n))
+          if inv_next is not None:
+            y, row_max = y
+          return qlinear.Gelu(y, 0, applied=True, row_max=row_max, head=head)
+      y = gemm(inv_next, gelu_from if gelu else None, tiles)
       if inv_next is not None:
         y, row_max = y
     else:

@@ -179,12 +179,11 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
-                                             "compute_wgs", "num_sms", "uniform_row_max",
-                                             "interpret"))
+                                             "compute_wgs", "num_sms", "cols", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
-                uniform_row_max: bool = False, interpret: bool = False):
+                cols: tuple[int, int] | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -199,9 +198,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     (default: the GPU's SMs; interpret: tiles). interpret: Pallas' GPU interpret mode (CPU;
     PJRT_NPROC >= 4, tests/conftest.py). row_max_inv: f32 [N - gelu_from] or None, with
     gelu_from: the 1 / lambda of the layer input columns that the GELU columns feed.
-    uniform_row_max: with row_max_inv, the maxima computed on every output tile after its
-    store and copied out for the GELU tiles only (one epilogue path after the store, the
-    same values), not inside the GELU branch (``w4a4.set_uniform_row_max``).
+    cols: (start, stop), multiples of the CTA's weight rows: only the output's columns
+    start:stop, read from the weight-side operands (codes, w_mult, sw, up_t, bias) where
+    they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
+    separate launches: ``w4a4.set_split_gelu``). None: all of them.
   Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
   columns' max |y * row_max_inv| per token (NaN where one is NaN;
   ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
@@ -211,8 +211,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"compute_wgs={compute_wgs} must be 2 or 3")
   check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs)
   m_out, k = a.shape
-  n = codes.shape[0]
+  n_all = codes.shape[0]
   cta_n, box = compute_wgs * ROWS, mult_box(compute_wgs)
+  start, stop = cols or (0, n_all)
+  if start % cta_n or stop % cta_n or not 0 <= start < stop <= n_all:
+    raise ValueError(f"cols={cols} must be multiples of {cta_n} with 0 <= start < stop <= "
+                     f"N={n_all}")
+  n = stop - start
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -267,23 +272,25 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         (lin,) = info.index
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
-        n_slice = pl.ds(n_idx * cta_n, cta_n)
+        n_slice = pl.ds(n_idx * cta_n, cta_n)   # of the output
+        w_col = start + n_idx * cta_n
+        w_slice = pl.ds(w_col, cta_n)            # of the weight-side operands
         # the multiplier box: the CTA's rows, within N (the last tile's sit at its end)
-        box_start = jnp.minimum(n_idx * cta_n, n - box)
-        mult_rows = pl.ds(n_idx * cta_n - box_start + wg * ROWS, ROWS)
+        box_start = jnp.minimum(w_col, n_all - box)
+        mult_rows = pl.ds(w_col - box_start + wg * ROWS, ROWS)
 
         def context(eval_pipeline):
           bar = lambda i: barriers.at[BARRIERS * wg + i]
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
-          plgpu.copy_gmem_to_smem(sw_gmem.at[n_slice].at[rows], sw_smem.at[wg], bar(1))
+          plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
             plgpu.barrier_arrive(both)  # is done with the previous tile's
             plgpu.barrier_wait(both)
             pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(lr_gmem.at[m_slice], lr_smem,
                                                              barriers.at[2]))
-            plgpu.copy_gmem_to_smem(up_gmem.at[n_slice].at[rows], up_smem.at[wg], bar(3))
+            plgpu.copy_gmem_to_smem(up_gmem.at[w_slice].at[rows], up_smem.at[wg], bar(3))
           if has_bias:
-            plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice].at[rows], bias_smem.at[wg], bar(4))
+            plgpu.copy_gmem_to_smem(bias_gmem.at[w_slice].at[rows], bias_smem.at[wg], bar(4))
           if has_rmax:  # the GELU tiles' (where the maxima are computed)
             pl.when(n_idx * cta_n >= gelu_from)(lambda: plgpu.copy_gmem_to_smem(
                 rinv_gmem.at[pl.ds(n_idx * cta_n - gelu_from, cta_n)].at[rows],
@@ -306,22 +313,19 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             plgpu.barrier_wait(bar(4))
             total = plus_bias(total, bias_smem.at[wg], token_axis=1)
 
-          def row_max(when=None):
+          def row_max():
             # the next layer's per-token maxima over these 64 columns, from the stored
             # tile read back tokens x columns: a reduction within each warp (over the
             # accumulator's rows it would cross warps, through scratch shared by the
-            # warpgroups). when: a traced condition for the wait and the copy (the
-            # maxima computed on every tile, kept for the GELU tiles'), or None: always.
-            only = (lambda f: f()) if when is None else pl.when(when)
-            only(lambda: plgpu.barrier_wait(bar(5)))
+            # warpgroups)
+            plgpu.barrier_wait(bar(5))
             y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
             v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
             rmax_smem.at[wg][...] = lax.bitcast_convert_type(
                 jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
             plgpu.commit_smem()
             group = (n_idx * cta_n - gelu_from) // ROWS + wg
-            only(lambda: plgpu.copy_smem_to_gmem(rmax_smem.at[wg],
-                                                 rmax_gmem.at[group, m_slice]))
+            plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])
 
           def store(gelu):
             y = total.astype(jnp.bfloat16)
@@ -330,12 +334,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                                                       else y)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
-            if gelu and has_rmax and not uniform_row_max:
+            if gelu and has_rmax:
               row_max()
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
-          if has_rmax and uniform_row_max:
-            row_max(n_idx * cta_n >= gelu_from)
 
         def body(_, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next
@@ -348,7 +350,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[n_slice],
+        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -356,7 +358,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}"
-                     f"_{m_out}x{k}x{n}")
+                     f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
     args += [lr.astype(jnp.bfloat16), up_t.astype(jnp.bfloat16)]

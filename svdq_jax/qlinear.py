@@ -88,12 +88,24 @@ class Gelu:
   that wrote x computed in its epilogue (``apply(..., feeds=)``), so that that layer's
   activation kernel skips its pass over the part for the token scales. Valid for that layer
   only; every other path ignores it.
+
+  ``head``: [..., H] or None: the layer output's columns before the GELU ones, where a kernel
+  wrote them as an array of their own (``w4a4.set_split_gelu``); x then holds the GELU
+  columns only (start 0). Not part of the input the Gelu stands for; ``before_gelu`` reads
+  the columns before the GELU ones either way.
   """
 
   x: jax.Array
   start: int = struct.field(pytree_node=False, default=0)
   applied: bool = struct.field(pytree_node=False, default=False)
   row_max: jax.Array | None = None
+  head: jax.Array | None = None
+
+  @property
+  def before_gelu(self) -> jax.Array:
+    """An array whose first columns are the layer output's before the GELU ones: ``head``, or
+    x itself ([..., start:] its GELU columns; not sliced, which would copy it)."""
+    return self.x if self.head is None else self.head
 
 
 @struct.dataclass
@@ -173,9 +185,12 @@ def input_dtype(x):
 
 
 def map_parts(x, f):
-  """A layer input with ``f`` applied to each part's array (starts, flags, scales kept)."""
+  """A layer input with ``f`` applied to each part's array (and a Gelu's ``head``; starts,
+  flags, scales kept)."""
   if isinstance(x, tuple):
     return tuple(map_parts(p, f) for p in x)
+  if isinstance(x, Gelu) and x.head is not None:
+    return x.replace(x=f(x.x), head=f(x.head))
   return x.replace(x=f(x.x)) if isinstance(x, (Gelu, Scaled)) else f(x)
 
 
@@ -494,7 +509,7 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_packed_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
-                    ("w4a4", "_uniform_row_max"))
+                    ("w4a4", "_split_gelu"))
 
 
 def trace_settings() -> tuple:

@@ -49,24 +49,26 @@ def _epilogue(rank=R):
                                    w4a8_hopper.tiling(4608, K, N, 96, num_sms=1)],
                          ids=["wide", "narrow", "lora_wide"])
 @pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu", "gelu_row_max",
-                                      "gelu_row_max_uniform", "gelu_packed"])
+                                      "gelu_row_max_cols", "gelu_packed"])
 def test_w4a8_register_gemm_lowers(tiles, epilogue):
   """256- and 128-token tiles, the shallower pipeline of a LoRA-wide branch; without and
   with the epilogue (scales only / + low-rank up projection and bias / + GELU / + the next
-  layer's token maxima over the GELU columns, in the GELU branch or on every tile / + GELU
-  in bf16x2 instructions, whose PTX the module holds only then)."""
+  layer's token maxima over the GELU columns, of the whole output or of its columns from
+  128 on (cols) / + GELU in bf16x2 instructions, whose PTX the module holds only then)."""
   rank = 96 if tiles["steps"] == 2 else R
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
   if epilogue != "none":
     args += _epilogue(rank)
   gelu_from = 128 if epilogue.startswith("gelu") else None
+  cols = (128, N) if epilogue.endswith("cols") else None
+  if cols:
+    gelu_from = 0
   if epilogue.startswith("gelu_row_max"):
-    args.append(jnp.zeros((N - gelu_from,)))
+    args.append(jnp.zeros((N - 128,)))
   packed = epilogue == "gelu_packed"
   text = _lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(
-      *a, gelu_from=gelu_from, packed_gelu=packed,
-      uniform_row_max=epilogue.endswith("uniform"), **tiles), *args)
+      *a, gelu_from=gelu_from, packed_gelu=packed, cols=cols, **tiles), *args)
   assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
   assert ("mul.rn.bf16x2" in text) == packed
 

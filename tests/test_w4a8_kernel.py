@@ -77,19 +77,16 @@ def test_three_compute_warpgroups():
                             interpret=True)
 
 
-@pytest.mark.parametrize("tile_m,compute_wgs,n,gelu_from,uniform", [
-    (64, 2, 384, 128, False), (128, 2, 256, 0, False), (64, 3, 768, 384, False),
-    (64, 2, 384, 128, True), (64, 3, 768, 384, True)])
-def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from, uniform):
+@pytest.mark.parametrize("tile_m,compute_wgs,n,gelu_from", [
+    (64, 2, 384, 128), (128, 2, 256, 0), (64, 3, 768, 384)])
+def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from):
   """row_max_inv: the GELU columns' per-token maxima of |y / lambda| for the layer they feed,
   per 64 columns, equal to ``act_rowscaled.row_max_partials`` of the output (a token whose
-  scale is NaN: NaN), and the output as without them; also with the maxima computed on
-  every tile and kept for the GELU tiles' (uniform_row_max)."""
+  scale is NaN: NaN), and the output as without them."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
   sa = sa.at[77].set(jnp.nan)
   inv = jax.random.uniform(jax.random.key(9), (n - gelu_from,), minval=0.1, maxval=4.0)
-  kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs,
-            uniform_row_max=uniform, interpret=True)
+  kw = dict(tile_m=tile_m, gelu_from=gelu_from, compute_wgs=compute_wgs, interpret=True)
   y, row_max = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv, **kw)
   plain = w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, **kw)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
@@ -99,6 +96,37 @@ def test_row_maxima_of_the_gelu_columns(tile_m, compute_wgs, n, gelu_from, unifo
   assert np.isnan(np.asarray(row_max)[:, 77]).all() and np.isfinite(np.asarray(row_max)).sum()
   with pytest.raises(ValueError, match=r"row_max_inv must come with gelu_from and be \[N - "):
     w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, inv[1:], **kw)
+
+
+@pytest.mark.parametrize("compute_wgs,n,cols,gelu_from", [
+    (2, 384, (128, 384), 0), (2, 512, (0, 256), None), (3, 768, (384, 768), 0),
+    (3, 768, (192, 576), 192)])
+def test_column_range(compute_wgs, n, cols, gelu_from):
+  """cols=(start, stop): the output's columns start:stop alone, the same bits as those of the
+  whole launch (codes, multipliers, scales, up projection and bias read at those columns; the
+  GELU and the next layer's maxima counted from start), as ``w4a4.set_split_gelu`` runs
+  linear1."""
+  a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
+  start, stop = cols
+  inv = jax.random.uniform(jax.random.key(9), (n,), minval=0.1, maxval=4.0)
+  gemm = lambda gelu_from, inv, cols=None: w4a8_hopper.w4a8_gemm_t(
+      a, sa, codes, mult.T, sw, lr, up, bias, inv, tile_m=64, gelu_from=gelu_from,
+      compute_wgs=compute_wgs, cols=cols, interpret=True)
+  full_gelu = None if gelu_from is None else start + gelu_from
+  has_max = gelu_from is not None
+  whole = gemm(full_gelu, inv[full_gelu:] if has_max else None)
+  part = gemm(gelu_from, inv[full_gelu:stop] if has_max else None, cols)
+  if has_max:
+    (whole, whole_max), (part, part_max) = whole, part
+    groups = (stop - full_gelu) // 64
+    np.testing.assert_array_equal(np.asarray(part_max), np.asarray(whole_max[:groups]))
+  assert part.shape == (200, stop - start)
+  np.testing.assert_array_equal(np.asarray(part, np.float32),
+                                np.asarray(whole[:, start:stop], np.float32))
+  with pytest.raises(ValueError, match=r"cols=\(64, 384\) must be multiples"):
+    gemm(None, None, (64, 384))
+  with pytest.raises(ValueError, match="must be multiples"):
+    gemm(None, None, (start, n + 2 * compute_wgs * 64))
 
 
 def test_errors():
@@ -298,11 +326,18 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
     prepared = w4a4.prepare_row_scaled(lin2, interpret=True, expand=False)  # as a loop's
     np.testing.assert_array_equal(np.asarray(qlinear.apply(
         lin1, xb, gelu_from=128, feeds=prepared).row_max), np.asarray(h.row_max))
-    monkeypatch.setattr(w4a4, "_uniform_row_max", True)   # the maxima on every tile: the same
-    hu = jax.block_until_ready(qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2))
-    np.testing.assert_array_equal(np.asarray(hu.row_max), np.asarray(h.row_max))
-    np.testing.assert_array_equal(np.asarray(hu.x, np.float32), np.asarray(h.x, np.float32))
-    monkeypatch.setattr(w4a4, "_uniform_row_max", False)
+    monkeypatch.setattr(w4a4, "_split_gelu", True)   # two launches: the same values
+    hs = jax.block_until_ready(qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2))
+    assert hs.start == 0 and hs.head.shape == (72, 128) and hs.x.shape == (72, 256)
+    assert hs.before_gelu is hs.head and h.before_gelu is h.x
+    np.testing.assert_array_equal(np.asarray(hs.row_max), np.asarray(h.row_max))
+    np.testing.assert_array_equal(np.asarray(hs.head, np.float32),
+                                  np.asarray(h.x[:, :128], np.float32))
+    np.testing.assert_array_equal(np.asarray(hs.x, np.float32),
+                                  np.asarray(h.x[:, 128:], np.float32))
+    np.testing.assert_array_equal(np.asarray(qlinear.join((attn, hs)), np.float32),
+                                  np.asarray(qlinear.join((attn, h)), np.float32))
+    monkeypatch.setattr(w4a4, "_split_gelu", False)
     passes.clear()
     got = np.asarray(qlinear.apply(lin2, (attn, h)), np.float32)
     assert passes == [(64, 128)]   # the attention part's
