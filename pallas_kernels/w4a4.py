@@ -565,16 +565,19 @@ def set_packed_gelu(on: bool) -> None:
   _packed_gelu = bool(on)
 
 
-_split_gelu = False
+# FLUX.1-dev 1024x1024 step, W4A8 + cuDNN FP8 attention (H100, 2026-12-06): 86.54 ms against
+# 87.96, the 28-step loop 2.317 s against 2.367, the same output (docs/benchmarks). One launch
+# whose tiles take either epilogue cost linear1 its next layer's maxima (0.050 ms a call on
+# an H200) where fc1, all of whose tiles take the GELU, pays nothing.
+_split_gelu = True
 
 
 def set_split_gelu(on: bool) -> None:
   """Whether the W4A8 register GEMM of a layer whose GELU starts past column 0 (FLUX.1's
-  linear1) runs as two launches, the columns before the GELU and the GELU columns (as fc1's,
-  all of whose tiles take the GELU), returning ``qlinear.Gelu(tail, 0, head=head)``, or as
-  one whose tiles take either epilogue (the default). linear1's one launch took 0.502 ms
-  against ~0.46 estimated for two from its parts' rates (H200, 2026-12-06, docs/benchmarks);
-  off until timed (scripts/bench_flux_full.py --split-gelu). The same values either way."""
+  linear1) runs as two launches, the columns before the GELU and the GELU columns (as fc1's),
+  returning ``qlinear.Gelu(tail, 0, head=head)`` (the default), or as one launch whose tiles
+  take either epilogue (as before 2026-12-06; kept to time the difference,
+  scripts/bench_flux_full.py --one-launch-gelu). The same values either way."""
   global _split_gelu
   _split_gelu = bool(on)
 

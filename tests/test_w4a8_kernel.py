@@ -318,6 +318,7 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
     monkeypatch.setattr(w4a4, "_epilogue_row_max", False)
     assert run().row_max is None   # off
     monkeypatch.setattr(w4a4, "_epilogue_row_max", True)
+    monkeypatch.setattr(w4a4, "_split_gelu", False)   # one launch
     h = qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2)
     inv2 = qlinear.folded_smoothing(lin2.smooth, None)[0]
     assert h.applied and h.row_max.shape == (4, 72)
@@ -326,7 +327,7 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
     prepared = w4a4.prepare_row_scaled(lin2, interpret=True, expand=False)  # as a loop's
     np.testing.assert_array_equal(np.asarray(qlinear.apply(
         lin1, xb, gelu_from=128, feeds=prepared).row_max), np.asarray(h.row_max))
-    monkeypatch.setattr(w4a4, "_split_gelu", True)   # two launches: the same values
+    monkeypatch.setattr(w4a4, "_split_gelu", True)   # two launches (the default): the same
     hs = jax.block_until_ready(qlinear.apply(lin1, xb, gelu_from=128, feeds=lin2))
     assert hs.start == 0 and hs.head.shape == (72, 128) and hs.x.shape == (72, 256)
     assert hs.before_gelu is hs.head and h.before_gelu is h.x
@@ -337,7 +338,6 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
                                   np.asarray(h.x[:, 128:], np.float32))
     np.testing.assert_array_equal(np.asarray(qlinear.join((attn, hs)), np.float32),
                                   np.asarray(qlinear.join((attn, h)), np.float32))
-    monkeypatch.setattr(w4a4, "_split_gelu", False)
     passes.clear()
     got = np.asarray(qlinear.apply(lin2, (attn, h)), np.float32)
     assert passes == [(64, 128)]   # the attention part's
