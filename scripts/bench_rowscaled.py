@@ -668,7 +668,7 @@ def main():
   ap.add_argument("--row-max", action="store_true",
                   help="the GELU producers' epilogue maxima for the next layer "
                        "(w4a4.set_epilogue_row_max): checks and times, without / with / "
-                       "with them on every tile (w4a4.set_uniform_row_max), "
+                       "with them and the producer in two launches (w4a4.set_split_gelu), "
                        "at --m and FLUX.1's 4096 / 512 tokens")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
