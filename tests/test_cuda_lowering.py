@@ -179,9 +179,12 @@ def _layer(method, fmt, act_fmt=None):
 
 
 @pytest.mark.parametrize("method,fmt,act_fmt,switches,rows,want", [
-    ("svdquant", "int4_2l", "int8", {}, 72, [MOSAIC]),                 # XLA act, register GEMM
-    ("svdquant", "int4_2l", "int4_2l", {}, 72, [MOSAIC]),
-    ("svdquant", "int4_2l", "int8", {"_act_choice": "pallas"}, 72, [TRITON, TRITON, MOSAIC]),
+    # XLA act, the register GEMM in two launches (the columns before the GELU, the GELU ones)
+    ("svdquant", "int4_2l", "int8", {}, 72, [MOSAIC, MOSAIC]),
+    ("svdquant", "int4_2l", "int8", {"_split_gelu": False}, 72, [MOSAIC]),
+    ("svdquant", "int4_2l", "int4_2l", {}, 72, [MOSAIC, MOSAIC]),
+    ("svdquant", "int4_2l", "int8", {"_act_choice": "pallas"}, 72,
+     [TRITON, TRITON, MOSAIC, MOSAIC]),
     ("svdquant", "int4_2l", "int8", {"_register_expansion": False}, 72, [TRITON, MOSAIC]),
     ("w8a8", "int4", None, {}, 72, [MOSAIC]),                           # int8 weights
     ("svdquant", "int4", None, {}, 72, [TRITON, TRITON]),               # exact INT4, Triton
@@ -191,7 +194,7 @@ def _layer(method, fmt, act_fmt=None):
     ("w4a16", "int4_2l", None, {}, 2, [TRITON]),                        # its tensor-core path
     ("w4a16", "int4_2l", None, {}, 28, [TRITON]),                       # a loop's modulations
     ("w4a16", "int4_2l", None, {}, 100, [TRITON]),                      # two row blocks
-], ids=["w4a8", "w4a4_2l", "w4a8_pallas_act", "w4a8_expansion_pass", "w8a8", "int4",
+], ids=["w4a8", "w4a8_one_launch", "w4a4_2l", "w4a8_pallas_act", "w4a8_expansion_pass", "w8a8", "int4",
         "int4_hopper", "nvfp4", "gemv", "gemv_mma", "gemv_mma_28", "gemv_mma_100"])
 def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches, rows, want):
   """``qlinear.apply`` on the 'pallas' backend, as the models call it (bf16 inputs; the
