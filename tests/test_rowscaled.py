@@ -293,7 +293,8 @@ def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
 def test_gelu_from_computes_the_gelu_in_the_gemm_epilogue():
   """qlinear.apply / layers.dense with gelu_from: a Gelu part of the output. On the kernels the
   int8 GEMM stores the columns from gelu_from through the GELU (applied), bit for bit
-  jax.nn.gelu of the plain output; with set_epilogue_gelu(False), on the reference and on
+  jax.nn.gelu of the plain output, in two launches (``w4a4.set_split_gelu``: the columns
+  before it in ``head``) or one; with set_epilogue_gelu(False), on the reference and on
   float kernels the GELU is left to the next layer (the same values once joined)."""
   from svdq_jax.layers import dense
   x = _x(72, 256).astype(jnp.bfloat16)
@@ -303,16 +304,21 @@ def test_gelu_from_computes_the_gelu_in_the_gemm_epilogue():
   with qlinear.backend("interpret"):  # one interpreted kernel in flight at a time
     plain = np.asarray(dense(x, layer))
     y = jax.block_until_ready(dense(x, layer, gelu_from=start))
+    w4a4.set_split_gelu(False)
     w4a4.set_epilogue_gelu(False)
     try:
       lazy = jax.block_until_ready(dense(x, layer, gelu_from=start))
+      w4a4.set_epilogue_gelu(True)
+      one = jax.block_until_ready(dense(x, layer, gelu_from=start))
     finally:
       w4a4.set_epilogue_gelu(True)
-  assert isinstance(y, qlinear.Gelu) and y.applied and y.start == start
-  np.testing.assert_array_equal(np.asarray(y.x[:, :start]), plain[:, :start])
-  np.testing.assert_array_equal(
-      np.asarray(y.x[:, start:]),
-      np.asarray(jax.nn.gelu(jnp.asarray(plain[:, start:]), approximate=True)))
+      w4a4.set_split_gelu(True)
+  assert isinstance(y, qlinear.Gelu) and y.applied and y.start == 0 and y.x.shape == (72, 256)
+  assert one.applied and one.start == start and one.head is None
+  want_gelu = np.asarray(jax.nn.gelu(jnp.asarray(plain[:, start:]), approximate=True))
+  for g in (y, one):
+    np.testing.assert_array_equal(np.asarray(g.before_gelu[:, :start]), plain[:, :start])
+    np.testing.assert_array_equal(np.asarray(g.x[:, g.start:]), want_gelu)
   assert not lazy.applied
   np.testing.assert_array_equal(np.asarray(lazy.x), plain)
   np.testing.assert_array_equal(np.asarray(qlinear.join(lazy)), np.asarray(qlinear.join(y)))
