@@ -183,8 +183,9 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   kernels (interpret mode, Pallas activation path) the kernel receives the parts unjoined,
   the MLP half GELU'd by linear1's epilogue (or, with set_epilogue_gelu(False), still to be
   GELU'd; with set_epilogue_row_max, with linear2's token maxima over it from linear1's
-  epilogue), and the model's output equals the one with the parts joined by XLA first, bit
-  for bit."""
+  epilogue), as an array of its own (linear1 in two launches, ``set_split_gelu``) or the
+  tail of linear1's output (one launch), and the model's output equals the one with the
+  parts joined by XLA first, bit for bit."""
   from svdq_jax import qlinear
   from svdq_jax.pallas_kernels import act_rowscaled, w4a4
 
@@ -219,11 +220,13 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   w4a4.set_act_kernel("pallas")
   try:
     with qlinear.backend("interpret"):
-      for parts, epilogue, row_max in ((True, True, False), (True, False, False),
-                                       (False, True, False), (True, True, True)):
+      for parts, epilogue, row_max, split in (
+          (True, True, False, True), (True, False, False, True), (False, True, False, True),
+          (True, True, True, True), (True, True, True, False)):
         w4a4.set_input_parts(parts)
         w4a4.set_epilogue_gelu(epilogue)
         w4a4.set_epilogue_row_max(row_max)
+        w4a4.set_split_gelu(split)
         outs.append(np.asarray(jax.jit(lambda *a: qmodel(*a))(*inputs)))
   finally:
     act_rowscaled.quantize_rows_folded = kernel
@@ -231,15 +234,17 @@ def test_single_block_input_parts_reach_the_activation_kernel():
     w4a4.set_input_parts(True)
     w4a4.set_epilogue_gelu(True)
     w4a4.set_epilogue_row_max(True)
+    w4a4.set_split_gelu(True)
   mlp = cfg.mlp_dim
   tokens = 3 + 4
-  for applied in (True, False):   # linear2, unjoined: GELU'd by linear1 or still to be
-    assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, applied)] in seen
+  # linear2, unjoined: GELU'd by linear1 (its own array: two launches) or still to be
+  assert [(tokens, 128), ((tokens, mlp), 0, True)] in seen
+  assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, False)] in seen
   assert [(tokens, 128 + mlp)] in seen                                 # linear2, joined
-  assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, True, "row_max")] in seen
-  np.testing.assert_array_equal(outs[0], outs[2])
-  np.testing.assert_array_equal(outs[1], outs[2])
-  np.testing.assert_array_equal(outs[3], outs[2])
+  assert [(tokens, 128), ((tokens, mlp), 0, True, "row_max")] in seen
+  assert [(tokens, 128), ((tokens, 3 * 128 + mlp), 3 * 128, True, "row_max")] in seen  # one
+  for out in outs:
+    np.testing.assert_array_equal(out, outs[2])
   assert np.abs(outs[0].astype(np.float32)).max() > 0
 
 
