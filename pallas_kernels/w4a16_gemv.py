@@ -70,6 +70,32 @@ def _rows_and_tiling(m: int, mma: bool) -> tuple[int, tuple]:
   return rows, next(t for most, t in TILING_MMA if rows <= most)
 
 
+# The codes' int -> f32 conversions: at M = 1 the kernel moves its 4-bit weights at 0.6-0.8
+# TB/s whatever the tiling (docs/benchmarks, 2026-12-03 / -05), where an SM converts 16 values a
+# clock (int -> f32, f32 -> bf16) against 64 integer and 128 f32 operations: two conversions a
+# weight would hold it near what it runs at. ``_bit_unpack`` makes each code's f32 by bit
+# operations and one f32 subtraction instead; off until timed (scripts/bench_gemv.py '+bits'
+# tilings, scripts/bench_flux_full.py --bit-unpack-gemv).
+_bit_unpack = False
+
+
+def set_bit_unpack(on: bool) -> None:
+  """Whether the kernel makes the codes' f32 values by bit operations (``_signed_f32``: the
+  code plus 8 in the mantissa of 2^23, minus 2^23 + 8) instead of integer-to-float
+  conversions (the default, until timed). The same values (exact either way)."""
+  global _bit_unpack
+  _bit_unpack = bool(on)
+
+
+def _signed_f32(b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """uint8 [R, C] packed signed nibbles -> (low, high) f32 [R, C], exactly ``_unpack``'s int4
+  values: a nibble n (two's complement q) XOR 8 is q + 8 in 0..15; in the mantissa of 2^23
+  (bits 0x4B000000) that is 2^23 + q + 8, and subtracting 2^23 + 8 leaves q, all exact."""
+  u = b.astype(jnp.uint32)
+  f = lambda nib: jax.lax.bitcast_convert_type((nib ^ 8) | 0x4B000000, jnp.float32) - 8388616.0
+  return f(u & 0xF), f(u >> 4)
+
+
 _enabled = True
 
 
@@ -96,7 +122,8 @@ def supports_layer(layer, m: int, dtype) -> bool:
 
 def layer_product(layer, xs: jax.Array, *, interpret: bool = False) -> jax.Array:
   """``qlinear.weight_only_product`` of an int4_2l layer: xs bf16 [M, K] -> f32 [M, N]."""
-  return gemv(xs, layer.qweight, layer.wscale, layer.wcscale, interpret=interpret)
+  return gemv(xs, layer.qweight, layer.wscale, layer.wcscale, bit_unpack=_bit_unpack,
+              interpret=interpret)
 
 
 def _bf16_values(v: jax.Array, interpret: bool) -> jax.Array:
@@ -107,7 +134,8 @@ def _bf16_values(v: jax.Array, interpret: bool) -> jax.Array:
   return v.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mma, interpret):
+def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mma, bit_unpack,
+            interpret):
   bn, kh = c_ref.shape
   rows = xlo_ref.shape[0]
   cols = groups_per_step * HALF        # code bytes per step
@@ -121,9 +149,12 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
     m = jnp.where(second, (mb >> 4)[:, :, None, None], (mb & 0xF)[:, :, None, None])
     s = (m.astype(jnp.float32) + 1.0) * unit                    # [bn, pairs, 2, 1]
     s = jnp.broadcast_to(s, (bn, pairs, 2, HALF)).reshape(bn, cols)
-    lo, hi = _unpack(c_ref[:, at], signed=True)
-    w_lo = _bf16_values(lo.astype(jnp.float32) * s, interpret)
-    w_hi = _bf16_values(hi.astype(jnp.float32) * s, interpret)
+    if bit_unpack:
+      lo, hi = _signed_f32(c_ref[:, at])
+    else:
+      lo, hi = (v.astype(jnp.float32) for v in _unpack(c_ref[:, at], signed=True))
+    w_lo = _bf16_values(lo * s, interpret)
+    w_hi = _bf16_values(hi * s, interpret)
     if mma:
       return acc + (plgpu.dot(xlo_ref[:, at], w_lo.astype(jnp.bfloat16), trans_b=True)
                     + plgpu.dot(xhi_ref[:, at], w_hi.astype(jnp.bfloat16), trans_b=True))
@@ -139,11 +170,12 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "groups_per_step", "num_warps",
-                                             "num_stages", "mma", "interpret"))
+                                             "num_stages", "mma", "bit_unpack", "interpret"))
 def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
          block_n: int | None = None, groups_per_step: int | None = None,
          num_warps: int | None = None, num_stages: int | None = None,
-         mma: bool | None = None, interpret: bool = False) -> jax.Array:
+         mma: bool | None = None, bit_unpack: bool = False,
+         interpret: bool = False) -> jax.Array:
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
   Args:
@@ -156,6 +188,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
       power of two dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2
       dividing K/64); num_warps, num_stages: Triton's. None: ``TILING_ROWS``, or
       ``TILING_MMA`` by a program's rows (groups_per_step reduced to what divides K/64).
+    bit_unpack: the codes' f32 values by bit operations (``_signed_f32``; the same values;
+      ``layer_product`` passes ``set_bit_unpack``'s choice).
   """
   m, k = x.shape
   n = codes.shape[0]
@@ -186,7 +220,7 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   halves = halves.reshape(padded, groups, 2, HALF)
   y = pl.pallas_call(
       functools.partial(_kernel, groups_per_step=groups_per_step, mma=mma,
-                        interpret=interpret),
+                        bit_unpack=bit_unpack, interpret=interpret),
       grid=(n // block_n, padded // rows),
       in_specs=[pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
                 pl.BlockSpec((rows, k // 2), lambda i, j: (j, 0)),
@@ -203,4 +237,4 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
 
 
 __all__ = ["MAX_ROWS", "ROW_BLOCK", "TILING_MMA", "TILING_ROWS", "gemv", "layer_product",
-           "set_enabled", "supports", "supports_layer"]
+           "set_bit_unpack", "set_enabled", "supports", "supports_layer"]

@@ -138,6 +138,9 @@ SWITCHES = (
     ("three_warpgroups_gelu", w4a8_hopper.set_three_warpgroups_gelu, True,
      "the W4A8 kernel's two compute warpgroups for the GELU layers (fc1, linear1), as "
      "before 2026-12-04's nineteenth session"),
+    ("bit_unpack_gemv", w4a16_gemv.set_bit_unpack, False,
+     "the modulation GEMV's codes made f32 by bit operations, not int -> f32 conversions "
+     "(w4a16_gemv._signed_f32)"),
     ("one_launch_gelu", w4a4.set_split_gelu, True,
      "linear1's W4A8 GEMM as one launch whose tiles take either epilogue, not two (its "
      "columns before the GELU ones, then the GELU columns), as before 2026-12-06"),
@@ -157,7 +160,8 @@ SWITCHES = (
 # nonzero step_max_abs_diff_vs_default is a bug (2026-12-05: the epilogue maxima's ragged
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
-               "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu"}
+               "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
+               "bit_unpack_gemv"}
 # a switch renamed in SWITCHES and not here would silently lose its check
 assert not (unknown := KEEP_VALUES - {flag for flag, *_ in SWITCHES}), unknown
 

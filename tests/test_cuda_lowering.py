@@ -16,7 +16,7 @@ import pytest
 from svdq_jax import qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.pallas_kernels import (attention_int8, int8_hopper, w4a4, w4a4_hopper,
-                                     w4a8_hopper)
+                                     w4a8_hopper, w4a16_gemv)
 
 MOSAIC, TRITON = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
@@ -207,6 +207,17 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
   with qlinear.backend("pallas"):
     calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=gelu_from), layer, x)
   assert calls == want, calls
+
+
+@pytest.mark.parametrize("rows", [1, 28])
+def test_gemv_with_bit_unpack_lowers(rows):
+  """The modulation GEMV with its codes made f32 by bit operations (``bit_unpack``), on the
+  CUDA cores (one row) and the tensor cores."""
+  layer = _layer("w4a16", "int4_2l")
+  x = jnp.zeros((rows, 256), jnp.bfloat16)
+  calls = _custom_calls(lambda x, c, m, u: w4a16_gemv.gemv(x, c, m, u, bit_unpack=True),
+                        x, layer.qweight, layer.wscale, layer.wcscale)
+  assert calls == [TRITON], calls
 
 
 @pytest.mark.parametrize("applied", [False, True])

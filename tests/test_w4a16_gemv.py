@@ -43,7 +43,7 @@ def test_weight_values_bit_exact(mma):
   layer = _layer()
   cols = [0, 1, 31, 32, 63, 64, 100, 127, 128, 191, 200, 255] if mma else [37]
   x = jnp.zeros((len(cols), K), jnp.bfloat16).at[np.arange(len(cols)), cols].set(1.0)
-  for kw in (dict(), dict(block_n=32, groups_per_step=2)):
+  for kw in (dict(), dict(block_n=32, groups_per_step=2), dict(bit_unpack=True)):
     y = np.asarray(_gemv(layer, x, mma=mma, **kw))
     np.testing.assert_array_equal(y, _bf16_weight(layer)[:, cols].T)
 
@@ -60,6 +60,20 @@ def test_product_matches_reference(m):
   for kw in ([dict(), dict(mma=True)] if m == 1 else [dict()]):
     got = np.asarray(_gemv(layer, x, **kw))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # the codes made f32 by bit operations: the same weights, the same sums, bit for bit
+    np.testing.assert_array_equal(np.asarray(_gemv(layer, x, bit_unpack=True, **kw)), got)
+
+
+def test_bit_unpack_is_the_int4_values_of_every_byte():
+  """``_signed_f32`` on all 256 bytes: each nibble's two's-complement int4 value, exactly
+  ``w4a4._unpack``'s (low nibble = the first value of a byte, ``formats.pack``)."""
+  from svdq_jax.pallas_kernels.w4a4 import _unpack
+  b = jnp.arange(256, dtype=jnp.uint8).reshape(8, 32)
+  for got, want in zip(w4a16_gemv._signed_f32(b), _unpack(b, signed=True)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want, np.float32))
+  lo, hi = (np.asarray(v) for v in w4a16_gemv._signed_f32(b))
+  assert lo.min() == hi.min() == -8 and lo.max() == hi.max() == 7
 
 
 def test_supports_follows_the_tiling_of_the_rows():
@@ -104,6 +118,18 @@ def test_layer_dispatch_runs_the_kernel():
     assert qlinear.trace_settings() != settings
   finally:
     w4a16_gemv.set_enabled(True)
+  w4a16_gemv.set_bit_unpack(True)   # the layer's kernel then makes its codes' f32 by bits
+  unpacks, real_unpack = [], w4a16_gemv._signed_f32
+  w4a16_gemv._signed_f32 = lambda b: unpacks.append(b.shape) or real_unpack(b)
+  try:
+    with qlinear.backend("interpret"):
+      y_bits = jax.block_until_ready(jax.jit(qlinear.apply)(layer, x))
+    assert qlinear.trace_settings() != settings
+  finally:
+    w4a16_gemv.set_bit_unpack(False)
+    w4a16_gemv._signed_f32 = real_unpack
+  assert unpacks   # traced into the kernel
+  np.testing.assert_array_equal(np.asarray(y_bits, np.float32), np.asarray(y, np.float32))
 
 
 def test_errors_name_the_problem():
