@@ -215,6 +215,7 @@ def test_layer_on_three_warpgroups(monkeypatch):
       k.get("compute_wgs", 2)) or real(*a, **k))
   run = lambda **k: qlinear.apply(layer, x.astype(jnp.bfloat16), **k)
   monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)   # 72 tokens: narrow otherwise
+  monkeypatch.setattr(w4a4, "_split_gelu", False)   # one launch a layer (its tiling's choice)
   with qlinear.backend("interpret"):
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", False)
     want = run()
@@ -260,6 +261,7 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank, tiles):
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
                       lambda *a, **k: calls.append((k["tile_m"], k["steps"])) or real(*a, **k))
+  monkeypatch.setattr(w4a4, "_split_gelu", False)   # one launch (two: test_rowscaled.py)
   xb = x.astype(jnp.bfloat16)
   def run(**kw):  # with gelu_from: the whole output, its columns from there GELU'd
     y = qlinear.apply(layer, xb, **kw)
