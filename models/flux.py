@@ -408,7 +408,8 @@ class SingleStreamBlock(nnx.Module):
   def __call__(self, x, mod, pe):
     """mod: ``self.modulation(vec)``, (shift, scale, gate)."""
     shift, scale, gate = mod
-    # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU
+    # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU (on Hopper
+    # written as two arrays: q | k | v is ``before_gelu`` either way)
     qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
                            feeds=self.linear2)
     attn = joint_attention(((qkv_mlp.before_gelu, self.norm),), pe, self.num_heads,

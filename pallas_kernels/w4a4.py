@@ -646,6 +646,17 @@ def _register_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
   return w4a8_hopper.tiling(m, k, n, rank, gelu_from=gelu_from)
 
 
+def _split_tiling(layer, m: int, k: int, n: int, rank: int, out_dtype,
+                  gelu_from: int) -> dict | None:
+  """The GELU columns' tiling where ``set_split_gelu`` runs a layer whose GELU starts past
+  column 0 as two launches (its CTAs dividing gelu_from), else None: one launch."""
+  from svdq_jax.pallas_kernels import w4a8_hopper
+  if not (_split_gelu and gelu_from):
+    return None
+  tiles = _register_tiling(layer, m, k, n - gelu_from, rank, out_dtype, 0)
+  return tiles if tiles is not None and gelu_from % w4a8_hopper.cta_rows(tiles) == 0 else None
+
+
 def _row_scaled_weight(layer, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """(int8 [N, K], f32 [N]): the weight operand of the int8 GEMM."""
   from svdq_jax.pallas_kernels import act_rowscaled  # which imports this module
@@ -728,29 +739,29 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     gelu = (_epilogue_gelu and gelu_from is not None and gelu_from % cta_n == 0
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
-    row_max = None
+    row_max = head = None
     if in_registers:
       gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(
           a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias, inv, gelu_from=gelu_from,
           packed_gelu=_packed_gelu, cols=cols, interpret=interpret, **tiles)
-      if gelu and _split_gelu and gelu_from > 0:
-        tail_tiles = _register_tiling(p.layer, a.shape[0], k, n - gelu_from, rank, out_dtype, 0)
-        if tail_tiles is not None and gelu_from % w4a8_hopper.cta_rows(tail_tiles) == 0:
-          head = gemm(None, None, _register_tiling(p.layer, a.shape[0], k, gelu_from, rank,
-                                                   out_dtype, None), (0, gelu_from))
-          y = gemm(inv_next, 0, tail_tiles, (gelu_from, n))
-          if inv_next is not None:
-            y, row_max = y
-          return qlinear.Gelu(y, 0, applied=True, row_max=row_max, head=head)
-      y = gemm(inv_next, gelu_from if gelu else None, tiles)
+      tail_tiles = (_split_tiling(p.layer, a.shape[0], k, n, rank, out_dtype, gelu_from)
+                    if gelu else None)
+      if tail_tiles is None:
+        y = gemm(inv_next, gelu_from if gelu else None, tiles)
+      else:   # the columns before the GELU, then the GELU columns
+        head = gemm(None, None, _register_tiling(p.layer, a.shape[0], k, gelu_from, rank,
+                                                 out_dtype, None), (0, gelu_from))
+        y = gemm(inv_next, 0, tail_tiles, (gelu_from, n))
       if inv_next is not None:
         y, row_max = y
     else:
       y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, lr, p.up_t, bias, out_dtype=out_dtype,
                                 gelu_from=gelu_from if gelu else None,
                                 packed_gelu=_packed_gelu, interpret=interpret, **tiles)
-    return qlinear.Gelu(y, gelu_from, applied=True, row_max=row_max) if gelu else y.astype(
-        dtype)
+    if not gelu:
+      return y.astype(dtype)
+    return qlinear.Gelu(y, 0 if head is not None else gelu_from, applied=True,
+                        row_max=row_max, head=head)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
   # kernel's f32 output so that the result is still rounded once
   tiles = int8_hopper.tiling(n, jnp.float32)

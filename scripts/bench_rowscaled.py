@@ -495,7 +495,7 @@ def row_max_pair(m, name, key, interpret):
   joined = lambda h: jnp.concatenate([h.head, h.x], axis=-1) if h.head is not None else h.x
   res["split_launches"] = 1 if hs.head is None else 2
   res["split_output_mismatches"] = mismatches(joined(hs), h1.x)
-  res["split_code_mismatches"] = int((a2 != a1).sum()) + mismatches(s2, s1)
+  res["split_code_scale_mismatches"] = int((a2 != a1).sum()) + mismatches(s2, s1)
   if h1.row_max is not None:
     res["split_row_max_mismatches"] = mismatches(hs.row_max, h1.row_max)
   res["row_max_computed"] = h1.row_max is not None
@@ -707,7 +707,7 @@ def main():
             f"{r.get('row_max_mismatches', 'none computed')} / {r['code_mismatches']} / "
             f"{r['scale_mismatches']} ({r['split_launches']} launches: "
             f"{r['split_output_mismatches']} / {r.get('split_row_max_mismatches', '-')} / "
-            f"{r['split_code_mismatches']}) | {cell('producer')} | {cell('act')} | "
+            f"{r['split_code_scale_mismatches']}) | {cell('producer')} | {cell('act')} | "
             f"{cell('pair')} |")
     return
   if args.parts:
