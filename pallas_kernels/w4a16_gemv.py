@@ -71,18 +71,19 @@ def _rows_and_tiling(m: int, mma: bool) -> tuple[int, tuple]:
 
 
 # The codes' int -> f32 conversions: at M = 1 the kernel moves its 4-bit weights at 0.6-0.8
-# TB/s whatever the tiling (docs/benchmarks, 2026-12-03 / -05), where an SM converts 16 values a
-# clock (int -> f32, f32 -> bf16) against 64 integer and 128 f32 operations: two conversions a
-# weight would hold it near what it runs at. ``_bit_unpack`` makes each code's f32 by bit
-# operations and one f32 subtraction instead; off until timed (scripts/bench_gemv.py '+bits'
-# tilings, scripts/bench_flux_full.py --bit-unpack-gemv).
-_bit_unpack = False
+# TB/s whatever the tiling (docs/benchmarks, 2026-12-03 / -05). ``_bit_unpack`` makes each
+# code's f32 by bit operations and one f32 subtraction instead of a conversion: measured on an
+# H100 (2026-12-06, scripts/bench_gemv.py '+bits' tilings), 5-10% faster at M = 1 and 2, at M =
+# 28 faster at N = 9216 and slower at 18432 (one tiling); the FLUX.1 step 88.10 against 88.25
+# ms. So the default; the conversions stay as the switch (bench_flux_full.py
+# --int-convert-gemv). Still ~0.85 TB/s at best: the conversions were not what holds it.
+_bit_unpack = True
 
 
 def set_bit_unpack(on: bool) -> None:
   """Whether the kernel makes the codes' f32 values by bit operations (``_signed_f32``: the
-  code plus 8 in the mantissa of 2^23, minus 2^23 + 8) instead of integer-to-float
-  conversions (the default, until timed). The same values (exact either way)."""
+  code plus 8 in the mantissa of 2^23, minus 2^23 + 8; the default) or by integer-to-float
+  conversions. The same values (exact either way)."""
   global _bit_unpack
   _bit_unpack = bool(on)
 
@@ -174,7 +175,7 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
 def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
          block_n: int | None = None, groups_per_step: int | None = None,
          num_warps: int | None = None, num_stages: int | None = None,
-         mma: bool | None = None, bit_unpack: bool = False,
+         mma: bool | None = None, bit_unpack: bool = True,
          interpret: bool = False) -> jax.Array:
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
@@ -188,8 +189,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
       power of two dividing N); groups_per_step: 64-groups per loop step (a power of two >= 2
       dividing K/64); num_warps, num_stages: Triton's. None: ``TILING_ROWS``, or
       ``TILING_MMA`` by a program's rows (groups_per_step reduced to what divides K/64).
-    bit_unpack: the codes' f32 values by bit operations (``_signed_f32``; the same values;
-      ``layer_product`` passes ``set_bit_unpack``'s choice).
+    bit_unpack: the codes' f32 values by bit operations (``_signed_f32``), else by
+      conversions; the same values. ``layer_product`` passes ``set_bit_unpack``'s choice.
   """
   m, k = x.shape
   n = codes.shape[0]

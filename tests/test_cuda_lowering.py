@@ -211,12 +211,13 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
 
 
 @pytest.mark.parametrize("rows", [1, 28])
-def test_gemv_with_bit_unpack_lowers(rows):
-  """The modulation GEMV with its codes made f32 by bit operations (``bit_unpack``), on the
-  CUDA cores (one row) and the tensor cores."""
+def test_gemv_with_conversions_lowers(rows):
+  """The modulation GEMV with its codes made f32 by conversions (``bit_unpack=False``, the
+  switch; the default's bit operations lower in the layer cases above), on the CUDA cores
+  (one row) and the tensor cores."""
   layer = _layer("w4a16", "int4_2l")
   x = jnp.zeros((rows, 256), jnp.bfloat16)
-  calls = _custom_calls(lambda x, c, m, u: w4a16_gemv.gemv(x, c, m, u, bit_unpack=True),
+  calls = _custom_calls(lambda x, c, m, u: w4a16_gemv.gemv(x, c, m, u, bit_unpack=False),
                         x, layer.qweight, layer.wscale, layer.wcscale)
   assert calls == [TRITON], calls
 

@@ -43,7 +43,7 @@ def test_weight_values_bit_exact(mma):
   layer = _layer()
   cols = [0, 1, 31, 32, 63, 64, 100, 127, 128, 191, 200, 255] if mma else [37]
   x = jnp.zeros((len(cols), K), jnp.bfloat16).at[np.arange(len(cols)), cols].set(1.0)
-  for kw in (dict(), dict(block_n=32, groups_per_step=2), dict(bit_unpack=True)):
+  for kw in (dict(), dict(block_n=32, groups_per_step=2), dict(bit_unpack=False)):
     y = np.asarray(_gemv(layer, x, mma=mma, **kw))
     np.testing.assert_array_equal(y, _bf16_weight(layer)[:, cols].T)
 
@@ -60,8 +60,8 @@ def test_product_matches_reference(m):
   for kw in ([dict(), dict(mma=True)] if m == 1 else [dict()]):
     got = np.asarray(_gemv(layer, x, **kw))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
-    # the codes made f32 by bit operations: the same weights, the same sums, bit for bit
-    np.testing.assert_array_equal(np.asarray(_gemv(layer, x, bit_unpack=True, **kw)), got)
+    # the codes made f32 by conversions: the same weights, the same sums, bit for bit
+    np.testing.assert_array_equal(np.asarray(_gemv(layer, x, bit_unpack=False, **kw)), got)
 
 
 def test_bit_unpack_is_the_int4_values_of_every_byte():
@@ -118,18 +118,26 @@ def test_layer_dispatch_runs_the_kernel():
     assert qlinear.trace_settings() != settings
   finally:
     w4a16_gemv.set_enabled(True)
-  w4a16_gemv.set_bit_unpack(True)   # the layer's kernel then makes its codes' f32 by bits
+  # the codes' f32 by bit operations (the default), or by conversions: the same values
   unpacks, real_unpack = [], w4a16_gemv._signed_f32
   w4a16_gemv._signed_f32 = lambda b: unpacks.append(b.shape) or real_unpack(b)
   try:
-    with qlinear.backend("interpret"):
-      y_bits = jax.block_until_ready(jax.jit(qlinear.apply)(layer, x))
-    assert qlinear.trace_settings() != settings
-  finally:
     w4a16_gemv.set_bit_unpack(False)
+    with qlinear.backend("interpret"):
+      # a new function each time: jax.jit(qlinear.apply) would reuse its first trace
+      y_converted = jax.block_until_ready(jax.jit(lambda l, x: qlinear.apply(l, x))(layer, x))
+    assert qlinear.trace_settings() != settings and not unpacks
+    w4a16_gemv.set_bit_unpack(True)
+    assert qlinear.trace_settings() == settings
+    w4a16_gemv.gemv.clear_cache()   # traced by the tests before, without the spy
+    with qlinear.backend("interpret"):
+      y_bits = jax.block_until_ready(jax.jit(lambda l, x: qlinear.apply(l, x))(layer, x))
+    assert unpacks   # traced into the kernel
+  finally:
+    w4a16_gemv.set_bit_unpack(True)
     w4a16_gemv._signed_f32 = real_unpack
-  assert unpacks   # traced into the kernel
-  np.testing.assert_array_equal(np.asarray(y_bits, np.float32), np.asarray(y, np.float32))
+  for got in (y_converted, y_bits):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(y, np.float32))
 
 
 def test_errors_name_the_problem():
