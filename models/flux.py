@@ -355,9 +355,9 @@ class StreamMLP(nnx.Module):
     self.fc1 = Linear(hidden, mlp_dim, rngs=rngs)
     self.fc2 = Linear(mlp_dim, hidden, rngs=rngs)
 
-  def __call__(self, x):
-    # fc2(gelu(fc1(x))): a Gelu part
-    return self.fc2(self.fc1(x, gelu_from=0, feeds=self.fc2))
+  def __call__(self, x, residual=None):
+    # fc2(gelu(fc1(x))): a Gelu part; residual (r, gate): r + gate * fc2(...)
+    return self.fc2(self.fc1(x, gelu_from=0, feeds=self.fc2), residual=residual)
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -387,10 +387,14 @@ class DoubleStreamBlock(nnx.Module):
     joint = joint_attention((self._qkv(txt, txt_mod, self.txt_attn),
                              self._qkv(img, img_mod, self.img_attn)), pe, self.num_heads)
     txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
-    img = img + img_mod[2] * self.img_attn.proj(img_out)
-    img = img + img_mod[5] * self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3])
-    txt = txt + txt_mod[2] * self.txt_attn.proj(txt_out)
-    txt = txt + txt_mod[5] * self.txt_mlp((1 + txt_mod[4]) * layer_norm(txt) + txt_mod[3])
+    # x + gate * branch(...) as the branch's last linear's residual, which a quantized
+    # layer on Hopper sums in its GEMM's epilogue
+    img = self.img_attn.proj(img_out, residual=(img, img_mod[2]))
+    img = self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3],
+                       residual=(img, img_mod[5]))
+    txt = self.txt_attn.proj(txt_out, residual=(txt, txt_mod[2]))
+    txt = self.txt_mlp((1 + txt_mod[4]) * layer_norm(txt) + txt_mod[3],
+                       residual=(txt, txt_mod[5]))
     return img, txt
 
 
@@ -414,8 +418,9 @@ class SingleStreamBlock(nnx.Module):
                            feeds=self.linear2)
     attn = joint_attention(((qkv_mlp.before_gelu, self.norm),), pe, self.num_heads,
                            as_part=True)
-    out = self.linear2((attn, qkv_mlp))   # concatenate([attn, gelu(mlp)]), left to linear2
-    return x + gate * out
+    # x + gate * linear2(concatenate([attn, gelu(mlp)])): the parts and the residual left to
+    # linear2
+    return self.linear2((attn, qkv_mlp), residual=(x, gate))
 
 
 class LastLayer(nnx.Module):

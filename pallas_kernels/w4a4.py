@@ -479,20 +479,28 @@ def hopper_gemm(m: int, k: int, n: int, interpret: bool, weight_format: str = "i
 
 
 def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
-                gelu_from: int | None = None, feeds=None, interpret: bool = False):
+                gelu_from: int | None = None, feeds=None, residual=None,
+                interpret: bool = False):
   """A QuantizedLinear's forward pass on the two kernels. x [..., K] -> [..., N] (x.dtype);
   with ``gelu_from``, an applied ``qlinear.Gelu`` where the GEMM computed the GELU
-  (``row_scaled_linear``; ``feeds``: its ``feeds``)."""
+  (``row_scaled_linear``; ``feeds``: its ``feeds``); with ``residual`` (r, gate),
+  ``qlinear.residual_sum(r, gate, y)``, in the W4A8 GEMM's epilogue where one gate row
+  serves every token (``row_scaled_linear``)."""
   if not supports(layer.weight_format, layer.act_format):
     raise ValueError(f"no W4A4 kernel for weights {layer.weight_format!r} with activations "
                      f"{layer.act_format!r}; supported (weights: activations): "
                      f"{KERNEL_FORMATS}")
   bias = layer.bias if bias is None else bias
+  n = layer.out_features
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
     lead = qlinear.input_parts(x)[0].x.shape[:-1]
+    one_gate = residual is not None and math.prod(jnp.shape(residual[1])) == n
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
-                          bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret)
-    return qlinear.map_parts(y, lambda a: a.reshape(*lead, a.shape[-1]))
+                          bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret,
+                          residual=((residual[0].reshape(-1, n), residual[1].reshape(n))
+                                    if one_gate else None))
+    y = qlinear.map_parts(y, lambda a: a.reshape(*lead, a.shape[-1]))
+    return y if residual is None or one_gate else qlinear.residual_sum(*residual, y)
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)
@@ -508,7 +516,8 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                   w_channel_scale=layer.wcscale, act_format=layer.act_format,
                   out_dtype=x.dtype, block_n=_block_n(layer.out_features), interpret=interpret,
                   **TRITON_GEMM_TILING[layer.weight_format])
-  return y.reshape(*lead, layer.out_features)
+  y = y.reshape(*lead, layer.out_features)
+  return y if residual is None else qlinear.residual_sum(*residual, y)
 
 
 ACT_KERNELS = ("pallas", "xla", "wide_k")
@@ -611,6 +620,21 @@ def set_epilogue_row_max(on: bool) -> None:
   _epilogue_row_max = bool(on)
 
 
+# FLUX's gated residuals (``x + gate * out`` after proj, fc2 and linear2) in the W4A8 GEMM's
+# epilogue: the output tile is summed where it lies instead of written, read back and
+# rewritten by XLA (~56 MB a call at M = 4608; ~76 such calls a FLUX.1-dev step)
+_epilogue_residual = False
+
+
+def set_epilogue_residual(on: bool) -> None:
+  """Whether the W4A8 register GEMM computes a layer's ``residual`` (``qlinear.apply``) in
+  its epilogue, reading r's tile where the output tile goes (one gate row for all tokens,
+  bf16), or leaves ``qlinear.residual_sum`` to XLA after it (the default until timed:
+  scripts/bench_flux_full.py --epilogue-residual). The same values either way."""
+  global _epilogue_residual
+  _epilogue_residual = bool(on)
+
+
 def _fed_inv_smooth(feeds, width: int) -> jax.Array | None:
   """f32 [width]: the 1 / lambda of the last ``width`` input columns of the layer ``feeds``
   (``row_scaled_linear``), where the epilogue maxima serve it: a row-scaled quantized layer
@@ -685,7 +709,8 @@ def prepare_row_scaled(layer, *, interpret: bool = False,
 
 
 def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
-                      gelu_from: int | None = None, feeds=None, interpret: bool = False):
+                      gelu_from: int | None = None, feeds=None, residual=None,
+                      interpret: bool = False):
   """A row-scaled layer (W4A8, two-level W4A4, W8A8) on the Hopper kernels.
 
   x [M, K] -> [M, N] in x.dtype: activations quantized per token (``act_rowscaled``), then
@@ -703,6 +728,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   whose input ends with the GELU columns; with ``set_epilogue_row_max``, where the W4A8
   register GEMM computes the GELU and that layer's activations go to the Pallas kernel, the
   epilogue also computes their token maxima for it (``qlinear.Gelu.row_max``).
+  ``residual``: (r [M, N], gate [N]): the result is ``qlinear.residual_sum(r, gate, y)``,
+  computed in the W4A8 GEMM's epilogue with ``set_epilogue_residual`` (bf16 r), else after.
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
@@ -740,10 +767,13 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
     row_max = head = None
+    fused = (residual if in_registers and _epilogue_residual and not gelu
+             and residual is not None and residual[0].dtype == jnp.bfloat16
+             and w4a8_hopper.takes_residual(rank=rank, **in_registers) else None)
     if in_registers:
       gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(
           a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias, inv, gelu_from=gelu_from,
-          packed_gelu=_packed_gelu, cols=cols, interpret=interpret, **tiles)
+          packed_gelu=_packed_gelu, cols=cols, residual=fused, interpret=interpret, **tiles)
       tail_tiles = (_split_tiling(p.layer, a.shape[0], k, n, rank, out_dtype, gelu_from)
                     if gelu else None)
       if tail_tiles is None:
@@ -759,7 +789,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                                 gelu_from=gelu_from if gelu else None,
                                 packed_gelu=_packed_gelu, interpret=interpret, **tiles)
     if not gelu:
-      return y.astype(dtype)
+      y = y.astype(dtype)
+      return y if residual is None or fused else qlinear.residual_sum(*residual, y)
     return qlinear.Gelu(y, 0 if head is not None else gelu_from, applied=True,
                         row_max=row_max, head=head)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
@@ -770,4 +801,5 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                      "N % 128 == 0 to add it outside the kernel")
   y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
-  return (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(dtype)
+  y = (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(dtype)
+  return y if residual is None else qlinear.residual_sum(*residual, y)

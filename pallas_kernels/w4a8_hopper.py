@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from svdq_jax import qlinear
 from svdq_jax.pallas_kernels import act_rowscaled
 from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, bias_operand,
                                                   check_epilogue, padded_tokens, plus_bias,
@@ -55,7 +56,7 @@ from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, sm_count
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
-BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv
+BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv (+ gate, residual)
 
 
 def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
@@ -92,6 +93,18 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> 
           + w * tile_m * ROWS * 2                                    # bf16 output staging
           + w * 4 * (2 * tile_m + 3 * ROWS)       # scales, bias, row maxima, their 1 / lambda
           + ((tile_m if rank else 8) + w * (ROWS if rank else 8)) * lr_cols * 2)  # lr, up
+
+
+# What ``smem_bytes`` leaves out (the 1024-byte alignment of the swizzled buffers, the
+# pipeline's barriers) came to ~4.9 KB at 256 tokens 2 deep with a rank-96 branch, where the
+# residual's gate and two barriers took the kernel 168 bytes past the H100's / H200's 227 KB
+# (lowered 2026-12-06): it takes the residual only with this much room left.
+RESIDUAL_ROOM = 8192
+
+
+def takes_residual(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> bool:
+  """Whether a tiling leaves the room for ``w4a8_gemm_t``'s ``residual`` (RESIDUAL_ROOM)."""
+  return smem_bytes(tile_m, steps, rank, compute_wgs) + RESIDUAL_ROOM <= SMEM_BYTES
 
 
 # Output tilings (tokens per tile, pipeline depth). H200, GEMM + rank-32 branch: at M = 4608
@@ -180,7 +193,8 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "interpret"))
-def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None, *,
+def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
+                residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, interpret: bool = False):
@@ -202,6 +216,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     start:stop, read from the weight-side operands (codes, w_mult, sw, up_t, bias) where
     they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
     separate launches: ``w4a4.set_split_gelu``). None: all of them.
+    residual: (r bf16 [M, N], gate [N]) or None: the output is then
+    ``qlinear.residual_sum(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
+    output tile is staged, so it costs no shared memory.
   Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
   columns' max |y * row_max_inv| per token (NaN where one is NaN;
   ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
@@ -223,6 +240,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
   has_lr, has_bias, has_rmax = lr is not None, bias is not None, row_max_inv is not None
+  has_res = residual is not None
+  if has_res and (gelu_from is not None or residual[0].shape != (m_out, n)
+                  or residual[0].dtype != jnp.bfloat16 or jnp.shape(residual[1]) != (n,)):
+    raise ValueError(f"residual must be (r bf16 [M, N] = [{m_out}, {n}], gate [N]) without "
+                     f"gelu_from, got r {residual[0].dtype} {residual[0].shape}, gate "
+                     f"{jnp.shape(residual[1])}, gelu_from={gelu_from}")
   if has_rmax and (gelu_from is None or row_max_inv.shape != (n - gelu_from,)):
     raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
                      f"{row_max_inv.shape} and gelu_from={gelu_from} for N={n}")
@@ -233,16 +256,19 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
+  per_wg = BARRIERS + 2 * has_res   # the residual's: its gate's and its tile's
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
     it = iter(refs)
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
     rinv_gmem = next(it) if has_rmax else None
+    res_gmem, gate_gmem = (next(it), next(it)) if has_res else (None, None)
     out_gmem = next(it)
     rmax_gmem = next(it) if has_rmax else None
     (out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, rinv_smem, rmax_smem, barriers,
      both, *stage) = it
+    gate_smem = stage.pop(0) if has_res else None
 
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -280,7 +306,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         mult_rows = pl.ds(w_col - box_start + wg * ROWS, ROWS)
 
         def context(eval_pipeline):
-          bar = lambda i: barriers.at[BARRIERS * wg + i]
+          bar = lambda i: barriers.at[per_wg * wg + i]
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
           plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
@@ -295,6 +321,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             pl.when(n_idx * cta_n >= gelu_from)(lambda: plgpu.copy_gmem_to_smem(
                 rinv_gmem.at[pl.ds(n_idx * cta_n - gelu_from, cta_n)].at[rows],
                 rinv_smem.at[wg], bar(5)))
+          if has_res:  # r's tile into the output staging, once the last tile's store read it
+            plgpu.copy_gmem_to_smem(gate_gmem.at[n_slice].at[rows], gate_smem.at[wg], bar(6))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.copy_gmem_to_smem(res_gmem.at[m_slice, n_slice].at[:, rows],
+                                    out_smem.at[wg], bar(7))
 
           def accumulate(acc):
             eval_pipeline(acc)
@@ -330,6 +361,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           def store(gelu):
             y = total.astype(jnp.bfloat16)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if has_res:
+              plgpu.barrier_wait(bar(6))
+              plgpu.barrier_wait(bar(7))
+              y = _residual_sum(out_smem.at[wg].transpose((1, 0)), gate_smem.at[wg], y)
             out_smem.at[wg].transpose((1, 0))[...] = (_gelu(y, packed_gelu, interpret) if gelu
                                                       else y)
             plgpu.commit_smem()
@@ -368,6 +403,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
   if has_rmax:
     args.append(row_max_inv.astype(jnp.float32))
+  if has_res:
+    r = residual[0]
+    args += [r if m == m_out else jnp.pad(r, ((0, m - m_out), (0, 0))),
+             residual[1].astype(jnp.float32)]
+  if has_rmax:
     # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
     # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
     out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m_iters * tile_m),
@@ -390,9 +430,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.SMEM((wgs, ROWS), bias.dtype if has_bias else jnp.float32),
           plgpu.SMEM((wgs, ROWS if has_rmax else 8), jnp.float32),
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
-          plgpu.Barrier(num_barriers=BARRIERS * wgs),
+          plgpu.Barrier(num_barriers=per_wg * wgs),
           plgpu.Barrier(num_arrivals=wgs),
-      ] + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
+      ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32)] if has_res else []) + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -402,6 +442,17 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   if has_rmax:
     return outs[0][:m_out], outs[1][:, :m_out]
   return outs[0][:m_out]
+
+
+def _residual_sum(r_ref, gate_ref, y):
+  """``qlinear.residual_sum(r, gate, y)`` of a transposed output tile y (bf16 [ROWS, tile_m],
+  the WGMMA layout, output channels on axis 0): r_ref its residual tile (a transposed view of
+  the staged [tile_m, ROWS] tile), gate_ref the f32 gate of its channels [ROWS]."""
+  r = plgpu.load(r_ref, layout=plgpu.Layout.WGMMA)
+  prod = scaled_rows(y.astype(jnp.float32), gate_ref, token_axis=1)
+  p = jnp.where(prod != prod, prod, qlinear.round_bf16_bits(prod))
+  plgpu.commit_smem()   # every thread has read r before the tile is overwritten
+  return (r.astype(jnp.float32) + p).astype(jnp.bfloat16)
 
 
 def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:

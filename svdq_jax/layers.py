@@ -23,7 +23,7 @@ __all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "ru
 
 
 def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None,
-          feeds=None):
+          feeds=None, residual: tuple[jax.Array, jax.Array] | None = None):
   """x [..., K] -> [..., N] with kernel either f [K, N] or a QuantizedLinear (or its
   ``PreparedLinear``).
 
@@ -36,11 +36,17 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
   epilogue: ``qlinear.apply``); columns before it are y's as they are. ``feeds``: the
   kernel of the layer whose input ends with those GELU columns (``qlinear.apply``).
+  ``residual``: (r, gate), r of the output's shape: returns ``r + gate * y`` (a quantized
+  layer: ``qlinear.residual_sum``, the same values op by op; on Hopper in its GEMM's
+  epilogue), as FLUX's blocks end their branches.
   """
   if _is_quantized(kernel):
-    return apply(kernel, x, bias, gelu_from, feeds)
+    return apply(kernel, x, bias, gelu_from, feeds, residual)
   y = jnp.matmul(join(x), kernel)
   y = y if bias is None else y + bias
+  if residual is not None:
+    r, gate = residual
+    return r + gate * y
   return y if gelu_from is None else Gelu(y, gelu_from)
 
 
@@ -54,12 +60,14 @@ def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
 class Linear(nnx.Linear):
   """``nnx.Linear`` whose kernel may be replaced by a QuantizedLinear."""
 
-  def __call__(self, x, gelu_from: int | None = None, feeds: nnx.Linear | None = None):
+  def __call__(self, x, gelu_from: int | None = None, feeds: nnx.Linear | None = None,
+               residual: tuple[jax.Array, jax.Array] | None = None):
     """x: [..., K], or its parts; ``gelu_from``: see ``dense``; ``feeds``: the linear layer
-    whose input ends with the GELU columns (``dense``)."""
+    whose input ends with the GELU columns (``dense``); ``residual``: (r, gate), returns
+    r + gate * y (``dense``)."""
     bias = None if self.bias is None else self.bias.get_value()
     fed = None if feeds is None else feeds.kernel.get_value()
-    return dense(x, self.kernel.get_value(), bias, gelu_from, fed)
+    return dense(x, self.kernel.get_value(), bias, gelu_from, fed, residual)
 
 
 def _is_quantized(kernel) -> bool:

@@ -66,6 +66,20 @@ def gelu_tanh(x: jax.Array, tanh=jnp.tanh, round_bits: bool = False) -> jax.Arra
   return (xf * cdf).astype(dt)
 
 
+def residual_sum(r: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
+  """``r + gate * y``, a gated residual (FLUX's ``x + gate * out``), in r's dtype: r [..., N],
+  gate broadcastable to it, y [..., N] (the layer's output). For bf16 r each operation is
+  rounded to bf16 as jnp computes it on the CPU (the same bits), written so that a kernel
+  epilogue computes the same ones: the product, exact in f32, rounded by ``round_bf16_bits``
+  (no compiler contracts it into the sum; a NaN product is kept), then the sum rounded once.
+  Other dtypes: the expression as it is."""
+  if r.dtype != jnp.bfloat16:
+    return r + gate * y
+  p = gate.astype(jnp.float32) * y.astype(jnp.float32)
+  p = jnp.where(jnp.isnan(p), p, round_bf16_bits(p))
+  return (r.astype(jnp.float32) + p).astype(r.dtype)
+
+
 @struct.dataclass
 class Gelu:
   """Part of a linear layer's input: ``jax.nn.gelu(x[..., start:], approximate=True)``, left
@@ -509,7 +523,8 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_packed_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
-                    ("w4a4", "_split_gelu"), ("w4a16_gemv", "_bit_unpack"))
+                    ("w4a4", "_split_gelu"), ("w4a16_gemv", "_bit_unpack"),
+                    ("w4a4", "_epilogue_residual"))
 
 
 def trace_settings() -> tuple:
@@ -524,7 +539,8 @@ def trace_settings() -> tuple:
 
 def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
           bias: jax.Array | None = None, gelu_from: int | None = None,
-          feeds=None) -> jax.Array | Gelu:
+          feeds=None, residual: tuple[jax.Array, jax.Array] | None = None
+          ) -> jax.Array | Gelu:
   """Forward pass. x [..., K] -> [..., N] in x's dtype (f32 for integer x), on the backend
   ``set_backend`` chose.
 
@@ -536,7 +552,10 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   with ``applied`` when the Hopper int8 GEMM computed the GELU in its epilogue. ``feeds``:
   the layer (a QuantizedLinear, PreparedLinear or float kernel) whose input ends with those
   GELU columns: the W4A8 GEMM may then compute its activation kernel's token maxima over them
-  in its epilogue (``Gelu.row_max``; ``w4a4.set_epilogue_row_max``).
+  in its epilogue (``Gelu.row_max``; ``w4a4.set_epilogue_row_max``). ``residual``: (r [..., N],
+  gate broadcastable to it): the result is ``residual_sum(r, gate, y)`` (FLUX's gated residual
+  ``r + gate * y``), which the W4A8 GEMM may compute in its epilogue
+  (``w4a4.set_epilogue_residual``); not with ``gelu_from``.
   """
   k = layer.in_features
   if input_width(x) != k:
@@ -552,33 +571,58 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if gelu_from is not None and not 0 <= gelu_from < layer.out_features:
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
+  if residual is not None:
+    check_residual(residual, input_parts(x)[0].x.shape[:-1] + (layer.out_features,))
+    if gelu_from is not None:
+      raise ValueError("residual and gelu_from exclude each other: a GELU output feeds a "
+                       "layer, a gated residual ends a branch")
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
   y = None
   if parallel.token_mesh() is not None:
     x = join(x)
     y = parallel.split_tokens(_dispatch, layer, x, bias)
+    if y is not None and residual is not None:
+      return residual_sum(*residual, y)
   if y is None:
-    y = _dispatch(layer, x, bias, gelu_from, feeds)
+    y = _dispatch(layer, x, bias, gelu_from, feeds, residual)
   return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
+def check_residual(residual, out_shape: tuple) -> None:
+  """``apply``'s ``residual``: (r, gate), r of the output's shape, gate broadcastable to it."""
+  if not (isinstance(residual, tuple) and len(residual) == 2):
+    raise ValueError("residual must be a pair (r, gate): the result is r + gate * y")
+  r, gate = residual
+  if jnp.shape(r) != tuple(out_shape):
+    raise ValueError(f"residual r must have the output's shape {tuple(out_shape)}, got "
+                     f"{jnp.shape(r)}")
+  try:
+    jnp.broadcast_shapes(jnp.shape(gate), jnp.shape(r))
+  except ValueError:
+    raise ValueError(f"residual gate {jnp.shape(gate)} does not broadcast to the output "
+                     f"{tuple(out_shape)}") from None
+
+
 def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
-              gelu_from: int | None = None, feeds=None) -> jax.Array | Gelu:
+              gelu_from: int | None = None, feeds=None, residual=None) -> jax.Array | Gelu:
   """``apply`` on the backend ``set_backend`` chose (inputs already checked); an applied
-  ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output."""
+  ``Gelu`` where a kernel computed the GELU from ``gelu_from`` on, else the plain output;
+  with ``residual``, ``residual_sum`` of it (the W4A4 / W4A8 kernels' path computes that
+  itself, in the GEMM's epilogue where it can)."""
+  summed = lambda y: y if residual is None else residual_sum(*residual, y)
   k = layer.in_features
   if _backend == "reference":
-    return reference_apply(layer, x, bias)
+    return summed(reference_apply(layer, x, bias))
   if layer.act_format is None and not isinstance(layer, PreparedLinear):
     from svdq_jax.pallas_kernels import w4a16_gemv
     first = input_parts(x)[0].x
     if ((_backend != "auto" or jax.default_backend() == "gpu")
         and w4a16_gemv.supports_layer(layer, math.prod(first.shape[:-1]), input_dtype(x))):
-      return reference_apply(layer, x, bias, functools.partial(
-          w4a16_gemv.layer_product, interpret=_backend == "interpret"))
+      return summed(reference_apply(layer, x, bias, functools.partial(
+          w4a16_gemv.layer_product, interpret=_backend == "interpret")))
     # on every backend: XLA fuses the dequantization into the matmul (no W4A4 kernel exists
     # for weight-only layers)
-    return reference_apply(layer, x, bias)
+    return summed(reference_apply(layer, x, bias))
   from svdq_jax.pallas_kernels import w4a4  # lazily: Pallas loads only when needed
   supported = w4a4.supports(layer.weight_format, layer.act_format)
   if _backend == "auto":
@@ -589,10 +633,11 @@ def _dispatch(layer: QuantizedLinear, x: jax.Array, bias: jax.Array | None,
       on_gpu = runs_row_scaled_kernels() and int8_hopper.supports(
           k, layer.out_features, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16)
     if supported and on_gpu:
-      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds)
-    return reference_apply(layer, x, bias)
+      return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds,
+                              residual=residual)
+    return summed(reference_apply(layer, x, bias))
   return w4a4.w4a4_linear(layer, x, bias, gelu_from=gelu_from, feeds=feeds,
-                          interpret=_backend == "interpret")
+                          residual=residual, interpret=_backend == "interpret")
 
 
 def inverse_smooth(smooth: jax.Array) -> jax.Array:

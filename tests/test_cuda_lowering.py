@@ -49,12 +49,13 @@ def _epilogue(rank=R):
                                    w4a8_hopper.tiling(4608, K, N, 96, num_sms=1)],
                          ids=["wide", "narrow", "lora_wide"])
 @pytest.mark.parametrize("epilogue", ["none", "lowrank_bias", "gelu", "gelu_row_max",
-                                      "gelu_row_max_cols", "gelu_packed"])
+                                      "gelu_row_max_cols", "gelu_packed", "residual"])
 def test_w4a8_register_gemm_lowers(tiles, epilogue):
   """256- and 128-token tiles, the shallower pipeline of a LoRA-wide branch; without and
   with the epilogue (scales only / + low-rank up projection and bias / + GELU / + the next
   layer's token maxima over the GELU columns, of the whole output or of its columns from
-  128 on (cols) / + GELU in bf16x2 instructions, whose PTX the module holds only then)."""
+  128 on (cols) / + GELU in bf16x2 instructions, whose PTX the module holds only then / +
+  a gated residual read where the output tile is staged)."""
   rank = 96 if tiles["steps"] == 2 else R
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,))]
@@ -67,8 +68,15 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
   if epilogue.startswith("gelu_row_max"):
     args.append(jnp.zeros((N - 128,)))
   packed = epilogue == "gelu_packed"
+  res = (epilogue == "residual") * 2
+  if res and not w4a8_hopper.takes_residual(rank=rank, **tiles):
+    assert tiles["steps"] == 2   # the LoRA-wide branch's: no room (RESIDUAL_ROOM)
+    return
+  if res:
+    args += [jnp.zeros((M, N), jnp.bfloat16), jnp.zeros((N,), jnp.bfloat16)]
   text = _lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(
-      *a, gelu_from=gelu_from, packed_gelu=packed, cols=cols, **tiles), *args)
+      *a[:len(a) - res], residual=a[len(a) - res:] or None, gelu_from=gelu_from,
+      packed_gelu=packed, cols=cols, **tiles), *args)
   assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
   assert ("mul.rn.bf16x2" in text) == packed
 
