@@ -622,15 +622,18 @@ def set_epilogue_row_max(on: bool) -> None:
 
 # FLUX's gated residuals (``x + gate * out`` after proj, fc2 and linear2) in the W4A8 GEMM's
 # epilogue: the output tile is summed where it lies instead of written, read back and
-# rewritten by XLA (~56 MB a call at M = 4608; ~76 such calls a FLUX.1-dev step)
-_epilogue_residual = False
+# rewritten by XLA (~56 MB a call at M = 4608; ~76 such calls a FLUX.1-dev step). H100,
+# W4A8 + FP8 attention (2026-12-06): step 87.07 ms against 89.74, loop 2.340 s against 2.422.
+_epilogue_residual = True
 
 
 def set_epilogue_residual(on: bool) -> None:
   """Whether the W4A8 register GEMM computes a layer's ``residual`` (``qlinear.apply``) in
   its epilogue, reading r's tile where the output tile goes (one gate row for all tokens,
-  bf16), or leaves ``qlinear.residual_sum`` to XLA after it (the default until timed:
-  scripts/bench_flux_full.py --epilogue-residual). The same values either way."""
+  bf16; the default), or leaves ``qlinear.residual_sum`` to XLA after it (as before
+  2026-12-06's thirty-fifth session; scripts/bench_flux_full.py --xla-residual). The same
+  sums either way; XLA may fuse its sums into the next LayerNorm without rounding them to
+  bf16 first (its excess precision), which the epilogue's stored sums cannot give."""
   global _epilogue_residual
   _epilogue_residual = bool(on)
 

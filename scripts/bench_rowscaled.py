@@ -25,6 +25,7 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                   # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
+    python3 scripts/bench_rowscaled.py --residual --out $OUT   # gated residuals in the epilogue
 """
 
 from __future__ import annotations
@@ -509,6 +510,52 @@ def row_max_pair(m, name, key, interpret):
   return res
 
 
+# FLUX.1 layers that end a branch with a gated residual (x + gate * out): K, N
+RESIDUAL_LAYERS = {"proj": (3072, 3072), "fc2": (12288, 3072), "linear2": (15360, 3072)}
+
+
+def residual_shape(m, name, key, interpret):
+  """--residual: a layer given ``residual=(r, gate)`` with the sum in the W4A8 GEMM's epilogue
+  (``w4a4.set_epilogue_residual``) vs XLA's ``qlinear.residual_sum`` after it: mismatches of
+  the sums, and of a LayerNorm of them computed in the same jitted function (as FLUX's next
+  block reads its residual stream: where XLA fuses the sum into the norm it may skip the
+  sum's rounding to bf16, its excess-precision rewrite); device times of the layer alone,
+  with each residual path, and with each and the norm."""
+  from svdq_jax.models.flux import layer_norm
+  k, n = (256, 256) if interpret else RESIDUAL_LAYERS[name]
+  kx, kl, kr, kg = jax.random.split(key, 4)
+  layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
+  x = activations(m, k, kx)
+  r = (jax.random.normal(kr, (m, n)) * 2.0).astype(jnp.bfloat16)
+  gate = jax.random.normal(kg, (1, n)).astype(jnp.bfloat16)
+  t = timer(interpret, name)
+  res = dict(layer=name, M=m, K=k, N=n)
+  outs = {}
+  default = w4a4._epilogue_residual
+  with qlinear.backend("interpret" if interpret else "pallas"):
+    res["layer_ms"] = t(jax.jit(qlinear.apply), layer, x)
+    for tag, on in (("xla", False), ("epilogue", True)):
+      w4a4.set_epilogue_residual(on)
+      try:
+        summed = jax.jit(lambda l, x, r, g: qlinear.apply(l, x, residual=(r, g)))
+        normed = jax.jit(lambda l, x, r, g: (lambda s: (s, layer_norm(s)))(
+            qlinear.apply(l, x, residual=(r, g))))
+        outs[tag] = normed(layer, x, r, gate)
+        res[f"{tag}_ms"] = t(summed, layer, x, r, gate)
+        res[f"{tag}_norm_ms"] = t(normed, layer, x, r, gate)
+      finally:
+        w4a4.set_epilogue_residual(default)
+  (s0, n0), (s1, n1) = outs["xla"], outs["epilogue"]
+  res["sum_mismatches"] = mismatches(s1, s0)
+  res["norm_mismatches"] = mismatches(n1, n0)
+  # the norm of the sums as stored (bf16), computed apart: which path the fused norm follows
+  apart = jax.jit(layer_norm)(s1)
+  res["norm_mismatches_vs_stored"] = dict(xla=mismatches(n0, apart),
+                                          epilogue=mismatches(n1, apart))
+  print(json.dumps(res), flush=True)
+  return res
+
+
 def gelu_check(interpret) -> dict:
   """The kernels' GELUs on every bf16 value vs ``qlinear.gelu_tanh`` and ``jax.nn.gelu`` op
   by op (XLA's tanh): differing outputs (NaN = NaN). The activation kernel's
@@ -670,6 +717,10 @@ def main():
                        "(w4a4.set_epilogue_row_max): checks and times, without / with / "
                        "with them and the producer in two launches (w4a4.set_split_gelu), "
                        "at --m and FLUX.1's 4096 / 512 tokens")
+  ap.add_argument("--residual", action="store_true",
+                  help="the gated residual in the W4A8 GEMM's epilogue "
+                       "(w4a4.set_epilogue_residual) vs XLA's after it: checks and times, at "
+                       "--m and FLUX.1's 4096 / 512 tokens")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -691,6 +742,19 @@ def main():
         results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
+    return
+  if args.residual:
+    results = [residual_shape(m, name, key, args.interpret)
+               for m in check_ms for name in RESIDUAL_LAYERS]
+    save_results(os.path.join(args.out, "rowscaled_residual.json"), results)
+    print("\n| layer | M | sum / norm mismatches (norm vs the stored sums': XLA, epilogue) | "
+          "layer ms | + residual: XLA / epilogue ms | + residual + norm: XLA / epilogue ms |\n|"
+          + " --- |" * 6)
+    for r in results:
+      vs = r["norm_mismatches_vs_stored"]
+      print(f"| {r['layer']} | {r['M']} | {r['sum_mismatches']} / {r['norm_mismatches']} "
+            f"({vs['xla']}, {vs['epilogue']}) | {r['layer_ms']:.3f} | {r['xla_ms']:.3f} / "
+            f"{r['epilogue_ms']:.3f} | {r['xla_norm_ms']:.3f} / {r['epilogue_norm_ms']:.3f} |")
     return
   if args.row_max:
     results = [row_max_pair(m, name, key, args.interpret)
