@@ -44,10 +44,13 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
     return apply(kernel, x, bias, gelu_from, feeds, residual)
   y = jnp.matmul(join(x), kernel)
   y = y if bias is None else y + bias
-  if residual is not None:
-    r, gate = residual
-    return r + gate * y
-  return y if gelu_from is None else Gelu(y, gelu_from)
+  if residual is None:
+    return y if gelu_from is None else Gelu(y, gelu_from)
+  if gelu_from is not None:   # as apply says it for quantized kernels
+    raise ValueError("residual and gelu_from exclude each other: a GELU output feeds a "
+                     "layer, a gated residual ends a branch")
+  r, gate = residual
+  return r + gate * y
 
 
 def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:

@@ -107,6 +107,30 @@ def test_dense_dispatch_float_and_quantized():
   np.testing.assert_allclose(np.asarray(dense(x, w, b)), np.broadcast_to(128.0 + np.arange(64), (2, 64)))
 
 
+def test_dense_residual():
+  """``residual=(r, gate)``: float kernels return ``r + gate * y``; quantized ones
+  ``residual_sum``, whose bf16 operations round as jnp's ``r + gate * y`` does on the CPU (the
+  same bits) and differ from one rounding of the f32 expression; with gelu_from an error."""
+  layer = _layer(bias=False)
+  ks = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(ks[0], (2, 40, 128)).astype(jnp.bfloat16)
+  r = (jax.random.normal(ks[1], (2, 40, 64)) * 4).astype(jnp.bfloat16)
+  gate = jax.random.normal(ks[2], (2, 1, 64)).astype(jnp.bfloat16)
+  w = jax.random.normal(ks[0], (128, 64), jnp.bfloat16)
+  y = jnp.matmul(x, w)
+  np.testing.assert_array_equal(np.asarray(dense(x, w, residual=(r, gate)), np.float32),
+                                np.asarray(r + gate * y, np.float32))
+  got = np.asarray(dense(x, layer, residual=(r, gate)), np.float32)
+  yq = apply(layer, x)
+  np.testing.assert_array_equal(got, np.asarray(r + gate * yq, np.float32))
+  f32 = lambda v: v.astype(jnp.float32)
+  once = np.asarray((f32(r) + f32(gate) * f32(yq)).astype(jnp.bfloat16), np.float32)
+  assert (once != got).any()   # the product's own rounding is part of the definition
+  for kernel in (w, layer):
+    with pytest.raises(ValueError, match="exclude each other"):
+      dense(x, kernel, gelu_from=0, residual=(r, gate))
+
+
 def test_bad_inputs():
   layer = _layer()
   with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 128\], got \(2, 100\)"):
