@@ -757,7 +757,8 @@ def main():
           + " --- |" * 6)
     for r in results:
       vs = r["norm_mismatches_vs_stored"]
-      print(f"| {r['layer']} | {r['M']}{'' if r['batch'] == 1 else f' ({r["batch"]} samples)'} | {r['sum_mismatches']} / {r['norm_mismatches']} "
+      samples = "" if r["batch"] == 1 else f" ({r['batch']} samples)"
+      print(f"| {r['layer']} | {r['M']}{samples} | {r['sum_mismatches']} / {r['norm_mismatches']} "
             f"({vs['xla']}, {vs['epilogue']}) | {r['layer_ms']:.3f} | {r['xla_ms']:.3f} / "
             f"{r['epilogue_ms']:.3f} | {r['xla_norm_ms']:.3f} / {r['epilogue_norm_ms']:.3f} |")
     return
