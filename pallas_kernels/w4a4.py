@@ -494,12 +494,13 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
   n = layer.out_features
   if row_scaled(layer.weight_format):  # reads input parts (qlinear.Gelu) where they lie
     lead = qlinear.input_parts(x)[0].x.shape[:-1]
-    runs = None if residual is None else _gate_runs(*residual)
+    one_gate = residual is not None and math.prod(jnp.shape(residual[1])) == n
     y = row_scaled_linear(layer, qlinear.map_parts(x, lambda a: a.reshape(-1, a.shape[-1])),
                           bias, gelu_from=gelu_from, feeds=feeds, interpret=interpret,
-                          residual=None if runs is None else (residual[0].reshape(-1, n), runs))
+                          residual=((residual[0].reshape(-1, n), residual[1].reshape(n))
+                                    if one_gate else None))
     y = qlinear.map_parts(y, lambda a: a.reshape(*lead, a.shape[-1]))
-    return y if residual is None or runs is not None else qlinear.residual_sum(*residual, y)
+    return y if residual is None or one_gate else qlinear.residual_sum(*residual, y)
   x = qlinear.join(x)
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)
@@ -517,19 +518,6 @@ def w4a4_linear(layer, x: jax.Array, bias: jax.Array | None = None, *,
                   **TRITON_GEMM_TILING[layer.weight_format])
   y = y.reshape(*lead, layer.out_features)
   return y if residual is None else qlinear.residual_sum(*residual, y)
-
-
-def _gate_runs(r: jax.Array, gate: jax.Array) -> jax.Array | None:
-  """A residual's gate as rows [G, N], row g for the g-th of G equal runs of r's tokens (one
-  row for all, or one per sample of a leading batch axis: FLUX's [B, 1, N]), or None where
-  it is neither (``residual_sum`` then runs after the GEMM)."""
-  n = r.shape[-1]
-  if math.prod(jnp.shape(gate)) == n:
-    return jnp.reshape(gate, (1, n))
-  if (jnp.ndim(gate) == r.ndim and jnp.shape(gate)[0] == r.shape[0]
-      and math.prod(jnp.shape(gate)[1:-1]) == 1 and jnp.shape(gate)[-1] == n):
-    return jnp.reshape(gate, (r.shape[0], n))
-  return None
 
 
 ACT_KERNELS = ("pallas", "xla", "wide_k")
@@ -743,9 +731,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   whose input ends with the GELU columns; with ``set_epilogue_row_max``, where the W4A8
   register GEMM computes the GELU and that layer's activations go to the Pallas kernel, the
   epilogue also computes their token maxima for it (``qlinear.Gelu.row_max``).
-  ``residual``: (r [M, N], gate [G, N], row g for the g-th of G equal runs of tokens): the
-  result is ``qlinear.residual_sum`` of them, computed in the W4A8 GEMM's epilogue with
-  ``set_epilogue_residual`` (bf16 r, runs no shorter than a tile), else after.
+  ``residual``: (r [M, N], gate [N]): the result is ``qlinear.residual_sum(r, gate, y)``,
+  computed in the W4A8 GEMM's epilogue with ``set_epilogue_residual`` (bf16 r), else after.
   """
   from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
@@ -785,8 +772,6 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     row_max = head = None
     fused = (residual if in_registers and _epilogue_residual and not gelu
              and residual is not None and residual[0].dtype == jnp.bfloat16
-             and (len(residual[1]) == 1 or a.shape[0] // len(residual[1])
-                  >= in_registers["tile_m"])
              and w4a8_hopper.takes_residual(rank=rank, **in_registers) else None)
     if in_registers:
       gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(
@@ -808,7 +793,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
                                 packed_gelu=_packed_gelu, interpret=interpret, **tiles)
     if not gelu:
       y = y.astype(dtype)
-      return y if residual is None or fused else _summed_runs(residual, y)
+      return y if residual is None or fused else qlinear.residual_sum(*residual, y)
     return qlinear.Gelu(y, 0 if head is not None else gelu_from, applied=True,
                         row_max=row_max, head=head)
   # a branch too wide for shared memory: its up projection runs in XLA, added to the
@@ -820,12 +805,4 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   y = int8_hopper.int8_gemm(a, sa, p.w, p.sw, None, None, bias, out_dtype=jnp.float32,
                             interpret=interpret, **tiles)
   y = (y + qlinear.lowrank_up(lr, p.up_t.T)).astype(dtype)
-  return y if residual is None else _summed_runs(residual, y)
-
-
-def _summed_runs(residual, y: jax.Array) -> jax.Array:
-  """``qlinear.residual_sum`` of y [M, N] with ``row_scaled_linear``'s residual (r [M, N],
-  gate [G, N] by runs of tokens), in XLA."""
-  r, gates = residual
-  runs = lambda v: v.reshape(len(gates), -1, v.shape[-1])
-  return qlinear.residual_sum(runs(r), gates[:, None], runs(y)).reshape(y.shape)
+  return y if residual is None else qlinear.residual_sum(*residual, y)

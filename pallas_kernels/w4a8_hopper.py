@@ -216,11 +216,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     start:stop, read from the weight-side operands (codes, w_mult, sw, up_t, bias) where
     they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
     separate launches: ``w4a4.set_split_gelu``). None: all of them.
-    residual: (r bf16 [M, N], gate [N] or [G, N]) or None: the output is then
-    ``qlinear.residual_sum(r, gate, y)`` (not with gelu_from), r's rows in G equal runs of
-    M / G tokens (a batch's samples), each run with its row of the gate (G > 1 needs
-    M / G >= tile_m, so that a tile meets at most two). r's tile is loaded where the output
-    tile is staged, so it costs no shared memory.
+    residual: (r bf16 [M, N], gate [N]) or None: the output is then
+    ``qlinear.residual_sum(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
+    output tile is staged, so it costs no shared memory.
   Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
   columns' max |y * row_max_inv| per token (NaN where one is NaN;
   ``act_rowscaled.row_max_partials``). M ragged (the TMA unit
@@ -243,19 +241,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"gelu_from={gelu_from} must be a multiple of {cta_n} below N={n}")
   has_lr, has_bias, has_rmax = lr is not None, bias is not None, row_max_inv is not None
   has_res = residual is not None
-  if has_res:
-    gates = jnp.reshape(residual[1], (-1, jnp.shape(residual[1])[-1]))
-    if (gelu_from is not None or residual[0].shape != (m_out, n) or gates.shape[1] != n
-        or residual[0].dtype != jnp.bfloat16 or jnp.ndim(residual[1]) > 2
-        or m_out % gates.shape[0]):
-      raise ValueError(f"residual must be (r bf16 [M, N] = [{m_out}, {n}], gate [N] or [G, N] "
-                       f"with G dividing M) without gelu_from, got r {residual[0].dtype} "
-                       f"{residual[0].shape}, gate {jnp.shape(residual[1])}, "
-                       f"gelu_from={gelu_from}")
-    per_gate = m_out // gates.shape[0]
-    if gates.shape[0] > 1 and per_gate < tile_m:
-      raise ValueError(f"a gate per {per_gate} tokens needs tiles of at most that many, got "
-                       f"tile_m={tile_m}")
+  if has_res and (gelu_from is not None or residual[0].shape != (m_out, n)
+                  or residual[0].dtype != jnp.bfloat16 or jnp.shape(residual[1]) != (n,)):
+    raise ValueError(f"residual must be (r bf16 [M, N] = [{m_out}, {n}], gate [N]) without "
+                     f"gelu_from, got r {residual[0].dtype} {residual[0].shape}, gate "
+                     f"{jnp.shape(residual[1])}, gelu_from={gelu_from}")
   if has_rmax and (gelu_from is None or row_max_inv.shape != (n - gelu_from,)):
     raise ValueError(f"row_max_inv must come with gelu_from and be [N - gelu_from], got "
                      f"{row_max_inv.shape} and gelu_from={gelu_from} for N={n}")
@@ -308,7 +298,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         (lin,) = info.index
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
-        first_gate = (m_idx * tile_m) // per_gate if has_res else None
         n_slice = pl.ds(n_idx * cta_n, cta_n)   # of the output
         w_col = start + n_idx * cta_n
         w_slice = pl.ds(w_col, cta_n)            # of the weight-side operands
@@ -333,9 +322,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                 rinv_gmem.at[pl.ds(n_idx * cta_n - gelu_from, cta_n)].at[rows],
                 rinv_smem.at[wg], bar(5)))
           if has_res:  # r's tile into the output staging, once the last tile's store read it
-            # the gate rows of the tile's first and (if it crosses a run's end) next run
-            plgpu.copy_gmem_to_smem(gate_gmem.at[pl.ds(first_gate, 2), n_slice].at[:, rows],
-                                    gate_smem.at[wg], bar(6))
+            plgpu.copy_gmem_to_smem(gate_gmem.at[n_slice].at[rows], gate_smem.at[wg], bar(6))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.copy_gmem_to_smem(res_gmem.at[m_slice, n_slice].at[:, rows],
                                     out_smem.at[wg], bar(7))
@@ -377,8 +364,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             if has_res:
               plgpu.barrier_wait(bar(6))
               plgpu.barrier_wait(bar(7))
-              y = _residual_sum(out_smem.at[wg].transpose((1, 0)), gate_smem.at[wg],
-                                (first_gate + 1) * per_gate - m_idx * tile_m, y)
+              y = _residual_sum(out_smem.at[wg].transpose((1, 0)), gate_smem.at[wg], y)
             out_smem.at[wg].transpose((1, 0))[...] = (_gelu(y, packed_gelu, interpret) if gelu
                                                       else y)
             plgpu.commit_smem()
@@ -419,9 +405,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     args.append(row_max_inv.astype(jnp.float32))
   if has_res:
     r = residual[0]
-    # a row past the last run's: the second row a tile loads always lies inside
     args += [r if m == m_out else jnp.pad(r, ((0, m - m_out), (0, 0))),
-             jnp.pad(gates.astype(jnp.float32), ((0, 1), (0, 0)))]
+             residual[1].astype(jnp.float32)]
   if has_rmax:
     # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
     # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
@@ -447,7 +432,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=per_wg * wgs),
           plgpu.Barrier(num_arrivals=wgs),
-      ] + ([plgpu.SMEM((wgs, 2, ROWS), jnp.float32)] if has_res else []) + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
+      ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32)] if has_res else []) + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -459,16 +444,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   return outs[0][:m_out]
 
 
-def _residual_sum(r_ref, gate_ref, boundary, y):
+def _residual_sum(r_ref, gate_ref, y):
   """``qlinear.residual_sum(r, gate, y)`` of a transposed output tile y (bf16 [ROWS, tile_m],
   the WGMMA layout, output channels on axis 0): r_ref its residual tile (a transposed view of
-  the staged [tile_m, ROWS] tile), gate_ref f32 [2, ROWS] the gates of its channels for the
-  tile's tokens before ``boundary`` (int32 scalar, a token index in the tile) and from it."""
+  the staged [tile_m, ROWS] tile), gate_ref the f32 gate of its channels [ROWS]."""
   r = plgpu.load(r_ref, layout=plgpu.Layout.WGMMA)
-  gate = lambda i: lax.broadcast_in_dim(
-      plgpu.load(gate_ref.at[i], layout=plgpu.Layout.WGMMA.reduce(1)), y.shape, [0])
-  token = plgpu.broadcasted_iota(jnp.int32, y.shape, 1, layout=plgpu.Layout.WGMMA)
-  prod = y.astype(jnp.float32) * jnp.where(token >= boundary, gate(1), gate(0))
+  prod = scaled_rows(y.astype(jnp.float32), gate_ref, token_axis=1)
   p = jnp.where(prod != prod, prod, qlinear.round_bf16_bits(prod))
   plgpu.commit_smem()   # every thread has read r before the tile is overwritten
   return (r.astype(jnp.float32) + p).astype(jnp.bfloat16)

@@ -26,7 +26,6 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),
                                                             # outputs through an epilogue GELU
     python3 scripts/bench_rowscaled.py --residual --out $OUT   # gated residuals in the epilogue
-    python3 scripts/bench_rowscaled.py --residual --residual-batch 2 --m 8192 --out $OUT  # per sample
 """
 
 from __future__ import annotations
@@ -515,23 +514,22 @@ def row_max_pair(m, name, key, interpret):
 RESIDUAL_LAYERS = {"proj": (3072, 3072), "fc2": (12288, 3072), "linear2": (15360, 3072)}
 
 
-def residual_shape(m, name, key, interpret, batch=1):
+def residual_shape(m, name, key, interpret):
   """--residual: a layer given ``residual=(r, gate)`` with the sum in the W4A8 GEMM's epilogue
   (``w4a4.set_epilogue_residual``) vs XLA's ``qlinear.residual_sum`` after it: mismatches of
   the sums, and of a LayerNorm of them computed in the same jitted function (as FLUX's next
   block reads its residual stream: where XLA fuses the sum into the norm it may skip the
   sum's rounding to bf16, its excess-precision rewrite); device times of the layer alone,
-  with each residual path, and with each and the norm. batch: M tokens as that many samples,
-  each with its own gate row (FLUX's [B, 1, N])."""
+  with each residual path, and with each and the norm."""
   from svdq_jax.models.flux import layer_norm
   k, n = (256, 256) if interpret else RESIDUAL_LAYERS[name]
   kx, kl, kr, kg = jax.random.split(key, 4)
   layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
-  x = activations(m, k, kx).reshape(batch, m // batch, k)
-  r = (jax.random.normal(kr, (batch, m // batch, n)) * 2.0).astype(jnp.bfloat16)
-  gate = jax.random.normal(kg, (batch, 1, n)).astype(jnp.bfloat16)
+  x = activations(m, k, kx)
+  r = (jax.random.normal(kr, (m, n)) * 2.0).astype(jnp.bfloat16)
+  gate = jax.random.normal(kg, (1, n)).astype(jnp.bfloat16)
   t = timer(interpret, name)
-  res = dict(layer=name, M=m, K=k, N=n, batch=batch)
+  res = dict(layer=name, M=m, K=k, N=n)
   outs = {}
   default = w4a4._epilogue_residual
   with qlinear.backend("interpret" if interpret else "pallas"):
@@ -723,8 +721,6 @@ def main():
                   help="the gated residual in the W4A8 GEMM's epilogue "
                        "(w4a4.set_epilogue_residual) vs XLA's after it: checks and times, at "
                        "--m and FLUX.1's 4096 / 512 tokens")
-  ap.add_argument("--residual-batch", type=int, default=1,
-                  help="with --residual: only --m tokens as this many samples, a gate row each")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -748,17 +744,15 @@ def main():
       json.dump(results, f, indent=1)
     return
   if args.residual:
-    ms = check_ms if args.residual_batch == 1 else [args.m]
-    results = [residual_shape(m, name, key, args.interpret, args.residual_batch)
-               for m in ms for name in RESIDUAL_LAYERS]
+    results = [residual_shape(m, name, key, args.interpret)
+               for m in check_ms for name in RESIDUAL_LAYERS]
     save_results(os.path.join(args.out, "rowscaled_residual.json"), results)
     print("\n| layer | M | sum / norm mismatches (norm vs the stored sums': XLA, epilogue) | "
           "layer ms | + residual: XLA / epilogue ms | + residual + norm: XLA / epilogue ms |\n|"
           + " --- |" * 6)
     for r in results:
       vs = r["norm_mismatches_vs_stored"]
-      samples = "" if r["batch"] == 1 else f" ({r['batch']} samples)"
-      print(f"| {r['layer']} | {r['M']}{samples} | {r['sum_mismatches']} / {r['norm_mismatches']} "
+      print(f"| {r['layer']} | {r['M']} | {r['sum_mismatches']} / {r['norm_mismatches']} "
             f"({vs['xla']}, {vs['epilogue']}) | {r['layer_ms']:.3f} | {r['xla_ms']:.3f} / "
             f"{r['epilogue_ms']:.3f} | {r['xla_norm_ms']:.3f} / {r['epilogue_norm_ms']:.3f} |")
     return

@@ -96,19 +96,6 @@ def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
 
 
 @pytest.mark.parametrize("tile_m,compute_wgs", [(128, 2), (192, 3)])
-def test_w4a8_residual_gate_per_sample_lowers(tile_m, compute_wgs):
-  """A gated residual with a gate row per sample (two samples of 4096 tokens, FLUX's image
-  stream at batch 2), whose tiles pick each token's row."""
-  m, n = 8192, 128 * compute_wgs
-  args = [jnp.zeros((m, K), jnp.int8), jnp.zeros((m,)), jnp.zeros((n, K // 2), jnp.uint8),
-          jnp.zeros((K // 128, n), jnp.uint8), jnp.zeros((n,)), jnp.zeros((m, n), jnp.bfloat16),
-          jnp.zeros((2, n), jnp.bfloat16)]
-  calls = _custom_calls(lambda *a: w4a8_hopper.w4a8_gemm_t(
-      *a[:5], residual=a[5:], compute_wgs=compute_wgs, tile_m=tile_m, steps=3), *args)
-  assert calls == [MOSAIC], calls
-
-
-@pytest.mark.parametrize("tile_m,compute_wgs", [(128, 2), (192, 3)])
 def test_w4a8_row_maxima_array_holds_whole_token_tiles(tile_m, compute_wgs):
   """The kernel's token-maxima array spans whole tiles of tokens (sliced to M after it), so
   that a ragged last tile's copy of one 64-column group stays inside the array: given [G, M]
