@@ -71,13 +71,16 @@ def residual_sum(r: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
   gate broadcastable to it, y [..., N] (the layer's output). For bf16 r each operation is
   rounded to bf16 as jnp computes it on the CPU (the same bits), written so that a kernel
   epilogue computes the same ones: the product, exact in f32, rounded by ``round_bf16_bits``
-  (no compiler contracts it into the sum; a NaN product is kept), then the sum rounded once.
-  Other dtypes: the expression as it is."""
+  (no compiler contracts it into the sum; a NaN product is kept), then the sum, a bf16 add.
+  Kept a bf16 add (not an f32 sum cast to bf16) so that XLA treats its result as it treats
+  jnp's ``r + gate * y``: where it fuses the sum into a consumer in f32 (FLUX's next
+  LayerNorm) it may skip the sum's rounding (its excess precision) there as well, so the
+  CPU path's values stay those of the expression. Other dtypes: the expression as it is."""
   if r.dtype != jnp.bfloat16:
     return r + gate * y
   p = gate.astype(jnp.float32) * y.astype(jnp.float32)
   p = jnp.where(jnp.isnan(p), p, round_bf16_bits(p))
-  return (r.astype(jnp.float32) + p).astype(r.dtype)
+  return r + p.astype(r.dtype)   # exact: p holds bf16 values
 
 
 @struct.dataclass

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from svdq_jax import formats
-from svdq_jax.qlinear import QuantizedLinear, apply, group_scaled_matmul
+from svdq_jax.qlinear import QuantizedLinear, apply, group_scaled_matmul, residual_sum
 from svdq_jax.layers import dense
 
 
@@ -129,6 +129,18 @@ def test_dense_residual():
   for kernel in (w, layer):
     with pytest.raises(ValueError, match="exclude each other"):
       dense(x, kernel, gelu_from=0, residual=(r, gate))
+  # fused into a LayerNorm after it (FLUX's next block), XLA reads the sum as it reads jnp's:
+  # the quantized CPU path keeps the float expression's values downstream too
+  def normed(sum_fn):
+    def f(r, gate, y):
+      s = sum_fn(r, gate, y).astype(jnp.float32)
+      mean = s.mean(-1, keepdims=True)
+      return ((s - mean) * jax.lax.rsqrt(jnp.square(s - mean).mean(-1, keepdims=True) + 1e-6)
+              ).astype(jnp.bfloat16)
+    return jax.jit(f)
+  np.testing.assert_array_equal(
+      np.asarray(normed(residual_sum)(r, gate, yq), np.float32),
+      np.asarray(normed(lambda r, g, y: r + g * y)(r, gate, yq), np.float32))
 
 
 def test_bad_inputs():
