@@ -67,20 +67,15 @@ def gelu_tanh(x: jax.Array, tanh=jnp.tanh, round_bits: bool = False) -> jax.Arra
 
 
 def residual_sum(r: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
-  """``r + gate * y``, a gated residual (FLUX's ``x + gate * out``), in r's dtype: r [..., N],
-  gate broadcastable to it, y [..., N] (the layer's output). For bf16 r each operation is
-  rounded to bf16 as jnp computes it on the CPU (the same bits), written so that a kernel
-  epilogue computes the same ones: the product, exact in f32, rounded by ``round_bf16_bits``
-  (no compiler contracts it into the sum; a NaN product is kept), then the sum, a bf16 add.
-  Kept a bf16 add (not an f32 sum cast to bf16) so that XLA treats its result as it treats
-  jnp's ``r + gate * y``: where it fuses the sum into a consumer in f32 (FLUX's next
-  LayerNorm) it may skip the sum's rounding (its excess precision) there as well, so the
-  CPU path's values stay those of the expression. Other dtypes: the expression as it is."""
-  if r.dtype != jnp.bfloat16:
-    return r + gate * y
-  p = gate.astype(jnp.float32) * y.astype(jnp.float32)
-  p = jnp.where(jnp.isnan(p), p, round_bf16_bits(p))
-  return r + p.astype(r.dtype)   # exact: p holds bf16 values
+  """``r + gate * y``, a gated residual (FLUX's ``x + gate * out``): r [..., N], gate
+  broadcastable to it, y [..., N] (the layer's output), computed as jnp computes the
+  expression, so that a quantized layer's path without the kernel gives exactly the float
+  model's values (XLA included: where it fuses the sum into a consumer it may skip roundings,
+  its excess precision, on both alike). Its semantics op by op, for bf16: the product
+  rounded to bf16, then the sum (what jnp gives on the CPU for the sum alone, bit for bit),
+  which the W4A8 GEMM's epilogue computes (``w4a8_hopper``: the product rounded by integer
+  operations, so no compiler contracts it into the sum)."""
+  return r + gate * y
 
 
 @struct.dataclass
