@@ -217,7 +217,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
     separate launches: ``w4a4.set_split_gelu``). None: all of them.
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
-    ``qlinear.residual_sum(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
+    ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
   Returns: bf16 [M, N]; with row_max_inv also f32 [(N - gelu_from) / 64, M], each 64 GELU
   columns' max |y * row_max_inv| per token (NaN where one is NaN;
@@ -444,15 +444,25 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   return outs[0][:m_out]
 
 
+def residual_rounded(r: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
+  """The epilogue's ``residual``, in jnp: ``qlinear.residual_sum``'s op-by-op semantics
+  spelled out (bf16 r, gate, y broadcastable to r): the product gate * y, exact in f32,
+  rounded to bf16 by ``round_bf16_bits`` (a NaN product kept), then the sum rounded once.
+  The same bits as jnp's ``r + gate * y`` on the CPU; on a GPU XLA may round it otherwise."""
+  p = gate.astype(jnp.float32) * y.astype(jnp.float32)
+  p = jnp.where(p != p, p, qlinear.round_bf16_bits(p))
+  return (r.astype(jnp.float32) + p).astype(jnp.bfloat16)
+
+
 def _residual_sum(r_ref, gate_ref, y):
-  """``qlinear.residual_sum(r, gate, y)`` of a transposed output tile y (bf16 [ROWS, tile_m],
+  """``residual_rounded(r, gate, y)`` of a transposed output tile y (bf16 [ROWS, tile_m],
   the WGMMA layout, output channels on axis 0): r_ref its residual tile (a transposed view of
   the staged [tile_m, ROWS] tile), gate_ref the f32 gate of its channels [ROWS]."""
   r = plgpu.load(r_ref, layout=plgpu.Layout.WGMMA)
-  prod = scaled_rows(y.astype(jnp.float32), gate_ref, token_axis=1)
-  p = jnp.where(prod != prod, prod, qlinear.round_bf16_bits(prod))
+  gate = plgpu.load(gate_ref, layout=plgpu.Layout.WGMMA.reduce(1))
+  out = residual_rounded(r, lax.broadcast_in_dim(gate, y.shape, [0]), y)
   plgpu.commit_smem()   # every thread has read r before the tile is overwritten
-  return (r.astype(jnp.float32) + p).astype(jnp.bfloat16)
+  return out
 
 
 def _expand(codes_ref, mult_ref, interpret: bool) -> jax.Array:

@@ -132,7 +132,8 @@ def test_column_range(compute_wgs, n, cols, gelu_from):
 @pytest.mark.parametrize("compute_wgs,n,m,cols", [(2, 256, 200, None), (3, 384, 200, None),
                                                    (2, 384, 130, (128, 384))])
 def test_residual_in_the_epilogue(compute_wgs, n, m, cols):
-  """residual=(r, gate): ``qlinear.residual_sum(r, gate, y)`` of the plain output, bit for bit
+  """residual=(r, gate): ``w4a8_hopper.residual_rounded(r, gate, y)`` of the plain output, bit
+  for bit
   (r's tile staged where the output goes; a ragged last tile; a column range), with NaN and
   infinities in r and the gate kept where the definition keeps them."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(m=m, n=n)
@@ -145,9 +146,12 @@ def test_residual_in_the_epilogue(compute_wgs, n, m, cols):
       a, sa, codes, mult.T, sw, lr, up, bias, residual=residual, tile_m=64,
       compute_wgs=compute_wgs, cols=cols, interpret=True)
   y = gemm(None)
-  want = np.asarray(qlinear.residual_sum(r, gate[None], y), np.float32)
+  want = np.asarray(w4a8_hopper.residual_rounded(r, gate[None], y), np.float32)
   got = np.asarray(gemm((r, gate)), np.float32)
   np.testing.assert_array_equal(got, want)
+  # on the CPU, jnp's expression (qlinear.residual_sum) gives the same bits
+  np.testing.assert_array_equal(np.asarray(qlinear.residual_sum(r, gate[None], y), np.float32),
+                                want)
   assert np.isnan(got[:, 2]).all() and np.isnan(got[3, 5])
   # the product's rounding is part of the definition: without it, values differ
   loose = (r.astype(jnp.float32) + gate.astype(jnp.float32) * y.astype(jnp.float32))
