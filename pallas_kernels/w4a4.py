@@ -770,8 +770,10 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16))
     inv_next = _fed_inv_smooth(feeds, n - gelu_from) if gelu and in_registers else None
     row_max = head = None
+    # (bf16 r and gate: the expression's result is then bf16, as the epilogue's)
     fused = (residual if in_registers and _epilogue_residual and not gelu
-             and residual is not None and residual[0].dtype == jnp.bfloat16
+             and residual is not None
+             and residual[0].dtype == residual[1].dtype == jnp.bfloat16
              and w4a8_hopper.takes_residual(rank=rank, **in_registers) else None)
     if in_registers:
       gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(

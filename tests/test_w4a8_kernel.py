@@ -326,13 +326,14 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank, tiles):
 
 
 @pytest.mark.parametrize("batch,tokens,gate_kind,fused", [
-    (1, 40, "one", True), (2, 128, "sample", False), (1, 40, "token", False)])
+    (1, 40, "one", True), (2, 128, "sample", False), (1, 40, "token", False),
+    (1, 40, "f32", False)])
 def test_layer_residual(monkeypatch, batch, tokens, gate_kind, fused):
   """``qlinear.apply(..., residual=(r, gate))``: ``residual_sum(r, gate, y)`` of the plain
   output, the same bits whether the W4A8 GEMM's epilogue computes it
-  (``set_epilogue_residual``: one gate row for all tokens) or XLA after it (switch off, a
-  gate per sample or per token), and on the reference backend; with ``gelu_from`` an
-  error."""
+  (``set_epilogue_residual``: one bf16 gate row for all tokens) or XLA after it (switch off,
+  a gate per sample or per token, an f32 gate: an f32 result), and on the reference backend;
+  with ``gelu_from`` an error."""
   x = (jax.random.normal(jax.random.key(0), (batch, tokens, 256))
        * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 256))
@@ -343,8 +344,10 @@ def test_layer_residual(monkeypatch, batch, tokens, gate_kind, fused):
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (256,)))
   xb = x.astype(jnp.bfloat16)
   r = (jax.random.normal(jax.random.key(5), (batch, tokens, 256)) * 3).astype(jnp.bfloat16)
-  gate_shape = {"one": (1, 1, 256), "sample": (batch, 1, 256), "token": (1, tokens, 256)}
-  gate = jax.random.normal(jax.random.key(6), gate_shape[gate_kind]).astype(jnp.bfloat16)
+  gate_shape = {"one": (1, 1, 256), "sample": (batch, 1, 256), "token": (1, tokens, 256),
+                "f32": (1, 1, 256)}
+  gate = jax.random.normal(jax.random.key(6), gate_shape[gate_kind]).astype(
+      jnp.float32 if gate_kind == "f32" else jnp.bfloat16)
   residuals = []
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: residuals.append(
@@ -352,9 +355,11 @@ def test_layer_residual(monkeypatch, batch, tokens, gate_kind, fused):
   f32 = lambda v: np.asarray(v, np.float32)
   with qlinear.backend("interpret"):
     y = qlinear.apply(layer, xb)
-    want = f32(qlinear.residual_sum(r, gate, y))
+    want = qlinear.residual_sum(r, gate, y)
     monkeypatch.setattr(w4a4, "_epilogue_residual", True)
-    got = f32(qlinear.apply(layer, xb, residual=(r, gate)))
+    got = qlinear.apply(layer, xb, residual=(r, gate))
+    assert got.dtype == want.dtype == (jnp.float32 if gate_kind == "f32" else jnp.bfloat16)
+    got, want = f32(got), f32(want)
     monkeypatch.setattr(w4a4, "_epilogue_residual", False)
     after = f32(qlinear.apply(layer, xb, residual=(r, gate)))
     with pytest.raises(ValueError, match="exclude each other"):
