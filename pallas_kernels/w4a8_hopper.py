@@ -262,8 +262,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     it = iter(refs)
     lr_gmem, up_gmem = (next(it), next(it)) if has_lr else (None, None)
     bias_gmem = next(it) if has_bias else None
-    rinv_gmem = next(it) if has_rmax else None
     res_gmem, gate_gmem = (next(it), next(it)) if has_res else (None, None)
+    rinv_gmem = next(it) if has_rmax else None
     out_gmem = next(it)
     rmax_gmem = next(it) if has_rmax else None
     (out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, rinv_smem, rmax_smem, barriers,
@@ -400,14 +400,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   if has_bias:
     bias = bias_operand(bias)
     args.append(bias)
-  out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
-  if has_rmax:
-    args.append(row_max_inv.astype(jnp.float32))
   if has_res:
     r = residual[0]
     args += [r if m == m_out else jnp.pad(r, ((0, m - m_out), (0, 0))),
              residual[1].astype(jnp.float32)]
+  out_type = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
   if has_rmax:
+    args.append(row_max_inv.astype(jnp.float32))
     # whole tiles of tokens: the last tile's copy stays inside the array (past M, a maxima
     # copy of a ragged last tile changed the FLUX.1 step's values on an H100, 2026-12-05)
     out_type.append(jax.ShapeDtypeStruct(((n - gelu_from) // ROWS, m_iters * tile_m),
@@ -432,7 +431,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=per_wg * wgs),
           plgpu.Barrier(num_arrivals=wgs),
-      ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32)] if has_res else []) + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
+      ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32)] if has_res else [])   # the gate
+        + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
