@@ -631,9 +631,11 @@ def set_epilogue_residual(on: bool) -> None:
   """Whether the W4A8 register GEMM computes a layer's ``residual`` (``qlinear.apply``) in
   its epilogue, reading r's tile where the output tile goes (one gate row for all tokens,
   bf16; the default), or leaves ``qlinear.residual_sum`` to XLA after it (as before
-  2026-12-06's thirty-fifth session; scripts/bench_flux_full.py --xla-residual). The same
-  sums either way; XLA may fuse its sums into the next LayerNorm without rounding them to
-  bf16 first (its excess precision), which the epilogue's stored sums cannot give."""
+  2026-12-06's thirty-fifth session; scripts/bench_flux_full.py --xla-residual). The
+  epilogue rounds as jnp's expression does op by op (``w4a8_hopper.residual_rounded``); XLA
+  may round its own sums otherwise and fuse them into the next LayerNorm unrounded (its
+  excess precision), which the epilogue's stored sums cannot give: the FLUX step's values
+  differ slightly between the two."""
   global _epilogue_residual
   _epilogue_residual = bool(on)
 
