@@ -248,6 +248,44 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   assert np.abs(outs[0].astype(np.float32)).max() > 0
 
 
+def test_gated_residuals_keep_the_expressions_values():
+  """FLUX's blocks hand their gated residuals to the branch's last linear (``residual=``): a
+  bf16 W4A8 model on the CPU gives the same output, bit for bit, as with each such linear's
+  output summed as ``x + gate * out`` by the caller, XLA's fusions of the sums into the
+  LayerNorms after them included (a residual spelled out as an f32 sum cast to bf16 moved
+  the CPU demo's values, 2026-12-06)."""
+  from svdq_jax import layers
+
+  cfg = dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24))
+  model = Flux(cfg, nnx.Rngs(0))
+  graph, state = nnx.split(model)
+  model = nnx.merge(graph, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
+  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
+  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
+          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
+  (inputs,) = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
+  inputs = tuple(a if i in (1, 3) or a is None else a.astype(jnp.bfloat16)
+                 for i, a in enumerate(inputs))
+  qmodel = w4a8_model(model, [inputs], 4)
+  given = jax.jit(lambda *a: qmodel(*a))(*inputs)
+  real, summed = layers.apply, []
+
+  def by_the_caller(kernel, x, bias=None, gelu_from=None, feeds=None, residual=None):
+    if residual is None:
+      return real(kernel, x, bias, gelu_from, feeds)
+    summed.append(kernel.out_features)
+    r, gate = residual
+    return r + gate * real(kernel, x, bias, gelu_from, feeds)
+
+  layers.apply = by_the_caller
+  try:
+    caller = jax.jit(lambda *a: qmodel(*a))(*inputs)
+  finally:
+    layers.apply = real
+  assert len(summed) == 5   # proj, fc2 of both streams; linear2
+  np.testing.assert_array_equal(np.asarray(given, np.float32), np.asarray(caller, np.float32))
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_hoisting_the_modulations_out_of_the_loop(quantized):
   """sample(hoist_modulation=True): every step's modulations computed before the loop as one
