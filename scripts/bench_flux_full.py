@@ -165,8 +165,8 @@ SWITCHES = (
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
                "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
                "int_convert_gemv"}
-# (not xla_residual: the same sums, but XLA may fuse its sums into the next LayerNorm unrounded;
-# bench_rowscaled.py --residual counts both)
+# (not xla_residual: XLA rounds its sums as its fusions do and may feed them to the next
+# LayerNorm unrounded; bench_rowscaled.py --residual counts both)
 # a switch renamed in SWITCHES and not here would silently lose its check
 assert not (unknown := KEEP_VALUES - {flag for flag, *_ in SWITCHES}), unknown
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import Gelu, PreparedLinear, QuantizedLinear, Scaled, apply, join
+from svdq_jax.qlinear import (Gelu, PreparedLinear, QuantizedLinear, Scaled, apply,
+                              check_residual, join, residual_sum)
 
 __all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
            "runs_quantized", "dense_input"]
@@ -36,9 +37,9 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   the next layer (a quantized layer on the Hopper path computes the GELU in its GEMM's
   epilogue: ``qlinear.apply``); columns before it are y's as they are. ``feeds``: the
   kernel of the layer whose input ends with those GELU columns (``qlinear.apply``).
-  ``residual``: (r, gate), r of the output's shape: returns ``r + gate * y`` (a quantized
-  layer: ``qlinear.residual_sum``, the same values op by op; on Hopper in its GEMM's
-  epilogue), as FLUX's blocks end their branches.
+  ``residual``: (r, gate), r of the output's shape: returns ``r + gate * y``
+  (``qlinear.residual_sum``; a quantized layer on Hopper sums it in its GEMM's epilogue), as
+  FLUX's blocks end their branches.
   """
   if _is_quantized(kernel):
     return apply(kernel, x, bias, gelu_from, feeds, residual)
@@ -46,11 +47,8 @@ def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None
   y = y if bias is None else y + bias
   if residual is None:
     return y if gelu_from is None else Gelu(y, gelu_from)
-  if gelu_from is not None:   # as apply says it for quantized kernels
-    raise ValueError("residual and gelu_from exclude each other: a GELU output feeds a "
-                     "layer, a gated residual ends a branch")
-  r, gate = residual
-  return r + gate * y
+  check_residual(residual, y.shape, gelu_from)
+  return residual_sum(*residual, y)
 
 
 def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:

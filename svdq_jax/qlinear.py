@@ -570,10 +570,8 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
     raise ValueError(f"gelu_from={gelu_from} is not a column of the output [..., "
                      f"{layer.out_features}]")
   if residual is not None:
-    check_residual(residual, input_parts(x)[0].x.shape[:-1] + (layer.out_features,))
-    if gelu_from is not None:
-      raise ValueError("residual and gelu_from exclude each other: a GELU output feeds a "
-                       "layer, a gated residual ends a branch")
+    check_residual(residual, input_parts(x)[0].x.shape[:-1] + (layer.out_features,),
+                   gelu_from)
   from svdq_jax import parallel  # under parallel.tokens_over: each device its own tokens
   y = None
   if parallel.token_mesh() is not None:
@@ -586,8 +584,12 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   return y if gelu_from is None or isinstance(y, Gelu) else Gelu(y, gelu_from)
 
 
-def check_residual(residual, out_shape: tuple) -> None:
-  """``apply``'s ``residual``: (r, gate), r of the output's shape, gate broadcastable to it."""
+def check_residual(residual, out_shape: tuple, gelu_from: int | None = None) -> None:
+  """``apply``'s / ``layers.dense``'s ``residual``: (r, gate), r of the output's shape, gate
+  broadcastable to it, and no ``gelu_from`` beside it."""
+  if gelu_from is not None:
+    raise ValueError("residual and gelu_from exclude each other: a GELU output feeds a "
+                     "layer, a gated residual ends a branch")
   if not (isinstance(residual, tuple) and len(residual) == 2):
     raise ValueError("residual must be a pair (r, gate): the result is r + gate * y")
   r, gate = residual

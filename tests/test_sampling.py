@@ -178,6 +178,21 @@ def test_hoisting_weight_work_out_of_the_loop_changes_nothing():
   assert float(jnp.abs(out[0]).max()) > 0
 
 
+def _bf16_w4a8(cfg):
+  """(a bf16 FLUX model of ``cfg`` with W4A8 attention and MLP linears, calibrated on one
+  step's inputs; those inputs (img, img_ids, txt, txt_ids, t, y, guidance): activations in
+  bf16, positions as they are)."""
+  graph, state = nnx.split(Flux(cfg, nnx.Rngs(0)))
+  model = nnx.merge(graph, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
+  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
+  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
+          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
+  (inputs,) = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
+  inputs = tuple(a if i in (1, 3) or a is None else a.astype(jnp.bfloat16)
+                 for i, a in enumerate(inputs))
+  return w4a8_model(model, [inputs], 4), inputs
+
+
 def test_single_block_input_parts_reach_the_activation_kernel():
   """FLUX's single blocks hand linear2 ``(attn, Gelu(qkv_mlp, start=3 hidden))``: on the
   kernels (interpret mode, Pallas activation path) the kernel receives the parts unjoined,
@@ -193,18 +208,7 @@ def test_single_block_input_parts_reach_the_activation_kernel():
   # blocks only: one chain of interpreted kernels (tests/conftest.py)
   cfg = dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24), depth=0,
                             depth_single_blocks=1)
-  model = Flux(cfg, nnx.Rngs(0))
-  graph, state = nnx.split(model)
-  state = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
-  model = nnx.merge(graph, state)
-  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
-  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
-          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
-  (inputs,) = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
-  # (img, img_ids, txt, txt_ids, t, y, guidance): activations in bf16, positions as they are
-  inputs = tuple(a if i in (1, 3) or a is None else a.astype(jnp.bfloat16)
-                 for i, a in enumerate(inputs))
-  qmodel = w4a8_model(model, [inputs], 4)
+  qmodel, inputs = _bf16_w4a8(cfg)
   seen = []
   kernel = act_rowscaled.quantize_rows_folded
 
@@ -256,17 +260,7 @@ def test_gated_residuals_keep_the_expressions_values():
   the CPU demo's values, 2026-12-06)."""
   from svdq_jax import layers
 
-  cfg = dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24))
-  model = Flux(cfg, nnx.Rngs(0))
-  graph, state = nnx.split(model)
-  model = nnx.merge(graph, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
-  noise = jax.random.normal(jax.random.key(1), (1, 16, 4, 4))
-  args = (jax.random.normal(jax.random.key(2), (1, 3, 16)), jnp.zeros((3, 3)),
-          jax.random.normal(jax.random.key(3), (1, 8)), sampling.schedule(1, 4))
-  (inputs,) = sampling.trajectory_inputs(model, noise, *args, guidance=3.5)
-  inputs = tuple(a if i in (1, 3) or a is None else a.astype(jnp.bfloat16)
-                 for i, a in enumerate(inputs))
-  qmodel = w4a8_model(model, [inputs], 4)
+  qmodel, inputs = _bf16_w4a8(dataclasses.replace(TINY, hidden_size=128, axes_dim=(16, 24, 24)))
   given = jax.jit(lambda *a: qmodel(*a))(*inputs)
   real, summed = layers.apply, []
 
