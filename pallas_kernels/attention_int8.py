@@ -36,7 +36,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import attention
 from svdq_jax.parallel import token_mesh
-from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, on_hopper
+from svdq_jax.pallas_kernels.w4a4_hopper import (_swizzled, _wgmma_onto, on_hopper,
+                                                  settles_when_interpreted)
 
 LOG2E = math.log2(math.e)
 # int32 -> f32 without I2F (a conversion unit op, as slow as exp2 on Hopper): for |x| < 2^22,
@@ -80,6 +81,7 @@ def reference(q8, sq, k8, sk, v, sv=None) -> jax.Array:
   return out * (sv[:, None] / attention.FP8_MAX) / rowsum
 
 
+@settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "steps", "interpret"))
 def flash(q8, sq, k8, sk, v, sv=None, *, block_q: int = 64, block_kv: int = 128,
           steps: int = 2, interpret: bool = False) -> jax.Array:

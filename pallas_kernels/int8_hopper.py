@@ -43,7 +43,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax.pallas_kernels.w4a4_hopper import (ROW_ALIGN, _swizzled, _wgmma_onto, on_hopper,
-                                                 sm_count)
+                                                 settles_when_interpreted, sm_count)
 
 WG_DIMS = ("m", "n")
 
@@ -79,6 +79,7 @@ def cta_cols(tile_n: int, wg_dim: str) -> int:
   return tile_n * (2 if wg_dim == "n" else 1)
 
 
+@settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=(
     "tile_m", "tile_n", "tile_k", "steps", "wg_dim", "grid_minor", "grid_tile_width",
     "delay_release", "out_splits", "out_dtype", "gelu_from", "packed_gelu", "num_sms",

@@ -136,6 +136,27 @@ def _swizzled(cols: int, dtype) -> tuple:
   return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
+def settles_when_interpreted(kernel):
+  """``kernel`` (a jitted Mosaic GPU kernel taking ``interpret=``) that, interpreted and called
+  outside a trace, returns only once its outputs are ready.
+
+  The Mosaic GPU interpreter runs a kernel's warpgroups on host threads whose callbacks
+  dispatch jax ops of their own; jax work dispatched meanwhile (the next eager op of a test or
+  a layer) can leave those callbacks waiting for each other: the whole suite hung at one
+  layer's eager ops behind an unfinished GEMM (2026-12-06, twice in three runs, at the same
+  test, in CI and here). Waiting here leaves nothing else in flight while a kernel is
+  interpreted; on a GPU, and under jit, nothing changes.
+  """
+  @functools.wraps(kernel)
+  def call(*args, **kwargs):
+    out = kernel(*args, **kwargs)
+    if kwargs.get("interpret") and not any(isinstance(leaf, jax.core.Tracer)
+                                           for leaf in jax.tree.leaves(out)):
+      jax.block_until_ready(out)
+    return out
+  return call
+
+
 def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, cta_n: int) -> None:
   m, k = a_q.shape
   n = w_packed.shape[0]
@@ -151,6 +172,7 @@ def check_shapes(a_q, a_scale_t, w_packed, w_scale_t, cta_n: int) -> None:
     raise ValueError(f"N={n} is not a multiple of {cta_n} (compute warpgroups x tile_n)")
 
 
+@settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "tile_n", "steps", "groups_per_step",
                                               "accs", "compute_wgs", "mma", "rescale",
                                               "out_dtype", "num_sms", "interpret"))

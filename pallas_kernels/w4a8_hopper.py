@@ -51,7 +51,8 @@ from svdq_jax.pallas_kernels import act_rowscaled
 from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, bias_operand,
                                                   check_epilogue, padded_tokens, plus_bias,
                                                   scaled, scaled_rows, store_with_gelu)
-from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled, _wgmma_onto, sm_count
+from svdq_jax.pallas_kernels.w4a4_hopper import (_swizzled, _wgmma_onto, settles_when_interpreted,
+                                                  sm_count)
 
 ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
@@ -191,6 +192,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
   return tiles
 
 
+@settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,

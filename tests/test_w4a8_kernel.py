@@ -184,6 +184,24 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
 
+def test_interpreted_kernels_return_when_done(monkeypatch):
+  """Called eagerly in interpret mode the Hopper kernels wait for their outputs before they
+  return (``w4a4_hopper.settles_when_interpreted``; some calls come back unfinished, and jax
+  work dispatched while the interpreter's warpgroup threads run can deadlock them); under jit
+  they are traced as before, same values."""
+  waited = []
+  monkeypatch.setattr(jax, "block_until_ready", lambda out: waited.append(out) or out)
+  a, sa, codes, mult, sw, lr, up, bias = _operands(m=16, k=256, n=128)
+  gemm = lambda *args: w4a8_hopper.w4a8_gemm_t(*args, tile_m=64, interpret=True)
+  out = gemm(a, sa, codes, mult.T, sw, lr, up, bias)
+  w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
+  out8 = int8_hopper.int8_gemm(a, sa, w8, sw, tile_m=64, tile_n=128, tile_k=128, interpret=True)
+  assert [id(v) for v in waited] == [id(out), id(out8)]
+  traced = jax.jit(gemm)(a, sa, codes, mult.T, sw, lr, up, bias)
+  assert len(waited) == 2
+  np.testing.assert_array_equal(np.asarray(traced, np.float32), np.asarray(out, np.float32))
+
+
 @pytest.mark.parametrize("compute_wgs", [2, 3])
 def test_pipeline_stages_keep_tma_alignment(compute_wgs):
   """The multiplier stages a TMA copy writes stay 128-byte aligned in shared memory (interpret
