@@ -10,8 +10,9 @@ import tempfile
 # jax ops of their own: eager work dispatched while an interpreted kernel is still in flight
 # can take the last threads and deadlock too (seen with 8 threads, 2026-12-03; with 32, the
 # whole suite hung at one test in two of three runs, 2026-12-06): the kernels called eagerly
-# wait for their outputs (``w4a4_hopper.settles_when_interpreted``), and tests wait for the
-# result of a jitted program holding a kernel before dispatching more.
+# wait for their outputs (``w4a4_hopper.settles_when_interpreted``), and the tests dispatch
+# CPU computations synchronously (below), so a jitted program holding a kernel finishes
+# before anything else starts.
 os.environ.setdefault("PJRT_NPROC", str(max(32, os.cpu_count() or 1)))
 # the CLI keeps compiled programs under $XDG_CACHE_HOME (svdq-jax --compile-cache): not the
 # user's cache for test runs
