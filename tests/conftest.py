@@ -22,8 +22,8 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 import jax
 
 # one computation at a time: nothing else dispatched while an interpreted kernel runs (see
-# above), whatever a test does between calls; the suite also ran faster so (1063 s against
-# 1198 with async dispatch, 2 cores, 2026-12-06)
+# above), whatever a test does between calls. The suite's time stays within its spread
+# (1063 and 1230 s against 1198 and 1198 with async dispatch; 2 cores, 2026-12-06).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 # CPU tests compare against float64 references; keep jax's default f32 but make every
