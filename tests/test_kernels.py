@@ -108,8 +108,7 @@ def test_fused_linear_matches_reference_apply_ragged_m(gemm, n, act):
     assert w4a4.hopper_gemm(m, k, n, interpret=True, weight_format=layer.weight_format) == (
         gemm == "hopper" and act == "int4")
     with qlinear.backend("interpret"):
-      y = jax.block_until_ready(   # before more work: see conftest.py
-          jax.jit(qlinear.apply)(layer, x.reshape(5, 9, k).astype(jnp.float32)))
+      y = jax.jit(qlinear.apply)(layer, x.reshape(5, 9, k).astype(jnp.float32))
       y16 = qlinear.apply(layer, x)  # bf16 in, bf16 out
   finally:
     w4a4.set_gemm_kernel("auto")
