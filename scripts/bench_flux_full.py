@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 import svdq_jax
-from svdq_jax import formats, qlinear
+from svdq_jax import qlinear
 from svdq_jax.models import flux, sampling
 from svdq_jax.models.flux import (ATTENTION_IMPLEMENTATIONS, FLUX_DEV, Flux, quant_config,
                                   set_attention_implementation)
@@ -144,10 +144,6 @@ SWITCHES = (
     ("xla_residual", w4a4.set_epilogue_residual, True,
      "the gated residuals (x + gate * out after proj, fc2, linear2) summed by XLA after the "
      "W4A8 GEMM, not in its epilogue, as before 2026-12-06's thirty-fifth session"),
-    ("division_free_reciprocal", formats.set_division_free_reciprocal, False,
-     "the correctly rounded f32 reciprocals (formats.reciprocal: token scales of the K = "
-     "3072 activations XLA quantizes, ...) by a Newton step in f64 from the f32 quotient, not "
-     "an f64 divide, which XLA's fusions keep in a launch of its own"),
     ("one_launch_gelu", w4a4.set_split_gelu, True,
      "linear1's W4A8 GEMM as one launch whose tiles take either epilogue, not two (its "
      "columns before the GELU ones, then the GELU columns), as before 2026-12-06"),
@@ -168,7 +164,7 @@ SWITCHES = (
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
                "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
-               "int_convert_gemv", "division_free_reciprocal"}
+               "int_convert_gemv"}
 # (not xla_residual: XLA rounds its sums as its fusions do and may feed them to the next
 # LayerNorm unrounded; bench_rowscaled.py --residual counts both)
 # a switch renamed in SWITCHES and not here would silently lose its check

@@ -52,7 +52,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 FP8_E4M3_MAX = 448.0
 PACK_BLOCK = 64
@@ -254,46 +253,11 @@ def reciprocal(s: jnp.ndarray) -> jnp.ndarray:
   result. The operands are per-row / per-group scales: the f64 work is small.
   """
   s = jnp.where(s == 0, 1.0, s).astype(jnp.float32)
-  if _division_free:
-    return _reciprocal_newton(s)
   with jax.enable_x64(True):
     return (_ONE_PLUS / s.astype(jnp.float64)).astype(jnp.float32)
 
 
 _ONE_PLUS = np.float64(1.0 + 2.0 ** -52)
-_division_free = False
-
-
-def set_division_free_reciprocal(on: bool) -> None:
-  """Whether ``reciprocal`` takes its f64 quotient by a Newton step from the f32 quotient
-  (``_reciprocal_newton``: no f64 divide, which XLA's GPU fusions keep in a launch of its
-  own) or by the f64 divide (the default); the same values either way
-  (scripts/bench_flux_full.py --division-free-reciprocal times it)."""
-  global _division_free
-  _division_free = bool(on)
-
-
-def _reciprocal_newton(s: jnp.ndarray, ulps: int = 0) -> jnp.ndarray:
-  """f32 1 / s (s f32, nonzero), correctly rounded, without an f64 divide: r0 = the f32
-  quotient (within a few ulp on every backend: the GPU's div.full.f32 is within 2), then in
-  f64 e = 1 - s r0 (exact: a 48-bit product next to 1) and r0 + r0 (e + e^2), within 2^-52
-  of 1/s, which lies at least 2^-49 (relative) from every f32 rounding midpoint, so that its
-  rounding to f32 is the correctly rounded quotient. s is first scaled by 2^+-64 (exactly)
-  where 1/s or s would leave the f32 normal range, and the quotient scaled back in f64.
-  Checked against the f64 divide on every f32 significand at 18 exponents (the f32 quotient
-  moved by up to +-3 ulp), subnormal s, +-inf and NaN: the same bits (2026-12-06).
-  ``ulps``: r0 moved by that many ulp first (tests: an approximate divide's quotient)."""
-  a = jnp.abs(s)
-  scale = jnp.where(a < 2.0 ** -100, 2.0 ** 64, jnp.where(a > 2.0 ** 100, 2.0 ** -64, 1.0))
-  t = s * scale.astype(jnp.float32)
-  r0 = 1.0 / t
-  if ulps:
-    r0 = lax.bitcast_convert_type(lax.bitcast_convert_type(r0, jnp.int32) + ulps, jnp.float32)
-  with jax.enable_x64(True):
-    r = r0.astype(jnp.float64)
-    e = 1.0 - t.astype(jnp.float64) * r
-    out = ((r + r * (e + e * e)) * scale.astype(jnp.float64)).astype(jnp.float32)
-  return jnp.where(jnp.isinf(s), 1.0 / s, out)
 
 
 def two_level_unit(rowmax: jnp.ndarray) -> jnp.ndarray:

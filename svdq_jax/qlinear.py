@@ -514,8 +514,7 @@ def backend(name: str):
     set_backend(previous)
 
 
-# (kernel module, switch) read while a function is traced, besides _backend (a module named
-# without a dot: in svdq_jax.pallas_kernels)
+# (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
                     ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
@@ -523,7 +522,7 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
                     ("w4a4", "_split_gelu"), ("w4a16_gemv", "_bit_unpack"),
-                    ("w4a4", "_epilogue_residual"), ("svdq_jax.formats", "_division_free"))
+                    ("w4a4", "_epilogue_residual"))
 
 
 def trace_settings() -> tuple:
@@ -532,8 +531,7 @@ def trace_settings() -> tuple:
   takes it as a static argument so that changing a switch retraces it (``models.sampling``).
   The kernel modules are imported here: a module first imported while tracing would change
   the tuple after the first trace, and the second call would trace again."""
-  mods = [importlib.import_module(m if "." in m else f"svdq_jax.pallas_kernels.{m}")
-          for m, _ in _KERNEL_SWITCHES]
+  mods = [importlib.import_module(f"svdq_jax.pallas_kernels.{m}") for m, _ in _KERNEL_SWITCHES]
   return (_backend, *(getattr(mod, switch) for mod, (_, switch) in zip(mods, _KERNEL_SWITCHES)))
 
 
