@@ -522,7 +522,7 @@ def residual_shape(m, name, key, interpret):
   block reads its residual stream: where XLA fuses the sum into the norm it may skip the
   sum's rounding to bf16, its excess-precision rewrite); device times of the layer alone,
   with each residual path, and with each and the norm."""
-  from svdq_jax.models.flux import layer_norm
+  from svdq_jax.qlinear import layer_norm
   k, n = (256, 256) if interpret else RESIDUAL_LAYERS[name]
   kx, kl, kr, kg = jax.random.split(key, 4)
   layer = make_layer(k, n, 32, kl, "int4_2l", "int8")

@@ -260,6 +260,104 @@ def _w4a8_layer(x, n):
   return layer
 
 
+def _modulated(sets=2, tokens=32, k=256):
+  """A ``qlinear.Modulated`` part of bf16 x [sets * tokens, k] (flattened, as a layer's
+  kernels see it) with a modulation per sequence [sets, 1, k], a NaN in token 37."""
+  x = (_x(sets * tokens, k) + 3.0).astype(jnp.bfloat16).at[37 % (sets * tokens), 7].set(jnp.nan)
+  shift = (jax.random.normal(jax.random.key(4), (sets, 1, k)) * 0.5).astype(jnp.bfloat16)
+  scale = (jax.random.normal(jax.random.key(5), (sets, 1, k)) * 0.3).astype(jnp.bfloat16)
+  return qlinear.Modulated(x, shift, scale)
+
+
+def test_modulated_part_joins_to_the_models_expression():
+  """join(Modulated(x, shift, scale)) is ``(1 + scale) * layer_norm(x) + shift`` bit for bit,
+  given x [S, L, K] or flattened to [S L, K]; f32 shift and scale promote as the expression
+  does; bad shapes are named."""
+  p = _modulated()
+  x3 = p.x.reshape(2, 32, 256)
+  want = np.asarray((1 + p.scale) * qlinear.layer_norm(x3) + p.shift, np.float32)
+  f32 = lambda v: np.asarray(v, np.float32)
+  np.testing.assert_array_equal(f32(qlinear.join(p.replace(x=x3))), want)
+  np.testing.assert_array_equal(f32(qlinear.join(p)), want.reshape(64, 256))
+  xf = np.asarray(x3[0, :3], np.float32)
+  np.testing.assert_allclose(f32(qlinear.layer_norm(x3[0, :3].astype(jnp.float32))),
+                             (xf - xf.mean(-1, keepdims=True))
+                             / np.sqrt(xf.var(-1, keepdims=True) + 1e-6), rtol=1e-5, atol=1e-5)
+  assert qlinear.input_width(p) == 256 and qlinear.input_dtype(p) == jnp.bfloat16
+  p32 = p.replace(scale=p.scale.astype(jnp.float32))
+  assert qlinear.input_dtype(p32) == jnp.float32 == qlinear.join(p32).dtype
+  with pytest.raises(ValueError, match=r"shift must be \[K\] or"):
+    qlinear.input_parts(p.replace(shift=p.shift[:, :, :128]))
+  with pytest.raises(ValueError, match=r"shift must be \[K\] or .* for x \(63, 256\)"):
+    qlinear.input_parts(p.replace(x=p.x[:63]))   # 2 sequences do not divide 63 tokens
+
+
+@pytest.mark.parametrize("sets,tokens,block_m", [(2, 32, 4), (1, 42, 4), (2, 32, 16)])
+def test_modulated_kernel_bit_exact(sets, tokens, block_m):
+  """``quantize_modulated``: codes, scales and the low-rank product bit for bit those of the
+  joined input computed op by op (a modulation per 32-token sequence; one sequence of 42
+  tokens, a ragged block; four column blocks), the NaN token's included (codes 0, scale
+  NaN); without smoothing or a low-rank branch likewise."""
+  p = _modulated(sets, tokens)
+  inv = jax.random.uniform(jax.random.key(1), (256,), minval=0.5, maxval=2.0)
+  down = jax.random.normal(jax.random.key(2), (256, 20)).astype(jnp.bfloat16)
+  got = [np.asarray(v) for v in act_rowscaled.quantize_modulated(
+      p, inv, down, block_m=block_m, block_k=64, interpret=True)]
+  want = [np.asarray(v) for v in act_rowscaled.reference_folded(p, inv, down, "int8")]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  nan = np.isnan(want[1])
+  assert nan.sum() == 1 and (got[0][nan] == 0).all() and got[2].shape == (sets * tokens, 20)
+  a, s, lr = act_rowscaled.quantize_modulated(p, None, None, block_m=block_m, interpret=True)
+  want = act_rowscaled.reference_folded(p, None, None, "int8")
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(want[1]))
+  assert lr is None
+
+
+def test_modulated_kernel_names_what_it_cannot_take():
+  """A modulation per 42-token sequence (which 4-token blocks would straddle), f32 x or
+  int4_2l activations: ``takes_modulated`` says no and the kernel raises, naming the shapes."""
+  p = _modulated(2, 42)
+  assert not act_rowscaled.takes_modulated(p, "int8", 4)
+  assert act_rowscaled.takes_modulated(p, "int8", 2)
+  assert not act_rowscaled.takes_modulated(_modulated(), "int4_2l", 4)
+  with pytest.raises(ValueError, match=r"per 4-token multiple; got x \(84, 256\)"):
+    act_rowscaled.quantize_modulated(p, None, None, interpret=True)
+  with pytest.raises(ValueError, match="float32"):
+    act_rowscaled.quantize_modulated(p.replace(x=p.x.astype(jnp.float32)), None, None,
+                                     block_m=2, interpret=True)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_layer_on_a_modulated_input(on):
+  """qlinear.apply on a Modulated input: with set_modulated_inputs the kernel receives the
+  part (else XLA computes it first and quantizes it itself); either way the joined input's
+  result, bit for bit."""
+  p = _modulated()
+  p = p.replace(x=p.x.at[37, 7].set(1.0))
+  joined = qlinear.join(p)
+  layer = _w4a8_layer(joined, 128)
+  seen, kernel = [], act_rowscaled.quantize_modulated
+
+  def spy(x, *a, **kw):
+    seen.append(type(x).__name__)
+    return kernel(x, *a, **kw)
+
+  act_rowscaled.quantize_modulated = spy
+  w4a4.set_modulated_inputs(on)
+  try:
+    with qlinear.backend("interpret"):
+      want = np.asarray(qlinear.apply(layer, joined), np.float32)
+      got = np.asarray(qlinear.apply(layer, p), np.float32)
+  finally:
+    act_rowscaled.quantize_modulated = kernel
+    w4a4.set_modulated_inputs(False)
+  assert seen == (["Modulated"] if on else [])
+  np.testing.assert_array_equal(got, want)
+  assert np.abs(want).max() > 0
+
+
 @pytest.mark.parametrize("read_parts", [True, False])
 def test_layer_on_input_parts_is_the_layer_on_the_joined_input(read_parts):
   """qlinear.apply / layers.dense on parts: the kernels (reading the parts, or XLA joining
