@@ -143,10 +143,10 @@ class Modulated:
   the dtypes' promotion, as the expression does (the kernels take bf16 ones).
 
   Every path joins it (``join``: the same values as the model computing it) unless
-  ``w4a4.set_modulated_inputs`` is on; then the Hopper activation kernel reads x where it
-  lies and normalizes and modulates each tile as it quantizes it, the token statistics from a
-  small XLA reduction (``layer_norm_stats``), where XLA would write the modulated bf16 input
-  and read it again ([4608, 3072] per double-block stream and single block at 1024x1024).
+  ``w4a4.set_modulated_inputs`` is on; then a row-scaled layer with int8 activations on the
+  Hopper kernels normalizes, modulates and quantizes it in one pass over x
+  (``act_rowscaled.quantize_modulated``), where XLA's fusions read x and the modulated input
+  four times ([4608, 3072] per double-block stream and single block at 1024x1024).
   """
 
   x: jax.Array
