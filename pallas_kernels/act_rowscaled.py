@@ -25,6 +25,10 @@ parts' codes land in one [M, K] array. Per token:
 
 exactly as ``formats.quantize`` (correctly rounded reciprocals, ties to even); a token holding
 a NaN gets codes 0 and a NaN scale. Outputs are the operands of ``int8_hopper.int8_gemm``.
+
+``quantize_modulated``: the int8 path for FLUX's LayerNorm + modulation given as a
+``qlinear.Modulated`` input, one program per few tokens holding their whole rows in
+registers: one read of x for the statistics, the modulation, the maxima and the codes.
 """
 
 from __future__ import annotations
@@ -409,7 +413,8 @@ def _modulated_block_k(k: int) -> int:
   return block_k
 
 
-# H100 measurements in docs/benchmarks (2026-12-06)
+# XLA's tiling of its own LayerNorm + modulation fusion (read from the FLUX.1-dev step's HLO,
+# H100, 2026-12-06); this kernel not yet timed (docs/benchmarks: the command that will)
 MODULATED_TILING = dict(block_m=4, block_k=None, num_warps=8)
 
 
