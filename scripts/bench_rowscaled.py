@@ -604,13 +604,13 @@ def modulated_shape(m, key, interpret, tilings):
     n = 256 if interpret else MODULATED_LAYERS[name][1]
     layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
     with qlinear.backend("interpret" if interpret else "pallas"):
-      f = jax.jit(lambda l, x, sh, sc: qlinear.apply(l, qlinear.Modulated(x, sh, sc)))
       res[f"{name}_bf16_ms"] = t(jax.jit(lambda x, w: qlinear.modulate(x, shift, scale) @ w),
                                  x, jnp.zeros((k, n), jnp.bfloat16))
       for tag, on in (("xla", False), ("kernel", True)):
         w4a4.set_modulated_inputs(on)
-        try:
-          res[f"{name}_{tag}_ms"] = t(jax.jit(lambda *a: f(*a)), layer, x, shift, scale)
+        try:   # a new function per switch: traced with it
+          f = jax.jit(lambda l, x, sh, sc: qlinear.apply(l, qlinear.Modulated(x, sh, sc)))
+          res[f"{name}_{tag}_ms"] = t(f, layer, x, shift, scale)
         finally:
           w4a4.set_modulated_inputs(default)
   print(json.dumps(res), flush=True)
