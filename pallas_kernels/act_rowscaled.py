@@ -448,8 +448,7 @@ def quantize_modulated(x: qlinear.Modulated, inv_smooth: jax.Array | None,
                      f"scale {x.scale.shape} {x.scale.dtype}")
   check_act_inputs(x.x, inv_smooth, down)
   m, k = x.x.shape
-  one_plus, shift = qlinear.modulation_sets(x)
-  one_plus = one_plus.astype(jnp.bfloat16)
+  one_plus, shift = qlinear.modulation_sets(x)   # bf16, as takes_modulated asks
   rows = m // one_plus.shape[0]
   mod_spec = pl.BlockSpec((None, k), lambda i: (i * block_m // rows, 0))
   tile = pl.BlockSpec((block_m, k), lambda i: (i, 0))

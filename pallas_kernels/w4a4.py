@@ -765,9 +765,8 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
-  if (_modulated_inputs and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)
-      and act_rowscaled.takes_modulated(x, p.act_format,
-                                        act_rowscaled.MODULATED_TILING["block_m"])):
+  if _modulated_inputs and act_rowscaled.takes_modulated(
+      x, p.act_format, act_rowscaled.MODULATED_TILING["block_m"]):   # (bf16: bf16 output)
     a, sa, lr = act_rowscaled.quantize_modulated(x, p.inv_smooth, p.down, interpret=interpret,
                                                  **act_rowscaled.MODULATED_TILING)
   elif _pallas_activations(k):

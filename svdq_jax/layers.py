@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import (Gelu, PreparedLinear, QuantizedLinear, Scaled, apply,
+from svdq_jax.qlinear import (Gelu, Modulated, PreparedLinear, QuantizedLinear, Scaled, apply,
                               check_residual, join, residual_sum)
 
 __all__ = ["Gelu", "Linear", "Modulated", "Scaled", "dense", "lookup", "quantized_dense",

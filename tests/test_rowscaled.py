@@ -284,6 +284,8 @@ def test_modulated_part_joins_to_the_models_expression():
                              (xf - xf.mean(-1, keepdims=True))
                              / np.sqrt(xf.var(-1, keepdims=True) + 1e-6), rtol=1e-5, atol=1e-5)
   assert qlinear.input_width(p) == 256 and qlinear.input_dtype(p) == jnp.bfloat16
+  from svdq_jax import layers   # exported beside Gelu and Scaled
+  assert layers.Modulated is qlinear.Modulated and "Modulated" in layers.__all__
   p32 = p.replace(scale=p.scale.astype(jnp.float32))
   assert qlinear.input_dtype(p32) == jnp.float32 == qlinear.join(p32).dtype
   with pytest.raises(ValueError, match=r"shift must be \[K\] or"):
