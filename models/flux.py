@@ -5,9 +5,7 @@ Every linear layer is ``svdq_jax.layers.Linear``: its kernel may be a float [K, 
 The MLPs hand their GELU (and the single blocks their concatenation) to the linear after them
 as input parts (``Gelu``, from ``gelu_from``): a quantized layer on Hopper computes the GELU in
 its GEMM's epilogue and the next one reads the parts where they lie while it quantizes them;
-every other layer joins them first (the same values). The LayerNorm and modulation before
-qkv, fc1, linear1 and the final linear are handed over likewise (``Modulated``), for the
-activation kernel to compute where ``w4a4.set_modulated_inputs`` asks it to.
+every other layer joins them first (the same values).
 Shapes: B batch, L_img image tokens (2x2 latent patches), L_txt text tokens, h hidden size.
 """
 
@@ -28,7 +26,7 @@ from svdq_jax.pallas_kernels import attention_fp8, attention_int8
 from svdq_jax.config import QuantConfig, Rule, method_spec
 from svdq_jax.layers import Linear
 from svdq_jax.parallel import token_mesh
-from svdq_jax.qlinear import Modulated, Scaled, join
+from svdq_jax.qlinear import Scaled, join
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +90,14 @@ def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
   xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   out = xf * cos + xf[..., ::-1] * (sin * jnp.array([-1.0, 1.0], jnp.float32))
   return out.reshape(x.shape).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters, computed in f32."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -370,7 +376,7 @@ class DoubleStreamBlock(nnx.Module):
   def _qkv(self, x, mod, attn):
     """(the stream's q | k | v [B, L, 3h], its QKNorm): a ``joint_attention`` stream."""
     shift, scale = mod[0], mod[1]
-    return attn.qkv(Modulated(x, shift, scale)), attn.norm
+    return attn.qkv((1 + scale) * layer_norm(x) + shift), attn.norm
 
   def modulation(self, vec):
     return self.img_mod(vec), self.txt_mod(vec)
@@ -384,9 +390,11 @@ class DoubleStreamBlock(nnx.Module):
     # x + gate * branch(...) as the branch's last linear's residual, which a quantized
     # layer on Hopper sums in its GEMM's epilogue
     img = self.img_attn.proj(img_out, residual=(img, img_mod[2]))
-    img = self.img_mlp(Modulated(img, img_mod[3], img_mod[4]), residual=(img, img_mod[5]))
+    img = self.img_mlp((1 + img_mod[4]) * layer_norm(img) + img_mod[3],
+                       residual=(img, img_mod[5]))
     txt = self.txt_attn.proj(txt_out, residual=(txt, txt_mod[2]))
-    txt = self.txt_mlp(Modulated(txt, txt_mod[3], txt_mod[4]), residual=(txt, txt_mod[5]))
+    txt = self.txt_mlp((1 + txt_mod[4]) * layer_norm(txt) + txt_mod[3],
+                       residual=(txt, txt_mod[5]))
     return img, txt
 
 
@@ -406,7 +414,7 @@ class SingleStreamBlock(nnx.Module):
     shift, scale, gate = mod
     # qkv | gelu(mlp): a Gelu part whose columns from 3 hidden on feed the GELU (on Hopper
     # written as two arrays: q | k | v is ``before_gelu`` either way)
-    qkv_mlp = self.linear1(Modulated(x, shift, scale), gelu_from=3 * self.hidden,
+    qkv_mlp = self.linear1((1 + scale) * layer_norm(x) + shift, gelu_from=3 * self.hidden,
                            feeds=self.linear2)
     attn = joint_attention(((qkv_mlp.before_gelu, self.norm),), pe, self.num_heads,
                            as_part=True)
@@ -426,7 +434,7 @@ class LastLayer(nnx.Module):
   def __call__(self, x, mod):
     """mod: ``modulation(vec)``, (shift, scale)."""
     shift, scale = mod
-    return self.linear(Modulated(x, shift, scale))
+    return self.linear((1 + scale) * layer_norm(x) + shift)
 
 
 class Flux(nnx.Module):

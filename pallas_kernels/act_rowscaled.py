@@ -25,10 +25,6 @@ parts' codes land in one [M, K] array. Per token:
 
 exactly as ``formats.quantize`` (correctly rounded reciprocals, ties to even); a token holding
 a NaN gets codes 0 and a NaN scale. Outputs are the operands of ``int8_hopper.int8_gemm``.
-
-``quantize_modulated``: the int8 path for FLUX's LayerNorm + modulation given as a
-``qlinear.Modulated`` input, one program per few tokens holding their whole rows in
-registers: one read of x for the statistics, the modulation, the maxima and the codes.
 """
 
 from __future__ import annotations
@@ -330,7 +326,6 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
   L_down / lambda), as a loop computes them once (``qlinear.prepare``)."""
   if act_format not in ACT_FORMATS:
     raise ValueError(f"row-scaled activation kernel supports {ACT_FORMATS}, got {act_format!r}")
-  x = qlinear.join_modulated(x)   # (``quantize_modulated`` takes such a part itself)
   check_act_inputs(_joined_shape(x), inv_smooth, down)
   parts = qlinear.input_parts(x)
   if any(p.start % GROUP or p.x.shape[1] % GROUP for p in parts):
@@ -340,143 +335,6 @@ def quantize_rows_folded(x: jax.Array, inv_smooth: jax.Array | None, down: jax.A
   scale = row_scales(parts, inv_smooth, act_format, **tiling)
   a, lr = codes_and_lowrank(parts, inv_smooth, scale, down, act_format, **tiling)
   return a, scale, lr
-
-
-def _modulated_kernel(x_ref, one_plus_ref, shift_ref, inv_ref, a_ref, s_ref, y_ref, *, m,
-                      block_k, eps, interpret):
-  """One token block of ``quantize_modulated``: x [block_m, K] loaded once and kept in
-  registers through the LayerNorm's two sums, the modulation, the token maxima and the codes
-  (as XLA's own fusion of the LayerNorm + modulation keeps [4, 3072] tiles)."""
-  bm, k = x_ref.shape
-  row_ok = _rows_ok(bm, m)
-  cols = [pl.ds(start, block_k) for start in range(0, k, block_k)]  # unrolled below
-  xs = [plgpu.load(x_ref.at[:, c], mask=row_ok, other=0).astype(jnp.float32) for c in cols]
-  if interpret:  # the definition's own sums (the GPU adds its partial sums in its own order)
-    xf = jnp.concatenate(xs, axis=1)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1)
-  else:
-    count = jnp.full((bm,), float(k), jnp.float32)
-    mean = _div(sum(jnp.sum(x, axis=1) for x in xs), count, interpret)[:, None]
-    var = _div(sum(jnp.sum(jnp.square(x - mean), axis=1) for x in xs), count, interpret)
-  rstd = lax.rsqrt(var + eps)[:, None]
-
-  def scaled(y, c):  # f32 y / lambda
-    v = y.astype(jnp.float32)
-    return v if inv_ref is None else v * inv_ref[c][None, :]
-
-  ys = []
-  amax = has_nan = jnp.zeros((bm,), jnp.float32)
-  for x, c in zip(xs, cols):
-    ln = ((x - mean) * rstd).astype(jnp.bfloat16).astype(jnp.float32)
-    prod = ln * one_plus_ref[c].astype(jnp.float32)[None, :]   # exact in f32
-    # rounded by integer operations, so that no compiler contracts it with the sum
-    prod = jnp.where(prod != prod, prod, qlinear.round_bf16_bits(prod))
-    y = (prod + shift_ref[c].astype(jnp.float32)[None, :]).astype(jnp.bfloat16)
-    ys.append(y)
-    v = scaled(y, c)
-    amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=1))
-    # max() drops NaN on the GPU: a NaN is reported on its own
-    has_nan = jnp.maximum(has_nan, jnp.max(jnp.where(v != v, 1.0, 0.0), axis=1))
-  is_nan = has_nan > 0
-  scale = jnp.where(is_nan, jnp.nan, amax * formats.INV_127)
-  plgpu.store(s_ref, scale, mask=row_ok[:, 0])
-  div_by = jnp.where((scale == 0) | is_nan, 1.0, scale)[:, None]
-  recip = _div(jnp.ones_like(div_by), div_by, interpret)
-  for y, c in zip(ys, cols):
-    a = jnp.clip(_round_half_even(scaled(y, c) * recip, interpret), -127.0, 127.0)
-    a = jnp.where(is_nan[:, None], 0.0, a)
-    plgpu.store(a_ref.at[:, c], a.astype(jnp.int32).astype(jnp.int8), mask=row_ok)
-    if y_ref is not None:
-      plgpu.store(y_ref.at[:, c], y, mask=row_ok)
-
-
-def takes_modulated(x, act_format: str, block_m: int) -> bool:
-  """Whether ``quantize_modulated`` takes the layer input x (``qlinear.Modulated`` of a bf16
-  [M, K] with bf16 shift and scale, a modulation per sequence of a multiple of block_m
-  tokens or one for all) for act_format."""
-  if not isinstance(x, qlinear.Modulated) or act_format != "int8" or x.x.ndim != 2:
-    return False
-  m, k = x.x.shape
-  sets = math.prod(x.shift.shape[:-1])
-  bf16 = jnp.dtype(jnp.bfloat16)
-  return (x.x.dtype == x.shift.dtype == x.scale.dtype == bf16 and k % GROUP == 0
-          and x.shift.shape == x.scale.shape and (sets == 1 or (m // sets) % block_m == 0))
-
-
-def _modulated_block_k(k: int) -> int:
-  """The columns ``quantize_modulated`` loads at a time: the largest power of two up to
-  1024 dividing K (a multiple of 64)."""
-  block_k = 1024
-  while k % block_k:
-    block_k //= 2
-  return block_k
-
-
-# XLA's tiling of its own LayerNorm + modulation fusion (read from the FLUX.1-dev step's HLO,
-# H100, 2026-12-06); this kernel not yet timed (docs/benchmarks: the command that will)
-MODULATED_TILING = dict(block_m=4, block_k=None, num_warps=8)
-
-
-@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "interpret"))
-def quantize_modulated(x: qlinear.Modulated, inv_smooth: jax.Array | None,
-                       down: jax.Array | None, *, block_m: int = 4, block_k: int | None = None,
-                       num_warps: int = 8, interpret: bool = False):
-  """Per-token int8 quantization of FLUX's LayerNorm + modulation of x, one program per
-  block_m tokens reading x once, and the low-rank down projection of its modulated values.
-
-  Args:
-    x: ``qlinear.Modulated`` of x bf16 [M, K] (K a multiple of 64), shift and scale bf16
-      [S, 1, K] or [K]: S sequences of M / S tokens each, a multiple of block_m
-      (``takes_modulated``). block_k: the columns loaded at a time (a power of two dividing
-      K; default the largest up to 1024).
-    inv_smooth: f32 [K] 1 / lambda or None; down: bf16 [K, r] with lambda folded in
-      (``qlinear.folded_down``) or None: the kernel then also writes the modulated bf16
-      input, which XLA's GEMM multiplies with it.
-
-  Returns:
-    (int8 [M, K] codes, f32 [M] token scales, f32 [M, r] or None): ``reference_folded`` of
-    ``qlinear.join(x)`` computed op by op (each bf16 rounding of the expression made, as
-    eager jnp makes it; XLA's fusions of it under jit may skip them), bit for bit in
-    interpret mode; on the GPU the LayerNorm's sums run in the kernel's order. Where XLA's
-    fusions read x (or the modulated input) four times, the kernel reads it once.
-  """
-  if not takes_modulated(x, "int8", block_m):
-    raise ValueError("quantize_modulated takes a Modulated bf16 x [M, K] (K % 64 == 0) "
-                     f"with bf16 shift and scale, a modulation per {block_m}-token multiple; got"
-                     f" x {x.x.shape} {x.x.dtype}, shift {x.shift.shape} {x.shift.dtype}, "
-                     f"scale {x.scale.shape} {x.scale.dtype}")
-  check_act_inputs(x.x, inv_smooth, down)
-  m, k = x.x.shape
-  one_plus, shift = qlinear.modulation_sets(x)   # bf16, as takes_modulated asks
-  rows = m // one_plus.shape[0]
-  mod_spec = pl.BlockSpec((None, k), lambda i: (i * block_m // rows, 0))
-  tile = pl.BlockSpec((block_m, k), lambda i: (i, 0))
-  in_specs = [tile, mod_spec, mod_spec]
-  args = [x.x, one_plus, shift]
-  if inv_smooth is not None:
-    in_specs.append(pl.BlockSpec((k,), lambda i: (0,)))
-    args.append(inv_smooth)
-  out_specs = [tile, pl.BlockSpec((block_m,), lambda i: (i,))]
-  out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)]
-  if down is not None:
-    out_specs.append(tile)
-    out_shape.append(jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
-
-  def kernel(x_ref, op_ref, sh_ref, *refs):
-    refs = list(refs)
-    inv_ref = refs.pop(0) if inv_smooth is not None else None
-    a_ref, s_ref, *y_ref = refs
-    _modulated_kernel(x_ref, op_ref, sh_ref, inv_ref, a_ref, s_ref, y_ref[0] if y_ref else None,
-                      m=m, block_k=block_k or _modulated_block_k(k), eps=x.eps,
-                      interpret=interpret)
-
-  a, s, *y = pl.pallas_call(
-      kernel, grid=(pl.cdiv(m, block_m),), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name=f"svdq_modulated_int8_{m}x{k}")(*args)
-  return a, s, (qlinear.bf16_dot(y[0], down) if down is not None else None)
 
 
 def _joined_shape(x) -> jax.ShapeDtypeStruct:

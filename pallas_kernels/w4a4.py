@@ -603,22 +603,6 @@ def set_register_expansion(on: bool) -> None:
   _register_expansion = bool(on)
 
 
-_modulated_inputs = False
-
-
-def set_modulated_inputs(on: bool) -> None:
-  """Whether a row-scaled layer with int8 activations given its input as a
-  ``qlinear.Modulated`` part (FLUX's LayerNorm + modulation before qkv, fc1, linear1) hands
-  it to ``act_rowscaled.quantize_modulated``, which reads the residual stream once and
-  normalizes, modulates and quantizes it in one program per token block, or leaves the
-  modulation to XLA, fused into its quantization (the default; scripts/bench_flux_full.py
-  --modulated-inputs times the kernel). The kernel rounds as jnp's expression does op by op;
-  XLA's fusion may skip the bf16 roundings inside it (its excess precision), so the step's
-  values differ slightly between the two."""
-  global _modulated_inputs
-  _modulated_inputs = bool(on)
-
-
 # FLUX.1-dev 1024x1024 step (H100, 2026-12-05): 97.87 ms against 99.59 with the pass, the
 # same output (max |difference| 0.0); fc1 -> fc2's activation path at M = 4096 0.091 against
 # 0.128 ms, the pair 0.627 against 0.677 (docs/benchmarks).
@@ -765,11 +749,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   if not int8_hopper.supports(k, n, out_dtype):
     raise ValueError(f"the int8 GEMM needs K % 64 == 0 and N % 128 == 0 (64 for bf16 "
                      f"outputs), got K={k}, N={n}")
-  if _modulated_inputs and act_rowscaled.takes_modulated(
-      x, p.act_format, act_rowscaled.MODULATED_TILING["block_m"]):   # (bf16: bf16 output)
-    a, sa, lr = act_rowscaled.quantize_modulated(x, p.inv_smooth, p.down, interpret=interpret,
-                                                 **act_rowscaled.MODULATED_TILING)
-  elif _pallas_activations(k):
+  if _pallas_activations(k):
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))

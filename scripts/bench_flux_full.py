@@ -144,10 +144,6 @@ SWITCHES = (
     ("xla_residual", w4a4.set_epilogue_residual, True,
      "the gated residuals (x + gate * out after proj, fc2, linear2) summed by XLA after the "
      "W4A8 GEMM, not in its epilogue, as before 2026-12-06's thirty-fifth session"),
-    ("modulated_inputs", w4a4.set_modulated_inputs, False,
-     "the LayerNorm + modulation before qkv, fc1 and linear1 computed by the activation "
-     "kernel (act_rowscaled.quantize_modulated, one read of the residual stream), not by "
-     "XLA fused into its quantization"),
     ("one_launch_gelu", w4a4.set_split_gelu, True,
      "linear1's W4A8 GEMM as one launch whose tiles take either epilogue, not two (its "
      "columns before the GELU ones, then the GELU columns), as before 2026-12-06"),

@@ -522,7 +522,7 @@ def residual_shape(m, name, key, interpret):
   block reads its residual stream: where XLA fuses the sum into the norm it may skip the
   sum's rounding to bf16, its excess-precision rewrite); device times of the layer alone,
   with each residual path, and with each and the norm."""
-  from svdq_jax.qlinear import layer_norm
+  from svdq_jax.models.flux import layer_norm
   k, n = (256, 256) if interpret else RESIDUAL_LAYERS[name]
   kx, kl, kr, kg = jax.random.split(key, 4)
   layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
@@ -557,62 +557,6 @@ def residual_shape(m, name, key, interpret):
   apart = jax.jit(layer_norm)(s1)
   res["norm_mismatches_vs_stored"] = dict(xla=mismatches(n0, apart),
                                           epilogue=mismatches(n1, apart))
-  print(json.dumps(res), flush=True)
-  return res
-
-
-MODULATED_LAYERS = {"double qkv": (3072, 9216), "double fc1": (3072, 12288),
-                    "single linear1": (3072, 21504)}
-
-
-def modulated_shape(m, key, interpret, tilings):
-  """--modulated: FLUX's LayerNorm + modulation before a K = 3072 layer, given as
-  ``qlinear.Modulated``: the activation path (codes, scales, low-rank product) of
-  ``act_rowscaled.quantize_modulated`` at each tiling ('tokens,warps') against XLA's fusions
-  of the jnp expression (the default path) and against it computed op by op (the kernel's
-  definition): mismatches and device times, with a copy of x as the yardstick; then the
-  fused W4A8 layers at FLUX's shapes with the modulation in XLA and in the kernel."""
-  k = 256 if interpret else 3072
-  kx, ks, kc, kl = jax.random.split(key, 4)
-  x = activations(m, k, kx)
-  shift = (0.1 * jax.random.normal(ks, (k,))).astype(jnp.bfloat16)
-  scale = (0.2 * jax.random.normal(kc, (k,))).astype(jnp.bfloat16)
-  layer = make_layer(k, 256 if interpret else 9216, 32, kl, "int4_2l", "int8")
-  inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
-  t = timer(interpret, f"modulated M={m}")
-  res = dict(M=m, K=k)
-  xla = jax.jit(lambda x, sh, sc: act_rowscaled.reference_folded(
-      qlinear.Modulated(x, sh, sc), inv, down, "int8"))
-  want = xla(x, shift, scale)
-  exact = act_rowscaled.reference_folded(qlinear.Modulated(x, shift, scale), inv, down, "int8")
-  res["xla_vs_exact_code_mismatches"] = mismatches(want[0], exact[0])
-  res["xla_ms"] = t(xla, x, shift, scale)
-  res["copy_ms"] = t(jax.jit(lambda x: x + 1), x)
-  for tiling in tilings:
-    bm, nw = (int(v) for v in tiling.split(","))
-    f = jax.jit(lambda x, sh, sc, bm=bm, nw=nw: act_rowscaled.quantize_modulated(
-        qlinear.Modulated(x, sh, sc), inv, down, block_m=bm, num_warps=nw,
-        interpret=interpret))
-    a, s, lr = f(x, shift, scale)
-    res[tiling] = dict(code_mismatches=mismatches(a, want[0]),
-                       exact_code_mismatches=mismatches(a, exact[0]),
-                       exact_scale_mismatches=mismatches(s, exact[1]),
-                       lr_rel=rel(lr, exact[2]), ms=t(f, x, shift, scale))
-  names = list(MODULATED_LAYERS)[:1] if interpret else MODULATED_LAYERS
-  default = w4a4._modulated_inputs
-  for name in names:
-    n = 256 if interpret else MODULATED_LAYERS[name][1]
-    layer = make_layer(k, n, 32, kl, "int4_2l", "int8")
-    with qlinear.backend("interpret" if interpret else "pallas"):
-      res[f"{name}_bf16_ms"] = t(jax.jit(lambda x, w: qlinear.modulate(x, shift, scale) @ w),
-                                 x, jnp.zeros((k, n), jnp.bfloat16))
-      for tag, on in (("xla", False), ("kernel", True)):
-        w4a4.set_modulated_inputs(on)
-        try:   # a new function per switch: traced with it
-          f = jax.jit(lambda l, x, sh, sc: qlinear.apply(l, qlinear.Modulated(x, sh, sc)))
-          res[f"{name}_{tag}_ms"] = t(f, layer, x, shift, scale)
-        finally:
-          w4a4.set_modulated_inputs(default)
   print(json.dumps(res), flush=True)
   return res
 
@@ -778,11 +722,6 @@ def main():
                        "(w4a4.set_epilogue_row_max): checks and times, without / with / "
                        "with them and the producer in two launches (w4a4.set_split_gelu), "
                        "at --m and FLUX.1's 4096 / 512 tokens")
-  ap.add_argument("--modulated", default="",
-                  help="FLUX's LayerNorm + modulation in the activation kernel "
-                       "(act_rowscaled.quantize_modulated) vs XLA's fusions, at these "
-                       "'tokens,warps' tilings (e.g. '4,8;8,8;2,4'): checks and times of the "
-                       "activation path and the fused layers, at --m and 4096 / 512 tokens")
   ap.add_argument("--residual", action="store_true",
                   help="the gated residual in the W4A8 GEMM's epilogue "
                        "(w4a4.set_epilogue_residual) vs XLA's after it: checks and times, at "
@@ -808,18 +747,6 @@ def main():
         results.append(r)
     with open(os.path.join(args.out, "rowscaled_checks.json"), "w") as f:
       json.dump(results, f, indent=1)
-    return
-  if args.modulated:
-    tilings = args.modulated.split(";")
-    results = [modulated_shape(m, key, args.interpret, tilings) for m in check_ms]
-    save_results(os.path.join(args.out, "rowscaled_modulated.json"), results)
-    print("\n| M | copy ms | XLA ms | " + " | ".join(f"kernel {t} ms (mismatches vs XLA / "
-                                                   f"op by op)" for t in tilings)
-          + " |\n|" + " --- |" * (3 + len(tilings)))
-    for r in results:
-      print(f"| {r['M']} | {r['copy_ms']:.4f} | {r['xla_ms']:.4f} | " + " | ".join(
-          f"{r[t]['ms']:.4f} ({r[t]['code_mismatches']} / {r[t]['exact_code_mismatches']})"
-          for t in tilings) + " |")
     return
   if args.residual:
     results = [residual_shape(m, name, key, args.interpret)

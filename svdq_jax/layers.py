@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax.qlinear import (Gelu, Modulated, PreparedLinear, QuantizedLinear, Scaled, apply,
+from svdq_jax.qlinear import (Gelu, PreparedLinear, QuantizedLinear, Scaled, apply,
                               check_residual, join, residual_sum)
 
-__all__ = ["Gelu", "Linear", "Modulated", "Scaled", "dense", "lookup", "quantized_dense",
-           "runnable", "runs_quantized", "dense_input"]
+__all__ = ["Gelu", "Linear", "Scaled", "dense", "lookup", "quantized_dense", "runnable",
+           "runs_quantized", "dense_input"]
 
 
 def dense(x, kernel, bias: jax.Array | None = None, gelu_from: int | None = None,

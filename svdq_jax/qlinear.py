@@ -120,41 +120,6 @@ class Gelu:
     return self.x if self.head is None else self.head
 
 
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters: f32 ``(x - mean) / sqrt(var + eps)`` over the
-  last axis (two passes: the mean, then the mean squared deviation), rounded to x's dtype."""
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  return ((xf - mean) * lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """``(1 + scale) * layer_norm(x) + shift`` (FLUX's adaLN modulation), each operation in
-  its operands' promoted dtype (x's, for shift and scale of x's dtype)."""
-  return (1 + scale) * layer_norm(x, eps) + shift
-
-
-@struct.dataclass
-class Modulated:
-  """Part of a linear layer's input: ``modulate(x, shift, scale, eps)``, FLUX's LayerNorm and
-  modulation of the residual stream x [..., L, K], left to the layer; shift and scale
-  [..., 1, K] (one modulation per sequence, x's leading dimensions) or [K]. Its values take
-  the dtypes' promotion, as the expression does (the kernels take bf16 ones).
-
-  Every path joins it (``join``: the same values as the model computing it) unless
-  ``w4a4.set_modulated_inputs`` is on; then a row-scaled layer with int8 activations on the
-  Hopper kernels normalizes, modulates and quantizes it in one pass over x
-  (``act_rowscaled.quantize_modulated``), where XLA's fusions read x and the modulated input
-  four times ([4608, 3072] per double-block stream and single block at 1024x1024).
-  """
-
-  x: jax.Array
-  shift: jax.Array
-  scale: jax.Array
-  eps: float = struct.field(pytree_node=False, default=1e-6)
-
-
 @struct.dataclass
 class Scaled:
   """Part of a linear layer's input: ``(x.astype(float32) * scale).astype(bfloat16)``, an FP8
@@ -173,17 +138,12 @@ class Scaled:
 class Part(NamedTuple):
   """One part of a layer input (``input_parts``): the columns ``start``.. of ``x``, times
   ``scale`` and rounded to bf16 (an f32 scalar; None: as they are), then through the GELU if
-  ``gelu`` (``part_values``); ``row_max``: a Gelu part's (``Gelu``); or, with
-  ``modulation`` (a ``Modulated`` part), x normalized and modulated by it."""
+  ``gelu`` (``part_values``); ``row_max``: a Gelu part's (``Gelu``)."""
   x: jax.Array
   start: int
   gelu: bool
   scale: jax.Array | None
   row_max: jax.Array | None = None
-  modulation: Modulated | None = None
-
-
-PARTS = (tuple, Gelu, Scaled, Modulated)   # a layer input given as parts, not an array
 
 
 def input_parts(x) -> tuple[Part, ...]:
@@ -191,14 +151,10 @@ def input_parts(x) -> tuple[Part, ...]:
   parts = x if isinstance(x, tuple) else (x,)
   out = tuple(Part(p.x, p.start, not p.applied, None, p.row_max) if isinstance(p, Gelu)
               else Part(p.x, 0, False, p.scale) if isinstance(p, Scaled)
-              else Part(p.x, 0, False, None, modulation=p) if isinstance(p, Modulated)
               else Part(p, 0, False, None) for p in parts)
   if not out or any(not hasattr(p.x, "shape") or p.x.ndim < 1 for p in out):
-    raise ValueError("a linear layer's input must be an array, a Gelu, Scaled or Modulated "
-                     f"part or a tuple of them, got {x!r:.200}")
-  for p in out:
-    if p.modulation is not None:
-      _check_modulation(p.modulation)
+    raise ValueError("a linear layer's input must be an array, a Gelu or Scaled part or a "
+                     f"tuple of them, got {x!r:.200}")
   if any(not 0 <= p.start < p.x.shape[-1] for p in out):
     raise ValueError("a Gelu part's start must be a column of its array, got start "
                      f"{[p.start for p in out]} for widths {[p.x.shape[-1] for p in out]}")
@@ -217,41 +173,8 @@ def input_parts(x) -> tuple[Part, ...]:
   return out
 
 
-def _check_modulation(p: Modulated) -> None:
-  k, lead = p.x.shape[-1], p.x.shape[:-1]
-  for name in ("shift", "scale"):
-    v = getattr(p, name)
-    shape = getattr(v, "shape", None)
-    # [..., 1, K] with x's leading dimensions, or x flattened to [M, K] (a kernel's view)
-    sets = shape is not None and len(shape) >= 2 and shape[-2:] == (1, k)
-    fits = shape == (k,) or (sets and (shape[:-2] == lead[:-1] or (
-        len(lead) == 1 and lead[0] % math.prod(shape[:-2]) == 0)))
-    if not fits:
-      raise ValueError(f"a Modulated part's {name} must be [K] or [..., 1, K] with x's "
-                       f"leading dimensions, got {shape or type(v)} for x {p.x.shape}")
-
-
-def modulation_sets(p: Modulated) -> tuple[jax.Array, jax.Array]:
-  """A Modulated part's (1 + scale, shift), each [S, K] in its own dtype: one row per
-  sequence (S = 1 for [K] ones), applying to x's M / S consecutive tokens once flattened to
-  [M, K]."""
-  k = p.x.shape[-1]
-  return (1 + p.scale).reshape(-1, k), p.shift.reshape(-1, k)
-
-
-def _modulated(p: Modulated) -> jax.Array:
-  """``modulate`` of a Modulated part, x [..., K] taken as S sequences (``modulation_sets``)."""
-  k = p.x.shape[-1]
-  sets = math.prod(p.shift.shape[:-1])
-  x = p.x.reshape(sets, -1, k)
-  y = modulate(x, p.shift.reshape(sets, 1, k), p.scale.reshape(sets, 1, k), p.eps)
-  return y.reshape(p.x.shape)
-
-
 def part_values(p: Part) -> jax.Array:
   """The columns a ``Part`` stands for."""
-  if p.modulation is not None:
-    return _modulated(p.modulation)
   v = p.x[..., p.start:]
   if p.scale is not None:
     v = (v.astype(jnp.float32) * p.scale).astype(jnp.bfloat16)
@@ -260,38 +183,27 @@ def part_values(p: Part) -> jax.Array:
 
 def join(x) -> jax.Array:
   """The input array a layer input stands for: an array itself; parts concatenated along the
-  last axis, each Gelu, Scaled or Modulated part computed (``Gelu``, ``Scaled``,
-  ``Modulated``)."""
-  if not isinstance(x, PARTS):
+  last axis, each Gelu or Scaled part computed (``Gelu``, ``Scaled``)."""
+  if not isinstance(x, (tuple, Gelu, Scaled)):
     return x
   cols = [part_values(p) for p in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
-def join_modulated(x):
-  """A layer input with its Modulated parts computed (``join``), every other part kept."""
-  if isinstance(x, tuple):
-    return tuple(join_modulated(p) for p in x)
-  return join(x) if isinstance(x, Modulated) else x
-
-
 def input_dtype(x):
-  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16, a Modulated
-  part's that of x, shift and scale promoted together)."""
+  """The dtype of ``join(x)``, without computing it (a Scaled part's is bf16)."""
   p = input_parts(x)[0]
-  if p.modulation is not None:
-    return jnp.result_type(p.x.dtype, p.modulation.shift.dtype, p.modulation.scale.dtype)
   return jnp.dtype(jnp.bfloat16) if p.scale is not None else p.x.dtype
 
 
 def map_parts(x, f):
   """A layer input with ``f`` applied to each part's array (and a Gelu's ``head``; starts,
-  flags, scales and modulations kept)."""
+  flags, scales kept)."""
   if isinstance(x, tuple):
     return tuple(map_parts(p, f) for p in x)
   if isinstance(x, Gelu) and x.head is not None:
     return x.replace(x=f(x.x), head=f(x.head))
-  return x.replace(x=f(x.x)) if isinstance(x, PARTS) else f(x)
+  return x.replace(x=f(x.x)) if isinstance(x, (Gelu, Scaled)) else f(x)
 
 
 def input_width(x) -> int:
@@ -605,7 +517,6 @@ def backend(name: str):
 # (kernel module, switch) read by ``_dispatch`` while a function is traced, besides _backend
 _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_input_parts"), ("int8_hopper", "SPLIT_STORE"),
-                    ("w4a4", "_modulated_inputs"),
                     ("w4a4", "_epilogue_gelu"), ("w4a4", "_epilogue_row_max"),
                     ("w4a4", "_packed_gelu"), ("w4a16_gemv", "_enabled"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
@@ -648,7 +559,7 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if input_width(x) != k:
     shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
-                     f"{shapes if isinstance(x, PARTS) else shapes[0]}")
+                     f"{shapes if isinstance(x, (tuple, Gelu, Scaled)) else shapes[0]}")
   if not jnp.issubdtype(input_dtype(x), jnp.inexact):   # as x @ a float kernel would
     x = map_parts(x, lambda a: a.astype(jnp.float32))
   if bias is not None and layer.bias is not None:

@@ -241,18 +241,3 @@ def test_layer_reads_input_parts_on_the_kernels(monkeypatch, applied):
     calls = _custom_calls(lambda l, a, b: qlinear.apply(
         l, (a, qlinear.Gelu(b, 0, applied))), layer, x[:, :128], x[:, 128:])
   assert calls == [TRITON] * 4 + [MOSAIC], calls   # row maxima and codes, per part
-
-
-@pytest.mark.parametrize("sets", [1, 2])
-def test_layer_reads_a_modulated_input_on_the_kernels(monkeypatch, sets):
-  """FLUX's K = 3072 inputs, ``Modulated(x, shift, scale)`` (one modulation, or one per
-  64-token sequence), normalized, modulated and quantized by one Triton kernel
-  (``act_rowscaled.quantize_modulated``, ``set_modulated_inputs``) before the GEMM."""
-  layer = _layer("svdquant", "int4_2l", "int8")
-  monkeypatch.setattr(w4a4, "_modulated_inputs", True)
-  x = jax.random.normal(jax.random.key(2), (128, 256), jnp.bfloat16)
-  mod = jnp.zeros((sets, 1, 256), jnp.bfloat16)
-  with qlinear.backend("pallas"):
-    calls = _custom_calls(lambda l, x, s: qlinear.apply(
-        l, qlinear.Modulated(x, s, s)), layer, x, mod)
-  assert calls == [TRITON, MOSAIC], calls   # the activation kernel, the GEMM
