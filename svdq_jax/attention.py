@@ -22,6 +22,8 @@ defines the numerics a kernel must reproduce, so their quality can be measured (
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -129,15 +131,31 @@ def _e4m3_tensor(x: jax.Array, bound: jax.Array | None = None) -> tuple[jax.Arra
   if bound is None:
     s = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(jnp.float32).tiny) / FP8_MAX
     return (x / s).astype(jnp.float8_e4m3fn), s
-  s = pow2_scale(bound)
-  return jnp.clip(x * (1.0 / s), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), s
+  s, inv = pow2_scale_and_inverse(bound)
+  return jnp.clip(x * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), s
 
 
 def pow2_scale(bound: jax.Array) -> jax.Array:
-  """The E4M3 scale for values bounded by ``bound``: the power of two at or above bound /
-  448 (f32 scalar)."""
-  return jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(bound, jnp.finfo(jnp.float32).tiny)
-                                    / FP8_MAX)))
+  """The E4M3 scale for values bounded by ``bound``: the least power of two s with s * 448
+  >= bound, at least 2^-126 (so that 1 / s is finite); a NaN or infinite bound is its own
+  scale. f32, bound's shape."""
+  return pow2_scale_and_inverse(bound)[0]
+
+
+def pow2_scale_and_inverse(bound: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(``pow2_scale(bound)``, its reciprocal), made from bound's exponent by integer
+  operations: exact, and the same bits in XLA and in a kernel (``pallas_kernels.
+  attention_fp8`` computes them in its programs). log2 / ceil / exp2 would round: at large
+  exponents log2 of a value just above a power of two rounds down to the integer."""
+  b = jnp.maximum(jnp.asarray(bound, jnp.float32), jnp.finfo(jnp.float32).tiny)
+  bits = jax.lax.bitcast_convert_type(b, jnp.int32)
+  # b = m 2^e with m in [1, 2) and 448 = 1.75 2^8: b / 448 <= 2^(e - 8) iff m <= 1.75
+  e = (bits >> 23) - 8 + ((bits & 0x7FFFFF) > 0x600000).astype(jnp.int32)   # biased
+  e = jnp.maximum(e, 1)
+  s = jax.lax.bitcast_convert_type(e << 23, jnp.float32)
+  inv = jax.lax.bitcast_convert_type((254 - e) << 23, jnp.float32)
+  finite = jnp.isfinite(b)
+  return jnp.where(finite, s, b), jnp.where(finite, inv, 1.0 / b)
 
 
 def e4m3_operands(q, k, v, qk_bound) -> tuple:
@@ -154,7 +172,7 @@ def rms_norm_bound(head_dim: int, *scales: jax.Array) -> jax.Array:
   """A bound on |x| for x the output of an RMSNorm with any of these scale vectors, then
   rotated in pairs (RoPE): sqrt(head_dim) max|scale| (sum of x^2 / rms^2 is head_dim, and a
   rotation keeps each pair's norm), times 1 + 2^-7 for two bf16 roundings. f32 scalar."""
-  amax = jnp.max(jnp.stack([jnp.max(jnp.abs(s)) for s in scales]))
+  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(s)) for s in scales])
   return amax.astype(jnp.float32) * (head_dim ** 0.5 * (1.0 + 2.0 ** -7))
 
 
@@ -195,15 +213,16 @@ def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
   return q8, k8, v8, cudnn_fp8_params(sq, sk, sv), sv
 
 
-def cudnn_fp8_params(sq: jax.Array, sk: jax.Array, sv: jax.Array) -> dict:
+def cudnn_fp8_params(sq: jax.Array, sk: jax.Array, sv: jax.Array,
+                     inv_sv: jax.Array | None = None) -> dict:
   """The cuDNN FP8 parameters for E4M3 q, k, v in units of sq, sk, sv (f32 scalars): P
-  quantized with 448, the output in units of sv."""
+  quantized with 448, the output in units of sv (inv_sv: 1 / sv where it was computed)."""
   from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   # the API asks for the backward pass's scales too; a forward-only call never reads them
   params = {name: one(1.0) for name in fp8_params_keys}
   params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
-                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
+                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv if inv_sv is None else inv_sv))
   return params
 
 
@@ -232,5 +251,5 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 __all__ = ["int8_attention", "fp8_attention", "cudnn_fp8_attention", "cudnn_fp8_operands",
            "cudnn_fp8_params", "cudnn_fp8_kernel", "e4m3_operands", "fp8_kernel_reference",
            "rms_norm_bound",
-           "pow2_scale",
+           "pow2_scale", "pow2_scale_and_inverse",
            "sample_stride", "sample_v_bound", "token_sample", "FP8_MAX"]

@@ -123,6 +123,23 @@ def test_rms_norm_bound_holds_and_is_reached():
   assert 0.99 * bound < float(jnp.abs(y).max()) <= bound
 
 
+def test_pow2_scale_is_the_least_power_of_two_and_exact():
+  """``pow2_scale``: the least power of two s with s * 448 >= bound over 40 decades (on
+  the CPU exp2(ceil(log2(bound / 448))), its former form, was not even a power of two:
+  exp2 there rounds), its reciprocal exact; at least 2^-126 (1 / s finite) for a zero or
+  tiny bound; NaN and infinity kept."""
+  rng = np.random.default_rng(0)
+  b = (rng.random(20000) * 10.0 ** rng.uniform(-20, 20, 20000)).astype(np.float32)
+  b = np.concatenate([b, np.float32(448.0) * 2.0 ** np.arange(-100, 100, dtype=np.float32)])
+  s, inv = (np.asarray(t, np.float64) for t in attention_module.pow2_scale_and_inverse(b))
+  assert np.all(s * 448 >= b) and np.all(s / 2 * 448 < b)
+  assert np.all(np.frexp(s)[0] == 0.5) and np.all(s * inv == 1.0)
+  np.testing.assert_array_equal(s, np.asarray(attention_module.pow2_scale(b), np.float64))
+  s, inv = attention_module.pow2_scale_and_inverse(jnp.array([0.0, 1e-40, np.inf, np.nan]))
+  assert list(s[:2]) == [2.0 ** -126] * 2 and list(inv[:2]) == [2.0 ** 126] * 2
+  assert s[2] == np.inf and inv[2] == 0 and np.isnan(s[3]) and np.isnan(inv[3])
+
+
 def test_fp8_attention_with_static_qk_scales():
   """q and k scaled by powers of two from their bound instead of their maxima: as close to
   exact attention as the dynamic scales (E4M3 is a float format), and the cuDNN operands

@@ -15,8 +15,8 @@ import pytest
 
 from svdq_jax import qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec
-from svdq_jax.pallas_kernels import (attention_int8, int8_hopper, w4a4, w4a4_hopper,
-                                     w4a8_hopper, w4a16_gemv)
+from svdq_jax.pallas_kernels import (attention_fp8, attention_int8, int8_hopper, w4a4,
+                                     w4a4_hopper, w4a8_hopper, w4a16_gemv)
 
 MOSAIC, TRITON = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
@@ -174,6 +174,23 @@ def test_int8_attention_lowers(pv):
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   calls = _custom_calls(lambda q: attention_int8.flash(*attention_int8.prepare(q, q, q, pv)), q)
   assert calls == [MOSAIC], calls
+
+
+@pytest.mark.parametrize("kernel_scales", [True, False])
+def test_fp8_operands_lower(kernel_scales):
+  """FLUX's FP8 attention operands (``attention_fp8.fp8_operands``) at a double block's two
+  streams, 24 heads of 128: with the scales computed in its programs (integer operations on
+  scalars, the first stream's scalar outputs) and from XLA's reciprocals."""
+  h, d = 24, 128
+  x = lambda length: jnp.zeros((1, length, 3 * h * d), jnp.bfloat16)
+  scale = jnp.ones((d,))
+  streams = [(x(512), scale, scale), (x(4096), scale, scale)]
+  angles = jnp.zeros((4608, d // 2))
+  fn = lambda v: attention_fp8.fp8_operands(
+      streams, angles, angles, jnp.zeros((1, h, d)), v, h, 1e-6,
+      norm_scales=[scale] * 4 if kernel_scales else None)
+  calls = _custom_calls(fn, jnp.ones((1,) if kernel_scales else (3,)))
+  assert calls == [TRITON, TRITON], calls
 
 
 def _layer(method, fmt, act_fmt=None):
