@@ -155,9 +155,9 @@ def attention_implementation() -> str | None:
 
 def attention_settings() -> tuple:
   """Every attention switch read while the model is traced (the implementation,
-  ``set_fused_fp8_operands``, ``set_fp8_output_part``, ``set_kernel_fp8_scales``): a jitted
+  ``set_fused_fp8_operands``, ``set_fp8_output_part``): a jitted
   loop takes it as a static argument, so that changing one retraces it."""
-  return _attention_implementation, _fused_fp8, _fp8_output_part, _kernel_fp8_scales
+  return _attention_implementation, _fused_fp8, _fp8_output_part
 
 
 @contextlib.contextmanager
@@ -203,8 +203,8 @@ def joint_attention(streams, pe, num_heads, as_part=False):
   ``qlinear.Scaled`` part, for a linear layer to descale as it reads it."""
   if not (_attention_implementation == "cudnn_fp8" and _fused_fp8_operands(streams)):
     return attention(*_joined_heads(streams, num_heads), pe, norms=_qk_norms(streams))
-  q8, k8, v8, (sq, sk, sv), inv_sv = fp8_operands(streams, pe, num_heads)
-  out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv, inv_sv))
+  q8, k8, v8, (sq, sk, sv) = fp8_operands(streams, pe, num_heads)
+  out = cudnn_fp8_kernel(q8, k8, v8, cudnn_fp8_params(sq, sk, sv))
   out = Scaled(out.reshape(*out.shape[:2], -1), sv)
   return out if as_part and _fp8_output_part else join(out)
 
@@ -250,19 +250,6 @@ def set_fp8_output_part(on: bool) -> None:
   _fp8_output_part = bool(on)
 
 
-# FP8 scales of q and k (from the QKNorms' scales) and of v (from its sampled bound) computed
-# in fp8_operands' kernel: in XLA they were ~0.5 ms of small launches a FLUX.1-dev step (H100
-# profile, 2026-12-06: rms_norm_bound 0.19, pow2_scale 0.21, their reciprocals)
-_kernel_fp8_scales = True
-
-
-def set_kernel_fp8_scales(on: bool) -> None:
-  """Whether ``fp8_operands``' kernel computes the FP8 scales (the default) or XLA computes
-  them first and hands the kernel their reciprocals."""
-  global _kernel_fp8_scales
-  _kernel_fp8_scales = bool(on)
-
-
 def _fused_fp8_operands(streams) -> bool:
   """Whether ``fp8_operands``' kernel runs: switched on, on a GPU (not under sequence
   parallelism), for bf16 projections and a power-of-two head dimension."""
@@ -273,10 +260,9 @@ def _fused_fp8_operands(streams) -> bool:
 
 def fp8_operands(streams, pe, num_heads, interpret=False):
   """``joint_attention``'s FP8 operands from its streams in one kernel pass each
-  (``pallas_kernels.attention_fp8``): q8, k8, v8 E4M3 [B, L, H, D], their scales (sq, sk,
-  sv) and 1 / sv (None where XLA computed the scales: ``set_kernel_fp8_scales``). The same
-  as ``fp8_operands_reference``: k's mean and v's bound come from the joint sequence's
-  ``token_sample``, normed and rotated here."""
+  (``pallas_kernels.attention_fp8``): q8, k8, v8 E4M3 [B, L, H, D] and their scales (sq, sk,
+  sv). The same as ``fp8_operands_reference``: k's mean and v's bound come from the joint
+  sequence's ``token_sample``, normed and rotated here."""
   d = streams[0][1].query_norm.scale.shape[0]
   norms = _qk_norms(streams)
   eps = {n.eps for n in norms}
@@ -284,17 +270,12 @@ def fp8_operands(streams, pe, num_heads, interpret=False):
     raise ValueError(f"the streams' RMSNorms must share one epsilon, got {sorted(eps)}")
   eps = eps.pop()
   kmean, v_bound = _sample_statistics(streams, pe, num_heads)
-  streams = [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams]
-  if _kernel_fp8_scales:
-    q8, k8, v8, *scales, inv_sv = attention_fp8.fp8_operands(
-        streams, *pe, kmean, jnp.reshape(v_bound, (1,)), num_heads, eps,
-        norm_scales=[n.scale[...] for n in norms], interpret=interpret)
-    return q8, k8, v8, tuple(jnp.reshape(s, ()) for s in scales), jnp.reshape(inv_sv, ())
   bound = rms_norm_bound(d, *(n.scale[...] for n in norms))
   scales = (pow2_scale(bound), pow2_scale(2.0 * bound), pow2_scale(v_bound))
-  q8, k8, v8 = attention_fp8.fp8_operands(streams, *pe, kmean, 1.0 / jnp.stack(scales),
-                                          num_heads, eps, interpret=interpret)
-  return q8, k8, v8, scales, None
+  q8, k8, v8 = attention_fp8.fp8_operands(
+      [(x, qk.query_norm.scale[...], qk.key_norm.scale[...]) for x, qk in streams], *pe,
+      kmean, 1.0 / jnp.stack(scales), num_heads, eps, interpret=interpret)
+  return q8, k8, v8, scales
 
 
 def _sample_rows(streams, pe):

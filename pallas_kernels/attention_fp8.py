@@ -24,12 +24,7 @@ per pair) runs 0.077-0.089 ms against XLA's 0.11-0.12 and takes 1.4 ms off the F
 
 The statistics the operands need first (k's mean over a token sample, v's bound) stay XLA's
 fusions: a Pallas pass for them ran no faster in the 28-step loop (2.378 against 2.377 s,
-H200, 2026-12-04) and was removed. The scales made from them are the programs' own
-(``norm_scales``): each program computes q's and k's power-of-two scales from the QKNorms'
-scales and v's from its bound, by integer operations on the exponent
-(``attention.pow2_scale_and_inverse``), and the first stream's first program writes them
-out for cuDNN; in XLA they were small launches of their own, ~0.5 ms of a FLUX.1-dev step
-(H100 profile, 2026-12-06).
+H200, 2026-12-04) and was removed.
 """
 
 from __future__ import annotations
@@ -39,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from svdq_jax.attention import FP8_MAX, pow2_scale_and_inverse, rms_norm_bound
+from svdq_jax.attention import FP8_MAX
 
 
 TILING = dict(block_m=64, heads_per_program=1, num_warps=4)
@@ -57,38 +52,14 @@ def _normed_rotated(x, scale, cos, sin, eps):
   return jnp.stack([re, im], axis=-1).reshape(rows, d).astype(jnp.bfloat16).astype(f32)
 
 
-def _scales(norm_refs, v_bound_ref, d):
-  """A program's E4M3 scales and their reciprocals, ((sq, sk, sv), (1/sq, 1/sk, 1/sv)) as f32
-  scalars, from the QKNorms' scales and v's bound (``flux.fp8_operands_reference``'s):
-  ``pow2_scale`` of ``rms_norm_bound``, twice it (k minus its mean) and of v_bound."""
-  bound = rms_norm_bound(d, *(r[...].astype(jnp.float32) for r in norm_refs))
-  return tuple(zip(*(pow2_scale_and_inverse(b)
-                     for b in (bound, 2.0 * bound, v_bound_ref[0]))))
-
-
 def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, kmean_ref, inv_ref, *refs, ls, off,
-            heads, eps, block_m, heads_per_program, norms, scale_outs):
-  # refs: the QKNorms' scales (norms of them: the scales are computed here, inv_ref is v's
-  # bound), the aliased earlier outputs, q8, k8, v8, then scale_outs (sq, sk, sv, 1/sv)
-  norm_refs, refs = refs[:norms], refs[norms:]
-  outs = refs[len(refs) - scale_outs:]
-  q8_ref, k8_ref, v8_ref = refs[len(refs) - scale_outs - 3:len(refs) - scale_outs]
+            heads, eps, block_m, heads_per_program):
+  q8_ref, k8_ref, v8_ref = refs[-3:]   # (a later stream's aliased inputs come first)
   b, i = pl.program_id(0), pl.program_id(1)
   d = qs_ref.shape[0]
   ok = ((i * block_m + jnp.arange(block_m)) < ls)[:, None]
   rows, out_rows = pl.ds(i * block_m, block_m), pl.ds(off + i * block_m, block_m)
   f32 = jnp.float32
-  if norms:
-    scales, inv = _scales(norm_refs, inv_ref, d)
-    if scale_outs:
-      first = (b == 0) & (i == 0) & (pl.program_id(2) == 0)
-
-      @pl.when(first)
-      def _():
-        for ref, value in zip(outs, (*scales, inv[2])):
-          ref[...] = jnp.full(ref.shape, value, f32)
-  else:
-    inv = tuple(inv_ref[j] for j in range(3))
 
   def load(which, h):   # [block_m, d] of head h of q (0), k (1) or v (2), f32
     cols = pl.ds((which * heads + h) * d, d)
@@ -108,12 +79,12 @@ def _kernel(x_ref, qs_ref, ks_ref, cos_ref, sin_ref, kmean_ref, inv_ref, *refs, 
       x = _normed_rotated(load(which, h), scale_ref[...][None, :], cos, sin, eps)
       if which == 1:   # k smoothing
         x = x - kmean_ref[b, h, :][None, :]
-      store(out_ref, h, e4m3(x, inv[which]))
-    store(v8_ref, h, e4m3(load(2, h), inv[2]))
+      store(out_ref, h, e4m3(x, inv_ref[which]))
+    store(v8_ref, h, e4m3(load(2, h), inv_ref[2]))
 
 
 def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
-                 scales: jax.Array, num_heads: int, eps: float, *, norm_scales=None,
+                 inv_scales: jax.Array, num_heads: int, eps: float, *,
                  tiling: dict | None = None, interpret: bool = False):
   """FP8 attention's E4M3 operands of the joint sequence of ``streams`` (module docstring).
 
@@ -122,56 +93,41 @@ def fp8_operands(streams, cos: jax.Array, sin: jax.Array, kmean: jax.Array,
       k_scale f32 [D]), ...) in sequence order.
     cos, sin: f32 [L, D / 2], RoPE's angles for the joint sequence, L = sum of Ls.
     kmean: f32 [B, H, D], subtracted from k after RoPE.
-    scales: without norm_scales, f32 [3]: 1 / s for q, k, v (powers of two); with them,
-      f32 [1]: v's bound (``attention.sample_v_bound``).
-    norm_scales: None, or every QKNorm scale [D] of the joint attention (the streams'
-      query and key norms): the programs then compute the scales themselves
-      (``attention.pow2_scale`` of ``rms_norm_bound``, twice it, and of v's bound), and
-      return them, so that no XLA launches compute them first.
+    inv_scales: f32 [3], 1 / s for q, k, v (powers of two).
     eps: the RMSNorms' epsilon.
     tiling: dict(block_m, heads_per_program, num_warps): a program's tokens and heads
       (dividing H) and its warps; None: TILING.
 
   Returns:
-    (q8, k8, v8) float8_e4m3fn [B, L, H, D]; with norm_scales, then f32 [1] each: sq, sk, sv
-    and 1 / sv.
+    (q8, k8, v8) float8_e4m3fn [B, L, H, D].
   """
   b, _, _ = streams[0][0].shape
   d = streams[0][1].shape[0]
   total = sum(x.shape[1] for x, *_ in streams)
   if cos.shape != (total, d // 2) or sin.shape != cos.shape:
     raise ValueError(f"cos, sin must be [L={total}, {d // 2}], got {cos.shape}, {sin.shape}")
-  norm_scales = tuple(norm_scales or ())
-  want = (1,) if norm_scales else (3,)
-  if jnp.shape(scales) != want or any(jnp.shape(n) != (d,) for n in norm_scales):
-    raise ValueError(f"scales must be [{want[0]}] ({'v bound' if norm_scales else '1 / s'})"
-                     f" and norm scales [{d}], got {jnp.shape(scales)} and "
-                     f"{[jnp.shape(n) for n in norm_scales]}")
   tiling = tiling or TILING
   block_m, heads_per_program = tiling["block_m"], tiling["heads_per_program"]
   if num_heads % heads_per_program:
     raise ValueError(f"heads_per_program={heads_per_program} must divide H={num_heads}")
   shape = jax.ShapeDtypeStruct((b, total, num_heads, d), jnp.float8_e4m3fn)
-  scalar = jax.ShapeDtypeStruct((1,), jnp.float32)
-  outs, found, off = None, (), 0
+  outs, off = None, 0
   for x, q_scale, k_scale in streams:
     if x.ndim != 3 or x.shape[0] != b or x.shape[2] < 3 * num_heads * d:
       raise ValueError(f"a stream must be [B={b}, Ls, >= {3 * num_heads * d}], got {x.shape}")
-    args = [x, q_scale, k_scale, cos, sin, kmean, scales.astype(jnp.float32), *norm_scales]
+    args = [x, q_scale, k_scale, cos, sin, kmean, inv_scales]
     aliases = {}
     if outs is not None:   # the earlier streams' rows, kept
       aliases = {len(args) + j: j for j in range(3)}
       args += list(outs)
-    scale_outs = 4 if norm_scales and outs is None else 0   # the first stream's programs
-    kernel = lambda *refs, ls=x.shape[1], off=off, scale_outs=scale_outs: _kernel(
+    kernel = lambda *refs, ls=x.shape[1], off=off: _kernel(
         *refs, ls=ls, off=off, heads=num_heads, eps=eps, block_m=block_m,
-        heads_per_program=heads_per_program, norms=len(norm_scales), scale_outs=scale_outs)
-    res = pl.pallas_call(
+        heads_per_program=heads_per_program)
+    outs = pl.pallas_call(
         kernel, grid=(b, pl.cdiv(x.shape[1], block_m), num_heads // heads_per_program),
-        out_shape=[shape] * 3 + [scalar] * scale_outs,
+        out_shape=[shape] * 3,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=tiling["num_warps"], num_stages=1),
         interpret=interpret, name=f"fp8_qkv_{x.shape[1]}x{num_heads}x{d}")(*args)
-    outs, found = res[:3], found or tuple(res[3:])
     off += x.shape[1]
-  return tuple(outs) + found
+  return tuple(outs)

@@ -153,10 +153,6 @@ SWITCHES = (
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
-    ("xla_fp8_scales", flux.set_kernel_fp8_scales, True,
-     "cuDNN FP8 attention's scales (q, k from the QKNorms, v from its sampled bound) computed "
-     "by XLA and handed to the FP8 operands kernel as reciprocals, not computed in that "
-     "kernel, as before 2026-12-06's thirty-eighth session (acts only on cudnn_fp8 attention)"),
     ("descaled_fp8_output", flux.set_fp8_output_part, True,
      "the single blocks' cuDNN FP8 attention output descaled by XLA before linear2, not left "
      "in E4M3 for its activation kernel (qlinear.Scaled), as before 2026-12-04's twentieth "
@@ -168,7 +164,7 @@ SWITCHES = (
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
                "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
-               "int_convert_gemv", "xla_fp8_scales"}
+               "int_convert_gemv"}
 # (not xla_residual: XLA rounds its sums as its fusions do and may feed them to the next
 # LayerNorm unrounded; bench_rowscaled.py --residual counts both)
 # a switch renamed in SWITCHES and not here would silently lose its check

@@ -22,8 +22,6 @@ defines the numerics a kernel must reproduce, so their quality can be measured (
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -144,9 +142,9 @@ def pow2_scale(bound: jax.Array) -> jax.Array:
 
 def pow2_scale_and_inverse(bound: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(``pow2_scale(bound)``, its reciprocal), made from bound's exponent by integer
-  operations: exact, and the same bits in XLA and in a kernel (``pallas_kernels.
-  attention_fp8`` computes them in its programs). log2 / ceil / exp2 would round: at large
-  exponents log2 of a value just above a power of two rounds down to the integer."""
+  operations: exact, and the same bits wherever it runs. exp2(ceil(log2(bound / 448)))
+  rounds: XLA's exp2 on the CPU does not return exact powers of two, and at large exponents
+  log2 of a value just above a power of two rounds down to the integer."""
   b = jnp.maximum(jnp.asarray(bound, jnp.float32), jnp.finfo(jnp.float32).tiny)
   bits = jax.lax.bitcast_convert_type(b, jnp.int32)
   # b = m 2^e with m in [1, 2) and 448 = 1.75 2^8: b / 448 <= 2^(e - 8) iff m <= 1.75
@@ -172,7 +170,7 @@ def rms_norm_bound(head_dim: int, *scales: jax.Array) -> jax.Array:
   """A bound on |x| for x the output of an RMSNorm with any of these scale vectors, then
   rotated in pairs (RoPE): sqrt(head_dim) max|scale| (sum of x^2 / rms^2 is head_dim, and a
   rotation keeps each pair's norm), times 1 + 2^-7 for two bf16 roundings. f32 scalar."""
-  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(s)) for s in scales])
+  amax = jnp.max(jnp.stack([jnp.max(jnp.abs(s)) for s in scales]))
   return amax.astype(jnp.float32) * (head_dim ** 0.5 * (1.0 + 2.0 ** -7))
 
 
@@ -213,16 +211,15 @@ def cudnn_fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array,
   return q8, k8, v8, cudnn_fp8_params(sq, sk, sv), sv
 
 
-def cudnn_fp8_params(sq: jax.Array, sk: jax.Array, sv: jax.Array,
-                     inv_sv: jax.Array | None = None) -> dict:
+def cudnn_fp8_params(sq: jax.Array, sk: jax.Array, sv: jax.Array) -> dict:
   """The cuDNN FP8 parameters for E4M3 q, k, v in units of sq, sk, sv (f32 scalars): P
-  quantized with 448, the output in units of sv (inv_sv: 1 / sv where it was computed)."""
+  quantized with 448, the output in units of sv."""
   from jax._src.cudnn.fused_attention_stablehlo import fp8_params_keys
   one = lambda x: jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
   # the API asks for the backward pass's scales too; a forward-only call never reads them
   params = {name: one(1.0) for name in fp8_params_keys}
   params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv),
-                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv if inv_sv is None else inv_sv))
+                descale_s=one(1.0 / FP8_MAX), scale_s=one(FP8_MAX), scale_o=one(1.0 / sv))
   return params
 
 

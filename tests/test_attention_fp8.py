@@ -40,27 +40,18 @@ def _codes_agree(got, want):
   assert np.all(np.abs(got - want)[differ] <= step[differ])
 
 
-@pytest.mark.parametrize("lengths,extra,heads_per_program,kernel_scales",
-                         [((25, 519), 0, 1, True), ((40,), 64, 2, True),
-                          ((25, 519), 0, 1, False)])
-def test_kernel_matches_the_unfused_path(lengths, extra, heads_per_program, kernel_scales,
-                                         monkeypatch):
+@pytest.mark.parametrize("lengths,extra,heads_per_program",
+                         [((25, 519), 0, 1), ((40,), 64, 2)])
+def test_kernel_matches_the_unfused_path(lengths, extra, heads_per_program, monkeypatch):
   """Two streams (ragged tiles, a stream starting mid-tile, a sampled k mean and v bound
   over 544 tokens) and one wide projection (single blocks: its MLP columns after qkv), its
-  programs doing both heads; the scales computed by the kernel from the QKNorms' scales
-  (both streams' norms bound q and k) and v's bound, or by XLA first."""
+  programs doing both heads."""
   monkeypatch.setattr(attention_fp8, "TILING",
                       dict(attention_fp8.TILING, heads_per_program=heads_per_program))
-  monkeypatch.setattr(flux, "_kernel_fp8_scales", kernel_scales)
   streams, pe = _streams(lengths, extra)
-  if len(streams) > 1:   # the larger norm scale in the second stream: the kernel reads both
-    streams[1][1].key_norm.scale[...] = streams[1][1].key_norm.scale[...].at[3].set(9.0)
   q8, k8, v8, want_scales = flux.fp8_operands_reference(streams, pe, H)
-  gq, gk, gv, scales, inv_sv = flux.fp8_operands(streams, pe, H, interpret=True)
+  gq, gk, gv, scales = flux.fp8_operands(streams, pe, H, interpret=True)
   assert [float(s) for s in scales] == [float(s) for s in want_scales]
-  assert (inv_sv is None) == (not kernel_scales)
-  if kernel_scales:
-    assert float(inv_sv) * float(scales[2]) == 1.0 and all(s.shape == () for s in scales)
   assert gq.shape == q8.shape == (1, sum(lengths), H, D) and gq.dtype == q8.dtype
   np.testing.assert_array_equal(np.asarray(gv.astype(jnp.float32)),
                                 np.asarray(v8.astype(jnp.float32)))
@@ -77,12 +68,6 @@ def test_bad_inputs_are_clear_errors():
     attention_fp8.fp8_operands(*args([x[..., :-1]], pe[0]), interpret=True)
   with pytest.raises(ValueError, match="cos, sin must be"):
     attention_fp8.fp8_operands(*args([x], pe[0][:8]), interpret=True)
-  with pytest.raises(ValueError, match=r"scales must be \[1\] \(v bound\)"):
-    attention_fp8.fp8_operands(*args([x], pe[0]), norm_scales=[qk.query_norm.scale[...]],
-                               interpret=True)
-  with pytest.raises(ValueError, match=r"norm scales \[32\]"):
-    attention_fp8.fp8_operands(*args([x], pe[0])[:4], jnp.ones(1), H, 1e-6,
-                               norm_scales=[jnp.ones(16)], interpret=True)
 
 
 def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
@@ -116,12 +101,11 @@ def test_flux_blocks_fused_path_is_fp8_attention(monkeypatch):
 
 
 def test_the_fp8_switches_retrace_jitted_loops():
-  """``set_fused_fp8_operands``, ``set_fp8_output_part`` and ``set_kernel_fp8_scales`` are
-  part of ``attention_settings``, the static argument by which the sampling loop and the
-  demo's predictions are retraced."""
+  """``set_fused_fp8_operands`` and ``set_fp8_output_part`` are part of
+  ``attention_settings``, the static argument by which the sampling loop and the demo's
+  predictions are retraced."""
   for switch, value in ((flux.set_fused_fp8_operands, flux._fused_fp8),
-                        (flux.set_fp8_output_part, flux._fp8_output_part),
-                        (flux.set_kernel_fp8_scales, flux._kernel_fp8_scales)):
+                        (flux.set_fp8_output_part, flux._fp8_output_part)):
     before = flux.attention_settings()
     switch(not value)
     try:
