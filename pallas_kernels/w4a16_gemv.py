@@ -59,6 +59,18 @@ TILING_ROWS = (16, 16, 4, 3)
 # and 112 (the same day) 31.1 / 52.9 and 51.3 / 84.5 (64 x 2 38.2 / 50.2 and 50.2 / 81.3:
 # slower at N = 9216, M = 56; more groups a step slower at both).
 TILING_MMA = ((16, (32, 8, 4, 3)), (32, (64, 4, 4, 3)), (ROW_BLOCK, (32, 2, 4, 3)))
+# The CUDA-core path on 4-D tiles (``_grouped_kernel``; not yet timed: a guess equal to
+# TILING_ROWS, for ``set_grouped``).
+TILING_GROUPED = (16, 16, 4, 3)
+_grouped_on = False
+
+
+def set_grouped(on: bool) -> None:
+  """Whether one-row products run ``_grouped_kernel`` (4-D tiles, TILING_GROUPED) instead of
+  the 2-D CUDA-core path (the default; scripts/bench_flux_full.py --grouped-gemv). The same
+  weight values; the f32 sums in another order."""
+  global _grouped_on
+  _grouped_on = bool(on)
 
 
 def _rows_and_tiling(m: int, mma: bool) -> tuple[int, tuple]:
@@ -109,8 +121,9 @@ def set_enabled(on: bool) -> None:
 
 def supports(weight_format: str, m: int, k: int, n: int) -> bool:
   """Whether ``gemv`` takes an [m, k] input to a weight-only layer of this format."""
+  tile_n = (TILING_GROUPED if m == 1 and _grouped_on else _rows_and_tiling(m, m > 1)[1])[0]
   return (weight_format == "int4_2l" and 0 < m <= MAX_ROWS and k % (2 * GROUP) == 0
-          and n % _rows_and_tiling(m, m > 1)[1][0] == 0)
+          and n % tile_n == 0)
 
 
 def supports_layer(layer, m: int, dtype) -> bool:
@@ -123,8 +136,9 @@ def supports_layer(layer, m: int, dtype) -> bool:
 
 def layer_product(layer, xs: jax.Array, *, interpret: bool = False) -> jax.Array:
   """``qlinear.weight_only_product`` of an int4_2l layer: xs bf16 [M, K] -> f32 [M, N]."""
+  grouped = _grouped_on and xs.shape[0] == 1 and _bit_unpack
   return gemv(xs, layer.qweight, layer.wscale, layer.wcscale, bit_unpack=_bit_unpack,
-              interpret=interpret)
+              grouped=grouped, interpret=interpret)
 
 
 def _bf16_values(v: jax.Array, interpret: bool) -> jax.Array:
@@ -170,12 +184,59 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
     o_ref[0, :] = acc
 
 
+def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, interpret):
+  """The CUDA-core path (one row) on tiles shaped by the format: x_ref bf16 [1, P, 2, 64]
+  (P = K/128 multiplier bytes, two 64-groups each), c_ref uint8 [bn, P, 2, 32], m_ref uint8
+  [bn, P]: each 64-group's scale broadcasts over its 32 code bytes and a group's two halves
+  are slices of x, where the 2-D path forms both by reshapes of [bn, cols] tiles."""
+  bn = c_ref.shape[0]
+  pps = pairs_per_step
+  unit = u_ref[...][:, None, None, None]
+  second = jnp.arange(2)[None, None, :, None] == 1
+
+  def step(i, acc):
+    at = pl.ds(pl.multiple_of(i * pps, pps), pps)
+    mb = m_ref[:, at][:, :, None, None]
+    s = (jnp.where(second, mb >> 4, mb & 0xF).astype(jnp.float32) + 1.0) * unit
+    lo, hi = _signed_f32(c_ref[:, at, :, :])                    # [bn, pps, 2, 32]
+    w_lo = _bf16_values(lo * s, interpret)
+    w_hi = _bf16_values(hi * s, interpret)
+    x_lo = x_ref[:, at, :, pl.ds(0, HALF)].astype(jnp.float32)  # [1, pps, 2, 32]
+    x_hi = x_ref[:, at, :, pl.ds(HALF, HALF)].astype(jnp.float32)
+    return acc + jnp.sum(w_lo * x_lo + w_hi * x_hi, axis=(1, 2, 3))
+
+  acc = jax.lax.fori_loop(0, m_ref.shape[1] // pps, step, jnp.zeros((bn,), jnp.float32))
+  o_ref[0, :] = acc
+
+
+def _grouped(x, codes, mults, unit, *, block_n, groups_per_step, num_warps, num_stages,
+             interpret):
+  """``gemv``'s one-row product on ``_grouped_kernel``: f32 [1, N]."""
+  k, n = x.shape[1], codes.shape[0]
+  pairs = k // (2 * GROUP)
+  return pl.pallas_call(
+      functools.partial(_grouped_kernel, pairs_per_step=groups_per_step // 2,
+                        interpret=interpret),
+      grid=(n // block_n,),
+      in_specs=[pl.BlockSpec((1, pairs, 2, GROUP), lambda i: (0, 0, 0, 0)),
+                pl.BlockSpec((block_n, pairs, 2, HALF), lambda i: (i, 0, 0, 0)),
+                pl.BlockSpec((block_n, pairs), lambda i: (i, 0)),
+                pl.BlockSpec((block_n,), lambda i: (i,))],
+      out_specs=pl.BlockSpec((1, block_n), lambda i: (0, i)),
+      out_shape=jax.ShapeDtypeStruct((1, n), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="svdq_w4a16_gemv")(
+          x.astype(jnp.bfloat16).reshape(1, pairs, 2, GROUP),
+          codes.reshape(n, pairs, 2, HALF), mults, unit.astype(jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("block_n", "groups_per_step", "num_warps",
-                                             "num_stages", "mma", "bit_unpack", "interpret"))
+                                             "num_stages", "mma", "bit_unpack", "grouped",
+                                             "interpret"))
 def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
          block_n: int | None = None, groups_per_step: int | None = None,
          num_warps: int | None = None, num_stages: int | None = None,
-         mma: bool | None = None, bit_unpack: bool = True,
+         mma: bool | None = None, bit_unpack: bool = True, grouped: bool = False,
          interpret: bool = False) -> jax.Array:
   """f32 [M, N] = bf16(x) . w^T with f32 accumulation, w the int4_2l weight at bf16.
 
@@ -191,6 +252,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
       ``TILING_MMA`` by a program's rows (groups_per_step reduced to what divides K/64).
     bit_unpack: the codes' f32 values by bit operations (``_signed_f32``), else by
       conversions; the same values. ``layer_product`` passes ``set_bit_unpack``'s choice.
+    grouped: the CUDA-core path on 4-D tiles (``_grouped_kernel``; bit operations only);
+      the same weight values, its sums in another order.
   """
   m, k = x.shape
   n = codes.shape[0]
@@ -201,6 +264,8 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
     raise ValueError(f"the W4A16 GEMV takes x [M <= {MAX_ROWS}, K], got x {x.shape}")
   groups = k // GROUP
   rows, (tile_n, tile_groups, warps, stages) = _rows_and_tiling(m, mma)
+  if grouped:
+    tile_n, tile_groups, warps, stages = TILING_GROUPED
   block_n = tile_n if block_n is None else block_n
   if groups_per_step is None:   # the largest power of two up to the tiling's dividing K/64
     groups_per_step = math.gcd(tile_groups, groups)
@@ -216,6 +281,11 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   if groups_per_step < 2 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
     raise ValueError(f"groups_per_step={groups_per_step} must be a power of two >= 2 "
                      f"dividing K/64={groups}")
+  if grouped:
+    if mma or not bit_unpack:
+      raise ValueError("the grouped path is the CUDA-core path (one row) with bit_unpack")
+    return _grouped(x, codes, mults, unit, block_n=block_n, groups_per_step=groups_per_step,
+                    num_warps=num_warps, num_stages=num_stages, interpret=interpret)
   padded = -(-m // rows) * rows
   halves = jnp.pad(x.astype(jnp.bfloat16), ((0, padded - m), (0, 0)))
   halves = halves.reshape(padded, groups, 2, HALF)
@@ -237,5 +307,6 @@ def gemv(x: jax.Array, codes: jax.Array, mults: jax.Array, unit: jax.Array, *,
   return y[:m]
 
 
-__all__ = ["MAX_ROWS", "ROW_BLOCK", "TILING_MMA", "TILING_ROWS", "gemv", "layer_product",
-           "set_bit_unpack", "set_enabled", "supports", "supports_layer"]
+__all__ = ["MAX_ROWS", "ROW_BLOCK", "TILING_GROUPED", "TILING_MMA", "TILING_ROWS", "gemv",
+           "layer_product", "set_bit_unpack", "set_enabled", "set_grouped", "supports",
+           "supports_layer"]

@@ -35,7 +35,7 @@ from bench_w4a4 import activations, make_layer
 
 # the double blocks' img_mod / txt_mod (x 38 per step) and the single blocks' modulation (x 38)
 SHAPES = ((3072, 18432), (3072, 9216))
-# block_n, groups_per_step, num_warps, num_stages, path ('rows': M = 1 only, or 'mma')
+# block_n, groups_per_step, num_warps, num_stages, path ('rows' / 'groups': M = 1 only, or 'mma')
 CONFIGS = ("16,16,4,3,rows", "16,16,2,3,rows", "16,32,4,3,rows", "16,8,4,3,rows",
            "32,16,4,3,rows", "16,16,4,2,rows", "16,16,4,4,rows", "8,16,2,3,rows",
            "16,8,4,3,mma", "32,8,4,3,mma", "64,4,4,4,mma", "64,8,4,3,mma", "32,16,4,3,mma",
@@ -77,14 +77,18 @@ def run_shape(m, k, n, configs, key, interpret):
   with qlinear.backend("interpret" if interpret else "auto"):
     r["layer_ms"] = t(apply, layer, x)
   r["kernel_ms"] = {}
+  if m == 1:   # the grouped path's sums in another order: float agreement with the product
+    grouped = w4a16_gemv.gemv(xs, layer.qweight, layer.wscale, layer.wcscale, grouped=True,
+                              interpret=interpret)
+    r["checks"]["grouped_rel"] = rel(grouped, want)
   for c in configs:
     bn, gps, warps, stages = (int(v) for v in c.split(",")[:4])
     path = c.split(",")[4]
-    if m > 1 and path.startswith("rows"):
+    if m > 1 and not path.startswith("mma"):
       continue
     kw = dict(block_n=bn, groups_per_step=gps, num_warps=warps, num_stages=stages,
               mma=path.startswith("mma"), bit_unpack=not path.endswith("+convert"),
-              interpret=interpret)
+              grouped=path.startswith("groups"), interpret=interpret)
     f = jax.jit(lambda xs, c, mu, u, kw=kw: w4a16_gemv.gemv(xs, c, mu, u, **kw))
     try:
       r["kernel_ms"][c] = t(f, xs, layer.qweight, layer.wscale, layer.wcscale)
@@ -113,7 +117,8 @@ def main():
   ap.add_argument("--ms", default="1,2,4,28", help="row counts (images, or images x steps)")
   ap.add_argument("--configs", default=";".join(CONFIGS),
                   help="';'-separated kernel tilings to time alone: block_n,groups_per_step,"
-                       "num_warps,num_stages,path (path 'rows' at M = 1 only, or 'mma'; "
+                       "num_warps,num_stages,path (path 'rows' or 'groups' (4-D tiles) at "
+                       "M = 1 only, or 'mma'; "
                        "'+convert': the codes' f32 values by conversions)")
   ap.add_argument("--interpret", action="store_true")
   args = ap.parse_args()

@@ -43,7 +43,9 @@ def test_weight_values_bit_exact(mma):
   layer = _layer()
   cols = [0, 1, 31, 32, 63, 64, 100, 127, 128, 191, 200, 255] if mma else [37]
   x = jnp.zeros((len(cols), K), jnp.bfloat16).at[np.arange(len(cols)), cols].set(1.0)
-  for kw in (dict(), dict(block_n=32, groups_per_step=2), dict(bit_unpack=False)):
+  grouped = [] if mma else [dict(grouped=True), dict(grouped=True, block_n=32,
+                                                        groups_per_step=2)]
+  for kw in [dict(), dict(block_n=32, groups_per_step=2), dict(bit_unpack=False)] + grouped:
     y = np.asarray(_gemv(layer, x, mma=mma, **kw))
     np.testing.assert_array_equal(y, _bf16_weight(layer)[:, cols].T)
 
@@ -57,6 +59,9 @@ def test_product_matches_reference(m):
   x = (jax.random.normal(jax.random.key(m), (m, K)) * 2.0).at[:, 5].multiply(40.0)
   x = x.astype(jnp.bfloat16)
   want = np.asarray(qlinear.weight_only_product(layer, x))
+  if m == 1:   # the 4-D tiles' path: the same weights, its sums in another order
+    got = np.asarray(_gemv(layer, x, grouped=True))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
   for kw in ([dict(), dict(mma=True)] if m == 1 else [dict()]):
     got = np.asarray(_gemv(layer, x, **kw))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
@@ -148,6 +153,8 @@ def test_errors_name_the_problem():
     _gemv(layer, jnp.zeros((0, K), jnp.bfloat16), mma=True)
   with pytest.raises(ValueError, match="one row"):
     _gemv(layer, jnp.zeros((2, K), jnp.bfloat16), mma=False)
+  with pytest.raises(ValueError, match="grouped path"):
+    _gemv(layer, jnp.zeros((1, K), jnp.bfloat16), grouped=True, bit_unpack=False)
   with pytest.raises(ValueError, match="codes \\[N, K/2\\]"):
     w4a16_gemv.gemv(jnp.zeros((1, 2 * K), jnp.bfloat16), layer.qweight, layer.wscale,
                     layer.wcscale, interpret=True)
