@@ -184,7 +184,12 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
     o_ref[0, :] = acc
 
 
-def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, interpret):
+# Whether ``_grouped_kernel`` sums its products elementwise across steps and reduces once at
+# the end (more registers, no reduction a step) -- a probe (scripts/bench_gemv.py '+defer').
+_GROUPED_DEFER = False
+
+
+def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, defer, interpret):
   """The CUDA-core path (one row) on tiles shaped by the format: x_ref bf16 [1, P, 2, 64]
   (P = K/128 multiplier bytes, two 64-groups each), c_ref uint8 [bn, P, 2, 32], m_ref uint8
   [bn, P]: each 64-group's scale broadcasts over its 32 code bytes and a group's two halves
@@ -203,10 +208,13 @@ def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, interp
     w_hi = _bf16_values(hi * s, interpret)
     x_lo = x_ref[:, at, :, pl.ds(0, HALF)].astype(jnp.float32)  # [1, pps, 2, 32]
     x_hi = x_ref[:, at, :, pl.ds(HALF, HALF)].astype(jnp.float32)
+    if defer:
+      return acc + w_lo * x_lo + w_hi * x_hi
     return acc + jnp.sum(w_lo * x_lo + w_hi * x_hi, axis=(1, 2, 3))
 
-  acc = jax.lax.fori_loop(0, m_ref.shape[1] // pps, step, jnp.zeros((bn,), jnp.float32))
-  o_ref[0, :] = acc
+  acc = jnp.zeros((bn, pps, 2, HALF) if defer else (bn,), jnp.float32)
+  acc = jax.lax.fori_loop(0, m_ref.shape[1] // pps, step, acc)
+  o_ref[0, :] = jnp.sum(acc, axis=(1, 2, 3)) if defer else acc
 
 
 def _grouped(x, codes, mults, unit, *, block_n, groups_per_step, num_warps, num_stages,
@@ -216,7 +224,7 @@ def _grouped(x, codes, mults, unit, *, block_n, groups_per_step, num_warps, num_
   pairs = k // (2 * GROUP)
   return pl.pallas_call(
       functools.partial(_grouped_kernel, pairs_per_step=groups_per_step // 2,
-                        interpret=interpret),
+                        defer=_GROUPED_DEFER, interpret=interpret),
       grid=(n // block_n,),
       in_specs=[pl.BlockSpec((1, pairs, 2, GROUP), lambda i: (0, 0, 0, 0)),
                 pl.BlockSpec((block_n, pairs, 2, HALF), lambda i: (i, 0, 0, 0)),
