@@ -24,6 +24,10 @@ each program reading its weight tile again (from L2, after the first: FLUX.1-dev
 modulation weight is 28 MB packed).
 
 where x_lo / x_hi [M, K/2] are x's groups' first / last halves (split before the call).
+At M = 1 (by default) the same arithmetic runs on 4-D tiles shaped by the format
+(``_grouped_kernel``: codes [block_n, K/128, 2, 32], x [1, K/128, 2, 64], both free reshapes),
+where a group's scale broadcasts over its bytes and x's halves are slices of one ref: 20-28%
+faster than the 2-D tiles at FLUX's modulation shapes (H100, 2026-12-06; ``TILING_GROUPED``).
 
 Numerics: the weight values are the reference's bit for bit; the f32 sums are ordered
 differently than XLA's dot (float agreement, not bits).
@@ -59,16 +63,22 @@ TILING_ROWS = (16, 16, 4, 3)
 # and 112 (the same day) 31.1 / 52.9 and 51.3 / 84.5 (64 x 2 38.2 / 50.2 and 50.2 / 81.3:
 # slower at N = 9216, M = 56; more groups a step slower at both).
 TILING_MMA = ((16, (32, 8, 4, 3)), (32, (64, 4, 4, 3)), (ROW_BLOCK, (32, 2, 4, 3)))
-# The CUDA-core path on 4-D tiles (``_grouped_kernel``; not yet timed: a guess equal to
-# TILING_ROWS, for ``set_grouped``).
-TILING_GROUPED = (16, 16, 4, 3)
-_grouped_on = False
+# The one-row path on 4-D tiles (``_grouped_kernel``), the default at M = 1. H100, 2026-12-06
+# (scripts/bench_gemv.py, three runs on one machine; kernel alone, us, 3072 -> 18432 / 9216):
+# 4 features x 16 groups, 2 warps, 3 stages 26.9 / 14.5 (2 or 4 stages the same) against the
+# 2-D path's TILING_ROWS 33.3-33.8 / 19.8-20.0; 8 x 16 x 2 27.4 / 16.0, 8 x 16 x 4 30.2 /
+# 16.2, 16 x 16 x 4 31.3 / 18.5, 2 x 16 x 2 28.3 / 15.3, one warp 30.4 / 16.2-17.5, 8 groups
+# a step 29.4 / 16.1; summing elementwise across steps and reducing once at the end the same
+# or slower (26.9 / 14.5 at 4 x 16 x 2; 29.7 / 16.8 with one warp).
+TILING_GROUPED = (4, 16, 2, 3)
+_grouped_on = True
 
 
 def set_grouped(on: bool) -> None:
-  """Whether one-row products run ``_grouped_kernel`` (4-D tiles, TILING_GROUPED) instead of
-  the 2-D CUDA-core path (the default; scripts/bench_flux_full.py --grouped-gemv). The same
-  weight values; the f32 sums in another order."""
+  """Whether one-row products run ``_grouped_kernel`` (4-D tiles, TILING_GROUPED; the
+  default) or the 2-D CUDA-core path (as before 2026-12-06's thirty-ninth session;
+  scripts/bench_flux_full.py --rows-gemv). The same weight values; the f32 sums in another
+  order."""
   global _grouped_on
   _grouped_on = bool(on)
 
@@ -184,12 +194,7 @@ def _kernel(xlo_ref, xhi_ref, c_ref, m_ref, u_ref, o_ref, *, groups_per_step, mm
     o_ref[0, :] = acc
 
 
-# Whether ``_grouped_kernel`` sums its products elementwise across steps and reduces once at
-# the end (more registers, no reduction a step) -- a probe (scripts/bench_gemv.py '+defer').
-_GROUPED_DEFER = False
-
-
-def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, defer, interpret):
+def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, interpret):
   """The CUDA-core path (one row) on tiles shaped by the format: x_ref bf16 [1, P, 2, 64]
   (P = K/128 multiplier bytes, two 64-groups each), c_ref uint8 [bn, P, 2, 32], m_ref uint8
   [bn, P]: each 64-group's scale broadcasts over its 32 code bytes and a group's two halves
@@ -208,13 +213,15 @@ def _grouped_kernel(x_ref, c_ref, m_ref, u_ref, o_ref, *, pairs_per_step, defer,
     w_hi = _bf16_values(hi * s, interpret)
     x_lo = x_ref[:, at, :, pl.ds(0, HALF)].astype(jnp.float32)  # [1, pps, 2, 32]
     x_hi = x_ref[:, at, :, pl.ds(HALF, HALF)].astype(jnp.float32)
-    if defer:
-      return acc + w_lo * x_lo + w_hi * x_hi
-    return acc + jnp.sum(w_lo * x_lo + w_hi * x_hi, axis=(1, 2, 3))
+    # one axis at a time, as Pallas lowers jnp.sum(axis=(1, 2, 3)) (the same Triton IR, the
+    # double negation included), which under an explicit-axes mesh fails in jax 0.11.2 (its
+    # lowering keeps the 4-D sharding on the 3-D partial sums)
+    t = jnp.sum(w_lo * x_lo + w_hi * x_hi, axis=3)
+    t = jnp.sum(-(-t), axis=2)
+    return acc + jnp.sum(-(-t), axis=1)
 
-  acc = jnp.zeros((bn, pps, 2, HALF) if defer else (bn,), jnp.float32)
-  acc = jax.lax.fori_loop(0, m_ref.shape[1] // pps, step, acc)
-  o_ref[0, :] = jnp.sum(acc, axis=(1, 2, 3)) if defer else acc
+  acc = jax.lax.fori_loop(0, m_ref.shape[1] // pps, step, jnp.zeros((bn,), jnp.float32))
+  o_ref[0, :] = acc
 
 
 def _grouped(x, codes, mults, unit, *, block_n, groups_per_step, num_warps, num_stages,
@@ -224,7 +231,7 @@ def _grouped(x, codes, mults, unit, *, block_n, groups_per_step, num_warps, num_
   pairs = k // (2 * GROUP)
   return pl.pallas_call(
       functools.partial(_grouped_kernel, pairs_per_step=groups_per_step // 2,
-                        defer=_GROUPED_DEFER, interpret=interpret),
+                        interpret=interpret),
       grid=(n // block_n,),
       in_specs=[pl.BlockSpec((1, pairs, 2, GROUP), lambda i: (0, 0, 0, 0)),
                 pl.BlockSpec((block_n, pairs, 2, HALF), lambda i: (i, 0, 0, 0)),

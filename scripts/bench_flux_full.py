@@ -141,9 +141,9 @@ SWITCHES = (
     ("int_convert_gemv", w4a16_gemv.set_bit_unpack, True,
      "the modulation GEMV's codes made f32 by int -> f32 conversions, not by bit operations "
      "(w4a16_gemv._signed_f32), as before 2026-12-06's thirty-fifth session"),
-    ("grouped_gemv", w4a16_gemv.set_grouped, False,
-     "the modulation GEMV's one-row products on 4-D tiles (w4a16_gemv._grouped_kernel), "
-     "not the 2-D CUDA-core path"),
+    ("rows_gemv", w4a16_gemv.set_grouped, True,
+     "the modulation GEMV's one-row products on the 2-D CUDA-core path, not on 4-D tiles "
+     "(w4a16_gemv._grouped_kernel), as before 2026-12-06's thirty-ninth session"),
     ("xla_residual", w4a4.set_epilogue_residual, True,
      "the gated residuals (x + gate * out after proj, fc2, linear2) summed by XLA after the "
      "W4A8 GEMM, not in its epilogue, as before 2026-12-06's thirty-fifth session"),

@@ -89,8 +89,6 @@ def run_shape(m, k, n, configs, key, interpret):
     kw = dict(block_n=bn, groups_per_step=gps, num_warps=warps, num_stages=stages,
               mma=path.startswith("mma"), bit_unpack=not path.endswith("+convert"),
               grouped=path.startswith("groups"), interpret=interpret)
-    w4a16_gemv._GROUPED_DEFER = path.endswith("+defer")   # a probe's switch, read when traced
-    w4a16_gemv.gemv.clear_cache()
     f = jax.jit(lambda xs, c, mu, u, kw=kw: w4a16_gemv.gemv(xs, c, mu, u, **kw))
     try:
       r["checks"][f"rel {c}"] = rel(f(xs, layer.qweight, layer.wscale, layer.wcscale), want)

@@ -243,6 +243,16 @@ def test_gemv_with_conversions_lowers(rows):
   assert calls == [TRITON], calls
 
 
+def test_gemv_one_row_on_2d_tiles_lowers():
+  """The one-row GEMV on the 2-D tiles (``set_grouped(False)``; the 4-D tiles, the default,
+  lower in the layer case 'gemv' above)."""
+  layer = _layer("w4a16", "int4_2l")
+  calls = _custom_calls(lambda x, c, m, u: w4a16_gemv.gemv(x, c, m, u, grouped=False),
+                        jnp.zeros((1, 256), jnp.bfloat16), layer.qweight, layer.wscale,
+                        layer.wcscale)
+  assert calls == [TRITON], calls
+
+
 @pytest.mark.parametrize("applied", [False, True])
 def test_layer_reads_input_parts_on_the_kernels(monkeypatch, applied):
   """FLUX's wide-K inputs, ``(attn, Gelu(mlp))`` (the GELU still to compute, or computed by

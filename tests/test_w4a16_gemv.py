@@ -83,10 +83,17 @@ def test_bit_unpack_is_the_int4_values_of_every_byte():
 
 def test_supports_follows_the_tiling_of_the_rows():
   """A program of 17-32 rows takes 64 output features (TILING_MMA), fewer rows 32: N = 96
-  is taken at 2 and 16 rows and left to XLA at 28; the CUDA-core path (1 row) takes 16."""
+  is taken at 2 and 16 rows and left to XLA at 28; one row on 4-D tiles takes 4
+  (TILING_GROUPED), on the 2-D path 16."""
   assert [w4a16_gemv.supports("int4_2l", m, K, 96) for m in (1, 2, 16, 17, 28, 33)] == \
       [True, True, True, False, False, True]
-  assert not w4a16_gemv.supports("int4_2l", 1, K, 24)
+  assert w4a16_gemv.supports("int4_2l", 1, K, 24)
+  assert not w4a16_gemv.supports("int4_2l", 1, K, 22)
+  w4a16_gemv.set_grouped(False)
+  try:
+    assert not w4a16_gemv.supports("int4_2l", 1, K, 24)
+  finally:
+    w4a16_gemv.set_grouped(True)
 
 
 def test_layer_dispatch_runs_the_kernel():
@@ -160,3 +167,29 @@ def test_errors_name_the_problem():
                     layer.wcscale, interpret=True)
   with pytest.raises(ValueError, match="power of two"):
     _gemv(layer, jnp.zeros((1, K), jnp.bfloat16), groups_per_step=3)
+
+
+def test_one_row_layers_run_on_4d_tiles():
+  """A one-row W4A16 layer runs ``_grouped_kernel`` by default and the 2-D path with
+  ``set_grouped(False)`` (a trace setting): both the reference's values within float
+  agreement."""
+  layer = _layer()
+  x = (jax.random.normal(jax.random.key(2), (1, K)) * 2.0).astype(jnp.bfloat16)
+  ref = np.asarray(qlinear.reference_apply(layer, x), np.float32)
+  calls, real = [], w4a16_gemv._grouped
+  w4a16_gemv._grouped = lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw)
+  settings = qlinear.trace_settings()
+  try:
+    ys = []
+    for grouped in (True, False):
+      w4a16_gemv.set_grouped(grouped)
+      assert (qlinear.trace_settings() == settings) == grouped
+      with qlinear.backend("interpret"):
+        ys.append(np.asarray(jax.jit(lambda l, x: qlinear.apply(l, x))(layer, x), np.float32))
+      assert len(calls) == 1   # traced once, by the default
+  finally:
+    w4a16_gemv.set_grouped(True)
+    w4a16_gemv._grouped = real
+  assert calls == [(N, K // 2)]
+  for y in ys:
+    np.testing.assert_allclose(y, ref, rtol=2 ** -7, atol=1e-6)
