@@ -129,9 +129,15 @@ def set_enabled(on: bool) -> None:
   _enabled = bool(on)
 
 
+def _takes_grouped(m: int) -> bool:
+  """Whether ``layer_product`` runs an m-row product on the 4-D tiles: one row, while
+  ``set_grouped`` and ``set_bit_unpack`` (the 4-D path makes its codes by bit operations)."""
+  return m == 1 and _grouped_on and _bit_unpack
+
+
 def supports(weight_format: str, m: int, k: int, n: int) -> bool:
   """Whether ``gemv`` takes an [m, k] input to a weight-only layer of this format."""
-  tile_n = (TILING_GROUPED if m == 1 and _grouped_on else _rows_and_tiling(m, m > 1)[1])[0]
+  tile_n = (TILING_GROUPED if _takes_grouped(m) else _rows_and_tiling(m, m > 1)[1])[0]
   return (weight_format == "int4_2l" and 0 < m <= MAX_ROWS and k % (2 * GROUP) == 0
           and n % tile_n == 0)
 
@@ -146,9 +152,8 @@ def supports_layer(layer, m: int, dtype) -> bool:
 
 def layer_product(layer, xs: jax.Array, *, interpret: bool = False) -> jax.Array:
   """``qlinear.weight_only_product`` of an int4_2l layer: xs bf16 [M, K] -> f32 [M, N]."""
-  grouped = _grouped_on and xs.shape[0] == 1 and _bit_unpack
   return gemv(xs, layer.qweight, layer.wscale, layer.wcscale, bit_unpack=_bit_unpack,
-              grouped=grouped, interpret=interpret)
+              grouped=_takes_grouped(xs.shape[0]), interpret=interpret)
 
 
 def _bf16_values(v: jax.Array, interpret: bool) -> jax.Array:

@@ -89,11 +89,12 @@ def test_supports_follows_the_tiling_of_the_rows():
       [True, True, True, False, False, True]
   assert w4a16_gemv.supports("int4_2l", 1, K, 24)
   assert not w4a16_gemv.supports("int4_2l", 1, K, 22)
-  w4a16_gemv.set_grouped(False)
-  try:
-    assert not w4a16_gemv.supports("int4_2l", 1, K, 24)
-  finally:
-    w4a16_gemv.set_grouped(True)
+  for switch in (w4a16_gemv.set_grouped, w4a16_gemv.set_bit_unpack):   # the 2-D path's 16
+    switch(False)
+    try:
+      assert not w4a16_gemv.supports("int4_2l", 1, K, 24)
+    finally:
+      switch(True)
 
 
 def test_layer_dispatch_runs_the_kernel():
