@@ -146,6 +146,9 @@ class Part(NamedTuple):
   row_max: jax.Array | None = None
 
 
+PARTS = (tuple, Gelu, Scaled)   # a layer input given as parts, not an array
+
+
 def input_parts(x) -> tuple[Part, ...]:
   """A layer input (an array, a Gelu or a Scaled part, or a tuple of them) as ``Part`` tuples."""
   parts = x if isinstance(x, tuple) else (x,)
@@ -184,7 +187,7 @@ def part_values(p: Part) -> jax.Array:
 def join(x) -> jax.Array:
   """The input array a layer input stands for: an array itself; parts concatenated along the
   last axis, each Gelu or Scaled part computed (``Gelu``, ``Scaled``)."""
-  if not isinstance(x, (tuple, Gelu, Scaled)):
+  if not isinstance(x, PARTS):
     return x
   cols = [part_values(p) for p in input_parts(x)]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
@@ -203,7 +206,7 @@ def map_parts(x, f):
     return tuple(map_parts(p, f) for p in x)
   if isinstance(x, Gelu) and x.head is not None:
     return x.replace(x=f(x.x), head=f(x.head))
-  return x.replace(x=f(x.x)) if isinstance(x, (Gelu, Scaled)) else f(x)
+  return x.replace(x=f(x.x)) if isinstance(x, PARTS) else f(x)
 
 
 def input_width(x) -> int:
@@ -559,7 +562,7 @@ def apply(layer: QuantizedLinear | PreparedLinear, x: jax.Array,
   if input_width(x) != k:
     shapes = [(p.x.shape, p.start) if p.start else p.x.shape for p in input_parts(x)]
     raise ValueError(f"QuantizedLinear expects inputs [..., {k}], got "
-                     f"{shapes if isinstance(x, (tuple, Gelu, Scaled)) else shapes[0]}")
+                     f"{shapes if isinstance(x, PARTS) else shapes[0]}")
   if not jnp.issubdtype(input_dtype(x), jnp.inexact):   # as x @ a float kernel would
     x = map_parts(x, lambda a: a.astype(jnp.float32))
   if bias is not None and layer.bias is not None:
