@@ -29,7 +29,9 @@ behind 256). Three compute warpgroups (192 weight rows a CTA, 192-token tiles; 2
 seventeenth session) ran 0.077 / 0.262 / 0.227 / 0.447 / 0.292 ms at the same shapes, under
 XLA's own int8 GEMM at the wide-K two: the default where ``tiling`` says. The persistent grid
 walks the output tiles in bands of 8 weight tiles along the tokens, as the int8 GEMM's wide
-tiling does (not swept for this kernel).
+tiling does (``grid_tile_width``; not swept for this kernel yet: at K = 3072 and wide N it
+trails XLA's int8 GEMM by 11-15%, at wide K it beats it: H200, 2026-12-04,
+docs/benchmarks/2026-12-04-gemm-w4-three-warpgroups-h200.json).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ ROWS = 64     # weight rows per compute warpgroup (one wgmma M group)
 CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
 BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv (+ gate, residual)
+GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_gemm_t``)
 
 
 def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
@@ -194,12 +197,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
-                                             "compute_wgs", "num_sms", "cols", "interpret"))
+                                             "compute_wgs", "num_sms", "cols",
+                                             "grid_tile_width", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
-                cols: tuple[int, int] | None = None, interpret: bool = False):
+                cols: tuple[int, int] | None = None, grid_tile_width: int = GRID_TILE_WIDTH,
+                interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -218,6 +223,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     start:stop, read from the weight-side operands (codes, w_mult, sw, up_t, bias) where
     they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
     separate launches: ``w4a4.set_split_gelu``). None: all of them.
+    grid_tile_width: the order of the output tiles over the persistent grid, bands of that
+      many CTA tiles along N walked along M (``plgpu.planar_snake``).
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
     ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
@@ -237,6 +244,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"cols={cols} must be multiples of {cta_n} with 0 <= start < stop <= "
                      f"N={n_all}")
   n = stop - start
+  if not (isinstance(grid_tile_width, int) and grid_tile_width >= 1):
+    raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int")
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -298,7 +307,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, 8)
+        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, grid_tile_width)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)   # of the output
         w_col = start + n_idx * cta_n
@@ -395,6 +404,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}"
+                     f"{'' if grid_tile_width == GRID_TILE_WIDTH else f'b{grid_tile_width}'}"
                      f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:
