@@ -197,14 +197,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
-                                             "compute_wgs", "num_sms", "cols",
+                                             "compute_wgs", "num_sms", "cols", "grid_minor",
                                              "grid_tile_width", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
-                cols: tuple[int, int] | None = None, grid_tile_width: int = GRID_TILE_WIDTH,
-                interpret: bool = False):
+                cols: tuple[int, int] | None = None, grid_minor: str = "n",
+                grid_tile_width: int = GRID_TILE_WIDTH, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -223,8 +223,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     start:stop, read from the weight-side operands (codes, w_mult, sw, up_t, bias) where
     they lie; N, gelu_from and row_max_inv then count from start (a layer's columns in
     separate launches: ``w4a4.set_split_gelu``). None: all of them.
-    grid_tile_width: the order of the output tiles over the persistent grid, bands of that
-      many CTA tiles along N walked along M (``plgpu.planar_snake``).
+    grid_minor, grid_tile_width: the order of the output tiles over the persistent grid:
+      bands of grid_tile_width CTA tiles along grid_minor ("n" or "m"), each walked along
+      the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
     ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
@@ -244,8 +245,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"cols={cols} must be multiples of {cta_n} with 0 <= start < stop <= "
                      f"N={n_all}")
   n = stop - start
-  if not (isinstance(grid_tile_width, int) and grid_tile_width >= 1):
-    raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int")
+  if not (isinstance(grid_tile_width, int) and grid_tile_width >= 1
+          and grid_minor in ("m", "n")):
+    raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int and "
+                     f"grid_minor={grid_minor!r} 'm' or 'n'")
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -307,7 +310,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), 1, grid_tile_width)
+        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), "mn".index(grid_minor),
+                                          grid_tile_width)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)   # of the output
         w_col = start + n_idx * cta_n
@@ -402,9 +406,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
+  order = f"b{grid_minor}{grid_tile_width}"
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}"
-                     f"{'' if grid_tile_width == GRID_TILE_WIDTH else f'b{grid_tile_width}'}"
+                     f"{'' if order == f'bn{GRID_TILE_WIDTH}' else order}"
                      f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
   if has_lr:

@@ -20,8 +20,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                                                             # GEMM tilings (t: tile order)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --variants "m64 n128 k128 s4 wm t12;wt m256 s3" --out $OUT
                   # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
-                  # w3: three compute warpgroups, 192 weight rows a CTA; t: its tile order too)
-    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m 2304,9216,16384 --shapes 3072x3072,3072x12288 --variants "wt m192 s3 w3;wt m192 s3 w3 t1;wt m192 s3 w3 t4;wt m192 s3 w3 t16" --out $OUT
+                  # w3: three compute warpgroups, 192 weight rows a CTA; t, gm: its tile order too)
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m 2304,9216,16384 --shapes 3072x3072,3072x12288 --variants "wt m192 s3 w3;wt m192 s3 w3 t1;wt m192 s3 w3 t4;wt m192 s3 w3 t16;wt m192 s3 w3 gm t4" --out $OUT
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --gelu --extra-m '' --shapes 3072x12288,3072x21504 --variants "wt m256 s3;wt m192 s3 w3" --out $OUT
                   # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),

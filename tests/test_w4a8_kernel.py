@@ -43,15 +43,15 @@ def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
     np.testing.assert_array_equal(got.astype(np.float32), np.asarray(ref, np.float32))
 
 
-@pytest.mark.parametrize("grid_tile_width", [1, 3, 8])
-def test_tile_orders_over_a_smaller_grid(grid_tile_width):
+@pytest.mark.parametrize("grid_minor,grid_tile_width", [("n", 1), ("n", 3), ("n", 8), ("m", 3)])
+def test_tile_orders_over_a_smaller_grid(grid_minor, grid_tile_width):
   """Three programs walk the 4 x 4 CTA tiles (ragged M = 200 over 64-token tiles, N = 512) in
-  bands of 1, 3 (a ragged last band) or 8 (wider than N) CTA tiles along N: every tile once,
-  the same bf16 values as the expansion pass + int8 GEMM."""
+  bands of 1, 3 (a ragged last band) or 8 (wider than the grid) CTA tiles along N, or of 3
+  along M: every tile once, the same bf16 values as the expansion pass + int8 GEMM."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(n=512)
   got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64,
-                                           num_sms=3, grid_tile_width=grid_tile_width,
-                                           interpret=True))
+                                           num_sms=3, grid_minor=grid_minor,
+                                           grid_tile_width=grid_tile_width, interpret=True))
   w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
   want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, lr, up, bias, tile_m=64, tile_n=128,
                                           tile_k=128, interpret=True))
@@ -197,6 +197,8 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, tile_m=512)
   with pytest.raises(ValueError, match="grid_tile_width=0 must be a positive int"):
     gemm(a, sa, codes, mult.T, sw, grid_tile_width=0)
+  with pytest.raises(ValueError, match="grid_minor='k' 'm' or 'n'"):
+    gemm(a, sa, codes, mult.T, sw, grid_minor="k")
   with pytest.raises(ValueError, match="low-rank"):
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
