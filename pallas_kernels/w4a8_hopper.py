@@ -50,7 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import qlinear
 from svdq_jax.pallas_kernels import act_rowscaled
-from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, _gelu, bias_operand,
+from svdq_jax.pallas_kernels.int8_hopper import (SMEM_BYTES, WG_DIMS, _gelu, bias_operand,
                                                   check_epilogue, padded_tokens, plus_bias,
                                                   scaled, scaled_rows, store_with_gelu)
 from svdq_jax.pallas_kernels.w4a4_hopper import (_swizzled, _wgmma_onto, settles_when_interpreted,
@@ -246,7 +246,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                      f"N={n_all}")
   n = stop - start
   if not (isinstance(grid_tile_width, int) and grid_tile_width >= 1
-          and grid_minor in ("m", "n")):
+          and grid_minor in WG_DIMS):
     raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int and "
                      f"grid_minor={grid_minor!r} 'm' or 'n'")
   if tile_m % 8 or not 64 <= tile_m <= 256:
@@ -310,7 +310,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
-        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), "mn".index(grid_minor),
+        m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), WG_DIMS.index(grid_minor),
                                           grid_tile_width)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
         n_slice = pl.ds(n_idx * cta_n, cta_n)   # of the output
