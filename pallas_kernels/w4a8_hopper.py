@@ -106,8 +106,10 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> 
 RESIDUAL_ROOM = 8192
 
 
-def takes_residual(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> bool:
-  """Whether a tiling leaves the room for ``w4a8_gemm_t``'s ``residual`` (RESIDUAL_ROOM)."""
+def takes_residual(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2,
+                   **order) -> bool:
+  """Whether a tiling leaves the room for ``w4a8_gemm_t``'s ``residual`` (RESIDUAL_ROOM);
+  ``order``: a ``tiling``'s tile-order keys, which take no shared memory."""
   return smem_bytes(tile_m, steps, rank, compute_wgs) + RESIDUAL_ROOM <= SMEM_BYTES
 
 
@@ -162,6 +164,23 @@ def set_narrow_tiles(on: bool) -> None:
   _narrow_tiles = bool(on)
 
 
+# The persistent grid's tile order: bands of 4 token tiles, each walked along N (``tiling``
+# with set_token_bands(True)), against the kernel's default bands of 8 weight tiles. Alone, at
+# K = 3072, N = 3072 / 12288 (H100, 2026-12-07, rank 32 + bias,
+# docs/benchmarks/2026-12-07-gemm-tile-orders-h100.json) it ran 0.0707 / 0.2524 ms against
+# 0.0727 / 0.2552 at M = 4608 and 0.2353 / 0.8576 against 0.2358 / 0.9138 at M = 16384, never
+# more than 0.1% slower at M = 2304 / 9216 either; bands of 1, 4 or 16 along N did no better.
+TOKEN_BANDS = dict(grid_minor="m", grid_tile_width=4)
+_token_bands = False
+
+
+def set_token_bands(on: bool) -> None:
+  """Whether ``tiling`` orders the output tiles by TOKEN_BANDS or leaves the kernel's default
+  order (bands of GRID_TILE_WIDTH weight tiles; scripts/bench_flux_full.py --token-bands)."""
+  global _token_bands
+  _token_bands = bool(on)
+
+
 def cta_rows(tiles: dict) -> int:
   """Weight rows (output columns) of one CTA tile of ``tiling``'s ``tiles``."""
   return tiles.get("compute_wgs", 2) * ROWS
@@ -192,7 +211,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
     tiles = three
   else:
     tiles = deepest(WIDE)
-  return tiles
+  return dict(tiles, **TOKEN_BANDS) if tiles and _token_bands else tiles
 
 
 @settles_when_interpreted
