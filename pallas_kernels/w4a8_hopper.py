@@ -29,9 +29,11 @@ behind 256). Three compute warpgroups (192 weight rows a CTA, 192-token tiles; 2
 seventeenth session) ran 0.077 / 0.262 / 0.227 / 0.447 / 0.292 ms at the same shapes, under
 XLA's own int8 GEMM at the wide-K two: the default where ``tiling`` says. The persistent grid
 walks the output tiles in bands of 8 weight tiles along the tokens, as the int8 GEMM's wide
-tiling does (``grid_tile_width``; not swept for this kernel yet: at K = 3072 and wide N it
-trails XLA's int8 GEMM by 11-15%, at wide K it beats it: H200, 2026-12-04,
-docs/benchmarks/2026-12-04-gemm-w4-three-warpgroups-h200.json).
+tiling does (``grid_minor``, ``grid_tile_width``). At K = 3072 and wide N it trails XLA's
+int8 GEMM by 11-15%, at wide K it beats it (H200, 2026-12-04,
+docs/benchmarks/2026-12-04-gemm-w4-three-warpgroups-h200.json); the tile order is not why:
+swept at K = 3072 (H100, 2026-12-07, TOKEN_BANDS), no order took more than 1-3% off at
+M = 4608.
 """
 
 from __future__ import annotations
