@@ -30,10 +30,15 @@ seventeenth session) ran 0.077 / 0.262 / 0.227 / 0.447 / 0.292 ms at the same sh
 XLA's own int8 GEMM at the wide-K two: the default where ``tiling`` says. The persistent grid
 walks the output tiles in bands of 8 weight tiles along the tokens, as the int8 GEMM's wide
 tiling does (``grid_minor``, ``grid_tile_width``). At K = 3072 and wide N it trails XLA's
-int8 GEMM by 11-15%, at wide K it beats it (H200, 2026-12-04,
-docs/benchmarks/2026-12-04-gemm-w4-three-warpgroups-h200.json); the tile order is not why:
-swept at K = 3072 (H100, 2026-12-07, TOKEN_BANDS), no order took more than 1-3% off at
-M = 4608.
+int8 GEMM by 10-15%, at wide K it beats it (H200, 2026-12-04; H100, 2026-12-07). The tile
+order is not why: bands of 1, 4, 16 along N or 4 along M took at most 1-3% off a K = 3072
+layer at M = 4608 (6% at M = 16384), and bands of 4 along M left the FLUX.1 step as it was
+(96.88 against 96.74 ms). A per-tile cost is: at M = 4608, N = 12288 (192 x 192 tiles,
+11.6 per SM) the time fits ~0.72 us per K step of 128 and ~5 us per tile (the epilogue and
+the tile's start: the three warpgroups reach their epilogues together, so nothing feeds the
+tensor cores meanwhile), ~7 K steps' worth, a quarter of a K = 3072
+tile (0.055-0.061 ms of the layer's 0.257); XLA's int8 GEMM fits 0.030-0.034 ms fixed and a
+K loop 7-10% slower (2026-12-07, H100, docs/benchmarks/2026-12-07-gemm-k-sweep-h100.json).
 """
 
 from __future__ import annotations
@@ -108,10 +113,8 @@ def smem_bytes(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> 
 RESIDUAL_ROOM = 8192
 
 
-def takes_residual(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2,
-                   **order) -> bool:
-  """Whether a tiling leaves the room for ``w4a8_gemm_t``'s ``residual`` (RESIDUAL_ROOM);
-  ``order``: a ``tiling``'s tile-order keys, which take no shared memory."""
+def takes_residual(tile_m: int, steps: int, rank: int = 0, compute_wgs: int = 2) -> bool:
+  """Whether a tiling leaves the room for ``w4a8_gemm_t``'s ``residual`` (RESIDUAL_ROOM)."""
   return smem_bytes(tile_m, steps, rank, compute_wgs) + RESIDUAL_ROOM <= SMEM_BYTES
 
 
@@ -166,23 +169,6 @@ def set_narrow_tiles(on: bool) -> None:
   _narrow_tiles = bool(on)
 
 
-# The persistent grid's tile order: bands of 4 token tiles, each walked along N (``tiling``
-# with set_token_bands(True)), against the kernel's default bands of 8 weight tiles. Alone, at
-# K = 3072, N = 3072 / 12288 (H100, 2026-12-07, rank 32 + bias,
-# docs/benchmarks/2026-12-07-gemm-tile-orders-h100.json) it ran 0.0707 / 0.2524 ms against
-# 0.0727 / 0.2552 at M = 4608 and 0.2353 / 0.8576 against 0.2358 / 0.9138 at M = 16384, never
-# more than 0.1% slower at M = 2304 / 9216 either; bands of 1, 4 or 16 along N did no better.
-TOKEN_BANDS = dict(grid_minor="m", grid_tile_width=4)
-_token_bands = False
-
-
-def set_token_bands(on: bool) -> None:
-  """Whether ``tiling`` orders the output tiles by TOKEN_BANDS or leaves the kernel's default
-  order (bands of GRID_TILE_WIDTH weight tiles; scripts/bench_flux_full.py --token-bands)."""
-  global _token_bands
-  _token_bands = bool(on)
-
-
 def cta_rows(tiles: dict) -> int:
   """Weight rows (output columns) of one CTA tile of ``tiling``'s ``tiles``."""
   return tiles.get("compute_wgs", 2) * ROWS
@@ -213,7 +199,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
     tiles = three
   else:
     tiles = deepest(WIDE)
-  return dict(tiles, **TOKEN_BANDS) if tiles and _token_bands else tiles
+  return tiles
 
 
 @settles_when_interpreted

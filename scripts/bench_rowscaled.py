@@ -22,6 +22,8 @@ rewrites the "linear" part of that docs/benchmarks/summary.json.
                   # + low-rank and bias; wt: w4a8_hopper's kernel (weights expanded in registers;
                   # w3: three compute warpgroups, 192 weight rows a CTA; t, gm: its tile order too)
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m 2304,9216,16384 --shapes 3072x3072,3072x12288 --variants "wt m192 s3 w3;wt m192 s3 w3 t1;wt m192 s3 w3 t4;wt m192 s3 w3 t16;wt m192 s3 w3 gm t4" --out $OUT
+    python3 scripts/bench_rowscaled.py --gemm-only --with-lr --extra-m '' --shapes 384x12288,1536x12288,3072x12288,6144x12288 --variants "wt m192 s3 w3" --out $OUT
+                  # K swept at one N: per-tile (fixed) and per-K-step costs by a line fit
     python3 scripts/bench_rowscaled.py --gemm-only --with-lr --gelu --extra-m '' --shapes 3072x12288,3072x21504 --variants "wt m256 s3;wt m192 s3 w3" --out $OUT
                   # the variants with FLUX.1's GELU epilogues (fc1, linear1)
     python3 scripts/bench_rowscaled.py --parts --out $OUT   # inputs given as parts (Gelu),

@@ -270,24 +270,12 @@ def test_tiling():
     assert tiling(4608, 3072, 3072, 32, num_sms=132) == dict(tile_m=256, steps=3)
   finally:
     w4a8_hopper.set_three_warpgroups(True)
-  # the token bands' order, added to whichever tiling applies; no tiling stays None
-  w4a8_hopper.set_token_bands(True)
-  try:
-    tiles = tiling(4608, 3072, 3072, 32, num_sms=132)
-    assert tiles == dict(w4a8_hopper.THREE_WGS, grid_minor="m", grid_tile_width=4)
-    assert w4a8_hopper.takes_residual(rank=32, **tiles)
-    assert tiling(512, 3072, 12288, 32, num_sms=132) == dict(w4a8_hopper.NARROW,
-                                                             **w4a8_hopper.TOKEN_BANDS)
-    assert tiling(256, 192, 128) is None
-  finally:
-    w4a8_hopper.set_token_bands(False)
 
 
 def test_layer_on_three_warpgroups(monkeypatch):
   """Where the tiling takes three warpgroups (the default), a layer with N = 384 runs them,
   with the same values as two; a layer asking for the GELU epilogue too (by default), or on
-  two with ``set_three_warpgroups_gelu(False)``, the same values either way; in
-  ``set_token_bands``' tile order, the same values as well."""
+  two with ``set_three_warpgroups_gelu(False)``, the same values either way."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 384))
   cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
@@ -297,7 +285,7 @@ def test_layer_on_three_warpgroups(monkeypatch):
   calls = []
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(
-      k.get("compute_wgs", 2) * (-1 if k.get("grid_minor") == "m" else 1)) or real(*a, **k))
+      k.get("compute_wgs", 2)) or real(*a, **k))
   run = lambda **k: qlinear.apply(layer, x.astype(jnp.bfloat16), **k)
   monkeypatch.setattr(w4a8_hopper, "_narrow_tiles", False)   # 72 tokens: narrow otherwise
   monkeypatch.setattr(w4a4, "_split_gelu", False)   # one launch a layer (its tiling's choice)
@@ -306,16 +294,12 @@ def test_layer_on_three_warpgroups(monkeypatch):
     want = run()
     monkeypatch.setattr(w4a8_hopper, "_three_wgs", True)
     got = run()
-    monkeypatch.setattr(w4a8_hopper, "_token_bands", True)
-    banded = run()
-    monkeypatch.setattr(w4a8_hopper, "_token_bands", False)
     gelu = run(gelu_from=192)
     gelu_128 = run(gelu_from=128)   # not a multiple of 192: two warpgroups keep the epilogue
     monkeypatch.setattr(w4a8_hopper, "_three_wgs_gelu", False)
     gelu_two = run(gelu_from=0)
-  assert calls == [2, 3, -3, 3, 2, 2] and gelu.applied and gelu_128.applied and gelu_two.applied
+  assert calls == [2, 3, 3, 2, 2] and gelu.applied and gelu_128.applied and gelu_two.applied
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  np.testing.assert_array_equal(np.asarray(banded, np.float32), np.asarray(want, np.float32))
   f32 = lambda v: np.asarray(v, np.float32)
   for g in (gelu, gelu_128, gelu_two):
     np.testing.assert_array_equal(f32(g.x[:, :g.start]), f32(want[:, :g.start]))
