@@ -205,13 +205,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "interpret"))
+                                             "grid_tile_width", "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
-                grid_tile_width: int = GRID_TILE_WIDTH, interpret: bool = False):
+                grid_tile_width: int = GRID_TILE_WIDTH, profile_dir: str | None = None,
+                interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -233,6 +234,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     grid_minor, grid_tile_width: the order of the output tiles over the persistent grid:
       bands of grid_tile_width CTA tiles along grid_minor ("n" or "m"), each walked along
       the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
+    profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
+      warpgroup's regions, ``k_loop`` (a tile's K loop) and ``epilogue`` (the rest of the
+      tile's work after it), to a Chrome trace in that directory when the kernel runs
+      (scripts/profile_w4a8_tiles.py reads it).
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
     ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
@@ -256,6 +261,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           and grid_minor in WG_DIMS):
     raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int and "
                      f"grid_minor={grid_minor!r} 'm' or 'n'")
+  if profile_dir is not None and interpret:
+    raise ValueError("profile_dir needs the GPU: interpret mode has no in-kernel profiler")
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -326,9 +333,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         # the multiplier box: the CTA's rows, within N (the last tile's sit at its end)
         box_start = jnp.minimum(w_col, n_all - box)
         mult_rows = pl.ds(w_col - box_start + wg * ROWS, ROWS)
+        bar = lambda i: barriers.at[per_wg * wg + i]
 
         def context(eval_pipeline):
-          bar = lambda i: barriers.at[per_wg * wg + i]
           plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
           plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
@@ -353,7 +360,12 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             eval_pipeline(acc)
             return acc[...]
 
-          acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
+          with jax.named_scope("k_loop"):   # profiled regions (profile_dir)
+            acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
+          with jax.named_scope("epilogue"):
+            epilogue(acc)
+
+        def epilogue(acc):   # the tile's output from its accumulator
           plgpu.barrier_wait(bar(0))
           plgpu.barrier_wait(bar(1))
           total = scaled(acc, sa_smem.at[wg], sw_smem.at[wg], token_axis=1)
@@ -437,6 +449,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                                          jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
+  # two regions a tile per warpgroup (profile_space counts regions), events past it dropped
+  profiled = {} if profile_dir is None else dict(
+      profile_dir=profile_dir, profile_bounds_check=True,
+      profile_space=2 * pl.cdiv(m_iters * n_iters, num_sms) + 2)
   wgs = compute_wgs
   outs = plgpu.kernel(
       kernel, out_type=out_type,
@@ -460,7 +476,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
            if interpret else []),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-          approx_math=gelu_from is not None),
+          approx_math=gelu_from is not None, **profiled),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*args)
   if has_rmax:

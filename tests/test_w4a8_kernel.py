@@ -199,6 +199,8 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, grid_tile_width=0)
   with pytest.raises(ValueError, match="grid_minor='k' 'm' or 'n'"):
     gemm(a, sa, codes, mult.T, sw, grid_minor="k")
+  with pytest.raises(ValueError, match="profile_dir needs the GPU"):
+    gemm(a, sa, codes, mult.T, sw, profile_dir="/tmp")
   with pytest.raises(ValueError, match="low-rank"):
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
