@@ -34,11 +34,12 @@ int8 GEMM by 10-15%, at wide K it beats it (H200, 2026-12-04; H100, 2026-12-07).
 order is not why: bands of 1, 4, 16 along N or 4 along M took at most 1-3% off a K = 3072
 layer at M = 4608 (6% at M = 16384), and bands of 4 along M left the FLUX.1 step as it was
 (96.88 against 96.74 ms). A per-tile cost is: at M = 4608, N = 12288 (192 x 192 tiles,
-11.6 per SM) the time fits ~0.72 us per K step of 128 and ~5 us per tile (the epilogue and
-the tile's start: the three warpgroups reach their epilogues together, so nothing feeds the
-tensor cores meanwhile), ~7 K steps' worth, a quarter of a K = 3072
-tile (0.055-0.061 ms of the layer's 0.257); XLA's int8 GEMM fits 0.030-0.034 ms fixed and a
-K loop 7-10% slower (2026-12-07, H100, docs/benchmarks/2026-12-07-gemm-k-sweep-h100.json).
+11.6 per SM) the time fits ~0.72 us per K step of 128 and ~5 us per tile, ~7 K steps' worth,
+a quarter of a K = 3072 tile (0.055-0.061 ms of the layer's 0.257); XLA's int8 GEMM fits
+0.030-0.034 ms fixed and a K loop 7-10% slower (2026-12-07, H100,
+docs/benchmarks/2026-12-07-gemm-k-sweep-h100.json). Presumably the epilogue and the tile's
+start, as the three warpgroups reach their epilogues together and nothing then feeds the
+tensor cores; ``profile_dir`` times the two (scripts/profile_w4a8_tiles.py).
 """
 
 from __future__ import annotations

@@ -139,15 +139,23 @@ def act_checks(layer, x, interpret, tilings=("",)):
   return out
 
 
+def gemm_operands(layer, x):
+  """The int8 GEMMs' operands of a W4A8 ``layer`` on x [M, K]: int8 codes a [M, K] and f32
+  token scales sa [M] (``act_rowscaled.reference``), the int8 weight w8 [N, K] and its f32
+  scales sw [N], the low-rank operands padded to wgmma's K step of 16 (bf16 lr16 [M, r'],
+  up16 [N, r']) and the f32 bias [N]."""
+  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
+  w8, sw = layer.row_scaled_weight()
+  pad = ((0, 0), (0, -lr.shape[1] % 16))
+  return (a, sa, w8, sw, jnp.pad(lr.astype(jnp.bfloat16), pad),
+          jnp.pad(layer.lora_up.T, pad), layer.bias.astype(jnp.float32))
+
+
 def checks(layer, x, interpret):
   """Bit-exact activation codes/scales, GEMM and fused-layer errors. Raises on failure."""
   out = act_checks(layer, x, interpret)  # recorded: the GEMM and layer checks must still run
-  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
-  w, sw = layer.row_scaled_weight()
-  up = layer.lora_up.T
-  lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -lr.shape[1] % 16)))
-  up16 = jnp.pad(up, ((0, 0), (0, -up.shape[1] % 16)))
-  y = int8_hopper.int8_gemm(a, sa, w, sw, lr16, up16, layer.bias.astype(jnp.float32),
+  a, sa, w, sw, lr16, up16, bias32 = gemm_operands(layer, x)
+  y = int8_hopper.int8_gemm(a, sa, w, sw, lr16, up16, bias32,
                             out_dtype=jnp.float32, interpret=interpret,
                             **int8_hopper.tiling(w.shape[0], jnp.float32))
   out["gemm_f32_rel"] = rel(y, int8_hopper.reference(a, sa, w, sw, lr16, up16, layer.bias))
@@ -184,15 +192,10 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
       res["checks"] = dict(failed=str(e))
       print(f"CHECK FAILED at {m}x{k}x{n}: {e}", flush=True)
   res["bf16_ms"] = t(jax.jit(lambda x, w, b: x @ w + b), x, wf, b)
-  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
-  w8, sw = layer.row_scaled_weight()
+  a, sa, w8, sw, lr16, up16, bias32 = gemm_operands(layer, x)
   if not interpret:
     res["xla_int8_ms"] = t(jax.jit(lambda a, w: jax.lax.dot_general(
         a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)), a, w8)
-  # the low-rank operands padded to wgmma's K step of 16, and the bias
-  up16 = jnp.pad(layer.lora_up.T, ((0, 0), (0, -rank % 16)))
-  lr16 = jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, -rank % 16)))
-  bias32 = layer.bias.astype(jnp.float32)
   epi = (lr16, up16, bias32) if with_lr else ()  # --with-lr: the variants with both
   gemm = {}
   # the low-rank wgmma sums in another order than XLA's dot: with it, every variant's output

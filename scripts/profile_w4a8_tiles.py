@@ -70,11 +70,10 @@ def summarize(per_wg: dict[int, list[tuple[str, float, float]]], k_steps: int) -
 
 def main():
   import jax
-  import jax.numpy as jnp
 
-  from svdq_jax.pallas_kernels import act_rowscaled, w4a8_hopper
+  from svdq_jax.pallas_kernels import w4a8_hopper
 
-  from bench_rowscaled import variant_kwargs
+  from bench_rowscaled import gemm_operands, variant_kwargs
   from bench_w4a4 import activations, make_layer
 
   ap = argparse.ArgumentParser()
@@ -91,11 +90,8 @@ def main():
   kx, kl = jax.random.split(jax.random.key(0))
   layer = make_layer(k, n, args.rank, kl, "int4_2l", "int8")
   x = activations(m, k, kx)
-  a, sa, lr = act_rowscaled.reference(x, layer.smooth, layer.lora_down, "int8")
-  pad = -args.rank % 16
-  ops = (a, sa, layer.qweight, layer.wscale.T, layer.row_scaled_weight()[1],
-         jnp.pad(lr.astype(jnp.bfloat16), ((0, 0), (0, pad))),
-         jnp.pad(layer.lora_up.T, ((0, 0), (0, pad))), layer.bias.astype(jnp.float32))
+  a, sa, _, sw, *epilogue = gemm_operands(layer, x)
+  ops = (a, sa, layer.qweight, layer.wscale.T, sw, *epilogue)
   os.makedirs(args.out, exist_ok=True)
   trace_dir = os.path.join(args.out, "traces")
   shutil.rmtree(trace_dir, ignore_errors=True)
