@@ -99,7 +99,10 @@ def main():
   want = jax.jit(lambda *o: w4a8_hopper.w4a8_gemm_t(*o, **kw))(*ops)
   got = jax.jit(lambda *o: w4a8_hopper.w4a8_gemm_t(*o, profile_dir=trace_dir, **kw))(*ops)
   jax.effects_barrier()   # the trace is written by a host callback
-  [path] = glob.glob(os.path.join(trace_dir, "*.json"))
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.json*"), recursive=True)
+  if len(paths) != 1:
+    raise RuntimeError(f"expected one trace under {trace_dir}, found {paths}")
+  [path] = paths
   with open(path) as f:
     trace = json.load(f)
   res = dict(device=jax.devices()[0].device_kind, M=m, K=k, N=n, rank=args.rank, tiles=kw,
