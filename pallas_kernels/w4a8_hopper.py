@@ -236,9 +236,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       bands of grid_tile_width CTA tiles along grid_minor ("n" or "m"), each walked along
       the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
-      warpgroup's regions, ``k_loop`` (a tile's K loop) and ``epilogue`` (the rest of the
-      tile's work after it), to a Chrome trace in that directory when the kernel runs
-      (scripts/profile_w4a8_tiles.py reads it).
+      warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
+      issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
+      ``epilogue_copies`` (the other epilogue operands' copies issued), ``k_loop`` (the K
+      loop) and ``epilogue`` (the rest of the tile's work), to a Chrome trace in that
+      directory when the kernel runs (scripts/profile_w4a8_tiles.py reads it).
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
     ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
@@ -337,11 +339,29 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         bar = lambda i: barriers.at[per_wg * wg + i]
 
         def context(eval_pipeline):
-          plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
-          plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
+          # profiled regions (profile_dir): the copies' issue, the barrier, the K loop and the
+          # epilogue, in this order
+          with jax.named_scope("scale_copies"):
+            plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
+            plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
           if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
-            plgpu.barrier_arrive(both)  # is done with the previous tile's
-            plgpu.barrier_wait(both)
+            with jax.named_scope("lr_barrier"):  # is done with the previous tile's
+              plgpu.barrier_arrive(both)
+              plgpu.barrier_wait(both)
+          with jax.named_scope("epilogue_copies"):
+            epilogue_copies()
+
+          def accumulate(acc):
+            eval_pipeline(acc)
+            return acc[...]
+
+          with jax.named_scope("k_loop"):
+            acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
+          with jax.named_scope("epilogue"):
+            epilogue(acc)
+
+        def epilogue_copies():   # the epilogue's operands but the scales
+          if has_lr:
             pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(lr_gmem.at[m_slice], lr_smem,
                                                              barriers.at[2]))
             plgpu.copy_gmem_to_smem(up_gmem.at[w_slice].at[rows], up_smem.at[wg], bar(3))
@@ -356,15 +376,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.copy_gmem_to_smem(res_gmem.at[m_slice, n_slice].at[:, rows],
                                     out_smem.at[wg], bar(7))
-
-          def accumulate(acc):
-            eval_pipeline(acc)
-            return acc[...]
-
-          with jax.named_scope("k_loop"):   # profiled regions (profile_dir)
-            acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
-          with jax.named_scope("epilogue"):
-            epilogue(acc)
 
         def epilogue(acc):   # the tile's output from its accumulator
           plgpu.barrier_wait(bar(0))
@@ -450,10 +461,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                                          jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
-  # two regions a tile per warpgroup (profile_space counts regions), events past it dropped
+  # five regions a tile per warpgroup (profile_space counts regions), events past it dropped
   profiled = {} if profile_dir is None else dict(
       profile_dir=profile_dir, profile_bounds_check=True,
-      profile_space=2 * pl.cdiv(m_iters * n_iters, num_sms) + 2)
+      profile_space=5 * pl.cdiv(m_iters * n_iters, num_sms) + 2)
   wgs = compute_wgs
   outs = plgpu.kernel(
       kernel, out_type=out_type,

@@ -1,13 +1,15 @@
 """Where a W4A8 GEMM tile's time goes, from Mosaic GPU's in-kernel profiler (GPU only).
 
 Runs ``w4a8_hopper.w4a8_gemm_t`` (rank-32 branch and bias, as the library calls it) once
-unprofiled and once with ``profile_dir``: each compute warpgroup then records, with the GPU's
-global timer, its regions ``k_loop`` (a tile's K loop) and ``epilogue`` (scales, low-rank up
-projection, bias, the bf16 store) into a Chrome trace (open it in Perfetto), which this
-script reads back: per tile the median K loop (and per K step of 128), the epilogue, and the
-gap from one tile's epilogue to the next tile's K loop (its operand copies, the warpgroups'
-barrier, the wait for the first pipeline stage), and their shares of the warpgroups' spans.
-The timer's events cost a few cycles each (the profiler subtracts its estimate).
+unprofiled (timed) and once with ``profile_dir``: each compute warpgroup then records, with
+its SM's clock, five regions a tile (``REGIONS``: the copies of the epilogue's operands
+issued, the warpgroups' barrier, the K loop, the epilogue) into a Chrome trace (open it in
+Perfetto), which this script reads back: per tile each region's median duration, a K step,
+the gap from one tile's epilogue to the next tile's first region (the tile loop's own work),
+and their shares of the warpgroups' spans. Times are kilocycles (the profiler's trace puts a
+warpgroup's clock cycles / 1000 after its start time); ``implied_ghz`` converts (an SM's
+span over the unprofiled kernel's time). The events cost a few cycles each (the profiler
+subtracts its estimate).
 
     python3 scripts/profile_w4a8_tiles.py --shape 4608x3072x12288 --out $OUT
     python3 scripts/profile_w4a8_tiles.py --shape 4608x3072x3072 --variant "wt m256 s3" --out $OUT
@@ -25,12 +27,14 @@ import shutil
 
 import numpy as np
 
-REGIONS = ("k_loop", "epilogue")
+# a tile's regions, in the kernel's order (w4a8_gemm_t's profile_dir)
+REGIONS = ("scale_copies", "lr_barrier", "epilogue_copies", "k_loop", "epilogue")
 
 
 def regions(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
-  """A Chrome trace's B/E events -> per thread (a warpgroup), its (name, begin, end) in
-  microseconds, in order of their ends."""
+  """A Chrome trace's B/E events -> per thread (a warpgroup), its (name, begin, end), in
+  order of their ends. Times as the trace's ts: the profiler's are an SM's clock cycles
+  / 1000 (kilocycles) from each warpgroup's start."""
   out, open_ = {}, {}
   for ev in trace["traceEvents"]:
     stack = open_.setdefault(ev["tid"], [])
@@ -45,33 +49,48 @@ def regions(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
 
 
 def summarize(per_wg: dict[int, list[tuple[str, float, float]]], k_steps: int) -> dict:
-  """Per-tile medians (us) over every warpgroup's tiles and the regions' shares of the
-  warpgroups' spans (first K loop's begin to last epilogue's end)."""
-  loops, epis, gaps, spans, totals = [], [], [], 0.0, dict.fromkeys(REGIONS, 0.0)
+  """Per-tile medians over every warpgroup's tiles, in the trace's units: each region's
+  duration (``<region>``), a K step (``k_step``), the ``gap`` from a tile's epilogue to the
+  next tile's first region (the loop's own work); and each region's share of the
+  warpgroups' spans (first region's begin to last region's end), ``gaps`` the rest."""
+  durations = {name: [] for name in REGIONS}
+  gaps, span, totals = [], 0.0, dict.fromkeys(REGIONS, 0.0)
   for events in per_wg.values():
     mine = sorted((e for e in events if e[0] in REGIONS), key=lambda e: e[1])
     if not mine:
       continue
-    spans += mine[-1][2] - mine[0][1]
+    span += mine[-1][2] - mine[0][1]
     for (name, begin, end), nxt in zip(mine, mine[1:] + [None]):
       totals[name] += end - begin
-      (loops if name == "k_loop" else epis).append(end - begin)
+      durations[name].append(end - begin)
       if name == "epilogue" and nxt is not None:
         gaps.append(nxt[1] - end)
   med = lambda v: float(np.median(v)) if v else None
-  return dict(
-      warpgroups=len(per_wg), tiles=len(loops),
-      k_loop_us=med(loops), k_step_us=med(loops) / k_steps if loops else None,
-      epilogue_us=med(epis), gap_us=med(gaps),
-      share_k_loop=totals["k_loop"] / spans if spans else None,
-      share_epilogue=totals["epilogue"] / spans if spans else None,
-      share_gaps=1 - sum(totals.values()) / spans if spans else None)
+  out = dict(warpgroups=len(per_wg), tiles=len(durations["k_loop"]))
+  out.update({name: med(v) for name, v in durations.items()})
+  out["k_step"] = out["k_loop"] / k_steps if durations["k_loop"] else None
+  out["gap"] = med(gaps)
+  out["shares"] = {name: t / span for name, t in totals.items()} if span else None
+  if span:
+    out["shares"]["gaps"] = 1 - sum(totals.values()) / span
+  return out
+
+
+def sm_spans(trace: dict) -> list[float]:
+  """Per SM (the trace's pid), its first region's begin to its last region's end."""
+  first, last = {}, {}
+  for ev in trace["traceEvents"]:
+    if ev["name"] in REGIONS:
+      first[ev["pid"]] = min(first.get(ev["pid"], ev["ts"]), ev["ts"])
+      last[ev["pid"]] = max(last.get(ev["pid"], ev["ts"]), ev["ts"])
+  return [last[p] - first[p] for p in first]
 
 
 def main():
   import jax
 
   from svdq_jax.pallas_kernels import w4a8_hopper
+  from svdq_jax.timing import median_seconds
 
   from bench_rowscaled import gemm_operands, variant_kwargs
   from bench_w4a4 import activations, make_layer
@@ -96,7 +115,9 @@ def main():
   trace_dir = os.path.join(args.out, "traces")
   shutil.rmtree(trace_dir, ignore_errors=True)
   os.makedirs(trace_dir)
-  want = jax.jit(lambda *o: w4a8_hopper.w4a8_gemm_t(*o, **kw))(*ops)
+  plain = jax.jit(lambda *o: w4a8_hopper.w4a8_gemm_t(*o, **kw))
+  want = plain(*ops)
+  kernel_s = median_seconds(plain, *ops)
   got = jax.jit(lambda *o: w4a8_hopper.w4a8_gemm_t(*o, profile_dir=trace_dir, **kw))(*ops)
   jax.effects_barrier()   # the trace is written by a host callback
   paths = glob.glob(os.path.join(trace_dir, "**", "*.json*"), recursive=True)
@@ -105,8 +126,13 @@ def main():
   [path] = paths
   with open(path) as f:
     trace = json.load(f)
-  res = dict(device=jax.devices()[0].device_kind, M=m, K=k, N=n, rank=args.rank, tiles=kw,
-             profiled_mismatches=int((got != want).sum()),
+  spans = sm_spans(trace)
+  res = dict(device=jax.devices()[0].device_kind, M=m, K=k, N=n, rank=args.rank, tiling=kw,
+             profiled_mismatches=int((got != want).sum()), unprofiled_ms=kernel_s * 1e3,
+             units="kilocycles (an SM's clock)", sm_span_median=float(np.median(spans)),
+             sm_span_max=float(max(spans)),
+             # the clock the spans imply, were the unprofiled kernel all span
+             implied_ghz=float(max(spans)) / (kernel_s * 1e6),
              **summarize(regions(trace), k // w4a8_hopper.TILE_K))
   with open(os.path.join(args.out, "tiles.json"), "w") as f:
     json.dump(res, f, indent=1)

@@ -23,20 +23,33 @@ def _trace(per_tid):
 
 
 def test_tiles_summarized():
-  # two warpgroups, two tiles each: K loops of 10 and 12 us, epilogues of 2 and 4, a 1 us
-  # gap between one tile's epilogue and the next K loop
-  wg = lambda t0: [("k_loop", t0, t0 + 10), ("epilogue", t0 + 10, t0 + 12),
-                   ("k_loop", t0 + 13, t0 + 25), ("epilogue", t0 + 25, t0 + 29)]
+  # two warpgroups, two tiles each: copies 0.5 + barrier 1 + copies 0.5, K loops of 10 and
+  # 12, epilogues of 2 and 4, a gap of 1 from one tile's epilogue to the next tile's copies
+  def wg(t0):
+    out, t = [], t0
+    for k_loop, epilogue in ((10, 2), (12, 4)):
+      for name, d in (("scale_copies", 0.5), ("lr_barrier", 1), ("epilogue_copies", 0.5),
+                      ("k_loop", k_loop), ("epilogue", epilogue)):
+        out.append((name, t, t + d))
+        t += d
+      t += 1
+    return out
   per_wg = prof.regions(_trace({1: wg(0.0), 2: wg(5.0)}))
-  assert per_wg[1] == [("k_loop", 0.0, 10.0), ("epilogue", 10.0, 12.0),
-                       ("k_loop", 13.0, 25.0), ("epilogue", 25.0, 29.0)]
+  assert per_wg[1][:2] == [("scale_copies", 0.0, 0.5), ("lr_barrier", 0.5, 1.5)]
+  assert per_wg[1][-1] == ("epilogue", 29.0, 33.0)
   got = prof.summarize(per_wg, k_steps=4)
   assert got["warpgroups"] == 2 and got["tiles"] == 4
-  assert got["k_loop_us"] == 11.0 and got["k_step_us"] == 2.75
-  assert got["epilogue_us"] == 3.0 and got["gap_us"] == 1.0
-  assert got["share_k_loop"] == pytest.approx(22 / 29)
-  assert got["share_epilogue"] == pytest.approx(6 / 29)
-  assert got["share_gaps"] == pytest.approx(1 / 29)
+  assert got["k_loop"] == 11.0 and got["k_step"] == 2.75
+  assert got["epilogue"] == 3.0 and got["gap"] == 1.0
+  assert got["scale_copies"] == 0.5 and got["lr_barrier"] == 1.0
+  assert got["shares"]["k_loop"] == pytest.approx(22 / 33)
+  assert got["shares"]["epilogue"] == pytest.approx(6 / 33)
+  assert got["shares"]["lr_barrier"] == pytest.approx(2 / 33)
+  assert got["shares"]["gaps"] == pytest.approx(1 / 33)
+  trace = _trace({1: wg(0.0), 2: wg(5.0)})
+  for ev in trace["traceEvents"]:
+    ev["pid"] = ev["tid"]   # each warpgroup on its own SM
+  assert sorted(prof.sm_spans(trace)) == [33.0, 33.0]
 
 
 def test_unbalanced_regions_rejected():
