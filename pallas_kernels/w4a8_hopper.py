@@ -206,14 +206,15 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "profile_dir", "interpret"))
+                                             "grid_tile_width", "copies_at", "profile_dir",
+                                             "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
-                grid_tile_width: int = GRID_TILE_WIDTH, profile_dir: str | None = None,
-                interpret: bool = False):
+                grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None = None,
+                profile_dir: str | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -235,6 +236,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     grid_minor, grid_tile_width: the order of the output tiles over the persistent grid:
       bands of grid_tile_width CTA tiles along grid_minor ("n" or "m"), each walked along
       the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
+    copies_at: None: the epilogue's operands (scales, lr, up_t, bias, ...) are copied into
+      shared memory before a tile's K loop; an int: at that K step (clipped to the last),
+      their copies then issued while the tile's MMAs run.
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
@@ -264,6 +268,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           and grid_minor in WG_DIMS):
     raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int and "
                      f"grid_minor={grid_minor!r} 'm' or 'n'")
+  if copies_at is not None and not (isinstance(copies_at, int) and copies_at >= 0):
+    raise ValueError(f"copies_at={copies_at!r} must be None or a K step >= 0")
   if profile_dir is not None and interpret:
     raise ValueError("profile_dir needs the GPU: interpret mode has no in-kernel profiler")
   if tile_m % 8 or not 64 <= tile_m <= 256:
@@ -322,6 +328,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * ROWS, ROWS)
 
+      compute = wg < compute_wgs   # the memory warpgroup is the last
+      if has_lr:   # as if a tile before the first were done with lr_smem
+        pl.when(compute)(lambda: plgpu.barrier_arrive(both))
+
       # a pipeline per tile (chained into one, the next tile's loads during this one's
       # epilogue, the step was no faster: docs/benchmarks, 2026-12-05)
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -341,15 +351,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         def context(eval_pipeline):
           # profiled regions (profile_dir): the copies' issue, the barrier, the K loop and the
           # epilogue, in this order
-          with jax.named_scope("scale_copies"):
-            plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
-            plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
-          if has_lr:  # lr [tile_m, r] is both warpgroups': the first loads it once the second
-            with jax.named_scope("lr_barrier"):  # is done with the previous tile's
-              plgpu.barrier_arrive(both)
-              plgpu.barrier_wait(both)
-          with jax.named_scope("epilogue_copies"):
-            epilogue_copies()
+          if copies_at is None:
+            copies()
 
           def accumulate(acc):
             eval_pipeline(acc)
@@ -359,6 +362,17 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, tile_m), jnp.int32))
           with jax.named_scope("epilogue"):
             epilogue(acc)
+
+        def copies():   # the epilogue's operands into shared memory
+          with jax.named_scope("scale_copies"):
+            plgpu.copy_gmem_to_smem(sa_gmem.at[m_slice], sa_smem.at[wg], bar(0))
+            plgpu.copy_gmem_to_smem(sw_gmem.at[w_slice].at[rows], sw_smem.at[wg], bar(1))
+          if has_lr:  # lr [tile_m, r] is every warpgroup's: the first loads it once each
+            with jax.named_scope("lr_barrier"):  # warpgroup's epilogue is done with the
+              plgpu.barrier_wait(both)           # previous tile's (all wait: each observes
+                                                 # a phase before arriving on the next)
+          with jax.named_scope("epilogue_copies"):
+            epilogue_copies()
 
         def epilogue_copies():   # the epilogue's operands but the scales
           if has_lr:
@@ -386,6 +400,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             plgpu.barrier_wait(bar(3))
             total = _wgmma_onto(total, lambda acc_ref: plgpu.wgmma(
                 acc_ref, up_smem.at[wg], lr_smem.transpose((1, 0))), interpret)
+            plgpu.barrier_arrive(both)   # done with lr_smem
           if has_bias:
             plgpu.barrier_wait(bar(4))
             total = plus_bias(total, bias_smem.at[wg], token_axis=1)
@@ -420,7 +435,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
-        def body(_, a_smem, codes_smem, mult_smem, acc):
+        def body(idx, a_smem, codes_smem, mult_smem, acc):
           # the wgmma reads w from registers until it completes: waited before the next
           # step's expansion writes them again
           w = _expand(codes_smem.at[rows], mult_smem.at[0, mult_rows], interpret)
@@ -428,11 +443,16 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             stage[0][wg] = w
             w = stage[0].at[wg]
           plgpu.wgmma(acc, w, a_smem.transpose((1, 0)))
+          if copies_at is not None:   # issued under the MMA
+            pl.when(idx[0] == min(copies_at, k_iters - 1))(copies)
           plgpu.wgmma_wait(0)
           return acc
 
         pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
+
+      if has_lr:   # the last tile's arrivals observed
+        pl.when(compute)(lambda: plgpu.barrier_wait(both))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -73,7 +73,7 @@ def _expand_kwargs(cfg):
 
 
 TOKENS = {"m": "tile_m", "n": "tile_n", "k": "tile_k", "s": "steps", "t": "grid_tile_width",
-          "d": "delay_release", "o": "out_splits"}
+          "d": "delay_release", "o": "out_splits", "c": "copies_at"}
 
 
 def variant_kwargs(name: str) -> dict:

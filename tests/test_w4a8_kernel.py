@@ -58,6 +58,22 @@ def test_tile_orders_over_a_smaller_grid(grid_minor, grid_tile_width):
   np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
 
 
+@pytest.mark.parametrize("copies_at,compute_wgs", [(0, 2), (1, 3), (7, 2)])
+def test_epilogue_copies_under_the_k_loop(copies_at, compute_wgs):
+  """copies_at: the epilogue operands' copies issued at a K step (the last of 3 for 7), three
+  programs over several tiles each (lr_smem reloaded per tile once every warpgroup's
+  epilogue is done with it): the same bf16 values as the expansion pass + int8 GEMM."""
+  n = 384 * (compute_wgs - 1)
+  a, sa, codes, mult, sw, lr, up, bias = _operands(n=n)
+  got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64,
+                                           num_sms=3, compute_wgs=compute_wgs,
+                                           copies_at=copies_at, interpret=True))
+  w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
+  want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, lr, up, bias, tile_m=64, tile_n=128,
+                                          tile_k=128, interpret=True))
+  np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+
+
 def test_bf16_bias_read_as_given(monkeypatch):
   """A bf16 bias goes into both GEMM kernels as it is (``int8_hopper.bias_operand``; no
   convert before the call) and gives the values of the same bias widened to f32 first."""
