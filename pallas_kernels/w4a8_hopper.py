@@ -69,6 +69,13 @@ CTA_N = 2 * ROWS
 TILE_K = 128  # two packed 64-groups per step
 BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv (+ gate, residual)
 GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_gemm_t``)
+# The K step at which a tile's epilogue operands are copied (``w4a8_gemm_t(copies_at=)``):
+# issued before the K loop, the first copy waited ~1.25 kilocycles behind the memory
+# warpgroup's burst of the tile's first stages, a fifth of the tile's fixed cost (H100,
+# 2026-12-07, scripts/profile_w4a8_tiles.py). M = 4608, rank 32 + bias, the GEMM alone:
+# 0.0871 / 0.2588 / 0.2249 ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 before the
+# K loop, 0.0793 / 0.2496 / 0.2243 at step 1, 0.0756 / 0.2512 / 0.2245 at step 4.
+COPIES_AT = 4
 
 
 def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
@@ -206,15 +213,16 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "copies_at", "profile_dir",
+                                             "grid_tile_width", "copies_at", "chain", "profile_dir",
                                              "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
-                grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None = None,
-                profile_dir: str | None = None, interpret: bool = False):
+                grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None = COPIES_AT,
+                chain: bool = False, profile_dir: str | None = None,
+                interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -236,9 +244,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     grid_minor, grid_tile_width: the order of the output tiles over the persistent grid:
       bands of grid_tile_width CTA tiles along grid_minor ("n" or "m"), each walked along
       the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
-    copies_at: None: the epilogue's operands (scales, lr, up_t, bias, ...) are copied into
-      shared memory before a tile's K loop; an int: at that K step (clipped to the last),
-      their copies then issued while the tile's MMAs run.
+    copies_at: the K step (clipped to the last) at which a tile's epilogue operands
+      (scales, lr, up_t, bias, ...) are copied into shared memory, their copies issued while
+      the tile's MMAs run; None: before the K loop.
+    chain: a program's tiles as one pipeline of pipelines (jax's ``pipeline_state``): the
+      memory warpgroup loads a tile's first K steps while the previous tile's last ones run.
+      Only where every program has two tiles or more and the depth divides K / 128 (else
+      as without).
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
@@ -293,6 +305,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
+  # a single tile would need START and STOP at once; jax's pipeline of pipelines needs the
+  # K steps to divide by the depth
+  chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
   per_wg = BARRIERS + 2 * has_res   # the residual's: its gate's and its tile's
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
@@ -307,9 +322,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
      both, *stage) = it
     gate_smem = stage.pop(0) if has_res else None
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40,
+          body, grid=(k_iters,), memory_registers=40, pipeline_state=state,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
@@ -332,11 +347,16 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       if has_lr:   # as if a tile before the first were done with lr_smem
         pl.when(compute)(lambda: plgpu.barrier_arrive(both))
 
-      # a pipeline per tile (chained into one, the next tile's loads during this one's
-      # epilogue, the step was no faster: docs/benchmarks, 2026-12-05)
+      # a pipeline per tile, or chained into one (chain)
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
         (lin,) = info.index
+        state = None
+        if chain:
+          last = info.local_index == info.num_local_steps - 1
+          state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
+                            jnp.where(last, plgpu.PipelinePipeline.STOP,
+                                      plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), WG_DIMS.index(grid_minor),
                                           grid_tile_width)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
@@ -448,7 +468,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
+        pipeline(body, context, state)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
       if has_lr:   # the last tile's arrivals observed
@@ -459,7 +479,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   order = f"b{grid_minor}{grid_tile_width}"
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'' if gelu_from is None else 'gelu'}"
+                     f"{'' if gelu_from is None else 'gelu'}{'ch' if chain else ''}"
                      f"{'' if order == f'bn{GRID_TILE_WIDTH}' else order}"
                      f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]

@@ -81,6 +81,18 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
   assert ("mul.rn.bf16x2" in text) == packed
 
 
+@pytest.mark.parametrize("copies_at", [None, 1])
+def test_w4a8_register_gemm_chained_lowers(copies_at):
+  """chain=True (one program over both tiles: START and STOP states) with the epilogue
+  operands copied before the K loop or at a K step; the kernel's name says chained."""
+  args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
+          jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,)), *_epilogue()]
+  text = _lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(*a, tile_m=256, steps=3, num_sms=1,
+                                                     chain=True, copies_at=copies_at), *args)
+  assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
+  assert "w4a8_t_m256s3ch_200x384x256" in text
+
+
 @pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
 def test_w4a8_register_gemm_three_warpgroups_lowers(tiles):
   """compute_wgs=3 (192 weight rows a CTA) with the low-rank branch, bias, GELU and the
