@@ -71,11 +71,13 @@ BARRIERS = 6  # a compute warpgroup's: sa, sw, lr, up, bias, row_max_inv (+ gate
 GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_gemm_t``)
 # The K step at which a tile's epilogue operands are copied (``w4a8_gemm_t(copies_at=)``):
 # issued before the K loop, the first copy waited ~1.25 kilocycles behind the memory
-# warpgroup's burst of the tile's first stages, a fifth of the tile's fixed cost (H100,
-# 2026-12-07, scripts/profile_w4a8_tiles.py). M = 4608, rank 32 + bias, the GEMM alone:
-# 0.0871 / 0.2588 / 0.2249 ms at 3072 -> 3072 / 3072 -> 12288 / 12288 -> 3072 before the
-# K loop, 0.0793 / 0.2496 / 0.2243 at step 1, 0.0756 / 0.2512 / 0.2245 at step 4.
-COPIES_AT = 4
+# warpgroup's burst of the tile's first stages (H100, 2026-12-07,
+# scripts/profile_w4a8_tiles.py: a third of the ~3.3 kilocycles between one tile's epilogue
+# and the next K loop). GEMM alone with the rank-32 branch and bias, H100s, 2026-12-07
+# (docs/benchmarks README): at K = 3072 step 4 took 1-7% off at M = 1024 / 4608 / 16384
+# but for N = 12288 at M = 1024 and 16384 (+1%); at K = 12288, before the K loop was
+# faster at M = 1024 and 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K.
+COPIES_AT, COPIES_MAX_K = 4, 6144
 
 
 def check_shapes(a, sa, codes, w_mult, sw, lr, up_t, bias, compute_wgs: int = 2) -> None:
@@ -220,7 +222,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
-                grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None = COPIES_AT,
+                grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None | str = "auto",
                 chain: bool = False, profile_dir: str | None = None,
                 interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
@@ -246,7 +248,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       the other dimension (``plgpu.planar_snake``; by default bands of 8 along N).
     copies_at: the K step (clipped to the last) at which a tile's epilogue operands
       (scales, lr, up_t, bias, ...) are copied into shared memory, their copies issued while
-      the tile's MMAs run; None: before the K loop.
+      the tile's MMAs run; None: before the K loop; "auto": COPIES_AT up to K =
+      COPIES_MAX_K, None above.
     chain: a program's tiles as one pipeline of pipelines (jax's ``pipeline_state``): the
       memory warpgroup loads a tile's first K steps while the previous tile's last ones run.
       Only where every program has two tiles or more and the depth divides K / 128 (else
@@ -280,8 +283,10 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           and grid_minor in WG_DIMS):
     raise ValueError(f"grid_tile_width={grid_tile_width!r} must be a positive int and "
                      f"grid_minor={grid_minor!r} 'm' or 'n'")
+  if copies_at == "auto":
+    copies_at = COPIES_AT if k <= COPIES_MAX_K else None
   if copies_at is not None and not (isinstance(copies_at, int) and copies_at >= 0):
-    raise ValueError(f"copies_at={copies_at!r} must be None or a K step >= 0")
+    raise ValueError(f"copies_at={copies_at!r} must be None, 'auto' or a K step >= 0")
   if profile_dir is not None and interpret:
     raise ValueError("profile_dir needs the GPU: interpret mode has no in-kernel profiler")
   if tile_m % 8 or not 64 <= tile_m <= 256:

@@ -209,6 +209,9 @@ def test_errors():
     gemm(a, sa, codes, mult.T, sw, grid_minor="k")
   with pytest.raises(ValueError, match="profile_dir needs the GPU"):
     gemm(a, sa, codes, mult.T, sw, profile_dir="/tmp")
+  for bad in (-1, "late"):
+    with pytest.raises(ValueError, match=f"copies_at={bad!r} must be None, 'auto'"):
+      gemm(a, sa, codes, mult.T, sw, copies_at=bad)
   with pytest.raises(ValueError, match="low-rank"):
     gemm(a, sa, codes, mult.T, sw, lr[:, :24], up[:, :24])
 
