@@ -37,9 +37,14 @@ layer at M = 4608 (6% at M = 16384), and bands of 4 along M left the FLUX.1 step
 11.6 per SM) the time fits ~0.72 us per K step of 128 and ~5 us per tile, ~7 K steps' worth,
 a quarter of a K = 3072 tile (0.055-0.061 ms of the layer's 0.257); XLA's int8 GEMM fits
 0.030-0.034 ms fixed and a K loop 7-10% slower (2026-12-07, H100,
-docs/benchmarks/2026-12-07-gemm-k-sweep-h100.json). Presumably the epilogue and the tile's
-start, as the three warpgroups reach their epilogues together and nothing then feeds the
-tensor cores; ``profile_dir`` times the two (scripts/profile_w4a8_tiles.py).
+docs/benchmarks/2026-12-07-gemm-k-sweep-h100.json). Profiled in the kernel (``profile_dir``,
+scripts/profile_w4a8_tiles.py; H100, 2026-12-07): the K loop runs at ~95% of the int8
+tensor cores' peak (~1.22 kilocycles a step against 1.15); a tile's fixed ~6.4 kilocycles
+are the epilogue (2.55, the three warpgroups at once), the copies of the next tile's
+epilogue operands issued behind the memory warpgroup's burst of its first stages (~1.7) and
+the first stage's wait. The copies now go under the K loop (``copies_at``, 1-7% off at
+K = 3072); what is left is the epilogue and the fill, which only overlapping tiles (two
+CTAs an SM, or warpgroups on different tiles) would hide.
 """
 
 from __future__ import annotations
