@@ -220,8 +220,8 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "copies_at", "chain", "profile_dir",
-                                             "interpret"))
+                                             "grid_tile_width", "copies_at", "chain",
+                                             "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
@@ -379,8 +379,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
         bar = lambda i: barriers.at[per_wg * wg + i]
 
         def context(eval_pipeline):
-          # profiled regions (profile_dir): the copies' issue, the barrier, the K loop and the
-          # epilogue, in this order
+          # profiled regions (profile_dir): the copies' issue and the barrier (here or inside
+          # the K loop, copies_at), the K loop, the epilogue
           if copies_at is None:
             copies()
 
