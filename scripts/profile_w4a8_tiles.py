@@ -52,7 +52,9 @@ def summarize(per_wg: dict[int, list[tuple[str, float, float]]], k_steps: int) -
   """Per-tile medians over every warpgroup's tiles, in the trace's units: each region's
   duration (``<region>``), a K step (``k_step``), the ``gap`` from a tile's epilogue to the
   next tile's first region (the loop's own work); and each region's share of the
-  warpgroups' spans (first region's begin to last region's end), ``gaps`` the rest."""
+  warpgroups' spans (first region's begin to last region's end), ``gaps`` the rest (regions
+  inside the K loop, as the copies with ``copies_at``, count in both: ``gaps`` then comes out
+  low or negative)."""
   durations = {name: [] for name in REGIONS}
   gaps, span, totals = [], 0.0, dict.fromkeys(REGIONS, 0.0)
   for events in per_wg.values():
