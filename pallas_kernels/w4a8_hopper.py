@@ -42,8 +42,8 @@ scripts/profile_w4a8_tiles.py; H100, 2026-12-07): the K loop runs at ~95% of the
 tensor cores' peak (~1.22 kilocycles a step against 1.15); a tile's fixed ~6.4 kilocycles
 are the epilogue (2.55, the three warpgroups at once), the copies of the next tile's
 epilogue operands issued behind the memory warpgroup's burst of its first stages (~1.7) and
-the first stage's wait. The copies now go under the K loop (``copies_at``, 1-7% off at
-K = 3072); what is left is the epilogue and the fill, which only overlapping tiles (two
+the first stage's wait. The copies now go under the K loop (``copies_at``, 1.5-13% off at
+K = 3072 but for three cases 1% slower); what is left is the epilogue and the fill, which only overlapping tiles (two
 CTAs an SM, or warpgroups on different tiles) would hide.
 """
 
@@ -79,9 +79,10 @@ GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_
 # warpgroup's burst of the tile's first stages (H100, 2026-12-07,
 # scripts/profile_w4a8_tiles.py: a third of the ~3.3 kilocycles between one tile's epilogue
 # and the next K loop). GEMM alone with the rank-32 branch and bias, H100s, 2026-12-07
-# (docs/benchmarks README): at K = 3072 step 4 took 1-7% off at M = 1024 / 4608 / 16384
-# but for N = 12288 at M = 1024 and 16384 (+1%); at K = 12288, before the K loop was
-# faster at M = 1024 and 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K.
+# (docs/benchmarks README): at K = 3072 step 4 took 1.5-13% off at M = 1024 / 4608 / 16384,
+# but for 3072 -> 12288 at M = 1024 and 16384 and 3072 -> 3072 at M = 4608 on one of two
+# machines (each 1% slower); at K = 12288, before the K loop was faster at M = 1024 and
+# 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K.
 COPIES_AT, COPIES_MAX_K = 4, 6144
 
 
