@@ -222,14 +222,14 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
                                              "grid_tile_width", "copies_at", "chain",
-                                             "skew", "profile_dir", "interpret"))
+                                             "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
                 tile_m: int = 256, steps: int = 3, gelu_from: int | None = None,
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
                 grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None | str = "auto",
-                chain: bool = False, skew: int = 0, profile_dir: str | None = None,
+                chain: bool = False, profile_dir: str | None = None,
                 interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
@@ -260,10 +260,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       memory warpgroup loads a tile's first K steps while the previous tile's last ones run.
       Only where every program has two tiles or more and the depth divides K / 128 (else
       as without).
-    skew: with chain, each compute warpgroup but the first starts its program's first tile
-      ``skew`` K steps after the one before it, so that their epilogues fall at different
-      times, each under the others' MMAs (the skew then persists over a program's tiles:
-      each warpgroup does the same work a tile). 0: none.
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
@@ -323,9 +319,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   # a single tile would need START and STOP at once; jax's pipeline of pipelines needs the
   # K steps to divide by the depth
   chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
-  if not (isinstance(skew, int) and 0 <= skew < steps):
-    raise ValueError(f"skew={skew!r} must be an int in [0, steps={steps})")
-  skew = skew if chain else 0
   per_wg = BARRIERS + 2 * has_res   # the residual's: its gate's and its tile's
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
@@ -337,7 +330,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     out_gmem = next(it)
     rmax_gmem = next(it) if has_rmax else None
     (out_smem, sa_smem, sw_smem, lr_smem, up_smem, bias_smem, rinv_smem, rmax_smem, barriers,
-     both, skewed, *stage) = it
+     both, *stage) = it
     gate_smem = stage.pop(0) if has_res else None
 
     def pipeline(body, context, state=None):
@@ -474,10 +467,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 
         def body(idx, a_smem, codes_smem, mult_smem, acc):
-          if skew:   # warpgroup w > 0 starts once w - 1 has done its first skew steps
-            first = info.local_index == 0
-            pl.when(first & (idx[0] == 0) & (wg > 0))(
-                lambda: plgpu.barrier_wait(skewed.at[jnp.maximum(wg - 1, 0)]))
           # the wgmma reads w from registers until it completes: waited before the next
           # step's expansion writes them again
           w = _expand(codes_smem.at[rows], mult_smem.at[0, mult_rows], interpret)
@@ -488,9 +477,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           if copies_at is not None:   # issued under the MMA
             pl.when(idx[0] == min(copies_at, k_iters - 1))(copies)
           plgpu.wgmma_wait(0)
-          if skew:
-            pl.when(first & (idx[0] == skew - 1) & (wg < compute_wgs - 1))(
-                lambda: plgpu.barrier_arrive(skewed.at[wg]))
           return acc
 
         pipeline(body, context, state)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
@@ -505,7 +491,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   order = f"b{grid_minor}{grid_tile_width}"
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
                      f"{'' if gelu_from is None else 'gelu'}{'ch' if chain else ''}"
-                     f"{f'sk{skew}' if skew else ''}"
                      f"{'' if order == f'bn{GRID_TILE_WIDTH}' else order}"
                      f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]
@@ -549,7 +534,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.SMEM((wgs, tile_m if has_rmax else 8), jnp.float32),
           plgpu.Barrier(num_barriers=per_wg * wgs),
           plgpu.Barrier(num_arrivals=wgs),
-          plgpu.Barrier(num_barriers=wgs - 1),   # skew's
       ] + ([plgpu.SMEM((wgs, ROWS), jnp.float32)] if has_res else [])   # the gate
         + ([plgpu.SMEM((wgs, ROWS, TILE_K), jnp.int8, transforms=_swizzled(TILE_K, jnp.int8))]
            if interpret else []),

@@ -80,7 +80,7 @@ def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
   wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``; w3: its
   three compute warpgroups; c<N> / cb: its epilogue operands copied at K step N / before the
-  K loop; ch: its tiles' pipelines chained; sk<N>: with ch, its warpgroups N K steps apart)."""
+  K loop; ch: its tiles' pipelines chained)."""
   kw = {}
   for tok in name.split():
     if tok == "wt":
@@ -91,8 +91,6 @@ def variant_kwargs(name: str) -> dict:
       kw["wg_dim"] = tok[1]
     elif tok == "ch":
       kw["chain"] = True
-    elif tok.startswith("sk") and tok[2:].isdigit():   # chained warpgroups' skew
-      kw["skew"] = int(tok[2:])
     elif tok == "cb":   # the epilogue operands' copies before the K loop
       kw["copies_at"] = None
     elif tok in ("gm", "gn"):
