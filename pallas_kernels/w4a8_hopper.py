@@ -82,7 +82,10 @@ GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_
 # (docs/benchmarks README): at K = 3072 step 4 took 1.5-13% off at M = 1024 / 4608 / 16384,
 # but for 3072 -> 12288 at M = 1024 and 16384 and 3072 -> 3072 at M = 4608 on one of two
 # machines (each 1% slower); at K = 12288, before the K loop was faster at M = 1024 and
-# 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K.
+# 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K. On a third H100 (forty-third
+# session) 3072 -> 3072 ran 0.0843 ms at step 4 against 0.0707 before the K loop (19%
+# slower), the other K = 3072 shapes within 1%; the FLUX.1 step moved by less than the
+# machines' spread (run 40: 95.39 / 85.82 ms against run 39's 95.67 / 85.83).
 COPIES_AT, COPIES_MAX_K = 4, 6144
 
 
@@ -175,6 +178,23 @@ def set_three_warpgroups_gelu(on: bool) -> None:
   scripts/bench_flux_full.py --three-warpgroups-gelu times them off)."""
   global _three_wgs_gelu
   _three_wgs_gelu = bool(on)
+
+
+# A program's tile pipelines chained (``w4a8_gemm_t(chain=True)``) in the layers: off. GEMM
+# + rank-32 + bias at M = 4608, ms, not chained / chained: on one H100 (2026-12-07, forty-third
+# session) 0.0843 / 0.0692, 0.2572 / 0.2487, 0.2228 / 0.2233, 0.4370 / 0.4211, 0.2861 /
+# 0.2738 at the five FLUX shapes (3072 -> 3072, 3072 -> 12288, 12288 -> 3072, 3072 -> 21504,
+# 15360 -> 3072); on another earlier that day (forty-second session) within 2% either way;
+# in the FLUX.1 step on an H200 (2026-12-05) 96.72 against 96.18 ms. To be timed in the
+# step again (scripts/bench_flux_full.py --chained-tiles).
+_chained = False
+
+
+def set_chained_tiles(on: bool) -> None:
+  """Whether the layers' W4A8 GEMMs chain a program's tile pipelines (``w4a8_gemm_t``'s
+  ``chain``; off by default, see _chained)."""
+  global _chained
+  _chained = bool(on)
 
 
 def set_narrow_tiles(on: bool) -> None:

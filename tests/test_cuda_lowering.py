@@ -243,6 +243,23 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
   assert calls == want, calls
 
 
+def test_layer_chains_the_w4a8_tiles_when_switched(monkeypatch):
+  """``w4a8_hopper.set_chained_tiles``: the layer's W4A8 GEMMs (both launches of a GELU
+  layer) asked for chained tile pipelines, or not."""
+  layer = _layer("svdquant", "int4_2l", "int8")
+  chains = []
+  real = w4a8_hopper.w4a8_gemm_t
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
+                      lambda *a, **k: chains.append(k["chain"]) or real(*a, **k))
+  x = jax.random.normal(jax.random.key(2), (72, 256), jnp.bfloat16)
+  for on in (False, True):
+    monkeypatch.setattr(w4a8_hopper, "_chained", on)
+    with qlinear.backend("pallas"):
+      calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=128), layer, x)
+    assert calls == [MOSAIC, MOSAIC], calls
+  assert chains == [False, False, True, True], chains
+
+
 @pytest.mark.parametrize("rows", [1, 28])
 def test_gemv_with_conversions_lowers(rows):
   """The modulation GEMV with its codes made f32 by conversions (``bit_unpack=False``, the
