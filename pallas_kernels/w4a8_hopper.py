@@ -84,7 +84,7 @@ GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_
 # machines (each 1% slower); at K = 12288, before the K loop was faster at M = 1024 and
 # 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K. On a third H100 (forty-third
 # session) 3072 -> 3072 ran 0.0843 ms at step 4 against 0.0707 before the K loop (19%
-# slower), the other K = 3072 shapes within 1%; the FLUX.1 step moved by less than the
+# slower), 3072 -> 21504 0.4370 against 0.4356; the FLUX.1 step moved by less than the
 # machines' spread (run 40: 95.39 / 85.82 ms against run 39's 95.67 / 85.83).
 COPIES_AT, COPIES_MAX_K = 4, 6144
 
