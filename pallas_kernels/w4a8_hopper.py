@@ -184,9 +184,11 @@ def set_three_warpgroups_gelu(on: bool) -> None:
 # + rank-32 + bias at M = 4608, ms, not chained / chained: on one H100 (2026-12-07, forty-third
 # session) 0.0843 / 0.0692, 0.2572 / 0.2487, 0.2228 / 0.2233, 0.4370 / 0.4211, 0.2861 /
 # 0.2738 at the five FLUX shapes (3072 -> 3072, 3072 -> 12288, 12288 -> 3072, 3072 -> 21504,
-# 15360 -> 3072); on another earlier that day (forty-second session) within 2% either way;
-# in the FLUX.1 step on an H200 (2026-12-05) 96.72 against 96.18 ms. To be timed in the
-# step again (scripts/bench_flux_full.py --chained-tiles).
+# 15360 -> 3072); on a second H100 the same hour 0.0767 / 0.0765, 0.2528 / 0.2559, 0.4248 /
+# 0.4213 at 3072 -> 3072 / 12288 / 21504, and on another earlier that day (forty-second
+# session) within 2% either way; in the FLUX.1 step on an H200 (2026-12-05) 96.72 against
+# 96.18 ms. The machines disagree: scripts/bench_flux_full.py --chained-tiles times it in
+# the step.
 _chained = False
 
 
