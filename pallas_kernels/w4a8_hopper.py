@@ -44,7 +44,11 @@ are the epilogue (2.55, the three warpgroups at once), the copies of the next ti
 epilogue operands issued behind the memory warpgroup's burst of its first stages (~1.7) and
 the first stage's wait. The copies now go under the K loop (``copies_at``, 1.5-13% off at
 K = 3072 but for three cases 1% slower); what is left is the epilogue and the fill, which only overlapping tiles (two
-CTAs an SM, or warpgroups on different tiles) would hide.
+CTAs an SM, or warpgroups on different tiles) would hide. Neither way measured faster (H100,
+2026-12-07, forty-third session; docs/benchmarks README): the warpgroups of chained tiles
+started K steps apart (one's epilogue under the others' MMAs) ran 1-3% slower than chained
+alone, and 128-token tiles on three warpgroups (room for a second accumulator) 16-34%
+slower than 192-token ones.
 """
 
 from __future__ import annotations
