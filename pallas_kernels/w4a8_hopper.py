@@ -203,6 +203,20 @@ def set_chained_tiles(on: bool) -> None:
   _chained = bool(on)
 
 
+# The layers' W4A8 GEMMs with copies_at="auto" (the default) or None (before each K loop, as
+# before 2026-12-07): compared per layer only, and in the step only across machines (run 40
+# against run 39); scripts/bench_flux_full.py --copies-before-k-loop times both in one run.
+_copies_in_k_loop = True
+
+
+def set_copies_in_k_loop(on: bool) -> None:
+  """Whether the layers' W4A8 GEMMs copy a tile's epilogue operands under its K loop where
+  COPIES_MAX_K allows (``w4a8_gemm_t(copies_at="auto")``, the default) or before it
+  (``copies_at=None``)."""
+  global _copies_in_k_loop
+  _copies_in_k_loop = bool(on)
+
+
 def set_narrow_tiles(on: bool) -> None:
   """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
   MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;

@@ -243,21 +243,23 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
   assert calls == want, calls
 
 
-def test_layer_chains_the_w4a8_tiles_when_switched(monkeypatch):
-  """``w4a8_hopper.set_chained_tiles``: the layer's W4A8 GEMMs (both launches of a GELU
-  layer) asked for chained tile pipelines, or not."""
+def test_layer_passes_the_w4a8_tile_switches(monkeypatch):
+  """``w4a8_hopper.set_chained_tiles`` / ``set_copies_in_k_loop``: the layer's W4A8 GEMMs
+  (both launches of a GELU layer) asked for chained tile pipelines or not, the epilogue
+  operands' copies under the K loop ("auto") or before it (None)."""
   layer = _layer("svdquant", "int4_2l", "int8")
-  chains = []
+  seen = []
   real = w4a8_hopper.w4a8_gemm_t
-  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t",
-                      lambda *a, **k: chains.append(k["chain"]) or real(*a, **k))
+  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: seen.append(
+      (k["chain"], k["copies_at"])) or real(*a, **k))
   x = jax.random.normal(jax.random.key(2), (72, 256), jnp.bfloat16)
-  for on in (False, True):
-    monkeypatch.setattr(w4a8_hopper, "_chained", on)
+  for chain, in_loop in ((False, True), (True, False)):
+    monkeypatch.setattr(w4a8_hopper, "_chained", chain)
+    monkeypatch.setattr(w4a8_hopper, "_copies_in_k_loop", in_loop)
     with qlinear.backend("pallas"):
       calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=128), layer, x)
     assert calls == [MOSAIC, MOSAIC], calls
-  assert chains == [False, False, True, True], chains
+  assert seen == [(False, "auto")] * 2 + [(True, None)] * 2, seen
 
 
 @pytest.mark.parametrize("rows", [1, 28])
