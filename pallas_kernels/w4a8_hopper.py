@@ -44,11 +44,15 @@ are the epilogue (2.55, the three warpgroups at once), the copies of the next ti
 epilogue operands issued behind the memory warpgroup's burst of its first stages (~1.7) and
 the first stage's wait. The copies now go under the K loop (``copies_at``, 1.5-13% off at
 K = 3072 but for three cases 1% slower); what is left is the epilogue and the fill, which only overlapping tiles (two
-CTAs an SM, or warpgroups on different tiles) would hide. Neither way measured faster (H100,
-2026-12-07, forty-third session; docs/benchmarks README): the warpgroups of chained tiles
-started K steps apart (one's epilogue under the others' MMAs) ran 1-3% slower than chained
-alone, and 128-token tiles on three warpgroups (room for a second accumulator) 16-34%
-slower than 192-token ones.
+CTAs an SM, or warpgroups on different tiles) would hide. No way measured faster (H100s,
+2026-12-07, forty-third and forty-fourth sessions; docs/benchmarks README): a program's tile
+pipelines chained (the next tile's first K steps loaded under the last ones of the tile
+before; jax's ``pipeline_state``) ran the five FLUX.1 layers 3-18% faster on one H100 and
+within 1.2% either way on another, and the FLUX.1 step in 95.30 ms against 95.18 (28-step
+loop 2.567 against 2.578 s, run 41): removed (git history: 8eecb81). The warpgroups of
+chained tiles started K steps apart (one's epilogue under the others' MMAs) ran 1-3% slower
+than chained alone, and 128-token tiles on three warpgroups (room for a second accumulator)
+16-34% slower than 192-token ones.
 """
 
 from __future__ import annotations
@@ -89,7 +93,9 @@ GRID_TILE_WIDTH = 8  # the persistent grid's bands of CTA tiles along N (``w4a8_
 # 16384 (4%, 8%): "auto" takes step 4 up to COPIES_MAX_K. On a third H100 (forty-third
 # session) 3072 -> 3072 ran 0.0843 ms at step 4 against 0.0707 before the K loop (19%
 # slower), 3072 -> 21504 0.4370 against 0.4356; the FLUX.1 step moved by less than the
-# machines' spread (run 40: 95.39 / 85.82 ms against run 39's 95.67 / 85.83).
+# machines' spread (run 40: 95.39 / 85.82 ms against run 39's 95.67 / 85.83), and in one run
+# (run 41, H100, 2026-12-07) "auto" against None everywhere: step 95.18 / 95.28 ms, 28-step
+# loop 2.578 / 2.583 s.
 COPIES_AT, COPIES_MAX_K = 4, 6144
 
 
@@ -184,39 +190,6 @@ def set_three_warpgroups_gelu(on: bool) -> None:
   _three_wgs_gelu = bool(on)
 
 
-# A program's tile pipelines chained (``w4a8_gemm_t(chain=True)``) in the layers: off. GEMM
-# + rank-32 + bias at M = 4608, ms, not chained / chained: on one H100 (2026-12-07, forty-third
-# session) 0.0843 / 0.0692, 0.2572 / 0.2487, 0.2228 / 0.2233, 0.4370 / 0.4211, 0.2861 /
-# 0.2738 at the five FLUX shapes (3072 -> 3072, 3072 -> 12288, 12288 -> 3072, 3072 -> 21504,
-# 15360 -> 3072); on a second H100 the same hour 0.0767 / 0.0765, 0.2528 / 0.2559, 0.4248 /
-# 0.4213 at 3072 -> 3072 / 12288 / 21504, and on another earlier that day (forty-second
-# session) within 2% either way; in the FLUX.1 step on an H200 (2026-12-05) 96.72 against
-# 96.18 ms. The machines disagree: scripts/bench_flux_full.py --chained-tiles times it in
-# the step.
-_chained = False
-
-
-def set_chained_tiles(on: bool) -> None:
-  """Whether the layers' W4A8 GEMMs chain a program's tile pipelines (``w4a8_gemm_t``'s
-  ``chain``; off by default, see _chained)."""
-  global _chained
-  _chained = bool(on)
-
-
-# The layers' W4A8 GEMMs with copies_at="auto" (the default) or None (before each K loop, as
-# before 2026-12-07): compared per layer only, and in the step only across machines (run 40
-# against run 39); scripts/bench_flux_full.py --copies-before-k-loop times both in one run.
-_copies_in_k_loop = True
-
-
-def set_copies_in_k_loop(on: bool) -> None:
-  """Whether the layers' W4A8 GEMMs copy a tile's epilogue operands under its K loop where
-  COPIES_MAX_K allows (``w4a8_gemm_t(copies_at="auto")``, the default) or before it
-  (``copies_at=None``)."""
-  global _copies_in_k_loop
-  _copies_in_k_loop = bool(on)
-
-
 def set_narrow_tiles(on: bool) -> None:
   """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
   MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;
@@ -261,7 +234,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "copies_at", "chain",
+                                             "grid_tile_width", "copies_at",
                                              "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
@@ -269,8 +242,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
                 grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None | str = "auto",
-                chain: bool = False, profile_dir: str | None = None,
-                interpret: bool = False):
+                profile_dir: str | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -296,10 +268,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       (scales, lr, up_t, bias, ...) are copied into shared memory, their copies issued while
       the tile's MMAs run; None: before the K loop; "auto": COPIES_AT up to K =
       COPIES_MAX_K, None above.
-    chain: a program's tiles as one pipeline of pipelines (jax's ``pipeline_state``): the
-      memory warpgroup loads a tile's first K steps while the previous tile's last ones run.
-      Only where every program has two tiles or more and the depth divides K / 128 (else
-      as without).
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
@@ -356,9 +324,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     num_sms = m_iters * n_iters if interpret else sm_count()
   k_iters = k // TILE_K
   steps = min(steps, k_iters)
-  # a single tile would need START and STOP at once; jax's pipeline of pipelines needs the
-  # K steps to divide by the depth
-  chain = chain and k_iters % steps == 0 and m_iters * n_iters >= 2 * num_sms
   per_wg = BARRIERS + 2 * has_res   # the residual's: its gate's and its tile's
 
   def kernel(a_gmem, codes_gmem, mult_gmem, sa_gmem, sw_gmem, *refs):
@@ -373,9 +338,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
      both, *stage) = it
     gate_smem = stage.pop(0) if has_res else None
 
-    def pipeline(body, context, state=None):
+    def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40, pipeline_state=state,
+          body, grid=(k_iters,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tile_m, TILE_K), lambda kk: (0, kk),
                               transforms=_swizzled(TILE_K, jnp.int8), memory_space=plgpu.SMEM),
@@ -398,16 +363,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       if has_lr:   # as if a tile before the first were done with lr_smem
         pl.when(compute)(lambda: plgpu.barrier_arrive(both))
 
-      # a pipeline per tile, or chained into one (chain)
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _tiles(info):
+      def _tiles(info):   # a pipeline per tile
         (lin,) = info.index
-        state = None
-        if chain:
-          last = info.local_index == info.num_local_steps - 1
-          state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
-                            jnp.where(last, plgpu.PipelinePipeline.STOP,
-                                      plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
         m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), WG_DIMS.index(grid_minor),
                                           grid_tile_width)
         m_slice = pl.ds(m_idx * tile_m, tile_m)
@@ -519,7 +477,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(body, context, state)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
+        pipeline(body, context)(a_gmem.at[m_slice], codes_gmem.at[w_slice],
                                 mult_gmem.at[:, pl.ds(box_start, box)], allocations=allocs)
 
       if has_lr:   # the last tile's arrivals observed
@@ -530,7 +488,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
   # the tiling and the problem [M, K] x [K, N] in the name: a profile tells the layers apart
   order = f"b{grid_minor}{grid_tile_width}"
   kernel.__name__ = (f"w4a8_t_m{tile_m}s{steps}{'' if compute_wgs == 2 else 'w3'}"
-                     f"{'' if gelu_from is None else 'gelu'}{'ch' if chain else ''}"
+                     f"{'' if gelu_from is None else 'gelu'}"
                      f"{'' if order == f'bn{GRID_TILE_WIDTH}' else order}"
                      f"_{m_out}x{k}x{n}{'' if cols is None else f'at{start}'}")
   args = [a, lax.bitcast_convert_type(codes, jnp.int8), w_mult, sa, sw.astype(jnp.float32)]

@@ -153,12 +153,6 @@ SWITCHES = (
     ("f32_gelu", w4a4.set_packed_gelu, True,
      "fc1's / linear1's epilogue GELU in f32 instructions, not bf16x2 ones "
      "(int8_hopper.GELU_BF16X2), as before 2026-12-06"),
-    ("chained_tiles", w4a8_hopper.set_chained_tiles, False,
-     "the W4A8 kernel's tile pipelines chained per program (w4a8_gemm_t(chain=True)), the "
-     "next tile's first K steps loaded under the last ones of the tile before"),
-    ("copies_before_k_loop", w4a8_hopper.set_copies_in_k_loop, True,
-     "the W4A8 kernel's epilogue operands copied before each tile's K loop, not under it "
-     "(w4a8_gemm_t(copies_at=None)), as before 2026-12-07's forty-second session"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
@@ -173,7 +167,7 @@ SWITCHES = (
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
                "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
-               "int_convert_gemv", "chained_tiles", "copies_before_k_loop"}
+               "int_convert_gemv"}
 # (not xla_residual: XLA rounds its sums as its fusions do and may feed them to the next
 # LayerNorm unrounded; bench_rowscaled.py --residual counts both)
 # a switch renamed in SWITCHES and not here would silently lose its check

@@ -80,7 +80,7 @@ def variant_kwargs(name: str) -> dict:
   """'m128 n128 k64 s4 wm t8 o2' -> int8_gemm tiling kwargs (w<m|n>: the warpgroups' split;
   wt: ``w4a8_hopper.w4a8_gemm_t`` with its tile_m and steps, ``transposed=True``; w3: its
   three compute warpgroups; c<N> / cb: its epilogue operands copied at K step N / before the
-  K loop; ch: its tiles' pipelines chained)."""
+  K loop)."""
   kw = {}
   for tok in name.split():
     if tok == "wt":
@@ -89,8 +89,6 @@ def variant_kwargs(name: str) -> dict:
       kw["compute_wgs"] = 3
     elif tok in ("wm", "wn"):
       kw["wg_dim"] = tok[1]
-    elif tok == "ch":
-      kw["chain"] = True
     elif tok == "cb":   # the epilogue operands' copies before the K loop
       kw["copies_at"] = None
     elif tok in ("gm", "gn"):

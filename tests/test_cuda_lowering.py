@@ -82,15 +82,15 @@ def test_w4a8_register_gemm_lowers(tiles, epilogue):
 
 
 @pytest.mark.parametrize("copies_at", [None, 1])
-def test_w4a8_register_gemm_chained_lowers(copies_at):
-  """chain=True (one program over both tiles: START and STOP states) with the epilogue
-  operands copied before the K loop or at a K step; the kernel's name says chained."""
+def test_w4a8_register_gemm_copies_lower(copies_at):
+  """The epilogue operands copied before the K loop (the layers' choice above COPIES_MAX_K)
+  or at a K step, with the low-rank branch and bias."""
   args = [jnp.zeros((M, K), jnp.int8), jnp.zeros((M,)), jnp.zeros((N, K // 2), jnp.uint8),
           jnp.zeros((K // 128, N), jnp.uint8), jnp.zeros((N,)), *_epilogue()]
   text = _lowered(lambda *a: w4a8_hopper.w4a8_gemm_t(*a, tile_m=256, steps=3, num_sms=1,
-                                                     chain=True, copies_at=copies_at), *args)
+                                                     copies_at=copies_at), *args)
   assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
-  assert "w4a8_t_m256s3ch_200x384x256" in text
+  assert "w4a8_t_m256s3_200x384x256" in text
 
 
 @pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
@@ -241,25 +241,6 @@ def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches
   with qlinear.backend("pallas"):
     calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=gelu_from), layer, x)
   assert calls == want, calls
-
-
-def test_layer_passes_the_w4a8_tile_switches(monkeypatch):
-  """``w4a8_hopper.set_chained_tiles`` / ``set_copies_in_k_loop``: the layer's W4A8 GEMMs
-  (both launches of a GELU layer) asked for chained tile pipelines or not, the epilogue
-  operands' copies under the K loop ("auto") or before it (None)."""
-  layer = _layer("svdquant", "int4_2l", "int8")
-  seen = []
-  real = w4a8_hopper.w4a8_gemm_t
-  monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: seen.append(
-      (k["chain"], k["copies_at"])) or real(*a, **k))
-  x = jax.random.normal(jax.random.key(2), (72, 256), jnp.bfloat16)
-  for chain, in_loop in ((False, True), (True, False)):
-    monkeypatch.setattr(w4a8_hopper, "_chained", chain)
-    monkeypatch.setattr(w4a8_hopper, "_copies_in_k_loop", in_loop)
-    with qlinear.backend("pallas"):
-      calls = _custom_calls(lambda l, x: qlinear.apply(l, x, gelu_from=128), layer, x)
-    assert calls == [MOSAIC, MOSAIC], calls
-  assert seen == [(False, "auto")] * 2 + [(True, None)] * 2, seen
 
 
 @pytest.mark.parametrize("rows", [1, 28])

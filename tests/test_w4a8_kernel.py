@@ -43,23 +43,22 @@ def test_equals_expansion_and_int8_gemm(tile_m, epilogue, gelu_from):
     np.testing.assert_array_equal(got.astype(np.float32), np.asarray(ref, np.float32))
 
 
-@pytest.mark.parametrize("grid_minor,grid_tile_width,copies_at,compute_wgs,chain", [
-    ("n", 1, None, 2, False), ("n", 3, 0, 2, True), ("n", 8, 7, 2, False),
-    ("m", 3, 1, 3, True)])
+@pytest.mark.parametrize("grid_minor,grid_tile_width,copies_at,compute_wgs,steps", [
+    ("n", 1, None, 2, 3), ("n", 3, 0, 2, 1), ("n", 8, 7, 2, 3), ("m", 3, 1, 3, 1)])
 def test_tile_orders_and_copies_over_a_smaller_grid(grid_minor, grid_tile_width, copies_at,
-                                                    compute_wgs, chain):
+                                                    compute_wgs, steps):
   """Three programs walk the CTA tiles (ragged M = 200 over 64-token tiles, N = 512 or 768:
   4 x 4 tiles) in bands of 1, 3 (a ragged last band) or 8 (wider than the grid) CTA tiles
   along N, or of 3 along M; the epilogue operands copied before the K loop or at a K step of
   3 (copies_at; 7: clipped to the last), lr_smem reloaded per tile once every warpgroup's
-  epilogue is done with it; a program's pipelines chained (3 steps, 1 deep) or not: every
-  tile once, the same bf16 values as the expansion pass + int8 GEMM."""
+  epilogue is done with it; pipelines 3 or 1 deep: every tile once, the same bf16 values as
+  the expansion pass + int8 GEMM."""
   a, sa, codes, mult, sw, lr, up, bias = _operands(n=256 * compute_wgs)
   got = np.asarray(w4a8_hopper.w4a8_gemm_t(a, sa, codes, mult.T, sw, lr, up, bias, tile_m=64,
                                            num_sms=3, grid_minor=grid_minor,
                                            grid_tile_width=grid_tile_width, copies_at=copies_at,
-                                           compute_wgs=compute_wgs, chain=chain,
-                                           steps=1 if chain else 3, interpret=True))
+                                           compute_wgs=compute_wgs, steps=steps,
+                                           interpret=True))
   w8 = act_rowscaled.expand_two_level(codes, mult, interpret=True)
   want = np.asarray(int8_hopper.int8_gemm(a, sa, w8, sw, lr, up, bias, tile_m=64, tile_n=128,
                                           tile_k=128, interpret=True))
