@@ -234,7 +234,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "copies_at",
+                                             "grid_tile_width", "copies_at", "row_max_rows",
                                              "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
@@ -242,7 +242,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
                 grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None | str = "auto",
-                profile_dir: str | None = None, interpret: bool = False):
+                row_max_rows: int | None = None, profile_dir: str | None = None,
+                interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -268,12 +269,15 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       (scales, lr, up_t, bias, ...) are copied into shared memory, their copies issued while
       the tile's MMAs run; None: before the K loop; "auto": COPIES_AT up to K =
       COPIES_MAX_K, None above.
+    row_max_rows: with row_max_inv, the maxima are taken over this many of a tile's tokens
+      at a time (a multiple of 64; None: the whole tile at once).
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
       ``epilogue_copies`` (the other epilogue operands' copies issued), ``k_loop`` (the K
-      loop) and ``epilogue`` (the rest of the tile's work), to a Chrome trace in that
-      directory when the kernel runs (scripts/profile_w4a8_tiles.py reads it).
+      loop) and ``epilogue`` (the rest of the tile's work; within it ``row_max``, the next
+      layer's maxima), to a Chrome trace in that directory when the kernel runs
+      (scripts/profile_w4a8_tiles.py reads it).
     residual: (r bf16 [M, N], gate [N]) or None: the output is then
     ``residual_rounded(r, gate, y)`` (not with gelu_from); r's tile is loaded where the
     output tile is staged, so it costs no shared memory.
@@ -303,6 +307,9 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"copies_at={copies_at!r} must be None, 'auto' or a K step >= 0")
   if profile_dir is not None and interpret:
     raise ValueError("profile_dir needs the GPU: interpret mode has no in-kernel profiler")
+  row_max_rows = row_max_rows or tile_m
+  if row_max_rows % 64 and row_max_rows != tile_m:
+    raise ValueError(f"row_max_rows={row_max_rows} must be a multiple of 64 or tile_m")
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -438,12 +445,14 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             # the next layer's per-token maxima over these 64 columns, from the stored
             # tile read back tokens x columns: a reduction within each warp (over the
             # accumulator's rows it would cross warps, through scratch shared by the
-            # warpgroups)
+            # warpgroups), row_max_rows tokens at a time
             plgpu.barrier_wait(bar(5))
-            y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
-            v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
-            rmax_smem.at[wg][...] = lax.bitcast_convert_type(
-                jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
+            for c in range(0, tile_m, row_max_rows):
+              part = pl.ds(c, min(row_max_rows, tile_m - c))
+              y_t = plgpu.load(out_smem.at[wg, part], layout=plgpu.Layout.WGMMA)
+              v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
+              rmax_smem.at[wg, part][...] = lax.bitcast_convert_type(
+                  jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
             plgpu.commit_smem()
             group = (n_idx * cta_n - gelu_from) // ROWS + wg
             plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])
@@ -460,7 +469,8 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_slice, n_slice].at[:, rows])
             if gelu and has_rmax:
-              row_max()
+              with jax.named_scope("row_max"):
+                row_max()
 
           store_with_gelu(store, gelu_from, n_idx * cta_n)
 

@@ -3,7 +3,8 @@
 Runs ``w4a8_hopper.w4a8_gemm_t`` (rank-32 branch and bias, as the library calls it) once
 unprofiled (timed) and once with ``profile_dir``: each compute warpgroup then records, with
 its SM's clock, five regions a tile (``REGIONS``: the copies of the epilogue's operands
-issued, the warpgroups' barrier, the K loop, the epilogue) into a Chrome trace (open it in
+issued, the warpgroups' barrier, the K loop, the epilogue; with --row-max also the next
+layer's maxima inside the epilogue, ``NESTED``) into a Chrome trace (open it in
 Perfetto), which this script reads back: per tile each region's median duration, a K step,
 the gap from one tile's epilogue to the next tile's first region (the tile loop's own work),
 and their shares of the warpgroups' spans. Times are kilocycles (the profiler's trace puts a
@@ -13,6 +14,7 @@ subtracts its estimate).
 
     python3 scripts/profile_w4a8_tiles.py --shape 4608x3072x12288 --out $OUT
     python3 scripts/profile_w4a8_tiles.py --shape 4608x3072x3072 --variant "wt m256 s3" --out $OUT
+    python3 scripts/profile_w4a8_tiles.py --shape 4608x3072x12288 --gelu-from 0 --row-max --out $OUT
 
 Writes tiles.json (the summary) and the trace to --out.
 """
@@ -27,8 +29,10 @@ import shutil
 
 import numpy as np
 
-# a tile's regions, in the kernel's order (w4a8_gemm_t's profile_dir)
+# a tile's regions, in the kernel's order (w4a8_gemm_t's profile_dir), and those nested in
+# one of them (the GELU tiles' next-layer maxima, inside the epilogue)
 REGIONS = ("scale_copies", "lr_barrier", "epilogue_copies", "k_loop", "epilogue")
+NESTED = ("row_max",)
 
 
 def regions(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
@@ -55,9 +59,12 @@ def summarize(per_wg: dict[int, list[tuple[str, float, float]]], k_steps: int) -
   warpgroups' spans (first region's begin to last region's end), ``gaps`` the rest (regions
   inside the K loop, as the copies with ``copies_at``, count in both: ``gaps`` then comes out
   low or negative)."""
-  durations = {name: [] for name in REGIONS}
+  durations = {name: [] for name in REGIONS + NESTED}
   gaps, span, totals = [], 0.0, dict.fromkeys(REGIONS, 0.0)
   for events in per_wg.values():
+    for name, begin, end in events:
+      if name in NESTED:
+        durations[name].append(end - begin)
     mine = sorted((e for e in events if e[0] in REGIONS), key=lambda e: e[1])
     if not mine:
       continue
@@ -70,6 +77,7 @@ def summarize(per_wg: dict[int, list[tuple[str, float, float]]], k_steps: int) -
   med = lambda v: float(np.median(v)) if v else None
   out = dict(warpgroups=len(per_wg), tiles=len(durations["k_loop"]))
   out.update({name: med(v) for name, v in durations.items()})
+  out["row_max_tiles"] = len(durations["row_max"])
   out["k_step"] = out["k_loop"] / k_steps if durations["k_loop"] else None
   out["gap"] = med(gaps)
   out["shares"] = {name: t / span for name, t in totals.items()} if span else None
@@ -102,17 +110,27 @@ def main():
   ap.add_argument("--variant", default="", help="as bench_rowscaled's 'wt ...' variants; "
                   "default: the library's tiling")
   ap.add_argument("--rank", type=int, default=32)
+  ap.add_argument("--gelu-from", type=int, default=None,
+                  help="the GELU epilogue from this column on (FLUX.1's fc1: 0)")
+  ap.add_argument("--row-max", action="store_true",
+                  help="with --gelu-from: the next layer's token maxima in the epilogue")
+  ap.add_argument("--row-max-rows", type=int, default=None,
+                  help="w4a8_gemm_t's row_max_rows (tokens a step of the maxima)")
   ap.add_argument("--out", default=os.environ.get("OUT", "out/profile_w4a8"))
   args = ap.parse_args()
   m, k, n = map(int, args.shape.split("x"))
   kw = (variant_kwargs(args.variant) if args.variant
-        else w4a8_hopper.tiling(m, k, n, args.rank))
+        else w4a8_hopper.tiling(m, k, n, args.rank, gelu_from=args.gelu_from))
   kw.pop("transposed", None)
+  if args.gelu_from is not None:
+    kw.update(gelu_from=args.gelu_from, row_max_rows=args.row_max_rows)
   kx, kl = jax.random.split(jax.random.key(0))
   layer = make_layer(k, n, args.rank, kl, "int4_2l", "int8")
   x = activations(m, k, kx)
   a, sa, _, sw, *epilogue = gemm_operands(layer, x)
   ops = (a, sa, layer.qweight, layer.wscale.T, sw, *epilogue)
+  if args.row_max:   # the next layer's 1 / lambda: any positive scales
+    ops += (jax.random.uniform(kl, (n - args.gelu_from,), minval=0.5, maxval=2.0),)
   os.makedirs(args.out, exist_ok=True)
   trace_dir = os.path.join(args.out, "traces")
   shutil.rmtree(trace_dir, ignore_errors=True)
@@ -130,7 +148,8 @@ def main():
     trace = json.load(f)
   spans = sm_spans(trace)
   res = dict(device=jax.devices()[0].device_kind, M=m, K=k, N=n, rank=args.rank, tiling=kw,
-             profiled_mismatches=int((got != want).sum()), unprofiled_ms=kernel_s * 1e3,
+             profiled_mismatches=sum(int((g != w).sum()) for g, w in zip(jax.tree.leaves(got),
+                                                                      jax.tree.leaves(want))), unprofiled_ms=kernel_s * 1e3,
              units="kilocycles (an SM's clock)", sm_span_median=float(np.median(spans)),
              sm_span_max=float(max(spans)),
              # the clock the spans imply, were the unprofiled kernel all span
