@@ -190,6 +190,23 @@ def set_three_warpgroups_gelu(on: bool) -> None:
   _three_wgs_gelu = bool(on)
 
 
+# The layers' GELU epilogues take the next layer's maxima ROW_MAX_ROWS tokens at a time
+# (``w4a8_gemm_t(row_max_rows=)``) or over the whole tile at once (off, the default).
+# fc1's GEMM alone, M = 4608 / 4096, H100 (2026-12-07, forty-fourth session): GELU + maxima
+# 0.3001 / 0.2785 ms whole, 0.2906 / 0.2732 at 128 tokens, 0.3025 / 0.2864 at 64; GELU
+# without maxima 0.2696 / 0.2593. scripts/bench_flux_full.py --row-max-steps times it in the
+# step.
+ROW_MAX_ROWS = 128
+_row_max_rows = None
+
+
+def set_row_max_steps(on: bool) -> None:
+  """Whether the layers' W4A8 GEMMs take the next layer's maxima ROW_MAX_ROWS tokens at a
+  time (off by default: the whole tile at once)."""
+  global _row_max_rows
+  _row_max_rows = ROW_MAX_ROWS if on else None
+
+
 def set_narrow_tiles(on: bool) -> None:
   """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
   MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;
