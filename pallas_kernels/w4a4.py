@@ -780,8 +780,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     if in_registers:
       gemm = lambda inv, gelu_from, tiles, cols=None: w4a8_hopper.w4a8_gemm_t(
           a, sa, p.layer.qweight, p.mult_t, p.sw, lr, p.up_t, bias, inv, gelu_from=gelu_from,
-          packed_gelu=_packed_gelu, cols=cols, residual=fused,
-          row_max_rows=w4a8_hopper._row_max_rows, interpret=interpret, **tiles)
+          packed_gelu=_packed_gelu, cols=cols, residual=fused, interpret=interpret, **tiles)
       tail_tiles = (_split_tiling(p.layer, a.shape[0], k, n, rank, out_dtype, gelu_from)
                     if gelu else None)
       if tail_tiles is None:

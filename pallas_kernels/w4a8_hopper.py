@@ -190,23 +190,6 @@ def set_three_warpgroups_gelu(on: bool) -> None:
   _three_wgs_gelu = bool(on)
 
 
-# The layers' GELU epilogues take the next layer's maxima ROW_MAX_ROWS tokens at a time
-# (``w4a8_gemm_t(row_max_rows=)``) or over the whole tile at once (off, the default).
-# fc1's GEMM alone, M = 4608 / 4096, H100 (2026-12-07, forty-fourth session): GELU + maxima
-# 0.3001 / 0.2785 ms whole, 0.2906 / 0.2732 at 128 tokens, 0.3025 / 0.2864 at 64; GELU
-# without maxima 0.2696 / 0.2593. scripts/bench_flux_full.py --row-max-steps times it in the
-# step.
-ROW_MAX_ROWS = 128
-_row_max_rows = None
-
-
-def set_row_max_steps(on: bool) -> None:
-  """Whether the layers' W4A8 GEMMs take the next layer's maxima ROW_MAX_ROWS tokens at a
-  time (off by default: the whole tile at once)."""
-  global _row_max_rows
-  _row_max_rows = ROW_MAX_ROWS if on else None
-
-
 def set_narrow_tiles(on: bool) -> None:
   """Whether ``tiling`` takes 128-token tiles where 256-token ones would fill fewer than
   MIN_WAVES waves of the SMs (the default) or 256-token tiles always (as before 2026-12-04;
@@ -251,7 +234,7 @@ def tiling(m: int, k: int, n: int, rank: int = 0, num_sms: int | None = None,
 @settles_when_interpreted
 @functools.partial(jax.jit, static_argnames=("tile_m", "steps", "gelu_from", "packed_gelu",
                                              "compute_wgs", "num_sms", "cols", "grid_minor",
-                                             "grid_tile_width", "copies_at", "row_max_rows",
+                                             "grid_tile_width", "copies_at",
                                              "profile_dir", "interpret"))
 def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max_inv=None,
                 residual=None, *,
@@ -259,8 +242,7 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                 packed_gelu: bool = True, compute_wgs: int = 2, num_sms: int | None = None,
                 cols: tuple[int, int] | None = None, grid_minor: str = "n",
                 grid_tile_width: int = GRID_TILE_WIDTH, copies_at: int | None | str = "auto",
-                row_max_rows: int | None = None, profile_dir: str | None = None,
-                interpret: bool = False):
+                profile_dir: str | None = None, interpret: bool = False):
   """bf16 [M, N] = (a . w^T) * s_a s_w + lr . up_t^T + bias, w = int4_2l's m * q.
 
   Args: a int8 [M, K], sa f32 [M]; codes uint8 [N, K/2] (``formats.pack``), w_mult uint8
@@ -286,8 +268,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
       (scales, lr, up_t, bias, ...) are copied into shared memory, their copies issued while
       the tile's MMAs run; None: before the K loop; "auto": COPIES_AT up to K =
       COPIES_MAX_K, None above.
-    row_max_rows: with row_max_inv, the maxima are taken over this many of a tile's tokens
-      at a time (a multiple of 64; None: the whole tile at once).
     profile_dir: with it (GPU only), Mosaic GPU's in-kernel profiler writes each compute
       warpgroup's regions a tile, ``scale_copies`` (the token and channel scales' copies
       issued), ``lr_barrier`` (the warpgroups' barrier before the shared lr tile's copy),
@@ -324,9 +304,6 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
     raise ValueError(f"copies_at={copies_at!r} must be None, 'auto' or a K step >= 0")
   if profile_dir is not None and interpret:
     raise ValueError("profile_dir needs the GPU: interpret mode has no in-kernel profiler")
-  row_max_rows = row_max_rows or tile_m
-  if row_max_rows % 64 and row_max_rows != tile_m:
-    raise ValueError(f"row_max_rows={row_max_rows} must be a multiple of 64 or tile_m")
   if tile_m % 8 or not 64 <= tile_m <= 256:
     raise ValueError(f"tile_m={tile_m} must be a multiple of 8 in [64, 256] (wgmma's N)")
   if gelu_from is not None and (gelu_from % cta_n or not 0 <= gelu_from < n):
@@ -462,14 +439,13 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
             # the next layer's per-token maxima over these 64 columns, from the stored
             # tile read back tokens x columns: a reduction within each warp (over the
             # accumulator's rows it would cross warps, through scratch shared by the
-            # warpgroups), row_max_rows tokens at a time
+            # warpgroups). ~2 of the GELU tile's ~7.5-kilocycle epilogue (H100, 2026-12-07,
+            # profile_w4a8_tiles.py --row-max); in 128- or 64-token steps no faster.
             plgpu.barrier_wait(bar(5))
-            for c in range(0, tile_m, row_max_rows):
-              part = pl.ds(c, min(row_max_rows, tile_m - c))
-              y_t = plgpu.load(out_smem.at[wg, part], layout=plgpu.Layout.WGMMA)
-              v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
-              rmax_smem.at[wg, part][...] = lax.bitcast_convert_type(
-                  jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
+            y_t = plgpu.load(out_smem.at[wg], layout=plgpu.Layout.WGMMA)
+            v = scaled_rows(y_t.astype(jnp.float32), rinv_smem.at[wg], token_axis=0)
+            rmax_smem.at[wg][...] = lax.bitcast_convert_type(
+                jnp.max(act_rowscaled.abs_bits(v), axis=1), jnp.float32)
             plgpu.commit_smem()
             group = (n_idx * cta_n - gelu_from) // ROWS + wg
             plgpu.copy_smem_to_gmem(rmax_smem.at[wg], rmax_gmem.at[group, m_slice])

@@ -153,9 +153,6 @@ SWITCHES = (
     ("f32_gelu", w4a4.set_packed_gelu, True,
      "fc1's / linear1's epilogue GELU in f32 instructions, not bf16x2 ones "
      "(int8_hopper.GELU_BF16X2), as before 2026-12-06"),
-    ("row_max_steps", w4a8_hopper.set_row_max_steps, False,
-     "fc1's / linear1's GEMM epilogues take the next layer's maxima 128 tokens at a time "
-     "(w4a8_hopper.ROW_MAX_ROWS), not over the whole tile at once"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),
@@ -170,7 +167,7 @@ SWITCHES = (
 # last tile gave 0.148, found only by reading this number)
 KEEP_VALUES = {"expansion_pass", "wide_tiles_only", "pass_row_max", "two_warpgroups",
                "three_warpgroups_gelu", "f32_gelu", "one_launch_gelu",
-               "int_convert_gemv", "row_max_steps"}
+               "int_convert_gemv"}
 # (not xla_residual: XLA rounds its sums as its fusions do and may feed them to the next
 # LayerNorm unrounded; bench_rowscaled.py --residual counts both)
 # a switch renamed in SWITCHES and not here would silently lose its check

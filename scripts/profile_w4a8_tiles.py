@@ -114,8 +114,6 @@ def main():
                   help="the GELU epilogue from this column on (FLUX.1's fc1: 0)")
   ap.add_argument("--row-max", action="store_true",
                   help="with --gelu-from: the next layer's token maxima in the epilogue")
-  ap.add_argument("--row-max-rows", type=int, default=None,
-                  help="w4a8_gemm_t's row_max_rows (tokens a step of the maxima)")
   ap.add_argument("--out", default=os.environ.get("OUT", "out/profile_w4a8"))
   args = ap.parse_args()
   m, k, n = map(int, args.shape.split("x"))
@@ -123,7 +121,7 @@ def main():
         else w4a8_hopper.tiling(m, k, n, args.rank, gelu_from=args.gelu_from))
   kw.pop("transposed", None)
   if args.gelu_from is not None:
-    kw.update(gelu_from=args.gelu_from, row_max_rows=args.row_max_rows)
+    kw["gelu_from"] = args.gelu_from
   kx, kl = jax.random.split(jax.random.key(0))
   layer = make_layer(k, n, args.rank, kl, "int4_2l", "int8")
   x = activations(m, k, kx)
