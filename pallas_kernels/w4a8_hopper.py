@@ -513,10 +513,11 @@ def w4a8_gemm_t(a, sa, codes, w_mult, sw, lr=None, up_t=None, bias=None, row_max
                                          jnp.float32))
   lr_cols = rank if has_lr else 64
   lr_rows = lambda r: r if has_lr else 8
-  # five regions a tile per warpgroup (profile_space counts regions), events past it dropped
+  # five regions a tile per warpgroup, six with the maxima (profile_space counts regions),
+  # events past it dropped
   profiled = {} if profile_dir is None else dict(
       profile_dir=profile_dir, profile_bounds_check=True,
-      profile_space=5 * pl.cdiv(m_iters * n_iters, num_sms) + 2)
+      profile_space=(5 + has_rmax) * pl.cdiv(m_iters * n_iters, num_sms) + 2)
   wgs = compute_wgs
   outs = plgpu.kernel(
       kernel, out_type=out_type,
