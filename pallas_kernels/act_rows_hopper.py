@@ -61,6 +61,7 @@ def quantize_int8_rows(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Arr
   Returns (a int8 [M, K], s f32 [M], lr bf16 [M, r] or None)."""
   check_inputs(x, inv_smooth, down, block_k)
   m_out, k = x.shape
+  steps = min(steps, k // block_k)
   x = jnp.pad(x, ((0, -m_out % ROW_ALIGN), (0, 0)))
   m = x.shape[0]
   inv = (jnp.ones((k,), jnp.float32) if inv_smooth is None

@@ -61,6 +61,10 @@ ACT_SWEEP = ["64,256,1,4", "64,256,4,4", "32,256,4,4", "64,128,4,4", "64,256,4,8
 EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
 
 
+# act_rows_hopper.quantize_int8_rows' (block_k, steps) timed besides its default (256, 2)
+ONE_LAUNCH_SWEEP = [(256, 3), (128, 4), (128, 2)]
+
+
 def _act_kwargs(cfg):
   """'block_m,block_k,chunks,num_warps' -> quantize_rows' tiling arguments."""
   bm, bk, chunks, warps = (int(v) for v in cfg.split(","))
@@ -268,6 +272,10 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
       one = jax.jit(lambda x, i, d: act_rows_hopper.quantize_int8_rows(x, i, d,
                                                                         interpret=interpret))
       res["act_int8_one_launch_ms"] = t(one, x, inv, down)
+      for bk, steps in ONE_LAUNCH_SWEEP:   # columns a step, pipeline depth
+        res[f"act_int8_one_launch_{bk}x{steps}_ms"] = t(jax.jit(
+            lambda x, i, d, bk=bk, s=steps: act_rows_hopper.quantize_int8_rows(
+                x, i, d, block_k=bk, steps=s, interpret=interpret)), x, inv, down)
       (a1, s1, lr1), (a0, s0, lr0) = one(x, inv, down), act_rowscaled.reference_folded(
           x, inv, down, "int8")
       res["checks"]["act_int8_one_launch_code_mismatches"] = int((a1 != a0).sum())
