@@ -29,11 +29,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from svdq_jax import formats
 from svdq_jax.pallas_kernels.act_rowscaled import abs_bits
-from svdq_jax.pallas_kernels.w4a4_hopper import _swizzled
+from svdq_jax.pallas_kernels.w4a4_hopper import ROW_ALIGN, _swizzled
 
 TOKENS = 64      # a CTA's tokens: the wgmma's M
 BLOCK_K = 256    # columns a pipeline step
-ROW_ALIGN = 8    # TMA row tiles: M is padded to a multiple
 WGMMA = plgpu.Layout.WGMMA
 
 
@@ -62,7 +61,7 @@ def quantize_int8_rows(x: jax.Array, inv_smooth: jax.Array | None, down: jax.Arr
   check_inputs(x, inv_smooth, down, block_k)
   m_out, k = x.shape
   steps = min(steps, k // block_k)
-  x = jnp.pad(x, ((0, -m_out % ROW_ALIGN), (0, 0)))
+  x = jnp.pad(x, ((0, -m_out % ROW_ALIGN), (0, 0)))   # whole TMA row tiles
   m = x.shape[0]
   inv = (jnp.ones((k,), jnp.float32) if inv_smooth is None
          else inv_smooth.astype(jnp.float32))

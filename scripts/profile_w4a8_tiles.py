@@ -146,8 +146,9 @@ def main():
     trace = json.load(f)
   spans = sm_spans(trace)
   res = dict(device=jax.devices()[0].device_kind, M=m, K=k, N=n, rank=args.rank, tiling=kw,
-             profiled_mismatches=sum(int((g != w).sum()) for g, w in zip(jax.tree.leaves(got),
-                                                                      jax.tree.leaves(want))), unprofiled_ms=kernel_s * 1e3,
+             profiled_mismatches=sum(int((g != w).sum()) for g, w in
+                                     zip(jax.tree.leaves(got), jax.tree.leaves(want))),
+             unprofiled_ms=kernel_s * 1e3,
              units="kilocycles (an SM's clock)", sm_span_median=float(np.median(spans)),
              sm_span_max=float(max(spans)),
              # the clock the spans imply, were the unprofiled kernel all span

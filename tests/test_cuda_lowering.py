@@ -240,8 +240,8 @@ def _layer(method, fmt, act_fmt=None):
     ("w4a16", "int4_2l", None, {}, 28, [TRITON]),                       # a loop's modulations
     ("w4a16", "int4_2l", None, {}, 100, [TRITON]),                      # two row blocks
 ], ids=["w4a8", "w4a8_one_launch", "w4a4_2l", "w4a8_pallas_act", "w4a8_expansion_pass",
-        "w4a8_one_launch_act", "w8a8", "int4", "int4_hopper", "nvfp4", "gemv", "gemv_mma", "gemv_mma_28",
-        "gemv_mma_100"])
+        "w4a8_one_launch_act", "w8a8", "int4", "int4_hopper", "nvfp4", "gemv", "gemv_mma",
+        "gemv_mma_28", "gemv_mma_100"])
 def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches, rows, want):
   """``qlinear.apply`` on the 'pallas' backend, as the models call it (bf16 inputs; the
   epilogue GELU where a row-scaled GEMM takes it), with the kernel switches given."""
