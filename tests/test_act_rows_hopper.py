@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import qlinear, transforms
-from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax import qlinear
 from svdq_jax.pallas_kernels import act_rows_hopper, act_rowscaled, w4a4
+
+from layer_helpers import quantize_one
 
 
 def _x(m, k, seed=0):
@@ -68,10 +69,7 @@ def test_layer_takes_it_when_switched_on(monkeypatch):
   an f32 input, or the switch off, keeps XLA's path."""
   x = jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256)
   w = jax.random.normal(jax.random.key(1), (256, 256))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
-      jax.random.key(0), jnp.abs(x).max(0), x)
+  layer = quantize_one(w, x, alpha_grid=1)
   calls = []
   real = act_rows_hopper.quantize_int8_rows
   monkeypatch.setattr(act_rows_hopper, "quantize_int8_rows",

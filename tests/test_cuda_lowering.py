@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from svdq_jax import qlinear, transforms
-from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax import qlinear
 from svdq_jax.pallas_kernels import (act_rows_hopper, attention_fp8, attention_int8,
                                      int8_hopper, w4a4, w4a4_hopper, w4a8_hopper, w4a16_gemv)
+
+from layer_helpers import quantize_one
 
 MOSAIC, TRITON = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
@@ -215,11 +216,7 @@ def test_fp8_operands_lower():
 def _layer(method, fmt, act_fmt=None):
   x = jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256)
   w = jax.random.normal(jax.random.key(1), (256, 256))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec(method, fmt, False, act_fmt), 8 if method == "svdquant" else 0, None,
-      cfg, jax.random.key(0), jnp.abs(x).max(0), x)
-  return layer
+  return quantize_one(w, x, method, fmt, act_fmt, alpha_grid=1)
 
 
 @pytest.mark.parametrize("method,fmt,act_fmt,switches,rows,want", [

@@ -11,6 +11,8 @@ from svdq_jax import formats, qlinear, transforms
 from svdq_jax.config import QuantConfig, Rule, method_spec, preset
 from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
 
+from layer_helpers import quantize_one
+
 
 def _x(m, k, seed=0):
   x = jax.random.normal(jax.random.key(seed), (m, k)) * jnp.linspace(0.05, 6.0, k)
@@ -251,13 +253,7 @@ def test_activation_kernel_reads_a_scaled_part_bit_exact(afmt):
 
 def _w4a8_layer(x, n):
   """A rank-8 SVDQuant W4A8 layer [K, n] (random weights) calibrated on x [M, K]."""
-  xf = x.astype(jnp.float32)
-  w = jax.random.normal(jax.random.key(1), (x.shape[-1], n))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg, jax.random.key(0),
-      jnp.abs(xf).max(0), xf)
-  return layer
+  return quantize_one(jax.random.normal(jax.random.key(1), (x.shape[-1], n)), x)
 
 
 @pytest.mark.parametrize("read_parts", [True, False])
@@ -435,10 +431,7 @@ def test_fused_layer_matches_reference(afmt):
   (on an AMD EPYC CPU row 30: 31.687492 vs 31.6875 -> 31.625 vs 31.75), so the reference's
   branch is taken with the activation kernel's own down projection where it ran."""
   x, w = _x(72, 256), jax.random.normal(jax.random.key(1), (256, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg, jax.random.key(0),
-      jnp.abs(x).max(0), x)
+  layer = quantize_one(w, x, act_fmt=afmt)
   bias = jax.random.normal(jax.random.key(3), (128,))
   want = qlinear.reference_apply(layer, x, bias)
   lr = qlinear.lowrank_down(x, layer.lora_down, layer.smooth)
@@ -468,14 +461,9 @@ def test_prepared_layer_is_the_layer_bit_for_bit(afmt, monkeypatch):
   prepared, and only when the kernels run them."""
   real = w4a8_hopper.w4a8_gemm_t
   x, w = _x(72, 256), jax.random.normal(jax.random.key(1), (256, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg, jax.random.key(0),
-      jnp.abs(x).max(0), x)
+  layer = quantize_one(w, x, act_fmt=afmt)
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (128,)))
-  (w4a16,), _ = transforms.quantize_group(
-      [w], method_spec("w4a16", "int4_2l", False, None), 8, None, cfg, jax.random.key(0),
-      jnp.abs(x).max(0), x)
+  w4a16 = quantize_one(w, x, "w4a16", act_fmt=None)
   tree = {"a": layer, "b": w4a16, "c": w}
   assert qlinear.prepare(tree) is tree                    # CPU, 'auto': the reference runs
   ref = np.asarray(qlinear.reference_apply(layer, x))

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import formats, qlinear, transforms
-from svdq_jax.config import QuantConfig, Rule, method_spec
+from svdq_jax import formats, qlinear
 from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
+
+from layer_helpers import quantize_one
 
 
 def _operands(m=200, k=384, n=256, r=32, seed=0):
@@ -290,10 +291,7 @@ def test_layer_on_three_warpgroups(monkeypatch):
   two with ``set_three_warpgroups_gelu(False)``, the same values either way."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 384))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
-      jax.random.key(0), jnp.abs(x).max(0), x)
+  layer = quantize_one(w, x)
   calls = []
   real = w4a8_hopper.w4a8_gemm_t
   monkeypatch.setattr(w4a8_hopper, "w4a8_gemm_t", lambda *a, **k: calls.append(
@@ -329,10 +327,7 @@ def test_layer_takes_it_for_bf16_inputs(monkeypatch, afmt, lora_rank, tiles):
   ``set_register_expansion(False)`` take the int8 GEMM."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 256))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, afmt), 8, None, cfg,
-      jax.random.key(0), jnp.abs(x).max(0), x)
+  layer = quantize_one(w, x, act_fmt=afmt)
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (256,)))
   if lora_rank:  # a LoRA joined to the low-rank branch widens it
     ks = jax.random.split(jax.random.key(4), 2)
@@ -386,10 +381,7 @@ def test_layer_residual(monkeypatch, batch, tokens, gate_kind, fused):
   x = (jax.random.normal(jax.random.key(0), (batch, tokens, 256))
        * jnp.linspace(0.05, 6.0, 256))
   w = jax.random.normal(jax.random.key(1), (256, 256))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
-      jax.random.key(0), jnp.abs(x).max((0, 1)), x.reshape(-1, 256))
+  layer = quantize_one(w, x)
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (256,)))
   xb = x.astype(jnp.bfloat16)
   r = (jax.random.normal(jax.random.key(5), (batch, tokens, 256)) * 3).astype(jnp.bfloat16)
@@ -434,15 +426,11 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
   next layer whose activations XLA quantizes: no maxima."""
   x = (jax.random.normal(jax.random.key(0), (72, 256)) * jnp.linspace(0.05, 6.0, 256))
   xb = x.astype(jnp.bfloat16)
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=2, lowrank_iters=1)
-  spec = method_spec("svdquant", "int4_2l", False, "int8")
-  quant = lambda w, inp: transforms.quantize_group(
-      [w], spec, 8, None, cfg, jax.random.key(0), jnp.abs(inp).max(0), inp)[0][0]
-  lin1 = quant(jax.random.normal(jax.random.key(1), (256, 384)), x)
+  lin1 = quantize_one(jax.random.normal(jax.random.key(1), (256, 384)), x)
   attn = jax.random.normal(jax.random.key(2), (72, 128), jnp.bfloat16)
   with qlinear.backend("interpret"):
     h = qlinear.apply(lin1, xb, gelu_from=128)
-  lin2 = quant(jax.random.normal(jax.random.key(3), (384, 256)),
+  lin2 = quantize_one(jax.random.normal(jax.random.key(3), (384, 256)),
                qlinear.join((attn, h)).astype(jnp.float32))
   passes = []
   real = act_rowscaled._absmax_kernel
