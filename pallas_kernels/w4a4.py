@@ -540,26 +540,6 @@ def set_act_kernel(name: str) -> None:
   _act_choice = name
 
 
-_one_launch_act = False
-
-
-def set_one_launch_activations(on: bool) -> None:
-  """Whether int8-activation layers whose K takes XLA's activation path (below
-  ``act_rowscaled.WIDE_K`` with 'wide_k'; FLUX.1's qkv, fc1, linear1) quantize a plain bf16
-  input with ``act_rows_hopper.quantize_int8_rows`` (one Mosaic GPU launch: the same codes
-  and scales, lr summed in the tensor cores' order) instead (off until timed in the step:
-  scripts/bench_flux_full.py --one-launch-activations)."""
-  global _one_launch_act
-  _one_launch_act = bool(on)
-
-
-def _one_launch(x, k: int, act_format: str) -> bool:
-  """Whether ``row_scaled_linear`` takes ``act_rows_hopper`` for this input."""
-  from svdq_jax.pallas_kernels import act_rows_hopper
-  return (_one_launch_act and act_format == "int8" and isinstance(x, jax.Array)
-          and x.ndim == 2 and x.dtype == jnp.bfloat16 and k % act_rows_hopper.BLOCK_K == 0)
-
-
 _input_parts = True
 
 
@@ -756,7 +736,7 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
   ``residual``: (r [M, N], gate [N]): the result is ``qlinear.residual_sum(r, gate, y)``,
   computed in the W4A8 GEMM's epilogue with ``set_epilogue_residual`` (bf16 r), else after.
   """
-  from svdq_jax.pallas_kernels import act_rows_hopper, act_rowscaled, int8_hopper, w4a8_hopper
+  from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a8_hopper
   prepared = isinstance(layer, qlinear.PreparedLinear)
   p = layer if prepared else prepare_row_scaled(layer, interpret=interpret, expand=False)
   n = p.out_features
@@ -773,9 +753,6 @@ def row_scaled_linear(layer, x: jax.Array, bias: jax.Array | None, *,
     a, sa, lr = act_rowscaled.quantize_rows_folded(
         x if _input_parts else qlinear.join(x), p.inv_smooth, p.down,
         act_format=p.act_format, interpret=interpret, **act_rowscaled.tiling(k))
-  elif _one_launch(x, k, p.act_format):   # (the rank padded as the GEMMs pad lr)
-    a, sa, lr = act_rows_hopper.quantize_int8_rows(
-        x, p.inv_smooth, None if p.down is None else _pad_rank(p.down, 1), interpret=interpret)
   else:
     a, sa, lr = act_rowscaled.reference_folded(x, p.inv_smooth, p.down, p.act_format)
   if lr is not None:

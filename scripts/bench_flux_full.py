@@ -153,9 +153,6 @@ SWITCHES = (
     ("f32_gelu", w4a4.set_packed_gelu, True,
      "fc1's / linear1's epilogue GELU in f32 instructions, not bf16x2 ones "
      "(int8_hopper.GELU_BF16X2), as before 2026-12-06"),
-    ("one_launch_activations", w4a4.set_one_launch_activations, False,
-     "qkv's / fc1's / linear1's int8 activations (K = 3072) from act_rows_hopper's one Mosaic "
-     "GPU launch, not XLA's fusions (the same codes and scales; lr summed in another order)"),
     ("unfused_fp8_operands", flux.set_fused_fp8_operands, True,
      "cuDNN FP8 attention's operands from XLA's passes, not pallas_kernels.attention_fp8's "
      "one pass, as before 2026-12-04's twentieth session (acts only on cudnn_fp8 attention)"),

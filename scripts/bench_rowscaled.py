@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdq_jax import formats, qlinear
-from svdq_jax.pallas_kernels import act_rows_hopper, act_rowscaled, int8_hopper, w4a4, w4a8_hopper
+from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
 from svdq_jax.timing import median_seconds, save_results
 
 from bench_w4a4 import activations, make_layer
@@ -59,10 +59,6 @@ VARIANTS = ["m128 n128 k64 s4 wm", "m64 n256 k64 s4 wm d1", "m64 n256 k64 s4 wm"
 # num_warps)
 ACT_SWEEP = ["64,256,1,4", "64,256,4,4", "32,256,4,4", "64,128,4,4", "64,256,4,8"]
 EXPAND_SWEEP = ["32,4,4", "16,8,4", "64,4,4"]
-
-
-# act_rows_hopper.quantize_int8_rows' (block_k, steps) timed besides its default (256, 2)
-ONE_LAUNCH_SWEEP = [(256, 3), (128, 4), (128, 2)]
 
 
 def _act_kwargs(cfg):
@@ -267,21 +263,6 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
           x, s, d, act_format=f, interpret=interpret)), x, layer.smooth, layer.lora_down)
       res[f"act_{afmt}_xla_ms"] = t(jax.jit(lambda x, s, d, f=afmt: act_rowscaled.reference(
           x, s, d, f)), x, layer.smooth, layer.lora_down)
-    if k % act_rows_hopper.BLOCK_K == 0:   # the one-launch Mosaic GPU kernel (int8 only)
-      inv, down = qlinear.folded_smoothing(layer.smooth, layer.lora_down)
-      one = jax.jit(lambda x, i, d: act_rows_hopper.quantize_int8_rows(x, i, d,
-                                                                        interpret=interpret))
-      res["act_int8_one_launch_ms"] = t(one, x, inv, down)
-      for bk, steps in ONE_LAUNCH_SWEEP:   # columns a step, pipeline depth
-        res[f"act_int8_one_launch_{bk}x{steps}_ms"] = t(jax.jit(
-            lambda x, i, d, bk=bk, s=steps: act_rows_hopper.quantize_int8_rows(
-                x, i, d, block_k=bk, steps=s, interpret=interpret)), x, inv, down)
-      (a1, s1, lr1), (a0, s0, lr0) = one(x, inv, down), act_rowscaled.reference_folded(
-          x, inv, down, "int8")
-      res["checks"]["act_int8_one_launch_code_mismatches"] = int((a1 != a0).sum())
-      res["checks"]["act_int8_one_launch_scale_mismatches"] = int((s1 != s0).sum())
-      res["checks"]["act_int8_one_launch_lr_rel"] = float(
-          jnp.abs(lr1.astype(jnp.float32) - lr0).max() / jnp.abs(lr0).max())
   saved = int8_hopper.TILINGS
   int8_hopper.TILINGS = (() if best_int8 is None else (variant_kwargs(best_int8),)) + saved
   backend = "interpret" if interpret else "pallas"
@@ -295,12 +276,6 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
         with qlinear.backend(backend):
           fused[f"int4_2l/{afmt} act={act}"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)),
                                                   lay, x)
-    if k % act_rows_hopper.BLOCK_K == 0:   # every K on the one-launch activation kernel
-      w4a4.set_act_kernel("xla")
-      w4a4.set_one_launch_activations(True)
-      with qlinear.backend(backend):
-        fused["int4_2l/int8 act=one_launch"] = t(jax.jit(lambda l, x: qlinear.apply(l, x)),
-                                                 layer, x)
     if full:
       exact = make_layer(k, n, rank, kl, "int4", "int4")
       with qlinear.backend(backend):
@@ -308,7 +283,6 @@ def run_shape(m, k, n, rank, variants, key, interpret, full, with_lr=False, gelu
   finally:
     int8_hopper.TILINGS = saved
     w4a4.set_act_kernel(default_act)
-    w4a4.set_one_launch_activations(False)
   res["fused_ms"] = fused
   return res
 

@@ -525,8 +525,7 @@ _KERNEL_SWITCHES = (("w4a4", "_act_choice"), ("w4a4", "_gemm_choice"),
                     ("w4a4", "_register_expansion"), ("w4a8_hopper", "_narrow_tiles"),
                     ("w4a8_hopper", "_three_wgs"), ("w4a8_hopper", "_three_wgs_gelu"),
                     ("w4a4", "_split_gelu"), ("w4a16_gemv", "_bit_unpack"),
-                    ("w4a4", "_epilogue_residual"), ("w4a16_gemv", "_grouped_on"),
-                    ("w4a4", "_one_launch_act"))
+                    ("w4a4", "_epilogue_residual"), ("w4a16_gemv", "_grouped_on"))
 
 
 def trace_settings() -> tuple:

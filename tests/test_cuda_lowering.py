@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from svdq_jax import qlinear
-from svdq_jax.pallas_kernels import (act_rows_hopper, attention_fp8, attention_int8,
-                                     int8_hopper, w4a4, w4a4_hopper, w4a8_hopper, w4a16_gemv)
+from svdq_jax.pallas_kernels import (attention_fp8, attention_int8, int8_hopper, w4a4,
+                                     w4a4_hopper, w4a8_hopper, w4a16_gemv)
 
 from layer_helpers import quantize_one
 
@@ -92,17 +92,6 @@ def test_w4a8_register_gemm_copies_lower(copies_at):
                                                      copies_at=copies_at), *args)
   assert re.findall(r"custom_call @([\w.$]+)", text) == [MOSAIC]
   assert "w4a8_t_m256s3_200x384x256" in text
-
-
-@pytest.mark.parametrize("m,rank", [(4608, 32), (515, None)])
-def test_one_launch_activations_lower(m, rank):
-  """``act_rows_hopper.quantize_int8_rows`` at FLUX.1's K = 3072 with its rank-32 factor,
-  and at a ragged M without one: one Mosaic GPU kernel."""
-  k = 3072
-  args = [jnp.zeros((m, k), jnp.bfloat16), jnp.ones((k,)),
-          None if rank is None else jnp.zeros((k, rank), jnp.bfloat16)]
-  calls = _custom_calls(lambda x, i, d: act_rows_hopper.quantize_int8_rows(x, i, d), *args)
-  assert calls == [MOSAIC], calls
 
 
 @pytest.mark.parametrize("tiles", [dict(tile_m=128, steps=4), dict(tile_m=192, steps=3)])
@@ -227,7 +216,6 @@ def _layer(method, fmt, act_fmt=None):
     ("svdquant", "int4_2l", "int8", {"_act_choice": "pallas"}, 72,
      [TRITON, TRITON, MOSAIC, MOSAIC]),
     ("svdquant", "int4_2l", "int8", {"_register_expansion": False}, 72, [TRITON, MOSAIC]),
-    ("svdquant", "int4_2l", "int8", {"_one_launch_act": True}, 72, [MOSAIC, MOSAIC, MOSAIC]),
     ("w8a8", "int4", None, {}, 72, [MOSAIC]),                           # int8 weights
     ("svdquant", "int4", None, {}, 72, [TRITON, TRITON]),               # exact INT4, Triton
     ("svdquant", "int4", None, {"_gemm_choice": "hopper"}, 72, [TRITON, MOSAIC]),
@@ -237,8 +225,8 @@ def _layer(method, fmt, act_fmt=None):
     ("w4a16", "int4_2l", None, {}, 28, [TRITON]),                       # a loop's modulations
     ("w4a16", "int4_2l", None, {}, 100, [TRITON]),                      # two row blocks
 ], ids=["w4a8", "w4a8_one_launch", "w4a4_2l", "w4a8_pallas_act", "w4a8_expansion_pass",
-        "w4a8_one_launch_act", "w8a8", "int4", "int4_hopper", "nvfp4", "gemv", "gemv_mma",
-        "gemv_mma_28", "gemv_mma_100"])
+        "w8a8", "int4", "int4_hopper", "nvfp4", "gemv", "gemv_mma", "gemv_mma_28",
+        "gemv_mma_100"])
 def test_layer_lowers_on_the_kernels(monkeypatch, method, fmt, act_fmt, switches, rows, want):
   """``qlinear.apply`` on the 'pallas' backend, as the models call it (bf16 inputs; the
   epilogue GELU where a row-scaled GEMM takes it), with the kernel switches given."""
