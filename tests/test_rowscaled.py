@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import formats, qlinear, transforms
-from svdq_jax.config import QuantConfig, Rule, method_spec, preset
+from svdq_jax import formats, qlinear
+from svdq_jax.config import Rule, method_spec, preset
 from svdq_jax.pallas_kernels import act_rowscaled, int8_hopper, w4a4, w4a8_hopper
 
 from layer_helpers import quantize_one
@@ -77,12 +77,9 @@ def test_method_spec_act_fmt():
 def test_svdquant_on_new_formats_beats_rtn(wfmt, afmt):
   """The recipe runs unchanged on the new formats and its search helps as it should."""
   x, w = _x(128, 256), jax.random.normal(jax.random.key(1), (256, 128))
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=5, lowrank_iters=3)
   errs = {}
   for method in ("svdquant", "rtn"):
-    (layer,), _ = transforms.quantize_group([w], method_spec(method, wfmt, False, afmt), 16,
-                                            None, cfg, jax.random.key(0),
-                                            jnp.abs(x).max(0), x)
+    layer = quantize_one(w, x, method, wfmt, afmt, rank=16, alpha_grid=5, lowrank_iters=3)
     assert (layer.weight_format, layer.act_format) == (wfmt, afmt)
     y = qlinear.reference_apply(layer, x)
     errs[method] = float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
@@ -94,9 +91,7 @@ def test_svdquant_on_new_formats_beats_rtn(wfmt, afmt):
 def test_reference_row_scaled_is_one_int32_dot():
   """W4A8: the reference equals (int32 a.w) * s_a * s_w on the stored integers."""
   x, w = _x(16, 256), jax.random.normal(jax.random.key(1), (256, 64))
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
-      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  layer = quantize_one(w, x, "rtn")
   a, sa = formats.row_scaled(formats.quantize(x, "int8"), "int8")
   w8, sw = layer.row_scaled_weight()
   acc = np.asarray(a, np.int64) @ np.asarray(w8, np.int64).T
@@ -341,15 +336,12 @@ def test_wide_k_act_kernel_runs_pallas_only_at_wide_k(monkeypatch):
   monkeypatch.setattr(act_rowscaled, "quantize_rows_folded",
                       lambda x, *a, **kw: calls.append((x.shape[1], kw)) or kernel(x, *a, **kw))
   monkeypatch.setattr(act_rowscaled, "WIDE_K", 256)
-  cfg = QuantConfig(rules=(Rule(".*"),), alpha_grid=1, lowrank_iters=1)
   default_act = w4a4.act_kernel()
   w4a4.set_act_kernel("wide_k")
   try:
     for k in (128, 256):
       x, w = _x(16, k), jax.random.normal(jax.random.key(1), (k, 128))
-      (layer,), _ = transforms.quantize_group(
-          [w], method_spec("svdquant", "int4_2l", False, "int8"), 8, None, cfg,
-          jax.random.key(0), jnp.abs(x).max(0), x)
+      layer = quantize_one(w, x, alpha_grid=1)
       with qlinear.backend("interpret"):
         got = qlinear.apply(layer, x)
       np.testing.assert_allclose(np.asarray(got), np.asarray(qlinear.reference_apply(layer, x)),
@@ -528,9 +520,7 @@ def _w4a8_with_branch(k, n, r, seed):
   """(x f32 [40, k], a W4A8 layer k -> n whose low-rank branch is random of rank r)."""
   ks = jax.random.split(jax.random.key(seed), 3)
   x, w = _x(40, k), jax.random.normal(ks[0], (k, n))
-  (layer,), _ = transforms.quantize_group(
-      [w], method_spec("rtn", "int4_2l", False, "int8"), 0, None,
-      QuantConfig(rules=(Rule(".*"),)), jax.random.key(0), None, x)
+  layer = quantize_one(w, x, "rtn")
   return x, layer.replace(lora_down=jax.random.normal(ks[1], (k, r)) * 0.1,
                           lora_up=jax.random.normal(ks[2], (r, n)) * 0.1)
 

@@ -431,7 +431,7 @@ def test_epilogue_row_maxima_feed_the_next_layer(monkeypatch):
   with qlinear.backend("interpret"):
     h = qlinear.apply(lin1, xb, gelu_from=128)
   lin2 = quantize_one(jax.random.normal(jax.random.key(3), (384, 256)),
-               qlinear.join((attn, h)).astype(jnp.float32))
+                      qlinear.join((attn, h)).astype(jnp.float32))
   passes = []
   real = act_rowscaled._absmax_kernel
   monkeypatch.setattr(act_rowscaled, "_absmax_kernel",
